@@ -1,0 +1,309 @@
+//! Domain values to protos and back. Parsing from protos lives with each service, where the
+//! field names are known.
+
+use crate::domain::{
+    self, AffectedService, BreakdownLine, Claim, ClaimStatus, Decision, DisbursementStatus,
+    EvidenceKind, LossItem, Partner, Policy, Tier,
+};
+use crate::proto::payouts::v1 as pb;
+use crate::store::{self, Micros};
+
+pub fn timestamp(micros: Micros) -> Option<prost_types::Timestamp> {
+    if micros == 0 {
+        return None;
+    }
+    Some(prost_types::Timestamp {
+        seconds: micros.div_euclid(1_000_000),
+        nanos: i32::try_from(micros.rem_euclid(1_000_000) * 1_000).unwrap_or(0),
+    })
+}
+
+pub fn affected_service(service: AffectedService) -> pb::AffectedService {
+    match service {
+        AffectedService::KakaotalkChannel => pb::AffectedService::KakaotalkChannel,
+        AffectedService::OrderAlerts => pb::AffectedService::OrderAlerts,
+        AffectedService::KakaoPay => pb::AffectedService::KakaoPay,
+        AffectedService::GiftShop => pb::AffectedService::GiftShop,
+        AffectedService::KakaoT => pb::AffectedService::KakaoT,
+        AffectedService::KakaoMap => pb::AffectedService::KakaoMap,
+        AffectedService::KakaoLogin => pb::AffectedService::KakaoLogin,
+        AffectedService::Other => pb::AffectedService::Other,
+    }
+}
+
+pub fn parse_affected_service(raw: i32) -> Result<AffectedService, domain::Invalid> {
+    match pb::AffectedService::try_from(raw) {
+        Ok(pb::AffectedService::KakaotalkChannel) => Ok(AffectedService::KakaotalkChannel),
+        Ok(pb::AffectedService::OrderAlerts) => Ok(AffectedService::OrderAlerts),
+        Ok(pb::AffectedService::KakaoPay) => Ok(AffectedService::KakaoPay),
+        Ok(pb::AffectedService::GiftShop) => Ok(AffectedService::GiftShop),
+        Ok(pb::AffectedService::KakaoT) => Ok(AffectedService::KakaoT),
+        Ok(pb::AffectedService::KakaoMap) => Ok(AffectedService::KakaoMap),
+        Ok(pb::AffectedService::KakaoLogin) => Ok(AffectedService::KakaoLogin),
+        Ok(pb::AffectedService::Other) => Ok(AffectedService::Other),
+        Ok(pb::AffectedService::Unspecified) | Err(_) => Err(domain::Invalid::new(
+            "must be an AffectedService other than AFFECTED_SERVICE_UNSPECIFIED",
+        )),
+    }
+}
+
+pub fn claim_status(status: ClaimStatus) -> pb::ClaimStatus {
+    match status {
+        ClaimStatus::Approved => pb::ClaimStatus::Approved,
+        ClaimStatus::PendingReview => pb::ClaimStatus::PendingReview,
+        ClaimStatus::Rejected => pb::ClaimStatus::Rejected,
+    }
+}
+
+/// A list filter: UNSPECIFIED means "any".
+pub fn parse_claim_status_filter(raw: i32) -> Result<Option<ClaimStatus>, domain::Invalid> {
+    match pb::ClaimStatus::try_from(raw) {
+        Ok(pb::ClaimStatus::Unspecified) => Ok(None),
+        Ok(pb::ClaimStatus::Approved) => Ok(Some(ClaimStatus::Approved)),
+        Ok(pb::ClaimStatus::PendingReview) => Ok(Some(ClaimStatus::PendingReview)),
+        Ok(pb::ClaimStatus::Rejected) => Ok(Some(ClaimStatus::Rejected)),
+        Err(_) => Err(domain::Invalid::new("is not a ClaimStatus")),
+    }
+}
+
+pub fn tier(tier: Tier) -> pb::CompensationTier {
+    match tier {
+        Tier::NotEligible => pb::CompensationTier::NotEligible,
+        Tier::Lower => pb::CompensationTier::Lower,
+        Tier::Upper => pb::CompensationTier::Upper,
+        Tier::Review => pb::CompensationTier::Review,
+    }
+}
+
+pub fn parse_tier_filter(raw: i32) -> Result<Option<Tier>, domain::Invalid> {
+    match pb::CompensationTier::try_from(raw) {
+        Ok(pb::CompensationTier::Unspecified) => Ok(None),
+        Ok(pb::CompensationTier::NotEligible) => Ok(Some(Tier::NotEligible)),
+        Ok(pb::CompensationTier::Lower) => Ok(Some(Tier::Lower)),
+        Ok(pb::CompensationTier::Upper) => Ok(Some(Tier::Upper)),
+        Ok(pb::CompensationTier::Review) => Ok(Some(Tier::Review)),
+        Err(_) => Err(domain::Invalid::new("is not a CompensationTier")),
+    }
+}
+
+pub fn evidence_kind(kind: EvidenceKind) -> pb::EvidenceKind {
+    match kind {
+        EvidenceKind::SalesLossProof => pb::EvidenceKind::SalesLossProof,
+        EvidenceKind::ServiceUseProof => pb::EvidenceKind::ServiceUseProof,
+        EvidenceKind::BankAccountCopy => pb::EvidenceKind::BankAccountCopy,
+        EvidenceKind::SmallBusinessCertificate => pb::EvidenceKind::SmallBusinessCertificate,
+    }
+}
+
+pub fn parse_evidence_kind(raw: i32) -> Result<EvidenceKind, domain::Invalid> {
+    match pb::EvidenceKind::try_from(raw) {
+        Ok(pb::EvidenceKind::SalesLossProof) => Ok(EvidenceKind::SalesLossProof),
+        Ok(pb::EvidenceKind::ServiceUseProof) => Ok(EvidenceKind::ServiceUseProof),
+        Ok(pb::EvidenceKind::BankAccountCopy) => Ok(EvidenceKind::BankAccountCopy),
+        Ok(pb::EvidenceKind::SmallBusinessCertificate) => {
+            Ok(EvidenceKind::SmallBusinessCertificate)
+        }
+        Ok(pb::EvidenceKind::Unspecified) | Err(_) => Err(domain::Invalid::new(
+            "must be an EvidenceKind other than EVIDENCE_KIND_UNSPECIFIED",
+        )),
+    }
+}
+
+pub fn disbursement_status(status: DisbursementStatus) -> pb::DisbursementStatus {
+    match status {
+        DisbursementStatus::Queued => pb::DisbursementStatus::Queued,
+        DisbursementStatus::Submitted => pb::DisbursementStatus::Submitted,
+        DisbursementStatus::Paid => pb::DisbursementStatus::Paid,
+        DisbursementStatus::Failed => pb::DisbursementStatus::Failed,
+        DisbursementStatus::Cancelled => pb::DisbursementStatus::Cancelled,
+    }
+}
+
+pub fn parse_disbursement_status_filter(
+    raw: i32,
+) -> Result<Option<DisbursementStatus>, domain::Invalid> {
+    match pb::DisbursementStatus::try_from(raw) {
+        Ok(pb::DisbursementStatus::Unspecified) => Ok(None),
+        Ok(pb::DisbursementStatus::Queued) => Ok(Some(DisbursementStatus::Queued)),
+        Ok(pb::DisbursementStatus::Submitted) => Ok(Some(DisbursementStatus::Submitted)),
+        Ok(pb::DisbursementStatus::Paid) => Ok(Some(DisbursementStatus::Paid)),
+        Ok(pb::DisbursementStatus::Failed) => Ok(Some(DisbursementStatus::Failed)),
+        Ok(pb::DisbursementStatus::Cancelled) => Ok(Some(DisbursementStatus::Cancelled)),
+        Err(_) => Err(domain::Invalid::new("is not a DisbursementStatus")),
+    }
+}
+
+pub fn partner(p: &Partner) -> pb::Partner {
+    let d = &p.details;
+    pb::Partner {
+        partner_id: p.partner_id.to_string(),
+        business_registration_number: d.business_registration_number.as_str().to_owned(),
+        legal_name: d.legal_name.as_str().to_owned(),
+        representative_name: d.representative_name.as_str().to_owned(),
+        affected_services: d
+            .affected_services
+            .iter()
+            .map(|s| affected_service(*s) as i32)
+            .collect(),
+        bank_account: Some(pb::BankAccount {
+            bank_code: d.bank_account.bank_code.as_str().to_owned(),
+            account_number: d.bank_account.account_number.masked(),
+            holder_name: d.bank_account.holder_name.as_str().to_owned(),
+        }),
+        contact_email: d.contact_email.as_str().to_owned(),
+        create_time: timestamp(p.create_time),
+        update_time: timestamp(p.update_time),
+        etag: p.etag(),
+    }
+}
+
+pub fn loss_item(item: &LossItem) -> pb::LossItem {
+    pb::LossItem {
+        service: affected_service(item.service) as i32,
+        baseline_week_sales_krw: item.baseline_week_sales_krw,
+        outage_week_sales_krw: item.outage_week_sales_krw,
+    }
+}
+
+fn to_i32(bps: i64) -> i32 {
+    // Factors are validated to 0..=10000 when the policy loads.
+    i32::try_from(bps).unwrap_or(i32::MAX)
+}
+
+pub fn breakdown(line: &BreakdownLine) -> pb::BreakdownLine {
+    pb::BreakdownLine {
+        service: affected_service(line.service) as i32,
+        loss_krw: line.loss_krw,
+        operating_margin_bps: to_i32(line.operating_margin_bps),
+        kakao_share_bps: to_i32(line.kakao_share_bps),
+        alternative_factor_bps: to_i32(line.alternative_factor_bps),
+        recognized_loss_krw: line.recognized_loss_krw,
+    }
+}
+
+pub fn decision(d: &Decision) -> pb::CompensationDecision {
+    pb::CompensationDecision {
+        reported_loss_krw: d.reported_loss_krw,
+        recognized_loss_krw: d.recognized_loss_krw,
+        tier: tier(d.tier) as i32,
+        compensation_krw: d.compensation_krw,
+        policy_version: d.policy_version.clone(),
+        breakdown: d.breakdown.iter().map(breakdown).collect(),
+        status: claim_status(d.status) as i32,
+    }
+}
+
+pub fn claim(c: &Claim) -> pb::Claim {
+    pb::Claim {
+        claim_id: c.claim_id.to_string(),
+        partner_id: c.partner_id.to_string(),
+        status: claim_status(c.status) as i32,
+        items: c.items.iter().map(loss_item).collect(),
+        reported_loss_krw: c.decision.reported_loss_krw,
+        recognized_loss_krw: c.decision.recognized_loss_krw,
+        tier: tier(c.decision.tier) as i32,
+        compensation_krw: c.compensation_krw,
+        policy_version: c.decision.policy_version.clone(),
+        breakdown: c.decision.breakdown.iter().map(breakdown).collect(),
+        evidence: c
+            .evidence
+            .iter()
+            .map(|e| pb::Evidence {
+                kind: evidence_kind(e.evidence.kind) as i32,
+                uri: e.evidence.uri.clone(),
+                sha256: e.evidence.sha256.clone(),
+                attach_time: timestamp(e.attach_time),
+            })
+            .collect(),
+        submitted_by: c.submitted_by.clone(),
+        reviewed_by: c.reviewed_by.clone().unwrap_or_default(),
+        review_reason: c.review_reason.clone().unwrap_or_default(),
+        create_time: timestamp(c.create_time),
+        update_time: timestamp(c.update_time),
+        disbursement_id: c.disbursement_id.map(|d| d.to_string()).unwrap_or_default(),
+    }
+}
+
+fn jiff_timestamp(t: Option<jiff::Timestamp>) -> Option<prost_types::Timestamp> {
+    t.and_then(|t| timestamp(t.as_microsecond()))
+}
+
+pub fn policy(p: &Policy) -> pb::Policy {
+    pb::Policy {
+        version: p.version.clone(),
+        description: p.description.clone(),
+        lower_tier_max_recognized_loss_krw: p.tiers.lower_max_recognized_loss_krw,
+        lower_tier_compensation_krw: p.tiers.lower_compensation_krw,
+        upper_tier_max_recognized_loss_krw: p.tiers.upper_max_recognized_loss_krw,
+        upper_tier_compensation_krw: p.tiers.upper_compensation_krw,
+        review_cap_krw: p.review_cap_krw,
+        intake_open_time: jiff_timestamp(p.intake_open_time),
+        intake_close_time: jiff_timestamp(p.intake_close_time),
+        services: AffectedService::ALL
+            .iter()
+            .map(|s| {
+                let f = p.factors(*s);
+                pb::ServiceFactors {
+                    service: affected_service(*s) as i32,
+                    operating_margin_bps: to_i32(f.operating_margin_bps),
+                    kakao_share_bps: to_i32(f.kakao_share_bps),
+                    alternative_available: f.alternative_available,
+                    alternative_factor_bps: to_i32(f.alternative_factor_bps),
+                }
+            })
+            .collect(),
+    }
+}
+
+pub fn dispatch_state(s: &store::DispatchState) -> pb::DispatchState {
+    pb::DispatchState {
+        paused: s.paused,
+        reason: s.reason.clone(),
+        changed_by: s.changed_by.clone(),
+        change_time: timestamp(s.change_time),
+    }
+}
+
+pub fn disbursement(d: &store::Disbursement) -> pb::Disbursement {
+    pb::Disbursement {
+        disbursement_id: d.disbursement_id.to_string(),
+        claim_id: d.claim_id.to_string(),
+        partner_id: d.partner_id.to_string(),
+        amount_krw: d.amount_krw,
+        status: disbursement_status(d.status) as i32,
+        attempts: d
+            .attempts
+            .iter()
+            .map(|a| pb::DispatchAttempt {
+                operation: a.operation.clone(),
+                idempotency_key: a.idempotency_key.clone(),
+                outcome: a.outcome.clone(),
+                code: a.code.clone(),
+                message: a.message.clone(),
+                time: timestamp(a.time),
+            })
+            .collect(),
+        failure_code: d.failure_code.clone().unwrap_or_default(),
+        failure_message: d.failure_message.clone().unwrap_or_default(),
+        create_time: timestamp(d.create_time),
+        update_time: timestamp(d.update_time),
+        idempotency_key: d.idempotency_key.clone().unwrap_or_default(),
+        bank_code: d.account.bank_code.as_str().to_owned(),
+        account_number: d.account.account_number.masked(),
+        holder_name: d.account.holder_name.as_str().to_owned(),
+        history: d
+            .history
+            .iter()
+            .map(|h| pb::StatusChange {
+                from_status: h
+                    .from_status
+                    .map_or(pb::DisbursementStatus::Unspecified, disbursement_status)
+                    as i32,
+                to_status: disbursement_status(h.to_status) as i32,
+                actor: h.actor.clone(),
+                reason: h.reason.clone(),
+                time: timestamp(h.time),
+            })
+            .collect(),
+    }
+}

@@ -1,0 +1,228 @@
+//! `payouts.v1.DisbursementService`.
+
+use tonic::{Request, Response, Status};
+
+use super::{Context, Principal, Violations, convert, idempotency, next_page_token, page, respond};
+use crate::proto::payouts::v1::{self as pb, disbursement_service_server::DisbursementService};
+use crate::store::{Disbursement, DisbursementFilter, DispatchState, StoreError};
+
+pub struct Disbursements {
+    pub ctx: Context,
+}
+
+fn missing() -> Status {
+    Status::internal("validation passed without values")
+}
+
+#[tonic::async_trait]
+impl DisbursementService for Disbursements {
+    async fn get_disbursement(
+        &self,
+        request: Request<pb::GetDisbursementRequest>,
+    ) -> Result<Response<pb::GetDisbursementResponse>, Status> {
+        let mut v = Violations::default();
+        let id = v.id("disbursement_id", &request.get_ref().disbursement_id);
+        v.finish()?;
+        let d = self
+            .ctx
+            .store
+            .get_disbursement(id.ok_or_else(missing)?)
+            .await?
+            .ok_or(StoreError::NotFound("disbursement"))?;
+        Ok(Response::new(pb::GetDisbursementResponse {
+            disbursement: Some(convert::disbursement(&d)),
+        }))
+    }
+
+    async fn list_disbursements(
+        &self,
+        request: Request<pb::ListDisbursementsRequest>,
+    ) -> Result<Response<pb::ListDisbursementsResponse>, Status> {
+        let pb::ListDisbursementsRequest {
+            page_size,
+            page_token,
+            status,
+            partner_id,
+        } = request.into_inner();
+        let mut v = Violations::default();
+        let page = page(&mut v, page_size, &page_token);
+        let status = v.check("status", convert::parse_disbursement_status_filter(status));
+        let partner_id = if partner_id.is_empty() {
+            None
+        } else {
+            v.id("partner_id", &partner_id)
+        };
+        v.finish()?;
+        let filter = DisbursementFilter {
+            status: status.flatten(),
+            partner_id,
+        };
+        let found = self.ctx.store.list_disbursements(&filter, &page).await?;
+        Ok(Response::new(pb::ListDisbursementsResponse {
+            next_page_token: next_page_token(
+                &page,
+                found.len(),
+                found.last().map(|d| d.disbursement_id),
+            ),
+            disbursements: found.iter().map(convert::disbursement).collect(),
+        }))
+    }
+
+    async fn retry_disbursement(
+        &self,
+        request: Request<pb::RetryDisbursementRequest>,
+    ) -> Result<Response<pb::RetryDisbursementResponse>, Status> {
+        let actor = Principal::of(&request);
+        let request = request.into_inner();
+        let mut v = Violations::default();
+        let request_id = v.request_id(&request.request_id);
+        let id = v.id("disbursement_id", &request.disbursement_id);
+        v.finish()?;
+        let (Some(request_id), Some(id)) = (request_id, id) else {
+            return Err(missing());
+        };
+        let body = pb::RetryDisbursementRequest {
+            request_id: String::new(),
+            ..request
+        };
+        let idem = idempotency(request_id, "RetryDisbursement", &body);
+        let render = |d: &Disbursement| {
+            prost::Message::encode_to_vec(&pb::RetryDisbursementResponse {
+                disbursement: Some(convert::disbursement(d)),
+            })
+        };
+        let stored = self
+            .ctx
+            .store
+            .retry_disbursement(&idem, id, &actor, &render)
+            .await?;
+        respond(stored, |d| pb::RetryDisbursementResponse {
+            disbursement: Some(convert::disbursement(d)),
+        })
+    }
+
+    async fn cancel_disbursement(
+        &self,
+        request: Request<pb::CancelDisbursementRequest>,
+    ) -> Result<Response<pb::CancelDisbursementResponse>, Status> {
+        let actor = Principal::of(&request);
+        let request = request.into_inner();
+        let mut v = Violations::default();
+        let request_id = v.request_id(&request.request_id);
+        let id = v.id("disbursement_id", &request.disbursement_id);
+        if request.reason.trim().is_empty() {
+            v.add("reason", "is required");
+        }
+        v.finish()?;
+        let (Some(request_id), Some(id)) = (request_id, id) else {
+            return Err(missing());
+        };
+        let reason = request.reason.trim().to_owned();
+        let body = pb::CancelDisbursementRequest {
+            request_id: String::new(),
+            ..request
+        };
+        let idem = idempotency(request_id, "CancelDisbursement", &body);
+        let render = |d: &Disbursement| {
+            prost::Message::encode_to_vec(&pb::CancelDisbursementResponse {
+                disbursement: Some(convert::disbursement(d)),
+            })
+        };
+        let stored = self
+            .ctx
+            .store
+            .cancel_disbursement(&idem, id, &actor, &reason, &render)
+            .await?;
+        respond(stored, |d| pb::CancelDisbursementResponse {
+            disbursement: Some(convert::disbursement(d)),
+        })
+    }
+
+    async fn pause_dispatch(
+        &self,
+        request: Request<pb::PauseDispatchRequest>,
+    ) -> Result<Response<pb::PauseDispatchResponse>, Status> {
+        let actor = Principal::of(&request);
+        let request = request.into_inner();
+        let mut v = Violations::default();
+        let request_id = v.request_id(&request.request_id);
+        if request.reason.trim().is_empty() {
+            v.add("reason", "is required");
+        }
+        v.finish()?;
+        let request_id = request_id.ok_or_else(missing)?;
+        let reason = request.reason.trim().to_owned();
+        let body = pb::PauseDispatchRequest {
+            request_id: String::new(),
+            ..request
+        };
+        let idem = idempotency(request_id, "PauseDispatch", &body);
+        let render = |s: &DispatchState| {
+            prost::Message::encode_to_vec(&pb::PauseDispatchResponse {
+                state: Some(convert::dispatch_state(s)),
+            })
+        };
+        let stored = self
+            .ctx
+            .store
+            .set_dispatch_paused(&idem, true, &actor, &reason, &render)
+            .await?;
+        respond(stored, |s| pb::PauseDispatchResponse {
+            state: Some(convert::dispatch_state(s)),
+        })
+    }
+
+    async fn resume_dispatch(
+        &self,
+        request: Request<pb::ResumeDispatchRequest>,
+    ) -> Result<Response<pb::ResumeDispatchResponse>, Status> {
+        let actor = Principal::of(&request);
+        let request = request.into_inner();
+        let mut v = Violations::default();
+        let request_id = v.request_id(&request.request_id);
+        v.finish()?;
+        let request_id = request_id.ok_or_else(missing)?;
+        let idem = idempotency(
+            request_id,
+            "ResumeDispatch",
+            &pb::ResumeDispatchRequest::default(),
+        );
+        let render = |s: &DispatchState| {
+            prost::Message::encode_to_vec(&pb::ResumeDispatchResponse {
+                state: Some(convert::dispatch_state(s)),
+            })
+        };
+        let stored = self
+            .ctx
+            .store
+            .set_dispatch_paused(&idem, false, &actor, "", &render)
+            .await?;
+        respond(stored, |s| pb::ResumeDispatchResponse {
+            state: Some(convert::dispatch_state(s)),
+        })
+    }
+
+    async fn get_program_summary(
+        &self,
+        _request: Request<pb::GetProgramSummaryRequest>,
+    ) -> Result<Response<pb::GetProgramSummaryResponse>, Status> {
+        let s = self.ctx.store.program_summary().await?;
+        Ok(Response::new(pb::GetProgramSummaryResponse {
+            approved_count: s.approved.count,
+            approved_krw: s.approved.krw,
+            paid_count: s.paid.count,
+            paid_krw: s.paid.krw,
+            in_flight_count: s.queued.count + s.submitted.count,
+            in_flight_krw: s.queued.krw + s.submitted.krw,
+            failed_count: s.failed.count,
+            failed_krw: s.failed.krw,
+            cancelled_count: s.cancelled.count,
+            cancelled_krw: s.cancelled.krw,
+            pending_review_count: s.pending_review_count,
+            rejected_count: s.rejected_count,
+            queued_count: s.queued.count,
+            submitted_count: s.submitted.count,
+            dispatch: Some(convert::dispatch_state(&s.dispatch)),
+        }))
+    }
+}

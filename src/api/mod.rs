@@ -1,0 +1,237 @@
+//! The gRPC services: proto in, domain types (which validate) to the store, proto out.
+//! Handlers are thin; errors become canonical codes with `google.rpc` details.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use base64::Engine as _;
+use prost::Message;
+use sha2::{Digest, Sha256};
+use tonic::{Code, Status};
+use tonic_types::{ErrorDetails, StatusExt};
+use uuid::Uuid;
+
+use crate::domain::{Invalid, Policy};
+use crate::store::{Idempotency, Page, Store, StoreError, Stored};
+
+pub mod claims;
+pub mod convert;
+pub mod disbursements;
+pub mod partners;
+
+/// The `ErrorInfo` domain of every error this service returns.
+pub const ERROR_DOMAIN: &str = "payouts";
+
+/// What every service handler needs.
+#[derive(Clone)]
+pub struct Context {
+    pub store: Arc<dyn Store>,
+    pub policy: Arc<Policy>,
+}
+
+/// The caller, as authenticated. Without configured authentication every caller is `local-dev`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Principal(pub String);
+
+impl Principal {
+    pub const LOCAL_DEV: &'static str = "local-dev";
+
+    pub fn of<T>(request: &tonic::Request<T>) -> String {
+        request
+            .extensions()
+            .get::<Principal>()
+            .map_or_else(|| Self::LOCAL_DEV.to_owned(), |p| p.0.clone())
+    }
+}
+
+/// Collects every bad field of a request, so one error names them all.
+#[derive(Default)]
+pub struct Violations(Vec<(String, String)>);
+
+impl Violations {
+    pub fn add(&mut self, field: impl Into<String>, description: impl Into<String>) {
+        self.0.push((field.into(), description.into()));
+    }
+
+    /// Keeps a parsed value, or records why it was refused under `field`.
+    pub fn check<T>(&mut self, field: impl Into<String>, parsed: Result<T, Invalid>) -> Option<T> {
+        parsed.map_err(|e| self.add(field, e.0)).ok()
+    }
+
+    pub fn request_id(&mut self, raw: &str) -> Option<Uuid> {
+        self.check(
+            "request_id",
+            Uuid::parse_str(raw.trim())
+                .ok()
+                .filter(|id| !id.is_nil())
+                .ok_or_else(|| Invalid::new("must be a UUID chosen by the caller")),
+        )
+    }
+
+    pub fn id(&mut self, field: &str, raw: &str) -> Option<Uuid> {
+        self.check(
+            field,
+            Uuid::parse_str(raw.trim()).map_err(|_| Invalid::new("must be a UUID")),
+        )
+    }
+
+    /// `INVALID_ARGUMENT` with a `BadRequest` naming every field, if any was bad.
+    pub fn finish(self) -> Result<(), Status> {
+        if self.0.is_empty() {
+            return Ok(());
+        }
+        let message = self
+            .0
+            .iter()
+            .map(|(f, d)| format!("{f}: {d}"))
+            .collect::<Vec<_>>()
+            .join("; ");
+        let mut details = ErrorDetails::new();
+        for (field, description) in self.0 {
+            details.add_bad_request_violation(field, description);
+        }
+        Err(Status::with_error_details(
+            Code::InvalidArgument,
+            message,
+            details,
+        ))
+    }
+}
+
+/// A status with `ErrorInfo{reason, domain: payouts, metadata}`.
+pub fn status_with_reason(
+    code: Code,
+    reason: &str,
+    message: impl Into<String>,
+    metadata: &[(&str, String)],
+) -> Status {
+    let metadata: HashMap<String, String> = metadata
+        .iter()
+        .map(|(k, v)| ((*k).to_owned(), v.clone()))
+        .collect();
+    Status::with_error_details(
+        code,
+        message,
+        ErrorDetails::with_error_info(reason, ERROR_DOMAIN, metadata),
+    )
+}
+
+impl From<StoreError> for Status {
+    fn from(e: StoreError) -> Self {
+        match e {
+            StoreError::NotFound(what) => status_with_reason(
+                Code::NotFound,
+                &format!("{}_NOT_FOUND", what.to_uppercase()),
+                format!("{what} not found"),
+                &[],
+            ),
+            StoreError::PartnerAlreadyRegistered { partner_id } => status_with_reason(
+                Code::AlreadyExists,
+                "PARTNER_ALREADY_REGISTERED",
+                e.to_string(),
+                &[("partner_id", partner_id.to_string())],
+            ),
+            StoreError::ClaimAlreadyFiled { claim_id } => status_with_reason(
+                Code::AlreadyExists,
+                "CLAIM_ALREADY_FILED",
+                e.to_string(),
+                &[("claim_id", claim_id.to_string())],
+            ),
+            StoreError::RequestIdReused => status_with_reason(
+                Code::FailedPrecondition,
+                "REQUEST_ID_REUSED",
+                e.to_string(),
+                &[],
+            ),
+            StoreError::EtagMismatch { ref current } => status_with_reason(
+                Code::Aborted,
+                "ETAG_MISMATCH",
+                "the partner changed since this etag was read; read it again and retry",
+                &[("current_etag", current.clone())],
+            ),
+            StoreError::InvalidField { field, description } => {
+                let mut v = Violations::default();
+                v.add(field, description);
+                v.finish().expect_err("one violation")
+            }
+            StoreError::Review(ref refused) => {
+                let reason = match refused {
+                    crate::domain::ReviewRefused::NotPendingReview(_) => "CLAIM_NOT_PENDING_REVIEW",
+                    crate::domain::ReviewRefused::EvidenceRequired => "EVIDENCE_REQUIRED",
+                };
+                status_with_reason(Code::FailedPrecondition, reason, e.to_string(), &[])
+            }
+            StoreError::Precondition { reason, message } => {
+                status_with_reason(Code::FailedPrecondition, reason, message, &[])
+            }
+            StoreError::Unexpected(error) => {
+                tracing::error!(error = format!("{error:#}"), "store failure");
+                Status::internal("internal error; it has been logged")
+            }
+        }
+    }
+}
+
+/// A digest of the request without its `request_id`: the same id must come with the same body.
+pub fn fingerprint<M: Message>(request: &M) -> String {
+    hex::encode(Sha256::digest(request.encode_to_vec()))
+}
+
+pub fn idempotency(request_id: Uuid, method: &'static str, body: &impl Message) -> Idempotency {
+    Idempotency {
+        request_id,
+        method,
+        fingerprint: fingerprint(body),
+    }
+}
+
+/// The response of a mutating call: made now, or the first call's, replayed.
+pub fn respond<T, R: Message + Default>(
+    stored: Stored<T>,
+    to_proto: impl Fn(&T) -> R,
+) -> Result<tonic::Response<R>, Status> {
+    match stored {
+        Stored::Fresh(value) => Ok(tonic::Response::new(to_proto(&value))),
+        Stored::Replayed(bytes) => R::decode(bytes.as_slice())
+            .map(tonic::Response::new)
+            .map_err(|e| Status::internal(format!("stored response unreadable: {e}"))),
+    }
+}
+
+pub const DEFAULT_PAGE_SIZE: u32 = 50;
+pub const MAX_PAGE_SIZE: u32 = 1000;
+
+/// `page_size` (default 50, at most 1000) and the opaque `page_token` of a list call.
+pub fn page(v: &mut Violations, page_size: i32, page_token: &str) -> Page {
+    let limit = match page_size {
+        0 => DEFAULT_PAGE_SIZE,
+        n if n < 0 => {
+            v.add("page_size", "must not be negative");
+            DEFAULT_PAGE_SIZE
+        }
+        n => (n.unsigned_abs()).min(MAX_PAGE_SIZE),
+    };
+    let after = if page_token.is_empty() {
+        None
+    } else {
+        v.check(
+            "page_token",
+            base64::engine::general_purpose::URL_SAFE_NO_PAD
+                .decode(page_token)
+                .ok()
+                .and_then(|b| Uuid::from_slice(&b).ok())
+                .ok_or_else(|| Invalid::new("is not a token this service gave out")),
+        )
+    };
+    Page { after, limit }
+}
+
+/// The token for the page after `last`, if the page was full.
+pub fn next_page_token(page: &Page, returned: usize, last: Option<Uuid>) -> String {
+    match last {
+        Some(id) if returned == page.limit as usize => {
+            base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(id.as_bytes())
+        }
+        _ => String::new(),
+    }
+}

@@ -1,0 +1,241 @@
+//! `payouts.v1.PartnerService`.
+
+use tonic::{Request, Response, Status};
+
+use super::{Context, Violations, convert, idempotency, next_page_token, page, respond};
+use crate::domain::{
+    AccountNumber, BankAccount, BankCode, BusinessRegistrationNumber, ContactEmail, NewPartner,
+    PersonOrBusinessName,
+};
+use crate::proto::payouts::v1::{self as pb, partner_service_server::PartnerService};
+use crate::store::PartnerFilter;
+
+pub struct Partners {
+    pub ctx: Context,
+}
+
+/// Parses a `BankAccount` message found at `prefix` (e.g. `partner.bank_account`).
+pub fn parse_bank_account(
+    v: &mut Violations,
+    prefix: &str,
+    account: Option<&pb::BankAccount>,
+) -> Option<BankAccount> {
+    let Some(account) = account else {
+        v.add(prefix, "is required");
+        return None;
+    };
+    let pb::BankAccount {
+        bank_code,
+        account_number,
+        holder_name,
+    } = account;
+    let bank_code = v.check(format!("{prefix}.bank_code"), BankCode::parse(bank_code));
+    let account_number = v.check(
+        format!("{prefix}.account_number"),
+        AccountNumber::parse(account_number),
+    );
+    let holder_name = v.check(
+        format!("{prefix}.holder_name"),
+        PersonOrBusinessName::parse(holder_name),
+    );
+    Some(BankAccount {
+        bank_code: bank_code?,
+        account_number: account_number?,
+        holder_name: holder_name?,
+    })
+}
+
+fn parse_new_partner(v: &mut Violations, partner: Option<&pb::Partner>) -> Option<NewPartner> {
+    let Some(partner) = partner else {
+        v.add("partner", "is required");
+        return None;
+    };
+    // Output-only fields (id, times, etag) are ignored on input.
+    let pb::Partner {
+        partner_id: _,
+        business_registration_number,
+        legal_name,
+        representative_name,
+        affected_services,
+        bank_account,
+        contact_email,
+        create_time: _,
+        update_time: _,
+        etag: _,
+    } = partner;
+    let brn = v.check(
+        "partner.business_registration_number",
+        BusinessRegistrationNumber::parse(business_registration_number),
+    );
+    let legal_name = v.check(
+        "partner.legal_name",
+        PersonOrBusinessName::parse(legal_name),
+    );
+    let representative_name = v.check(
+        "partner.representative_name",
+        PersonOrBusinessName::parse(representative_name),
+    );
+    let mut services = Vec::new();
+    if affected_services.is_empty() {
+        v.add(
+            "partner.affected_services",
+            "name at least one affected service",
+        );
+    }
+    for (i, raw) in affected_services.iter().enumerate() {
+        if let Some(s) = v.check(
+            format!("partner.affected_services[{i}]"),
+            convert::parse_affected_service(*raw),
+        ) {
+            services.push(s);
+        }
+    }
+    services.sort();
+    services.dedup();
+    let bank_account = parse_bank_account(v, "partner.bank_account", bank_account.as_ref());
+    let contact_email = v.check("partner.contact_email", ContactEmail::parse(contact_email));
+    let (legal_name, representative_name, bank_account) =
+        (legal_name?, representative_name?, bank_account?);
+    v.check(
+        "partner.bank_account.holder_name",
+        bank_account.check_holder(&legal_name, &representative_name),
+    )?;
+    Some(NewPartner {
+        business_registration_number: brn?,
+        legal_name,
+        representative_name,
+        affected_services: services,
+        bank_account,
+        contact_email: contact_email?,
+    })
+}
+
+fn render_partner(p: &crate::domain::Partner) -> Vec<u8> {
+    prost::Message::encode_to_vec(&pb::RegisterPartnerResponse {
+        partner: Some(convert::partner(p)),
+    })
+}
+
+#[tonic::async_trait]
+impl PartnerService for Partners {
+    async fn register_partner(
+        &self,
+        request: Request<pb::RegisterPartnerRequest>,
+    ) -> Result<Response<pb::RegisterPartnerResponse>, Status> {
+        let request = request.into_inner();
+        let mut v = Violations::default();
+        let request_id = v.request_id(&request.request_id);
+        let partner = parse_new_partner(&mut v, request.partner.as_ref());
+        v.finish()?;
+        let (Some(request_id), Some(partner)) = (request_id, partner) else {
+            return Err(Status::internal("validation passed without values"));
+        };
+        let body = pb::RegisterPartnerRequest {
+            request_id: String::new(),
+            ..request
+        };
+        let idem = idempotency(request_id, "RegisterPartner", &body);
+        let stored = self
+            .ctx
+            .store
+            .register_partner(&idem, &partner, &render_partner)
+            .await?;
+        respond(stored, |p| pb::RegisterPartnerResponse {
+            partner: Some(convert::partner(p)),
+        })
+    }
+
+    async fn get_partner(
+        &self,
+        request: Request<pb::GetPartnerRequest>,
+    ) -> Result<Response<pb::GetPartnerResponse>, Status> {
+        let mut v = Violations::default();
+        let id = v.id("partner_id", &request.get_ref().partner_id);
+        v.finish()?;
+        let id = id.ok_or_else(|| Status::internal("validation passed without values"))?;
+        let partner = self
+            .ctx
+            .store
+            .get_partner(id)
+            .await?
+            .ok_or(crate::store::StoreError::NotFound("partner"))?;
+        Ok(Response::new(pb::GetPartnerResponse {
+            partner: Some(convert::partner(&partner)),
+        }))
+    }
+
+    async fn list_partners(
+        &self,
+        request: Request<pb::ListPartnersRequest>,
+    ) -> Result<Response<pb::ListPartnersResponse>, Status> {
+        let pb::ListPartnersRequest {
+            page_size,
+            page_token,
+            business_registration_number,
+        } = request.into_inner();
+        let mut v = Violations::default();
+        let page = page(&mut v, page_size, &page_token);
+        let brn = if business_registration_number.is_empty() {
+            None
+        } else {
+            v.check(
+                "business_registration_number",
+                BusinessRegistrationNumber::parse(&business_registration_number),
+            )
+        };
+        v.finish()?;
+        let filter = PartnerFilter {
+            business_registration_number: brn,
+        };
+        let partners = self.ctx.store.list_partners(&filter, &page).await?;
+        Ok(Response::new(pb::ListPartnersResponse {
+            next_page_token: next_page_token(
+                &page,
+                partners.len(),
+                partners.last().map(|p| p.partner_id),
+            ),
+            partners: partners.iter().map(convert::partner).collect(),
+        }))
+    }
+
+    async fn update_partner_bank_account(
+        &self,
+        request: Request<pb::UpdatePartnerBankAccountRequest>,
+    ) -> Result<Response<pb::UpdatePartnerBankAccountResponse>, Status> {
+        let request = request.into_inner();
+        let mut v = Violations::default();
+        let request_id = v.request_id(&request.request_id);
+        let partner_id = v.id("partner_id", &request.partner_id);
+        let account = parse_bank_account(&mut v, "bank_account", request.bank_account.as_ref());
+        if request.etag.trim().is_empty() {
+            v.add(
+                "etag",
+                "is required: pass the etag of the partner as last read",
+            );
+        }
+        v.finish()?;
+        let (Some(request_id), Some(partner_id), Some(account)) = (request_id, partner_id, account)
+        else {
+            return Err(Status::internal("validation passed without values"));
+        };
+        let body = pb::UpdatePartnerBankAccountRequest {
+            request_id: String::new(),
+            etag: request.etag.trim().to_owned(),
+            ..request
+        };
+        let idem = idempotency(request_id, "UpdatePartnerBankAccount", &body);
+        let render = |p: &crate::domain::Partner| {
+            prost::Message::encode_to_vec(&pb::UpdatePartnerBankAccountResponse {
+                partner: Some(convert::partner(p)),
+            })
+        };
+        let stored = self
+            .ctx
+            .store
+            .update_bank_account(&idem, partner_id, &account, &body.etag, &render)
+            .await?;
+        respond(stored, |p| pb::UpdatePartnerBankAccountResponse {
+            partner: Some(convert::partner(p)),
+        })
+    }
+}

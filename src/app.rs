@@ -1,0 +1,228 @@
+//! Wiring: from [`Settings`] to a store, the policy, the payments backend, the dispatcher and
+//! the gRPC server, with graceful shutdown.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+use tokio_stream::wrappers::TcpListenerStream;
+
+use crate::api::{Context, claims::Claims, disbursements::Disbursements, partners::Partners};
+use crate::config::Settings;
+use crate::domain::{DEFAULT_POLICY_TOML, Policy};
+use crate::payments::{Dispatcher, DispatcherConfig, QuietHours, connect_backend, sandbox};
+use crate::proto::payouts::v1::{
+    claim_service_server::ClaimServiceServer,
+    disbursement_service_server::DisbursementServiceServer,
+    partner_service_server::PartnerServiceServer,
+};
+use crate::store::{Store, postgres::PgStore, sqlite::SqliteStore};
+
+/// Opens the database that `database_url` names and applies the migrations.
+pub async fn open_store(settings: &Settings) -> anyhow::Result<Arc<dyn Store>> {
+    let url = &settings.database_url;
+    if url.starts_with("postgres") {
+        let store = PgStore::connect(url, settings.database_max_connections)
+            .await
+            .context("connecting to PostgreSQL")?;
+        store.migrate().await.context("migrating PostgreSQL")?;
+        Ok(Arc::new(store))
+    } else {
+        let store = SqliteStore::connect(url)
+            .await
+            .with_context(|| format!("opening SQLite at {url}"))?;
+        store.migrate().await.context("migrating SQLite")?;
+        Ok(Arc::new(store))
+    }
+}
+
+/// The policy file named in the settings, or the one that ships.
+pub fn load_policy(settings: &Settings) -> anyhow::Result<Policy> {
+    let policy = match &settings.policy_file {
+        Some(path) => {
+            let text = std::fs::read_to_string(path)
+                .with_context(|| format!("reading policy file {}", path.display()))?;
+            Policy::from_toml(&text).with_context(|| format!("policy file {}", path.display()))?
+        }
+        None => Policy::from_toml(DEFAULT_POLICY_TOML).context("the shipped policy")?,
+    };
+    Ok(policy)
+}
+
+/// A built application: bound, not yet serving.
+pub struct Application {
+    listener: TcpListener,
+    settings: Settings,
+    ctx: Context,
+    dispatcher: Dispatcher,
+    sandbox: Option<(TcpListener, sandbox::SandboxBank)>,
+}
+
+impl Application {
+    pub async fn build(settings: Settings) -> anyhow::Result<Self> {
+        let policy = Arc::new(load_policy(&settings)?);
+        let store = open_store(&settings).await?;
+        let call_timeout = Duration::from_millis(settings.payments_timeout_ms);
+        let (backend_url, sandbox) = match &settings.payments_backend_url {
+            Some(url) => (url.clone(), None),
+            None => {
+                let listener = TcpListener::bind("127.0.0.1:0").await?;
+                let url = format!("http://{}", listener.local_addr()?);
+                let bank = sandbox::SandboxBank::new(sandbox::SandboxConfig {
+                    settle_delay: Duration::from_millis(settings.sandbox_settle_delay_ms),
+                    ..sandbox::SandboxConfig::default()
+                });
+                (url, Some((listener, bank)))
+            }
+        };
+        let dispatcher = Dispatcher::new(
+            store.clone(),
+            connect_backend(&backend_url, call_timeout)?,
+            DispatcherConfig {
+                concurrency: settings.dispatch_concurrency,
+                poll: Duration::from_millis(settings.dispatch_poll_ms),
+                quiet_hours: settings
+                    .dispatch_quiet_hours
+                    .as_deref()
+                    .map(QuietHours::parse)
+                    .transpose()
+                    .map_err(anyhow::Error::msg)?,
+                budget_krw: settings.dispatch_budget_krw,
+                ..DispatcherConfig::default()
+            },
+        );
+        let listener = TcpListener::bind(settings.listen_addr)
+            .await
+            .with_context(|| format!("binding {}", settings.listen_addr))?;
+        Ok(Self {
+            listener,
+            settings,
+            ctx: Context { store, policy },
+            dispatcher,
+            sandbox,
+        })
+    }
+
+    pub fn local_addr(&self) -> SocketAddr {
+        self.listener
+            .local_addr()
+            .expect("a bound listener has an address")
+    }
+
+    /// Serves until `shutdown` resolves, then stops accepting, lets calls in flight finish,
+    /// and stops the dispatcher after its current work.
+    pub async fn run_until(
+        self,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> anyhow::Result<()> {
+        let Self {
+            listener,
+            settings,
+            ctx,
+            dispatcher,
+            sandbox,
+        } = self;
+        let (stop_tx, stop_rx) = watch::channel(false);
+        let stopped = |mut rx: watch::Receiver<bool>| async move {
+            let _ = rx.wait_for(|stop| *stop).await;
+        };
+
+        let sandbox_task: Option<JoinHandle<anyhow::Result<()>>> = sandbox.map(|(l, bank)| {
+            tracing::warn!(
+                "payments go to the EMBEDDED SANDBOX BANK at {}: no money moves. \
+                 Set PAYOUTS_PAYMENTS_BACKEND_URL to pay for real.",
+                l.local_addr().map(|a| a.to_string()).unwrap_or_default()
+            );
+            tokio::spawn(sandbox::serve(l, bank, stopped(stop_rx.clone())))
+        });
+        let dispatch_task = tokio::spawn(dispatcher.run(stopped(stop_rx.clone())));
+
+        let max = settings.max_message_bytes;
+        let (health_reporter, health_service) = tonic_health::server::health_reporter();
+        health_reporter
+            .set_serving::<PartnerServiceServer<Partners>>()
+            .await;
+        health_reporter
+            .set_serving::<ClaimServiceServer<Claims>>()
+            .await;
+        health_reporter
+            .set_serving::<DisbursementServiceServer<Disbursements>>()
+            .await;
+        let reflection_v1 = tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(crate::proto::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+            .build_v1()?;
+        let reflection_v1alpha = tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(crate::proto::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+            .build_v1alpha()?;
+
+        tracing::info!(addr = %listener.local_addr()?, database = %redact_url(&settings.database_url), "serving");
+        let server = tonic::transport::Server::builder()
+            .timeout(Duration::from_millis(settings.request_timeout_ms))
+            .concurrency_limit_per_connection(settings.max_concurrent_requests)
+            .add_service(health_service)
+            .add_service(reflection_v1)
+            .add_service(reflection_v1alpha)
+            .add_service(
+                PartnerServiceServer::new(Partners { ctx: ctx.clone() })
+                    .max_decoding_message_size(max),
+            )
+            .add_service(
+                ClaimServiceServer::new(Claims { ctx: ctx.clone() }).max_decoding_message_size(max),
+            )
+            .add_service(
+                DisbursementServiceServer::new(Disbursements { ctx })
+                    .max_decoding_message_size(max),
+            )
+            .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown);
+        let served = server.await;
+        tracing::info!("server stopped accepting; stopping the dispatcher");
+        let _ = stop_tx.send(true);
+        dispatch_task.await?;
+        if let Some(task) = sandbox_task {
+            task.await??;
+        }
+        served?;
+        Ok(())
+    }
+}
+
+/// A database URL without its password, for logs.
+fn redact_url(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(scheme), Some(at)) if at > scheme => {
+            let userinfo = &url[scheme + 3..at];
+            let user = userinfo.split(':').next().unwrap_or("");
+            format!("{}{user}:***{}", &url[..scheme + 3], &url[at..])
+        }
+        _ => url.to_owned(),
+    }
+}
+
+/// Resolves on SIGTERM or ctrl-c.
+pub async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        () = ctrl_c => {}
+        () = term => {}
+    }
+    tracing::info!("shutdown requested");
+}

@@ -1,0 +1,103 @@
+//! One `Settings` struct: defaults that run out of the box, then a TOML file
+//! (`--config FILE` or `PAYOUTS_CONFIG`), then `PAYOUTS_*` environment variables.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use figment::Figment;
+use figment::providers::{Env, Format, Serialized, Toml};
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct Settings {
+    /// Where the gRPC server listens.
+    pub listen_addr: SocketAddr,
+    /// `sqlite://...` (embedded) or `postgres://...`.
+    pub database_url: String,
+    /// PostgreSQL connections per replica.
+    pub database_max_connections: u32,
+    /// The payments backend; unset: an embedded sandbox bank (no money moves).
+    pub payments_backend_url: Option<String>,
+    /// A compensation policy file; unset: the one that ships (`policy/default.toml`).
+    pub policy_file: Option<PathBuf>,
+    /// Largest request message accepted, in bytes.
+    pub max_message_bytes: usize,
+    /// Longest a call may run, in milliseconds.
+    pub request_timeout_ms: u64,
+    /// Calls in progress at once, per connection.
+    pub max_concurrent_requests: usize,
+    /// Disbursements one replica works on at once.
+    pub dispatch_concurrency: usize,
+    /// How often the dispatcher looks for due work, in milliseconds.
+    pub dispatch_poll_ms: u64,
+    /// Bank maintenance hours when nothing is sent, e.g. `23:30-00:30 Asia/Seoul`.
+    pub dispatch_quiet_hours: Option<String>,
+    /// The programme's budget: nothing is sent that would take paid-or-sent past it.
+    pub dispatch_budget_krw: Option<i64>,
+    /// Deadline of each call to the payments backend, in milliseconds.
+    pub payments_timeout_ms: u64,
+    /// How long the embedded sandbox bank takes to settle an accepted instruction.
+    pub sandbox_settle_delay_ms: u64,
+    /// `text` or `json` (one object per line).
+    pub log_format: String,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Self {
+            listen_addr: SocketAddr::from(([127, 0, 0, 1], 50051)),
+            database_url: "sqlite://./data/payouts.db".into(),
+            database_max_connections: 16,
+            payments_backend_url: None,
+            policy_file: None,
+            max_message_bytes: 1024 * 1024,
+            request_timeout_ms: 30_000,
+            max_concurrent_requests: 256,
+            dispatch_concurrency: 16,
+            dispatch_poll_ms: 200,
+            dispatch_quiet_hours: None,
+            dispatch_budget_krw: None,
+            payments_timeout_ms: 5_000,
+            sandbox_settle_delay_ms: 0,
+            log_format: "text".into(),
+        }
+    }
+}
+
+impl Settings {
+    /// Defaults, then `file` (if given), then `PAYOUTS_*` variables.
+    pub fn load(file: Option<&std::path::Path>) -> anyhow::Result<Self> {
+        let mut figment = Figment::from(Serialized::defaults(Settings::default()));
+        if let Some(file) = file {
+            if !file.exists() {
+                anyhow::bail!("settings file {} does not exist", file.display());
+            }
+            figment = figment.merge(Toml::file(file));
+        }
+        let settings: Settings = figment
+            .merge(Env::prefixed("PAYOUTS_").ignore(&["CONFIG"]))
+            .extract()
+            .map_err(|e| anyhow::anyhow!("settings: {e}"))?;
+        settings.validate()?;
+        Ok(settings)
+    }
+
+    fn validate(&self) -> anyhow::Result<()> {
+        if !(self.database_url.starts_with("sqlite:") || self.database_url.starts_with("postgres"))
+        {
+            anyhow::bail!("settings: database_url must start with sqlite: or postgres://");
+        }
+        if self.dispatch_concurrency == 0 {
+            anyhow::bail!("settings: dispatch_concurrency must be at least 1");
+        }
+        if self.dispatch_budget_krw.is_some_and(|budget| budget < 0) {
+            anyhow::bail!("settings: dispatch_budget_krw must not be negative");
+        }
+        if let Some(hours) = &self.dispatch_quiet_hours {
+            crate::payments::QuietHours::parse(hours)
+                .map_err(|e| anyhow::anyhow!("settings: dispatch_quiet_hours: {e}"))?;
+        }
+        Ok(())
+    }
+}

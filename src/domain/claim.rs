@@ -1,0 +1,162 @@
+//! A compensation claim: what was reported, how it was decided, the proof, and the review.
+
+use serde::{Deserialize, Serialize};
+
+use super::{ClaimStatus, Decision, Invalid, LossItem, Tier};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum EvidenceKind {
+    SalesLossProof,
+    ServiceUseProof,
+    BankAccountCopy,
+    SmallBusinessCertificate,
+}
+
+impl EvidenceKind {
+    pub fn key(self) -> &'static str {
+        match self {
+            Self::SalesLossProof => "sales_loss_proof",
+            Self::ServiceUseProof => "service_use_proof",
+            Self::BankAccountCopy => "bank_account_copy",
+            Self::SmallBusinessCertificate => "small_business_certificate",
+        }
+    }
+
+    pub fn from_key(key: &str) -> Option<Self> {
+        [
+            Self::SalesLossProof,
+            Self::ServiceUseProof,
+            Self::BankAccountCopy,
+            Self::SmallBusinessCertificate,
+        ]
+        .into_iter()
+        .find(|k| k.key() == key)
+    }
+}
+
+/// A document offered as proof: where it is and its SHA-256.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Evidence {
+    pub kind: EvidenceKind,
+    pub uri: String,
+    /// Lower-case hex, 64 characters.
+    pub sha256: String,
+}
+
+impl Evidence {
+    pub fn parse(
+        kind: EvidenceKind,
+        uri: &str,
+        sha256: &str,
+    ) -> Result<Self, (&'static str, Invalid)> {
+        let uri = uri.trim();
+        if uri.is_empty() || uri.len() > 2048 || uri.chars().any(char::is_whitespace) {
+            return Err((
+                "uri",
+                Invalid::new("must be a URI of 1 to 2048 characters without spaces"),
+            ));
+        }
+        let sha256 = sha256.trim().to_ascii_lowercase();
+        if sha256.len() != 64 || !sha256.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return Err(("sha256", Invalid::new("must be 64 hexadecimal characters")));
+        }
+        Ok(Self {
+            kind,
+            uri: uri.to_owned(),
+            sha256,
+        })
+    }
+}
+
+/// Evidence as stored: with when it was attached and by whom.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AttachedEvidence {
+    pub evidence: Evidence,
+    pub attach_time: i64,
+    pub attached_by: String,
+}
+
+/// At least one item, at most one per service; kept sorted by service so the stored claim
+/// does not depend on the order the caller sent.
+pub fn check_items(mut items: Vec<LossItem>) -> Result<Vec<LossItem>, Invalid> {
+    if items.is_empty() {
+        return Err(Invalid::new("at least one loss item is required"));
+    }
+    items.sort_by_key(|i| i.service);
+    if let Some(pair) = items.windows(2).find(|w| w[0].service == w[1].service) {
+        return Err(Invalid::new(format!(
+            "at most one item per service; {} appears more than once",
+            pair[0].service.key()
+        )));
+    }
+    Ok(items)
+}
+
+/// A claim to store: the partner, the items and the decision made at submission.
+#[derive(Debug, Clone)]
+pub struct NewClaim {
+    pub partner_id: uuid::Uuid,
+    pub items: Vec<LossItem>,
+    pub evidence: Vec<Evidence>,
+    pub decision: Decision,
+    pub submitted_by: String,
+}
+
+#[derive(Debug, Clone)]
+pub struct Claim {
+    pub claim_id: uuid::Uuid,
+    pub partner_id: uuid::Uuid,
+    pub status: ClaimStatus,
+    pub items: Vec<LossItem>,
+    pub decision: Decision,
+    /// What is paid: the tier's amount, or the reviewer's.
+    pub compensation_krw: i64,
+    pub evidence: Vec<AttachedEvidence>,
+    pub submitted_by: String,
+    pub reviewed_by: Option<String>,
+    pub review_reason: Option<String>,
+    pub create_time: i64,
+    pub update_time: i64,
+    pub disbursement_id: Option<uuid::Uuid>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReviewDecision {
+    Approve { compensation_krw: i64 },
+    Reject,
+}
+
+/// Why a review cannot be applied to a claim as it stands.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ReviewRefused {
+    #[error("only a PENDING_REVIEW claim can be reviewed; this one is {0:?}")]
+    NotPendingReview(ClaimStatus),
+    #[error("approving needs at least one piece of evidence attached to the claim")]
+    EvidenceRequired,
+}
+
+/// The review rule: only `PENDING_REVIEW` claims; an approval needs evidence. The amount
+/// (1..=review cap) is checked on input.
+pub fn review(
+    status: ClaimStatus,
+    evidence_count: usize,
+    decision: ReviewDecision,
+) -> Result<ClaimStatus, ReviewRefused> {
+    if status != ClaimStatus::PendingReview {
+        return Err(ReviewRefused::NotPendingReview(status));
+    }
+    match decision {
+        ReviewDecision::Approve { .. } if evidence_count == 0 => {
+            Err(ReviewRefused::EvidenceRequired)
+        }
+        ReviewDecision::Approve { .. } => Ok(ClaimStatus::Approved),
+        ReviewDecision::Reject => Ok(ClaimStatus::Rejected),
+    }
+}
+
+impl Claim {
+    pub fn tier(&self) -> Tier {
+        self.decision.tier
+    }
+}

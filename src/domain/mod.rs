@@ -1,0 +1,24 @@
+//! Pure types and rules of the programme: no I/O, nothing of ours imported.
+//!
+//! Every type here is made through a `parse` constructor, so once a value exists it is valid.
+
+pub mod claim;
+pub mod disbursement;
+pub mod partner;
+pub mod policy;
+
+pub use claim::*;
+pub use disbursement::*;
+pub use partner::*;
+pub use policy::*;
+
+/// Why a value was refused, in words a caller can act on. The API layer adds the field name.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct Invalid(pub String);
+
+impl Invalid {
+    pub fn new(description: impl Into<String>) -> Self {
+        Self(description.into())
+    }
+}

@@ -1,0 +1,372 @@
+//! A business partner: registration number, names, payout account, contact.
+
+use std::fmt;
+
+use serde::{Deserialize, Serialize};
+
+use super::Invalid;
+
+/// 사업자등록번호: 10 digits, the last a check digit. Stored and shown without hyphens.
+#[derive(Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct BusinessRegistrationNumber(String);
+
+const BRN_WEIGHTS: [u32; 9] = [1, 3, 7, 1, 3, 7, 1, 3, 5];
+
+impl BusinessRegistrationNumber {
+    /// Accepts `XXX-XX-XXXXX` or ten plain digits.
+    pub fn parse(input: &str) -> Result<Self, Invalid> {
+        let input = input.trim();
+        let hyphenated =
+            input.len() == 12 && input.as_bytes()[3] == b'-' && input.as_bytes()[6] == b'-';
+        let digits: String = if hyphenated {
+            input.chars().filter(|c| *c != '-').collect()
+        } else {
+            input.to_owned()
+        };
+        if digits.len() != 10 || !digits.bytes().all(|b| b.is_ascii_digit()) {
+            return Err(Invalid::new(
+                "must be 10 digits, written XXX-XX-XXXXX or without hyphens",
+            ));
+        }
+        let d: Vec<u32> = digits.bytes().map(|b| u32::from(b - b'0')).collect();
+        if Self::check_digit(d[..9].try_into().expect("nine digits")) != d[9] {
+            return Err(Invalid::new("check digit does not match"));
+        }
+        Ok(Self(digits))
+    }
+
+    /// The check digit of the first nine digits, as the National Tax Service computes it.
+    pub fn check_digit(first_nine: [u32; 9]) -> u32 {
+        let weighted: u32 = first_nine.iter().zip(BRN_WEIGHTS).map(|(d, w)| d * w).sum();
+        let sum = weighted + first_nine[8] * 5 / 10;
+        (10 - sum % 10) % 10
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+
+    /// `XXX-XX-XXXXX`.
+    pub fn hyphenated(&self) -> String {
+        format!("{}-{}-{}", &self.0[..3], &self.0[3..5], &self.0[5..])
+    }
+}
+
+impl fmt::Debug for BusinessRegistrationNumber {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.hyphenated())
+    }
+}
+
+impl TryFrom<String> for BusinessRegistrationNumber {
+    type Error = Invalid;
+    fn try_from(value: String) -> Result<Self, Invalid> {
+        Self::parse(&value)
+    }
+}
+
+impl From<BusinessRegistrationNumber> for String {
+    fn from(value: BusinessRegistrationNumber) -> Self {
+        value.0
+    }
+}
+
+/// The KFTC codes of the banks that take payouts, with their names.
+pub const BANKS: &[(&str, &str)] = &[
+    ("002", "KDB"),
+    ("003", "IBK"),
+    ("004", "KB Kookmin"),
+    ("007", "Suhyup"),
+    ("011", "NH"),
+    ("012", "local Nonghyup"),
+    ("020", "Woori"),
+    ("023", "SC First"),
+    ("027", "Citi"),
+    ("031", "Daegu (iM)"),
+    ("032", "Busan"),
+    ("034", "Gwangju"),
+    ("035", "Jeju"),
+    ("037", "Jeonbuk"),
+    ("039", "Kyongnam"),
+    ("045", "MG Saemaul"),
+    ("048", "Shinhyup"),
+    ("071", "Post Office"),
+    ("081", "Hana"),
+    ("088", "Shinhan"),
+    ("089", "K Bank"),
+    ("090", "Kakao Bank"),
+    ("092", "Toss Bank"),
+];
+
+/// A 3-digit KFTC bank code from [`BANKS`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct BankCode(String);
+
+impl BankCode {
+    pub fn parse(input: &str) -> Result<Self, Invalid> {
+        let code = input.trim();
+        if BANKS.iter().any(|(c, _)| *c == code) {
+            Ok(Self(code.to_owned()))
+        } else {
+            Err(Invalid::new(
+                "must be a 3-digit KFTC bank code of a participating bank, e.g. 004",
+            ))
+        }
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl TryFrom<String> for BankCode {
+    type Error = Invalid;
+    fn try_from(value: String) -> Result<Self, Invalid> {
+        Self::parse(&value)
+    }
+}
+
+impl From<BankCode> for String {
+    fn from(value: BankCode) -> Self {
+        value.0
+    }
+}
+
+/// An account number: 10 to 16 digits. Debug shows only the last 4.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct AccountNumber(String);
+
+impl AccountNumber {
+    /// Hyphens and spaces are formatting and are removed.
+    pub fn parse(input: &str) -> Result<Self, Invalid> {
+        let digits: String = input.chars().filter(|c| *c != '-' && *c != ' ').collect();
+        if !digits.bytes().all(|b| b.is_ascii_digit()) {
+            return Err(Invalid::new(
+                "must contain only digits (hyphens and spaces allowed)",
+            ));
+        }
+        if !(10..=16).contains(&digits.len()) {
+            return Err(Invalid::new("must have 10 to 16 digits"));
+        }
+        Ok(Self(digits))
+    }
+
+    /// The full number: only for the instruction sent to the payments backend.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+
+    pub fn last4(&self) -> &str {
+        &self.0[self.0.len() - 4..]
+    }
+
+    /// `****1234`: what responses, logs and errors show.
+    pub fn masked(&self) -> String {
+        format!("****{}", self.last4())
+    }
+}
+
+impl fmt::Debug for AccountNumber {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.masked())
+    }
+}
+
+impl TryFrom<String> for AccountNumber {
+    type Error = Invalid;
+    fn try_from(value: String) -> Result<Self, Invalid> {
+        Self::parse(&value)
+    }
+}
+
+impl From<AccountNumber> for String {
+    fn from(value: AccountNumber) -> Self {
+        value.0
+    }
+}
+
+/// A legal, representative or account-holder name: trimmed, 1 to 100 characters.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct PersonOrBusinessName(String);
+
+impl PersonOrBusinessName {
+    pub fn parse(input: &str) -> Result<Self, Invalid> {
+        let name = input.trim();
+        let len = name.chars().count();
+        if len == 0 {
+            return Err(Invalid::new("must not be empty"));
+        }
+        if len > 100 {
+            return Err(Invalid::new("must be at most 100 characters"));
+        }
+        if name.chars().any(char::is_control) {
+            return Err(Invalid::new("must not contain control characters"));
+        }
+        Ok(Self(name.to_owned()))
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+
+    /// Names are compared with Latin letters case-folded ("ACME Shop" = "acme shop").
+    pub fn same_as(&self, other: &Self) -> bool {
+        let fold = |s: &str| s.chars().flat_map(char::to_lowercase).collect::<String>();
+        fold(&self.0) == fold(&other.0)
+    }
+}
+
+impl TryFrom<String> for PersonOrBusinessName {
+    type Error = Invalid;
+    fn try_from(value: String) -> Result<Self, Invalid> {
+        Self::parse(&value)
+    }
+}
+
+impl From<PersonOrBusinessName> for String {
+    fn from(value: PersonOrBusinessName) -> Self {
+        value.0
+    }
+}
+
+/// A contact e-mail address.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct ContactEmail(String);
+
+impl ContactEmail {
+    pub fn parse(input: &str) -> Result<Self, Invalid> {
+        let email = input.trim();
+        if email.len() > 254 {
+            return Err(Invalid::new("must be at most 254 characters"));
+        }
+        match email.parse::<email_address::EmailAddress>() {
+            Ok(_) if email.contains('.') => Ok(Self(email.to_owned())),
+            _ => Err(Invalid::new(
+                "must be an e-mail address such as owner@example.com",
+            )),
+        }
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl TryFrom<String> for ContactEmail {
+    type Error = Invalid;
+    fn try_from(value: String) -> Result<Self, Invalid> {
+        Self::parse(&value)
+    }
+}
+
+impl From<ContactEmail> for String {
+    fn from(value: ContactEmail) -> Self {
+        value.0
+    }
+}
+
+/// A Kakao service through which sales were lost.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AffectedService {
+    KakaotalkChannel,
+    OrderAlerts,
+    KakaoPay,
+    GiftShop,
+    KakaoT,
+    KakaoMap,
+    KakaoLogin,
+    Other,
+}
+
+impl AffectedService {
+    pub const ALL: [AffectedService; 8] = [
+        Self::KakaotalkChannel,
+        Self::OrderAlerts,
+        Self::KakaoPay,
+        Self::GiftShop,
+        Self::KakaoT,
+        Self::KakaoMap,
+        Self::KakaoLogin,
+        Self::Other,
+    ];
+
+    /// The name used in policy files and storage.
+    pub fn key(self) -> &'static str {
+        match self {
+            Self::KakaotalkChannel => "kakaotalk_channel",
+            Self::OrderAlerts => "order_alerts",
+            Self::KakaoPay => "kakao_pay",
+            Self::GiftShop => "gift_shop",
+            Self::KakaoT => "kakao_t",
+            Self::KakaoMap => "kakao_map",
+            Self::KakaoLogin => "kakao_login",
+            Self::Other => "other",
+        }
+    }
+
+    pub fn from_key(key: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|s| s.key() == key)
+    }
+}
+
+/// The account a partner is paid into. It is in the business's or the representative's name.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BankAccount {
+    pub bank_code: BankCode,
+    pub account_number: AccountNumber,
+    pub holder_name: PersonOrBusinessName,
+}
+
+impl BankAccount {
+    /// The holder must be the business itself or its representative.
+    pub fn check_holder(
+        &self,
+        legal_name: &PersonOrBusinessName,
+        representative_name: &PersonOrBusinessName,
+    ) -> Result<(), Invalid> {
+        if self.holder_name.same_as(legal_name) || self.holder_name.same_as(representative_name) {
+            Ok(())
+        } else {
+            Err(Invalid::new(
+                "must be the partner's legal name or its representative's name",
+            ))
+        }
+    }
+}
+
+/// A partner as registered, before the store gives it an id.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NewPartner {
+    pub business_registration_number: BusinessRegistrationNumber,
+    pub legal_name: PersonOrBusinessName,
+    pub representative_name: PersonOrBusinessName,
+    /// Sorted, without repeats.
+    pub affected_services: Vec<AffectedService>,
+    pub bank_account: BankAccount,
+    pub contact_email: ContactEmail,
+}
+
+/// A registered partner.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Partner {
+    pub partner_id: uuid::Uuid,
+    #[serde(flatten)]
+    pub details: NewPartner,
+    /// Unix microseconds.
+    pub create_time: i64,
+    pub update_time: i64,
+    /// Bumped on every change; the etag is made from it.
+    pub version: i64,
+}
+
+impl Partner {
+    pub fn etag(&self) -> String {
+        format!("\"{}\"", self.version)
+    }
+}

@@ -1,0 +1,17 @@
+//! partner-payouts: registers business partners hurt by a platform outage, decides their cash
+//! compensation under a versioned policy, and pays each approved claim exactly once.
+//!
+//! - [`domain`]: pure types and rules (registration numbers, accounts, the policy, state machines).
+//! - [`store`]: persistence behind one trait, on PostgreSQL and SQLite.
+//! - [`api`]: the gRPC services, translating protos to domain types and errors to statuses.
+//! - [`payments`]: the payments-backend client, the dispatcher and the sandbox bank.
+//! - [`app`]: wiring everything from [`config::Settings`] into a running server.
+
+pub mod api;
+pub mod app;
+pub mod config;
+pub mod domain;
+pub mod payments;
+pub mod proto;
+pub mod store;
+pub mod telemetry;

@@ -1,0 +1,84 @@
+//! The `partner-payouts` command: `serve` (default), `migrate`, `sandbox-bank`.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand};
+use partner_payouts::{app, config::Settings, payments::sandbox, telemetry};
+
+#[derive(Parser)]
+#[command(
+    version,
+    about = "Pays outage compensation to business partners, exactly once."
+)]
+struct Cli {
+    /// Settings file (TOML); PAYOUTS_* environment variables override it.
+    #[arg(long, global = true, env = "PAYOUTS_CONFIG")]
+    config: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Serve the gRPC API and dispatch payouts (the default).
+    Serve,
+    /// Apply the database migrations and exit.
+    Migrate,
+    /// Run the sandbox bank (a fake payments backend; no money moves) on its own.
+    SandboxBank {
+        #[arg(long, default_value = "127.0.0.1:50061")]
+        listen: SocketAddr,
+        /// Milliseconds before an accepted instruction settles as paid.
+        #[arg(long, default_value_t = 0)]
+        settle_delay_ms: u64,
+        /// Share of calls answered UNAVAILABLE without being applied, per mille.
+        #[arg(long, default_value_t = 0)]
+        unavailable_per_mille: u32,
+        /// Share of instructions applied and then answered too late, per mille.
+        #[arg(long, default_value_t = 0)]
+        late_reply_per_mille: u32,
+        /// Milliseconds a late reply waits.
+        #[arg(long, default_value_t = 10_000)]
+        late_reply_delay_ms: u64,
+        /// Seed of the fault injection, for reproducible runs.
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+    },
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    let settings = Settings::load(cli.config.as_deref())?;
+    telemetry::init(&settings.log_format);
+    match cli.command.unwrap_or(Command::Serve) {
+        Command::Serve => {
+            let application = app::Application::build(settings).await?;
+            application.run_until(app::shutdown_signal()).await
+        }
+        Command::Migrate => {
+            app::open_store(&settings).await?;
+            tracing::info!("migrations applied");
+            Ok(())
+        }
+        Command::SandboxBank {
+            listen,
+            settle_delay_ms,
+            unavailable_per_mille,
+            late_reply_per_mille,
+            late_reply_delay_ms,
+            seed,
+        } => {
+            let bank = sandbox::SandboxBank::new(sandbox::SandboxConfig {
+                settle_delay: std::time::Duration::from_millis(settle_delay_ms),
+                unavailable_per_mille,
+                late_reply_per_mille,
+                late_reply_delay: std::time::Duration::from_millis(late_reply_delay_ms),
+                seed,
+            });
+            let listener = tokio::net::TcpListener::bind(listen).await?;
+            sandbox::serve(listener, bank, app::shutdown_signal()).await
+        }
+    }
+}

@@ -1,0 +1,38 @@
+//! The production store: PostgreSQL, shared by any number of replicas, which coordinate
+//! through row locks (`FOR UPDATE`, `SKIP LOCKED`) and never through each other.
+
+use sqlx::postgres::PgPoolOptions;
+
+/// PostgreSQL behind the [`Store`](super::Store) trait.
+#[derive(Clone)]
+pub struct PgStore {
+    pool: sqlx::PgPool,
+}
+
+static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/postgres");
+
+impl PgStore {
+    pub async fn connect(url: &str, max_connections: u32) -> super::Result<Self> {
+        let pool = PgPoolOptions::new()
+            .max_connections(max_connections)
+            .connect(url)
+            .await?;
+        Ok(Self { pool })
+    }
+
+    pub async fn migrate(&self) -> super::Result<()> {
+        MIGRATOR.run(&self.pool).await?;
+        Ok(())
+    }
+
+    async fn begin_write(&self) -> super::Result<sqlx::Transaction<'static, sqlx::Postgres>> {
+        Ok(self.pool.begin().await?)
+    }
+}
+
+sql_store!(
+    PgStore,
+    ::sqlx::Postgres,
+    for_update = " FOR UPDATE",
+    skip_locked = " FOR UPDATE SKIP LOCKED"
+);

@@ -1,0 +1,1180 @@
+//! The SQL both databases share, written once and instantiated for each pool type by
+//! [`sql_store!`]. Each store supplies `begin_write` (how a writing transaction starts) and the
+//! row-lock clauses its database understands.
+
+/// Implements [`Store`](super::Store) for `$store`, which has a `pool: sqlx::Pool<$db>` and an
+/// inherent `async fn begin_write(&self) -> Result<sqlx::Transaction<'static, $db>>`.
+/// `$for_update` locks a selected row until commit; `$skip_locked` also skips rows that
+/// another transaction holds (both empty on a database with one writer at a time).
+macro_rules! sql_store {
+    ($store:ident, $db:ty, for_update = $for_update:literal, skip_locked = $skip_locked:literal) => {
+        use ::sqlx::Row as _;
+        use ::uuid::Uuid;
+
+        use $crate::domain::{
+            AccountNumber, AffectedService, AttachedEvidence, BankAccount, BankCode,
+            BusinessRegistrationNumber, Claim, ClaimStatus, ContactEmail, Decision,
+            DisbursementStatus, Evidence, EvidenceKind, LossItem, NewClaim, NewPartner, Partner,
+            PersonOrBusinessName, ReviewDecision,
+        };
+        use $crate::store::{
+            Attempt, ClaimFilter, CountKrw, Disbursement, DisbursementFilter, DispatchOutcome,
+            DispatchState, Idempotency, KeyAssignment, Micros, Page, PartnerFilter,
+            ProgramSummary, Render, Result, StatusChange, StoreError, Stored, now_micros,
+        };
+
+        type Conn = <$db as ::sqlx::Database>::Connection;
+        type Tx = ::sqlx::Transaction<'static, $db>;
+        type DbRow = <$db as ::sqlx::Database>::Row;
+
+        fn unexpected(what: impl ::std::fmt::Display) -> StoreError {
+            StoreError::Unexpected(::anyhow::anyhow!("stored data is inconsistent: {what}"))
+        }
+
+        fn uuid_col(row: &DbRow, col: &str) -> Result<Uuid> {
+            let text: String = row.try_get(col)?;
+            Uuid::parse_str(&text).map_err(|e| unexpected(format!("{col}: {e}")))
+        }
+
+        fn parsed<T, E: ::std::fmt::Display>(
+            col: &str,
+            value: ::std::result::Result<T, E>,
+        ) -> Result<T> {
+            value.map_err(|e| unexpected(format!("{col}: {e}")))
+        }
+
+        fn partner_from_row(row: &DbRow) -> Result<Partner> {
+            let services: String = row.try_get("affected_services")?;
+            let affected_services = services
+                .split(',')
+                .filter(|s| !s.is_empty())
+                .map(|s| AffectedService::from_key(s).ok_or_else(|| unexpected(s)))
+                .collect::<Result<Vec<_>>>()?;
+            let text = |col: &str| -> Result<String> { Ok(row.try_get::<String, _>(col)?) };
+            Ok(Partner {
+                partner_id: uuid_col(row, "partner_id")?,
+                details: NewPartner {
+                    business_registration_number: parsed(
+                        "business_registration_number",
+                        BusinessRegistrationNumber::parse(&text("business_registration_number")?),
+                    )?,
+                    legal_name: parsed(
+                        "legal_name",
+                        PersonOrBusinessName::parse(&text("legal_name")?),
+                    )?,
+                    representative_name: parsed(
+                        "representative_name",
+                        PersonOrBusinessName::parse(&text("representative_name")?),
+                    )?,
+                    affected_services,
+                    bank_account: account_from_row(row)?,
+                    contact_email: parsed(
+                        "contact_email",
+                        ContactEmail::parse(&text("contact_email")?),
+                    )?,
+                },
+                create_time: row.try_get("create_time")?,
+                update_time: row.try_get("update_time")?,
+                version: row.try_get("version")?,
+            })
+        }
+
+        fn account_from_row(row: &DbRow) -> Result<BankAccount> {
+            let text = |col: &str| -> Result<String> { Ok(row.try_get::<String, _>(col)?) };
+            Ok(BankAccount {
+                bank_code: parsed("bank_code", BankCode::parse(&text("bank_code")?))?,
+                account_number: parsed(
+                    "account_number",
+                    AccountNumber::parse(&text("account_number")?),
+                )?,
+                holder_name: parsed(
+                    "holder_name",
+                    PersonOrBusinessName::parse(&text("holder_name")?),
+                )?,
+            })
+        }
+
+        fn services_key(services: &[AffectedService]) -> String {
+            services.iter().map(|s| s.key()).collect::<Vec<_>>().join(",")
+        }
+
+        fn status_col(row: &DbRow, col: &str) -> Result<DisbursementStatus> {
+            let key: String = row.try_get(col)?;
+            DisbursementStatus::from_key(&key).ok_or_else(|| unexpected(format!("{col}: {key}")))
+        }
+
+        /// Takes the request id for this transaction, or returns what it already answered.
+        async fn claim_request(tx: &mut Tx, idem: &Idempotency) -> Result<Option<Vec<u8>>> {
+            let inserted = ::sqlx::query(
+                "INSERT INTO idempotency (request_id, method, fingerprint, response, create_time) \
+                 VALUES ($1, $2, $3, NULL, $4) ON CONFLICT (request_id) DO NOTHING",
+            )
+            .bind(idem.request_id.to_string())
+            .bind(idem.method)
+            .bind(&idem.fingerprint)
+            .bind(now_micros())
+            .execute(&mut **tx)
+            .await?
+            .rows_affected();
+            if inserted == 1 {
+                return Ok(None);
+            }
+            let row = ::sqlx::query(
+                "SELECT method, fingerprint, response FROM idempotency WHERE request_id = $1",
+            )
+            .bind(idem.request_id.to_string())
+            .fetch_one(&mut **tx)
+            .await?;
+            let method: String = row.try_get("method")?;
+            let fingerprint: String = row.try_get("fingerprint")?;
+            if method != idem.method || fingerprint != idem.fingerprint {
+                return Err(StoreError::RequestIdReused);
+            }
+            let response: Option<Vec<u8>> = row.try_get("response")?;
+            response
+                .map(Some)
+                .ok_or_else(|| unexpected("request id recorded without its response"))
+        }
+
+        async fn save_response(tx: &mut Tx, idem: &Idempotency, response: Vec<u8>) -> Result<()> {
+            ::sqlx::query("UPDATE idempotency SET response = $1 WHERE request_id = $2")
+                .bind(response)
+                .bind(idem.request_id.to_string())
+                .execute(&mut **tx)
+                .await?;
+            Ok(())
+        }
+
+        fn after_key(page: &Page) -> String {
+            page.after.map(|id| id.to_string()).unwrap_or_default()
+        }
+
+        async fn load_partner(conn: &mut Conn, partner_id: Uuid) -> Result<Option<Partner>> {
+            let row = ::sqlx::query("SELECT * FROM partners WHERE partner_id = $1")
+                .bind(partner_id.to_string())
+                .fetch_optional(&mut *conn)
+                .await?;
+            row.as_ref().map(partner_from_row).transpose()
+        }
+
+        async fn load_claim(conn: &mut Conn, claim_id: Uuid) -> Result<Option<Claim>> {
+            let row = ::sqlx::query(
+                "SELECT c.*, d.disbursement_id FROM claims c \
+                 LEFT JOIN disbursements d ON d.claim_id = c.claim_id WHERE c.claim_id = $1",
+            )
+            .bind(claim_id.to_string())
+            .fetch_optional(&mut *conn)
+            .await?;
+            let Some(row) = row else { return Ok(None) };
+            let evidence = ::sqlx::query(
+                "SELECT * FROM evidence WHERE claim_id = $1 ORDER BY seq",
+            )
+            .bind(claim_id.to_string())
+            .fetch_all(&mut *conn)
+            .await?;
+            claim_from_rows(&row, &evidence).map(Some)
+        }
+
+        fn claim_from_rows(row: &DbRow, evidence: &[DbRow]) -> Result<Claim> {
+            let items: String = row.try_get("items")?;
+            let decision: String = row.try_get("decision")?;
+            let status: String = row.try_get("status")?;
+            let disbursement_id: Option<String> = row.try_get("disbursement_id")?;
+            let evidence = evidence
+                .iter()
+                .map(|e| {
+                    let kind: String = e.try_get("kind")?;
+                    Ok(AttachedEvidence {
+                        evidence: Evidence {
+                            kind: EvidenceKind::from_key(&kind).ok_or_else(|| unexpected(&kind))?,
+                            uri: e.try_get("uri")?,
+                            sha256: e.try_get("sha256")?,
+                        },
+                        attach_time: e.try_get("attach_time")?,
+                        attached_by: e.try_get("attached_by")?,
+                    })
+                })
+                .collect::<Result<Vec<_>>>()?;
+            Ok(Claim {
+                claim_id: uuid_col(row, "claim_id")?,
+                partner_id: uuid_col(row, "partner_id")?,
+                status: ClaimStatus::from_key(&status).ok_or_else(|| unexpected(&status))?,
+                items: parsed("items", ::serde_json::from_str::<Vec<LossItem>>(&items))?,
+                decision: parsed("decision", ::serde_json::from_str::<Decision>(&decision))?,
+                compensation_krw: row.try_get("compensation_krw")?,
+                evidence,
+                submitted_by: row.try_get("submitted_by")?,
+                reviewed_by: row.try_get("reviewed_by")?,
+                review_reason: row.try_get("review_reason")?,
+                create_time: row.try_get("create_time")?,
+                update_time: row.try_get("update_time")?,
+                disbursement_id: disbursement_id
+                    .map(|id| parsed("disbursement_id", Uuid::parse_str(&id)))
+                    .transpose()?,
+            })
+        }
+
+        async fn insert_evidence(
+            tx: &mut Tx,
+            claim_id: Uuid,
+            evidence: &Evidence,
+            actor: &str,
+            now: Micros,
+        ) -> Result<()> {
+            ::sqlx::query(
+                "INSERT INTO evidence (claim_id, seq, kind, uri, sha256, attach_time, attached_by) \
+                 VALUES ($1, (SELECT COALESCE(MAX(seq), 0) + 1 FROM evidence WHERE claim_id = $1), \
+                 $2, $3, $4, $5, $6)",
+            )
+            .bind(claim_id.to_string())
+            .bind(evidence.kind.key())
+            .bind(&evidence.uri)
+            .bind(&evidence.sha256)
+            .bind(now)
+            .bind(actor)
+            .execute(&mut **tx)
+            .await?;
+            Ok(())
+        }
+
+        /// Approval and disbursement are one: the disbursement, its first history entry and
+        /// its outbox row are written in the approving transaction.
+        async fn create_disbursement(
+            tx: &mut Tx,
+            claim_id: Uuid,
+            partner_id: Uuid,
+            amount_krw: i64,
+            actor: &str,
+            now: Micros,
+        ) -> Result<Uuid> {
+            let disbursement_id = Uuid::now_v7();
+            ::sqlx::query(
+                "INSERT INTO disbursements (disbursement_id, claim_id, partner_id, amount_krw, \
+                 status, create_time, update_time) VALUES ($1, $2, $3, $4, $5, $6, $6)",
+            )
+            .bind(disbursement_id.to_string())
+            .bind(claim_id.to_string())
+            .bind(partner_id.to_string())
+            .bind(amount_krw)
+            .bind(DisbursementStatus::Queued.key())
+            .bind(now)
+            .execute(&mut **tx)
+            .await?;
+            record_event(tx, disbursement_id, None, DisbursementStatus::Queued, actor, "claim approved", now)
+                .await?;
+            ::sqlx::query("INSERT INTO outbox (disbursement_id, due_time) VALUES ($1, $2)")
+                .bind(disbursement_id.to_string())
+                .bind(now)
+                .execute(&mut **tx)
+                .await?;
+            Ok(disbursement_id)
+        }
+
+        async fn record_event(
+            tx: &mut Tx,
+            disbursement_id: Uuid,
+            from: Option<DisbursementStatus>,
+            to: DisbursementStatus,
+            actor: &str,
+            reason: &str,
+            now: Micros,
+        ) -> Result<()> {
+            ::sqlx::query(
+                "INSERT INTO disbursement_events (disbursement_id, from_status, to_status, actor, \
+                 reason, time) VALUES ($1, $2, $3, $4, $5, $6)",
+            )
+            .bind(disbursement_id.to_string())
+            .bind(from.map(|s| s.key()))
+            .bind(to.key())
+            .bind(actor)
+            .bind(reason)
+            .bind(now)
+            .execute(&mut **tx)
+            .await?;
+            Ok(())
+        }
+
+        /// Moves a disbursement from `from` to `to` if it is still in `from`; false otherwise.
+        async fn transition(
+            tx: &mut Tx,
+            disbursement_id: Uuid,
+            from: DisbursementStatus,
+            to: DisbursementStatus,
+            actor: &str,
+            reason: &str,
+            now: Micros,
+        ) -> Result<bool> {
+            if !from.can_become(to) {
+                return Ok(false);
+            }
+            let moved = ::sqlx::query(
+                "UPDATE disbursements SET status = $1, update_time = $2 \
+                 WHERE disbursement_id = $3 AND status = $4",
+            )
+            .bind(to.key())
+            .bind(now)
+            .bind(disbursement_id.to_string())
+            .bind(from.key())
+            .execute(&mut **tx)
+            .await?
+            .rows_affected();
+            if moved == 1 {
+                record_event(tx, disbursement_id, Some(from), to, actor, reason, now).await?;
+            }
+            Ok(moved == 1)
+        }
+
+        const DISBURSEMENT_SELECT: &str =
+            "SELECT d.*, p.bank_code, p.account_number, p.holder_name FROM disbursements d \
+             JOIN partners p ON p.partner_id = d.partner_id";
+
+        async fn load_disbursement(
+            conn: &mut Conn,
+            disbursement_id: Uuid,
+        ) -> Result<Option<Disbursement>> {
+            let row = ::sqlx::query(::sqlx::AssertSqlSafe(format!(
+                "{DISBURSEMENT_SELECT} WHERE d.disbursement_id = $1"
+            )))
+            .bind(disbursement_id.to_string())
+            .fetch_optional(&mut *conn)
+            .await?;
+            let Some(row) = row else { return Ok(None) };
+            let mut d = disbursement_from_row(&row)?;
+            let id = disbursement_id.to_string();
+            for a in ::sqlx::query(
+                "SELECT * FROM disbursement_attempts WHERE disbursement_id = $1 ORDER BY id",
+            )
+            .bind(&id)
+            .fetch_all(&mut *conn)
+            .await?
+            {
+                d.attempts.push(Attempt {
+                    operation: a.try_get("operation")?,
+                    idempotency_key: a.try_get("idempotency_key")?,
+                    outcome: a.try_get("outcome")?,
+                    code: a.try_get("code")?,
+                    message: a.try_get("message")?,
+                    time: a.try_get("time")?,
+                });
+            }
+            for e in ::sqlx::query(
+                "SELECT * FROM disbursement_events WHERE disbursement_id = $1 ORDER BY id",
+            )
+            .bind(&id)
+            .fetch_all(&mut *conn)
+            .await?
+            {
+                let from: Option<String> = e.try_get("from_status")?;
+                d.history.push(StatusChange {
+                    from_status: from
+                        .map(|f| DisbursementStatus::from_key(&f).ok_or_else(|| unexpected(&f)))
+                        .transpose()?,
+                    to_status: status_col(&e, "to_status")?,
+                    actor: e.try_get("actor")?,
+                    reason: e.try_get("reason")?,
+                    time: e.try_get("time")?,
+                });
+            }
+            Ok(Some(d))
+        }
+
+        fn disbursement_from_row(row: &DbRow) -> Result<Disbursement> {
+            Ok(Disbursement {
+                disbursement_id: uuid_col(row, "disbursement_id")?,
+                claim_id: uuid_col(row, "claim_id")?,
+                partner_id: uuid_col(row, "partner_id")?,
+                amount_krw: row.try_get("amount_krw")?,
+                status: status_col(row, "status")?,
+                failure_code: row.try_get("failure_code")?,
+                failure_message: row.try_get("failure_message")?,
+                idempotency_key: row.try_get("idempotency_key")?,
+                key_seq: row.try_get("key_seq")?,
+                holder_verified: row.try_get("holder_verified")?,
+                account: account_from_row(row)?,
+                create_time: row.try_get("create_time")?,
+                update_time: row.try_get("update_time")?,
+                attempts: Vec::new(),
+                history: Vec::new(),
+                trace_context: row.try_get("trace_context")?,
+            })
+        }
+
+        async fn require_disbursement(tx: &mut Tx, disbursement_id: Uuid) -> Result<Disbursement> {
+            // Lock the row so concurrent retries and cancels see each other.
+            ::sqlx::query(concat!(
+                "SELECT disbursement_id FROM disbursements WHERE disbursement_id = $1",
+                $for_update
+            ))
+            .bind(disbursement_id.to_string())
+            .fetch_optional(&mut **tx)
+            .await?
+            .ok_or(StoreError::NotFound("disbursement"))?;
+            load_disbursement(&mut *tx, disbursement_id)
+                .await?
+                .ok_or(StoreError::NotFound("disbursement"))
+        }
+
+        async fn load_dispatch_state(conn: &mut Conn) -> Result<DispatchState> {
+            let row = ::sqlx::query("SELECT * FROM dispatch_control WHERE id = 1")
+                .fetch_one(&mut *conn)
+                .await?;
+            Ok(DispatchState {
+                paused: row.try_get("paused")?,
+                reason: row.try_get("reason")?,
+                changed_by: row.try_get("changed_by")?,
+                change_time: row.try_get("change_time")?,
+            })
+        }
+
+        #[::async_trait::async_trait]
+        impl $crate::store::Store for $store {
+            async fn register_partner(
+                &self,
+                idem: &Idempotency,
+                partner: &NewPartner,
+                render: Render<'_, Partner>,
+            ) -> Result<Stored<Partner>> {
+                let mut tx = self.begin_write().await?;
+                if let Some(first) = claim_request(&mut tx, idem).await? {
+                    return Ok(Stored::Replayed(first));
+                }
+                let brn = partner.business_registration_number.as_str();
+                let existing = ::sqlx::query(
+                    "SELECT partner_id FROM partners WHERE business_registration_number = $1",
+                )
+                .bind(brn)
+                .fetch_optional(&mut *tx)
+                .await?;
+                if let Some(row) = existing {
+                    return Err(StoreError::PartnerAlreadyRegistered {
+                        partner_id: uuid_col(&row, "partner_id")?,
+                    });
+                }
+                let now = now_micros();
+                let created = Partner {
+                    partner_id: Uuid::now_v7(),
+                    details: partner.clone(),
+                    create_time: now,
+                    update_time: now,
+                    version: 1,
+                };
+                let account = &partner.bank_account;
+                let inserted = ::sqlx::query(
+                    "INSERT INTO partners (partner_id, business_registration_number, legal_name, \
+                     representative_name, affected_services, bank_code, account_number, \
+                     holder_name, contact_email, create_time, update_time, version) \
+                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $10, 1)",
+                )
+                .bind(created.partner_id.to_string())
+                .bind(brn)
+                .bind(partner.legal_name.as_str())
+                .bind(partner.representative_name.as_str())
+                .bind(services_key(&partner.affected_services))
+                .bind(account.bank_code.as_str())
+                .bind(account.account_number.expose())
+                .bind(account.holder_name.as_str())
+                .bind(partner.contact_email.as_str())
+                .bind(now)
+                .execute(&mut *tx)
+                .await;
+                if let Err(::sqlx::Error::Database(e)) = &inserted {
+                    if e.is_unique_violation() {
+                        // Another request registered the same number between our check and insert.
+                        drop(tx);
+                        let row = ::sqlx::query(
+                            "SELECT partner_id FROM partners WHERE business_registration_number = $1",
+                        )
+                        .bind(brn)
+                        .fetch_one(&self.pool)
+                        .await?;
+                        return Err(StoreError::PartnerAlreadyRegistered {
+                            partner_id: uuid_col(&row, "partner_id")?,
+                        });
+                    }
+                }
+                inserted?;
+                save_response(&mut tx, idem, render(&created)).await?;
+                tx.commit().await?;
+                Ok(Stored::Fresh(created))
+            }
+
+            async fn get_partner(&self, partner_id: Uuid) -> Result<Option<Partner>> {
+                let mut conn = self.pool.acquire().await?;
+                load_partner(&mut conn, partner_id).await
+            }
+
+            async fn list_partners(
+                &self,
+                filter: &PartnerFilter,
+                page: &Page,
+            ) -> Result<Vec<Partner>> {
+                let rows = ::sqlx::query(
+                    "SELECT * FROM partners WHERE partner_id > $1 \
+                     AND ($2 = '' OR business_registration_number = $2) \
+                     ORDER BY partner_id LIMIT $3",
+                )
+                .bind(after_key(page))
+                .bind(
+                    filter
+                        .business_registration_number
+                        .as_ref()
+                        .map(|b| b.as_str().to_owned())
+                        .unwrap_or_default(),
+                )
+                .bind(i64::from(page.limit))
+                .fetch_all(&self.pool)
+                .await?;
+                rows.iter().map(partner_from_row).collect()
+            }
+
+            async fn update_bank_account(
+                &self,
+                idem: &Idempotency,
+                partner_id: Uuid,
+                account: &BankAccount,
+                etag: &str,
+                render: Render<'_, Partner>,
+            ) -> Result<Stored<Partner>> {
+                let mut tx = self.begin_write().await?;
+                if let Some(first) = claim_request(&mut tx, idem).await? {
+                    return Ok(Stored::Replayed(first));
+                }
+                ::sqlx::query(concat!(
+                    "SELECT partner_id FROM partners WHERE partner_id = $1",
+                    $for_update
+                ))
+                .bind(partner_id.to_string())
+                .fetch_optional(&mut *tx)
+                .await?
+                .ok_or(StoreError::NotFound("partner"))?;
+                let mut partner = load_partner(&mut tx, partner_id)
+                    .await?
+                    .ok_or(StoreError::NotFound("partner"))?;
+                if partner.etag() != etag {
+                    return Err(StoreError::EtagMismatch {
+                        current: partner.etag(),
+                    });
+                }
+                account
+                    .check_holder(&partner.details.legal_name, &partner.details.representative_name)
+                    .map_err(|e| StoreError::InvalidField {
+                        field: "bank_account.holder_name",
+                        description: e.to_string(),
+                    })?;
+                let now = now_micros();
+                ::sqlx::query(
+                    "UPDATE partners SET bank_code = $1, account_number = $2, holder_name = $3, \
+                     update_time = $4, version = version + 1 WHERE partner_id = $5",
+                )
+                .bind(account.bank_code.as_str())
+                .bind(account.account_number.expose())
+                .bind(account.holder_name.as_str())
+                .bind(now)
+                .bind(partner_id.to_string())
+                .execute(&mut *tx)
+                .await?;
+                partner.details.bank_account = account.clone();
+                partner.update_time = now;
+                partner.version += 1;
+                save_response(&mut tx, idem, render(&partner)).await?;
+                tx.commit().await?;
+                Ok(Stored::Fresh(partner))
+            }
+
+            async fn submit_claim(
+                &self,
+                idem: &Idempotency,
+                claim: &NewClaim,
+                render: Render<'_, Claim>,
+            ) -> Result<Stored<Claim>> {
+                let mut tx = self.begin_write().await?;
+                if let Some(first) = claim_request(&mut tx, idem).await? {
+                    return Ok(Stored::Replayed(first));
+                }
+                ::sqlx::query(concat!(
+                    "SELECT partner_id FROM partners WHERE partner_id = $1",
+                    $for_update
+                ))
+                .bind(claim.partner_id.to_string())
+                .fetch_optional(&mut *tx)
+                .await?
+                .ok_or(StoreError::NotFound("partner"))?;
+                let existing = ::sqlx::query("SELECT claim_id FROM claims WHERE partner_id = $1")
+                    .bind(claim.partner_id.to_string())
+                    .fetch_optional(&mut *tx)
+                    .await?;
+                if let Some(row) = existing {
+                    return Err(StoreError::ClaimAlreadyFiled {
+                        claim_id: uuid_col(&row, "claim_id")?,
+                    });
+                }
+                let now = now_micros();
+                let claim_id = Uuid::now_v7();
+                let d = &claim.decision;
+                ::sqlx::query(
+                    "INSERT INTO claims (claim_id, partner_id, status, tier, reported_loss_krw, \
+                     recognized_loss_krw, compensation_krw, policy_version, items, decision, \
+                     submitted_by, create_time, update_time) \
+                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $12)",
+                )
+                .bind(claim_id.to_string())
+                .bind(claim.partner_id.to_string())
+                .bind(d.status.key())
+                .bind(d.tier.key())
+                .bind(d.reported_loss_krw)
+                .bind(d.recognized_loss_krw)
+                .bind(d.compensation_krw)
+                .bind(&d.policy_version)
+                .bind(::serde_json::to_string(&claim.items).map_err(::anyhow::Error::from)?)
+                .bind(::serde_json::to_string(d).map_err(::anyhow::Error::from)?)
+                .bind(&claim.submitted_by)
+                .bind(now)
+                .execute(&mut *tx)
+                .await?;
+                for evidence in &claim.evidence {
+                    insert_evidence(&mut tx, claim_id, evidence, &claim.submitted_by, now).await?;
+                }
+                if d.status == ClaimStatus::Approved {
+                    create_disbursement(
+                        &mut tx,
+                        claim_id,
+                        claim.partner_id,
+                        d.compensation_krw,
+                        &claim.submitted_by,
+                        now,
+                    )
+                    .await?;
+                }
+                let stored = load_claim(&mut tx, claim_id)
+                    .await?
+                    .ok_or_else(|| unexpected("claim vanished"))?;
+                save_response(&mut tx, idem, render(&stored)).await?;
+                tx.commit().await?;
+                Ok(Stored::Fresh(stored))
+            }
+
+            async fn attach_evidence(
+                &self,
+                idem: &Idempotency,
+                claim_id: Uuid,
+                evidence: &Evidence,
+                actor: &str,
+                render: Render<'_, Claim>,
+            ) -> Result<Stored<Claim>> {
+                let mut tx = self.begin_write().await?;
+                if let Some(first) = claim_request(&mut tx, idem).await? {
+                    return Ok(Stored::Replayed(first));
+                }
+                ::sqlx::query(concat!(
+                    "SELECT claim_id FROM claims WHERE claim_id = $1",
+                    $for_update
+                ))
+                .bind(claim_id.to_string())
+                .fetch_optional(&mut *tx)
+                .await?
+                .ok_or(StoreError::NotFound("claim"))?;
+                let now = now_micros();
+                insert_evidence(&mut tx, claim_id, evidence, actor, now).await?;
+                ::sqlx::query("UPDATE claims SET update_time = $1 WHERE claim_id = $2")
+                    .bind(now)
+                    .bind(claim_id.to_string())
+                    .execute(&mut *tx)
+                    .await?;
+                let stored = load_claim(&mut tx, claim_id)
+                    .await?
+                    .ok_or(StoreError::NotFound("claim"))?;
+                save_response(&mut tx, idem, render(&stored)).await?;
+                tx.commit().await?;
+                Ok(Stored::Fresh(stored))
+            }
+
+            async fn review_claim(
+                &self,
+                idem: &Idempotency,
+                claim_id: Uuid,
+                decision: ReviewDecision,
+                reason: &str,
+                reviewer: &str,
+                render: Render<'_, Claim>,
+            ) -> Result<Stored<Claim>> {
+                let mut tx = self.begin_write().await?;
+                if let Some(first) = claim_request(&mut tx, idem).await? {
+                    return Ok(Stored::Replayed(first));
+                }
+                ::sqlx::query(concat!(
+                    "SELECT claim_id FROM claims WHERE claim_id = $1",
+                    $for_update
+                ))
+                .bind(claim_id.to_string())
+                .fetch_optional(&mut *tx)
+                .await?
+                .ok_or(StoreError::NotFound("claim"))?;
+                let claim = load_claim(&mut tx, claim_id)
+                    .await?
+                    .ok_or(StoreError::NotFound("claim"))?;
+                let status =
+                    $crate::domain::review(claim.status, claim.evidence.len(), decision)?;
+                let compensation_krw = match decision {
+                    ReviewDecision::Approve { compensation_krw } => compensation_krw,
+                    ReviewDecision::Reject => 0,
+                };
+                let now = now_micros();
+                ::sqlx::query(
+                    "UPDATE claims SET status = $1, compensation_krw = $2, reviewed_by = $3, \
+                     review_reason = $4, update_time = $5 WHERE claim_id = $6",
+                )
+                .bind(status.key())
+                .bind(compensation_krw)
+                .bind(reviewer)
+                .bind(reason)
+                .bind(now)
+                .bind(claim_id.to_string())
+                .execute(&mut *tx)
+                .await?;
+                if status == ClaimStatus::Approved {
+                    create_disbursement(
+                        &mut tx,
+                        claim_id,
+                        claim.partner_id,
+                        compensation_krw,
+                        reviewer,
+                        now,
+                    )
+                    .await?;
+                }
+                let stored = load_claim(&mut tx, claim_id)
+                    .await?
+                    .ok_or(StoreError::NotFound("claim"))?;
+                save_response(&mut tx, idem, render(&stored)).await?;
+                tx.commit().await?;
+                Ok(Stored::Fresh(stored))
+            }
+
+            async fn get_claim(&self, claim_id: Uuid) -> Result<Option<Claim>> {
+                let mut conn = self.pool.acquire().await?;
+                load_claim(&mut conn, claim_id).await
+            }
+
+            async fn list_claims(&self, filter: &ClaimFilter, page: &Page) -> Result<Vec<Claim>> {
+                let mut conn = self.pool.acquire().await?;
+                let rows = ::sqlx::query(
+                    "SELECT c.*, d.disbursement_id FROM claims c \
+                     LEFT JOIN disbursements d ON d.claim_id = c.claim_id \
+                     WHERE c.claim_id > $1 AND ($2 = '' OR c.status = $2) \
+                     AND ($3 = '' OR c.tier = $3) AND ($4 = '' OR c.partner_id = $4) \
+                     ORDER BY c.claim_id LIMIT $5",
+                )
+                .bind(after_key(page))
+                .bind(filter.status.map(|s| s.key()).unwrap_or_default())
+                .bind(filter.tier.map(|t| t.key()).unwrap_or_default())
+                .bind(filter.partner_id.map(|p| p.to_string()).unwrap_or_default())
+                .bind(i64::from(page.limit))
+                .fetch_all(&mut *conn)
+                .await?;
+                let mut claims = Vec::with_capacity(rows.len());
+                for row in &rows {
+                    let evidence = ::sqlx::query(
+                        "SELECT * FROM evidence WHERE claim_id = $1 ORDER BY seq",
+                    )
+                    .bind(row.try_get::<String, _>("claim_id")?)
+                    .fetch_all(&mut *conn)
+                    .await?;
+                    claims.push(claim_from_rows(row, &evidence)?);
+                }
+                Ok(claims)
+            }
+
+            async fn get_disbursement(&self, disbursement_id: Uuid) -> Result<Option<Disbursement>> {
+                let mut conn = self.pool.acquire().await?;
+                load_disbursement(&mut conn, disbursement_id).await
+            }
+
+            async fn list_disbursements(
+                &self,
+                filter: &DisbursementFilter,
+                page: &Page,
+            ) -> Result<Vec<Disbursement>> {
+                let mut conn = self.pool.acquire().await?;
+                let ids: Vec<String> = ::sqlx::query_scalar(
+                    "SELECT disbursement_id FROM disbursements WHERE disbursement_id > $1 \
+                     AND ($2 = '' OR status = $2) AND ($3 = '' OR partner_id = $3) \
+                     ORDER BY disbursement_id LIMIT $4",
+                )
+                .bind(after_key(page))
+                .bind(filter.status.map(|s| s.key()).unwrap_or_default())
+                .bind(filter.partner_id.map(|p| p.to_string()).unwrap_or_default())
+                .bind(i64::from(page.limit))
+                .fetch_all(&mut *conn)
+                .await?;
+                let mut out = Vec::with_capacity(ids.len());
+                for id in ids {
+                    let id = parsed("disbursement_id", Uuid::parse_str(&id))?;
+                    if let Some(d) = load_disbursement(&mut conn, id).await? {
+                        out.push(d);
+                    }
+                }
+                Ok(out)
+            }
+
+            async fn retry_disbursement(
+                &self,
+                idem: &Idempotency,
+                disbursement_id: Uuid,
+                actor: &str,
+                render: Render<'_, Disbursement>,
+            ) -> Result<Stored<Disbursement>> {
+                let mut tx = self.begin_write().await?;
+                if let Some(first) = claim_request(&mut tx, idem).await? {
+                    return Ok(Stored::Replayed(first));
+                }
+                let d = require_disbursement(&mut tx, disbursement_id).await?;
+                if d.status != DisbursementStatus::Failed {
+                    return Err(StoreError::Precondition {
+                        reason: "DISBURSEMENT_NOT_FAILED",
+                        message: format!(
+                            "only a FAILED disbursement can be retried; this one is {}",
+                            d.status.key().to_uppercase()
+                        ),
+                    });
+                }
+                let now = now_micros();
+                // The failed instruction is final at the backend, so the next one gets a new key.
+                ::sqlx::query(
+                    "UPDATE disbursements SET key_seq = key_seq + 1, idempotency_key = NULL, \
+                     holder_verified = FALSE, failure_code = NULL, failure_message = NULL \
+                     WHERE disbursement_id = $1",
+                )
+                .bind(disbursement_id.to_string())
+                .execute(&mut *tx)
+                .await?;
+                transition(
+                    &mut tx,
+                    disbursement_id,
+                    DisbursementStatus::Failed,
+                    DisbursementStatus::Queued,
+                    actor,
+                    "retry requested",
+                    now,
+                )
+                .await?;
+                ::sqlx::query(
+                    "INSERT INTO outbox (disbursement_id, due_time) VALUES ($1, $2) \
+                     ON CONFLICT (disbursement_id) DO UPDATE SET due_time = $2, lease_until = 0, failures = 0",
+                )
+                .bind(disbursement_id.to_string())
+                .bind(now)
+                .execute(&mut *tx)
+                .await?;
+                let stored = load_disbursement(&mut tx, disbursement_id)
+                    .await?
+                    .ok_or(StoreError::NotFound("disbursement"))?;
+                save_response(&mut tx, idem, render(&stored)).await?;
+                tx.commit().await?;
+                Ok(Stored::Fresh(stored))
+            }
+
+            async fn cancel_disbursement(
+                &self,
+                idem: &Idempotency,
+                disbursement_id: Uuid,
+                actor: &str,
+                reason: &str,
+                render: Render<'_, Disbursement>,
+            ) -> Result<Stored<Disbursement>> {
+                let mut tx = self.begin_write().await?;
+                if let Some(first) = claim_request(&mut tx, idem).await? {
+                    return Ok(Stored::Replayed(first));
+                }
+                let d = require_disbursement(&mut tx, disbursement_id).await?;
+                let now = now_micros();
+                if d.status != DisbursementStatus::Queued
+                    || !transition(
+                        &mut tx,
+                        disbursement_id,
+                        DisbursementStatus::Queued,
+                        DisbursementStatus::Cancelled,
+                        actor,
+                        reason,
+                        now,
+                    )
+                    .await?
+                {
+                    return Err(StoreError::Precondition {
+                        reason: "DISBURSEMENT_NOT_CANCELLABLE",
+                        message: format!(
+                            "only a QUEUED disbursement can be cancelled; this one is {}",
+                            d.status.key().to_uppercase()
+                        ),
+                    });
+                }
+                ::sqlx::query("DELETE FROM outbox WHERE disbursement_id = $1")
+                    .bind(disbursement_id.to_string())
+                    .execute(&mut *tx)
+                    .await?;
+                let stored = load_disbursement(&mut tx, disbursement_id)
+                    .await?
+                    .ok_or(StoreError::NotFound("disbursement"))?;
+                save_response(&mut tx, idem, render(&stored)).await?;
+                tx.commit().await?;
+                Ok(Stored::Fresh(stored))
+            }
+
+            async fn set_dispatch_paused(
+                &self,
+                idem: &Idempotency,
+                paused: bool,
+                actor: &str,
+                reason: &str,
+                render: Render<'_, DispatchState>,
+            ) -> Result<Stored<DispatchState>> {
+                let mut tx = self.begin_write().await?;
+                if let Some(first) = claim_request(&mut tx, idem).await? {
+                    return Ok(Stored::Replayed(first));
+                }
+                ::sqlx::query(
+                    "UPDATE dispatch_control SET paused = $1, reason = $2, changed_by = $3, \
+                     change_time = $4 WHERE id = 1",
+                )
+                .bind(paused)
+                .bind(reason)
+                .bind(actor)
+                .bind(now_micros())
+                .execute(&mut *tx)
+                .await?;
+                let state = load_dispatch_state(&mut tx).await?;
+                save_response(&mut tx, idem, render(&state)).await?;
+                tx.commit().await?;
+                Ok(Stored::Fresh(state))
+            }
+
+            async fn program_summary(&self) -> Result<ProgramSummary> {
+                let mut conn = self.pool.acquire().await?;
+                let mut summary = ProgramSummary {
+                    dispatch: load_dispatch_state(&mut conn).await?,
+                    ..ProgramSummary::default()
+                };
+                let rows = ::sqlx::query(
+                    "SELECT status, COUNT(*) AS n, CAST(COALESCE(SUM(amount_krw), 0) AS BIGINT) AS krw \
+                     FROM disbursements GROUP BY status",
+                )
+                .fetch_all(&mut *conn)
+                .await?;
+                for row in &rows {
+                    let bucket = CountKrw {
+                        count: row.try_get("n")?,
+                        krw: row.try_get("krw")?,
+                    };
+                    summary.approved.count += bucket.count;
+                    summary.approved.krw += bucket.krw;
+                    *match status_col(row, "status")? {
+                        DisbursementStatus::Queued => &mut summary.queued,
+                        DisbursementStatus::Submitted => &mut summary.submitted,
+                        DisbursementStatus::Paid => &mut summary.paid,
+                        DisbursementStatus::Failed => &mut summary.failed,
+                        DisbursementStatus::Cancelled => &mut summary.cancelled,
+                    } = bucket;
+                }
+                let rows = ::sqlx::query(
+                    "SELECT status, COUNT(*) AS n FROM claims WHERE status <> $1 GROUP BY status",
+                )
+                .bind(ClaimStatus::Approved.key())
+                .fetch_all(&mut *conn)
+                .await?;
+                for row in &rows {
+                    let status: String = row.try_get("status")?;
+                    let n: i64 = row.try_get("n")?;
+                    match ClaimStatus::from_key(&status) {
+                        Some(ClaimStatus::PendingReview) => summary.pending_review_count = n,
+                        Some(ClaimStatus::Rejected) => summary.rejected_count = n,
+                        _ => return Err(unexpected(status)),
+                    }
+                }
+                Ok(summary)
+            }
+
+            async fn lease_due(
+                &self,
+                now: Micros,
+                lease_until: Micros,
+                limit: u32,
+            ) -> Result<Vec<Uuid>> {
+                let mut tx = self.begin_write().await?;
+                if load_dispatch_state(&mut tx).await?.paused {
+                    return Ok(Vec::new());
+                }
+                let ids: Vec<String> = ::sqlx::query_scalar(concat!(
+                    "UPDATE outbox SET lease_until = $1 WHERE disbursement_id IN (\
+                     SELECT disbursement_id FROM outbox WHERE due_time <= $2 AND lease_until <= $2 \
+                     ORDER BY due_time LIMIT $3",
+                    $skip_locked,
+                    ") RETURNING disbursement_id"
+                ))
+                .bind(lease_until)
+                .bind(now)
+                .bind(i64::from(limit))
+                .fetch_all(&mut *tx)
+                .await?;
+                tx.commit().await?;
+                ids.iter()
+                    .map(|id| parsed("outbox.disbursement_id", Uuid::parse_str(id)))
+                    .collect()
+            }
+
+            async fn record_attempt(&self, disbursement_id: Uuid, attempt: &Attempt) -> Result<()> {
+                ::sqlx::query(
+                    "INSERT INTO disbursement_attempts (disbursement_id, operation, idempotency_key, \
+                     outcome, code, message, time) VALUES ($1, $2, $3, $4, $5, $6, $7)",
+                )
+                .bind(disbursement_id.to_string())
+                .bind(&attempt.operation)
+                .bind(&attempt.idempotency_key)
+                .bind(&attempt.outcome)
+                .bind(&attempt.code)
+                .bind(&attempt.message)
+                .bind(attempt.time)
+                .execute(&self.pool)
+                .await?;
+                Ok(())
+            }
+
+            async fn mark_holder_verified(&self, disbursement_id: Uuid) -> Result<()> {
+                ::sqlx::query(
+                    "UPDATE disbursements SET holder_verified = TRUE WHERE disbursement_id = $1",
+                )
+                .bind(disbursement_id.to_string())
+                .execute(&self.pool)
+                .await?;
+                Ok(())
+            }
+
+            async fn assign_key(
+                &self,
+                disbursement_id: Uuid,
+                budget_krw: Option<i64>,
+                now: Micros,
+            ) -> Result<KeyAssignment> {
+                let mut tx = self.begin_write().await?;
+                // One key assignment at a time across replicas keeps the budget check exact.
+                ::sqlx::query(concat!("SELECT id FROM dispatch_control WHERE id = 1", $for_update))
+                    .fetch_one(&mut *tx)
+                    .await?;
+                let row = ::sqlx::query(
+                    "SELECT status, amount_krw, key_seq, idempotency_key FROM disbursements \
+                     WHERE disbursement_id = $1",
+                )
+                .bind(disbursement_id.to_string())
+                .fetch_optional(&mut *tx)
+                .await?
+                .ok_or(StoreError::NotFound("disbursement"))?;
+                let status = status_col(&row, "status")?;
+                let existing: Option<String> = row.try_get("idempotency_key")?;
+                match (status, existing) {
+                    (DisbursementStatus::Submitted, Some(key)) => return Ok(KeyAssignment::Key(key)),
+                    (DisbursementStatus::Queued, _) => {}
+                    _ => return Ok(KeyAssignment::Gone),
+                }
+                let amount_krw: i64 = row.try_get("amount_krw")?;
+                if let Some(budget) = budget_krw {
+                    let committed: i64 = ::sqlx::query_scalar(
+                        "SELECT CAST(COALESCE(SUM(amount_krw), 0) AS BIGINT) FROM disbursements \
+                         WHERE status IN ($1, $2)",
+                    )
+                    .bind(DisbursementStatus::Submitted.key())
+                    .bind(DisbursementStatus::Paid.key())
+                    .fetch_one(&mut *tx)
+                    .await?;
+                    if i128::from(committed) + i128::from(amount_krw) > i128::from(budget) {
+                        return Ok(KeyAssignment::OverBudget);
+                    }
+                }
+                let key_seq: i64 = row.try_get("key_seq")?;
+                // Derived, not random: a crash between storing and sending resends the same key.
+                let key = format!("{disbursement_id}-{key_seq}");
+                ::sqlx::query("UPDATE disbursements SET idempotency_key = $1 WHERE disbursement_id = $2")
+                    .bind(&key)
+                    .bind(disbursement_id.to_string())
+                    .execute(&mut *tx)
+                    .await?;
+                transition(
+                    &mut tx,
+                    disbursement_id,
+                    DisbursementStatus::Queued,
+                    DisbursementStatus::Submitted,
+                    "dispatcher",
+                    "instruction key stored before sending",
+                    now,
+                )
+                .await?;
+                tx.commit().await?;
+                Ok(KeyAssignment::Key(key))
+            }
+
+            async fn finish_dispatch(
+                &self,
+                disbursement_id: Uuid,
+                outcome: &DispatchOutcome,
+                now: Micros,
+            ) -> Result<()> {
+                let mut tx = self.begin_write().await?;
+                let row = ::sqlx::query(concat!(
+                    "SELECT status FROM disbursements WHERE disbursement_id = $1",
+                    $for_update
+                ))
+                .bind(disbursement_id.to_string())
+                .fetch_optional(&mut *tx)
+                .await?
+                .ok_or(StoreError::NotFound("disbursement"))?;
+                let from = status_col(&row, "status")?;
+                match outcome {
+                    DispatchOutcome::Paid => {
+                        transition(&mut tx, disbursement_id, from, DisbursementStatus::Paid, "dispatcher", "backend reports paid", now).await?;
+                    }
+                    DispatchOutcome::Failed { code, message } => {
+                        ::sqlx::query(
+                            "UPDATE disbursements SET failure_code = $1, failure_message = $2 \
+                             WHERE disbursement_id = $3",
+                        )
+                        .bind(code)
+                        .bind(message)
+                        .bind(disbursement_id.to_string())
+                        .execute(&mut *tx)
+                        .await?;
+                        transition(&mut tx, disbursement_id, from, DisbursementStatus::Failed, "dispatcher", code, now).await?;
+                    }
+                }
+                ::sqlx::query("DELETE FROM outbox WHERE disbursement_id = $1")
+                    .bind(disbursement_id.to_string())
+                    .execute(&mut *tx)
+                    .await?;
+                tx.commit().await?;
+                Ok(())
+            }
+
+            async fn reschedule(
+                &self,
+                disbursement_id: Uuid,
+                failed: bool,
+                due_time: &(dyn Fn(u32) -> Micros + Send + Sync),
+            ) -> Result<()> {
+                let mut tx = self.begin_write().await?;
+                let failures: Option<i32> = ::sqlx::query_scalar(
+                    "UPDATE outbox SET lease_until = 0, failures = failures + $1 \
+                     WHERE disbursement_id = $2 RETURNING failures",
+                )
+                .bind(i32::from(failed))
+                .bind(disbursement_id.to_string())
+                .fetch_optional(&mut *tx)
+                .await?;
+                if let Some(failures) = failures {
+                    ::sqlx::query("UPDATE outbox SET due_time = $1 WHERE disbursement_id = $2")
+                        .bind(due_time(failures.max(0).unsigned_abs()))
+                        .bind(disbursement_id.to_string())
+                        .execute(&mut *tx)
+                        .await?;
+                }
+                tx.commit().await?;
+                Ok(())
+            }
+        }
+    };
+}

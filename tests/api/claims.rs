@@ -1,0 +1,1 @@
+//! ClaimService tests.

@@ -1,0 +1,285 @@
+//! `spawn_app`: the service on port 0 over a fresh database, and clients to call it.
+
+use std::time::Duration;
+
+use partner_payouts::app::Application;
+use partner_payouts::config::Settings;
+use partner_payouts::proto::payouts::v1::{
+    self as pb, claim_service_client::ClaimServiceClient,
+    disbursement_service_client::DisbursementServiceClient,
+    partner_service_client::PartnerServiceClient,
+};
+use tonic::transport::Channel;
+use tonic_types::StatusExt;
+
+/// Runs `$body` (an async fn taking a `TestApp`) once per database.
+#[macro_export]
+macro_rules! on_both_databases {
+    ($name:ident, $body:expr) => {
+        mod $name {
+            #[allow(unused_imports)]
+            use super::*;
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn sqlite() {
+                let app = $crate::helpers::spawn_app($crate::helpers::Db::Sqlite, |_| {}).await;
+                ($body)(app).await;
+            }
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn postgres() {
+                let app = $crate::helpers::spawn_app($crate::helpers::Db::Postgres, |_| {}).await;
+                ($body)(app).await;
+            }
+        }
+    };
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Db {
+    Sqlite,
+    Postgres,
+}
+
+pub struct TestApp {
+    pub addr: std::net::SocketAddr,
+    pub channel: Channel,
+    pub db: Db,
+    pub database_url: String,
+    _dir: tempfile::TempDir,
+    shutdown: Option<tokio::sync::oneshot::Sender<()>>,
+    server: Option<tokio::task::JoinHandle<anyhow::Result<()>>>,
+}
+
+impl TestApp {
+    pub fn partners(&self) -> PartnerServiceClient<Channel> {
+        PartnerServiceClient::new(self.channel.clone())
+    }
+    pub fn claims(&self) -> ClaimServiceClient<Channel> {
+        ClaimServiceClient::new(self.channel.clone())
+    }
+    pub fn disbursements(&self) -> DisbursementServiceClient<Channel> {
+        DisbursementServiceClient::new(self.channel.clone())
+    }
+
+    /// Stops the server gracefully and waits for it.
+    pub async fn stop(mut self) {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+        if let Some(server) = self.server.take() {
+            server
+                .await
+                .expect("server task")
+                .expect("server ran cleanly");
+        }
+    }
+}
+
+/// The PostgreSQL server tests use; it must be running (CI starts it).
+pub fn postgres_admin_url() -> String {
+    std::env::var("PAYOUTS_TEST_POSTGRES_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into())
+}
+
+/// A new, empty PostgreSQL database; panics if the server cannot be reached.
+pub async fn fresh_postgres_database() -> String {
+    use sqlx::Connection as _;
+    let admin = postgres_admin_url();
+    let mut conn = sqlx::PgConnection::connect(&admin)
+        .await
+        .unwrap_or_else(|e| {
+            panic!("PostgreSQL is required for these tests and is not reachable at {admin}: {e}")
+        });
+    let name = format!("payouts_test_{}", uuid::Uuid::now_v7().simple());
+    sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
+        .execute(&mut conn)
+        .await
+        .expect("create test database");
+    let (base, _) = admin.rsplit_once('/').expect("URL has a database");
+    format!("{base}/{name}")
+}
+
+/// The service on 127.0.0.1:0 with a fresh database; `tweak` may change the settings.
+pub async fn spawn_app(db: Db, tweak: impl FnOnce(&mut Settings)) -> TestApp {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let database_url = match db {
+        Db::Sqlite => format!("sqlite://{}", dir.path().join("payouts.db").display()),
+        Db::Postgres => fresh_postgres_database().await,
+    };
+    let mut settings = Settings {
+        listen_addr: "127.0.0.1:0".parse().expect("addr"),
+        database_url: database_url.clone(),
+        database_max_connections: 5,
+        policy_file: Some(write_test_policy(dir.path())),
+        dispatch_poll_ms: 20,
+        ..Settings::default()
+    };
+    tweak(&mut settings);
+    let application = Application::build(settings).await.expect("app builds");
+    let addr = application.local_addr();
+    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn(application.run_until(async {
+        let _ = rx.await;
+    }));
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+        .expect("endpoint")
+        .connect_timeout(Duration::from_secs(5))
+        .connect()
+        .await
+        .expect("connect to the service");
+    TestApp {
+        addr,
+        channel,
+        db,
+        database_url,
+        _dir: dir,
+        shutdown: Some(tx),
+        server: Some(server),
+    }
+}
+
+/// A second service over an existing database (as after a restart).
+pub async fn spawn_app_on(db: Db, database_url: &str) -> TestApp {
+    let url = database_url.to_owned();
+    let mut app = spawn_app(db, |s| s.database_url = url).await;
+    app.database_url = database_url.to_owned();
+    app
+}
+
+/// The shipped policy, except that `other` counts its loss in full (every factor 100%), so a
+/// test can put a recognised loss exactly where it wants it.
+pub fn test_policy_toml() -> String {
+    let shipped = partner_payouts::domain::DEFAULT_POLICY_TOML;
+    let start = shipped
+        .find("[services.other]")
+        .expect("shipped policy has other");
+    format!(
+        "{}[services.other]\noperating_margin_bps = 10000\nkakao_share_bps = 10000\nalternative_available = false\nalternative_factor_bps = 10000\n",
+        &shipped[..start]
+    )
+}
+
+fn write_test_policy(dir: &std::path::Path) -> std::path::PathBuf {
+    let path = dir.join("policy.toml");
+    std::fs::write(&path, test_policy_toml()).expect("write policy");
+    path
+}
+
+pub fn request_id() -> String {
+    uuid::Uuid::now_v7().to_string()
+}
+
+/// Valid registration numbers: nine digits from `seed`, and the right check digit.
+pub fn brn(seed: u64) -> String {
+    let mut first_nine = [0u32; 9];
+    let mut s = seed;
+    for d in first_nine.iter_mut().rev() {
+        *d = u32::try_from(s % 10).expect("digit");
+        s /= 10;
+    }
+    first_nine[0] = 1 + (first_nine[0] % 9);
+    let check = partner_payouts::domain::BusinessRegistrationNumber::check_digit(first_nine);
+    first_nine
+        .iter()
+        .chain(std::iter::once(&check))
+        .map(|d| char::from_digit(*d, 10).expect("digit"))
+        .collect()
+}
+
+pub const ACCOUNT: &str = "110-123-456789";
+
+pub fn partner(seed: u64) -> pb::Partner {
+    partner_with_account(seed, ACCOUNT)
+}
+
+pub fn partner_with_account(seed: u64, account_number: &str) -> pb::Partner {
+    pb::Partner {
+        business_registration_number: brn(seed),
+        legal_name: format!("Haneul Bakery {seed}"),
+        representative_name: "Kim Minji".into(),
+        affected_services: vec![pb::AffectedService::KakaotalkChannel as i32],
+        bank_account: Some(pb::BankAccount {
+            bank_code: "004".into(),
+            account_number: account_number.into(),
+            holder_name: "Kim Minji".into(),
+        }),
+        contact_email: "owner@haneul.example".into(),
+        ..Default::default()
+    }
+}
+
+pub async fn register(app: &TestApp, partner: pb::Partner) -> pb::Partner {
+    app.partners()
+        .register_partner(pb::RegisterPartnerRequest {
+            request_id: request_id(),
+            partner: Some(partner),
+        })
+        .await
+        .expect("register partner")
+        .into_inner()
+        .partner
+        .expect("partner in response")
+}
+
+/// One loss item of the test policy's full-weight service: recognised loss = `loss_krw`.
+pub fn full_weight_item(loss_krw: i64) -> pb::LossItem {
+    pb::LossItem {
+        service: pb::AffectedService::Other as i32,
+        baseline_week_sales_krw: loss_krw + 1_000_000,
+        outage_week_sales_krw: 1_000_000,
+    }
+}
+
+pub async fn submit(app: &TestApp, partner_id: &str, items: Vec<pb::LossItem>) -> pb::Claim {
+    app.claims()
+        .submit_claim(pb::SubmitClaimRequest {
+            request_id: request_id(),
+            partner_id: partner_id.into(),
+            items,
+            evidence: vec![],
+        })
+        .await
+        .expect("submit claim")
+        .into_inner()
+        .claim
+        .expect("claim in response")
+}
+
+/// The fields a `BadRequest` names.
+pub fn bad_fields(status: &tonic::Status) -> Vec<String> {
+    assert_eq!(status.code(), tonic::Code::InvalidArgument, "{status:?}");
+    status
+        .get_details_bad_request()
+        .expect("BadRequest details")
+        .field_violations
+        .into_iter()
+        .map(|v| v.field)
+        .collect()
+}
+
+/// The `ErrorInfo` reason of a status, checking its domain.
+pub fn reason(status: &tonic::Status) -> String {
+    let info = status.get_details_error_info().expect("ErrorInfo details");
+    assert_eq!(info.domain, "payouts");
+    info.reason
+}
+
+/// Polls `check` until it returns Some, for up to `secs` seconds.
+pub async fn eventually<T, F, Fut>(secs: u64, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(secs);
+    loop {
+        if let Some(v) = check().await {
+            return v;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "condition not reached in {secs}s"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}

@@ -1,0 +1,7 @@
+//! Black-box tests through a real gRPC channel. Every test runs twice: once on SQLite, once on
+//! PostgreSQL (a fresh database each time).
+
+mod claims;
+mod disbursements;
+mod helpers;
+mod partners;
