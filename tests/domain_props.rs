@@ -1,0 +1,190 @@
+//! Property tests for the domain rules: identifiers and the compensation policy.
+
+use partner_payouts::domain::{
+    AccountNumber, AffectedService, BusinessRegistrationNumber, ClaimStatus, DEFAULT_POLICY_TOML,
+    LossItem, MAX_WEEK_SALES_KRW, Policy, Tier,
+};
+use proptest::prelude::*;
+
+fn valid_brn() -> impl Strategy<Value = String> {
+    (proptest::array::uniform9(0u32..10)).prop_map(|nine| {
+        let check = BusinessRegistrationNumber::check_digit(nine);
+        nine.iter()
+            .chain(std::iter::once(&check))
+            .map(|d| char::from_digit(*d, 10).expect("digit"))
+            .collect()
+    })
+}
+
+proptest! {
+    #[test]
+    fn valid_registration_numbers_round_trip(digits in valid_brn()) {
+        let parsed = BusinessRegistrationNumber::parse(&digits).expect("valid");
+        prop_assert_eq!(parsed.as_str(), digits.as_str());
+        let hyphenated = parsed.hyphenated();
+        prop_assert_eq!(BusinessRegistrationNumber::parse(&hyphenated).expect("hyphenated"), parsed);
+    }
+
+    #[test]
+    fn every_single_digit_change_is_rejected(digits in valid_brn(), pos in 0usize..10, delta in 1u32..10) {
+        let mut bytes = digits.into_bytes();
+        let d = u32::from(bytes[pos] - b'0');
+        bytes[pos] = b'0' + u8::try_from((d + delta) % 10).expect("digit");
+        let changed = String::from_utf8(bytes).expect("ascii");
+        prop_assert!(BusinessRegistrationNumber::parse(&changed).is_err(), "{}", changed);
+    }
+
+    #[test]
+    fn registration_numbers_of_other_shapes_are_rejected(s in "\\PC{0,14}") {
+        let digits: String = s.chars().filter(|c| *c != '-').collect();
+        if digits.len() != 10 || !digits.bytes().all(|b| b.is_ascii_digit()) {
+            prop_assert!(BusinessRegistrationNumber::parse(&s).is_err());
+        }
+    }
+
+    #[test]
+    fn account_numbers_keep_their_digits_and_show_only_four(digits in "[0-9]{10,16}", hyphens in proptest::collection::vec(1usize..9, 0..3)) {
+        let mut formatted = digits.clone();
+        for at in hyphens {
+            if at < formatted.len() {
+                formatted.insert(at, '-');
+            }
+        }
+        let account = AccountNumber::parse(&formatted).expect("valid");
+        prop_assert_eq!(account.expose(), digits.as_str());
+        prop_assert_eq!(account.masked(), format!("****{}", &digits[digits.len() - 4..]));
+        let shown = format!("{account:?}");
+        prop_assert!(!shown.contains(&digits[..digits.len() - 4]));
+    }
+
+    #[test]
+    fn account_numbers_of_wrong_length_are_rejected(digits in "[0-9]{0,9}|[0-9]{17,20}") {
+        prop_assert!(AccountNumber::parse(&digits).is_err());
+    }
+}
+
+fn policy() -> Policy {
+    Policy::from_toml(DEFAULT_POLICY_TOML).expect("shipped policy")
+}
+
+fn sales() -> impl Strategy<Value = i64> {
+    prop_oneof![0..=2_000_000i64, 0..=MAX_WEEK_SALES_KRW]
+}
+
+/// At most one item per service, in arbitrary order.
+fn items() -> impl Strategy<Value = Vec<LossItem>> {
+    proptest::sample::subsequence(AffectedService::ALL.to_vec(), 1..=8)
+        .prop_flat_map(|services| {
+            let n = services.len();
+            (
+                Just(services),
+                proptest::collection::vec((sales(), sales()), n),
+            )
+        })
+        .prop_map(|(services, sales)| {
+            services
+                .into_iter()
+                .zip(sales)
+                .map(|(service, (baseline, outage))| {
+                    LossItem::parse(service, baseline, outage).expect("in range")
+                })
+                .collect()
+        })
+        .prop_shuffle()
+}
+
+proptest! {
+    #[test]
+    fn compensation_is_never_negative_nor_above_the_cap(items in items()) {
+        let p = policy();
+        let d = p.decide(&items);
+        prop_assert!(d.compensation_krw >= 0);
+        prop_assert!(d.compensation_krw <= p.review_cap_krw.max(p.tiers.upper_compensation_krw));
+        prop_assert!(d.recognized_loss_krw >= 0);
+        prop_assert!(d.recognized_loss_krw <= d.reported_loss_krw);
+        let expected_status = match d.tier {
+            Tier::NotEligible => ClaimStatus::Rejected,
+            Tier::Lower | Tier::Upper => ClaimStatus::Approved,
+            Tier::Review => ClaimStatus::PendingReview,
+        };
+        prop_assert_eq!(d.status, expected_status);
+    }
+
+    #[test]
+    fn the_order_of_items_does_not_matter(items in items()) {
+        let p = policy();
+        let mut reversed = items.clone();
+        reversed.reverse();
+        let (a, b) = (p.decide(&items), p.decide(&reversed));
+        prop_assert_eq!(a.recognized_loss_krw, b.recognized_loss_krw);
+        prop_assert_eq!(a.compensation_krw, b.compensation_krw);
+        prop_assert_eq!(a.tier, b.tier);
+    }
+
+    #[test]
+    fn more_loss_never_pays_less_within_the_automatic_tiers(
+        items in items(), which in any::<proptest::sample::Index>(), extra in 0..=1_000_000i64
+    ) {
+        let p = policy();
+        let before = p.decide(&items);
+        let mut more = items.clone();
+        let i = which.index(more.len());
+        more[i].baseline_week_sales_krw = (more[i].baseline_week_sales_krw + extra).min(MAX_WEEK_SALES_KRW);
+        let after = p.decide(&more);
+        prop_assert!(after.recognized_loss_krw >= before.recognized_loss_krw);
+        if after.tier != Tier::Review {
+            prop_assert!(after.compensation_krw >= before.compensation_krw);
+        }
+    }
+
+    #[test]
+    fn recognised_loss_is_the_exact_integer_rule(items in items()) {
+        let p = policy();
+        let d = p.decide(&items);
+        let mut sum: i128 = 0;
+        for item in &items {
+            let f = p.factors(item.service);
+            let alt = if f.alternative_available { f.alternative_factor_bps } else { 10_000 };
+            sum += i128::from(item.loss_krw())
+                * i128::from(f.operating_margin_bps)
+                * i128::from(f.kakao_share_bps)
+                * i128::from(alt);
+        }
+        prop_assert_eq!(i128::from(d.recognized_loss_krw), sum / 1_000_000_000_000);
+        prop_assert_eq!(d.breakdown.len(), items.len());
+    }
+}
+
+#[test]
+fn largest_inputs_do_not_overflow() {
+    let p = policy();
+    let items: Vec<LossItem> = AffectedService::ALL
+        .iter()
+        .map(|s| LossItem::parse(*s, MAX_WEEK_SALES_KRW, 0).expect("in range"))
+        .collect();
+    let d = p.decide(&items);
+    assert_eq!(d.reported_loss_krw, 8 * MAX_WEEK_SALES_KRW);
+    assert_eq!(d.tier, Tier::Review);
+    assert!(LossItem::parse(AffectedService::Other, MAX_WEEK_SALES_KRW + 1, 0).is_err());
+    assert!(LossItem::parse(AffectedService::Other, 0, -1).is_err());
+}
+
+#[test]
+fn known_registration_numbers() {
+    for valid in ["116-82-00276", "134-86-72683", "1168200276"] {
+        assert!(BusinessRegistrationNumber::parse(valid).is_ok(), "{valid}");
+    }
+    for invalid in [
+        "116-82-00277",
+        "116820027",
+        "11682002760",
+        "116-8200276",
+        "abc-de-fghij",
+        "",
+    ] {
+        assert!(
+            BusinessRegistrationNumber::parse(invalid).is_err(),
+            "{invalid}"
+        );
+    }
+}
