@@ -3,5 +3,6 @@
 
 mod claims;
 mod disbursements;
+mod dispatch_limits;
 mod helpers;
 mod partners;
