@@ -60,6 +60,10 @@ CREATE TABLE disbursements (
     partner_id      TEXT NOT NULL REFERENCES partners (partner_id),
     amount_krw      BIGINT NOT NULL CHECK (amount_krw > 0),
     status          TEXT NOT NULL,
+    -- The account this payout goes to: the partner's at approval, refreshed on retry.
+    bank_code       TEXT NOT NULL,
+    account_number  TEXT NOT NULL,
+    holder_name     TEXT NOT NULL,
     failure_code    TEXT,
     failure_message TEXT,
     key_seq         BIGINT NOT NULL DEFAULT 0,

@@ -250,7 +250,9 @@ macro_rules! sql_store {
             let disbursement_id = Uuid::now_v7();
             ::sqlx::query(
                 "INSERT INTO disbursements (disbursement_id, claim_id, partner_id, amount_krw, \
-                 status, create_time, update_time) VALUES ($1, $2, $3, $4, $5, $6, $6)",
+                 status, bank_code, account_number, holder_name, create_time, update_time) \
+                 SELECT $1, $2, partner_id, $4, $5, bank_code, account_number, holder_name, $6, $6 \
+                 FROM partners WHERE partner_id = $3",
             )
             .bind(disbursement_id.to_string())
             .bind(claim_id.to_string())
@@ -324,17 +326,11 @@ macro_rules! sql_store {
             Ok(moved == 1)
         }
 
-        const DISBURSEMENT_SELECT: &str =
-            "SELECT d.*, p.bank_code, p.account_number, p.holder_name FROM disbursements d \
-             JOIN partners p ON p.partner_id = d.partner_id";
-
         async fn load_disbursement(
             conn: &mut Conn,
             disbursement_id: Uuid,
         ) -> Result<Option<Disbursement>> {
-            let row = ::sqlx::query(::sqlx::AssertSqlSafe(format!(
-                "{DISBURSEMENT_SELECT} WHERE d.disbursement_id = $1"
-            )))
+            let row = ::sqlx::query("SELECT * FROM disbursements WHERE disbursement_id = $1")
             .bind(disbursement_id.to_string())
             .fetch_optional(&mut *conn)
             .await?;
@@ -838,11 +834,14 @@ macro_rules! sql_store {
                     });
                 }
                 let now = now_micros();
-                // The failed instruction is final at the backend, so the next one gets a new key.
+                // The failed instruction is final at the backend, so the next one gets a new key,
+                // and goes to the partner's account as it is now.
                 ::sqlx::query(
                     "UPDATE disbursements SET key_seq = key_seq + 1, idempotency_key = NULL, \
-                     holder_verified = FALSE, failure_code = NULL, failure_message = NULL \
-                     WHERE disbursement_id = $1",
+                     holder_verified = FALSE, failure_code = NULL, failure_message = NULL, \
+                     bank_code = p.bank_code, account_number = p.account_number, \
+                     holder_name = p.holder_name \
+                     FROM partners p WHERE disbursement_id = $1 AND p.partner_id = disbursements.partner_id",
                 )
                 .bind(disbursement_id.to_string())
                 .execute(&mut *tx)
@@ -1130,16 +1129,19 @@ macro_rules! sql_store {
                         transition(&mut tx, disbursement_id, from, DisbursementStatus::Paid, "dispatcher", "backend reports paid", now).await?;
                     }
                     DispatchOutcome::Failed { code, message } => {
-                        ::sqlx::query(
-                            "UPDATE disbursements SET failure_code = $1, failure_message = $2 \
-                             WHERE disbursement_id = $3",
-                        )
-                        .bind(code)
-                        .bind(message)
-                        .bind(disbursement_id.to_string())
-                        .execute(&mut *tx)
-                        .await?;
-                        transition(&mut tx, disbursement_id, from, DisbursementStatus::Failed, "dispatcher", code, now).await?;
+                        // Only a disbursement that really fails now (not one cancelled meanwhile)
+                        // takes the failure code.
+                        if transition(&mut tx, disbursement_id, from, DisbursementStatus::Failed, "dispatcher", code, now).await? {
+                            ::sqlx::query(
+                                "UPDATE disbursements SET failure_code = $1, failure_message = $2 \
+                                 WHERE disbursement_id = $3",
+                            )
+                            .bind(code)
+                            .bind(message)
+                            .bind(disbursement_id.to_string())
+                            .execute(&mut *tx)
+                            .await?;
+                        }
                     }
                 }
                 ::sqlx::query("DELETE FROM outbox WHERE disbursement_id = $1")

@@ -42,7 +42,6 @@ pub enum Db {
 }
 
 pub struct TestApp {
-    pub addr: std::net::SocketAddr,
     pub channel: Channel,
     pub db: Db,
     pub database_url: String,
@@ -129,7 +128,6 @@ pub async fn spawn_app(db: Db, tweak: impl FnOnce(&mut Settings)) -> TestApp {
         .await
         .expect("connect to the service");
     TestApp {
-        addr,
         channel,
         db,
         database_url,
