@@ -5,4 +5,5 @@ mod claims;
 mod disbursements;
 mod dispatch_limits;
 mod helpers;
+mod intake;
 mod partners;
