@@ -85,6 +85,7 @@ impl Application {
             DispatcherConfig {
                 concurrency: settings.dispatch_concurrency,
                 poll: Duration::from_millis(settings.dispatch_poll_ms),
+                lease: Duration::from_millis(settings.dispatch_lease_ms),
                 quiet_hours: settings
                     .dispatch_quiet_hours
                     .as_deref()

@@ -31,6 +31,10 @@ pub struct Settings {
     pub dispatch_concurrency: usize,
     /// How often the dispatcher looks for due work, in milliseconds.
     pub dispatch_poll_ms: u64,
+    /// How long a replica owns the disbursements it took, in milliseconds: after a crash,
+    /// another replica (or the restarted one) takes them over once this has passed. Must exceed
+    /// the longest step (a few backend calls of `payments_timeout_ms` each).
+    pub dispatch_lease_ms: u64,
     /// Bank maintenance hours when nothing is sent, e.g. `23:30-00:30 Asia/Seoul`.
     pub dispatch_quiet_hours: Option<String>,
     /// The programme's budget: nothing is sent that would take paid-or-sent past it.
@@ -56,6 +60,7 @@ impl Default for Settings {
             max_concurrent_requests: 256,
             dispatch_concurrency: 16,
             dispatch_poll_ms: 200,
+            dispatch_lease_ms: 30_000,
             dispatch_quiet_hours: None,
             dispatch_budget_krw: None,
             payments_timeout_ms: 5_000,
@@ -87,6 +92,11 @@ impl Settings {
         if !(self.database_url.starts_with("sqlite:") || self.database_url.starts_with("postgres"))
         {
             anyhow::bail!("settings: database_url must start with sqlite: or postgres://");
+        }
+        if self.dispatch_lease_ms < 3 * self.payments_timeout_ms {
+            anyhow::bail!(
+                "settings: dispatch_lease_ms must be at least three times payments_timeout_ms"
+            );
         }
         if self.dispatch_concurrency == 0 {
             anyhow::bail!("settings: dispatch_concurrency must be at least 1");

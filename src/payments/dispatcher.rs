@@ -46,7 +46,7 @@ impl Default for DispatcherConfig {
         Self {
             concurrency: 16,
             poll: Duration::from_millis(200),
-            lease: Duration::from_secs(60),
+            lease: Duration::from_secs(30),
             accepted_poll: Duration::from_millis(500),
             quiet_hours: None,
             budget_krw: None,
@@ -113,7 +113,8 @@ impl Dispatcher {
             return Ok(0);
         }
         let now = now_micros();
-        let limit = u32::try_from(self.config.concurrency * 4).unwrap_or(u32::MAX);
+        // Take only what can be worked on at once, so a crash strands no more than that.
+        let limit = u32::try_from(self.config.concurrency).unwrap_or(u32::MAX);
         let ids = self
             .store
             .lease_due(now, now + micros(self.config.lease), limit)
