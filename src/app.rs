@@ -166,6 +166,7 @@ impl Application {
         let server = tonic::transport::Server::builder()
             .timeout(Duration::from_millis(settings.request_timeout_ms))
             .concurrency_limit_per_connection(settings.max_concurrent_requests)
+            .layer(crate::telemetry::RpcTraceLayer)
             .add_service(health_service)
             .add_service(reflection_v1)
             .add_service(reflection_v1alpha)

@@ -51,8 +51,14 @@ enum Command {
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     let settings = Settings::load(cli.config.as_deref())?;
-    telemetry::init(&settings.log_format);
-    match cli.command.unwrap_or(Command::Serve) {
+    let telemetry = telemetry::init(&settings.log_format)?;
+    let result = run(cli.command.unwrap_or(Command::Serve), settings).await;
+    telemetry.shutdown();
+    result
+}
+
+async fn run(command: Command, settings: Settings) -> anyhow::Result<()> {
+    match command {
         Command::Serve => {
             let application = app::Application::build(settings).await?;
             application.run_until(app::shutdown_signal()).await

@@ -3,12 +3,12 @@
 use tonic::{Code, Request, Response, Status};
 
 use super::{
-    Context, Principal, Violations, convert, idempotency, next_page_token, page, respond,
-    status_with_reason,
+    Context, Principal, Violations, convert, idempotency, next_page_token, page, record_touched,
+    respond, status_with_reason,
 };
 use crate::domain::{self, Claim, Evidence, LossItem, NewClaim, ReviewDecision};
 use crate::proto::payouts::v1::{self as pb, claim_service_server::ClaimService};
-use crate::store::{ClaimFilter, StoreError};
+use crate::store::{ClaimFilter, Review, StoreError};
 
 pub struct Claims {
     pub ctx: Context,
@@ -59,6 +59,12 @@ fn parse_evidence(v: &mut Violations, field: &str, e: &pb::Evidence) -> Option<E
 
 fn render_claim<R: prost::Message>(wrap: fn(pb::Claim) -> R) -> impl Fn(&Claim) -> Vec<u8> {
     move |c| wrap(convert::claim(c)).encode_to_vec()
+}
+
+fn touched_claim(claim: Option<&pb::Claim>) {
+    if let Some(c) = claim {
+        record_touched(&c.partner_id, &c.claim_id, &c.disbursement_id);
+    }
 }
 
 fn missing() -> Status {
@@ -113,12 +119,15 @@ impl ClaimService for Claims {
             evidence,
             decision,
             submitted_by: actor,
+            trace_context: crate::telemetry::current_context_headers(),
         };
         let render = render_claim(|c| pb::SubmitClaimResponse { claim: Some(c) });
         let stored = self.ctx.store.submit_claim(&idem, &claim, &render).await?;
-        respond(stored, |c| pb::SubmitClaimResponse {
+        let response = respond(stored, |c| pb::SubmitClaimResponse {
             claim: Some(convert::claim(c)),
-        })
+        })?;
+        touched_claim(response.get_ref().claim.as_ref());
+        Ok(response)
     }
 
     async fn preview_compensation(
@@ -166,9 +175,11 @@ impl ClaimService for Claims {
             .store
             .attach_evidence(&idem, claim_id, &evidence, &actor, &render)
             .await?;
-        respond(stored, |c| pb::AttachEvidenceResponse {
+        let response = respond(stored, |c| pb::AttachEvidenceResponse {
             claim: Some(convert::claim(c)),
-        })
+        })?;
+        touched_claim(response.get_ref().claim.as_ref());
+        Ok(response)
     }
 
     async fn review_claim(
@@ -227,11 +238,23 @@ impl ClaimService for Claims {
         let stored = self
             .ctx
             .store
-            .review_claim(&idem, claim_id, decision, &reason, &reviewer, &render)
+            .review_claim(
+                &idem,
+                claim_id,
+                &Review {
+                    decision,
+                    reason: &reason,
+                    reviewer: &reviewer,
+                    trace_context: crate::telemetry::current_context_headers().as_deref(),
+                },
+                &render,
+            )
             .await?;
-        respond(stored, |c| pb::ReviewClaimResponse {
+        let response = respond(stored, |c| pb::ReviewClaimResponse {
             claim: Some(convert::claim(c)),
-        })
+        })?;
+        touched_claim(response.get_ref().claim.as_ref());
+        Ok(response)
     }
 
     async fn get_claim(
@@ -247,9 +270,9 @@ impl ClaimService for Claims {
             .get_claim(id.ok_or_else(missing)?)
             .await?
             .ok_or(StoreError::NotFound("claim"))?;
-        Ok(Response::new(pb::GetClaimResponse {
-            claim: Some(convert::claim(&claim)),
-        }))
+        let claim = convert::claim(&claim);
+        touched_claim(Some(&claim));
+        Ok(Response::new(pb::GetClaimResponse { claim: Some(claim) }))
     }
 
     async fn list_claims(

@@ -2,7 +2,10 @@
 
 use tonic::{Request, Response, Status};
 
-use super::{Context, Principal, Violations, convert, idempotency, next_page_token, page, respond};
+use super::{
+    Context, Principal, Violations, convert, idempotency, next_page_token, page, record_touched,
+    respond,
+};
 use crate::proto::payouts::v1::{self as pb, disbursement_service_server::DisbursementService};
 use crate::store::{Disbursement, DisbursementFilter, DispatchState, StoreError};
 
@@ -29,6 +32,11 @@ impl DisbursementService for Disbursements {
             .get_disbursement(id.ok_or_else(missing)?)
             .await?
             .ok_or(StoreError::NotFound("disbursement"))?;
+        record_touched(
+            &d.partner_id.to_string(),
+            &d.claim_id.to_string(),
+            &d.disbursement_id.to_string(),
+        );
         Ok(Response::new(pb::GetDisbursementResponse {
             disbursement: Some(convert::disbursement(&d)),
         }))
@@ -85,6 +93,7 @@ impl DisbursementService for Disbursements {
             request_id: String::new(),
             ..request
         };
+        record_touched("", "", &body.disbursement_id);
         let idem = idempotency(request_id, "RetryDisbursement", &body);
         let render = |d: &Disbursement| {
             prost::Message::encode_to_vec(&pb::RetryDisbursementResponse {
@@ -122,6 +131,7 @@ impl DisbursementService for Disbursements {
             request_id: String::new(),
             ..request
         };
+        record_touched("", "", &body.disbursement_id);
         let idem = idempotency(request_id, "CancelDisbursement", &body);
         let render = |d: &Disbursement| {
             prost::Message::encode_to_vec(&pb::CancelDisbursementResponse {

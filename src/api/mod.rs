@@ -172,6 +172,19 @@ impl From<StoreError> for Status {
     }
 }
 
+/// Names on the current RPC span the partner, claim and disbursement a call touched.
+pub fn record_touched(partner_id: &str, claim_id: &str, disbursement_id: &str) {
+    for (key, id) in [
+        ("payouts.partner_id", partner_id),
+        ("payouts.claim_id", claim_id),
+        ("payouts.disbursement_id", disbursement_id),
+    ] {
+        if !id.is_empty() {
+            crate::telemetry::record_resource(key, id);
+        }
+    }
+}
+
 /// A digest of the request without its `request_id`: the same id must come with the same body.
 pub fn fingerprint<M: Message>(request: &M) -> String {
     hex::encode(Sha256::digest(request.encode_to_vec()))

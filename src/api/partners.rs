@@ -2,7 +2,9 @@
 
 use tonic::{Request, Response, Status};
 
-use super::{Context, Violations, convert, idempotency, next_page_token, page, respond};
+use super::{
+    Context, Violations, convert, idempotency, next_page_token, page, record_touched, respond,
+};
 use crate::domain::{
     AccountNumber, BankAccount, BankCode, BusinessRegistrationNumber, ContactEmail, NewPartner,
     PersonOrBusinessName,
@@ -140,9 +142,13 @@ impl PartnerService for Partners {
             .store
             .register_partner(&idem, &partner, &render_partner)
             .await?;
-        respond(stored, |p| pb::RegisterPartnerResponse {
+        let response = respond(stored, |p| pb::RegisterPartnerResponse {
             partner: Some(convert::partner(p)),
-        })
+        })?;
+        if let Some(p) = &response.get_ref().partner {
+            record_touched(&p.partner_id, "", "");
+        }
+        Ok(response)
     }
 
     async fn get_partner(
@@ -159,6 +165,7 @@ impl PartnerService for Partners {
             .get_partner(id)
             .await?
             .ok_or(crate::store::StoreError::NotFound("partner"))?;
+        record_touched(&partner.partner_id.to_string(), "", "");
         Ok(Response::new(pb::GetPartnerResponse {
             partner: Some(convert::partner(&partner)),
         }))
@@ -223,6 +230,7 @@ impl PartnerService for Partners {
             etag: request.etag.trim().to_owned(),
             ..request
         };
+        record_touched(&body.partner_id, "", "");
         let idem = idempotency(request_id, "UpdatePartnerBankAccount", &body);
         let render = |p: &crate::domain::Partner| {
             prost::Message::encode_to_vec(&pb::UpdatePartnerBankAccountResponse {

@@ -101,6 +101,8 @@ pub struct NewClaim {
     pub evidence: Vec<Evidence>,
     pub decision: Decision,
     pub submitted_by: String,
+    /// The W3C trace context of the submitting call: payment continues its trace.
+    pub trace_context: Option<String>,
 }
 
 #[derive(Debug, Clone)]

@@ -10,9 +10,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures::StreamExt as _;
+use opentelemetry::KeyValue;
 use rand::Rng as _;
 use tonic::Code;
 use tonic::transport::Channel;
+use tracing::Instrument as _;
 use uuid::Uuid;
 
 use super::QuietHours;
@@ -62,6 +64,8 @@ pub struct Dispatcher {
     config: DispatcherConfig,
 }
 
+/// How often the outbox and status gauges are refreshed.
+const OBSERVE_EVERY: Duration = Duration::from_secs(10);
 const VERIFY: &str = "VERIFY_ACCOUNT_HOLDER";
 const SUBMIT: &str = "SUBMIT_INSTRUCTION";
 const LOOKUP: &str = "GET_INSTRUCTION";
@@ -86,7 +90,14 @@ impl Dispatcher {
     /// Runs until `shutdown` resolves; work already taken is finished first.
     pub async fn run(self, shutdown: impl Future<Output = ()>) {
         tokio::pin!(shutdown);
+        let mut observed: Option<std::time::Instant> = None;
         loop {
+            if observed.is_none_or(|at| at.elapsed() >= OBSERVE_EVERY) {
+                observed = Some(std::time::Instant::now());
+                if let Err(e) = self.observe().await {
+                    tracing::warn!(error = %e, "reading outbox metrics");
+                }
+            }
             let worked = match self.round().await {
                 Ok(n) => n,
                 Err(e) => {
@@ -131,10 +142,46 @@ impl Dispatcher {
         Ok(n)
     }
 
+    /// Records the outbox and disbursement gauges.
+    pub async fn observe(&self) -> Result<(), StoreError> {
+        let m = crate::telemetry::metrics();
+        let (depth, oldest) = self.store.outbox_stats().await?;
+        m.outbox_depth.record(depth, &[]);
+        let age = oldest.map_or(0.0, |due| ((now_micros() - due).max(0) as f64) / 1e6);
+        m.outbox_oldest_due_age.record(age, &[]);
+        let summary = self.store.program_summary().await?;
+        for (status, bucket) in [
+            (DisbursementStatus::Queued, summary.queued),
+            (DisbursementStatus::Submitted, summary.submitted),
+            (DisbursementStatus::Paid, summary.paid),
+            (DisbursementStatus::Failed, summary.failed),
+            (DisbursementStatus::Cancelled, summary.cancelled),
+        ] {
+            m.disbursements
+                .record(bucket.count, &[KeyValue::new("status", status.key())]);
+        }
+        Ok(())
+    }
+
+    /// Works on one disbursement, in a span that continues the trace of the approving call.
     async fn step(&self, id: Uuid) -> Result<(), StoreError> {
         let Some(d) = self.store.get_disbursement(id).await? else {
             return Ok(());
         };
+        let span = tracing::info_span!(
+            "dispatch",
+            otel.name = "dispatch disbursement",
+            payouts.disbursement_id = %id,
+            status = d.status.key(),
+            trace_id = tracing::field::Empty,
+        );
+        crate::telemetry::continue_stored_context(&span, d.trace_context.as_deref());
+        span.record("trace_id", crate::telemetry::trace_id_of(&span));
+        self.advance(d).instrument(span).await
+    }
+
+    async fn advance(&self, d: Disbursement) -> Result<(), StoreError> {
+        let id = d.disbursement_id;
         match d.status {
             DisbursementStatus::Queued => self.start(&d).await,
             DisbursementStatus::Submitted => match d.idempotency_key.clone() {
@@ -167,11 +214,57 @@ impl Dispatcher {
             message: message.to_owned(),
             time: now_micros(),
         };
+        crate::telemetry::metrics().dispatch_attempts.add(
+            1,
+            &[
+                KeyValue::new("operation", operation.to_owned()),
+                KeyValue::new("outcome", outcome.to_owned()),
+            ],
+        );
         self.store.record_attempt(d.disbursement_id, &attempt).await
+    }
+
+    /// One call to the backend in a CLIENT span whose context travels with the request.
+    async fn call<Req, Resp, Fut>(
+        &self,
+        method: &'static str,
+        message: Req,
+        send: impl FnOnce(PaymentsBackendClient<Channel>, tonic::Request<Req>) -> Fut,
+    ) -> Result<tonic::Response<Resp>, tonic::Status>
+    where
+        Fut: Future<Output = Result<tonic::Response<Resp>, tonic::Status>>,
+    {
+        let span = tracing::info_span!(
+            "backend call",
+            otel.name = format!("payments.v1.PaymentsBackend/{method}"),
+            otel.kind = "client",
+            rpc.system = "grpc",
+            rpc.service = "payments.v1.PaymentsBackend",
+            rpc.method = method,
+            rpc.grpc.status_code = tracing::field::Empty,
+            otel.status_code = tracing::field::Empty,
+        );
+        async {
+            let mut request = tonic::Request::new(message);
+            crate::telemetry::inject_context(&mut request);
+            let result = send(self.backend.clone(), request).await;
+            let code = result.as_ref().map_or_else(|s| s.code(), |_| Code::Ok);
+            let span = tracing::Span::current();
+            span.record("rpc.grpc.status_code", code as i64);
+            if code != Code::Ok {
+                span.record("otel.status_code", "ERROR");
+            }
+            result
+        }
+        .instrument(span)
+        .await
     }
 
     async fn fail(&self, d: &Disbursement, code: &str, message: &str) -> Result<(), StoreError> {
         tracing::info!(disbursement_id = %d.disbursement_id, code, "disbursement failed");
+        crate::telemetry::metrics()
+            .dispatch_failures
+            .add(1, &[KeyValue::new("code", code.to_owned())]);
         let outcome = DispatchOutcome::Failed {
             code: code.to_owned(),
             message: message.to_owned(),
@@ -204,7 +297,12 @@ impl Dispatcher {
                 account_number: d.account.account_number.expose().to_owned(),
                 expected_holder_name: d.account.holder_name.as_str().to_owned(),
             };
-            match self.backend.clone().verify_account_holder(request).await {
+            match self
+                .call("VerifyAccountHolder", request, |mut c, r| async move {
+                    c.verify_account_holder(r).await
+                })
+                .await
+            {
                 Ok(response) => {
                     let r = response.into_inner();
                     if !r.failure_code.is_empty() {
@@ -273,7 +371,12 @@ impl Dispatcher {
             holder_name: d.account.holder_name.as_str().to_owned(),
             memo: format!("outage compensation, claim {}", d.claim_id),
         };
-        match self.backend.clone().submit_instruction(request).await {
+        match self
+            .call("SubmitInstruction", request, |mut c, r| async move {
+                c.submit_instruction(r).await
+            })
+            .await
+        {
             Ok(response) => {
                 let instruction = response.into_inner().instruction.unwrap_or_default();
                 self.settle(d, SUBMIT, key, &instruction).await
@@ -299,7 +402,12 @@ impl Dispatcher {
         let request = pb::GetInstructionRequest {
             idempotency_key: key.to_owned(),
         };
-        match self.backend.clone().get_instruction(request).await {
+        match self
+            .call("GetInstruction", request, |mut c, r| async move {
+                c.get_instruction(r).await
+            })
+            .await
+        {
             Ok(response) => {
                 let instruction = response.into_inner().instruction.unwrap_or_default();
                 self.settle(d, LOOKUP, key, &instruction).await

@@ -107,6 +107,16 @@ pub struct DisbursementFilter {
     pub partner_id: Option<Uuid>,
 }
 
+/// A reviewer's decision on a claim.
+#[derive(Debug, Clone)]
+pub struct Review<'a> {
+    pub decision: ReviewDecision,
+    pub reason: &'a str,
+    pub reviewer: &'a str,
+    /// The W3C trace context of the reviewing call: payment continues its trace.
+    pub trace_context: Option<&'a str>,
+}
+
 /// One call to the payments backend, as recorded.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Attempt {
@@ -233,9 +243,7 @@ pub trait Store: Send + Sync + 'static {
         &self,
         idem: &Idempotency,
         claim_id: Uuid,
-        decision: ReviewDecision,
-        reason: &str,
-        reviewer: &str,
+        review: &Review<'_>,
         render: Render<'_, Claim>,
     ) -> Result<Stored<Claim>>;
     async fn get_claim(&self, claim_id: Uuid) -> Result<Option<Claim>>;
@@ -272,6 +280,9 @@ pub trait Store: Send + Sync + 'static {
         render: Render<'_, DispatchState>,
     ) -> Result<Stored<DispatchState>>;
     async fn program_summary(&self) -> Result<ProgramSummary>;
+
+    /// Outbox rows, and the due time of the oldest (None when empty).
+    async fn outbox_stats(&self) -> Result<(i64, Option<Micros>)>;
 
     // The dispatcher.
     /// Leases up to `limit` due outbox rows until `lease_until`; none while dispatch is paused.

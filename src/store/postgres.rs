@@ -33,6 +33,7 @@ impl PgStore {
 sql_store!(
     PgStore,
     ::sqlx::Postgres,
+    db_system = "postgresql",
     for_update = " FOR UPDATE",
     skip_locked = " FOR UPDATE SKIP LOCKED"
 );

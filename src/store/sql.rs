@@ -7,7 +7,7 @@
 /// `$for_update` locks a selected row until commit; `$skip_locked` also skips rows that
 /// another transaction holds (both empty on a database with one writer at a time).
 macro_rules! sql_store {
-    ($store:ident, $db:ty, for_update = $for_update:literal, skip_locked = $skip_locked:literal) => {
+    ($store:ident, $db:ty, db_system = $db_system:literal, for_update = $for_update:literal, skip_locked = $skip_locked:literal) => {
         use ::sqlx::Row as _;
         use ::uuid::Uuid;
 
@@ -20,7 +20,7 @@ macro_rules! sql_store {
         use $crate::store::{
             Attempt, ClaimFilter, CountKrw, Disbursement, DisbursementFilter, DispatchOutcome,
             DispatchState, Idempotency, KeyAssignment, Micros, Page, PartnerFilter,
-            ProgramSummary, Render, Result, StatusChange, StoreError, Stored, now_micros,
+            ProgramSummary, Render, Result, Review, StatusChange, StoreError, Stored, now_micros,
         };
 
         type Conn = <$db as ::sqlx::Database>::Connection;
@@ -245,13 +245,15 @@ macro_rules! sql_store {
             partner_id: Uuid,
             amount_krw: i64,
             actor: &str,
+            trace_context: Option<&str>,
             now: Micros,
         ) -> Result<Uuid> {
             let disbursement_id = Uuid::now_v7();
             ::sqlx::query(
                 "INSERT INTO disbursements (disbursement_id, claim_id, partner_id, amount_krw, \
-                 status, bank_code, account_number, holder_name, create_time, update_time) \
-                 SELECT $1, $2, partner_id, $4, $5, bank_code, account_number, holder_name, $6, $6 \
+                 status, bank_code, account_number, holder_name, trace_context, create_time, \
+                 update_time) \
+                 SELECT $1, $2, partner_id, $4, $5, bank_code, account_number, holder_name, $7, $6, $6 \
                  FROM partners WHERE partner_id = $3",
             )
             .bind(disbursement_id.to_string())
@@ -260,6 +262,7 @@ macro_rules! sql_store {
             .bind(amount_krw)
             .bind(DisbursementStatus::Queued.key())
             .bind(now)
+            .bind(trace_context)
             .execute(&mut **tx)
             .await?;
             record_event(tx, disbursement_id, None, DisbursementStatus::Queued, actor, "claim approved", now)
@@ -424,6 +427,7 @@ macro_rules! sql_store {
 
         #[::async_trait::async_trait]
         impl $crate::store::Store for $store {
+            #[::tracing::instrument(name = "store.register_partner", skip_all, fields(otel.kind = "client", db.system = $db_system))]
             async fn register_partner(
                 &self,
                 idem: &Idempotency,
@@ -494,11 +498,13 @@ macro_rules! sql_store {
                 Ok(Stored::Fresh(created))
             }
 
+            #[::tracing::instrument(name = "store.get_partner", skip_all, fields(otel.kind = "client", db.system = $db_system))]
             async fn get_partner(&self, partner_id: Uuid) -> Result<Option<Partner>> {
                 let mut conn = self.pool.acquire().await?;
                 load_partner(&mut conn, partner_id).await
             }
 
+            #[::tracing::instrument(name = "store.list_partners", skip_all, fields(otel.kind = "client", db.system = $db_system))]
             async fn list_partners(
                 &self,
                 filter: &PartnerFilter,
@@ -523,6 +529,7 @@ macro_rules! sql_store {
                 rows.iter().map(partner_from_row).collect()
             }
 
+            #[::tracing::instrument(name = "store.update_bank_account", skip_all, fields(otel.kind = "client", db.system = $db_system))]
             async fn update_bank_account(
                 &self,
                 idem: &Idempotency,
@@ -577,6 +584,7 @@ macro_rules! sql_store {
                 Ok(Stored::Fresh(partner))
             }
 
+            #[::tracing::instrument(name = "store.submit_claim", skip_all, fields(otel.kind = "client", db.system = $db_system))]
             async fn submit_claim(
                 &self,
                 idem: &Idempotency,
@@ -637,6 +645,7 @@ macro_rules! sql_store {
                         claim.partner_id,
                         d.compensation_krw,
                         &claim.submitted_by,
+                        claim.trace_context.as_deref(),
                         now,
                     )
                     .await?;
@@ -649,6 +658,7 @@ macro_rules! sql_store {
                 Ok(Stored::Fresh(stored))
             }
 
+            #[::tracing::instrument(name = "store.attach_evidence", skip_all, fields(otel.kind = "client", db.system = $db_system))]
             async fn attach_evidence(
                 &self,
                 idem: &Idempotency,
@@ -684,15 +694,15 @@ macro_rules! sql_store {
                 Ok(Stored::Fresh(stored))
             }
 
+            #[::tracing::instrument(name = "store.review_claim", skip_all, fields(otel.kind = "client", db.system = $db_system))]
             async fn review_claim(
                 &self,
                 idem: &Idempotency,
                 claim_id: Uuid,
-                decision: ReviewDecision,
-                reason: &str,
-                reviewer: &str,
+                review: &Review<'_>,
                 render: Render<'_, Claim>,
             ) -> Result<Stored<Claim>> {
+                let Review { decision, reason, reviewer, trace_context } = *review;
                 let mut tx = self.begin_write().await?;
                 if let Some(first) = claim_request(&mut tx, idem).await? {
                     return Ok(Stored::Replayed(first));
@@ -734,6 +744,7 @@ macro_rules! sql_store {
                         claim.partner_id,
                         compensation_krw,
                         reviewer,
+                        trace_context,
                         now,
                     )
                     .await?;
@@ -746,11 +757,13 @@ macro_rules! sql_store {
                 Ok(Stored::Fresh(stored))
             }
 
+            #[::tracing::instrument(name = "store.get_claim", skip_all, fields(otel.kind = "client", db.system = $db_system))]
             async fn get_claim(&self, claim_id: Uuid) -> Result<Option<Claim>> {
                 let mut conn = self.pool.acquire().await?;
                 load_claim(&mut conn, claim_id).await
             }
 
+            #[::tracing::instrument(name = "store.list_claims", skip_all, fields(otel.kind = "client", db.system = $db_system))]
             async fn list_claims(&self, filter: &ClaimFilter, page: &Page) -> Result<Vec<Claim>> {
                 let mut conn = self.pool.acquire().await?;
                 let rows = ::sqlx::query(
@@ -780,11 +793,13 @@ macro_rules! sql_store {
                 Ok(claims)
             }
 
+            #[::tracing::instrument(name = "store.get_disbursement", skip_all, fields(otel.kind = "client", db.system = $db_system))]
             async fn get_disbursement(&self, disbursement_id: Uuid) -> Result<Option<Disbursement>> {
                 let mut conn = self.pool.acquire().await?;
                 load_disbursement(&mut conn, disbursement_id).await
             }
 
+            #[::tracing::instrument(name = "store.list_disbursements", skip_all, fields(otel.kind = "client", db.system = $db_system))]
             async fn list_disbursements(
                 &self,
                 filter: &DisbursementFilter,
@@ -812,6 +827,7 @@ macro_rules! sql_store {
                 Ok(out)
             }
 
+            #[::tracing::instrument(name = "store.retry_disbursement", skip_all, fields(otel.kind = "client", db.system = $db_system))]
             async fn retry_disbursement(
                 &self,
                 idem: &Idempotency,
@@ -872,6 +888,7 @@ macro_rules! sql_store {
                 Ok(Stored::Fresh(stored))
             }
 
+            #[::tracing::instrument(name = "store.cancel_disbursement", skip_all, fields(otel.kind = "client", db.system = $db_system))]
             async fn cancel_disbursement(
                 &self,
                 idem: &Idempotency,
@@ -918,6 +935,7 @@ macro_rules! sql_store {
                 Ok(Stored::Fresh(stored))
             }
 
+            #[::tracing::instrument(name = "store.set_dispatch_paused", skip_all, fields(otel.kind = "client", db.system = $db_system))]
             async fn set_dispatch_paused(
                 &self,
                 idem: &Idempotency,
@@ -946,6 +964,7 @@ macro_rules! sql_store {
                 Ok(Stored::Fresh(state))
             }
 
+            #[::tracing::instrument(name = "store.program_summary", skip_all, fields(otel.kind = "client", db.system = $db_system))]
             async fn program_summary(&self) -> Result<ProgramSummary> {
                 let mut conn = self.pool.acquire().await?;
                 let mut summary = ProgramSummary {
@@ -991,6 +1010,15 @@ macro_rules! sql_store {
                 Ok(summary)
             }
 
+            #[::tracing::instrument(name = "store.outbox_stats", skip_all, fields(otel.kind = "client", db.system = $db_system))]
+            async fn outbox_stats(&self) -> Result<(i64, Option<Micros>)> {
+                let row = ::sqlx::query("SELECT COUNT(*) AS n, MIN(due_time) AS oldest FROM outbox")
+                    .fetch_one(&self.pool)
+                    .await?;
+                Ok((row.try_get("n")?, row.try_get("oldest")?))
+            }
+
+            #[::tracing::instrument(name = "store.lease_due", skip_all, fields(otel.kind = "client", db.system = $db_system))]
             async fn lease_due(
                 &self,
                 now: Micros,
@@ -1019,6 +1047,7 @@ macro_rules! sql_store {
                     .collect()
             }
 
+            #[::tracing::instrument(name = "store.record_attempt", skip_all, fields(otel.kind = "client", db.system = $db_system))]
             async fn record_attempt(&self, disbursement_id: Uuid, attempt: &Attempt) -> Result<()> {
                 ::sqlx::query(
                     "INSERT INTO disbursement_attempts (disbursement_id, operation, idempotency_key, \
@@ -1036,6 +1065,7 @@ macro_rules! sql_store {
                 Ok(())
             }
 
+            #[::tracing::instrument(name = "store.mark_holder_verified", skip_all, fields(otel.kind = "client", db.system = $db_system))]
             async fn mark_holder_verified(&self, disbursement_id: Uuid) -> Result<()> {
                 ::sqlx::query(
                     "UPDATE disbursements SET holder_verified = TRUE WHERE disbursement_id = $1",
@@ -1046,6 +1076,7 @@ macro_rules! sql_store {
                 Ok(())
             }
 
+            #[::tracing::instrument(name = "store.assign_key", skip_all, fields(otel.kind = "client", db.system = $db_system))]
             async fn assign_key(
                 &self,
                 disbursement_id: Uuid,
@@ -1108,6 +1139,7 @@ macro_rules! sql_store {
                 Ok(KeyAssignment::Key(key))
             }
 
+            #[::tracing::instrument(name = "store.finish_dispatch", skip_all, fields(otel.kind = "client", db.system = $db_system))]
             async fn finish_dispatch(
                 &self,
                 disbursement_id: Uuid,
@@ -1152,6 +1184,7 @@ macro_rules! sql_store {
                 Ok(())
             }
 
+            #[::tracing::instrument(name = "store.reschedule", skip_all, fields(otel.kind = "client", db.system = $db_system))]
             async fn reschedule(
                 &self,
                 disbursement_id: Uuid,

@@ -48,6 +48,7 @@ impl SqliteStore {
 sql_store!(
     SqliteStore,
     ::sqlx::Sqlite,
+    db_system = "sqlite",
     for_update = "",
     skip_locked = ""
 );
