@@ -12,6 +12,8 @@ use tokio::task::JoinHandle;
 use tokio_stream::wrappers::TcpListenerStream;
 
 use crate::api::{Context, claims::Claims, disbursements::Disbursements, partners::Partners};
+use crate::auth::crypto::PiiCipher;
+use crate::auth::{AuthLayer, Authenticator};
 use crate::config::Settings;
 use crate::domain::{DEFAULT_POLICY_TOML, Policy};
 use crate::payments::{Dispatcher, DispatcherConfig, QuietHours, connect_backend, sandbox};
@@ -22,17 +24,42 @@ use crate::proto::payouts::v1::{
 };
 use crate::store::{Store, postgres::PgStore, sqlite::SqliteStore};
 
+/// The key that seals account numbers: `PAYOUTS_PII_KEY`, else the key file, which local
+/// development mode creates.
+pub fn pii_cipher(settings: &Settings) -> anyhow::Result<Arc<PiiCipher>> {
+    let from_env = std::env::var("PAYOUTS_PII_KEY").ok();
+    let cipher = PiiCipher::from_env_or_file(
+        from_env.as_deref(),
+        &settings.pii_key_file,
+        settings.auth.is_none(),
+    )
+    .with_context(|| {
+        format!(
+            "account-number key: set PAYOUTS_PII_KEY (base64, 32 bytes) or provide {}",
+            settings.pii_key_file.display()
+        )
+    })?;
+    Ok(Arc::new(cipher))
+}
+
 /// Opens the database that `database_url` names and applies the migrations.
 pub async fn open_store(settings: &Settings) -> anyhow::Result<Arc<dyn Store>> {
+    open_store_with(settings, pii_cipher(settings)?).await
+}
+
+async fn open_store_with(
+    settings: &Settings,
+    cipher: Arc<PiiCipher>,
+) -> anyhow::Result<Arc<dyn Store>> {
     let url = &settings.database_url;
     if url.starts_with("postgres") {
-        let store = PgStore::connect(url, settings.database_max_connections)
+        let store = PgStore::connect(url, settings.database_max_connections, cipher)
             .await
             .context("connecting to PostgreSQL")?;
         store.migrate().await.context("migrating PostgreSQL")?;
         Ok(Arc::new(store))
     } else {
-        let store = SqliteStore::connect(url)
+        let store = SqliteStore::connect(url, cipher)
             .await
             .with_context(|| format!("opening SQLite at {url}"))?;
         store.migrate().await.context("migrating SQLite")?;
@@ -60,12 +87,24 @@ pub struct Application {
     ctx: Context,
     dispatcher: Dispatcher,
     sandbox: Option<(TcpListener, sandbox::SandboxBank)>,
+    authenticator: Arc<Authenticator>,
 }
 
 impl Application {
     pub async fn build(settings: Settings) -> anyhow::Result<Self> {
         let policy = Arc::new(load_policy(&settings)?);
-        let store = open_store(&settings).await?;
+        let cipher = pii_cipher(&settings)?;
+        let store = open_store_with(&settings, cipher.clone()).await?;
+        let authenticator = Arc::new(match &settings.auth {
+            Some(auth) => Authenticator::from_settings(auth).map_err(|e| anyhow::anyhow!("{e}"))?,
+            None => {
+                tracing::warn!(
+                    "no [auth] settings: LOCAL DEVELOPMENT MODE, every caller is local-dev \
+                     with every role (loopback only)"
+                );
+                Authenticator::local_dev()
+            }
+        });
         let call_timeout = Duration::from_millis(settings.payments_timeout_ms);
         let (backend_url, sandbox) = match &settings.payments_backend_url {
             Some(url) => (url.clone(), None),
@@ -81,7 +120,12 @@ impl Application {
         };
         let dispatcher = Dispatcher::new(
             store.clone(),
-            connect_backend(&backend_url, call_timeout)?,
+            connect_backend(
+                &backend_url,
+                call_timeout,
+                settings.payments_backend_ca_file.as_deref(),
+            )?,
+            cipher,
             DispatcherConfig {
                 concurrency: settings.dispatch_concurrency,
                 poll: Duration::from_millis(settings.dispatch_poll_ms),
@@ -93,6 +137,7 @@ impl Application {
                     .transpose()
                     .map_err(anyhow::Error::msg)?,
                 budget_krw: settings.dispatch_budget_krw,
+                backend_token: settings.payments_backend_token.clone(),
                 ..DispatcherConfig::default()
             },
         );
@@ -105,6 +150,7 @@ impl Application {
             ctx: Context { store, policy },
             dispatcher,
             sandbox,
+            authenticator,
         })
     }
 
@@ -126,6 +172,7 @@ impl Application {
             ctx,
             dispatcher,
             sandbox,
+            authenticator,
         } = self;
         let (stop_tx, stop_rx) = watch::channel(false);
         let stopped = |mut rx: watch::Receiver<bool>| async move {
@@ -163,10 +210,15 @@ impl Application {
             .build_v1alpha()?;
 
         tracing::info!(addr = %listener.local_addr()?, database = %redact_url(&settings.database_url), "serving");
-        let server = tonic::transport::Server::builder()
+        let mut builder = tonic::transport::Server::builder();
+        if let Some(tls) = &settings.tls {
+            builder = builder.tls_config(crate::auth::tls::server_tls_config(tls)?)?;
+        }
+        let server = builder
             .timeout(Duration::from_millis(settings.request_timeout_ms))
             .concurrency_limit_per_connection(settings.max_concurrent_requests)
             .layer(crate::telemetry::RpcTraceLayer)
+            .layer(AuthLayer::new(authenticator))
             .add_service(health_service)
             .add_service(reflection_v1)
             .add_service(reflection_v1alpha)

@@ -45,6 +45,18 @@ pub struct Settings {
     pub sandbox_settle_delay_ms: u64,
     /// `text` or `json` (one object per line).
     pub log_format: String,
+    /// Who may call; absent: local development mode (every caller is `local-dev`), which is
+    /// only allowed on a loopback address.
+    pub auth: Option<crate::auth::AuthSettings>,
+    /// Server TLS, and client certificates if `client_ca_file` is set.
+    pub tls: Option<crate::auth::TlsSettings>,
+    /// The account-number key file, read when `PAYOUTS_PII_KEY` is not set. Created (owner-only)
+    /// in local development mode.
+    pub pii_key_file: PathBuf,
+    /// A bearer token sent to the payments backend.
+    pub payments_backend_token: Option<Secret>,
+    /// A CA certificate (PEM) to verify the payments backend's TLS certificate (`https://` URLs).
+    pub payments_backend_ca_file: Option<PathBuf>,
 }
 
 impl Default for Settings {
@@ -66,6 +78,11 @@ impl Default for Settings {
             payments_timeout_ms: 5_000,
             sandbox_settle_delay_ms: 0,
             log_format: "text".into(),
+            auth: None,
+            tls: None,
+            pii_key_file: PathBuf::from("./data/pii.key"),
+            payments_backend_token: None,
+            payments_backend_ca_file: None,
         }
     }
 }
@@ -81,7 +98,7 @@ impl Settings {
             figment = figment.merge(Toml::file(file));
         }
         let settings: Settings = figment
-            .merge(Env::prefixed("PAYOUTS_").ignore(&["CONFIG"]))
+            .merge(Env::prefixed("PAYOUTS_").ignore(&["CONFIG", "PII_KEY"]))
             .extract()
             .map_err(|e| anyhow::anyhow!("settings: {e}"))?;
         settings.validate()?;
@@ -98,6 +115,12 @@ impl Settings {
                 "settings: dispatch_lease_ms must be at least three times payments_timeout_ms"
             );
         }
+        if let Some(auth) = &self.auth {
+            auth.validate_with_tls(self.tls.as_ref())
+                .map_err(|e| anyhow::anyhow!("settings: {e}"))?;
+        }
+        crate::auth::check_bind(self.listen_addr, self.auth.is_some())
+            .map_err(|e| anyhow::anyhow!("settings: {e}"))?;
         if self.dispatch_concurrency == 0 {
             anyhow::bail!("settings: dispatch_concurrency must be at least 1");
         }
@@ -109,5 +132,26 @@ impl Settings {
                 .map_err(|e| anyhow::anyhow!("settings: dispatch_quiet_hours: {e}"))?;
         }
         Ok(())
+    }
+}
+
+/// A setting that must never be printed: `Debug` shows `***`.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(value: impl Into<String>) -> Self {
+        Self(value.into())
+    }
+
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("***")
     }
 }

@@ -488,6 +488,11 @@ async fn run(scenario: Scenario) {
                 // Short leases so a killed replica's work is taken over within seconds.
                 ("PAYOUTS_PAYMENTS_TIMEOUT_MS", "1000"),
                 ("PAYOUTS_DISPATCH_LEASE_MS", "3000"),
+                // Every replica must open what the others sealed.
+                (
+                    "PAYOUTS_PII_KEY",
+                    "AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=",
+                ),
             ]
             .iter()
             .chain(scenario.service_env)

@@ -8,8 +8,13 @@ CREATE TABLE partners (
     representative_name          TEXT NOT NULL,
     affected_services            TEXT NOT NULL,
     bank_code                    TEXT NOT NULL,
-    account_number               TEXT NOT NULL,
+    -- AES-256-GCM under a key id, bound to partner_id; never the plain number.
+    account_sealed               TEXT NOT NULL,
+    account_last4                TEXT NOT NULL,
     holder_name                  TEXT NOT NULL,
+    -- Who changed the account last, for the four-eyes rule on retries.
+    account_changed_by           TEXT NOT NULL,
+    account_change_time          BIGINT NOT NULL,
     contact_email                TEXT NOT NULL,
     create_time                  BIGINT NOT NULL,
     update_time                  BIGINT NOT NULL,
@@ -62,7 +67,8 @@ CREATE TABLE disbursements (
     status          TEXT NOT NULL,
     -- The account this payout goes to: the partner's at approval, refreshed on retry.
     bank_code       TEXT NOT NULL,
-    account_number  TEXT NOT NULL,
+    account_sealed  TEXT NOT NULL,
+    account_last4   TEXT NOT NULL,
     holder_name     TEXT NOT NULL,
     failure_code    TEXT,
     failure_message TEXT,

@@ -134,7 +134,7 @@ pub fn parse_disbursement_status_filter(
 }
 
 pub fn partner(p: &Partner) -> pb::Partner {
-    let d = &p.details;
+    let d = &p.profile;
     pb::Partner {
         partner_id: p.partner_id.to_string(),
         business_registration_number: d.business_registration_number.as_str().to_owned(),
@@ -146,9 +146,9 @@ pub fn partner(p: &Partner) -> pb::Partner {
             .map(|s| affected_service(*s) as i32)
             .collect(),
         bank_account: Some(pb::BankAccount {
-            bank_code: d.bank_account.bank_code.as_str().to_owned(),
-            account_number: d.bank_account.account_number.masked(),
-            holder_name: d.bank_account.holder_name.as_str().to_owned(),
+            bank_code: p.bank_account.bank_code.as_str().to_owned(),
+            account_number: p.bank_account.masked(),
+            holder_name: p.bank_account.holder_name.as_str().to_owned(),
         }),
         contact_email: d.contact_email.as_str().to_owned(),
         create_time: timestamp(p.create_time),
@@ -289,7 +289,7 @@ pub fn disbursement(d: &store::Disbursement) -> pb::Disbursement {
         update_time: timestamp(d.update_time),
         idempotency_key: d.idempotency_key.clone().unwrap_or_default(),
         bank_code: d.account.bank_code.as_str().to_owned(),
-        account_number: d.account.account_number.masked(),
+        account_number: d.account.masked(),
         holder_name: d.account.holder_name.as_str().to_owned(),
         history: d
             .history

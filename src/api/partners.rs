@@ -3,11 +3,12 @@
 use tonic::{Request, Response, Status};
 
 use super::{
-    Context, Violations, convert, idempotency, next_page_token, page, record_touched, respond,
+    Context, Principal, Violations, convert, idempotency, next_page_token, page, record_touched,
+    respond,
 };
 use crate::domain::{
     AccountNumber, BankAccount, BankCode, BusinessRegistrationNumber, ContactEmail, NewPartner,
-    PersonOrBusinessName,
+    PartnerProfile, PersonOrBusinessName,
 };
 use crate::proto::payouts::v1::{self as pb, partner_service_server::PartnerService};
 use crate::store::PartnerFilter;
@@ -103,12 +104,14 @@ fn parse_new_partner(v: &mut Violations, partner: Option<&pb::Partner>) -> Optio
         bank_account.check_holder(&legal_name, &representative_name),
     )?;
     Some(NewPartner {
-        business_registration_number: brn?,
-        legal_name,
-        representative_name,
-        affected_services: services,
+        profile: PartnerProfile {
+            business_registration_number: brn?,
+            legal_name,
+            representative_name,
+            affected_services: services,
+            contact_email: contact_email?,
+        },
         bank_account,
-        contact_email: contact_email?,
     })
 }
 
@@ -209,6 +212,7 @@ impl PartnerService for Partners {
         &self,
         request: Request<pb::UpdatePartnerBankAccountRequest>,
     ) -> Result<Response<pb::UpdatePartnerBankAccountResponse>, Status> {
+        let actor = Principal::of(&request);
         let request = request.into_inner();
         let mut v = Violations::default();
         let request_id = v.request_id(&request.request_id);
@@ -240,7 +244,7 @@ impl PartnerService for Partners {
         let stored = self
             .ctx
             .store
-            .update_bank_account(&idem, partner_id, &account, &body.etag, &render)
+            .update_bank_account(&idem, partner_id, &account, &body.etag, &actor, &render)
             .await?;
         respond(stored, |p| pb::UpdatePartnerBankAccountResponse {
             partner: Some(convert::partner(p)),

@@ -340,24 +340,56 @@ impl BankAccount {
     }
 }
 
-/// A partner as registered, before the store gives it an id.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct NewPartner {
+/// A payout account as kept on file: the number itself is stored sealed, so all that can be
+/// shown of it is its last 4 digits.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AccountOnFile {
+    pub bank_code: BankCode,
+    pub account_last4: String,
+    pub holder_name: PersonOrBusinessName,
+}
+
+impl AccountOnFile {
+    /// `****1234`.
+    pub fn masked(&self) -> String {
+        format!("****{}", self.account_last4)
+    }
+}
+
+impl From<&BankAccount> for AccountOnFile {
+    fn from(account: &BankAccount) -> Self {
+        Self {
+            bank_code: account.bank_code.clone(),
+            account_last4: account.account_number.last4().to_owned(),
+            holder_name: account.holder_name.clone(),
+        }
+    }
+}
+
+/// Who a partner is: everything but the payout account.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PartnerProfile {
     pub business_registration_number: BusinessRegistrationNumber,
     pub legal_name: PersonOrBusinessName,
     pub representative_name: PersonOrBusinessName,
     /// Sorted, without repeats.
     pub affected_services: Vec<AffectedService>,
-    pub bank_account: BankAccount,
     pub contact_email: ContactEmail,
 }
 
+/// A partner as registered, before the store gives it an id.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NewPartner {
+    pub profile: PartnerProfile,
+    pub bank_account: BankAccount,
+}
+
 /// A registered partner.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Partner {
     pub partner_id: uuid::Uuid,
-    #[serde(flatten)]
-    pub details: NewPartner,
+    pub profile: PartnerProfile,
+    pub bank_account: AccountOnFile,
     /// Unix microseconds.
     pub create_time: i64,
     pub update_time: i64,

@@ -18,6 +18,7 @@ use tracing::Instrument as _;
 use uuid::Uuid;
 
 use super::QuietHours;
+use crate::auth::crypto::{PiiCipher, Sealed};
 use crate::domain::{DisbursementStatus, failure};
 use crate::proto::payments::v1::{
     self as pb, InstructionStatus, payments_backend_client::PaymentsBackendClient,
@@ -38,6 +39,8 @@ pub struct DispatcherConfig {
     pub accepted_poll: Duration,
     pub quiet_hours: Option<QuietHours>,
     pub budget_krw: Option<i64>,
+    /// Sent to the backend as `authorization: Bearer ...`.
+    pub backend_token: Option<crate::config::Secret>,
     /// The first back-off after a transient failure; doubles up to `max_backoff`.
     pub base_backoff: Duration,
     pub max_backoff: Duration,
@@ -52,6 +55,7 @@ impl Default for DispatcherConfig {
             accepted_poll: Duration::from_millis(500),
             quiet_hours: None,
             budget_krw: None,
+            backend_token: None,
             base_backoff: Duration::from_millis(200),
             max_backoff: Duration::from_secs(300),
         }
@@ -61,6 +65,8 @@ impl Default for DispatcherConfig {
 pub struct Dispatcher {
     store: Arc<dyn Store>,
     backend: PaymentsBackendClient<Channel>,
+    /// Opens the sealed account number: the only place it is ever decrypted.
+    cipher: Arc<PiiCipher>,
     config: DispatcherConfig,
 }
 
@@ -78,11 +84,13 @@ impl Dispatcher {
     pub fn new(
         store: Arc<dyn Store>,
         backend: PaymentsBackendClient<Channel>,
+        cipher: Arc<PiiCipher>,
         config: DispatcherConfig,
     ) -> Self {
         Self {
             store,
             backend,
+            cipher,
             config,
         }
     }
@@ -247,6 +255,14 @@ impl Dispatcher {
         async {
             let mut request = tonic::Request::new(message);
             crate::telemetry::inject_context(&mut request);
+            if let Some(token) = &self.config.backend_token {
+                match format!("Bearer {}", token.expose()).parse() {
+                    Ok(value) => {
+                        request.metadata_mut().insert("authorization", value);
+                    }
+                    Err(_) => tracing::warn!("payments_backend_token is not a valid header value"),
+                }
+            }
             let result = send(self.backend.clone(), request).await;
             let code = result.as_ref().map_or_else(|s| s.code(), |_| Code::Ok);
             let span = tracing::Span::current();
@@ -290,11 +306,25 @@ impl Dispatcher {
         self.store.reschedule(d.disbursement_id, false, &due).await
     }
 
+    /// The full account number, opened from its sealed form just before it is sent.
+    fn account_number(&self, d: &Disbursement) -> Result<String, StoreError> {
+        Sealed::decode(&d.sealed_account)
+            .and_then(|sealed| self.cipher.open(d.partner_id, &sealed))
+            .map_err(|e| {
+                StoreError::Unexpected(anyhow::anyhow!(
+                    "cannot open the account number of disbursement {} (is the key that sealed it \
+                     configured?): {e}",
+                    d.disbursement_id
+                ))
+            })
+    }
+
     async fn start(&self, d: &Disbursement) -> Result<(), StoreError> {
         if !d.holder_verified {
+            let account_number = self.account_number(d)?;
             let request = pb::VerifyAccountHolderRequest {
                 bank_code: d.account.bank_code.as_str().to_owned(),
-                account_number: d.account.account_number.expose().to_owned(),
+                account_number,
                 expected_holder_name: d.account.holder_name.as_str().to_owned(),
             };
             match self
@@ -363,11 +393,12 @@ impl Dispatcher {
     }
 
     async fn submit(&self, d: &Disbursement, key: &str) -> Result<(), StoreError> {
+        let account_number = self.account_number(d)?;
         let request = pb::SubmitInstructionRequest {
             idempotency_key: key.to_owned(),
             amount_krw: d.amount_krw,
             bank_code: d.account.bank_code.as_str().to_owned(),
-            account_number: d.account.account_number.expose().to_owned(),
+            account_number,
             holder_name: d.account.holder_name.as_str().to_owned(),
             memo: format!("outage compensation, claim {}", d.claim_id),
         };

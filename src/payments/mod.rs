@@ -12,12 +12,21 @@ use crate::proto::payments::v1::payments_backend_client::PaymentsBackendClient;
 pub fn connect_backend(
     url: &str,
     call_timeout: std::time::Duration,
+    ca_file: Option<&std::path::Path>,
 ) -> anyhow::Result<PaymentsBackendClient<tonic::transport::Channel>> {
-    let channel = tonic::transport::Endpoint::from_shared(url.to_owned())
+    let mut endpoint = tonic::transport::Endpoint::from_shared(url.to_owned())
         .map_err(|e| anyhow::anyhow!("payments_backend_url {url:?}: {e}"))?
         .timeout(call_timeout)
-        .connect_timeout(call_timeout)
-        .connect_lazy();
+        .connect_timeout(call_timeout);
+    if let Some(ca_file) = ca_file {
+        let pem = std::fs::read(ca_file)
+            .map_err(|e| anyhow::anyhow!("payments_backend_ca_file {}: {e}", ca_file.display()))?;
+        endpoint = endpoint.tls_config(
+            tonic::transport::ClientTlsConfig::new()
+                .ca_certificate(tonic::transport::Certificate::from_pem(pem)),
+        )?;
+    }
+    let channel = endpoint.connect_lazy();
     Ok(PaymentsBackendClient::new(channel))
 }
 

@@ -6,8 +6,8 @@ use async_trait::async_trait;
 use uuid::Uuid;
 
 use crate::domain::{
-    BankAccount, BusinessRegistrationNumber, Claim, ClaimStatus, DisbursementStatus, Evidence,
-    NewClaim, NewPartner, Partner, ReviewDecision, ReviewRefused, Tier,
+    AccountOnFile, BankAccount, BusinessRegistrationNumber, Claim, ClaimStatus, DisbursementStatus,
+    Evidence, NewClaim, NewPartner, Partner, ReviewDecision, ReviewRefused, Tier,
 };
 
 #[macro_use]
@@ -150,7 +150,9 @@ pub struct Disbursement {
     pub idempotency_key: Option<String>,
     pub key_seq: i64,
     pub holder_verified: bool,
-    pub account: BankAccount,
+    /// Where the payout goes. The full number is only in `sealed_account`, for the dispatcher.
+    pub account: AccountOnFile,
+    pub sealed_account: String,
     pub create_time: Micros,
     pub update_time: Micros,
     pub attempts: Vec<Attempt>,
@@ -221,6 +223,7 @@ pub trait Store: Send + Sync + 'static {
         partner_id: Uuid,
         account: &BankAccount,
         etag: &str,
+        actor: &str,
         render: Render<'_, Partner>,
     ) -> Result<Stored<Partner>>;
 

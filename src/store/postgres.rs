@@ -7,17 +7,22 @@ use sqlx::postgres::PgPoolOptions;
 #[derive(Clone)]
 pub struct PgStore {
     pool: sqlx::PgPool,
+    cipher: std::sync::Arc<crate::auth::crypto::PiiCipher>,
 }
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/postgres");
 
 impl PgStore {
-    pub async fn connect(url: &str, max_connections: u32) -> super::Result<Self> {
+    pub async fn connect(
+        url: &str,
+        max_connections: u32,
+        cipher: std::sync::Arc<crate::auth::crypto::PiiCipher>,
+    ) -> super::Result<Self> {
         let pool = PgPoolOptions::new()
             .max_connections(max_connections)
             .connect(url)
             .await?;
-        Ok(Self { pool })
+        Ok(Self { pool, cipher })
     }
 
     pub async fn migrate(&self) -> super::Result<()> {

@@ -12,10 +12,10 @@ macro_rules! sql_store {
         use ::uuid::Uuid;
 
         use $crate::domain::{
-            AccountNumber, AffectedService, AttachedEvidence, BankAccount, BankCode,
+            AccountOnFile, AffectedService, AttachedEvidence, BankAccount, BankCode,
             BusinessRegistrationNumber, Claim, ClaimStatus, ContactEmail, Decision,
             DisbursementStatus, Evidence, EvidenceKind, LossItem, NewClaim, NewPartner, Partner,
-            PersonOrBusinessName, ReviewDecision,
+            PartnerProfile, PersonOrBusinessName, ReviewDecision,
         };
         use $crate::store::{
             Attempt, ClaimFilter, CountKrw, Disbursement, DisbursementFilter, DispatchOutcome,
@@ -53,7 +53,7 @@ macro_rules! sql_store {
             let text = |col: &str| -> Result<String> { Ok(row.try_get::<String, _>(col)?) };
             Ok(Partner {
                 partner_id: uuid_col(row, "partner_id")?,
-                details: NewPartner {
+                profile: PartnerProfile {
                     business_registration_number: parsed(
                         "business_registration_number",
                         BusinessRegistrationNumber::parse(&text("business_registration_number")?),
@@ -67,26 +67,23 @@ macro_rules! sql_store {
                         PersonOrBusinessName::parse(&text("representative_name")?),
                     )?,
                     affected_services,
-                    bank_account: account_from_row(row)?,
                     contact_email: parsed(
                         "contact_email",
                         ContactEmail::parse(&text("contact_email")?),
                     )?,
                 },
+                bank_account: account_from_row(row)?,
                 create_time: row.try_get("create_time")?,
                 update_time: row.try_get("update_time")?,
                 version: row.try_get("version")?,
             })
         }
 
-        fn account_from_row(row: &DbRow) -> Result<BankAccount> {
+        fn account_from_row(row: &DbRow) -> Result<AccountOnFile> {
             let text = |col: &str| -> Result<String> { Ok(row.try_get::<String, _>(col)?) };
-            Ok(BankAccount {
+            Ok(AccountOnFile {
                 bank_code: parsed("bank_code", BankCode::parse(&text("bank_code")?))?,
-                account_number: parsed(
-                    "account_number",
-                    AccountNumber::parse(&text("account_number")?),
-                )?,
+                account_last4: text("account_last4")?,
                 holder_name: parsed(
                     "holder_name",
                     PersonOrBusinessName::parse(&text("holder_name")?),
@@ -251,9 +248,10 @@ macro_rules! sql_store {
             let disbursement_id = Uuid::now_v7();
             ::sqlx::query(
                 "INSERT INTO disbursements (disbursement_id, claim_id, partner_id, amount_krw, \
-                 status, bank_code, account_number, holder_name, trace_context, create_time, \
-                 update_time) \
-                 SELECT $1, $2, partner_id, $4, $5, bank_code, account_number, holder_name, $7, $6, $6 \
+                 status, bank_code, account_sealed, account_last4, holder_name, trace_context, \
+                 create_time, update_time) \
+                 SELECT $1, $2, partner_id, $4, $5, bank_code, account_sealed, account_last4, \
+                 holder_name, $7, $6, $6 \
                  FROM partners WHERE partner_id = $3",
             )
             .bind(disbursement_id.to_string())
@@ -390,6 +388,7 @@ macro_rules! sql_store {
                 key_seq: row.try_get("key_seq")?,
                 holder_verified: row.try_get("holder_verified")?,
                 account: account_from_row(row)?,
+                sealed_account: row.try_get("account_sealed")?,
                 create_time: row.try_get("create_time")?,
                 update_time: row.try_get("update_time")?,
                 attempts: Vec::new(),
@@ -438,7 +437,7 @@ macro_rules! sql_store {
                 if let Some(first) = claim_request(&mut tx, idem).await? {
                     return Ok(Stored::Replayed(first));
                 }
-                let brn = partner.business_registration_number.as_str();
+                let brn = partner.profile.business_registration_number.as_str();
                 let existing = ::sqlx::query(
                     "SELECT partner_id FROM partners WHERE business_registration_number = $1",
                 )
@@ -451,29 +450,35 @@ macro_rules! sql_store {
                     });
                 }
                 let now = now_micros();
+                let partner_id = Uuid::now_v7();
                 let created = Partner {
-                    partner_id: Uuid::now_v7(),
-                    details: partner.clone(),
+                    partner_id,
+                    profile: partner.profile.clone(),
+                    bank_account: AccountOnFile::from(&partner.bank_account),
                     create_time: now,
                     update_time: now,
                     version: 1,
                 };
                 let account = &partner.bank_account;
+                let profile = &partner.profile;
+                let sealed = self.cipher.seal(partner_id, account.account_number.expose());
                 let inserted = ::sqlx::query(
                     "INSERT INTO partners (partner_id, business_registration_number, legal_name, \
-                     representative_name, affected_services, bank_code, account_number, \
-                     holder_name, contact_email, create_time, update_time, version) \
-                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $10, 1)",
+                     representative_name, affected_services, bank_code, account_sealed, \
+                     account_last4, holder_name, account_changed_by, account_change_time, \
+                     contact_email, create_time, update_time, version) \
+                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, '', 0, $10, $11, $11, 1)",
                 )
-                .bind(created.partner_id.to_string())
+                .bind(partner_id.to_string())
                 .bind(brn)
-                .bind(partner.legal_name.as_str())
-                .bind(partner.representative_name.as_str())
-                .bind(services_key(&partner.affected_services))
+                .bind(profile.legal_name.as_str())
+                .bind(profile.representative_name.as_str())
+                .bind(services_key(&profile.affected_services))
                 .bind(account.bank_code.as_str())
-                .bind(account.account_number.expose())
+                .bind(sealed.encode())
+                .bind(account.account_number.last4())
                 .bind(account.holder_name.as_str())
-                .bind(partner.contact_email.as_str())
+                .bind(profile.contact_email.as_str())
                 .bind(now)
                 .execute(&mut *tx)
                 .await;
@@ -536,6 +541,7 @@ macro_rules! sql_store {
                 partner_id: Uuid,
                 account: &BankAccount,
                 etag: &str,
+                actor: &str,
                 render: Render<'_, Partner>,
             ) -> Result<Stored<Partner>> {
                 let mut tx = self.begin_write().await?;
@@ -559,24 +565,27 @@ macro_rules! sql_store {
                     });
                 }
                 account
-                    .check_holder(&partner.details.legal_name, &partner.details.representative_name)
+                    .check_holder(&partner.profile.legal_name, &partner.profile.representative_name)
                     .map_err(|e| StoreError::InvalidField {
                         field: "bank_account.holder_name",
                         description: e.to_string(),
                     })?;
                 let now = now_micros();
                 ::sqlx::query(
-                    "UPDATE partners SET bank_code = $1, account_number = $2, holder_name = $3, \
-                     update_time = $4, version = version + 1 WHERE partner_id = $5",
+                    "UPDATE partners SET bank_code = $1, account_sealed = $2, account_last4 = $3, \
+                     holder_name = $4, account_changed_by = $5, account_change_time = $6, \
+                     update_time = $6, version = version + 1 WHERE partner_id = $7",
                 )
                 .bind(account.bank_code.as_str())
-                .bind(account.account_number.expose())
+                .bind(self.cipher.seal(partner_id, account.account_number.expose()).encode())
+                .bind(account.account_number.last4())
                 .bind(account.holder_name.as_str())
+                .bind(actor)
                 .bind(now)
                 .bind(partner_id.to_string())
                 .execute(&mut *tx)
                 .await?;
-                partner.details.bank_account = account.clone();
+                partner.bank_account = AccountOnFile::from(account);
                 partner.update_time = now;
                 partner.version += 1;
                 save_response(&mut tx, idem, render(&partner)).await?;
@@ -855,8 +864,8 @@ macro_rules! sql_store {
                 ::sqlx::query(
                     "UPDATE disbursements SET key_seq = key_seq + 1, idempotency_key = NULL, \
                      holder_verified = FALSE, failure_code = NULL, failure_message = NULL, \
-                     bank_code = p.bank_code, account_number = p.account_number, \
-                     holder_name = p.holder_name \
+                     bank_code = p.bank_code, account_sealed = p.account_sealed, \
+                     account_last4 = p.account_last4, holder_name = p.holder_name \
                      FROM partners p WHERE disbursement_id = $1 AND p.partner_id = disbursements.partner_id",
                 )
                 .bind(disbursement_id.to_string())

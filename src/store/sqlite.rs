@@ -8,13 +8,17 @@ use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, S
 #[derive(Clone)]
 pub struct SqliteStore {
     pool: sqlx::SqlitePool,
+    cipher: std::sync::Arc<crate::auth::crypto::PiiCipher>,
 }
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/sqlite");
 
 impl SqliteStore {
     /// Opens (creating if missing) the database at `url`, e.g. `sqlite://./data/payouts.db`.
-    pub async fn connect(url: &str) -> super::Result<Self> {
+    pub async fn connect(
+        url: &str,
+        cipher: std::sync::Arc<crate::auth::crypto::PiiCipher>,
+    ) -> super::Result<Self> {
         let options = SqliteConnectOptions::from_str(url)?
             .create_if_missing(true)
             .journal_mode(SqliteJournalMode::Wal)
@@ -30,7 +34,7 @@ impl SqliteStore {
             .max_connections(8)
             .connect_with(options)
             .await?;
-        Ok(Self { pool })
+        Ok(Self { pool, cipher })
     }
 
     pub async fn migrate(&self) -> super::Result<()> {

@@ -45,6 +45,7 @@ pub struct TestApp {
     pub channel: Channel,
     pub db: Db,
     pub database_url: String,
+    pub pii_key_file: std::path::PathBuf,
     _dir: tempfile::TempDir,
     shutdown: Option<tokio::sync::oneshot::Sender<()>>,
     server: Option<tokio::task::JoinHandle<anyhow::Result<()>>>,
@@ -111,10 +112,12 @@ pub async fn spawn_app(db: Db, tweak: impl FnOnce(&mut Settings)) -> TestApp {
         database_url: database_url.clone(),
         database_max_connections: 5,
         policy_file: Some(write_test_policy(dir.path())),
+        pii_key_file: dir.path().join("pii.key"),
         dispatch_poll_ms: 20,
         ..Settings::default()
     };
     tweak(&mut settings);
+    let pii_key_file = settings.pii_key_file.clone();
     let application = Application::build(settings).await.expect("app builds");
     let addr = application.local_addr();
     let (tx, rx) = tokio::sync::oneshot::channel::<()>();
@@ -131,6 +134,7 @@ pub async fn spawn_app(db: Db, tweak: impl FnOnce(&mut Settings)) -> TestApp {
         channel,
         db,
         database_url,
+        pii_key_file,
         _dir: dir,
         shutdown: Some(tx),
         server: Some(server),
@@ -138,9 +142,14 @@ pub async fn spawn_app(db: Db, tweak: impl FnOnce(&mut Settings)) -> TestApp {
 }
 
 /// A second service over an existing database (as after a restart).
-pub async fn spawn_app_on(db: Db, database_url: &str) -> TestApp {
+pub async fn spawn_app_on(db: Db, database_url: &str, pii_key_file: &std::path::Path) -> TestApp {
     let url = database_url.to_owned();
-    let mut app = spawn_app(db, |s| s.database_url = url).await;
+    let key = pii_key_file.to_owned();
+    let mut app = spawn_app(db, |s| {
+        s.database_url = url;
+        s.pii_key_file = key;
+    })
+    .await;
     app.database_url = database_url.to_owned();
     app
 }

@@ -71,6 +71,7 @@ async fn a_malformed_policy_stops_start_up_naming_the_key() {
     let settings = partner_payouts::config::Settings {
         listen_addr: "127.0.0.1:0".parse().expect("addr"),
         database_url: format!("sqlite://{}", dir.path().join("db.sqlite").display()),
+        pii_key_file: dir.path().join("pii.key"),
         policy_file: Some(path),
         ..Default::default()
     };

@@ -313,7 +313,7 @@ on_both_databases!(registration_survives_a_restart, |app: TestApp| async move {
     let url = app.database_url.clone();
     let db = app.db;
     // Same database, new process state: the request id is still remembered.
-    let again = spawn_app_on(db, &url).await;
+    let again = spawn_app_on(db, &url, &app.pii_key_file).await;
     let replay = again
         .partners()
         .register_partner(request)

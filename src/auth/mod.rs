@@ -1,0 +1,83 @@
+//! Authentication, authorization, limits and encryption at rest: who may call what, and how
+//! account numbers are kept unreadable in the database.
+//!
+//! - [`AuthSettings`] / [`TlsSettings`]: the `[auth]` and `[tls]` tables of the settings file.
+//! - [`Authenticator`] + [`AuthLayer`]: one tower layer that names the caller (bearer token or
+//!   client certificate), rate-limits it, checks the method's [`Role`] from [`METHOD_RULES`],
+//!   and hands handlers an [`api::Principal`](crate::api::Principal).
+//! - [`check_bind`]: local development mode (no `[auth]`) only on a loopback address.
+//! - [`tls::server_tls_config`]: server TLS, with mandatory client certificates if configured.
+//! - [`crypto::PiiCipher`]: AES-256-GCM for account numbers, bound to the partner id.
+
+use std::net::SocketAddr;
+
+mod authenticator;
+pub mod crypto;
+mod identity;
+mod layer;
+mod ratelimit;
+mod roles;
+mod settings;
+pub mod tls;
+
+pub use authenticator::{AuthError, Authenticator, Caller};
+pub use layer::{AuthLayer, AuthService, DenialSink, IgnoreDenials};
+pub use ratelimit::{PrincipalRateLimiter, RateLimit};
+pub use roles::{
+    METHOD_RULES, MethodRule, RequiredRole, Role, UnknownRole, is_mutating, method_rule,
+    required_role,
+};
+pub use settings::{
+    AuthSettings, DEFAULT_RATE_LIMIT_PER_SECOND, PrincipalSettings, SettingsError, TlsSettings,
+};
+
+/// Refuses to run without authentication anywhere but on a loopback address.
+///
+/// Without `[auth]` every caller is `local-dev` holding every role: fine on a laptop, a hole
+/// anywhere else.
+pub fn check_bind(listen_addr: SocketAddr, auth_configured: bool) -> Result<(), String> {
+    if auth_configured || listen_addr.ip().to_canonical().is_loopback() {
+        return Ok(());
+    }
+    Err(format!(
+        "refusing to listen on {listen_addr} without authentication. With no [auth] section \
+         the service runs in local development mode, where every caller is \"local-dev\" with \
+         every role, and that is only allowed on a loopback address (127.0.0.1 or [::1]). \
+         Either add [[auth.principals]] to the settings file, or listen on loopback \
+         (PAYOUTS_LISTEN_ADDR=127.0.0.1:{}).",
+        listen_addr.port()
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn local_dev_only_on_loopback() {
+        for ok in [
+            "127.0.0.1:50051",
+            "127.8.9.10:1",
+            "[::1]:50051",
+            "[::ffff:127.0.0.1]:5",
+        ] {
+            let addr: SocketAddr = ok.parse().expect("addr");
+            assert_eq!(check_bind(addr, false), Ok(()), "{ok}");
+        }
+        for bad in [
+            "0.0.0.0:50051",
+            "10.0.0.5:50051",
+            "[::]:50051",
+            "[2001:db8::1]:443",
+        ] {
+            let addr: SocketAddr = bad.parse().expect("addr");
+            let msg = check_bind(addr, false).expect_err(bad);
+            assert!(
+                msg.contains(bad) || msg.contains(&addr.to_string()),
+                "{msg}"
+            );
+            assert!(msg.contains("[auth]") && msg.contains("loopback"), "{msg}");
+            assert_eq!(check_bind(addr, true), Ok(()), "{bad} with auth");
+        }
+    }
+}
