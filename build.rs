@@ -9,6 +9,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "proto/payouts/v1/partner.proto",
         "proto/payouts/v1/claim.proto",
         "proto/payouts/v1/disbursement.proto",
+        "proto/payouts/v1/audit.proto",
         "proto/payments/v1/payments.proto",
         "proto/google/rpc/error_details.proto",
     ];

@@ -11,14 +11,17 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tokio_stream::wrappers::TcpListenerStream;
 
-use crate::api::{Context, claims::Claims, disbursements::Disbursements, partners::Partners};
+use crate::api::{
+    Context, audit::Audit, claims::Claims, disbursements::Disbursements, partners::Partners,
+};
+use crate::auth::audit::{AuditDenials, AuditLayer};
 use crate::auth::crypto::PiiCipher;
 use crate::auth::{AuthLayer, Authenticator};
 use crate::config::Settings;
 use crate::domain::{DEFAULT_POLICY_TOML, Policy};
 use crate::payments::{Dispatcher, DispatcherConfig, QuietHours, connect_backend, sandbox};
 use crate::proto::payouts::v1::{
-    claim_service_server::ClaimServiceServer,
+    audit_service_server::AuditServiceServer, claim_service_server::ClaimServiceServer,
     disbursement_service_server::DisbursementServiceServer,
     partner_service_server::PartnerServiceServer,
 };
@@ -200,6 +203,9 @@ impl Application {
         health_reporter
             .set_serving::<DisbursementServiceServer<Disbursements>>()
             .await;
+        health_reporter
+            .set_serving::<AuditServiceServer<Audit>>()
+            .await;
         let reflection_v1 = tonic_reflection::server::Builder::configure()
             .register_encoded_file_descriptor_set(crate::proto::FILE_DESCRIPTOR_SET)
             .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
@@ -218,7 +224,11 @@ impl Application {
             .timeout(Duration::from_millis(settings.request_timeout_ms))
             .concurrency_limit_per_connection(settings.max_concurrent_requests)
             .layer(crate::telemetry::RpcTraceLayer)
-            .layer(AuthLayer::new(authenticator))
+            .layer(AuthLayer::with_denial_sink(
+                authenticator,
+                Arc::new(AuditDenials::spawn(ctx.store.clone())),
+            ))
+            .layer(AuditLayer::new(ctx.store.clone()))
             .add_service(health_service)
             .add_service(reflection_v1)
             .add_service(reflection_v1alpha)
@@ -230,9 +240,10 @@ impl Application {
                 ClaimServiceServer::new(Claims { ctx: ctx.clone() }).max_decoding_message_size(max),
             )
             .add_service(
-                DisbursementServiceServer::new(Disbursements { ctx })
+                DisbursementServiceServer::new(Disbursements { ctx: ctx.clone() })
                     .max_decoding_message_size(max),
             )
+            .add_service(AuditServiceServer::new(Audit { ctx }).max_decoding_message_size(max))
             .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown);
         let served = server.await;
         tracing::info!("server stopped accepting; stopping the dispatcher");

@@ -132,3 +132,22 @@ CREATE TRIGGER disbursement_events_append_only BEFORE UPDATE OR DELETE ON disbur
     FOR EACH ROW EXECUTE FUNCTION refuse_change();
 CREATE TRIGGER disbursement_attempts_append_only BEFORE UPDATE OR DELETE ON disbursement_attempts
     FOR EACH ROW EXECUTE FUNCTION refuse_change();
+
+-- Every mutating call, allowed or denied.
+CREATE TABLE audit_events (
+    audit_event_id TEXT PRIMARY KEY,
+    time           BIGINT NOT NULL,
+    principal      TEXT NOT NULL,
+    method         TEXT NOT NULL,
+    resource_id    TEXT NOT NULL,
+    request_id     TEXT NOT NULL,
+    outcome_code   TEXT NOT NULL,
+    peer_address   TEXT NOT NULL
+);
+CREATE INDEX audit_events_by_principal ON audit_events (principal, audit_event_id);
+CREATE INDEX audit_events_by_resource ON audit_events (resource_id, audit_event_id);
+CREATE TRIGGER audit_events_append_only BEFORE UPDATE OR DELETE ON audit_events
+    FOR EACH ROW EXECUTE FUNCTION refuse_change();
+-- TRUNCATE skips row triggers; refuse it too.
+CREATE TRIGGER audit_events_no_truncate BEFORE TRUNCATE ON audit_events
+    FOR EACH STATEMENT EXECUTE FUNCTION refuse_change();

@@ -131,3 +131,21 @@ CREATE TRIGGER disbursement_attempts_no_update BEFORE UPDATE ON disbursement_att
 BEGIN SELECT RAISE(ABORT, 'disbursement_attempts is append-only'); END;
 CREATE TRIGGER disbursement_attempts_no_delete BEFORE DELETE ON disbursement_attempts
 BEGIN SELECT RAISE(ABORT, 'disbursement_attempts is append-only'); END;
+
+-- Every mutating call, allowed or denied.
+CREATE TABLE audit_events (
+    audit_event_id TEXT PRIMARY KEY,
+    time           BIGINT NOT NULL,
+    principal      TEXT NOT NULL,
+    method         TEXT NOT NULL,
+    resource_id    TEXT NOT NULL,
+    request_id     TEXT NOT NULL,
+    outcome_code   TEXT NOT NULL,
+    peer_address   TEXT NOT NULL
+);
+CREATE INDEX audit_events_by_principal ON audit_events (principal, audit_event_id);
+CREATE INDEX audit_events_by_resource ON audit_events (resource_id, audit_event_id);
+CREATE TRIGGER audit_events_no_update BEFORE UPDATE ON audit_events
+BEGIN SELECT RAISE(ABORT, 'audit_events is append-only'); END;
+CREATE TRIGGER audit_events_no_delete BEFORE DELETE ON audit_events
+BEGIN SELECT RAISE(ABORT, 'audit_events is append-only'); END;

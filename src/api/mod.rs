@@ -14,6 +14,7 @@ use uuid::Uuid;
 use crate::domain::{Invalid, Policy};
 use crate::store::{Idempotency, Page, Store, StoreError, Stored};
 
+pub mod audit;
 pub mod claims;
 pub mod convert;
 pub mod disbursements;
@@ -59,6 +60,7 @@ impl Violations {
     }
 
     pub fn request_id(&mut self, raw: &str) -> Option<Uuid> {
+        crate::auth::audit::note_request_id(raw);
         self.check(
             "request_id",
             Uuid::parse_str(raw.trim())
@@ -161,6 +163,9 @@ impl From<StoreError> for Status {
                 };
                 status_with_reason(Code::FailedPrecondition, reason, e.to_string(), &[])
             }
+            StoreError::SamePrincipal(_) => {
+                status_with_reason(Code::PermissionDenied, "SAME_PRINCIPAL", e.to_string(), &[])
+            }
             StoreError::Precondition { reason, message } => {
                 status_with_reason(Code::FailedPrecondition, reason, message, &[])
             }
@@ -174,13 +179,15 @@ impl From<StoreError> for Status {
 
 /// Names on the current RPC span the partner, claim and disbursement a call touched.
 pub fn record_touched(partner_id: &str, claim_id: &str, disbursement_id: &str) {
-    for (key, id) in [
-        ("payouts.partner_id", partner_id),
-        ("payouts.claim_id", claim_id),
-        ("payouts.disbursement_id", disbursement_id),
+    // The audit log names one resource: the most specific the call acted on.
+    for (rank, key, id) in [
+        (1, "payouts.partner_id", partner_id),
+        (2, "payouts.disbursement_id", disbursement_id),
+        (3, "payouts.claim_id", claim_id),
     ] {
         if !id.is_empty() {
             crate::telemetry::record_resource(key, id);
+            crate::auth::audit::note_resource(rank, id);
         }
     }
 }

@@ -11,6 +11,7 @@
 
 use std::net::SocketAddr;
 
+pub mod audit;
 mod authenticator;
 pub mod crypto;
 mod identity;

@@ -138,6 +138,12 @@ pub enum ReviewRefused {
     EvidenceRequired,
 }
 
+/// The four-eyes rule: two actions are by the same principal. Local development mode, where
+/// every caller is `local-dev`, is exempt: it has only one principal and runs on loopback only.
+pub fn same_principal(first: &str, second: &str) -> bool {
+    first == second && first != "local-dev"
+}
+
 /// The review rule: only `PENDING_REVIEW` claims; an approval needs evidence. The amount
 /// (1..=review cap) is checked on input.
 pub fn review(

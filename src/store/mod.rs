@@ -59,6 +59,8 @@ pub enum StoreError {
         field: &'static str,
         description: String,
     },
+    #[error("the same principal may not {0}")]
+    SamePrincipal(&'static str),
     #[error("{message}")]
     Precondition {
         reason: &'static str,
@@ -105,6 +107,27 @@ pub struct ClaimFilter {
 pub struct DisbursementFilter {
     pub status: Option<DisbursementStatus>,
     pub partner_id: Option<Uuid>,
+}
+
+/// One entry of the audit log.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AuditEvent {
+    pub audit_event_id: Uuid,
+    pub time: Micros,
+    pub principal: String,
+    pub method: String,
+    pub resource_id: String,
+    pub request_id: String,
+    pub outcome_code: String,
+    pub peer_address: String,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct AuditFilter {
+    pub principal: Option<String>,
+    pub resource_id: Option<String>,
+    pub start_time: Option<Micros>,
+    pub end_time: Option<Micros>,
 }
 
 /// A reviewer's decision on a claim.
@@ -283,6 +306,10 @@ pub trait Store: Send + Sync + 'static {
         render: Render<'_, DispatchState>,
     ) -> Result<Stored<DispatchState>>;
     async fn program_summary(&self) -> Result<ProgramSummary>;
+
+    // The audit log.
+    async fn append_audit(&self, events: &[AuditEvent]) -> Result<()>;
+    async fn list_audit(&self, filter: &AuditFilter, page: &Page) -> Result<Vec<AuditEvent>>;
 
     /// Outbox rows, and the due time of the oldest (None when empty).
     async fn outbox_stats(&self) -> Result<(i64, Option<Micros>)>;

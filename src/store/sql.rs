@@ -18,7 +18,7 @@ macro_rules! sql_store {
             PartnerProfile, PersonOrBusinessName, ReviewDecision,
         };
         use $crate::store::{
-            Attempt, ClaimFilter, CountKrw, Disbursement, DisbursementFilter, DispatchOutcome,
+            Attempt, AuditEvent, AuditFilter, ClaimFilter, CountKrw, Disbursement, DisbursementFilter, DispatchOutcome,
             DispatchState, Idempotency, KeyAssignment, Micros, Page, PartnerFilter,
             ProgramSummary, Render, Result, Review, StatusChange, StoreError, Stored, now_micros,
         };
@@ -727,6 +727,9 @@ macro_rules! sql_store {
                 let claim = load_claim(&mut tx, claim_id)
                     .await?
                     .ok_or(StoreError::NotFound("claim"))?;
+                if $crate::domain::same_principal(&claim.submitted_by, reviewer) {
+                    return Err(StoreError::SamePrincipal("review a claim it submitted"));
+                }
                 let status =
                     $crate::domain::review(claim.status, claim.evidence.len(), decision)?;
                 let compensation_krw = match decision {
@@ -849,6 +852,20 @@ macro_rules! sql_store {
                     return Ok(Stored::Replayed(first));
                 }
                 let d = require_disbursement(&mut tx, disbursement_id).await?;
+                let changed: Option<(String, i64)> = ::sqlx::query_as(
+                    "SELECT account_changed_by, account_change_time FROM partners WHERE partner_id = $1",
+                )
+                .bind(d.partner_id.to_string())
+                .fetch_optional(&mut *tx)
+                .await?;
+                if let Some((changed_by, change_time)) = changed
+                    && change_time >= d.create_time
+                    && $crate::domain::same_principal(&changed_by, actor)
+                {
+                    return Err(StoreError::SamePrincipal(
+                        "retry a payout after changing the account it goes to",
+                    ));
+                }
                 if d.status != DisbursementStatus::Failed {
                     return Err(StoreError::Precondition {
                         reason: "DISBURSEMENT_NOT_FAILED",
@@ -1017,6 +1034,61 @@ macro_rules! sql_store {
                     }
                 }
                 Ok(summary)
+            }
+
+            #[::tracing::instrument(name = "store.append_audit", skip_all, fields(otel.kind = "client", db.system = $db_system))]
+            async fn append_audit(&self, events: &[AuditEvent]) -> Result<()> {
+                let mut tx = self.pool.begin().await?;
+                for e in events {
+                    ::sqlx::query(
+                        "INSERT INTO audit_events (audit_event_id, time, principal, method, \
+                         resource_id, request_id, outcome_code, peer_address) \
+                         VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
+                    )
+                    .bind(e.audit_event_id.to_string())
+                    .bind(e.time)
+                    .bind(&e.principal)
+                    .bind(&e.method)
+                    .bind(&e.resource_id)
+                    .bind(&e.request_id)
+                    .bind(&e.outcome_code)
+                    .bind(&e.peer_address)
+                    .execute(&mut *tx)
+                    .await?;
+                }
+                tx.commit().await?;
+                Ok(())
+            }
+
+            #[::tracing::instrument(name = "store.list_audit", skip_all, fields(otel.kind = "client", db.system = $db_system))]
+            async fn list_audit(&self, filter: &AuditFilter, page: &Page) -> Result<Vec<AuditEvent>> {
+                let rows = ::sqlx::query(
+                    "SELECT * FROM audit_events WHERE audit_event_id > $1 \
+                     AND ($2 = '' OR principal = $2) AND ($3 = '' OR resource_id = $3) \
+                     AND time >= $4 AND time < $5 ORDER BY audit_event_id LIMIT $6",
+                )
+                .bind(after_key(page))
+                .bind(filter.principal.clone().unwrap_or_default())
+                .bind(filter.resource_id.clone().unwrap_or_default())
+                .bind(filter.start_time.unwrap_or(i64::MIN))
+                .bind(filter.end_time.unwrap_or(i64::MAX))
+                .bind(i64::from(page.limit))
+                .fetch_all(&self.pool)
+                .await?;
+                rows.iter()
+                    .map(|row| {
+                        Ok(AuditEvent {
+                            audit_event_id: uuid_col(row, "audit_event_id")?,
+                            time: row.try_get("time")?,
+                            principal: row.try_get("principal")?,
+                            method: row.try_get("method")?,
+                            resource_id: row.try_get("resource_id")?,
+                            request_id: row.try_get("request_id")?,
+                            outcome_code: row.try_get("outcome_code")?,
+                            peer_address: row.try_get("peer_address")?,
+                        })
+                    })
+                    .collect()
             }
 
             #[::tracing::instrument(name = "store.outbox_stats", skip_all, fields(otel.kind = "client", db.system = $db_system))]
