@@ -95,6 +95,7 @@ pub struct Application {
 
 impl Application {
     pub async fn build(settings: Settings) -> anyhow::Result<Self> {
+        settings.validate()?;
         let policy = Arc::new(load_policy(&settings)?);
         let cipher = pii_cipher(&settings)?;
         let store = open_store_with(&settings, cipher.clone()).await?;

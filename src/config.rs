@@ -105,7 +105,8 @@ impl Settings {
         Ok(settings)
     }
 
-    fn validate(&self) -> anyhow::Result<()> {
+    /// Checks the settings as a whole; [`Settings::load`] and the application both call it.
+    pub fn validate(&self) -> anyhow::Result<()> {
         if !(self.database_url.starts_with("sqlite:") || self.database_url.starts_with("postgres"))
         {
             anyhow::bail!("settings: database_url must start with sqlite: or postgres://");
