@@ -54,31 +54,16 @@ const SETTLE_TIMEOUT: Duration = Duration::from_secs(150);
 const MAX_MESSAGE_BYTES: usize = 64 * 1024 * 1024;
 
 // ---------------------------------------------------------------------------------------------
-// Helpers copied from tests/api/helpers.rs.
+// Shared with the black-box suite.
 
-/// The PostgreSQL server tests use; it must be running (CI starts it).
-fn postgres_admin_url() -> String {
-    std::env::var("PAYOUTS_TEST_POSTGRES_URL")
-        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into())
-}
+#[path = "api/helpers.rs"]
+#[allow(dead_code)]
+mod helpers;
 
-/// A new, empty PostgreSQL database; panics if the server cannot be reached.
-async fn fresh_postgres_database() -> String {
-    use sqlx::Connection as _;
-    let admin = postgres_admin_url();
-    let mut conn = sqlx::PgConnection::connect(&admin)
-        .await
-        .unwrap_or_else(|e| {
-            panic!("PostgreSQL is required for these tests and is not reachable at {admin}: {e}")
-        });
-    let name = format!("payouts_test_{}", uuid::Uuid::now_v7().simple());
-    sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
-        .execute(&mut conn)
-        .await
-        .expect("create test database");
-    let (base, _) = admin.rsplit_once('/').expect("URL has a database");
-    format!("{base}/{name}")
-}
+use helpers::{
+    fresh_postgres_database, full_weight_item, partner_with_account, postgres_admin_url,
+    request_id, test_policy_toml,
+};
 
 /// Drops a database made by [`fresh_postgres_database`]; best effort.
 async fn drop_postgres_database(url: &str) {
@@ -92,65 +77,6 @@ async fn drop_postgres_database(url: &str) {
         )))
         .execute(&mut conn)
         .await;
-    }
-}
-
-/// The shipped policy, except that `other` counts its loss in full (every factor 100%), so a
-/// test can put a recognised loss exactly where it wants it.
-fn test_policy_toml() -> String {
-    let shipped = partner_payouts::domain::DEFAULT_POLICY_TOML;
-    let start = shipped
-        .find("[services.other]")
-        .expect("shipped policy has other");
-    format!(
-        "{}[services.other]\noperating_margin_bps = 10000\nkakao_share_bps = 10000\nalternative_available = false\nalternative_factor_bps = 10000\n",
-        &shipped[..start]
-    )
-}
-
-fn request_id() -> String {
-    uuid::Uuid::now_v7().to_string()
-}
-
-/// Valid registration numbers: nine digits from `seed`, and the right check digit.
-fn brn(seed: u64) -> String {
-    let mut first_nine = [0u32; 9];
-    let mut s = seed;
-    for d in first_nine.iter_mut().rev() {
-        *d = u32::try_from(s % 10).expect("digit");
-        s /= 10;
-    }
-    first_nine[0] = 1 + (first_nine[0] % 9);
-    let check = partner_payouts::domain::BusinessRegistrationNumber::check_digit(first_nine);
-    first_nine
-        .iter()
-        .chain(std::iter::once(&check))
-        .map(|d| char::from_digit(*d, 10).expect("digit"))
-        .collect()
-}
-
-fn partner_with_account(seed: u64, account_number: &str) -> pb::Partner {
-    pb::Partner {
-        business_registration_number: brn(seed),
-        legal_name: format!("Haneul Bakery {seed}"),
-        representative_name: "Kim Minji".into(),
-        affected_services: vec![pb::AffectedService::KakaotalkChannel as i32],
-        bank_account: Some(pb::BankAccount {
-            bank_code: "004".into(),
-            account_number: account_number.into(),
-            holder_name: "Kim Minji".into(),
-        }),
-        contact_email: "owner@haneul.example".into(),
-        ..Default::default()
-    }
-}
-
-/// One loss item of the test policy's full-weight service: recognised loss = `loss_krw`.
-fn full_weight_item(loss_krw: i64) -> pb::LossItem {
-    pb::LossItem {
-        service: pb::AffectedService::Other as i32,
-        baseline_week_sales_krw: loss_krw + 1_000_000,
-        outage_week_sales_krw: 1_000_000,
     }
 }
 
