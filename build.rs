@@ -12,6 +12,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "proto/payouts/v1/audit.proto",
         "proto/payments/v1/payments.proto",
         "proto/google/rpc/error_details.proto",
+        "proto/google/rpc/status.proto",
     ];
     println!("cargo:rerun-if-changed=proto");
     let fds = protox::compile(files, ["proto"])?;

@@ -151,7 +151,7 @@ impl Application {
         Ok(Self {
             listener,
             settings,
-            ctx: Context { store, policy },
+            ctx: Context::new(store, policy),
             dispatcher,
             sandbox,
             authenticator,

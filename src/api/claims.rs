@@ -1,14 +1,20 @@
 //! `payouts.v1.ClaimService`.
 
-use tonic::{Code, Request, Response, Status};
+use std::sync::Arc;
 
+use futures::future::BoxFuture;
+use tonic::{Code, Request, Response, Status, Streaming};
+
+use super::imports::{self, Import, RowResult, Written};
 use super::{
     Context, Principal, Violations, convert, idempotency, next_page_token, page, record_touched,
     respond, status_with_reason,
 };
-use crate::domain::{self, Claim, Evidence, LossItem, NewClaim, ReviewDecision};
+use crate::domain::{
+    self, BusinessRegistrationNumber, Claim, Evidence, LossItem, NewClaim, Policy, ReviewDecision,
+};
 use crate::proto::payouts::v1::{self as pb, claim_service_server::ClaimService};
-use crate::store::{ClaimFilter, Review, StoreError};
+use crate::store::{ClaimFilter, ClaimSubmission, PartnerRef, Review, Store, StoreError};
 
 pub struct Claims {
     pub ctx: Context,
@@ -71,58 +77,224 @@ fn missing() -> Status {
     Status::internal("validation passed without values")
 }
 
+/// The `SubmitClaim` response kept for replays.
+pub fn render_submitted(c: &Claim) -> Vec<u8> {
+    render_claim(|c| pb::SubmitClaimResponse { claim: Some(c) })(c)
+}
+
+/// How a claim names its partner: `SubmitClaim` by id, an `ImportClaims` row either way.
+pub enum PartnerField<'a> {
+    Id(&'a str),
+    RegistrationNumber(&'a str),
+    Missing,
+}
+
+/// The fields of a `SubmitClaim` request (or an `ImportClaims` row, which is one).
+pub struct ClaimFields<'a> {
+    pub request_id: &'a str,
+    pub partner: PartnerField<'a>,
+    pub items: &'a [pb::LossItem],
+    pub evidence: &'a [pb::Evidence],
+}
+
+/// A claim as the store takes it: validated, decided under `policy`, with the request id and
+/// the digest of `body` (the request without its id). The error is what the call answers.
+pub fn prepare_submission(
+    policy: &Policy,
+    fields: ClaimFields<'_>,
+    body: &impl prost::Message,
+    actor: String,
+) -> Result<ClaimSubmission, Status> {
+    let mut v = Violations::default();
+    let request_id = v.request_id(fields.request_id);
+    let partner = match fields.partner {
+        PartnerField::Id(raw) => v.id("partner_id", raw).map(PartnerRef::Id),
+        PartnerField::RegistrationNumber(raw) => v
+            .check(
+                "business_registration_number",
+                BusinessRegistrationNumber::parse(raw),
+            )
+            .map(PartnerRef::RegistrationNumber),
+        PartnerField::Missing => {
+            v.add(
+                "partner_id",
+                "name the partner: set partner_id or business_registration_number",
+            );
+            None
+        }
+    };
+    let items = parse_items(&mut v, fields.items);
+    let evidence: Vec<Option<Evidence>> = fields
+        .evidence
+        .iter()
+        .enumerate()
+        .map(|(i, e)| parse_evidence(&mut v, &format!("evidence[{i}]"), e))
+        .collect();
+    v.finish()?;
+    let (Some(request_id), Some(partner), Some(items)) = (request_id, partner, items) else {
+        return Err(missing());
+    };
+    let evidence: Vec<Evidence> = evidence
+        .into_iter()
+        .collect::<Option<_>>()
+        .ok_or_else(missing)?;
+    if !policy.intake_open_at(jiff::Timestamp::now()) {
+        return Err(status_with_reason(
+            Code::FailedPrecondition,
+            "INTAKE_CLOSED",
+            "claims are not being taken under the policy in force",
+            &[("policy_version", policy.version.clone())],
+        ));
+    }
+    let decision = policy.decide(&items);
+    let claim = NewClaim {
+        // Named by registration number, the partner is the store's to find.
+        partner_id: match &partner {
+            PartnerRef::Id(id) => *id,
+            PartnerRef::RegistrationNumber(_) => uuid::Uuid::nil(),
+        },
+        items,
+        evidence,
+        decision,
+        submitted_by: actor,
+        trace_context: crate::telemetry::current_context_headers(),
+    };
+    Ok(ClaimSubmission {
+        idem: idempotency(request_id, "SubmitClaim", body),
+        partner,
+        claim,
+    })
+}
+
+/// `ImportClaims`: every row is a `SubmitClaim` call, written in batches.
+struct ClaimImport {
+    store: Arc<dyn Store>,
+    policy: Arc<Policy>,
+}
+
+impl Import for ClaimImport {
+    type Request = pb::ImportClaimsRequest;
+    type Response = pb::ImportClaimsResponse;
+    type Row = ClaimSubmission;
+    type Value = Claim;
+    type Stored = pb::SubmitClaimResponse;
+    type Proto = pb::Claim;
+
+    const PATH: &'static str = "/payouts.v1.ClaimService/ImportClaims";
+
+    fn store(&self) -> &Arc<dyn Store> {
+        &self.store
+    }
+
+    fn request_id(request: &Self::Request) -> &str {
+        &request.request_id
+    }
+
+    fn prepare(&self, request: Self::Request, principal: &str) -> Result<Self::Row, Status> {
+        use pb::import_claims_request::Partner;
+        let fields = |partner| ClaimFields {
+            request_id: &request.request_id,
+            partner,
+            items: &request.items,
+            evidence: &request.evidence,
+        };
+        let body_of = |request: &pb::ImportClaimsRequest| pb::ImportClaimsRequest {
+            request_id: String::new(),
+            ..request.clone()
+        };
+        let actor = principal.to_owned();
+        match &request.partner {
+            // Exactly a SubmitClaim request: the same digest, so either one replays the other.
+            Some(Partner::PartnerId(id)) => {
+                let body = pb::SubmitClaimRequest {
+                    request_id: String::new(),
+                    partner_id: id.clone(),
+                    items: request.items.clone(),
+                    evidence: request.evidence.clone(),
+                };
+                prepare_submission(&self.policy, fields(PartnerField::Id(id)), &body, actor)
+            }
+            Some(Partner::BusinessRegistrationNumber(brn)) => prepare_submission(
+                &self.policy,
+                fields(PartnerField::RegistrationNumber(brn)),
+                &body_of(&request),
+                actor,
+            ),
+            None => prepare_submission(
+                &self.policy,
+                fields(PartnerField::Missing),
+                &body_of(&request),
+                actor,
+            ),
+        }
+    }
+
+    fn write<'a>(&'a self, rows: &'a [Self::Row]) -> BoxFuture<'a, Written<Self::Value>> {
+        self.store.submit_claims(rows, &render_submitted)
+    }
+
+    fn fresh(value: &Self::Value) -> Self::Proto {
+        convert::claim(value)
+    }
+
+    fn replayed(stored: Self::Stored) -> Option<Self::Proto> {
+        stored.claim
+    }
+
+    fn resource_id(proto: &Self::Proto) -> String {
+        // The most specific resource, as `record_touched` ranks them.
+        proto.claim_id.clone()
+    }
+
+    fn response(row: i64, result: RowResult<Self::Proto>) -> Self::Response {
+        use pb::import_claims_response::Outcome;
+        let outcome = match &result {
+            RowResult::Created(_) => Outcome::Created,
+            RowResult::Replayed(_) => Outcome::Replayed,
+            RowResult::Rejected(_) => Outcome::Rejected,
+        };
+        let (claim, error) = result.into_parts();
+        pb::ImportClaimsResponse {
+            row,
+            outcome: outcome as i32,
+            claim,
+            error,
+        }
+    }
+}
+
 #[tonic::async_trait]
 impl ClaimService for Claims {
+    type ImportClaimsStream = imports::ResponseStream<pb::ImportClaimsResponse>;
+
+    async fn import_claims(
+        &self,
+        request: Request<Streaming<pb::ImportClaimsRequest>>,
+    ) -> Result<Response<Self::ImportClaimsStream>, Status> {
+        let import = ClaimImport {
+            store: self.ctx.store.clone(),
+            policy: self.ctx.policy.clone(),
+        };
+        Ok(Response::new(imports::run(import, request)))
+    }
+
     async fn submit_claim(
         &self,
         request: Request<pb::SubmitClaimRequest>,
     ) -> Result<Response<pb::SubmitClaimResponse>, Status> {
         let actor = Principal::of(&request);
-        let request = request.into_inner();
-        let mut v = Violations::default();
-        let request_id = v.request_id(&request.request_id);
-        let partner_id = v.id("partner_id", &request.partner_id);
-        let items = parse_items(&mut v, &request.items);
-        let evidence: Vec<Option<Evidence>> = request
-            .evidence
-            .iter()
-            .enumerate()
-            .map(|(i, e)| parse_evidence(&mut v, &format!("evidence[{i}]"), e))
-            .collect();
-        v.finish()?;
-        let (Some(request_id), Some(partner_id), Some(items)) = (request_id, partner_id, items)
-        else {
-            return Err(missing());
+        let mut body = request.into_inner();
+        // What is left is the body whose digest goes with the request id.
+        let request_id = std::mem::take(&mut body.request_id);
+        let fields = ClaimFields {
+            request_id: &request_id,
+            partner: PartnerField::Id(&body.partner_id),
+            items: &body.items,
+            evidence: &body.evidence,
         };
-        let evidence: Vec<Evidence> = evidence
-            .into_iter()
-            .collect::<Option<_>>()
-            .ok_or_else(missing)?;
-        let policy = &self.ctx.policy;
-        if !policy.intake_open_at(jiff::Timestamp::now()) {
-            return Err(status_with_reason(
-                Code::FailedPrecondition,
-                "INTAKE_CLOSED",
-                "claims are not being taken under the policy in force",
-                &[("policy_version", policy.version.clone())],
-            ));
-        }
-        let decision = policy.decide(&items);
-        let body = pb::SubmitClaimRequest {
-            request_id: String::new(),
-            ..request
-        };
-        let idem = idempotency(request_id, "SubmitClaim", &body);
-        let claim = NewClaim {
-            partner_id,
-            items,
-            evidence,
-            decision,
-            submitted_by: actor,
-            trace_context: crate::telemetry::current_context_headers(),
-        };
-        let render = render_claim(|c| pb::SubmitClaimResponse { claim: Some(c) });
-        let stored = self.ctx.store.submit_claim(&idem, &claim, &render).await?;
+        let row = prepare_submission(&self.ctx.policy, fields, &body, actor)?;
+        // Shares a commit with whatever other submissions are in flight.
+        let stored = self.ctx.intake.claims.submit(row).await?;
         let response = respond(stored, |c| pb::SubmitClaimResponse {
             claim: Some(convert::claim(c)),
         })?;
@@ -168,6 +340,8 @@ impl ClaimService for Claims {
             request_id: String::new(),
             ..request
         };
+        // Named before the call, so a refused attempt is found by its claim in the audit log.
+        record_touched("", &body.claim_id, "");
         let idem = idempotency(request_id, "AttachEvidence", &body);
         let render = render_claim(|c| pb::AttachEvidenceResponse { claim: Some(c) });
         let stored = self
@@ -233,6 +407,8 @@ impl ClaimService for Claims {
             request_id: String::new(),
             ..request
         };
+        // Named before the call, so a refused attempt is found by its claim in the audit log.
+        record_touched("", &body.claim_id, "");
         let idem = idempotency(request_id, "ReviewClaim", &body);
         let render = render_claim(|c| pb::ReviewClaimResponse { claim: Some(c) });
         let stored = self

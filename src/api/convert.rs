@@ -307,3 +307,72 @@ pub fn disbursement(d: &store::Disbursement) -> pb::Disbursement {
             .collect(),
     }
 }
+
+// Finance: export and reconciliation.
+
+/// Unix microseconds of a proto timestamp (saturating: no timestamp is out of range).
+pub fn micros(t: &prost_types::Timestamp) -> Micros {
+    t.seconds
+        .saturating_mul(1_000_000)
+        .saturating_add(i64::from(t.nanos) / 1_000)
+}
+
+pub fn exported_disbursement(d: &store::ExportedDisbursement) -> pb::ExportedDisbursement {
+    pb::ExportedDisbursement {
+        disbursement_id: d.disbursement_id.to_string(),
+        claim_id: d.claim_id.to_string(),
+        partner_id: d.partner_id.to_string(),
+        business_registration_number: d.business_registration_number.as_str().to_owned(),
+        legal_name: d.legal_name.as_str().to_owned(),
+        representative_name: d.representative_name.as_str().to_owned(),
+        amount_krw: d.amount_krw,
+        status: disbursement_status(d.status) as i32,
+        bank_code: d.account.bank_code.as_str().to_owned(),
+        account_number: d.account.masked(),
+        holder_name: d.account.holder_name.as_str().to_owned(),
+        idempotency_key: d.idempotency_key.clone().unwrap_or_default(),
+        paid_time: d.paid_time.and_then(timestamp),
+        policy_version: d.policy_version.clone(),
+        failure_code: d.failure_code.clone().unwrap_or_default(),
+        create_time: timestamp(d.create_time),
+        update_time: timestamp(d.update_time),
+    }
+}
+
+pub fn parse_settlement_status(raw: i32) -> Result<domain::SettlementStatus, domain::Invalid> {
+    match pb::SettlementStatus::try_from(raw) {
+        Ok(pb::SettlementStatus::Settled) => Ok(domain::SettlementStatus::Settled),
+        Ok(pb::SettlementStatus::Returned) => Ok(domain::SettlementStatus::Returned),
+        Ok(pb::SettlementStatus::Unspecified) | Err(_) => Err(domain::Invalid::new(
+            "must be SETTLEMENT_STATUS_SETTLED or SETTLEMENT_STATUS_RETURNED",
+        )),
+    }
+}
+
+pub fn mismatch_kind(kind: domain::MismatchKind) -> pb::MismatchKind {
+    match kind {
+        domain::MismatchKind::PaidThereNotHere => pb::MismatchKind::PaidThereNotHere,
+        domain::MismatchKind::PaidHereNotThere => pb::MismatchKind::PaidHereNotThere,
+        domain::MismatchKind::AmountDiffers => pb::MismatchKind::AmountDiffers,
+        domain::MismatchKind::Returned => pb::MismatchKind::Returned,
+    }
+}
+
+pub fn settlement_mismatch(m: &domain::SettlementMismatch) -> pb::SettlementMismatch {
+    pb::SettlementMismatch {
+        idempotency_key: m.idempotency_key.clone(),
+        disbursement_id: m
+            .disbursement_id
+            .map(|id| id.to_string())
+            .unwrap_or_default(),
+        kind: mismatch_kind(m.kind) as i32,
+        our_amount_krw: m.our_amount_krw,
+        their_amount_krw: m.their_amount_krw,
+        detail: m.detail.clone(),
+        reopened: m.reopened,
+        status: m
+            .status
+            .map_or(pb::DisbursementStatus::Unspecified, disbursement_status)
+            as i32,
+    }
+}

@@ -3,8 +3,8 @@
 use tonic::{Request, Response, Status};
 
 use super::{
-    Context, Principal, Violations, convert, idempotency, next_page_token, page, record_touched,
-    respond,
+    Context, Principal, Violations, convert, finance, idempotency, next_page_token, page,
+    record_touched, respond,
 };
 use crate::proto::payouts::v1::{self as pb, disbursement_service_server::DisbursementService};
 use crate::store::{Disbursement, DisbursementFilter, DispatchState, StoreError};
@@ -210,6 +210,24 @@ impl DisbursementService for Disbursements {
         respond(stored, |s| pb::ResumeDispatchResponse {
             state: Some(convert::dispatch_state(s)),
         })
+    }
+
+    type ExportDisbursementsStream = finance::ResponseStream<pb::ExportDisbursementsResponse>;
+
+    async fn export_disbursements(
+        &self,
+        request: Request<pb::ExportDisbursementsRequest>,
+    ) -> Result<Response<Self::ExportDisbursementsStream>, Status> {
+        finance::export(&self.ctx, request.into_inner()).map(Response::new)
+    }
+
+    type ReconcileSettlementsStream = finance::ResponseStream<pb::ReconcileSettlementsResponse>;
+
+    async fn reconcile_settlements(
+        &self,
+        request: Request<tonic::Streaming<pb::ReconcileSettlementsRequest>>,
+    ) -> Result<Response<Self::ReconcileSettlementsStream>, Status> {
+        finance::reconcile(&self.ctx, request).await
     }
 
     async fn get_program_summary(

@@ -18,6 +18,9 @@ pub mod audit;
 pub mod claims;
 pub mod convert;
 pub mod disbursements;
+pub mod finance;
+pub mod group_commit;
+pub mod imports;
 pub mod partners;
 
 /// The `ErrorInfo` domain of every error this service returns.
@@ -28,6 +31,20 @@ pub const ERROR_DOMAIN: &str = "payouts";
 pub struct Context {
     pub store: Arc<dyn Store>,
     pub policy: Arc<Policy>,
+    /// Where unary RegisterPartner and SubmitClaim calls go, to share commits.
+    pub intake: Arc<group_commit::GroupCommit>,
+}
+
+impl Context {
+    /// Also starts the group-commit tasks, so it must run inside the Tokio runtime.
+    pub fn new(store: Arc<dyn Store>, policy: Arc<Policy>) -> Self {
+        let intake = Arc::new(group_commit::GroupCommit::spawn(store.clone()));
+        Self {
+            store,
+            policy,
+            intake,
+        }
+    }
 }
 
 /// The caller, as authenticated. Without configured authentication every caller is `local-dev`.
@@ -212,10 +229,24 @@ pub fn respond<T, R: Message + Default>(
 ) -> Result<tonic::Response<R>, Status> {
     match stored {
         Stored::Fresh(value) => Ok(tonic::Response::new(to_proto(&value))),
-        Stored::Replayed(bytes) => R::decode(bytes.as_slice())
-            .map(tonic::Response::new)
-            .map_err(|e| Status::internal(format!("stored response unreadable: {e}"))),
+        Stored::Replayed(bytes) => decode_replay(&bytes).map(tonic::Response::new),
     }
+}
+
+/// A response kept for replays, read back.
+pub fn decode_replay<R: Message + Default>(bytes: &[u8]) -> Result<R, Status> {
+    R::decode(bytes).map_err(|e| Status::internal(format!("stored response unreadable: {e}")))
+}
+
+/// A call's error as a `google.rpc.Status` message, details and all, for a response that
+/// reports it in a field (as bulk intake does per row).
+pub fn status_message(status: &Status) -> crate::proto::google::rpc::Status {
+    // A status made with error details carries them as an encoded google.rpc.Status.
+    let mut message =
+        crate::proto::google::rpc::Status::decode(status.details()).unwrap_or_default();
+    message.code = status.code() as i32;
+    message.message = status.message().to_owned();
+    message
 }
 
 pub const DEFAULT_PAGE_SIZE: u32 = 50;

@@ -1,7 +1,11 @@
 //! `payouts.v1.PartnerService`.
 
-use tonic::{Request, Response, Status};
+use std::sync::Arc;
 
+use futures::future::BoxFuture;
+use tonic::{Request, Response, Status, Streaming};
+
+use super::imports::{self, Import, RowResult, Written};
 use super::{
     Context, Principal, Violations, convert, idempotency, next_page_token, page, record_touched,
     respond,
@@ -11,7 +15,7 @@ use crate::domain::{
     PartnerProfile, PersonOrBusinessName,
 };
 use crate::proto::payouts::v1::{self as pb, partner_service_server::PartnerService};
-use crate::store::PartnerFilter;
+use crate::store::{Idempotency, PartnerFilter, Store};
 
 pub struct Partners {
     pub ctx: Context,
@@ -115,36 +119,120 @@ fn parse_new_partner(v: &mut Violations, partner: Option<&pb::Partner>) -> Optio
     })
 }
 
-fn render_partner(p: &crate::domain::Partner) -> Vec<u8> {
+/// The `RegisterPartner` response kept for replays.
+pub fn render_registered(p: &crate::domain::Partner) -> Vec<u8> {
     prost::Message::encode_to_vec(&pb::RegisterPartnerResponse {
         partner: Some(convert::partner(p)),
     })
 }
 
+/// A `RegisterPartner` request (or an `ImportPartners` row, which is one) as the store takes
+/// it: the request id with the digest of the rest, and the partner. The error is the call's.
+pub fn prepare_registration(
+    request: pb::RegisterPartnerRequest,
+) -> Result<(Idempotency, NewPartner), Status> {
+    let mut v = Violations::default();
+    let request_id = v.request_id(&request.request_id);
+    let partner = parse_new_partner(&mut v, request.partner.as_ref());
+    v.finish()?;
+    let (Some(request_id), Some(partner)) = (request_id, partner) else {
+        return Err(Status::internal("validation passed without values"));
+    };
+    let body = pb::RegisterPartnerRequest {
+        request_id: String::new(),
+        ..request
+    };
+    Ok((idempotency(request_id, "RegisterPartner", &body), partner))
+}
+
+/// `ImportPartners`: every row is a `RegisterPartner` call, written in batches.
+struct PartnerImport {
+    store: Arc<dyn Store>,
+}
+
+impl Import for PartnerImport {
+    type Request = pb::ImportPartnersRequest;
+    type Response = pb::ImportPartnersResponse;
+    type Row = (Idempotency, NewPartner);
+    type Value = crate::domain::Partner;
+    type Stored = pb::RegisterPartnerResponse;
+    type Proto = pb::Partner;
+
+    const PATH: &'static str = "/payouts.v1.PartnerService/ImportPartners";
+
+    fn store(&self) -> &Arc<dyn Store> {
+        &self.store
+    }
+
+    fn request_id(request: &Self::Request) -> &str {
+        &request.request_id
+    }
+
+    fn prepare(&self, request: Self::Request, _principal: &str) -> Result<Self::Row, Status> {
+        let pb::ImportPartnersRequest {
+            request_id,
+            partner,
+        } = request;
+        prepare_registration(pb::RegisterPartnerRequest {
+            request_id,
+            partner,
+        })
+    }
+
+    fn write<'a>(&'a self, rows: &'a [Self::Row]) -> BoxFuture<'a, Written<Self::Value>> {
+        self.store.register_partners(rows, &render_registered)
+    }
+
+    fn fresh(value: &Self::Value) -> Self::Proto {
+        convert::partner(value)
+    }
+
+    fn replayed(stored: Self::Stored) -> Option<Self::Proto> {
+        stored.partner
+    }
+
+    fn resource_id(proto: &Self::Proto) -> String {
+        proto.partner_id.clone()
+    }
+
+    fn response(row: i64, result: RowResult<Self::Proto>) -> Self::Response {
+        use pb::import_partners_response::Outcome;
+        let outcome = match &result {
+            RowResult::Created(_) => Outcome::Created,
+            RowResult::Replayed(_) => Outcome::Replayed,
+            RowResult::Rejected(_) => Outcome::Rejected,
+        };
+        let (partner, error) = result.into_parts();
+        pb::ImportPartnersResponse {
+            row,
+            outcome: outcome as i32,
+            partner,
+            error,
+        }
+    }
+}
+
 #[tonic::async_trait]
 impl PartnerService for Partners {
+    type ImportPartnersStream = imports::ResponseStream<pb::ImportPartnersResponse>;
+
+    async fn import_partners(
+        &self,
+        request: Request<Streaming<pb::ImportPartnersRequest>>,
+    ) -> Result<Response<Self::ImportPartnersStream>, Status> {
+        let import = PartnerImport {
+            store: self.ctx.store.clone(),
+        };
+        Ok(Response::new(imports::run(import, request)))
+    }
+
     async fn register_partner(
         &self,
         request: Request<pb::RegisterPartnerRequest>,
     ) -> Result<Response<pb::RegisterPartnerResponse>, Status> {
-        let request = request.into_inner();
-        let mut v = Violations::default();
-        let request_id = v.request_id(&request.request_id);
-        let partner = parse_new_partner(&mut v, request.partner.as_ref());
-        v.finish()?;
-        let (Some(request_id), Some(partner)) = (request_id, partner) else {
-            return Err(Status::internal("validation passed without values"));
-        };
-        let body = pb::RegisterPartnerRequest {
-            request_id: String::new(),
-            ..request
-        };
-        let idem = idempotency(request_id, "RegisterPartner", &body);
-        let stored = self
-            .ctx
-            .store
-            .register_partner(&idem, &partner, &render_partner)
-            .await?;
+        let row = prepare_registration(request.into_inner())?;
+        // Shares a commit with whatever other registrations are in flight.
+        let stored = self.ctx.intake.partners.submit(row).await?;
         let response = respond(stored, |p| pb::RegisterPartnerResponse {
             partner: Some(convert::partner(p)),
         })?;

@@ -13,7 +13,8 @@ pub enum Role {
     Registrar,
     /// Reviews claims held for review.
     Reviewer,
-    /// Retries and cancels disbursements; pauses and resumes dispatch.
+    /// Retries and cancels disbursements; pauses and resumes dispatch; reconciles settlement
+    /// reports (which reopens returned payouts).
     Payments,
     /// Reads everything except the audit log: gets, lists, previews, the policy, the summary.
     Viewer,
@@ -111,6 +112,12 @@ pub const METHOD_RULES: &[MethodRule] = &[
         Role::Registrar,
         true,
     ),
+    // Bulk intake: each row is a RegisterPartner call, so it takes what that takes.
+    rule(
+        "/payouts.v1.PartnerService/ImportPartners",
+        Role::Registrar,
+        true,
+    ),
     rule("/payouts.v1.PartnerService/GetPartner", Role::Viewer, false),
     rule(
         "/payouts.v1.PartnerService/ListPartners",
@@ -125,6 +132,12 @@ pub const METHOD_RULES: &[MethodRule] = &[
     ),
     rule(
         "/payouts.v1.ClaimService/AttachEvidence",
+        Role::Registrar,
+        true,
+    ),
+    // Bulk intake: each row is a SubmitClaim call.
+    rule(
+        "/payouts.v1.ClaimService/ImportClaims",
         Role::Registrar,
         true,
     ),
@@ -172,6 +185,17 @@ pub const METHOD_RULES: &[MethodRule] = &[
         "/payouts.v1.DisbursementService/GetProgramSummary",
         Role::Viewer,
         false,
+    ),
+    // Finance reads every payout, but reconciling reopens returned ones (PAID -> FAILED).
+    rule(
+        "/payouts.v1.DisbursementService/ExportDisbursements",
+        Role::Viewer,
+        false,
+    ),
+    rule(
+        "/payouts.v1.DisbursementService/ReconcileSettlements",
+        Role::Payments,
+        true,
     ),
     // AuditService
     rule(
@@ -306,12 +330,21 @@ mod tests {
             role("/payouts.v1.ClaimService/AttachEvidence"),
             Role::Registrar
         );
+        assert_eq!(
+            role("/payouts.v1.PartnerService/ImportPartners"),
+            Role::Registrar
+        );
+        assert_eq!(
+            role("/payouts.v1.ClaimService/ImportClaims"),
+            Role::Registrar
+        );
         assert_eq!(role("/payouts.v1.ClaimService/ReviewClaim"), Role::Reviewer);
         for m in [
             "RetryDisbursement",
             "CancelDisbursement",
             "PauseDispatch",
             "ResumeDispatch",
+            "ReconcileSettlements",
         ] {
             assert_eq!(
                 role(&format!("/payouts.v1.DisbursementService/{m}")),
@@ -328,6 +361,7 @@ mod tests {
             "/payouts.v1.DisbursementService/GetDisbursement",
             "/payouts.v1.DisbursementService/ListDisbursements",
             "/payouts.v1.DisbursementService/GetProgramSummary",
+            "/payouts.v1.DisbursementService/ExportDisbursements",
         ] {
             assert_eq!(role(p), Role::Viewer, "{p}");
         }

@@ -186,6 +186,15 @@ mod tests {
         ) -> Result<Response<pb::UpdatePartnerBankAccountResponse>, Status> {
             Err(Status::unimplemented("test"))
         }
+
+        type ImportPartnersStream = tokio_stream::Empty<Result<pb::ImportPartnersResponse, Status>>;
+
+        async fn import_partners(
+            &self,
+            _: Request<tonic::Streaming<pb::ImportPartnersRequest>>,
+        ) -> Result<Response<Self::ImportPartnersStream>, Status> {
+            Err(Status::unimplemented("test"))
+        }
     }
 
     struct Fixture {

@@ -6,11 +6,13 @@ pub mod claim;
 pub mod disbursement;
 pub mod partner;
 pub mod policy;
+pub mod settlement;
 
 pub use claim::*;
 pub use disbursement::*;
 pub use partner::*;
 pub use policy::*;
+pub use settlement::*;
 
 /// Why a value was refused, in words a caller can act on. The API layer adds the field name.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

@@ -9,9 +9,13 @@ use crate::domain::{
     AccountOnFile, BankAccount, BusinessRegistrationNumber, Claim, ClaimStatus, DisbursementStatus,
     Evidence, NewClaim, NewPartner, Partner, ReviewDecision, ReviewRefused, Tier,
 };
+// Finance: export and reconciliation.
+use crate::domain::{PersonOrBusinessName, SettlementLine, SettlementMismatch};
 
 #[macro_use]
 mod sql;
+#[macro_use]
+mod bulk;
 pub mod postgres;
 pub mod sqlite;
 
@@ -229,6 +233,84 @@ pub enum KeyAssignment {
     Gone,
 }
 
+/// What `ExportDisbursements` selects: a status (None: any) and a window on `update_time`.
+#[derive(Debug, Clone, Default)]
+pub struct ExportFilter {
+    pub status: Option<DisbursementStatus>,
+    /// Inclusive.
+    pub start_time: Option<Micros>,
+    /// Exclusive.
+    pub end_time: Option<Micros>,
+}
+
+/// A disbursement with what the finance team needs to book it.
+#[derive(Debug, Clone)]
+pub struct ExportedDisbursement {
+    pub disbursement_id: Uuid,
+    pub claim_id: Uuid,
+    pub partner_id: Uuid,
+    pub business_registration_number: BusinessRegistrationNumber,
+    pub legal_name: PersonOrBusinessName,
+    pub representative_name: PersonOrBusinessName,
+    pub amount_krw: i64,
+    pub status: DisbursementStatus,
+    /// The last 4 digits only: the export never opens the sealed number.
+    pub account: AccountOnFile,
+    pub idempotency_key: Option<String>,
+    /// When it last became `PAID`, from its status history.
+    pub paid_time: Option<Micros>,
+    pub policy_version: String,
+    pub failure_code: Option<String>,
+    pub create_time: Micros,
+    pub update_time: Micros,
+}
+
+/// What one page of a settlement report came to.
+#[derive(Debug, Clone, Default)]
+pub struct SettlementPage {
+    pub mismatches: Vec<SettlementMismatch>,
+    pub lines: i64,
+    pub matched: i64,
+    pub reopened: i64,
+    /// The last key of the page; None when there were no more lines.
+    pub last_key: Option<String>,
+}
+
+/// A `PAID` disbursement, for reconciliation.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PaidPayout {
+    pub disbursement_id: Uuid,
+    pub idempotency_key: String,
+    pub amount_krw: i64,
+    pub paid_time: Micros,
+}
+
+/// What a reconciliation run found, kept with the run.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct SettlementTotals {
+    pub line_count: i64,
+    pub matched_count: i64,
+    pub mismatch_count: i64,
+    pub reopened_count: i64,
+}
+
+// Bulk intake.
+/// The partner a claim is for: its id, or (in bulk intake) its business registration number.
+#[derive(Debug, Clone)]
+pub enum PartnerRef {
+    Id(Uuid),
+    RegistrationNumber(BusinessRegistrationNumber),
+}
+
+/// One row of [`Store::submit_claims`].
+#[derive(Debug, Clone)]
+pub struct ClaimSubmission {
+    pub idem: Idempotency,
+    /// The partner the claim is for; the store resolves it, and ignores `claim.partner_id`.
+    pub partner: PartnerRef,
+    pub claim: NewClaim,
+}
+
 #[async_trait]
 pub trait Store: Send + Sync + 'static {
     // Partners.
@@ -275,6 +357,24 @@ pub trait Store: Send + Sync + 'static {
     async fn get_claim(&self, claim_id: Uuid) -> Result<Option<Claim>>;
     async fn list_claims(&self, filter: &ClaimFilter, page: &Page) -> Result<Vec<Claim>>;
 
+    // Bulk intake.
+    /// Registers a batch of partners in one transaction. Each row is answered, in order, as
+    /// [`Store::register_partner`] would have answered it had the rows come one at a time; a
+    /// refused row stores nothing. `Err` means nothing of the batch was stored.
+    async fn register_partners(
+        &self,
+        rows: &[(Idempotency, NewPartner)],
+        render: Render<'_, Partner>,
+    ) -> Result<Vec<Result<Stored<Partner>>>>;
+    /// Files a batch of claims in one transaction (each approved one with its disbursement).
+    /// Each row is answered, in order, as [`Store::submit_claim`] would have answered it had
+    /// the rows come one at a time. `Err` means nothing of the batch was stored.
+    async fn submit_claims(
+        &self,
+        rows: &[ClaimSubmission],
+        render: Render<'_, Claim>,
+    ) -> Result<Vec<Result<Stored<Claim>>>>;
+
     // Disbursements.
     async fn get_disbursement(&self, disbursement_id: Uuid) -> Result<Option<Disbursement>>;
     async fn list_disbursements(
@@ -306,6 +406,53 @@ pub trait Store: Send + Sync + 'static {
         render: Render<'_, DispatchState>,
     ) -> Result<Stored<DispatchState>>;
     async fn program_summary(&self) -> Result<ProgramSummary>;
+
+    // Finance: export and reconciliation.
+    /// Up to `limit` disbursements after `after` (in id order) that match `filter`.
+    async fn export_disbursements(
+        &self,
+        filter: &ExportFilter,
+        after: Option<Uuid>,
+        limit: u32,
+    ) -> Result<Vec<ExportedDisbursement>>;
+    /// Starts a reconciliation run named by the caller's `request_id`; returns its run id.
+    /// A request id another method used is `RequestIdReused`.
+    async fn start_settlement_run(
+        &self,
+        request_id: Uuid,
+        cutoff_time: Micros,
+        actor: &str,
+    ) -> Result<Uuid>;
+    /// Stages report lines of a run; a key already in the run's report is `InvalidField`.
+    async fn stage_settlement_lines(&self, run_id: Uuid, lines: &[SettlementLine]) -> Result<()>;
+    /// Records that the whole report is in. An earlier run under the same request id with
+    /// another report or cut-off is `RequestIdReused`.
+    async fn seal_settlement_report(
+        &self,
+        run_id: Uuid,
+        report_sha256: &str,
+        line_count: i64,
+    ) -> Result<()>;
+    /// Reconciles up to `limit` staged lines after `after_key` (in key order) in one
+    /// transaction, reopening returned payouts as `FAILED{RETURNED}` with `reason`.
+    async fn reconcile_settlement_page(
+        &self,
+        run_id: Uuid,
+        after_key: &str,
+        limit: u32,
+        actor: &str,
+        reason: &str,
+    ) -> Result<SettlementPage>;
+    /// Up to `limit` disbursements after `after` (in id order) that are `PAID`, were paid before
+    /// `cutoff_time`, and whose key is not in the run's report.
+    async fn paid_missing_from_report(
+        &self,
+        run_id: Uuid,
+        cutoff_time: Micros,
+        after: Option<Uuid>,
+        limit: u32,
+    ) -> Result<Vec<PaidPayout>>;
+    async fn finish_settlement_run(&self, run_id: Uuid, totals: &SettlementTotals) -> Result<()>;
 
     // The audit log.
     async fn append_audit(&self, events: &[AuditEvent]) -> Result<()>;

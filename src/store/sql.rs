@@ -424,6 +424,8 @@ macro_rules! sql_store {
             })
         }
 
+        bulk_sql!($store, $db, for_update = $for_update);
+
         #[::async_trait::async_trait]
         impl $crate::store::Store for $store {
             #[::tracing::instrument(name = "store.register_partner", skip_all, fields(otel.kind = "client", db.system = $db_system))]
@@ -805,6 +807,25 @@ macro_rules! sql_store {
                 Ok(claims)
             }
 
+            // Bulk intake.
+            #[::tracing::instrument(name = "store.register_partners", skip_all, fields(otel.kind = "client", db.system = $db_system, rows = rows.len()))]
+            async fn register_partners(
+                &self,
+                rows: &[(Idempotency, NewPartner)],
+                render: Render<'_, Partner>,
+            ) -> Result<Vec<Result<Stored<Partner>>>> {
+                bulk_register_partners(self, rows, render).await
+            }
+
+            #[::tracing::instrument(name = "store.submit_claims", skip_all, fields(otel.kind = "client", db.system = $db_system, rows = rows.len()))]
+            async fn submit_claims(
+                &self,
+                rows: &[$crate::store::ClaimSubmission],
+                render: Render<'_, Claim>,
+            ) -> Result<Vec<Result<Stored<Claim>>>> {
+                bulk_submit_claims(self, rows, render).await
+            }
+
             #[::tracing::instrument(name = "store.get_disbursement", skip_all, fields(otel.kind = "client", db.system = $db_system))]
             async fn get_disbursement(&self, disbursement_id: Uuid) -> Result<Option<Disbursement>> {
                 let mut conn = self.pool.acquire().await?;
@@ -1036,25 +1057,395 @@ macro_rules! sql_store {
                 Ok(summary)
             }
 
+            // Finance: export and reconciliation.
+
+            #[::tracing::instrument(name = "store.export_disbursements", skip_all, fields(otel.kind = "client", db.system = $db_system))]
+            async fn export_disbursements(
+                &self,
+                filter: &$crate::store::ExportFilter,
+                after: Option<Uuid>,
+                limit: u32,
+            ) -> Result<Vec<$crate::store::ExportedDisbursement>> {
+                // Keyset on the id, not on update_time: a row that changes while the export
+                // runs can move in time but never in id, so it is exported at most once.
+                let rows = ::sqlx::query(
+                    "SELECT d.disbursement_id, d.claim_id, d.partner_id, d.amount_krw, d.status, \
+                     d.bank_code, d.account_last4, d.holder_name, d.idempotency_key, \
+                     d.failure_code, d.create_time, d.update_time, \
+                     p.business_registration_number, p.legal_name, p.representative_name, \
+                     c.policy_version, \
+                     (SELECT MAX(e.time) FROM disbursement_events e \
+                      WHERE e.disbursement_id = d.disbursement_id AND e.to_status = $6) AS paid_time \
+                     FROM disbursements d \
+                     JOIN partners p ON p.partner_id = d.partner_id \
+                     JOIN claims c ON c.claim_id = d.claim_id \
+                     WHERE d.disbursement_id > $1 AND ($2 = '' OR d.status = $2) \
+                     AND d.update_time >= $3 AND d.update_time < $4 \
+                     ORDER BY d.disbursement_id LIMIT $5",
+                )
+                .bind(after.map(|id| id.to_string()).unwrap_or_default())
+                .bind(filter.status.map(|s| s.key()).unwrap_or_default())
+                .bind(filter.start_time.unwrap_or(i64::MIN))
+                .bind(filter.end_time.unwrap_or(i64::MAX))
+                .bind(i64::from(limit))
+                .bind(DisbursementStatus::Paid.key())
+                .fetch_all(&self.pool)
+                .await?;
+                rows.iter()
+                    .map(|row| {
+                        let text = |col: &str| -> Result<String> { Ok(row.try_get::<String, _>(col)?) };
+                        Ok($crate::store::ExportedDisbursement {
+                            disbursement_id: uuid_col(row, "disbursement_id")?,
+                            claim_id: uuid_col(row, "claim_id")?,
+                            partner_id: uuid_col(row, "partner_id")?,
+                            business_registration_number: parsed(
+                                "business_registration_number",
+                                BusinessRegistrationNumber::parse(&text("business_registration_number")?),
+                            )?,
+                            legal_name: parsed(
+                                "legal_name",
+                                PersonOrBusinessName::parse(&text("legal_name")?),
+                            )?,
+                            representative_name: parsed(
+                                "representative_name",
+                                PersonOrBusinessName::parse(&text("representative_name")?),
+                            )?,
+                            amount_krw: row.try_get("amount_krw")?,
+                            status: status_col(row, "status")?,
+                            account: account_from_row(row)?,
+                            idempotency_key: row.try_get("idempotency_key")?,
+                            paid_time: row.try_get("paid_time")?,
+                            policy_version: text("policy_version")?,
+                            failure_code: row.try_get("failure_code")?,
+                            create_time: row.try_get("create_time")?,
+                            update_time: row.try_get("update_time")?,
+                        })
+                    })
+                    .collect()
+            }
+
+            #[::tracing::instrument(name = "store.start_settlement_run", skip_all, fields(otel.kind = "client", db.system = $db_system))]
+            async fn start_settlement_run(
+                &self,
+                request_id: Uuid,
+                cutoff_time: Micros,
+                actor: &str,
+            ) -> Result<Uuid> {
+                const METHOD: &str = "ReconcileSettlements";
+                let mut tx = self.begin_write().await?;
+                // The request id is taken for this method, so no other method can reuse it. Its
+                // report is too big to fingerprint up front: seal_settlement_report compares
+                // reports, and a streamed response is never replayed, so none is stored.
+                let inserted = ::sqlx::query(
+                    "INSERT INTO idempotency (request_id, method, fingerprint, response, create_time) \
+                     VALUES ($1, $2, 'settlement_runs.report_sha256', NULL, $3) \
+                     ON CONFLICT (request_id) DO NOTHING",
+                )
+                .bind(request_id.to_string())
+                .bind(METHOD)
+                .bind(now_micros())
+                .execute(&mut *tx)
+                .await?
+                .rows_affected();
+                if inserted == 0 {
+                    let method: String =
+                        ::sqlx::query_scalar("SELECT method FROM idempotency WHERE request_id = $1")
+                            .bind(request_id.to_string())
+                            .fetch_one(&mut *tx)
+                            .await?;
+                    if method != METHOD {
+                        return Err(StoreError::RequestIdReused);
+                    }
+                }
+                let run_id = Uuid::now_v7();
+                ::sqlx::query(
+                    "INSERT INTO settlement_runs (run_id, request_id, actor, cutoff_time, start_time) \
+                     VALUES ($1, $2, $3, $4, $5)",
+                )
+                .bind(run_id.to_string())
+                .bind(request_id.to_string())
+                .bind(actor)
+                .bind(cutoff_time)
+                .bind(now_micros())
+                .execute(&mut *tx)
+                .await?;
+                tx.commit().await?;
+                Ok(run_id)
+            }
+
+            #[::tracing::instrument(name = "store.stage_settlement_lines", skip_all, fields(otel.kind = "client", db.system = $db_system))]
+            async fn stage_settlement_lines(
+                &self,
+                run_id: Uuid,
+                lines: &[$crate::domain::SettlementLine],
+            ) -> Result<()> {
+                fn listed_twice(key: &str) -> StoreError {
+                    StoreError::InvalidField {
+                        field: "lines",
+                        description: format!(
+                            "idempotency_key {key} appears more than once in the report"
+                        ),
+                    }
+                }
+                if lines.is_empty() {
+                    return Ok(());
+                }
+                let mut in_batch = ::std::collections::HashSet::with_capacity(lines.len());
+                if let Some(twice) = lines.iter().find(|l| !in_batch.insert(l.idempotency_key.as_str())) {
+                    return Err(listed_twice(&twice.idempotency_key));
+                }
+                let mut tx = self.begin_write().await?;
+                // One statement per batch; a key already staged by an earlier batch is not
+                // returned, which is how a key listed twice across batches shows.
+                let mut insert = ::sqlx::QueryBuilder::<$db>::new(
+                    "INSERT INTO settlement_lines (run_id, idempotency_key, amount_krw, status, settled_time) ",
+                );
+                insert.push_values(lines, |mut values, line| {
+                    values
+                        .push_bind(run_id.to_string())
+                        .push_bind(line.idempotency_key.clone())
+                        .push_bind(line.amount_krw)
+                        .push_bind(line.status.key())
+                        .push_bind(line.settled_time);
+                });
+                insert.push(" ON CONFLICT (run_id, idempotency_key) DO NOTHING RETURNING idempotency_key");
+                let staged: ::std::collections::HashSet<String> = insert
+                    .build()
+                    .fetch_all(&mut *tx)
+                    .await?
+                    .iter()
+                    .map(|row| row.try_get::<String, _>(0))
+                    .collect::<::std::result::Result<_, _>>()?;
+                if let Some(twice) = lines.iter().find(|l| !staged.contains(&l.idempotency_key)) {
+                    return Err(listed_twice(&twice.idempotency_key));
+                }
+                tx.commit().await?;
+                Ok(())
+            }
+
+            #[::tracing::instrument(name = "store.seal_settlement_report", skip_all, fields(otel.kind = "client", db.system = $db_system))]
+            async fn seal_settlement_report(
+                &self,
+                run_id: Uuid,
+                report_sha256: &str,
+                line_count: i64,
+            ) -> Result<()> {
+                let mut tx = self.begin_write().await?;
+                let conflicting: Option<String> = ::sqlx::query_scalar(
+                    "SELECT o.run_id FROM settlement_runs r JOIN settlement_runs o \
+                     ON o.request_id = r.request_id AND o.run_id <> r.run_id \
+                     WHERE r.run_id = $1 AND o.report_sha256 IS NOT NULL \
+                     AND (o.report_sha256 <> $2 OR o.cutoff_time <> r.cutoff_time) LIMIT 1",
+                )
+                .bind(run_id.to_string())
+                .bind(report_sha256)
+                .fetch_optional(&mut *tx)
+                .await?;
+                if conflicting.is_some() {
+                    return Err(StoreError::RequestIdReused);
+                }
+                ::sqlx::query(
+                    "UPDATE settlement_runs SET report_sha256 = $1, line_count = $2 WHERE run_id = $3",
+                )
+                .bind(report_sha256)
+                .bind(line_count)
+                .bind(run_id.to_string())
+                .execute(&mut *tx)
+                .await?;
+                tx.commit().await?;
+                Ok(())
+            }
+
+            #[::tracing::instrument(name = "store.reconcile_settlement_page", skip_all, fields(otel.kind = "client", db.system = $db_system))]
+            async fn reconcile_settlement_page(
+                &self,
+                run_id: Uuid,
+                after_key: &str,
+                limit: u32,
+                actor: &str,
+                reason: &str,
+            ) -> Result<$crate::store::SettlementPage> {
+                use $crate::domain::{OurPayout, SettlementLine, SettlementMismatch, SettlementStatus};
+                let mut tx = self.begin_write().await?;
+                // One statement finds, for every line of the page, the disbursement that used
+                // its key: as its current key, or as an earlier one a retry has replaced.
+                let rows = ::sqlx::query(
+                    "SELECT s.idempotency_key, s.amount_krw AS their_amount_krw, \
+                     s.status AS their_status, s.settled_time, d.disbursement_id, \
+                     d.status AS our_status, d.amount_krw AS our_amount_krw, d.failure_code, \
+                     d.idempotency_key AS current_key \
+                     FROM settlement_lines s LEFT JOIN disbursements d ON d.disbursement_id = COALESCE(\
+                     (SELECT c.disbursement_id FROM disbursements c WHERE c.idempotency_key = s.idempotency_key), \
+                     (SELECT a.disbursement_id FROM disbursement_attempts a \
+                      WHERE a.idempotency_key = s.idempotency_key LIMIT 1)) \
+                     WHERE s.run_id = $1 AND s.idempotency_key > $2 \
+                     ORDER BY s.idempotency_key LIMIT $3",
+                )
+                .bind(run_id.to_string())
+                .bind(after_key)
+                .bind(i64::from(limit))
+                .fetch_all(&mut *tx)
+                .await?;
+                let now = now_micros();
+                let mut page = $crate::store::SettlementPage::default();
+                for row in &rows {
+                    let their_status: String = row.try_get("their_status")?;
+                    let line = SettlementLine {
+                        idempotency_key: row.try_get("idempotency_key")?,
+                        amount_krw: row.try_get("their_amount_krw")?,
+                        status: SettlementStatus::from_key(&their_status)
+                            .ok_or_else(|| unexpected(&their_status))?,
+                        settled_time: row.try_get("settled_time")?,
+                    };
+                    let disbursement_id: Option<String> = row.try_get("disbursement_id")?;
+                    let disbursement_id = disbursement_id
+                        .map(|id| parsed("disbursement_id", Uuid::parse_str(&id)))
+                        .transpose()?;
+                    let failure_code: Option<String> = row.try_get("failure_code")?;
+                    let current_key: Option<String> = row.try_get("current_key")?;
+                    let ours = match disbursement_id {
+                        Some(_) => Some(OurPayout {
+                            status: status_col(row, "our_status")?,
+                            amount_krw: row.try_get("our_amount_krw")?,
+                            failure_code: failure_code.as_deref(),
+                            current_key: current_key.as_deref() == Some(line.idempotency_key.as_str()),
+                        }),
+                        None => None,
+                    };
+                    let verdict = $crate::domain::judge(&line, ours.as_ref());
+                    let mut status = ours.map(|o| o.status);
+                    let mut reopened = false;
+                    let mut detail = verdict.mismatch.as_ref().map(|(_, d)| d.clone());
+                    if verdict.reopen
+                        && let Some(id) = disbursement_id
+                    {
+                        // Conditional on still being PAID: a concurrent run reopens it once.
+                        if transition(&mut tx, id, DisbursementStatus::Paid, DisbursementStatus::Failed, actor, reason, now).await? {
+                            ::sqlx::query(
+                                "UPDATE disbursements SET failure_code = $1, failure_message = $2 \
+                                 WHERE disbursement_id = $3",
+                            )
+                            .bind($crate::domain::failure::RETURNED)
+                            .bind(reason)
+                            .bind(id.to_string())
+                            .execute(&mut *tx)
+                            .await?;
+                            reopened = true;
+                            status = Some(DisbursementStatus::Failed);
+                            page.reopened += 1;
+                        } else {
+                            detail = Some(
+                                "returned there, but its status changed here while reconciling: \
+                                 nothing was reopened; reconcile again"
+                                    .to_owned(),
+                            );
+                        }
+                    }
+                    page.lines += 1;
+                    match verdict.mismatch {
+                        None => page.matched += 1,
+                        Some((kind, _)) => page.mismatches.push(SettlementMismatch {
+                            idempotency_key: line.idempotency_key.clone(),
+                            disbursement_id,
+                            kind,
+                            our_amount_krw: ours.map_or(0, |o| o.amount_krw),
+                            their_amount_krw: line.amount_krw,
+                            detail: detail.unwrap_or_default(),
+                            reopened,
+                            status,
+                        }),
+                    }
+                    page.last_key = Some(line.idempotency_key);
+                }
+                tx.commit().await?;
+                Ok(page)
+            }
+
+            #[::tracing::instrument(name = "store.paid_missing_from_report", skip_all, fields(otel.kind = "client", db.system = $db_system))]
+            async fn paid_missing_from_report(
+                &self,
+                run_id: Uuid,
+                cutoff_time: Micros,
+                after: Option<Uuid>,
+                limit: u32,
+            ) -> Result<Vec<$crate::store::PaidPayout>> {
+                // Paid before the cut-off: no PAID event at or after it (a payout paid, returned
+                // and paid again after the cut-off is not expected in this report).
+                let rows = ::sqlx::query(
+                    "SELECT d.disbursement_id, d.idempotency_key, d.amount_krw, \
+                     (SELECT MAX(e.time) FROM disbursement_events e \
+                      WHERE e.disbursement_id = d.disbursement_id AND e.to_status = $2) AS paid_time \
+                     FROM disbursements d \
+                     WHERE d.status = $2 AND d.disbursement_id > $3 \
+                     AND NOT EXISTS (SELECT 1 FROM disbursement_events e \
+                      WHERE e.disbursement_id = d.disbursement_id AND e.to_status = $2 AND e.time >= $4) \
+                     AND NOT EXISTS (SELECT 1 FROM settlement_lines s \
+                      WHERE s.run_id = $1 AND s.idempotency_key = d.idempotency_key) \
+                     ORDER BY d.disbursement_id LIMIT $5",
+                )
+                .bind(run_id.to_string())
+                .bind(DisbursementStatus::Paid.key())
+                .bind(after.map(|id| id.to_string()).unwrap_or_default())
+                .bind(cutoff_time)
+                .bind(i64::from(limit))
+                .fetch_all(&self.pool)
+                .await?;
+                rows.iter()
+                    .map(|row| {
+                        let key: Option<String> = row.try_get("idempotency_key")?;
+                        let paid_time: Option<i64> = row.try_get("paid_time")?;
+                        Ok($crate::store::PaidPayout {
+                            disbursement_id: uuid_col(row, "disbursement_id")?,
+                            idempotency_key: key.ok_or_else(|| unexpected("a PAID disbursement without a key"))?,
+                            amount_krw: row.try_get("amount_krw")?,
+                            paid_time: paid_time.ok_or_else(|| unexpected("a PAID disbursement without a PAID event"))?,
+                        })
+                    })
+                    .collect()
+            }
+
+            #[::tracing::instrument(name = "store.finish_settlement_run", skip_all, fields(otel.kind = "client", db.system = $db_system))]
+            async fn finish_settlement_run(
+                &self,
+                run_id: Uuid,
+                totals: &$crate::store::SettlementTotals,
+            ) -> Result<()> {
+                ::sqlx::query(
+                    "UPDATE settlement_runs SET line_count = $1, matched_count = $2, \
+                     mismatch_count = $3, reopened_count = $4, finish_time = $5 WHERE run_id = $6",
+                )
+                .bind(totals.line_count)
+                .bind(totals.matched_count)
+                .bind(totals.mismatch_count)
+                .bind(totals.reopened_count)
+                .bind(now_micros())
+                .bind(run_id.to_string())
+                .execute(&self.pool)
+                .await?;
+                Ok(())
+            }
+
             #[::tracing::instrument(name = "store.append_audit", skip_all, fields(otel.kind = "client", db.system = $db_system))]
             async fn append_audit(&self, events: &[AuditEvent]) -> Result<()> {
                 let mut tx = self.pool.begin().await?;
-                for e in events {
-                    ::sqlx::query(
+                // Events come in batches (calls finishing together, rows of an import): one
+                // multi-row statement per batch, in pieces under the bind-parameter limit.
+                for piece in events.chunks(BULK_MAX_BINDS / 8) {
+                    let mut qb = ::sqlx::QueryBuilder::<$db>::new(
                         "INSERT INTO audit_events (audit_event_id, time, principal, method, \
-                         resource_id, request_id, outcome_code, peer_address) \
-                         VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
-                    )
-                    .bind(e.audit_event_id.to_string())
-                    .bind(e.time)
-                    .bind(&e.principal)
-                    .bind(&e.method)
-                    .bind(&e.resource_id)
-                    .bind(&e.request_id)
-                    .bind(&e.outcome_code)
-                    .bind(&e.peer_address)
-                    .execute(&mut *tx)
-                    .await?;
+                         resource_id, request_id, outcome_code, peer_address) ",
+                    );
+                    qb.push_values(piece, |mut b, e| {
+                        b.push_bind(e.audit_event_id.to_string())
+                            .push_bind(e.time)
+                            .push_bind(e.principal.clone())
+                            .push_bind(e.method.clone())
+                            .push_bind(e.resource_id.clone())
+                            .push_bind(e.request_id.clone())
+                            .push_bind(e.outcome_code.clone())
+                            .push_bind(e.peer_address.clone());
+                    });
+                    qb.build().persistent(false).execute(&mut *tx).await?;
                 }
                 tx.commit().await?;
                 Ok(())

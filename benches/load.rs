@@ -1,0 +1,414 @@
+//! The load generator: drives the service through real gRPC calls and reports throughput,
+//! latency percentiles (HDR histogram) and errors by status code.
+//!
+//! ```text
+//! cargo bench --bench load -- SCENARIO [--count N] [--concurrency C | --rate PER_S]
+//!                                     [--database-url URL] [--target http://HOST:PORT]
+//! ```
+//! Scenarios: `register` (unary RegisterPartner), `claims` (unary SubmitClaim, partners
+//! registered first), `e2e` (N partners and claims, until every payout is PAID at the sandbox,
+//! then checks the sandbox applied exactly one instruction each).
+//!
+//! Closed loop (`--concurrency`, default 64): C callers, each sending as soon as its last call
+//! returned. Open loop (`--rate`): calls start on a fixed schedule whatever the service does,
+//! and each latency is measured from its scheduled start, which corrects for coordinated
+//! omission. Without `--target` the service runs in this process, on `--database-url`
+//! (default: a fresh PostgreSQL database on PAYOUTS_TEST_POSTGRES_URL's server; `sqlite` for a
+//! temporary SQLite file), with a sandbox bank that settles at once.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use futures::StreamExt as _;
+use hdrhistogram::Histogram;
+use partner_payouts::app::Application;
+use partner_payouts::config::Settings;
+use partner_payouts::domain::BusinessRegistrationNumber;
+use partner_payouts::payments::sandbox;
+use partner_payouts::proto::payments::v1::{
+    ListAppliedRequest, sandbox_ledger_client::SandboxLedgerClient,
+};
+use partner_payouts::proto::payouts::v1::{
+    self as pb, claim_service_client::ClaimServiceClient,
+    disbursement_service_client::DisbursementServiceClient,
+    partner_service_client::PartnerServiceClient,
+};
+use tokio::sync::Mutex;
+
+#[derive(Debug, Clone)]
+struct Options {
+    scenario: String,
+    count: u64,
+    concurrency: usize,
+    rate: Option<f64>,
+    database_url: Option<String>,
+    target: Option<String>,
+}
+
+fn options() -> anyhow::Result<Options> {
+    let mut args = std::env::args().skip(1).filter(|a| a != "--bench");
+    let mut o = Options {
+        scenario: String::new(),
+        count: 10_000,
+        concurrency: 64,
+        rate: None,
+        database_url: None,
+        target: None,
+    };
+    while let Some(arg) = args.next() {
+        let mut value = || {
+            args.next()
+                .ok_or_else(|| anyhow::anyhow!("{arg} needs a value"))
+        };
+        match arg.as_str() {
+            "--count" => o.count = value()?.parse()?,
+            "--concurrency" => o.concurrency = value()?.parse()?,
+            "--rate" => o.rate = Some(value()?.parse()?),
+            "--database-url" => o.database_url = Some(value()?),
+            "--target" => o.target = Some(value()?),
+            s if !s.starts_with('-') && o.scenario.is_empty() => o.scenario = s.to_owned(),
+            other => anyhow::bail!("unknown argument {other}"),
+        }
+    }
+    if !["register", "claims", "e2e"].contains(&o.scenario.as_str()) {
+        anyhow::bail!("scenario must be register, claims or e2e");
+    }
+    Ok(o)
+}
+
+fn brn(n: u64) -> String {
+    let mut nine = [0u32; 9];
+    let mut s = n;
+    for d in nine.iter_mut().rev() {
+        *d = u32::try_from(s % 10).expect("digit");
+        s /= 10;
+    }
+    nine[0] = 1 + nine[0] % 9;
+    let check = BusinessRegistrationNumber::check_digit(nine);
+    nine.iter()
+        .chain(std::iter::once(&check))
+        .map(|d| char::from_digit(*d, 10).expect("digit"))
+        .collect()
+}
+
+fn partner(n: u64) -> pb::Partner {
+    pb::Partner {
+        business_registration_number: brn(n),
+        legal_name: format!("Load Shop {n}"),
+        representative_name: "Kim Minji".into(),
+        affected_services: vec![pb::AffectedService::KakaotalkChannel as i32],
+        bank_account: Some(pb::BankAccount {
+            bank_code: "004".into(),
+            // Ends in 1: the sandbox keeps accounts ending 0000 and 9999 for failures.
+            account_number: format!("1101{:07}1", n % 10_000_000),
+            holder_name: "Kim Minji".into(),
+        }),
+        contact_email: "load@example.com".into(),
+        ..Default::default()
+    }
+}
+
+/// A claim that is approved at once (30,000 KRW under the shipped policy).
+fn claim(partner_id: String) -> pb::SubmitClaimRequest {
+    pb::SubmitClaimRequest {
+        request_id: uuid::Uuid::now_v7().to_string(),
+        partner_id,
+        items: vec![pb::LossItem {
+            service: pb::AffectedService::KakaotalkChannel as i32,
+            baseline_week_sales_krw: 2_500_000,
+            outage_week_sales_krw: 900_000,
+        }],
+        evidence: vec![],
+    }
+}
+
+struct Report {
+    latencies: Histogram<u64>,
+    errors: BTreeMap<String, u64>,
+    elapsed: Duration,
+    calls: u64,
+}
+
+impl Report {
+    fn print(&self, label: &str) {
+        let h = &self.latencies;
+        let ms = |q: f64| h.value_at_quantile(q) as f64 / 1000.0;
+        println!(
+            "{label}: calls={} elapsed_s={:.2} throughput_per_s={:.0} p50_ms={:.2} p90_ms={:.2} \
+             p99_ms={:.2} p99.9_ms={:.2} max_ms={:.2} errors={:?}",
+            self.calls,
+            self.elapsed.as_secs_f64(),
+            self.calls as f64 / self.elapsed.as_secs_f64(),
+            ms(0.50),
+            ms(0.90),
+            ms(0.99),
+            ms(0.999),
+            h.max() as f64 / 1000.0,
+            self.errors
+        );
+    }
+}
+
+/// Runs `call(i)` for i in 0..count, closed or open loop, and measures each call.
+async fn drive<F, Fut>(o: &Options, call: F) -> Report
+where
+    F: Fn(u64) -> Fut + Clone + Send + Sync + 'static,
+    Fut: Future<Output = Result<(), tonic::Status>> + Send,
+{
+    let latencies = Arc::new(Mutex::new(
+        Histogram::<u64>::new_with_bounds(1, 600_000_000, 3).expect("histogram"),
+    ));
+    let errors = Arc::new(Mutex::new(BTreeMap::<String, u64>::new()));
+    let started = Instant::now();
+    let record = {
+        let latencies = latencies.clone();
+        let errors = errors.clone();
+        move |since: Instant, result: Result<(), tonic::Status>| {
+            let latencies = latencies.clone();
+            let errors = errors.clone();
+            async move {
+                let micros = u64::try_from(since.elapsed().as_micros()).unwrap_or(u64::MAX);
+                latencies.lock().await.saturating_record(micros.max(1));
+                if let Err(status) = result {
+                    *errors
+                        .lock()
+                        .await
+                        .entry(format!("{:?}", status.code()))
+                        .or_default() += 1;
+                }
+            }
+        }
+    };
+    match o.rate {
+        None => {
+            let next = Arc::new(AtomicU64::new(0));
+            let workers = (0..o.concurrency).map(|_| {
+                let (next, call, record) = (next.clone(), call.clone(), record.clone());
+                let count = o.count;
+                tokio::spawn(async move {
+                    loop {
+                        let i = next.fetch_add(1, Ordering::Relaxed);
+                        if i >= count {
+                            break;
+                        }
+                        let t = Instant::now();
+                        let result = call(i).await;
+                        record(t, result).await;
+                    }
+                })
+            });
+            futures::future::join_all(workers).await;
+        }
+        Some(rate) => {
+            let interval = Duration::from_secs_f64(1.0 / rate);
+            let tasks = (0..o.count).map(|i| {
+                let (call, record) = (call.clone(), record.clone());
+                // Measured from the scheduled start: coordinated omission corrected.
+                let scheduled = started + interval.mul_f64(i as f64);
+                tokio::spawn(async move {
+                    tokio::time::sleep_until(scheduled.into()).await;
+                    let result = call(i).await;
+                    record(scheduled, result).await;
+                })
+            });
+            futures::future::join_all(tasks.collect::<Vec<_>>()).await;
+        }
+    }
+    let elapsed = started.elapsed();
+    let latencies = latencies.lock().await.clone();
+    let errors = errors.lock().await.clone();
+    Report {
+        latencies,
+        errors,
+        elapsed,
+        calls: o.count,
+    }
+}
+
+async fn fresh_postgres_database() -> anyhow::Result<String> {
+    use sqlx::Connection as _;
+    let admin = std::env::var("PAYOUTS_TEST_POSTGRES_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into());
+    let mut conn = sqlx::PgConnection::connect(&admin).await?;
+    let name = format!("payouts_bench_{}", uuid::Uuid::now_v7().simple());
+    sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
+        .execute(&mut conn)
+        .await?;
+    let (base, _) = admin.rsplit_once('/').expect("URL has a database");
+    Ok(format!("{base}/{name}"))
+}
+
+/// Peak resident memory of this process (service and load generator together), in MiB.
+fn peak_rss_mib() -> Option<f64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kib: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib / 1024.0)
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let o = options()?;
+    let dir = tempfile::tempdir()?;
+    let mut bank_addr = None;
+    let (channel, server) = match &o.target {
+        Some(target) => (
+            tonic::transport::Endpoint::from_shared(target.clone())?
+                .connect()
+                .await?,
+            None,
+        ),
+        None => {
+            let database_url = match o.database_url.as_deref() {
+                None => fresh_postgres_database().await?,
+                Some("sqlite") => format!("sqlite://{}", dir.path().join("load.db").display()),
+                Some(url) => url.to_owned(),
+            };
+            let bank_listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+            let addr = bank_listener.local_addr()?;
+            bank_addr = Some(addr);
+            tokio::spawn(sandbox::serve(
+                bank_listener,
+                sandbox::SandboxBank::new(sandbox::SandboxConfig::default()),
+                std::future::pending(),
+            ));
+            let app = Application::build(Settings {
+                listen_addr: "127.0.0.1:0".parse()?,
+                database_url: database_url.clone(),
+                database_max_connections: 32,
+                pii_key_file: dir.path().join("pii.key"),
+                payments_backend_url: Some(format!("http://{addr}")),
+                max_concurrent_requests: 1024,
+                ..Settings::default()
+            })
+            .await?;
+            let listen = app.local_addr();
+            let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+            let server = tokio::spawn(app.run_until(async {
+                let _ = stopped.await;
+            }));
+            println!(
+                "service in process on {listen}, database {}",
+                database_url.split(':').next().unwrap_or("")
+            );
+            (
+                tonic::transport::Endpoint::from_shared(format!("http://{listen}"))?
+                    .connect()
+                    .await?,
+                Some((stop, server)),
+            )
+        }
+    };
+    // Fresh registration numbers per run, so a reused database takes them too.
+    let base = (u64::from(std::process::id()) % 900) * 1_000_000;
+    let mode = o
+        .rate
+        .map_or(format!("closed loop, {} callers", o.concurrency), |r| {
+            format!("open loop, {r}/s")
+        });
+    println!("scenario {} with {} calls, {mode}", o.scenario, o.count);
+
+    match o.scenario.as_str() {
+        "register" => {
+            let ch = channel.clone();
+            let report = drive(&o, move |i| {
+                let mut client = PartnerServiceClient::new(ch.clone());
+                async move {
+                    client
+                        .register_partner(pb::RegisterPartnerRequest {
+                            request_id: uuid::Uuid::now_v7().to_string(),
+                            partner: Some(partner(base + i)),
+                        })
+                        .await
+                        .map(drop)
+                }
+            })
+            .await;
+            report.print("register");
+        }
+        "claims" | "e2e" => {
+            let started = Instant::now();
+            let ids: Vec<String> = futures::stream::iter(0..o.count)
+                .map(|i| {
+                    let mut client = PartnerServiceClient::new(channel.clone());
+                    async move {
+                        client
+                            .register_partner(pb::RegisterPartnerRequest {
+                                request_id: uuid::Uuid::now_v7().to_string(),
+                                partner: Some(partner(base + i)),
+                            })
+                            .await
+                            .map(|r| r.into_inner().partner.expect("partner").partner_id)
+                    }
+                })
+                .buffered(o.concurrency)
+                .collect::<Vec<_>>()
+                .await
+                .into_iter()
+                .collect::<Result<_, _>>()?;
+            println!(
+                "registered {} partners in {:.2}s",
+                ids.len(),
+                started.elapsed().as_secs_f64()
+            );
+            let ids = Arc::new(ids);
+            let ch = channel.clone();
+            let claims_started = Instant::now();
+            let report = drive(&o, move |i| {
+                let mut client = ClaimServiceClient::new(ch.clone());
+                let partner_id = ids[usize::try_from(i).expect("index")].clone();
+                async move { client.submit_claim(claim(partner_id)).await.map(drop) }
+            })
+            .await;
+            report.print("claims");
+            if o.scenario == "e2e" {
+                let mut summary = DisbursementServiceClient::new(channel.clone());
+                let paid = loop {
+                    let s = summary
+                        .get_program_summary(pb::GetProgramSummaryRequest {})
+                        .await?
+                        .into_inner();
+                    if s.paid_count >= i64::try_from(o.count)? || s.failed_count > 0 {
+                        break s;
+                    }
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                };
+                println!(
+                    "e2e: {} claims registered, decided and paid in {:.2}s (claims and payment \
+                     {:.2}s); paid_count={} paid_krw={} failed={}",
+                    o.count,
+                    started.elapsed().as_secs_f64(),
+                    claims_started.elapsed().as_secs_f64(),
+                    paid.paid_count,
+                    paid.paid_krw,
+                    paid.failed_count
+                );
+                if let Some(addr) = bank_addr {
+                    let applied = SandboxLedgerClient::connect(format!("http://{addr}"))
+                        .await?
+                        .list_applied(ListAppliedRequest {})
+                        .await?
+                        .into_inner()
+                        .instructions;
+                    let once = applied.iter().all(|a| a.submissions == 1);
+                    println!(
+                        "sandbox: {} instructions applied, each submitted once: {once}, {} KRW",
+                        applied.len(),
+                        applied.iter().map(|a| a.amount_krw).sum::<i64>()
+                    );
+                }
+            }
+        }
+        _ => unreachable!("checked in options()"),
+    }
+    if let Some(mib) = peak_rss_mib() {
+        println!("peak resident memory (service and load generator): {mib:.1} MiB");
+    }
+    if let Some((stop, server)) = server {
+        let _ = stop.send(());
+        server.await??;
+    }
+    Ok(())
+}

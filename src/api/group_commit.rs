@@ -1,0 +1,174 @@
+//! Group commit for the unary intake calls: concurrent `RegisterPartner` and `SubmitClaim`
+//! calls share one transaction, so durable throughput is not one commit (one fsync) per call.
+//!
+//! A call hands its validated row to a [`Batcher`] and waits for its own answer. The
+//! batcher's task takes every row waiting (up to [`MAX_ROWS`]) and writes them with the
+//! store's batch method, which answers each row exactly as the one-row method would have. While
+//! a batch is being written, new rows queue and form the next one: batches grow with load, and
+//! a lone call is written at once rather than after a wait.
+
+use std::sync::Arc;
+
+use futures::future::BoxFuture;
+use tokio::sync::{Semaphore, mpsc, oneshot};
+use tracing::Instrument as _;
+
+use crate::domain::{Claim, NewPartner, Partner};
+use crate::store::{self, ClaimSubmission, Idempotency, Store, StoreError, Stored};
+
+/// Rows per transaction at most.
+pub const MAX_ROWS: usize = 256;
+/// Batches being written at once. One: rows that come while a batch is written form the
+/// next, bigger, batch. (Measured with 64 callers: 1 beat 2 and 4 on both databases; SQLite
+/// takes one writer at a time anyway, and makes the others sleep-wait for its lock.)
+pub const IN_FLIGHT: usize = 1;
+/// Calls that may wait for a batch; beyond that, callers wait to join the queue.
+const QUEUE: usize = 4096;
+
+type Answer<T> = store::Result<Stored<T>>;
+
+/// Writes one batch: one answer per row, in order.
+pub type WriteBatch<R, T> =
+    Arc<dyn Fn(Vec<R>) -> BoxFuture<'static, store::Result<Vec<Answer<T>>>> + Send + Sync>;
+
+struct Job<R, T> {
+    row: R,
+    /// The caller's span: the batch's span continues the first caller's trace and links the
+    /// others, so each call's trace still shows the database work done for it.
+    span: tracing::Span,
+    reply: oneshot::Sender<Answer<T>>,
+}
+
+/// Queues rows of one kind and writes them in shared transactions.
+pub struct Batcher<R, T> {
+    tx: mpsc::Sender<Job<R, T>>,
+}
+
+impl<R: Send + 'static, T: Send + 'static> Batcher<R, T> {
+    /// Starts the task that writes the batches; it ends when the batcher is dropped.
+    pub fn spawn(name: &'static str, write: WriteBatch<R, T>) -> Self {
+        let (tx, rx) = mpsc::channel(QUEUE);
+        tokio::spawn(run(name, rx, write));
+        Self { tx }
+    }
+
+    /// Writes `row` with whatever other rows are waiting, and returns its own answer.
+    pub async fn submit(&self, row: R) -> Answer<T> {
+        let (reply, answer) = oneshot::channel();
+        let job = Job {
+            row,
+            span: tracing::Span::current(),
+            reply,
+        };
+        self.tx.send(job).await.map_err(|_| stopped())?;
+        answer.await.map_err(|_| stopped())?
+    }
+}
+
+fn stopped() -> StoreError {
+    StoreError::Unexpected(anyhow::anyhow!("the group-commit task has stopped"))
+}
+
+async fn run<R: Send + 'static, T: Send + 'static>(
+    name: &'static str,
+    mut rx: mpsc::Receiver<Job<R, T>>,
+    write: WriteBatch<R, T>,
+) {
+    let writers = Arc::new(Semaphore::new(IN_FLIGHT));
+    loop {
+        // A free writer first, then every row waiting: while all writers are busy, rows
+        // accumulate in the channel and the next batch takes them all.
+        let Ok(writer) = writers.clone().acquire_owned().await else {
+            return;
+        };
+        let mut jobs = Vec::with_capacity(MAX_ROWS);
+        if rx.recv_many(&mut jobs, MAX_ROWS).await == 0 {
+            return;
+        }
+        let write = write.clone();
+        tokio::spawn(async move {
+            write_batch(name, jobs, &write).await;
+            drop(writer);
+        });
+    }
+}
+
+async fn write_batch<R, T>(name: &'static str, jobs: Vec<Job<R, T>>, write: &WriteBatch<R, T>) {
+    let span = tracing::info_span!(
+        parent: &jobs[0].span,
+        "group_commit",
+        payouts.method = name,
+        payouts.rows = jobs.len()
+    );
+    for job in &jobs[1..] {
+        span.follows_from(&job.span);
+    }
+    let (rows, replies): (Vec<R>, Vec<_>) = jobs.into_iter().map(|j| (j.row, j.reply)).unzip();
+    let count = rows.len();
+    match write(rows).instrument(span).await {
+        Ok(answers) if answers.len() == count => {
+            for (reply, answer) in replies.into_iter().zip(answers) {
+                // A caller that gave up no longer listens; its row is written all the same.
+                let _ = reply.send(answer);
+            }
+        }
+        Ok(answers) => {
+            tracing::error!(
+                rows = count,
+                answers = answers.len(),
+                "a batch write answered the wrong number of rows"
+            );
+            for reply in replies {
+                let _ = reply.send(Err(StoreError::Unexpected(anyhow::anyhow!(
+                    "the batch write lost a row"
+                ))));
+            }
+        }
+        Err(e) => {
+            // Nothing of the batch was stored; each caller gets the error (and logs it).
+            let message = format!("{e:#}");
+            for reply in replies {
+                let _ = reply.send(Err(StoreError::Unexpected(anyhow::anyhow!(
+                    "batch write failed: {message}"
+                ))));
+            }
+        }
+    }
+}
+
+/// The batchers of the two unary intake calls.
+pub struct GroupCommit {
+    pub partners: Batcher<(Idempotency, NewPartner), Partner>,
+    pub claims: Batcher<ClaimSubmission, Claim>,
+}
+
+impl GroupCommit {
+    pub fn spawn(store: Arc<dyn Store>) -> Self {
+        let partners = {
+            let store = store.clone();
+            Batcher::spawn(
+                "RegisterPartner",
+                Arc::new(move |rows: Vec<(Idempotency, NewPartner)>| {
+                    let store = store.clone();
+                    Box::pin(async move {
+                        store
+                            .register_partners(&rows, &super::partners::render_registered)
+                            .await
+                    }) as BoxFuture<'static, _>
+                }),
+            )
+        };
+        let claims = Batcher::spawn(
+            "SubmitClaim",
+            Arc::new(move |rows: Vec<ClaimSubmission>| {
+                let store = store.clone();
+                Box::pin(async move {
+                    store
+                        .submit_claims(&rows, &super::claims::render_submitted)
+                        .await
+                }) as BoxFuture<'static, _>
+            }),
+        );
+        Self { partners, claims }
+    }
+}
