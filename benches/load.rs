@@ -250,6 +250,11 @@ fn peak_rss_mib() -> Option<f64> {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
+    // `cargo test --all-targets` runs bench binaries without `--bench`: nothing to measure then.
+    if !std::env::args().any(|a| a == "--bench") {
+        println!("load: run it with `cargo bench --bench load -- SCENARIO`");
+        return Ok(());
+    }
     let o = options()?;
     let dir = tempfile::tempdir()?;
     let mut bank_addr = None;
