@@ -6,8 +6,9 @@
 //!                                     [--database-url URL] [--target http://HOST:PORT]
 //! ```
 //! Scenarios: `register` (unary RegisterPartner), `claims` (unary SubmitClaim, partners
-//! registered first), `e2e` (N partners and claims, until every payout is PAID at the sandbox,
-//! then checks the sandbox applied exactly one instruction each).
+//! registered first), `import` (N partners through one ImportPartners stream), `e2e` (N partners
+//! and N claims through ImportPartners and ImportClaims, until every payout is PAID at the
+//! sandbox, then checks the sandbox applied exactly one instruction each).
 //!
 //! Closed loop (`--concurrency`, default 64): C callers, each sending as soon as its last call
 //! returned. Open loop (`--rate`): calls start on a fixed schedule whatever the service does,
@@ -72,8 +73,8 @@ fn options() -> anyhow::Result<Options> {
             other => anyhow::bail!("unknown argument {other}"),
         }
     }
-    if !["register", "claims", "e2e"].contains(&o.scenario.as_str()) {
-        anyhow::bail!("scenario must be register, claims or e2e");
+    if !["register", "claims", "import", "e2e"].contains(&o.scenario.as_str()) {
+        anyhow::bail!("scenario must be register, claims, import or e2e");
     }
     Ok(o)
 }
@@ -240,6 +241,44 @@ async fn fresh_postgres_database() -> anyhow::Result<String> {
     Ok(format!("{base}/{name}"))
 }
 
+/// Polls the programme summary until `count` payouts are PAID (or one failed).
+async fn wait_until_paid(
+    channel: &tonic::transport::Channel,
+    count: u64,
+) -> anyhow::Result<pb::GetProgramSummaryResponse> {
+    let mut summary = DisbursementServiceClient::new(channel.clone());
+    loop {
+        let s = summary
+            .get_program_summary(pb::GetProgramSummaryRequest {})
+            .await?
+            .into_inner();
+        if s.paid_count >= i64::try_from(count)? || s.failed_count > 0 {
+            return Ok(s);
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// What the sandbox bank applied: one instruction per payout, each submitted once.
+async fn report_sandbox(bank_addr: Option<std::net::SocketAddr>) -> anyhow::Result<()> {
+    let Some(addr) = bank_addr else {
+        return Ok(());
+    };
+    let applied = SandboxLedgerClient::connect(format!("http://{addr}"))
+        .await?
+        .list_applied(ListAppliedRequest {})
+        .await?
+        .into_inner()
+        .instructions;
+    let once = applied.iter().all(|a| a.submissions == 1);
+    println!(
+        "sandbox: {} instructions applied, each submitted once: {once}, {} KRW",
+        applied.len(),
+        applied.iter().map(|a| a.amount_krw).sum::<i64>()
+    );
+    Ok(())
+}
+
 /// Peak resident memory of this process (service and load generator together), in MiB.
 fn peak_rss_mib() -> Option<f64> {
     let status = std::fs::read_to_string("/proc/self/status").ok()?;
@@ -333,7 +372,69 @@ async fn main() -> anyhow::Result<()> {
             .await;
             report.print("register");
         }
-        "claims" | "e2e" => {
+        "import" | "e2e" => {
+            let started = Instant::now();
+            let rows = (0..o.count).map(move |i| pb::ImportPartnersRequest {
+                request_id: uuid::Uuid::now_v7().to_string(),
+                partner: Some(partner(base + i)),
+            });
+            let mut responses = PartnerServiceClient::new(channel.clone())
+                .import_partners(futures::stream::iter(rows))
+                .await?
+                .into_inner();
+            let mut outcomes = BTreeMap::<i32, u64>::new();
+            while let Some(row) = responses.message().await? {
+                *outcomes.entry(row.outcome).or_default() += 1;
+            }
+            let elapsed = started.elapsed();
+            println!(
+                "import partners: rows={} elapsed_s={:.2} rows_per_s={:.0} outcomes={outcomes:?}",
+                o.count,
+                elapsed.as_secs_f64(),
+                o.count as f64 / elapsed.as_secs_f64()
+            );
+            if o.scenario == "e2e" {
+                let claims_started = Instant::now();
+                let rows = (0..o.count).map(move |i| {
+                    let c = claim(String::new());
+                    pb::ImportClaimsRequest {
+                        request_id: c.request_id,
+                        partner: Some(
+                            pb::import_claims_request::Partner::BusinessRegistrationNumber(brn(
+                                base + i,
+                            )),
+                        ),
+                        items: c.items,
+                        evidence: c.evidence,
+                    }
+                });
+                let mut responses = ClaimServiceClient::new(channel.clone())
+                    .import_claims(futures::stream::iter(rows))
+                    .await?
+                    .into_inner();
+                let mut outcomes = BTreeMap::<i32, u64>::new();
+                while let Some(row) = responses.message().await? {
+                    *outcomes.entry(row.outcome).or_default() += 1;
+                }
+                println!(
+                    "import claims: rows={} elapsed_s={:.2} outcomes={outcomes:?}",
+                    o.count,
+                    claims_started.elapsed().as_secs_f64()
+                );
+                let paid = wait_until_paid(&channel, o.count).await?;
+                println!(
+                    "e2e: {} partners and claims imported, decided and paid in {:.2}s; \
+                     paid_count={} paid_krw={} failed={}",
+                    o.count,
+                    started.elapsed().as_secs_f64(),
+                    paid.paid_count,
+                    paid.paid_krw,
+                    paid.failed_count
+                );
+                report_sandbox(bank_addr).await?;
+            }
+        }
+        "claims" => {
             let started = Instant::now();
             let ids: Vec<String> = futures::stream::iter(0..o.count)
                 .map(|i| {
@@ -360,7 +461,6 @@ async fn main() -> anyhow::Result<()> {
             );
             let ids = Arc::new(ids);
             let ch = channel.clone();
-            let claims_started = Instant::now();
             let report = drive(&o, move |i| {
                 let mut client = ClaimServiceClient::new(ch.clone());
                 let partner_id = ids[usize::try_from(i).expect("index")].clone();
@@ -368,43 +468,6 @@ async fn main() -> anyhow::Result<()> {
             })
             .await;
             report.print("claims");
-            if o.scenario == "e2e" {
-                let mut summary = DisbursementServiceClient::new(channel.clone());
-                let paid = loop {
-                    let s = summary
-                        .get_program_summary(pb::GetProgramSummaryRequest {})
-                        .await?
-                        .into_inner();
-                    if s.paid_count >= i64::try_from(o.count)? || s.failed_count > 0 {
-                        break s;
-                    }
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                };
-                println!(
-                    "e2e: {} claims registered, decided and paid in {:.2}s (claims and payment \
-                     {:.2}s); paid_count={} paid_krw={} failed={}",
-                    o.count,
-                    started.elapsed().as_secs_f64(),
-                    claims_started.elapsed().as_secs_f64(),
-                    paid.paid_count,
-                    paid.paid_krw,
-                    paid.failed_count
-                );
-                if let Some(addr) = bank_addr {
-                    let applied = SandboxLedgerClient::connect(format!("http://{addr}"))
-                        .await?
-                        .list_applied(ListAppliedRequest {})
-                        .await?
-                        .into_inner()
-                        .instructions;
-                    let once = applied.iter().all(|a| a.submissions == 1);
-                    println!(
-                        "sandbox: {} instructions applied, each submitted once: {once}, {} KRW",
-                        applied.len(),
-                        applied.iter().map(|a| a.amount_krw).sum::<i64>()
-                    );
-                }
-            }
         }
         _ => unreachable!("checked in options()"),
     }
