@@ -266,6 +266,7 @@ async fn report_sandbox(bank_addr: Option<std::net::SocketAddr>) -> anyhow::Resu
     };
     let applied = SandboxLedgerClient::connect(format!("http://{addr}"))
         .await?
+        .max_decoding_message_size(256 * 1024 * 1024)
         .list_applied(ListAppliedRequest {})
         .await?
         .into_inner()
@@ -325,6 +326,10 @@ async fn main() -> anyhow::Result<()> {
                 pii_key_file: dir.path().join("pii.key"),
                 payments_backend_url: Some(format!("http://{addr}")),
                 max_concurrent_requests: 1024,
+                dispatch_concurrency: std::env::var("PAYOUTS_DISPATCH_CONCURRENCY")
+                    .ok()
+                    .and_then(|v| v.parse().ok())
+                    .unwrap_or(Settings::default().dispatch_concurrency),
                 ..Settings::default()
             })
             .await?;
