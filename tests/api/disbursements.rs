@@ -19,46 +19,6 @@ const FOREIGN_ACCOUNT: &str = "110-123-459999";
 const VERIFY: &str = "VERIFY_ACCOUNT_HOLDER";
 const SUBMIT: &str = "SUBMIT_INSTRUCTION";
 
-async fn get(app: &TestApp, disbursement_id: &str) -> pb::Disbursement {
-    app.disbursements()
-        .get_disbursement(pb::GetDisbursementRequest {
-            disbursement_id: disbursement_id.into(),
-        })
-        .await
-        .expect("get disbursement")
-        .into_inner()
-        .disbursement
-        .expect("disbursement in response")
-}
-
-/// Polls until the disbursement is in `status` (for up to 5 s).
-async fn wait_for(
-    app: &TestApp,
-    disbursement_id: &str,
-    status: pb::DisbursementStatus,
-) -> pb::Disbursement {
-    eventually(5, || async {
-        let d = get(app, disbursement_id).await;
-        (d.status() == status).then_some(d)
-    })
-    .await
-}
-
-/// Registers a partner with `account_number` and files an approved claim (recognised loss
-/// `loss_krw`); returns the claim.
-async fn approved_claim(
-    app: &TestApp,
-    seed: u64,
-    account_number: &str,
-    loss_krw: i64,
-) -> pb::Claim {
-    let partner = register(app, partner_with_account(seed, account_number)).await;
-    let claim = submit(app, &partner.partner_id, vec![full_weight_item(loss_krw)]).await;
-    assert_eq!(claim.status(), pb::ClaimStatus::Approved, "{claim:?}");
-    assert!(!claim.disbursement_id.is_empty(), "{claim:?}");
-    claim
-}
-
 async fn summary(app: &TestApp) -> pb::GetProgramSummaryResponse {
     app.disbursements()
         .get_program_summary(pb::GetProgramSummaryRequest {})

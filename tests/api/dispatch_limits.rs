@@ -6,18 +6,6 @@ use partner_payouts::proto::payouts::v1 as pb;
 
 use crate::helpers::*;
 
-async fn disbursement(app: &TestApp, id: &str) -> pb::Disbursement {
-    app.disbursements()
-        .get_disbursement(pb::GetDisbursementRequest {
-            disbursement_id: id.into(),
-        })
-        .await
-        .expect("get disbursement")
-        .into_inner()
-        .disbursement
-        .expect("disbursement")
-}
-
 /// Quiet hours covering now: approved claims wait in QUEUED and nothing is sent.
 async fn quiet_hours_hold_dispatch(db: Db) {
     let now = jiff::Timestamp::now().to_zoned(jiff::tz::TimeZone::UTC);
@@ -38,7 +26,7 @@ async fn quiet_hours_hold_dispatch(db: Db) {
     let p = register(&app, partner(1)).await;
     let claim = submit(&app, &p.partner_id, vec![full_weight_item(100)]).await;
     tokio::time::sleep(Duration::from_millis(600)).await;
-    let d = disbursement(&app, &claim.disbursement_id).await;
+    let d = get(&app, &claim.disbursement_id).await;
     assert_eq!(d.status, pb::DisbursementStatus::Queued as i32);
     assert!(d.attempts.is_empty(), "nothing was sent: {:?}", d.attempts);
 }
@@ -52,7 +40,7 @@ async fn budget_is_never_exceeded(db: Db) {
         let app = &app;
         let id = first.disbursement_id.clone();
         async move {
-            (disbursement(app, &id).await.status == pb::DisbursementStatus::Paid as i32)
+            (get(app, &id).await.status == pb::DisbursementStatus::Paid as i32)
                 .then_some(())
         }
     })
@@ -60,7 +48,7 @@ async fn budget_is_never_exceeded(db: Db) {
     let second = register(&app, partner(3)).await;
     let second = submit(&app, &second.partner_id, vec![full_weight_item(100)]).await;
     tokio::time::sleep(Duration::from_millis(600)).await;
-    let held = disbursement(&app, &second.disbursement_id).await;
+    let held = get(&app, &second.disbursement_id).await;
     assert_eq!(held.status, pb::DisbursementStatus::Queued as i32);
     assert!(
         !held

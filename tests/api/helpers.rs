@@ -290,3 +290,43 @@ where
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
+
+pub async fn get(app: &TestApp, disbursement_id: &str) -> pb::Disbursement {
+    app.disbursements()
+        .get_disbursement(pb::GetDisbursementRequest {
+            disbursement_id: disbursement_id.into(),
+        })
+        .await
+        .expect("get disbursement")
+        .into_inner()
+        .disbursement
+        .expect("disbursement in response")
+}
+
+/// Polls until the disbursement is in `status` (for up to 10 s).
+pub async fn wait_for(
+    app: &TestApp,
+    disbursement_id: &str,
+    status: pb::DisbursementStatus,
+) -> pb::Disbursement {
+    eventually(10, || async {
+        let d = get(app, disbursement_id).await;
+        (d.status() == status).then_some(d)
+    })
+    .await
+}
+
+/// Registers a partner with `account_number` and files an approved claim (recognised loss
+/// `loss_krw`); returns the claim.
+pub async fn approved_claim(
+    app: &TestApp,
+    seed: u64,
+    account_number: &str,
+    loss_krw: i64,
+) -> pb::Claim {
+    let partner = register(app, partner_with_account(seed, account_number)).await;
+    let claim = submit(app, &partner.partner_id, vec![full_weight_item(loss_krw)]).await;
+    assert_eq!(claim.status(), pb::ClaimStatus::Approved, "{claim:?}");
+    assert!(!claim.disbursement_id.is_empty(), "{claim:?}");
+    claim
+}

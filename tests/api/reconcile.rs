@@ -19,43 +19,6 @@ use pb::reconcile_settlements_response::Item;
 /// Sandbox account that is closed: its payout fails before any instruction is made.
 const CLOSED_ACCOUNT: &str = "110-123-450000";
 
-async fn get(app: &TestApp, disbursement_id: &str) -> pb::Disbursement {
-    app.disbursements()
-        .get_disbursement(pb::GetDisbursementRequest {
-            disbursement_id: disbursement_id.into(),
-        })
-        .await
-        .expect("get disbursement")
-        .into_inner()
-        .disbursement
-        .expect("disbursement in response")
-}
-
-async fn wait_for(
-    app: &TestApp,
-    disbursement_id: &str,
-    status: pb::DisbursementStatus,
-) -> pb::Disbursement {
-    eventually(10, || async {
-        let d = get(app, disbursement_id).await;
-        (d.status() == status).then_some(d)
-    })
-    .await
-}
-
-/// A partner with `account_number` and its approved claim (recognised loss `loss_krw`).
-async fn approved_claim(
-    app: &TestApp,
-    seed: u64,
-    account_number: &str,
-    loss_krw: i64,
-) -> pb::Claim {
-    let partner = register(app, partner_with_account(seed, account_number)).await;
-    let claim = submit(app, &partner.partner_id, vec![full_weight_item(loss_krw)]).await;
-    assert_eq!(claim.status(), pb::ClaimStatus::Approved, "{claim:?}");
-    claim
-}
-
 async fn paid(app: &TestApp, seed: u64, loss_krw: i64) -> pb::Disbursement {
     let claim = approved_claim(app, seed, ACCOUNT, loss_krw).await;
     wait_for(app, &claim.disbursement_id, Paid).await
