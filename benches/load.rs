@@ -80,18 +80,9 @@ fn options() -> anyhow::Result<Options> {
 }
 
 fn brn(n: u64) -> String {
-    let mut nine = [0u32; 9];
-    let mut s = n;
-    for d in nine.iter_mut().rev() {
-        *d = u32::try_from(s % 10).expect("digit");
-        s /= 10;
-    }
-    nine[0] = 1 + nine[0] % 9;
-    let check = BusinessRegistrationNumber::check_digit(nine);
-    nine.iter()
-        .chain(std::iter::once(&check))
-        .map(|d| char::from_digit(*d, 10).expect("digit"))
-        .collect()
+    BusinessRegistrationNumber::from_serial(n)
+        .as_str()
+        .to_owned()
 }
 
 fn partner(n: u64) -> pb::Partner {

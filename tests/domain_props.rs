@@ -26,6 +26,13 @@ proptest! {
     }
 
     #[test]
+    fn synthetic_numbers_are_valid_and_distinct_per_serial(serial in 0u64..100_000_000) {
+        let made = BusinessRegistrationNumber::from_serial(serial);
+        prop_assert_eq!(BusinessRegistrationNumber::parse(made.as_str()).expect("valid"), made.clone());
+        prop_assert_ne!(BusinessRegistrationNumber::from_serial(serial + 1), made);
+    }
+
+    #[test]
     fn every_single_digit_change_is_rejected(digits in valid_brn(), pos in 0usize..10, delta in 1u32..10) {
         let mut bytes = digits.into_bytes();
         let d = u32::from(bytes[pos] - b'0');

@@ -43,6 +43,26 @@ impl BusinessRegistrationNumber {
         (10 - sum % 10) % 10
     }
 
+    /// A valid number made from `serial` (its last nine digits, the first never 0) and the
+    /// check digit: synthetic partners for tests and load generation.
+    pub fn from_serial(serial: u64) -> Self {
+        let mut first_nine = [0u32; 9];
+        let mut rest = serial;
+        for d in first_nine.iter_mut().rev() {
+            *d = u32::try_from(rest % 10).expect("a decimal digit");
+            rest /= 10;
+        }
+        first_nine[0] = 1 + first_nine[0] % 9;
+        let check = Self::check_digit(first_nine);
+        Self(
+            first_nine
+                .iter()
+                .chain(std::iter::once(&check))
+                .map(|d| char::from_digit(*d, 10).expect("a decimal digit"))
+                .collect(),
+        )
+    }
+
     pub fn as_str(&self) -> &str {
         &self.0
     }

@@ -43,6 +43,24 @@ macro_rules! sql_store {
             value.map_err(|e| unexpected(format!("{col}: {e}")))
         }
 
+/// A partner's registration number, legal name and representative, as stored.
+        fn identity_from_row(
+            row: &DbRow,
+        ) -> Result<(BusinessRegistrationNumber, PersonOrBusinessName, PersonOrBusinessName)> {
+            let text = |col: &str| -> Result<String> { Ok(row.try_get::<String, _>(col)?) };
+            Ok((
+                parsed(
+                    "business_registration_number",
+                    BusinessRegistrationNumber::parse(&text("business_registration_number")?),
+                )?,
+                parsed("legal_name", PersonOrBusinessName::parse(&text("legal_name")?))?,
+                parsed(
+                    "representative_name",
+                    PersonOrBusinessName::parse(&text("representative_name")?),
+                )?,
+            ))
+        }
+
         fn partner_from_row(row: &DbRow) -> Result<Partner> {
             let services: String = row.try_get("affected_services")?;
             let affected_services = services
@@ -51,21 +69,14 @@ macro_rules! sql_store {
                 .map(|s| AffectedService::from_key(s).ok_or_else(|| unexpected(s)))
                 .collect::<Result<Vec<_>>>()?;
             let text = |col: &str| -> Result<String> { Ok(row.try_get::<String, _>(col)?) };
+            let (business_registration_number, legal_name, representative_name) =
+                identity_from_row(row)?;
             Ok(Partner {
                 partner_id: uuid_col(row, "partner_id")?,
                 profile: PartnerProfile {
-                    business_registration_number: parsed(
-                        "business_registration_number",
-                        BusinessRegistrationNumber::parse(&text("business_registration_number")?),
-                    )?,
-                    legal_name: parsed(
-                        "legal_name",
-                        PersonOrBusinessName::parse(&text("legal_name")?),
-                    )?,
-                    representative_name: parsed(
-                        "representative_name",
-                        PersonOrBusinessName::parse(&text("representative_name")?),
-                    )?,
+                    business_registration_number,
+                    legal_name,
+                    representative_name,
                     affected_services,
                     contact_email: parsed(
                         "contact_email",
@@ -1093,29 +1104,21 @@ macro_rules! sql_store {
                 .await?;
                 rows.iter()
                     .map(|row| {
-                        let text = |col: &str| -> Result<String> { Ok(row.try_get::<String, _>(col)?) };
+                        let (business_registration_number, legal_name, representative_name) =
+                            identity_from_row(row)?;
                         Ok($crate::store::ExportedDisbursement {
                             disbursement_id: uuid_col(row, "disbursement_id")?,
                             claim_id: uuid_col(row, "claim_id")?,
                             partner_id: uuid_col(row, "partner_id")?,
-                            business_registration_number: parsed(
-                                "business_registration_number",
-                                BusinessRegistrationNumber::parse(&text("business_registration_number")?),
-                            )?,
-                            legal_name: parsed(
-                                "legal_name",
-                                PersonOrBusinessName::parse(&text("legal_name")?),
-                            )?,
-                            representative_name: parsed(
-                                "representative_name",
-                                PersonOrBusinessName::parse(&text("representative_name")?),
-                            )?,
+                            business_registration_number,
+                            legal_name,
+                            representative_name,
                             amount_krw: row.try_get("amount_krw")?,
                             status: status_col(row, "status")?,
                             account: account_from_row(row)?,
                             idempotency_key: row.try_get("idempotency_key")?,
                             paid_time: row.try_get("paid_time")?,
-                            policy_version: text("policy_version")?,
+                            policy_version: row.try_get("policy_version")?,
                             failure_code: row.try_get("failure_code")?,
                             create_time: row.try_get("create_time")?,
                             update_time: row.try_get("update_time")?,

@@ -4,6 +4,7 @@ use std::time::Duration;
 
 use partner_payouts::app::Application;
 use partner_payouts::config::Settings;
+use partner_payouts::domain::BusinessRegistrationNumber;
 use partner_payouts::proto::payouts::v1::{
     self as pb, claim_service_client::ClaimServiceClient,
     disbursement_service_client::DisbursementServiceClient,
@@ -179,19 +180,9 @@ pub fn request_id() -> String {
 
 /// Valid registration numbers: nine digits from `seed`, and the right check digit.
 pub fn brn(seed: u64) -> String {
-    let mut first_nine = [0u32; 9];
-    let mut s = seed;
-    for d in first_nine.iter_mut().rev() {
-        *d = u32::try_from(s % 10).expect("digit");
-        s /= 10;
-    }
-    first_nine[0] = 1 + (first_nine[0] % 9);
-    let check = partner_payouts::domain::BusinessRegistrationNumber::check_digit(first_nine);
-    first_nine
-        .iter()
-        .chain(std::iter::once(&check))
-        .map(|d| char::from_digit(*d, 10).expect("digit"))
-        .collect()
+    BusinessRegistrationNumber::from_serial(seed)
+        .as_str()
+        .to_owned()
 }
 
 pub const ACCOUNT: &str = "110-123-456789";
