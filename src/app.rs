@@ -132,6 +132,8 @@ impl Application {
             cipher,
             DispatcherConfig {
                 concurrency: settings.dispatch_concurrency,
+                batch: settings.dispatch_batch,
+                rounds: settings.dispatch_rounds,
                 poll: Duration::from_millis(settings.dispatch_poll_ms),
                 lease: Duration::from_millis(settings.dispatch_lease_ms),
                 quiet_hours: settings

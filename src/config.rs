@@ -27,8 +27,12 @@ pub struct Settings {
     pub request_timeout_ms: u64,
     /// Calls in progress at once, per connection.
     pub max_concurrent_requests: usize,
-    /// Disbursements one replica works on at once.
+    /// Calls to the payments backend one replica has in flight at once.
     pub dispatch_concurrency: usize,
+    /// Disbursements one dispatch round takes and records together.
+    pub dispatch_batch: usize,
+    /// Dispatch rounds one replica runs at once, each on its own batch.
+    pub dispatch_rounds: usize,
     /// How often the dispatcher looks for due work, in milliseconds.
     pub dispatch_poll_ms: u64,
     /// How long a replica owns the disbursements it took, in milliseconds: after a crash,
@@ -71,6 +75,8 @@ impl Default for Settings {
             request_timeout_ms: 30_000,
             max_concurrent_requests: 256,
             dispatch_concurrency: 16,
+            dispatch_batch: 256,
+            dispatch_rounds: 2,
             dispatch_poll_ms: 200,
             dispatch_lease_ms: 30_000,
             dispatch_quiet_hours: None,
@@ -124,6 +130,9 @@ impl Settings {
             .map_err(|e| anyhow::anyhow!("settings: {e}"))?;
         if self.dispatch_concurrency == 0 {
             anyhow::bail!("settings: dispatch_concurrency must be at least 1");
+        }
+        if self.dispatch_batch == 0 || self.dispatch_rounds == 0 {
+            anyhow::bail!("settings: dispatch_batch and dispatch_rounds must be at least 1");
         }
         if self.dispatch_budget_krw.is_some_and(|budget| budget < 0) {
             anyhow::bail!("settings: dispatch_budget_krw must not be negative");

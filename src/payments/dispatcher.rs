@@ -1,17 +1,31 @@
-//! The dispatcher: takes due outbox rows and drives each disbursement to `PAID` or `FAILED`,
-//! sending every instruction under a key stored before it is sent.
+//! The dispatcher: takes due outbox rows a batch at a time and drives each disbursement to
+//! `PAID` or `FAILED`, sending every instruction under a key stored before it is sent.
 //!
 //! Per disbursement: verify the account holder once; store the instruction key and move to
 //! `SUBMITTED`; send. A transient failure backs off and retries under the same key; an unknown
 //! outcome (timeout) is resolved by looking the key up; `ACCEPTED` is polled until final. A new
 //! key is only made by `RetryDisbursement`, after the backend failed the previous one for good.
+//!
+//! A round works on a leased batch with three transactions, however large the batch:
+//! 1. lease up to `batch` due rows and read their disbursements;
+//! 2. verify the holders that need it (backend calls, `concurrency` at a time);
+//! 3. record those checks, fail the accounts the bank refused, and store the instruction keys
+//!    of the rest (one transaction, committed before anything is sent);
+//! 4. send the instructions, or look up those already sent;
+//! 5. record the answers: `PAID` and `FAILED` rows end, the others are due again later.
+//!
+//! If a transaction fails, nothing is lost: the rows' leases lapse and they are taken again,
+//! keys already stored are reused. Each disbursement's backend calls happen in its own span,
+//! which continues the trace of the call that approved it.
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use futures::StreamExt as _;
+use futures::stream::FuturesUnordered;
 use opentelemetry::KeyValue;
 use rand::Rng as _;
+use tokio::sync::{Semaphore, watch};
 use tonic::Code;
 use tonic::transport::Channel;
 use tracing::Instrument as _;
@@ -24,16 +38,23 @@ use crate::proto::payments::v1::{
     self as pb, InstructionStatus, payments_backend_client::PaymentsBackendClient,
 };
 use crate::store::{
-    Attempt, Disbursement, DispatchOutcome, KeyAssignment, Store, StoreError, now_micros,
+    Attempt, Disbursement, DispatchOutcome, DispatchRecord, KeyAssignment, Micros, Requeue, Store,
+    StoreError, now_micros,
 };
 
 #[derive(Debug, Clone)]
 pub struct DispatcherConfig {
-    /// Disbursements worked on at once.
+    /// Calls to the backend in flight at once.
     pub concurrency: usize,
+    /// Disbursements one round leases and works on.
+    pub batch: usize,
+    /// Rounds in progress at once, each on its own batch: one waits for the backend while
+    /// another writes to the database.
+    pub rounds: usize,
     /// How often to look for due rows when there were none.
     pub poll: Duration,
-    /// How long a taken row is ours before another replica may take it.
+    /// How long a taken row is ours before another replica may take it. A round that runs
+    /// longer renews its leases every third of this.
     pub lease: Duration,
     /// When an `ACCEPTED` instruction is looked up again.
     pub accepted_poll: Duration,
@@ -50,6 +71,8 @@ impl Default for DispatcherConfig {
     fn default() -> Self {
         Self {
             concurrency: 16,
+            batch: 256,
+            rounds: 2,
             poll: Duration::from_millis(200),
             lease: Duration::from_secs(30),
             accepted_poll: Duration::from_millis(500),
@@ -68,6 +91,8 @@ pub struct Dispatcher {
     /// Opens the sealed account number: the only place it is ever decrypted.
     cipher: Arc<PiiCipher>,
     config: DispatcherConfig,
+    /// Permits for backend calls, shared by the rounds in progress.
+    calls: Semaphore,
 }
 
 /// How often the outbox and status gauges are refreshed.
@@ -78,6 +103,39 @@ const LOOKUP: &str = "GET_INSTRUCTION";
 
 fn micros(d: Duration) -> i64 {
     i64::try_from(d.as_micros()).unwrap_or(i64::MAX)
+}
+
+/// One leased disbursement in a round, with the span its backend calls happen in.
+struct Leased {
+    d: Disbursement,
+    span: tracing::Span,
+}
+
+/// What a disbursement's backend calls came to in one phase of a round.
+#[derive(Default)]
+struct Step {
+    /// The calls made, in order.
+    attempts: Vec<Attempt>,
+    next: Next,
+}
+
+/// What becomes of a disbursement after a phase of its round.
+#[derive(Default)]
+enum Next {
+    /// The holder matches: store the key and send.
+    #[default]
+    Send,
+    Finish(DispatchOutcome),
+    Requeue(Requeue),
+    /// Nothing more this round; the lease lapses and the row is taken again.
+    Leave,
+}
+
+impl Step {
+    fn then(mut self, next: Next) -> Self {
+        self.next = next;
+        self
+    }
 }
 
 impl Dispatcher {
@@ -91,6 +149,7 @@ impl Dispatcher {
             store,
             backend,
             cipher,
+            calls: Semaphore::new(config.concurrency.max(1)),
             config,
         }
     }
@@ -98,6 +157,8 @@ impl Dispatcher {
     /// Runs until `shutdown` resolves; work already taken is finished first.
     pub async fn run(self, shutdown: impl Future<Output = ()>) {
         tokio::pin!(shutdown);
+        let (stop, stopping) = watch::channel(false);
+        let mut rounds = FuturesUnordered::new();
         let mut observed: Option<std::time::Instant> = None;
         loop {
             if observed.is_none_or(|at| at.elapsed() >= OBSERVE_EVERY) {
@@ -106,25 +167,37 @@ impl Dispatcher {
                     tracing::warn!(error = %e, "reading outbox metrics");
                 }
             }
-            let worked = match self.round().await {
-                Ok(n) => n,
-                Err(e) => {
-                    tracing::warn!(error = %e, "dispatch round failed");
-                    0
-                }
-            };
-            if worked > 0 {
-                continue;
+            while rounds.len() < self.config.rounds.max(1) {
+                rounds.push(self.round_then_rest(stopping.clone()));
             }
             tokio::select! {
                 () = &mut shutdown => break,
-                () = tokio::time::sleep(self.config.poll) => {}
+                Some(()) = rounds.next() => {}
             }
         }
+        let _ = stop.send(true);
+        while rounds.next().await.is_some() {}
         tracing::info!("dispatcher stopped");
     }
 
-    /// Takes what is due and works on it; returns how many disbursements it touched.
+    /// One round; when it found nothing to do, a pause of `poll` (cut short by `stopping`).
+    async fn round_then_rest(&self, mut stopping: watch::Receiver<bool>) {
+        let worked = match self.round().await {
+            Ok(n) => n,
+            Err(e) => {
+                tracing::warn!(error = %e, "dispatch round failed");
+                0
+            }
+        };
+        if worked == 0 {
+            tokio::select! {
+                _ = stopping.wait_for(|stop| *stop) => {}
+                () = tokio::time::sleep(self.config.poll) => {}
+            }
+        }
+    }
+
+    /// Takes a batch of what is due and works on it; returns how many disbursements it took.
     pub async fn round(&self) -> Result<usize, StoreError> {
         if let Some(quiet) = &self.config.quiet_hours
             && quiet.contains(jiff::Timestamp::now())
@@ -132,22 +205,167 @@ impl Dispatcher {
             return Ok(0);
         }
         let now = now_micros();
-        // Take only what can be worked on at once, so a crash strands no more than that.
-        let limit = u32::try_from(self.config.concurrency).unwrap_or(u32::MAX);
-        let ids = self
-            .store
-            .lease_due(now, now + micros(self.config.lease), limit)
-            .await?;
-        let n = ids.len();
-        futures::stream::iter(ids)
-            .for_each_concurrent(self.config.concurrency, |id| async move {
-                if let Err(e) = self.step(id).await {
-                    tracing::warn!(disbursement_id = %id, error = %e, "dispatch step failed");
-                    // The lease lapses and the row is taken again later.
-                }
-            })
-            .await;
+        let lease_until = now + micros(self.config.lease);
+        let limit = u32::try_from(self.config.batch.max(1)).unwrap_or(u32::MAX);
+        let leased = self.store.lease_batch(now, lease_until, limit).await?;
+        let n = leased.len();
+        if n == 0 {
+            return Ok(0);
+        }
+        let ids: Vec<Uuid> = leased.iter().map(|d| d.disbursement_id).collect();
+        let rows = leased.into_iter().map(Self::leased).collect();
+        tokio::select! {
+            result = self.work(rows) => result?,
+            () = self.keep_leases(&ids, lease_until) => {}
+        }
         Ok(n)
+    }
+
+    /// Renews the round's leases every third of the lease, for as long as the round runs.
+    async fn keep_leases(&self, ids: &[Uuid], mut held_until: Micros) {
+        let every = (self.config.lease / 3).max(Duration::from_millis(10));
+        loop {
+            tokio::time::sleep(every).await;
+            let until = now_micros() + micros(self.config.lease);
+            match self.store.renew_leases(ids, held_until, until).await {
+                Ok(_) => held_until = until,
+                Err(e) => tracing::warn!(error = %e, "renewing dispatch leases"),
+            }
+        }
+    }
+
+    /// A leased disbursement in a span that continues the trace of the approving call.
+    fn leased(d: Disbursement) -> Leased {
+        let span = tracing::info_span!(
+            "dispatch",
+            otel.name = "dispatch disbursement",
+            payouts.disbursement_id = %d.disbursement_id,
+            status = d.status.key(),
+            trace_id = tracing::field::Empty,
+        );
+        crate::telemetry::continue_stored_context(&span, d.trace_context.as_deref());
+        span.record("trace_id", crate::telemetry::trace_id_of(&span));
+        Leased { d, span }
+    }
+
+    /// Steps 2 to 5 of a round (see the module's documentation).
+    async fn work(&self, rows: Vec<Leased>) -> Result<(), StoreError> {
+        // 2. Verify the holders not yet verified.
+        let checks = futures::future::join_all(rows.iter().map(|row| async move {
+            let needs_check = row.d.status == DisbursementStatus::Queued && !row.d.holder_verified;
+            if needs_check {
+                Some(self.verify(&row.d).instrument(row.span.clone()).await)
+            } else {
+                None
+            }
+        }))
+        .await;
+
+        // 3. Record the checks and store the keys of what is to be sent, in one transaction.
+        let mut record = DispatchRecord::default();
+        for (row, check) in rows.iter().zip(checks) {
+            let id = row.d.disbursement_id;
+            match check {
+                None if row.d.status == DisbursementStatus::Queued => record.assign_keys.push(id),
+                None => {}
+                Some(step) => {
+                    record
+                        .attempts
+                        .extend(step.attempts.into_iter().map(|a| (id, a)));
+                    match step.next {
+                        Next::Send => {
+                            record.verified.push(id);
+                            record.assign_keys.push(id);
+                        }
+                        Next::Finish(outcome) => {
+                            self.count_failure(row, &outcome);
+                            record.finished.push((id, outcome));
+                        }
+                        Next::Requeue(when) => record.requeued.push((id, when)),
+                        Next::Leave => {}
+                    }
+                }
+            }
+        }
+        let keys = if record_is_empty(&record) {
+            Vec::new()
+        } else {
+            self.store
+                .record_dispatch(
+                    &record,
+                    self.config.budget_krw,
+                    &self.back_off(),
+                    now_micros(),
+                )
+                .await?
+        };
+        let mut key_of = std::collections::HashMap::new();
+        for (id, key) in record.assign_keys.iter().zip(keys) {
+            key_of.insert(*id, key);
+        }
+
+        // 4. Send the instructions, or look up those sent before.
+        let sends = futures::future::join_all(rows.iter().map(|row| {
+            let key = key_of.remove(&row.d.disbursement_id);
+            async move {
+                let d = &row.d;
+                let step = match (d.status, key) {
+                    (DisbursementStatus::Submitted, _) => match d.idempotency_key.as_deref() {
+                        Some(key) => self.look_up(d, key).await,
+                        None => {
+                            tracing::warn!(
+                                disbursement_id = %d.disbursement_id,
+                                "submitted disbursement has no instruction key"
+                            );
+                            Step::default().then(Next::Leave)
+                        }
+                    },
+                    (_, Some(KeyAssignment::Key(key))) => self.submit(d, &key).await,
+                    (_, Some(KeyAssignment::OverBudget)) => {
+                        tracing::warn!(
+                            disbursement_id = %d.disbursement_id,
+                            amount_krw = d.amount_krw,
+                            "held back: paying it would pass the programme budget"
+                        );
+                        self.later(self.config.max_backoff)
+                    }
+                    // Cancelled meanwhile, or settled in step 3.
+                    (_, Some(KeyAssignment::Gone) | None) => return None,
+                };
+                Some(step)
+            }
+            .instrument(row.span.clone())
+        }))
+        .await;
+
+        // 5. Record the answers, in one transaction.
+        let mut record = DispatchRecord::default();
+        for (row, step) in rows.iter().zip(sends) {
+            let Some(step) = step else { continue };
+            let id = row.d.disbursement_id;
+            record
+                .attempts
+                .extend(step.attempts.into_iter().map(|a| (id, a)));
+            match step.next {
+                Next::Finish(outcome) => {
+                    self.count_failure(row, &outcome);
+                    record.finished.push((id, outcome));
+                }
+                Next::Requeue(when) => record.requeued.push((id, when)),
+                Next::Send | Next::Leave => {}
+            }
+        }
+        if !record_is_empty(&record) {
+            self.store
+                .record_dispatch(
+                    &record,
+                    self.config.budget_krw,
+                    &self.back_off(),
+                    now_micros(),
+                )
+                .await?;
+        }
+        Ok(())
     }
 
     /// Records the outbox and disbursement gauges.
@@ -171,57 +389,8 @@ impl Dispatcher {
         Ok(())
     }
 
-    /// Works on one disbursement, in a span that continues the trace of the approving call.
-    async fn step(&self, id: Uuid) -> Result<(), StoreError> {
-        let Some(d) = self.store.get_disbursement(id).await? else {
-            return Ok(());
-        };
-        let span = tracing::info_span!(
-            "dispatch",
-            otel.name = "dispatch disbursement",
-            payouts.disbursement_id = %id,
-            status = d.status.key(),
-            trace_id = tracing::field::Empty,
-        );
-        crate::telemetry::continue_stored_context(&span, d.trace_context.as_deref());
-        span.record("trace_id", crate::telemetry::trace_id_of(&span));
-        self.advance(d).instrument(span).await
-    }
-
-    async fn advance(&self, d: Disbursement) -> Result<(), StoreError> {
-        let id = d.disbursement_id;
-        match d.status {
-            DisbursementStatus::Queued => self.start(&d).await,
-            DisbursementStatus::Submitted => match d.idempotency_key.clone() {
-                Some(key) => self.look_up(&d, &key).await,
-                None => Err(StoreError::Unexpected(anyhow::anyhow!(
-                    "submitted disbursement {id} has no instruction key"
-                ))),
-            },
-            // Final states keep no outbox row; nothing to do.
-            DisbursementStatus::Paid
-            | DisbursementStatus::Failed
-            | DisbursementStatus::Cancelled => Ok(()),
-        }
-    }
-
-    async fn record(
-        &self,
-        d: &Disbursement,
-        operation: &str,
-        key: &str,
-        outcome: &str,
-        code: &str,
-        message: &str,
-    ) -> Result<(), StoreError> {
-        let attempt = Attempt {
-            operation: operation.to_owned(),
-            idempotency_key: key.to_owned(),
-            outcome: outcome.to_owned(),
-            code: code.to_owned(),
-            message: message.to_owned(),
-            time: now_micros(),
-        };
+    /// A backend call as recorded, counted in `payouts.dispatch.attempts`.
+    fn attempt(operation: &str, key: &str, outcome: &str, code: &str, message: &str) -> Attempt {
         crate::telemetry::metrics().dispatch_attempts.add(
             1,
             &[
@@ -229,7 +398,26 @@ impl Dispatcher {
                 KeyValue::new("outcome", outcome.to_owned()),
             ],
         );
-        self.store.record_attempt(d.disbursement_id, &attempt).await
+        Attempt {
+            operation: operation.to_owned(),
+            idempotency_key: key.to_owned(),
+            outcome: outcome.to_owned(),
+            code: code.to_owned(),
+            message: message.to_owned(),
+            time: now_micros(),
+        }
+    }
+
+    /// Logs and counts a disbursement that ends `FAILED`.
+    fn count_failure(&self, row: &Leased, outcome: &DispatchOutcome) {
+        if let DispatchOutcome::Failed { code, .. } = outcome {
+            row.span.in_scope(|| {
+                tracing::info!(disbursement_id = %row.d.disbursement_id, code, "disbursement failed");
+            });
+            crate::telemetry::metrics()
+                .dispatch_failures
+                .add(1, &[KeyValue::new("code", code.clone())]);
+        }
     }
 
     /// One call to the backend in a CLIENT span whose context travels with the request.
@@ -242,6 +430,8 @@ impl Dispatcher {
     where
         Fut: Future<Output = Result<tonic::Response<Resp>, tonic::Status>>,
     {
+        // The semaphore is never closed; should it be, the call goes ahead unbounded.
+        let _permit = self.calls.acquire().await.ok();
         let span = tracing::info_span!(
             "backend call",
             otel.name = format!("payments.v1.PaymentsBackend/{method}"),
@@ -276,124 +466,119 @@ impl Dispatcher {
         .await
     }
 
-    async fn fail(&self, d: &Disbursement, code: &str, message: &str) -> Result<(), StoreError> {
-        tracing::info!(disbursement_id = %d.disbursement_id, code, "disbursement failed");
-        crate::telemetry::metrics()
-            .dispatch_failures
-            .add(1, &[KeyValue::new("code", code.to_owned())]);
-        let outcome = DispatchOutcome::Failed {
-            code: code.to_owned(),
-            message: message.to_owned(),
-        };
-        self.store
-            .finish_dispatch(d.disbursement_id, &outcome, now_micros())
-            .await
-    }
-
-    /// Backs off after a transient failure: exponential, with jitter, capped.
-    async fn back_off(&self, d: &Disbursement) -> Result<(), StoreError> {
+    /// The due time after a transient failure: exponential in the failures so far, with
+    /// jitter, capped.
+    fn back_off(&self) -> impl Fn(u32) -> Micros + Send + Sync + use<> {
         let (base, max) = (self.config.base_backoff, self.config.max_backoff);
-        let due = move |failures: u32| {
+        move |failures: u32| {
             let exp = base.saturating_mul(1 << failures.min(20)).min(max);
             now_micros() + micros(rand::rng().random_range(exp / 2..=exp))
-        };
-        self.store.reschedule(d.disbursement_id, true, &due).await
+        }
     }
 
-    /// Makes the row due again after `delay`, without counting a failure.
-    async fn later(&self, d: &Disbursement, delay: Duration) -> Result<(), StoreError> {
-        let due = move |_| now_micros() + micros(delay);
-        self.store.reschedule(d.disbursement_id, false, &due).await
+    /// Due again after `delay`, without counting a failure.
+    fn later(&self, delay: Duration) -> Step {
+        Step::default().then(Next::Requeue(Requeue::At(now_micros() + micros(delay))))
     }
 
     /// The full account number, opened from its sealed form just before it is sent.
-    fn account_number(&self, d: &Disbursement) -> Result<String, StoreError> {
-        Sealed::decode(&d.sealed_account)
-            .and_then(|sealed| self.cipher.open(d.partner_id, &sealed))
-            .map_err(|e| {
-                StoreError::Unexpected(anyhow::anyhow!(
-                    "cannot open the account number of disbursement {} (is the key that sealed it \
-                     configured?): {e}",
-                    d.disbursement_id
-                ))
-            })
-    }
-
-    async fn start(&self, d: &Disbursement) -> Result<(), StoreError> {
-        if !d.holder_verified {
-            let account_number = self.account_number(d)?;
-            let request = pb::VerifyAccountHolderRequest {
-                bank_code: d.account.bank_code.as_str().to_owned(),
-                account_number,
-                expected_holder_name: d.account.holder_name.as_str().to_owned(),
-            };
-            match self
-                .call("VerifyAccountHolder", request, |mut c, r| async move {
-                    c.verify_account_holder(r).await
-                })
-                .await
-            {
-                Ok(response) => {
-                    let r = response.into_inner();
-                    if !r.failure_code.is_empty() {
-                        self.record(d, VERIFY, "", "ACCOUNT_UNUSABLE", &r.failure_code, "")
-                            .await?;
-                        return self
-                            .fail(
-                                d,
-                                &r.failure_code,
-                                "the bank reports the account cannot take payouts",
-                            )
-                            .await;
-                    }
-                    if !r.matches {
-                        self.record(d, VERIFY, "", "MISMATCH", failure::HOLDER_MISMATCH, "")
-                            .await?;
-                        return self
-                            .fail(
-                                d,
-                                failure::HOLDER_MISMATCH,
-                                "the bank's account holder is not the partner or its representative",
-                            )
-                            .await;
-                    }
-                    self.record(d, VERIFY, "", "MATCH", "", "").await?;
-                    self.store.mark_holder_verified(d.disbursement_id).await?;
-                }
-                Err(status) => {
-                    self.record(
-                        d,
-                        VERIFY,
-                        "",
-                        "ERROR",
-                        &code_name(status.code()),
-                        status.message(),
-                    )
-                    .await?;
-                    return self.back_off(d).await;
-                }
-            }
-        }
-        match self
-            .store
-            .assign_key(d.disbursement_id, self.config.budget_krw, now_micros())
-            .await?
-        {
-            KeyAssignment::Key(key) => self.submit(d, &key).await,
-            KeyAssignment::OverBudget => {
+    fn account_number(&self, d: &Disbursement) -> Option<String> {
+        let opened = Sealed::decode(&d.sealed_account)
+            .and_then(|sealed| self.cipher.open(d.partner_id, &sealed));
+        match opened {
+            Ok(number) => Some(number),
+            Err(e) => {
+                // Left for the lease to lapse, as a failed step: a key configured later opens it.
                 tracing::warn!(
                     disbursement_id = %d.disbursement_id,
-                    amount_krw = d.amount_krw,
-                    "held back: paying it would pass the programme budget"
+                    error = %e,
+                    "cannot open the account number (is the key that sealed it configured?)"
                 );
-                self.later(d, self.config.max_backoff).await
+                None
             }
-            KeyAssignment::Gone => Ok(()),
         }
     }
 
-    async fn submit(&self, d: &Disbursement, key: &str) -> Result<(), StoreError> {
-        let account_number = self.account_number(d)?;
+    /// Asks the bank whether the account is the expected holder's and can take payouts.
+    async fn verify(&self, d: &Disbursement) -> Step {
+        let Some(account_number) = self.account_number(d) else {
+            return Step::default().then(Next::Leave);
+        };
+        let request = pb::VerifyAccountHolderRequest {
+            bank_code: d.account.bank_code.as_str().to_owned(),
+            account_number,
+            expected_holder_name: d.account.holder_name.as_str().to_owned(),
+        };
+        let result = self
+            .call("VerifyAccountHolder", request, |mut c, r| async move {
+                c.verify_account_holder(r).await
+            })
+            .await;
+        match result {
+            Ok(response) => {
+                let r = response.into_inner();
+                if !r.failure_code.is_empty() {
+                    return Step {
+                        attempts: vec![Self::attempt(
+                            VERIFY,
+                            "",
+                            "ACCOUNT_UNUSABLE",
+                            &r.failure_code,
+                            "",
+                        )],
+                        next: Next::Finish(DispatchOutcome::Failed {
+                            code: r.failure_code,
+                            message: "the bank reports the account cannot take payouts".into(),
+                        }),
+                    };
+                }
+                if !r.matches {
+                    return Step {
+                        attempts: vec![Self::attempt(
+                            VERIFY,
+                            "",
+                            "MISMATCH",
+                            failure::HOLDER_MISMATCH,
+                            "",
+                        )],
+                        next: Next::Finish(DispatchOutcome::Failed {
+                            code: failure::HOLDER_MISMATCH.into(),
+                            message:
+                                "the bank's account holder is not the partner or its representative"
+                                    .into(),
+                        }),
+                    };
+                }
+                Step {
+                    attempts: vec![Self::attempt(VERIFY, "", "MATCH", "", "")],
+                    next: Next::Send,
+                }
+            }
+            Err(status) => Step {
+                attempts: vec![Self::attempt(
+                    VERIFY,
+                    "",
+                    "ERROR",
+                    &code_name(status.code()),
+                    status.message(),
+                )],
+                next: Next::Requeue(Requeue::BackOff),
+            },
+        }
+    }
+
+    /// Sends the instruction under `key`, which is stored.
+    async fn submit(&self, d: &Disbursement, key: &str) -> Step {
+        self.submit_after(d, key, Vec::new()).await
+    }
+
+    async fn submit_after(&self, d: &Disbursement, key: &str, mut attempts: Vec<Attempt>) -> Step {
+        let Some(account_number) = self.account_number(d) else {
+            return Step {
+                attempts,
+                next: Next::Leave,
+            };
+        };
         let request = pb::SubmitInstructionRequest {
             idempotency_key: key.to_owned(),
             amount_krw: d.amount_krw,
@@ -402,105 +587,112 @@ impl Dispatcher {
             holder_name: d.account.holder_name.as_str().to_owned(),
             memo: format!("outage compensation, claim {}", d.claim_id),
         };
-        match self
+        let result = self
             .call("SubmitInstruction", request, |mut c, r| async move {
                 c.submit_instruction(r).await
             })
-            .await
-        {
+            .await;
+        match result {
             Ok(response) => {
                 let instruction = response.into_inner().instruction.unwrap_or_default();
-                self.settle(d, SUBMIT, key, &instruction).await
+                self.settle(SUBMIT, key, &instruction, attempts)
             }
             Err(status) => {
                 // Unavailable: not applied. Timeout or anything else: maybe applied. Either way
-                // the next step looks the key up before sending again under the same key.
-                self.record(
-                    d,
+                // the next round looks the key up before sending again under the same key.
+                attempts.push(Self::attempt(
                     SUBMIT,
                     key,
                     "ERROR",
                     &code_name(status.code()),
                     status.message(),
-                )
-                .await?;
-                self.back_off(d).await
+                ));
+                Step {
+                    attempts,
+                    next: Next::Requeue(Requeue::BackOff),
+                }
             }
         }
     }
 
-    async fn look_up(&self, d: &Disbursement, key: &str) -> Result<(), StoreError> {
+    /// Asks what became of the instruction sent under `key`; sends it if the bank has none.
+    async fn look_up(&self, d: &Disbursement, key: &str) -> Step {
         let request = pb::GetInstructionRequest {
             idempotency_key: key.to_owned(),
         };
-        match self
+        let result = self
             .call("GetInstruction", request, |mut c, r| async move {
                 c.get_instruction(r).await
             })
-            .await
-        {
+            .await;
+        match result {
             Ok(response) => {
                 let instruction = response.into_inner().instruction.unwrap_or_default();
-                self.settle(d, LOOKUP, key, &instruction).await
+                self.settle(LOOKUP, key, &instruction, Vec::new())
             }
             Err(status) if status.code() == Code::NotFound => {
-                self.record(d, LOOKUP, key, "NOT_FOUND", "", "").await?;
-                self.submit(d, key).await
+                let attempts = vec![Self::attempt(LOOKUP, key, "NOT_FOUND", "", "")];
+                self.submit_after(d, key, attempts).await
             }
-            Err(status) => {
-                self.record(
-                    d,
+            Err(status) => Step {
+                attempts: vec![Self::attempt(
                     LOOKUP,
                     key,
                     "ERROR",
                     &code_name(status.code()),
                     status.message(),
-                )
-                .await?;
-                self.back_off(d).await
-            }
+                )],
+                next: Next::Requeue(Requeue::BackOff),
+            },
         }
     }
 
-    async fn settle(
+    /// What the instruction's status means for the disbursement.
+    fn settle(
         &self,
-        d: &Disbursement,
         operation: &str,
         key: &str,
         instruction: &pb::Instruction,
-    ) -> Result<(), StoreError> {
+        mut attempts: Vec<Attempt>,
+    ) -> Step {
         let status = InstructionStatus::try_from(instruction.status)
             .unwrap_or(InstructionStatus::Unspecified);
         let outcome = status
             .as_str_name()
             .trim_start_matches("INSTRUCTION_STATUS_");
-        self.record(
-            d,
+        attempts.push(Self::attempt(
             operation,
             key,
             outcome,
             &instruction.failure_code,
             &instruction.failure_message,
-        )
-        .await?;
-        match status {
-            InstructionStatus::Paid => {
-                self.store
-                    .finish_dispatch(d.disbursement_id, &DispatchOutcome::Paid, now_micros())
-                    .await
-            }
+        ));
+        let next = match status {
+            InstructionStatus::Paid => Next::Finish(DispatchOutcome::Paid),
             InstructionStatus::Failed => {
                 let code = if instruction.failure_code.is_empty() {
                     "BACKEND_FAILED"
                 } else {
                     &instruction.failure_code
                 };
-                self.fail(d, code, &instruction.failure_message).await
+                Next::Finish(DispatchOutcome::Failed {
+                    code: code.to_owned(),
+                    message: instruction.failure_message.clone(),
+                })
             }
-            InstructionStatus::Accepted => self.later(d, self.config.accepted_poll).await,
-            InstructionStatus::Unspecified => self.back_off(d).await,
-        }
+            InstructionStatus::Accepted => self.later(self.config.accepted_poll).next,
+            InstructionStatus::Unspecified => Next::Requeue(Requeue::BackOff),
+        };
+        Step { attempts, next }
     }
+}
+
+fn record_is_empty(record: &DispatchRecord) -> bool {
+    record.attempts.is_empty()
+        && record.verified.is_empty()
+        && record.finished.is_empty()
+        && record.requeued.is_empty()
+        && record.assign_keys.is_empty()
 }
 
 fn code_name(code: Code) -> String {

@@ -16,6 +16,8 @@ use crate::domain::{PersonOrBusinessName, SettlementLine, SettlementMismatch};
 mod sql;
 #[macro_use]
 mod bulk;
+#[macro_use]
+mod dispatch;
 pub mod postgres;
 pub mod sqlite;
 
@@ -231,6 +233,35 @@ pub enum KeyAssignment {
     OverBudget,
     /// The disbursement is no longer `QUEUED`/`SUBMITTED` (cancelled meanwhile).
     Gone,
+}
+
+/// When a leased outbox row is due again.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Requeue {
+    /// After a transient failure: one more failure is counted and the row is due at the
+    /// back-off for that many failures.
+    BackOff,
+    /// At this time, without counting a failure.
+    At(Micros),
+}
+
+/// What a dispatcher round learnt about a batch of leased disbursements, written in one
+/// transaction by [`Store::record_dispatch`], in this order.
+#[derive(Debug, Clone, Default)]
+pub struct DispatchRecord {
+    /// Backend calls, each disbursement's in the order they were made.
+    pub attempts: Vec<(Uuid, Attempt)>,
+    /// Disbursements whose account holder the bank confirmed.
+    pub verified: Vec<Uuid>,
+    /// Disbursements whose dispatch ends (`PAID`, or `FAILED` with a code); their outbox rows
+    /// are removed.
+    pub finished: Vec<(Uuid, DispatchOutcome)>,
+    /// Outbox rows released and made due again.
+    pub requeued: Vec<(Uuid, Requeue)>,
+    /// Disbursements to be given their instruction key and moved `QUEUED -> SUBMITTED`, in
+    /// this order, while the programme budget allows. One [`KeyAssignment`] is answered for
+    /// each.
+    pub assign_keys: Vec<Uuid>,
 }
 
 /// What `ExportDisbursements` selects: a status (None: any) and a window on `update_time`.
@@ -488,4 +519,33 @@ pub trait Store: Send + Sync + 'static {
         failed: bool,
         due_time: &(dyn Fn(u32) -> Micros + Send + Sync),
     ) -> Result<()>;
+
+    // The dispatcher, a batch at a time.
+    /// Leases up to `limit` due outbox rows until `lease_until` and reads their disbursements
+    /// (without attempts and history); none while dispatch is paused.
+    async fn lease_batch(
+        &self,
+        now: Micros,
+        lease_until: Micros,
+        limit: u32,
+    ) -> Result<Vec<Disbursement>>;
+    /// Extends to `lease_until` the leases among `disbursement_ids` that are still held until
+    /// `held_until` (rows released or taken over meanwhile are left alone); returns how many.
+    async fn renew_leases(
+        &self,
+        disbursement_ids: &[Uuid],
+        held_until: Micros,
+        lease_until: Micros,
+    ) -> Result<u64>;
+    /// Writes `record` in one transaction: attempts, verified holders, finished dispatches
+    /// (with their history), released rows (`back_off(failures so far)` gives the due time of
+    /// [`Requeue::BackOff`]), then instruction keys within `budget_krw`, under the same lock
+    /// as [`Store::assign_key`], the batch's keys adding up as they are made.
+    async fn record_dispatch(
+        &self,
+        record: &DispatchRecord,
+        budget_krw: Option<i64>,
+        back_off: &(dyn Fn(u32) -> Micros + Send + Sync),
+        now: Micros,
+    ) -> Result<Vec<KeyAssignment>>;
 }

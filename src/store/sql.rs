@@ -436,6 +436,7 @@ macro_rules! sql_store {
         }
 
         bulk_sql!($store, $db, for_update = $for_update);
+        dispatch_sql!($store, $db, for_update = $for_update, skip_locked = $skip_locked);
 
         #[::async_trait::async_trait]
         impl $crate::store::Store for $store {
@@ -1684,6 +1685,37 @@ macro_rules! sql_store {
                 }
                 tx.commit().await?;
                 Ok(())
+            }
+
+            #[::tracing::instrument(name = "store.lease_batch", skip_all, fields(otel.kind = "client", db.system = $db_system, limit = limit))]
+            async fn lease_batch(
+                &self,
+                now: Micros,
+                lease_until: Micros,
+                limit: u32,
+            ) -> Result<Vec<Disbursement>> {
+                dispatch_lease_batch(self, now, lease_until, limit).await
+            }
+
+            #[::tracing::instrument(name = "store.renew_leases", skip_all, fields(otel.kind = "client", db.system = $db_system, rows = disbursement_ids.len()))]
+            async fn renew_leases(
+                &self,
+                disbursement_ids: &[Uuid],
+                held_until: Micros,
+                lease_until: Micros,
+            ) -> Result<u64> {
+                dispatch_renew_leases(self, disbursement_ids, held_until, lease_until).await
+            }
+
+            #[::tracing::instrument(name = "store.record_dispatch", skip_all, fields(otel.kind = "client", db.system = $db_system, attempts = record.attempts.len(), keys = record.assign_keys.len()))]
+            async fn record_dispatch(
+                &self,
+                record: &$crate::store::DispatchRecord,
+                budget_krw: Option<i64>,
+                back_off: &(dyn Fn(u32) -> Micros + Send + Sync),
+                now: Micros,
+            ) -> Result<Vec<KeyAssignment>> {
+                dispatch_record(self, record, budget_krw, back_off, now).await
             }
         }
     };

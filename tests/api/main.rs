@@ -4,6 +4,7 @@
 mod access;
 mod claims;
 mod disbursements;
+mod dispatch_batch;
 mod dispatch_limits;
 mod helpers;
 mod imports;
