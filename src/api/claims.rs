@@ -7,14 +7,16 @@ use tonic::{Code, Request, Response, Status, Streaming};
 
 use super::imports::{self, Import, RowResult, Written};
 use super::{
-    Context, Principal, Violations, convert, idempotency, next_page_token, page, record_touched,
-    respond, status_with_reason,
+    Context, Principal, Violations, convert, decode_replay, idempotency, next_page_token, page,
+    record_touched, respond, status_with_reason,
 };
 use crate::domain::{
     self, BusinessRegistrationNumber, Claim, Evidence, LossItem, NewClaim, Policy, ReviewDecision,
 };
 use crate::proto::payouts::v1::{self as pb, claim_service_server::ClaimService};
-use crate::store::{ClaimFilter, ClaimSubmission, PartnerRef, Review, Store, StoreError};
+use crate::store::{
+    BatchAudit, ClaimFilter, ClaimSubmission, PartnerRef, Review, Store, StoreError, Stored,
+};
 
 pub struct Claims {
     pub ctx: Context,
@@ -80,6 +82,19 @@ fn missing() -> Status {
 /// The `SubmitClaim` response kept for replays.
 pub fn render_submitted(c: &Claim) -> Vec<u8> {
     render_claim(|c| pb::SubmitClaimResponse { claim: Some(c) })(c)
+}
+
+/// The claim a submission's answer names, for the audit log (the most specific resource, as
+/// `record_touched` ranks them).
+pub fn submitted_id(stored: &Stored<Claim>) -> String {
+    match stored {
+        Stored::Fresh(c) => c.claim_id.to_string(),
+        Stored::Replayed(bytes) => decode_replay::<pb::SubmitClaimResponse>(bytes)
+            .ok()
+            .and_then(|r| r.claim)
+            .map(|c| c.claim_id)
+            .unwrap_or_default(),
+    }
 }
 
 /// How a claim names its partner: `SubmitClaim` by id, an `ImportClaims` row either way.
@@ -229,8 +244,16 @@ impl Import for ClaimImport {
         }
     }
 
-    fn write<'a>(&'a self, rows: &'a [Self::Row]) -> BoxFuture<'a, Written<Self::Value>> {
-        self.store.submit_claims(rows, &render_submitted)
+    fn write<'a>(
+        &'a self,
+        rows: &'a [Self::Row],
+        audit: BatchAudit<'a, Self::Value>,
+    ) -> BoxFuture<'a, Written<Self::Value>> {
+        self.store.submit_claims(rows, &render_submitted, audit)
+    }
+
+    fn stored_id(stored: &Stored<Self::Value>) -> String {
+        submitted_id(stored)
     }
 
     fn fresh(value: &Self::Value) -> Self::Proto {
@@ -239,11 +262,6 @@ impl Import for ClaimImport {
 
     fn replayed(stored: Self::Stored) -> Option<Self::Proto> {
         stored.claim
-    }
-
-    fn resource_id(proto: &Self::Proto) -> String {
-        // The most specific resource, as `record_touched` ranks them.
-        proto.claim_id.clone()
     }
 
     fn response(row: i64, result: RowResult<Self::Proto>) -> Self::Response {

@@ -6,6 +6,8 @@
 //! store's batch method, which answers each row exactly as the one-row method would have. While
 //! a batch is being written, new rows queue and form the next one: batches grow with load, and
 //! a lone call is written at once rather than after a wait.
+//!
+//! Each call's audit entry is written in the batch's transaction, with its row.
 
 use std::sync::Arc;
 
@@ -13,8 +15,11 @@ use futures::future::BoxFuture;
 use tokio::sync::{Semaphore, mpsc, oneshot};
 use tracing::Instrument as _;
 
+use crate::auth::audit::{self, AuditDraft};
 use crate::domain::{Claim, NewPartner, Partner};
-use crate::store::{self, ClaimSubmission, Idempotency, Store, StoreError, Stored};
+use crate::store::{
+    self, AuditEvent, BatchAudit, ClaimSubmission, Idempotency, Store, StoreError, Stored,
+};
 
 /// Rows per transaction at most.
 pub const MAX_ROWS: usize = 256;
@@ -27,16 +32,23 @@ const QUEUE: usize = 4096;
 
 type Answer<T> = store::Result<Stored<T>>;
 
-/// Writes one batch: one answer per row, in order.
-pub type WriteBatch<R, T> =
-    Arc<dyn Fn(Vec<R>) -> BoxFuture<'static, store::Result<Vec<Answer<T>>>> + Send + Sync>;
+/// Writes one batch, with the audit entries of the calls that have a draft: one answer per
+/// row, in order.
+pub type WriteBatch<R, T> = Arc<
+    dyn Fn(Vec<R>, Vec<Option<AuditDraft>>) -> BoxFuture<'static, store::Result<Vec<Answer<T>>>>
+        + Send
+        + Sync,
+>;
 
 struct Job<R, T> {
     row: R,
+    /// The caller's audit entry, to be written with its row.
+    audit: Option<AuditDraft>,
     /// The caller's span: the batch's span continues the first caller's trace and links the
     /// others, so each call's trace still shows the database work done for it.
     span: tracing::Span,
-    reply: oneshot::Sender<Answer<T>>,
+    /// The answer, and whether the caller's audit entry was written with it.
+    reply: oneshot::Sender<(Answer<T>, bool)>,
 }
 
 /// Queues rows of one kind and writes them in shared transactions.
@@ -52,16 +64,22 @@ impl<R: Send + 'static, T: Send + 'static> Batcher<R, T> {
         Self { tx }
     }
 
-    /// Writes `row` with whatever other rows are waiting, and returns its own answer.
+    /// Writes `row` with whatever other rows are waiting, and returns its own answer. The
+    /// call's audit entry is written with the row (and the audit layer told so).
     pub async fn submit(&self, row: R) -> Answer<T> {
         let (reply, answer) = oneshot::channel();
         let job = Job {
             row,
+            audit: audit::draft(),
             span: tracing::Span::current(),
             reply,
         };
         self.tx.send(job).await.map_err(|_| stopped())?;
-        answer.await.map_err(|_| stopped())?
+        let (answer, audited) = answer.await.map_err(|_| stopped())?;
+        if audited {
+            audit::note_audited();
+        }
+        answer
     }
 }
 
@@ -103,13 +121,20 @@ async fn write_batch<R, T>(name: &'static str, jobs: Vec<Job<R, T>>, write: &Wri
     for job in &jobs[1..] {
         span.follows_from(&job.span);
     }
-    let (rows, replies): (Vec<R>, Vec<_>) = jobs.into_iter().map(|j| (j.row, j.reply)).unzip();
-    let count = rows.len();
-    match write(rows).instrument(span).await {
+    let count = jobs.len();
+    let mut rows = Vec::with_capacity(count);
+    let mut drafts = Vec::with_capacity(count);
+    let mut replies = Vec::with_capacity(count);
+    for job in jobs {
+        replies.push((job.reply, job.audit.is_some()));
+        rows.push(job.row);
+        drafts.push(job.audit);
+    }
+    match write(rows, drafts).instrument(span).await {
         Ok(answers) if answers.len() == count => {
-            for (reply, answer) in replies.into_iter().zip(answers) {
+            for ((reply, audited), answer) in replies.into_iter().zip(answers) {
                 // A caller that gave up no longer listens; its row is written all the same.
-                let _ = reply.send(answer);
+                let _ = reply.send((answer, audited));
             }
         }
         Ok(answers) => {
@@ -118,19 +143,18 @@ async fn write_batch<R, T>(name: &'static str, jobs: Vec<Job<R, T>>, write: &Wri
                 answers = answers.len(),
                 "a batch write answered the wrong number of rows"
             );
-            for reply in replies {
-                let _ = reply.send(Err(StoreError::Unexpected(anyhow::anyhow!(
-                    "the batch write lost a row"
-                ))));
+            for (reply, _) in replies {
+                let error = anyhow::anyhow!("the batch write lost a row");
+                let _ = reply.send((Err(StoreError::Unexpected(error)), false));
             }
         }
         Err(e) => {
-            // Nothing of the batch was stored; each caller gets the error (and logs it).
+            // Nothing of the batch was stored, nor audited; each caller gets the error (and
+            // logs it), and the audit layer records the failed call.
             let message = format!("{e:#}");
-            for reply in replies {
-                let _ = reply.send(Err(StoreError::Unexpected(anyhow::anyhow!(
-                    "batch write failed: {message}"
-                ))));
+            for (reply, _) in replies {
+                let error = anyhow::anyhow!("batch write failed: {message}");
+                let _ = reply.send((Err(StoreError::Unexpected(error)), false));
             }
         }
     }
@@ -142,32 +166,68 @@ pub struct GroupCommit {
     pub claims: Batcher<ClaimSubmission, Claim>,
 }
 
+/// The audit entry of row `i` of a batch of calls, from its draft and its answer.
+fn entry<T>(
+    drafts: &[Option<AuditDraft>],
+    i: usize,
+    answer: &Answer<T>,
+    resource: impl Fn(&Stored<T>) -> String,
+) -> Option<AuditEvent> {
+    let draft = drafts.get(i)?.as_ref()?;
+    Some(match answer {
+        Ok(stored) => draft.event(resource(stored), tonic::Code::Ok),
+        Err(e) => draft.event(String::new(), super::code_of(e)),
+    })
+}
+
 impl GroupCommit {
     pub fn spawn(store: Arc<dyn Store>) -> Self {
         let partners = {
             let store = store.clone();
             Batcher::spawn(
                 "RegisterPartner",
-                Arc::new(move |rows: Vec<(Idempotency, NewPartner)>| {
-                    let store = store.clone();
-                    Box::pin(async move {
-                        store
-                            .register_partners(&rows, &super::partners::render_registered)
-                            .await
-                    }) as BoxFuture<'static, _>
-                }),
+                Arc::new(
+                    move |rows: Vec<(Idempotency, NewPartner)>, drafts: Vec<Option<AuditDraft>>| {
+                        let store = store.clone();
+                        Box::pin(async move {
+                            let row = |i: usize, answer: &Answer<Partner>| {
+                                entry(&drafts, i, answer, super::partners::registered_id)
+                            };
+                            let audit = BatchAudit {
+                                row: &row,
+                                refused: &[],
+                            };
+                            store
+                                .register_partners(
+                                    &rows,
+                                    &super::partners::render_registered,
+                                    audit,
+                                )
+                                .await
+                        }) as BoxFuture<'static, _>
+                    },
+                ),
             )
         };
         let claims = Batcher::spawn(
             "SubmitClaim",
-            Arc::new(move |rows: Vec<ClaimSubmission>| {
-                let store = store.clone();
-                Box::pin(async move {
-                    store
-                        .submit_claims(&rows, &super::claims::render_submitted)
-                        .await
-                }) as BoxFuture<'static, _>
-            }),
+            Arc::new(
+                move |rows: Vec<ClaimSubmission>, drafts: Vec<Option<AuditDraft>>| {
+                    let store = store.clone();
+                    Box::pin(async move {
+                        let row = |i: usize, answer: &Answer<Claim>| {
+                            entry(&drafts, i, answer, super::claims::submitted_id)
+                        };
+                        let audit = BatchAudit {
+                            row: &row,
+                            refused: &[],
+                        };
+                        store
+                            .submit_claims(&rows, &super::claims::render_submitted, audit)
+                            .await
+                    }) as BoxFuture<'static, _>
+                },
+            ),
         );
         Self { partners, claims }
     }

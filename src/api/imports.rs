@@ -4,14 +4,23 @@
 //! the valid rows of a batch are written in one transaction by the store's batch method. Every
 //! row is answered, in order, with what its unary call would have answered.
 //!
+//! Reading goes on while batches are written, and up to [`IN_FLIGHT`] batches of a stream are
+//! written at once (each in its own transaction); answers still go back in row order. Rows of
+//! concurrent batches that share a request id or a key wait for each other in the database,
+//! and a batch that meets a row committed by another after it looked is redone row by row, so
+//! every row gets what its unary call would have answered.
+//!
+//! Each row's audit entry is written in its batch's transaction.
+//!
 //! A bad row never stops the stream. A stream that breaks off (or a caller that goes away)
-//! stops the import after the batch in hand: that batch's transaction commits or not as a
+//! stops the import after the batches in hand: each batch's transaction commits or not as a
 //! whole, so every row is either stored whole (and replayed when sent again) or not at all.
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use futures::future::BoxFuture;
+use futures::stream::FuturesOrdered;
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tokio_stream::wrappers::ReceiverStream;
@@ -20,12 +29,14 @@ use tonic::{Request, Status, Streaming};
 use tracing::Instrument as _;
 use uuid::Uuid;
 
-use super::{Principal, decode_replay, status_message};
+use super::{Principal, code_of, decode_replay, status_message};
 use crate::proto::google::rpc;
-use crate::store::{self, AuditEvent, Store, Stored, now_micros};
+use crate::store::{self, AuditEvent, BatchAudit, Store, Stored, now_micros};
 
 /// Rows per batch (and per transaction) at most.
 pub const MAX_BATCH_ROWS: usize = 500;
+/// Batches of one stream written at once.
+pub const IN_FLIGHT: usize = 4;
 /// A batch closes when no row has come for this long: the caller has sent what it had.
 const PAUSE: Duration = Duration::from_millis(2);
 /// ... or when its first row has waited this long for company.
@@ -74,11 +85,16 @@ pub trait Import: Send + Sync + 'static {
     fn request_id(request: &Self::Request) -> &str;
     /// Validates a row exactly as the unary call does; the error is what that call returns.
     fn prepare(&self, request: Self::Request, principal: &str) -> Result<Self::Row, Status>;
-    fn write<'a>(&'a self, rows: &'a [Self::Row]) -> BoxFuture<'a, Written<Self::Value>>;
+    /// Writes the rows, and the audit entries `audit` makes, in one transaction.
+    fn write<'a>(
+        &'a self,
+        rows: &'a [Self::Row],
+        audit: BatchAudit<'a, Self::Value>,
+    ) -> BoxFuture<'a, Written<Self::Value>>;
     fn fresh(value: &Self::Value) -> Self::Proto;
     fn replayed(stored: Self::Stored) -> Option<Self::Proto>;
-    /// The id the audit log names for a written row.
-    fn resource_id(proto: &Self::Proto) -> String;
+    /// The id the audit log names for a written or replayed row.
+    fn stored_id(stored: &Stored<Self::Value>) -> String;
     fn response(row: i64, result: RowResult<Self::Proto>) -> Self::Response;
 }
 
@@ -102,35 +118,68 @@ pub fn run<I: Import>(
 
 async fn drive<I: Import, S>(
     import: I,
-    mut inbound: S,
+    inbound: S,
     tx: mpsc::Sender<Result<I::Response, Status>>,
     principal: String,
     peer: String,
 ) where
-    S: Stream<Item = Result<I::Request, Status>> + Unpin,
+    S: Stream<Item = Result<I::Request, Status>> + Unpin + Send + 'static,
 {
+    // The reader hands over whole batches, so no row is lost half-read when writing waits.
+    let (batches_tx, mut batches) = mpsc::channel(1);
+    let reader = tokio::spawn(read(inbound, batches_tx).instrument(tracing::Span::current()));
+    let mut writing = FuturesOrdered::new();
     let mut next_row: i64 = 0;
+    let mut reading = true;
+    let mut failure = None;
     loop {
-        let batch = next_batch(&mut inbound).await;
-        let count = i64::try_from(batch.rows.len()).unwrap_or(i64::MAX);
-        if count > 0 {
-            let answers = import_batch(&import, batch.rows, next_row, &principal, &peer).await;
-            next_row += count;
-            for answer in answers {
-                if tx.send(Ok(answer)).await.is_err() {
-                    // The caller went away. What was written is whole; the rest was not read.
-                    tracing::info!(rows = next_row, "import abandoned by the caller");
-                    return;
+        tokio::select! {
+            biased;
+            Some(answers) = writing.next(), if !writing.is_empty() => {
+                for answer in answers {
+                    if tx.send(Ok(answer)).await.is_err() {
+                        // The caller went away. What was written is whole; the rest was not read.
+                        tracing::info!(rows = next_row, "import abandoned by the caller");
+                        reader.abort();
+                        while writing.next().await.is_some() {}
+                        return;
+                    }
                 }
             }
+            batch = batches.recv(), if reading && writing.len() < IN_FLIGHT => {
+                let Some(batch): Option<Batch<I::Request>> = batch else {
+                    reading = false;
+                    continue;
+                };
+                let count = i64::try_from(batch.rows.len()).unwrap_or(i64::MAX);
+                if count > 0 {
+                    writing.push_back(import_batch(&import, batch.rows, next_row, &principal, &peer));
+                    next_row += count;
+                }
+                if batch.failure.is_some() || batch.ended {
+                    // The request stream broke (or a row was too large to read): the rows
+                    // before it are answered, and the call ends with the reason.
+                    failure = batch.failure;
+                    reading = false;
+                }
+            }
+            else => break,
         }
-        if let Some(status) = batch.failure {
-            // The request stream broke (or a row was too large to read): the rows before it
-            // are answered, and the call ends with the reason.
-            let _ = tx.send(Err(status)).await;
-            return;
-        }
-        if batch.ended {
+    }
+    if let Some(status) = failure {
+        let _ = tx.send(Err(status)).await;
+    }
+}
+
+/// Reads the stream into batches until it ends or breaks.
+async fn read<T, S>(mut inbound: S, out: mpsc::Sender<Batch<T>>)
+where
+    S: Stream<Item = Result<T, Status>> + Unpin,
+{
+    loop {
+        let batch = next_batch(&mut inbound).await;
+        let last = batch.ended || batch.failure.is_some();
+        if out.send(batch).await.is_err() || last {
             return;
         }
     }
@@ -196,42 +245,69 @@ async fn import_batch<I: Import>(
     let mut request_ids = Vec::with_capacity(requests.len());
     let mut valid = Vec::new();
     let mut positions = Vec::new();
+    let mut refused = Vec::new();
     for (i, request) in requests.into_iter().enumerate() {
-        request_ids.push(I::request_id(&request).trim().to_owned());
+        let request_id = I::request_id(&request).trim().to_owned();
         match import.prepare(request, principal) {
             Ok(row) => {
                 valid.push(row);
                 positions.push(i);
                 results.push(None);
             }
-            Err(status) => results.push(Some(RowResult::Rejected(status))),
-        }
-    }
-    if !valid.is_empty() {
-        match import.write(&valid).await {
-            Ok(answers) => {
-                for (&i, answer) in positions.iter().zip(answers) {
-                    results[i] = Some(match answer {
-                        Ok(Stored::Fresh(value)) => RowResult::Created(I::fresh(&value)),
-                        Ok(Stored::Replayed(bytes)) => match decode_replay::<I::Stored>(&bytes)
-                            .ok()
-                            .and_then(I::replayed)
-                        {
-                            Some(proto) => RowResult::Replayed(proto),
-                            None => {
-                                RowResult::Rejected(Status::internal("stored response unreadable"))
-                            }
-                        },
-                        Err(e) => RowResult::Rejected(Status::from(e)),
-                    });
-                }
+            Err(status) => {
+                refused.push(entry::<I>(
+                    principal,
+                    peer,
+                    &request_id,
+                    String::new(),
+                    status.code(),
+                ));
+                results.push(Some(RowResult::Rejected(status)));
             }
-            Err(e) => {
-                // Nothing of the batch was stored: each of its rows fails as its call would.
-                let status = Status::from(e);
-                for &i in &positions {
-                    results[i] = Some(RowResult::Rejected(status.clone()));
-                }
+        }
+        request_ids.push(request_id);
+    }
+    let row_entry = |i: usize, answer: &store::Result<Stored<I::Value>>| {
+        let request_id = positions.get(i).and_then(|&p| request_ids.get(p))?;
+        Some(match answer {
+            Ok(stored) => entry::<I>(
+                principal,
+                peer,
+                request_id,
+                I::stored_id(stored),
+                tonic::Code::Ok,
+            ),
+            Err(e) => entry::<I>(principal, peer, request_id, String::new(), code_of(e)),
+        })
+    };
+    let audit = BatchAudit {
+        row: &row_entry,
+        refused: &refused,
+    };
+    // With no valid row, this writes the refused rows' entries alone.
+    let written = import.write(&valid, audit).await;
+    let audited = written.is_ok();
+    match written {
+        Ok(answers) => {
+            for (&i, answer) in positions.iter().zip(answers) {
+                results[i] = Some(match answer {
+                    Ok(Stored::Fresh(value)) => RowResult::Created(I::fresh(&value)),
+                    Ok(Stored::Replayed(bytes)) => match decode_replay::<I::Stored>(&bytes)
+                        .ok()
+                        .and_then(I::replayed)
+                    {
+                        Some(proto) => RowResult::Replayed(proto),
+                        None => RowResult::Rejected(Status::internal("stored response unreadable")),
+                    },
+                    Err(e) => RowResult::Rejected(Status::from(e)),
+                });
+            }
+        }
+        Err(e) => {
+            // Nothing of the batch was stored: each of its rows fails as its call would.
+            let status = Status::from(e);
+            for &i in &positions {
+                results[i] = Some(RowResult::Rejected(status.clone()));
             }
         }
     }
@@ -241,43 +317,54 @@ async fn import_batch<I: Import>(
             r.unwrap_or_else(|| RowResult::Rejected(Status::internal("the row was not answered")))
         })
         .collect();
-    audit(import, &results, &request_ids, principal, peer).await;
+    if !audited {
+        audit_failed(import, &results, &request_ids, principal, peer).await;
+    }
     (first_row..)
         .zip(results)
         .map(|(row, result)| I::response(row, result))
         .collect()
 }
 
-/// Records every row in the audit log as its own mutating call: the stream as a whole is one
-/// entry (written by the audit layer when it starts), which names no request or resource.
-async fn audit<I: Import>(
+/// The audit entry of one row, recorded as its own mutating call: the stream as a whole is
+/// one entry (written by the audit layer), which names no request or resource.
+fn entry<I: Import>(
+    principal: &str,
+    peer: &str,
+    request_id: &str,
+    resource_id: String,
+    code: tonic::Code,
+) -> AuditEvent {
+    AuditEvent {
+        audit_event_id: Uuid::now_v7(),
+        time: now_micros(),
+        principal: principal.to_owned(),
+        method: I::PATH.to_owned(),
+        resource_id,
+        request_id: request_id.to_owned(),
+        outcome_code: crate::auth::audit::code_name(code),
+        peer_address: peer.to_owned(),
+    }
+}
+
+/// Records the rows of a batch whose transaction failed (so wrote no entries), each with the
+/// error its row was answered.
+async fn audit_failed<I: Import>(
     import: &I,
     results: &[RowResult<I::Proto>],
     request_ids: &[String],
     principal: &str,
     peer: &str,
 ) {
-    let time = now_micros();
     let events: Vec<AuditEvent> = results
         .iter()
         .zip(request_ids)
         .map(|(result, request_id)| {
-            let (resource_id, code) = match result {
-                RowResult::Created(p) | RowResult::Replayed(p) => {
-                    (I::resource_id(p), tonic::Code::Ok)
-                }
-                RowResult::Rejected(status) => (String::new(), status.code()),
+            let code = match result {
+                RowResult::Created(_) | RowResult::Replayed(_) => tonic::Code::Ok,
+                RowResult::Rejected(status) => status.code(),
             };
-            AuditEvent {
-                audit_event_id: Uuid::now_v7(),
-                time,
-                principal: principal.to_owned(),
-                method: I::PATH.to_owned(),
-                resource_id,
-                request_id: request_id.clone(),
-                outcome_code: crate::auth::audit::code_name(code),
-                peer_address: peer.to_owned(),
-            }
+            entry::<I>(principal, peer, request_id, String::new(), code)
         })
         .collect();
     if let Err(e) = import.store().append_audit(&events).await {

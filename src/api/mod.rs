@@ -135,6 +135,23 @@ pub fn status_with_reason(
     )
 }
 
+/// The code [`Status::from`] gives a store error, without making the status.
+pub fn code_of(e: &StoreError) -> Code {
+    match e {
+        StoreError::NotFound(_) => Code::NotFound,
+        StoreError::PartnerAlreadyRegistered { .. } | StoreError::ClaimAlreadyFiled { .. } => {
+            Code::AlreadyExists
+        }
+        StoreError::RequestIdReused | StoreError::Review(_) | StoreError::Precondition { .. } => {
+            Code::FailedPrecondition
+        }
+        StoreError::EtagMismatch { .. } => Code::Aborted,
+        StoreError::InvalidField { .. } => Code::InvalidArgument,
+        StoreError::SamePrincipal(_) => Code::PermissionDenied,
+        StoreError::Unexpected(_) => Code::Internal,
+    }
+}
+
 impl From<StoreError> for Status {
     fn from(e: StoreError) -> Self {
         match e {
@@ -284,5 +301,46 @@ pub fn next_page_token(page: &Page, returned: usize, last: Option<Uuid>) -> Stri
             base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(id.as_bytes())
         }
         _ => String::new(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::domain::{ClaimStatus, ReviewRefused};
+
+    #[test]
+    fn code_of_is_the_code_of_the_status_a_store_error_becomes() {
+        let errors = || {
+            vec![
+                StoreError::NotFound("partner"),
+                StoreError::PartnerAlreadyRegistered {
+                    partner_id: Uuid::nil(),
+                },
+                StoreError::ClaimAlreadyFiled {
+                    claim_id: Uuid::nil(),
+                },
+                StoreError::RequestIdReused,
+                StoreError::EtagMismatch {
+                    current: "1".into(),
+                },
+                StoreError::Review(ReviewRefused::EvidenceRequired),
+                StoreError::Review(ReviewRefused::NotPendingReview(ClaimStatus::Approved)),
+                StoreError::InvalidField {
+                    field: "f",
+                    description: "bad".into(),
+                },
+                StoreError::SamePrincipal("x"),
+                StoreError::Precondition {
+                    reason: "R",
+                    message: "m".into(),
+                },
+                StoreError::Unexpected(anyhow::anyhow!("boom")),
+            ]
+        };
+        for (e, again) in errors().into_iter().zip(errors()) {
+            let code = code_of(&e);
+            assert_eq!(code, Status::from(again).code(), "{e:?}");
+        }
     }
 }

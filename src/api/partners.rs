@@ -7,15 +7,15 @@ use tonic::{Request, Response, Status, Streaming};
 
 use super::imports::{self, Import, RowResult, Written};
 use super::{
-    Context, Principal, Violations, convert, idempotency, next_page_token, page, record_touched,
-    respond,
+    Context, Principal, Violations, convert, decode_replay, idempotency, next_page_token, page,
+    record_touched, respond,
 };
 use crate::domain::{
     AccountNumber, BankAccount, BankCode, BusinessRegistrationNumber, ContactEmail, NewPartner,
     PartnerProfile, PersonOrBusinessName,
 };
 use crate::proto::payouts::v1::{self as pb, partner_service_server::PartnerService};
-use crate::store::{Idempotency, PartnerFilter, Store};
+use crate::store::{BatchAudit, Idempotency, PartnerFilter, Store, Stored};
 
 pub struct Partners {
     pub ctx: Context,
@@ -126,6 +126,18 @@ pub fn render_registered(p: &crate::domain::Partner) -> Vec<u8> {
     })
 }
 
+/// The partner a registration's answer names, for the audit log.
+pub fn registered_id(stored: &Stored<crate::domain::Partner>) -> String {
+    match stored {
+        Stored::Fresh(p) => p.partner_id.to_string(),
+        Stored::Replayed(bytes) => decode_replay::<pb::RegisterPartnerResponse>(bytes)
+            .ok()
+            .and_then(|r| r.partner)
+            .map(|p| p.partner_id)
+            .unwrap_or_default(),
+    }
+}
+
 /// A `RegisterPartner` request (or an `ImportPartners` row, which is one) as the store takes
 /// it: the request id with the digest of the rest, and the partner. The error is the call's.
 pub fn prepare_registration(
@@ -179,8 +191,17 @@ impl Import for PartnerImport {
         })
     }
 
-    fn write<'a>(&'a self, rows: &'a [Self::Row]) -> BoxFuture<'a, Written<Self::Value>> {
-        self.store.register_partners(rows, &render_registered)
+    fn write<'a>(
+        &'a self,
+        rows: &'a [Self::Row],
+        audit: BatchAudit<'a, Self::Value>,
+    ) -> BoxFuture<'a, Written<Self::Value>> {
+        self.store
+            .register_partners(rows, &render_registered, audit)
+    }
+
+    fn stored_id(stored: &Stored<Self::Value>) -> String {
+        registered_id(stored)
     }
 
     fn fresh(value: &Self::Value) -> Self::Proto {
@@ -189,10 +210,6 @@ impl Import for PartnerImport {
 
     fn replayed(stored: Self::Stored) -> Option<Self::Proto> {
         stored.partner
-    }
-
-    fn resource_id(proto: &Self::Proto) -> String {
-        proto.partner_id.clone()
     }
 
     fn response(row: i64, result: RowResult<Self::Proto>) -> Self::Response {

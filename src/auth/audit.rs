@@ -23,9 +23,60 @@ tokio::task_local! {
 /// What a handler learnt about the call while running it.
 #[derive(Default)]
 struct Notes {
+    principal: String,
+    method: String,
+    peer_address: String,
     request_id: String,
     resource_id: String,
     resource_rank: u8,
+    /// The call's entry was written in the call's own transaction.
+    audited: bool,
+}
+
+/// The audit entry of the call being served, but for its outcome: for a handler that writes
+/// the entry in the same transaction as the change it records.
+#[derive(Debug, Clone)]
+pub struct AuditDraft {
+    pub principal: String,
+    pub method: String,
+    pub peer_address: String,
+    pub request_id: String,
+}
+
+impl AuditDraft {
+    /// The entry, with the resource acted on and the call's outcome.
+    pub fn event(&self, resource_id: String, code: Code) -> AuditEvent {
+        AuditEvent {
+            audit_event_id: Uuid::now_v7(),
+            time: now_micros(),
+            principal: self.principal.clone(),
+            method: self.method.clone(),
+            resource_id,
+            request_id: self.request_id.clone(),
+            outcome_code: code_name(code),
+            peer_address: self.peer_address.clone(),
+        }
+    }
+}
+
+/// The draft of the current call's entry; `None` outside an audited call.
+pub fn draft() -> Option<AuditDraft> {
+    NOTES
+        .try_with(|n| {
+            let n = n.borrow();
+            AuditDraft {
+                principal: n.principal.clone(),
+                method: n.method.clone(),
+                peer_address: n.peer_address.clone(),
+                request_id: n.request_id.clone(),
+            }
+        })
+        .ok()
+}
+
+/// Notes that the call's entry was written with its change, so the layer writes none.
+pub fn note_audited() {
+    let _ = NOTES.try_with(|n| n.borrow_mut().audited = true);
 }
 
 /// Notes the caller's request id on the call being audited (no-op outside one).
@@ -143,12 +194,11 @@ pub struct AuditService<S> {
 
 type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
 
-impl<S, B, R> tower::Service<http::Request<B>> for AuditService<S>
+impl<S, B> tower::Service<http::Request<B>> for AuditService<S>
 where
-    S: tower::Service<http::Request<B>, Response = http::Response<R>> + Send,
+    S: tower::Service<http::Request<B>, Response = http::Response<tonic::body::Body>> + Send,
     S::Future: Send + 'static,
     S::Error: Send + 'static,
-    R: Send + 'static,
 {
     type Response = S::Response;
     type Error = S::Error;
@@ -168,25 +218,25 @@ where
             .get::<Principal>()
             .map(|p| p.0.clone())
             .unwrap_or_default();
-        let peer = peer_of(&request);
+        let peer = peer_of(&request).map(|p| p.to_string()).unwrap_or_default();
         let writer = self.writer.clone();
         let future = self.inner.call(request);
+        let notes = Notes {
+            principal: principal.clone(),
+            method: method.clone(),
+            peer_address: peer.clone(),
+            ..Notes::default()
+        };
         Box::pin(async move {
             let (result, notes) = NOTES
-                .scope(RefCell::new(Notes::default()), async move {
+                .scope(RefCell::new(notes), async move {
                     let result = future.await;
                     (result, NOTES.with(RefCell::take))
                 })
                 .await;
-            let code = match &result {
-                Ok(response) => response
-                    .headers()
-                    .get("grpc-status")
-                    .and_then(|v| v.to_str().ok())
-                    .and_then(|v| v.parse::<i32>().ok())
-                    .map_or(Code::Ok, Code::from_i32),
-                Err(_) => Code::Unknown,
-            };
+            if notes.audited {
+                return result;
+            }
             let event = AuditEvent {
                 audit_event_id: Uuid::now_v7(),
                 time: now_micros(),
@@ -194,15 +244,45 @@ where
                 method,
                 resource_id: notes.resource_id,
                 request_id: notes.request_id,
-                outcome_code: code_name(code),
-                peer_address: peer.map(|p| p.to_string()).unwrap_or_default(),
+                outcome_code: String::new(),
+                peer_address: peer,
             };
-            let method = event.method.clone();
-            if let Err(e) = writer.append(event).await {
-                tracing::error!(error = %e, method = %method, "audit log write failed");
+            let response = match result {
+                Err(e) => {
+                    record(&writer, event, Code::Unknown).await;
+                    return Err(e);
+                }
+                Ok(response) => response,
+            };
+            let header_status = crate::status_body::status_in(response.headers());
+            match header_status {
+                // A stream's outcome is known when it ends: its entry is written then.
+                None if crate::status_body::streams_responses(&event.method) => {
+                    Ok(response.map(|body| {
+                        tonic::body::Body::new(crate::status_body::StatusBody::new(
+                            body,
+                            move |code| {
+                                tokio::spawn(async move { record(&writer, event, code).await });
+                            },
+                        ))
+                    }))
+                }
+                // A unary call's entry is stored before the caller sees the answer.
+                status => {
+                    record(&writer, event, status.unwrap_or(Code::Ok)).await;
+                    Ok(response)
+                }
             }
-            result
         })
+    }
+}
+
+/// Stores `event` with the call's outcome `code`; a failure is logged, never the call's.
+async fn record(writer: &GroupWriter, mut event: AuditEvent, code: Code) {
+    event.outcome_code = code_name(code);
+    let method = event.method.clone();
+    if let Err(e) = writer.append(event).await {
+        tracing::error!(error = %e, method = %method, "audit log write failed");
     }
 }
 

@@ -21,9 +21,8 @@
 /// [`sql_store!`] (which provides `Tx`, `DbRow`, `unexpected`, `uuid_col`, `services_key`).
 macro_rules! bulk_sql {
     ($store:ident, $db:ty, for_update = $for_update:literal) => {
-        /// Bind parameters per statement: SQLite's default limit (32766), which is also under
-        /// PostgreSQL's 65535. Every multi-row statement is cut into pieces that fit.
-        const BULK_MAX_BINDS: usize = 32_766;
+        use $crate::store::BatchAudit;
+        use $crate::store::batch::{BatchSql, Column};
 
         /// Why a batch could not be written as a batch.
         enum BulkError {
@@ -91,58 +90,113 @@ macro_rules! bulk_sql {
             waves
         }
 
-        /// Rows matching `head (values...) tail`, with `values` bound in pieces that fit.
+        /// The statements of a batch in this database's form.
+        type BatchStatements = Vec<::sqlx::QueryBuilder<$db>>;
+
+        fn bulk_insert(head: &str, columns: Vec<Column>, tail: &str) -> BatchStatements {
+            <$db as BatchSql>::insert(head, columns, tail)
+        }
+
+        /// Rows whose column (the last word of `head`) is one of `values`. Planned afresh
+        /// each time (not kept prepared): a plan made while a table was small (a sequential
+        /// scan) would otherwise stay while a bulk load makes it large.
         async fn bulk_select_in(
             tx: &mut Tx,
             head: &str,
-            values: &[String],
+            values: Vec<String>,
             tail: &str,
         ) -> BulkResult<Vec<DbRow>> {
             let mut rows = Vec::new();
-            for piece in values.chunks(BULK_MAX_BINDS) {
-                let mut qb = ::sqlx::QueryBuilder::<$db>::new(head);
-                qb.push(" (");
-                let mut list = qb.separated(", ");
-                for v in piece {
-                    list.push_bind(v.clone());
-                }
-                list.push_unseparated(")");
-                qb.push(tail);
+            for mut qb in <$db as BatchSql>::matching(head, values, tail) {
                 rows.extend(qb.build().persistent(false).fetch_all(&mut **tx).await?);
             }
             Ok(rows)
         }
 
+        async fn bulk_execute(tx: &mut Tx, statements: BatchStatements) -> BulkResult<()> {
+            for mut qb in statements {
+                qb.build()
+                    .persistent(<$db as BatchSql>::PREPARED)
+                    .execute(&mut **tx)
+                    .await?;
+            }
+            Ok(())
+        }
+
+        async fn bulk_fetch(tx: &mut Tx, statements: BatchStatements) -> BulkResult<Vec<DbRow>> {
+            let mut rows = Vec::new();
+            for mut qb in statements {
+                rows.extend(
+                    qb.build()
+                        .persistent(<$db as BatchSql>::PREPARED)
+                        .fetch_all(&mut **tx)
+                        .await?,
+                );
+            }
+            Ok(rows)
+        }
+
+        fn text_column<T>(items: &[T], f: impl Fn(&T) -> String) -> Column {
+            Column::Text(items.iter().map(f).collect())
+        }
+
+        /// Appends audit log entries in the caller's transaction.
+        async fn bulk_insert_audit(tx: &mut Tx, events: &[AuditEvent]) -> Result<()> {
+            let statements = bulk_insert(
+                "INSERT INTO audit_events (audit_event_id, time, principal, method, \
+                 resource_id, request_id, outcome_code, peer_address)",
+                vec![
+                    text_column(events, |e| e.audit_event_id.to_string()),
+                    Column::BigInt(events.iter().map(|e| e.time).collect()),
+                    text_column(events, |e| e.principal.clone()),
+                    text_column(events, |e| e.method.clone()),
+                    text_column(events, |e| e.resource_id.clone()),
+                    text_column(events, |e| e.request_id.clone()),
+                    text_column(events, |e| e.outcome_code.clone()),
+                    text_column(events, |e| e.peer_address.clone()),
+                ],
+                "",
+            );
+            for mut qb in statements {
+                qb.build()
+                    .persistent(<$db as BatchSql>::PREPARED)
+                    .execute(&mut **tx)
+                    .await?;
+            }
+            Ok(())
+        }
+
         /// Takes the request ids that are new (in a fixed order, so two batches sharing ids
-        /// cannot deadlock on them); returns those taken. The others were used before.
+        /// cannot deadlock on them), each with the response its row will give if it is written;
+        /// returns those taken. The others were used before.
         async fn bulk_take_request_ids(
             tx: &mut Tx,
-            idems: &[&Idempotency],
+            idems: Vec<(&Idempotency, Option<Vec<u8>>)>,
             now: Micros,
         ) -> BulkResult<::std::collections::HashSet<Uuid>> {
-            let mut sorted = idems.to_vec();
-            sorted.sort_by_key(|i| i.request_id);
+            let mut sorted = idems;
+            sorted.sort_by_key(|(i, _)| i.request_id);
+            let n = sorted.len();
+            let (idems, responses): (Vec<&Idempotency>, Vec<Option<Vec<u8>>>) =
+                sorted.into_iter().unzip();
+            let rows = bulk_fetch(
+                tx,
+                bulk_insert(
+                    "INSERT INTO idempotency (request_id, method, fingerprint, response, create_time)",
+                    vec![
+                        text_column(&idems, |i| i.request_id.to_string()),
+                        text_column(&idems, |i| i.method.to_owned()),
+                        text_column(&idems, |i| i.fingerprint.clone()),
+                        Column::NullableBytes(responses),
+                        Column::BigInt(vec![now; n]),
+                    ],
+                    " ON CONFLICT (request_id) DO NOTHING RETURNING request_id",
+                ),
+            )
+            .await?;
             let mut taken = ::std::collections::HashSet::new();
-            for piece in sorted.chunks(BULK_MAX_BINDS / 4) {
-                let mut qb = ::sqlx::QueryBuilder::<$db>::new(
-                    "INSERT INTO idempotency (request_id, method, fingerprint, response, create_time) ",
-                );
-                qb.push_values(piece, |mut b, idem| {
-                    b.push_bind(idem.request_id.to_string())
-                        .push_bind(idem.method)
-                        .push_bind(idem.fingerprint.clone())
-                        .push("NULL")
-                        .push_bind(now);
-                });
-                qb.push(" ON CONFLICT (request_id) DO NOTHING RETURNING request_id");
-                let ids: Vec<String> = qb
-                    .build_query_scalar()
-                    .persistent(false)
-                    .fetch_all(&mut **tx)
-                    .await?;
-                for id in ids {
-                    taken.insert(parsed("idempotency.request_id", Uuid::parse_str(&id))?);
-                }
+            for row in &rows {
+                taken.insert(uuid_col(row, "request_id")?);
             }
             Ok(taken)
         }
@@ -160,8 +214,8 @@ macro_rules! bulk_sql {
             let ids: Vec<String> = idems.iter().map(|(_, i)| i.request_id.to_string()).collect();
             let rows = bulk_select_in(
                 tx,
-                "SELECT request_id, method, fingerprint, response FROM idempotency WHERE request_id IN",
-                &ids,
+                "SELECT request_id, method, fingerprint, response FROM idempotency WHERE request_id",
+                ids,
                 "",
             )
             .await?;
@@ -191,38 +245,29 @@ macro_rules! bulk_sql {
 
         /// Gives back the request ids of rows refused after taking them.
         async fn bulk_release_request_ids(tx: &mut Tx, ids: &[Uuid]) -> BulkResult<()> {
-            if ids.is_empty() {
-                return Ok(());
-            }
             let ids: Vec<String> = ids.iter().map(Uuid::to_string).collect();
-            for piece in ids.chunks(BULK_MAX_BINDS) {
-                let mut qb =
-                    ::sqlx::QueryBuilder::<$db>::new("DELETE FROM idempotency WHERE request_id IN (");
-                let mut list = qb.separated(", ");
-                for id in piece {
-                    list.push_bind(id.clone());
-                }
-                list.push_unseparated(")");
+            let statements =
+                <$db as BatchSql>::matching("DELETE FROM idempotency WHERE request_id", ids, "");
+            for mut qb in statements {
                 qb.build().persistent(false).execute(&mut **tx).await?;
             }
             Ok(())
         }
 
-        /// Keeps each created row's response for replays.
-        async fn bulk_save_responses(
-            tx: &mut Tx,
-            responses: Vec<(Uuid, Vec<u8>)>,
-        ) -> BulkResult<()> {
-            for piece in responses.chunks(BULK_MAX_BINDS / 2) {
-                let mut qb = ::sqlx::QueryBuilder::<$db>::new(
-                    "UPDATE idempotency SET response = v.column2 FROM (",
-                );
-                qb.push_values(piece, |mut b, (id, response)| {
-                    b.push_bind(id.to_string()).push_bind(response.clone());
-                });
-                qb.push(") AS v WHERE idempotency.request_id = v.column1");
-                qb.build().persistent(false).execute(&mut **tx).await?;
+        /// Writes the audit entries of a batch answered row by row (after a race), in a
+        /// transaction of their own.
+        async fn bulk_audit_after<T>(
+            store: &$store,
+            answers: &[Result<Stored<T>>],
+            audit: BatchAudit<'_, T>,
+        ) -> Result<()> {
+            let events = audit.events(answers);
+            if events.is_empty() {
+                return Ok(());
             }
+            let mut tx = store.begin_write().await?;
+            bulk_insert_audit(&mut tx, &events).await?;
+            tx.commit().await?;
             Ok(())
         }
 
@@ -231,8 +276,9 @@ macro_rules! bulk_sql {
             store: &$store,
             rows: &[(Idempotency, NewPartner)],
             render: Render<'_, Partner>,
+            audit: BatchAudit<'_, Partner>,
         ) -> Result<Vec<Result<Stored<Partner>>>> {
-            match bulk_try_register_partners(store, rows, render).await {
+            match bulk_try_register_partners(store, rows, render, audit).await {
                 Ok(answers) => Ok(answers),
                 Err(BulkError::Store(e)) => Err(e),
                 Err(BulkError::Race) => {
@@ -246,6 +292,7 @@ macro_rules! bulk_sql {
                             .await,
                         );
                     }
+                    bulk_audit_after(store, &answers, audit).await?;
                     Ok(answers)
                 }
             }
@@ -255,6 +302,7 @@ macro_rules! bulk_sql {
             store: &$store,
             rows: &[(Idempotency, NewPartner)],
             render: Render<'_, Partner>,
+            audit: BatchAudit<'_, Partner>,
         ) -> BulkResult<Vec<Result<Stored<Partner>>>> {
             let mut answers: Answers<Partner> = rows.iter().map(|_| None).collect();
             let keys: Vec<Vec<String>> = rows
@@ -266,11 +314,37 @@ macro_rules! bulk_sql {
                     ]
                 })
                 .collect();
-            let mut tx = store.begin_write().await?;
+            // Each row as it will be stored if it is new, and the response it will give: made
+            // before the transaction, so the request id is taken with its response at once.
             let now = now_micros();
+            let mut candidates: Vec<Option<(Partner, String)>> = rows
+                .iter()
+                .map(|(_, partner)| {
+                    let partner_id = Uuid::now_v7();
+                    let sealed = store
+                        .cipher
+                        .seal(partner_id, partner.bank_account.account_number.expose())
+                        .encode();
+                    Some((
+                        Partner {
+                            partner_id,
+                            profile: partner.profile.clone(),
+                            bank_account: AccountOnFile::from(&partner.bank_account),
+                            create_time: now,
+                            update_time: now,
+                            version: 1,
+                        },
+                        sealed,
+                    ))
+                })
+                .collect();
+            let mut tx = store.begin_write().await?;
             for wave in bulk_waves(&keys) {
-                let idems: Vec<&Idempotency> = wave.iter().map(|&i| &rows[i].0).collect();
-                let taken = bulk_take_request_ids(&mut tx, &idems, now).await?;
+                let idems = wave
+                    .iter()
+                    .map(|&i| (&rows[i].0, candidates[i].as_ref().map(|(p, _)| render(p))))
+                    .collect();
+                let taken = bulk_take_request_ids(&mut tx, idems, now).await?;
                 let (fresh, used): (Vec<usize>, Vec<usize>) = wave
                     .iter()
                     .partition(|&&i| taken.contains(&rows[i].0.request_id));
@@ -283,19 +357,17 @@ macro_rules! bulk_sql {
                     .map(|&i| rows[i].1.profile.business_registration_number.as_str().to_owned())
                     .collect();
                 let mut registered = ::std::collections::HashMap::new();
-                if !brns.is_empty() {
-                    for row in bulk_select_in(
-                        &mut tx,
-                        "SELECT partner_id, business_registration_number FROM partners \
-                         WHERE business_registration_number IN",
-                        &brns,
-                        "",
-                    )
-                    .await?
-                    {
-                        let brn: String = row.try_get("business_registration_number")?;
-                        registered.insert(brn, uuid_col(&row, "partner_id")?);
-                    }
+                for row in bulk_select_in(
+                    &mut tx,
+                    "SELECT partner_id, business_registration_number FROM partners \
+                     WHERE business_registration_number",
+                    brns,
+                    "",
+                )
+                .await?
+                {
+                    let brn: String = row.try_get("business_registration_number")?;
+                    registered.insert(brn, uuid_col(&row, "partner_id")?);
                 }
                 let mut released = Vec::new();
                 let mut created: Vec<(usize, Partner, String)> = Vec::new();
@@ -307,66 +379,56 @@ macro_rules! bulk_sql {
                         released.push(idem.request_id);
                         continue;
                     }
-                    let partner_id = Uuid::now_v7();
-                    let sealed = store
-                        .cipher
-                        .seal(partner_id, partner.bank_account.account_number.expose())
-                        .encode();
-                    created.push((
-                        i,
-                        Partner {
-                            partner_id,
-                            profile: partner.profile.clone(),
-                            bank_account: AccountOnFile::from(&partner.bank_account),
-                            create_time: now,
-                            update_time: now,
-                            version: 1,
-                        },
-                        sealed,
-                    ));
+                    let (partner, sealed) = candidates[i]
+                        .take()
+                        .ok_or_else(|| unexpected("a row was written twice"))?;
+                    created.push((i, partner, sealed));
                 }
                 bulk_release_request_ids(&mut tx, &released).await?;
 
                 // The same columns and values as `register_partner`.
-                for piece in created.chunks(BULK_MAX_BINDS / 12) {
-                    let mut qb = ::sqlx::QueryBuilder::<$db>::new(
+                let n = created.len();
+                let profiles: Vec<&PartnerProfile> = created.iter().map(|(_, p, _)| &p.profile).collect();
+                let accounts: Vec<&BankAccount> =
+                    created.iter().map(|(i, _, _)| &rows[*i].1.bank_account).collect();
+                bulk_execute(
+                    &mut tx,
+                    bulk_insert(
                         "INSERT INTO partners (partner_id, business_registration_number, legal_name, \
                          representative_name, affected_services, bank_code, account_sealed, \
                          account_last4, holder_name, account_changed_by, account_change_time, \
-                         contact_email, create_time, update_time, version) ",
-                    );
-                    qb.push_values(piece, |mut b, (i, p, sealed)| {
-                        let account = &rows[*i].1.bank_account;
-                        let profile = &p.profile;
-                        b.push_bind(p.partner_id.to_string())
-                            .push_bind(profile.business_registration_number.as_str().to_owned())
-                            .push_bind(profile.legal_name.as_str().to_owned())
-                            .push_bind(profile.representative_name.as_str().to_owned())
-                            .push_bind(services_key(&profile.affected_services))
-                            .push_bind(account.bank_code.as_str().to_owned())
-                            .push_bind(sealed.clone())
-                            .push_bind(account.account_number.last4().to_owned())
-                            .push_bind(account.holder_name.as_str().to_owned())
-                            .push("''")
-                            .push("0")
-                            .push_bind(profile.contact_email.as_str().to_owned())
-                            .push_bind(now)
-                            .push_bind(now)
-                            .push("1");
-                    });
-                    qb.build().persistent(false).execute(&mut *tx).await?;
-                }
-                let responses = created
-                    .iter()
-                    .map(|(i, p, _)| (rows[*i].0.request_id, render(p)))
-                    .collect();
-                bulk_save_responses(&mut tx, responses).await?;
+                         contact_email, create_time, update_time, version)",
+                        vec![
+                            text_column(&created, |(_, p, _)| p.partner_id.to_string()),
+                            text_column(&profiles, |p| {
+                                p.business_registration_number.as_str().to_owned()
+                            }),
+                            text_column(&profiles, |p| p.legal_name.as_str().to_owned()),
+                            text_column(&profiles, |p| p.representative_name.as_str().to_owned()),
+                            text_column(&profiles, |p| services_key(&p.affected_services)),
+                            text_column(&accounts, |a| a.bank_code.as_str().to_owned()),
+                            text_column(&created, |(_, _, sealed)| sealed.clone()),
+                            text_column(&accounts, |a| a.account_number.last4().to_owned()),
+                            text_column(&accounts, |a| a.holder_name.as_str().to_owned()),
+                            Column::Text(vec![String::new(); n]),
+                            Column::BigInt(vec![0; n]),
+                            text_column(&profiles, |p| p.contact_email.as_str().to_owned()),
+                            Column::BigInt(vec![now; n]),
+                            Column::BigInt(vec![now; n]),
+                            Column::BigInt(vec![1; n]),
+                        ],
+                        "",
+                    ),
+                )
+                .await?;
                 for (i, partner, _) in created {
                     answers[i] = Some(Ok(Stored::Fresh(partner)));
                 }
             }
+            let answers = bulk_finish(answers);
+            bulk_insert_audit(&mut tx, &audit.events(&answers)).await?;
             tx.commit().await?;
-            Ok(bulk_finish(answers))
+            Ok(answers)
         }
 
         /// Runs `rows` as a batch, or row by row through the one-row method after a race.
@@ -374,8 +436,9 @@ macro_rules! bulk_sql {
             store: &$store,
             rows: &[$crate::store::ClaimSubmission],
             render: Render<'_, Claim>,
+            audit: BatchAudit<'_, Claim>,
         ) -> Result<Vec<Result<Stored<Claim>>>> {
-            match bulk_try_submit_claims(store, rows, render).await {
+            match bulk_try_submit_claims(store, rows, render, audit).await {
                 Ok(answers) => Ok(answers),
                 Err(BulkError::Store(e)) => Err(e),
                 Err(BulkError::Race) => {
@@ -384,6 +447,7 @@ macro_rules! bulk_sql {
                     for row in rows {
                         answers.push(bulk_submit_one(store, row, render).await);
                     }
+                    bulk_audit_after(store, &answers, audit).await?;
                     Ok(answers)
                 }
             }
@@ -438,8 +502,8 @@ macro_rules! bulk_sql {
             if !ids.is_empty() {
                 for row in bulk_select_in(
                     tx,
-                    "SELECT partner_id FROM partners WHERE partner_id IN",
-                    &ids,
+                    "SELECT partner_id FROM partners WHERE partner_id",
+                    ids,
                     "",
                 )
                 .await?
@@ -451,8 +515,8 @@ macro_rules! bulk_sql {
                 for row in bulk_select_in(
                     tx,
                     "SELECT partner_id, business_registration_number FROM partners \
-                     WHERE business_registration_number IN",
-                    &brns,
+                     WHERE business_registration_number",
+                    brns,
                     "",
                 )
                 .await?
@@ -484,10 +548,42 @@ macro_rules! bulk_sql {
             claim: Claim,
         }
 
+        /// The claim a row files if it is new: what `load_claim` would read back after
+        /// `submit_claim`.
+        fn bulk_claim(row: &$crate::store::ClaimSubmission, partner_id: Uuid, now: Micros) -> Claim {
+            let d = &row.claim.decision;
+            let submitted_by = &row.claim.submitted_by;
+            Claim {
+                claim_id: Uuid::now_v7(),
+                partner_id,
+                status: d.status,
+                items: row.claim.items.clone(),
+                decision: d.clone(),
+                compensation_krw: d.compensation_krw,
+                evidence: row
+                    .claim
+                    .evidence
+                    .iter()
+                    .map(|e| AttachedEvidence {
+                        evidence: e.clone(),
+                        attach_time: now,
+                        attached_by: submitted_by.clone(),
+                    })
+                    .collect(),
+                submitted_by: submitted_by.clone(),
+                reviewed_by: None,
+                review_reason: None,
+                create_time: now,
+                update_time: now,
+                disbursement_id: (d.status == ClaimStatus::Approved).then(Uuid::now_v7),
+            }
+        }
+
         async fn bulk_try_submit_claims(
             store: &$store,
             rows: &[$crate::store::ClaimSubmission],
             render: Render<'_, Claim>,
+            audit: BatchAudit<'_, Claim>,
         ) -> BulkResult<Vec<Result<Stored<Claim>>>> {
             let mut answers: Answers<Claim> = rows.iter().map(|_| None).collect();
             let mut tx = store.begin_write().await?;
@@ -502,9 +598,19 @@ macro_rules! bulk_sql {
                     keys
                 })
                 .collect();
+            // The claim each row files if it is new, made before it is written so that its
+            // request id is taken with its response at once.
+            let mut candidates: Vec<Option<Claim>> = rows
+                .iter()
+                .zip(&partners)
+                .map(|(row, partner)| partner.map(|p| bulk_claim(row, p, now)))
+                .collect();
             for wave in bulk_waves(&keys) {
-                let idems: Vec<&Idempotency> = wave.iter().map(|&i| &rows[i].idem).collect();
-                let taken = bulk_take_request_ids(&mut tx, &idems, now).await?;
+                let idems = wave
+                    .iter()
+                    .map(|&i| (&rows[i].idem, candidates[i].as_ref().map(render)))
+                    .collect();
+                let taken = bulk_take_request_ids(&mut tx, idems, now).await?;
                 let (fresh, used): (Vec<usize>, Vec<usize>) = wave
                     .iter()
                     .partition(|&&i| taken.contains(&rows[i].idem.request_id));
@@ -531,37 +637,34 @@ macro_rules! bulk_sql {
                 partner_ids.sort();
                 let mut payees = ::std::collections::HashMap::new();
                 let mut filed_before = ::std::collections::HashMap::new();
-                if !partner_ids.is_empty() {
-                    for row in bulk_select_in(
-                        &mut tx,
-                        "SELECT partner_id, bank_code, account_sealed, account_last4, holder_name \
-                         FROM partners WHERE partner_id IN",
-                        &partner_ids,
-                        concat!(" ORDER BY partner_id", $for_update),
-                    )
-                    .await?
-                    {
-                        payees.insert(
-                            uuid_col(&row, "partner_id")?,
-                            BulkPayee {
-                                bank_code: row.try_get("bank_code")?,
-                                account_sealed: row.try_get("account_sealed")?,
-                                account_last4: row.try_get("account_last4")?,
-                                holder_name: row.try_get("holder_name")?,
-                            },
-                        );
-                    }
-                    for row in bulk_select_in(
-                        &mut tx,
-                        "SELECT partner_id, claim_id FROM claims WHERE partner_id IN",
-                        &partner_ids,
-                        "",
-                    )
-                    .await?
-                    {
-                        filed_before
-                            .insert(uuid_col(&row, "partner_id")?, uuid_col(&row, "claim_id")?);
-                    }
+                for row in bulk_select_in(
+                    &mut tx,
+                    "SELECT partner_id, bank_code, account_sealed, account_last4, holder_name \
+                     FROM partners WHERE partner_id",
+                    partner_ids.clone(),
+                    concat!(" ORDER BY partner_id", $for_update),
+                )
+                .await?
+                {
+                    payees.insert(
+                        uuid_col(&row, "partner_id")?,
+                        BulkPayee {
+                            bank_code: row.try_get("bank_code")?,
+                            account_sealed: row.try_get("account_sealed")?,
+                            account_last4: row.try_get("account_last4")?,
+                            holder_name: row.try_get("holder_name")?,
+                        },
+                    );
+                }
+                for row in bulk_select_in(
+                    &mut tx,
+                    "SELECT partner_id, claim_id FROM claims WHERE partner_id",
+                    partner_ids,
+                    "",
+                )
+                .await?
+                {
+                    filed_before.insert(uuid_col(&row, "partner_id")?, uuid_col(&row, "claim_id")?);
                 }
                 let mut filed: Vec<BulkFiled> = Vec::new();
                 for i in filing {
@@ -577,51 +680,21 @@ macro_rules! bulk_sql {
                         released.push(row.idem.request_id);
                         continue;
                     }
-                    let d = &row.claim.decision;
-                    let submitted_by = &row.claim.submitted_by;
-                    // What `load_claim` would read back after `submit_claim`.
-                    filed.push(BulkFiled {
-                        row: i,
-                        claim: Claim {
-                            claim_id: Uuid::now_v7(),
-                            partner_id,
-                            status: d.status,
-                            items: row.claim.items.clone(),
-                            decision: d.clone(),
-                            compensation_krw: d.compensation_krw,
-                            evidence: row
-                                .claim
-                                .evidence
-                                .iter()
-                                .map(|e| AttachedEvidence {
-                                    evidence: e.clone(),
-                                    attach_time: now,
-                                    attached_by: submitted_by.clone(),
-                                })
-                                .collect(),
-                            submitted_by: submitted_by.clone(),
-                            reviewed_by: None,
-                            review_reason: None,
-                            create_time: now,
-                            update_time: now,
-                            disbursement_id: (d.status == ClaimStatus::Approved)
-                                .then(Uuid::now_v7),
-                        },
-                    });
+                    let claim = candidates[i]
+                        .take()
+                        .ok_or_else(|| unexpected("a row was written twice"))?;
+                    filed.push(BulkFiled { row: i, claim });
                 }
                 bulk_release_request_ids(&mut tx, &released).await?;
                 bulk_insert_claims(&mut tx, rows, &filed, &payees, now).await?;
-                let responses = filed
-                    .iter()
-                    .map(|f| (rows[f.row].idem.request_id, render(&f.claim)))
-                    .collect();
-                bulk_save_responses(&mut tx, responses).await?;
                 for f in filed {
                     answers[f.row] = Some(Ok(Stored::Fresh(f.claim)));
                 }
             }
+            let answers = bulk_finish(answers);
+            bulk_insert_audit(&mut tx, &audit.events(&answers)).await?;
             tx.commit().await?;
-            Ok(bulk_finish(answers))
+            Ok(answers)
         }
 
         /// The rows `submit_claim` writes, for every claim of a wave: the claims, their
@@ -640,115 +713,129 @@ macro_rules! bulk_sql {
             let json = |value: ::serde_json::Result<String>| {
                 value.map_err(|e| StoreError::Unexpected(e.into()))
             };
-            let mut encoded = Vec::with_capacity(filed.len());
+            let (mut items, mut decisions) = (Vec::new(), Vec::new());
             for f in filed {
-                encoded.push((
-                    json(::serde_json::to_string(&f.claim.items))?,
-                    json(::serde_json::to_string(&f.claim.decision))?,
-                ));
+                items.push(json(::serde_json::to_string(&f.claim.items))?);
+                decisions.push(json(::serde_json::to_string(&f.claim.decision))?);
             }
-            let claims: Vec<(&BulkFiled, &(String, String))> = filed.iter().zip(&encoded).collect();
-            for piece in claims.chunks(BULK_MAX_BINDS / 13) {
-                let mut qb = ::sqlx::QueryBuilder::<$db>::new(
+            let n = filed.len();
+            let claims: Vec<&Claim> = filed.iter().map(|f| &f.claim).collect();
+            bulk_execute(
+                tx,
+                bulk_insert(
                     "INSERT INTO claims (claim_id, partner_id, status, tier, reported_loss_krw, \
                      recognized_loss_krw, compensation_krw, policy_version, items, decision, \
-                     submitted_by, create_time, update_time) ",
-                );
-                qb.push_values(piece, |mut b, (f, (items, decision))| {
-                    let c = &f.claim;
-                    let d = &c.decision;
-                    b.push_bind(c.claim_id.to_string())
-                        .push_bind(c.partner_id.to_string())
-                        .push_bind(d.status.key())
-                        .push_bind(d.tier.key())
-                        .push_bind(d.reported_loss_krw)
-                        .push_bind(d.recognized_loss_krw)
-                        .push_bind(d.compensation_krw)
-                        .push_bind(d.policy_version.clone())
-                        .push_bind(items.clone())
-                        .push_bind(decision.clone())
-                        .push_bind(c.submitted_by.clone())
-                        .push_bind(now)
-                        .push_bind(now);
-                });
-                qb.build().persistent(false).execute(&mut **tx).await?;
-            }
+                     submitted_by, create_time, update_time)",
+                    vec![
+                        text_column(&claims, |c| c.claim_id.to_string()),
+                        text_column(&claims, |c| c.partner_id.to_string()),
+                        text_column(&claims, |c| c.decision.status.key().to_owned()),
+                        text_column(&claims, |c| c.decision.tier.key().to_owned()),
+                        Column::BigInt(claims.iter().map(|c| c.decision.reported_loss_krw).collect()),
+                        Column::BigInt(
+                            claims.iter().map(|c| c.decision.recognized_loss_krw).collect(),
+                        ),
+                        Column::BigInt(claims.iter().map(|c| c.decision.compensation_krw).collect()),
+                        text_column(&claims, |c| c.decision.policy_version.clone()),
+                        Column::Text(items),
+                        Column::Text(decisions),
+                        text_column(&claims, |c| c.submitted_by.clone()),
+                        Column::BigInt(vec![now; n]),
+                        Column::BigInt(vec![now; n]),
+                    ],
+                    "",
+                ),
+            )
+            .await?;
 
-            let evidence: Vec<(&Claim, i32, &AttachedEvidence)> = filed
+            let evidence: Vec<(&Claim, i32, &AttachedEvidence)> = claims
                 .iter()
-                .flat_map(|f| {
-                    (1..).zip(&f.claim.evidence).map(move |(seq, e)| (&f.claim, seq, e))
-                })
+                .flat_map(|c| (1..).zip(&c.evidence).map(move |(seq, e)| (*c, seq, e)))
                 .collect();
-            for piece in evidence.chunks(BULK_MAX_BINDS / 7) {
-                let mut qb = ::sqlx::QueryBuilder::<$db>::new(
-                    "INSERT INTO evidence (claim_id, seq, kind, uri, sha256, attach_time, attached_by) ",
-                );
-                qb.push_values(piece, |mut b, (claim, seq, e)| {
-                    b.push_bind(claim.claim_id.to_string())
-                        .push_bind(*seq)
-                        .push_bind(e.evidence.kind.key())
-                        .push_bind(e.evidence.uri.clone())
-                        .push_bind(e.evidence.sha256.clone())
-                        .push_bind(e.attach_time)
-                        .push_bind(e.attached_by.clone());
-                });
-                qb.build().persistent(false).execute(&mut **tx).await?;
-            }
+            let ne = evidence.len();
+            bulk_execute(
+                tx,
+                bulk_insert(
+                    "INSERT INTO evidence (claim_id, seq, kind, uri, sha256, attach_time, attached_by)",
+                    vec![
+                        text_column(&evidence, |(c, _, _)| c.claim_id.to_string()),
+                        Column::Int(evidence.iter().map(|(_, seq, _)| *seq).collect()),
+                        text_column(&evidence, |(_, _, e)| e.evidence.kind.key().to_owned()),
+                        text_column(&evidence, |(_, _, e)| e.evidence.uri.clone()),
+                        text_column(&evidence, |(_, _, e)| e.evidence.sha256.clone()),
+                        Column::BigInt(vec![now; ne]),
+                        text_column(&evidence, |(_, _, e)| e.attached_by.clone()),
+                    ],
+                    "",
+                ),
+            )
+            .await?;
 
             // Approval and disbursement are one, as in `create_disbursement`.
-            let approved: Vec<(&BulkFiled, Uuid, &BulkPayee)> = filed
+            let approved: Vec<(&BulkFiled, String, &BulkPayee)> = filed
                 .iter()
                 .filter_map(|f| {
                     let id = f.claim.disbursement_id?;
-                    payees.get(&f.claim.partner_id).map(|p| (f, id, p))
+                    payees.get(&f.claim.partner_id).map(|p| (f, id.to_string(), p))
                 })
                 .collect();
-            for piece in approved.chunks(BULK_MAX_BINDS / 12) {
-                let mut qb = ::sqlx::QueryBuilder::<$db>::new(
+            let na = approved.len();
+            let ids = text_column(&approved, |(_, id, _)| id.clone());
+            bulk_execute(
+                tx,
+                bulk_insert(
                     "INSERT INTO disbursements (disbursement_id, claim_id, partner_id, amount_krw, \
                      status, bank_code, account_sealed, account_last4, holder_name, trace_context, \
-                     create_time, update_time) ",
-                );
-                qb.push_values(piece, |mut b, (f, id, payee)| {
-                    b.push_bind(id.to_string())
-                        .push_bind(f.claim.claim_id.to_string())
-                        .push_bind(f.claim.partner_id.to_string())
-                        .push_bind(f.claim.compensation_krw)
-                        .push_bind(DisbursementStatus::Queued.key())
-                        .push_bind(payee.bank_code.clone())
-                        .push_bind(payee.account_sealed.clone())
-                        .push_bind(payee.account_last4.clone())
-                        .push_bind(payee.holder_name.clone())
-                        .push_bind(rows[f.row].claim.trace_context.clone())
-                        .push_bind(now)
-                        .push_bind(now);
-                });
-                qb.build().persistent(false).execute(&mut **tx).await?;
-            }
-            for piece in approved.chunks(BULK_MAX_BINDS / 6) {
-                let mut qb = ::sqlx::QueryBuilder::<$db>::new(
+                     create_time, update_time)",
+                    vec![
+                        ids.clone(),
+                        text_column(&approved, |(f, _, _)| f.claim.claim_id.to_string()),
+                        text_column(&approved, |(f, _, _)| f.claim.partner_id.to_string()),
+                        Column::BigInt(approved.iter().map(|(f, _, _)| f.claim.compensation_krw).collect()),
+                        Column::Text(vec![DisbursementStatus::Queued.key().to_owned(); na]),
+                        text_column(&approved, |(_, _, p)| p.bank_code.clone()),
+                        text_column(&approved, |(_, _, p)| p.account_sealed.clone()),
+                        text_column(&approved, |(_, _, p)| p.account_last4.clone()),
+                        text_column(&approved, |(_, _, p)| p.holder_name.clone()),
+                        Column::NullableText(
+                            approved
+                                .iter()
+                                .map(|(f, _, _)| rows[f.row].claim.trace_context.clone())
+                                .collect(),
+                        ),
+                        Column::BigInt(vec![now; na]),
+                        Column::BigInt(vec![now; na]),
+                    ],
+                    "",
+                ),
+            )
+            .await?;
+            bulk_execute(
+                tx,
+                bulk_insert(
                     "INSERT INTO disbursement_events (disbursement_id, from_status, to_status, \
-                     actor, reason, time) ",
-                );
-                qb.push_values(piece, |mut b, (f, id, _)| {
-                    b.push_bind(id.to_string())
-                        .push_bind(None::<String>)
-                        .push_bind(DisbursementStatus::Queued.key())
-                        .push_bind(f.claim.submitted_by.clone())
-                        .push_bind("claim approved")
-                        .push_bind(now);
-                });
-                qb.build().persistent(false).execute(&mut **tx).await?;
-            }
-            for piece in approved.chunks(BULK_MAX_BINDS / 2) {
-                let mut qb =
-                    ::sqlx::QueryBuilder::<$db>::new("INSERT INTO outbox (disbursement_id, due_time) ");
-                qb.push_values(piece, |mut b, (_, id, _)| {
-                    b.push_bind(id.to_string()).push_bind(now);
-                });
-                qb.build().persistent(false).execute(&mut **tx).await?;
-            }
+                     actor, reason, time)",
+                    vec![
+                        ids.clone(),
+                        Column::NullableText(vec![None; na]),
+                        Column::Text(vec![DisbursementStatus::Queued.key().to_owned(); na]),
+                        text_column(&approved, |(f, _, _)| f.claim.submitted_by.clone()),
+                        Column::Text(vec!["claim approved".to_owned(); na]),
+                        Column::BigInt(vec![now; na]),
+                    ],
+                    "",
+                ),
+            )
+            .await?;
+            bulk_execute(
+                tx,
+                bulk_insert(
+                    "INSERT INTO outbox (disbursement_id, due_time)",
+                    vec![ids, Column::BigInt(vec![now; na])],
+                    "",
+                ),
+            )
+            .await?;
             Ok(())
         }
     };

@@ -18,6 +18,7 @@ mod sql;
 mod bulk;
 #[macro_use]
 mod dispatch;
+pub mod batch;
 pub mod postgres;
 pub mod sqlite;
 
@@ -38,6 +39,43 @@ pub struct Idempotency {
 
 /// Turns a fresh result into the response bytes kept for replays.
 pub type Render<'a, T> = &'a (dyn Fn(&T) -> Vec<u8> + Send + Sync);
+
+/// Makes the audit entry for row `i` of a batch from what the batch answered it (`None`: the
+/// row is not audited by the batch).
+pub type AuditRow<'a, T> =
+    &'a (dyn Fn(usize, &Result<Stored<T>>) -> Option<AuditEvent> + Send + Sync);
+
+/// The audit log entries a batch writes in its own transaction, so a stored row is never
+/// without its entry (nor an entry without its row).
+pub struct BatchAudit<'a, T> {
+    pub row: AuditRow<'a, T>,
+    /// Entries of rows refused before they reached the store (invalid rows of an import).
+    pub refused: &'a [AuditEvent],
+}
+
+impl<T> Clone for BatchAudit<'_, T> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+
+impl<T> Copy for BatchAudit<'_, T> {}
+
+impl<T> BatchAudit<'_, T> {
+    /// The entries for `answers`, the refused rows' first.
+    pub fn events(&self, answers: &[Result<Stored<T>>]) -> Vec<AuditEvent> {
+        self.refused
+            .iter()
+            .cloned()
+            .chain(
+                answers
+                    .iter()
+                    .enumerate()
+                    .filter_map(|(i, a)| (self.row)(i, a)),
+            )
+            .collect()
+    }
+}
 
 /// A mutating call's result: done now, or the response of the first call with this request id.
 #[derive(Debug)]
@@ -391,19 +429,23 @@ pub trait Store: Send + Sync + 'static {
     // Bulk intake.
     /// Registers a batch of partners in one transaction. Each row is answered, in order, as
     /// [`Store::register_partner`] would have answered it had the rows come one at a time; a
-    /// refused row stores nothing. `Err` means nothing of the batch was stored.
+    /// refused row stores nothing. `Err` means nothing of the batch was stored. The audit
+    /// entries `audit` makes are written with the rows.
     async fn register_partners(
         &self,
         rows: &[(Idempotency, NewPartner)],
         render: Render<'_, Partner>,
+        audit: BatchAudit<'_, Partner>,
     ) -> Result<Vec<Result<Stored<Partner>>>>;
     /// Files a batch of claims in one transaction (each approved one with its disbursement).
     /// Each row is answered, in order, as [`Store::submit_claim`] would have answered it had
-    /// the rows come one at a time. `Err` means nothing of the batch was stored.
+    /// the rows come one at a time. `Err` means nothing of the batch was stored. The audit
+    /// entries `audit` makes are written with the rows.
     async fn submit_claims(
         &self,
         rows: &[ClaimSubmission],
         render: Render<'_, Claim>,
+        audit: BatchAudit<'_, Claim>,
     ) -> Result<Vec<Result<Stored<Claim>>>>;
 
     // Disbursements.

@@ -825,8 +825,9 @@ macro_rules! sql_store {
                 &self,
                 rows: &[(Idempotency, NewPartner)],
                 render: Render<'_, Partner>,
+                audit: $crate::store::BatchAudit<'_, Partner>,
             ) -> Result<Vec<Result<Stored<Partner>>>> {
-                bulk_register_partners(self, rows, render).await
+                bulk_register_partners(self, rows, render, audit).await
             }
 
             #[::tracing::instrument(name = "store.submit_claims", skip_all, fields(otel.kind = "client", db.system = $db_system, rows = rows.len()))]
@@ -834,8 +835,9 @@ macro_rules! sql_store {
                 &self,
                 rows: &[$crate::store::ClaimSubmission],
                 render: Render<'_, Claim>,
+                audit: $crate::store::BatchAudit<'_, Claim>,
             ) -> Result<Vec<Result<Stored<Claim>>>> {
-                bulk_submit_claims(self, rows, render).await
+                bulk_submit_claims(self, rows, render, audit).await
             }
 
             #[::tracing::instrument(name = "store.get_disbursement", skip_all, fields(otel.kind = "client", db.system = $db_system))]
@@ -1432,25 +1434,8 @@ macro_rules! sql_store {
             #[::tracing::instrument(name = "store.append_audit", skip_all, fields(otel.kind = "client", db.system = $db_system))]
             async fn append_audit(&self, events: &[AuditEvent]) -> Result<()> {
                 let mut tx = self.pool.begin().await?;
-                // Events come in batches (calls finishing together, rows of an import): one
-                // multi-row statement per batch, in pieces under the bind-parameter limit.
-                for piece in events.chunks(BULK_MAX_BINDS / 8) {
-                    let mut qb = ::sqlx::QueryBuilder::<$db>::new(
-                        "INSERT INTO audit_events (audit_event_id, time, principal, method, \
-                         resource_id, request_id, outcome_code, peer_address) ",
-                    );
-                    qb.push_values(piece, |mut b, e| {
-                        b.push_bind(e.audit_event_id.to_string())
-                            .push_bind(e.time)
-                            .push_bind(e.principal.clone())
-                            .push_bind(e.method.clone())
-                            .push_bind(e.resource_id.clone())
-                            .push_bind(e.request_id.clone())
-                            .push_bind(e.outcome_code.clone())
-                            .push_bind(e.peer_address.clone());
-                    });
-                    qb.build().persistent(false).execute(&mut *tx).await?;
-                }
+                // Events come in batches (calls finishing together, refused calls).
+                bulk_insert_audit(&mut tx, events).await?;
                 tx.commit().await?;
                 Ok(())
             }

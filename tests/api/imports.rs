@@ -701,5 +701,63 @@ on_both_databases!(
             .map(|p| p.business_registration_number)
             .collect();
         assert_eq!(stored, [brn(1)]);
+
+        // The stream's own audit entry has the stream's outcome, known only at its end.
+        let entry = eventually(10, || async {
+            AuditServiceClient::new(app.channel.clone())
+                .list_audit_events(pb::ListAuditEventsRequest {
+                    page_size: 1000,
+                    ..Default::default()
+                })
+                .await
+                .expect("audit log")
+                .into_inner()
+                .audit_events
+                .into_iter()
+                .find(|e| {
+                    e.method == "/payouts.v1.PartnerService/ImportPartners"
+                        && e.request_id.is_empty()
+                })
+        })
+        .await;
+        assert_eq!(entry.outcome_code, "OUT_OF_RANGE", "{entry:?}");
+    }
+);
+
+on_both_databases!(
+    rows_of_one_stream_see_earlier_batches,
+    |app: TestApp| async move {
+        // Enough rows for several batches written at once: a later row that repeats an earlier
+        // row's registration number, or its request id and body, is answered as if the rows
+        // had come one at a time, whichever batch each landed in.
+        let count = 2_000;
+        let ids: Vec<String> = (0..count).map(|_| request_id()).collect();
+        let mut rows: Vec<_> = (0..count)
+            .map(|i| partner_row(&ids[i], partner(20_000 + i as u64)))
+            .collect();
+        rows.push(partner_row(&request_id(), partner(20_005)));
+        rows.push(partner_row(&ids[7], partner(20_007)));
+        let answers = import_partners(&app, rows).await;
+        assert_eq!(answers.len(), count + 2);
+        for (i, answer) in answers.iter().enumerate() {
+            assert_eq!(answer.row, i as i64);
+        }
+        assert!(
+            answers[..count]
+                .iter()
+                .all(|a| a.outcome() == PartnerOutcome::Created)
+        );
+        let repeated = &answers[count];
+        assert_eq!(repeated.outcome(), PartnerOutcome::Rejected, "{repeated:?}");
+        let status = row_error(repeated.error.as_ref());
+        let info = status.get_details_error_info().expect("info");
+        assert_eq!(
+            info.metadata.get("partner_id"),
+            answers[5].partner.as_ref().map(|p| &p.partner_id)
+        );
+        let replayed = &answers[count + 1];
+        assert_eq!(replayed.outcome(), PartnerOutcome::Replayed, "{replayed:?}");
+        assert_eq!(replayed.partner, answers[7].partner);
+        assert_eq!(all_partners(&app).await.len(), count);
     }
 );
