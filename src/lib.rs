@@ -14,5 +14,6 @@ pub mod config;
 pub mod domain;
 pub mod payments;
 pub mod proto;
+pub mod status_body;
 pub mod store;
 pub mod telemetry;

@@ -258,9 +258,9 @@ pub struct RpcTrace<S> {
 
 type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
 
-impl<S, B, R> tower::Service<http::Request<B>> for RpcTrace<S>
+impl<S, B> tower::Service<http::Request<B>> for RpcTrace<S>
 where
-    S: tower::Service<http::Request<B>, Response = http::Response<R>> + Send,
+    S: tower::Service<http::Request<B>, Response = http::Response<tonic::body::Body>> + Send,
     S::Future: Send + 'static,
 {
     type Response = S::Response;
@@ -300,28 +300,39 @@ where
         let started = Instant::now();
         Box::pin(async move {
             let result = future.instrument(span.clone()).await;
-            let code = match &result {
-                Ok(response) => response
-                    .headers()
-                    .get("grpc-status")
-                    .and_then(|v| v.to_str().ok())
-                    .and_then(|v| v.parse::<i64>().ok())
-                    .unwrap_or(0),
-                Err(_) => tonic::Code::Unknown as i64,
+            let finish = move |code: tonic::Code| {
+                let code = code as i64;
+                span.record("rpc.grpc.status_code", code);
+                let elapsed_ms = started.elapsed().as_secs_f64() * 1000.0;
+                if code != 0 {
+                    span.record("otel.status_code", "ERROR");
+                    tracing::info!(parent: &span, code, elapsed_ms, "rpc failed");
+                } else {
+                    tracing::debug!(parent: &span, elapsed_ms, "rpc finished");
+                }
+                metrics().rpc_duration.record(
+                    elapsed_ms,
+                    &[method_attr, KeyValue::new("rpc.grpc.status_code", code)],
+                );
             };
-            span.record("rpc.grpc.status_code", code);
-            let elapsed_ms = started.elapsed().as_secs_f64() * 1000.0;
-            if code != 0 {
-                span.record("otel.status_code", "ERROR");
-                tracing::info!(parent: &span, code, elapsed_ms, "rpc failed");
-            } else {
-                tracing::debug!(parent: &span, elapsed_ms, "rpc finished");
+            match result {
+                // Failed before answering, or answered with a status in the headers.
+                Err(e) => {
+                    finish(tonic::Code::Unknown);
+                    Err(e)
+                }
+                Ok(response) => match crate::status_body::status_in(response.headers()) {
+                    Some(code) => {
+                        finish(code);
+                        Ok(response)
+                    }
+                    // The status comes with the trailers: the span lasts until then, so a
+                    // stream's span covers the whole stream and ends with its real status.
+                    None => Ok(response.map(|body| {
+                        tonic::body::Body::new(crate::status_body::StatusBody::new(body, finish))
+                    })),
+                },
             }
-            metrics().rpc_duration.record(
-                elapsed_ms,
-                &[method_attr, KeyValue::new("rpc.grpc.status_code", code)],
-            );
-            result
         })
     }
 }

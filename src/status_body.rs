@@ -1,0 +1,180 @@
+//! A call's final gRPC status, for layers that record it (the RPC span, the audit log).
+//!
+//! A call that fails before answering carries its status in the response headers. Otherwise
+//! the status comes in the trailers, after the last message: for a streaming call that is when
+//! the stream ends, which can be long after the headers, and can be an error. [`StatusBody`]
+//! wraps such a response body and reports the status once the trailers pass (or `CANCELLED`
+//! if the body is dropped first, as when the caller goes away).
+
+use std::collections::HashSet;
+use std::pin::Pin;
+use std::sync::OnceLock;
+use std::task::{Context, Poll, ready};
+
+use http_body::{Body, Frame, SizeHint};
+use tonic::Code;
+
+/// The status in a header map (`grpc-status`), if there is one.
+pub fn status_in(headers: &http::HeaderMap) -> Option<Code> {
+    headers
+        .get("grpc-status")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<i32>().ok())
+        .map(Code::from_i32)
+}
+
+/// Whether the method at `path` (`/package.Service/Method`) streams its responses, as the
+/// service's protos declare.
+pub fn streams_responses(path: &str) -> bool {
+    static STREAMING: OnceLock<HashSet<String>> = OnceLock::new();
+    STREAMING
+        .get_or_init(|| {
+            use prost::Message as _;
+            let Ok(set) = prost_types::FileDescriptorSet::decode(crate::proto::FILE_DESCRIPTOR_SET)
+            else {
+                return HashSet::new();
+            };
+            set.file
+                .iter()
+                .flat_map(|file| {
+                    file.service.iter().flat_map(move |service| {
+                        service
+                            .method
+                            .iter()
+                            .filter(|m| m.server_streaming())
+                            .map(move |m| {
+                                format!("/{}.{}/{}", file.package(), service.name(), m.name())
+                            })
+                    })
+                })
+                .collect()
+        })
+        .contains(path)
+}
+
+type OnEnd = Box<dyn FnOnce(Code) + Send>;
+
+/// A response body that calls `on_end` with the call's status when its trailers pass.
+pub struct StatusBody<B> {
+    inner: B,
+    on_end: Option<OnEnd>,
+}
+
+impl<B> StatusBody<B> {
+    pub fn new(inner: B, on_end: impl FnOnce(Code) + Send + 'static) -> Self {
+        Self {
+            inner,
+            on_end: Some(Box::new(on_end)),
+        }
+    }
+
+    fn end(&mut self, code: Code) {
+        if let Some(on_end) = self.on_end.take() {
+            on_end(code);
+        }
+    }
+}
+
+impl<B: Body + Unpin> Body for StatusBody<B> {
+    type Data = B::Data;
+    type Error = B::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
+        let this = self.get_mut();
+        let frame = ready!(Pin::new(&mut this.inner).poll_frame(cx));
+        match &frame {
+            Some(Ok(frame)) => {
+                if let Some(trailers) = frame.trailers_ref() {
+                    this.end(status_in(trailers).unwrap_or(Code::Unknown));
+                }
+            }
+            Some(Err(_)) => this.end(Code::Unknown),
+            // Ended without trailers: gRPC always sends them, so something went wrong.
+            None => this.end(Code::Unknown),
+        }
+        Poll::Ready(frame)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+impl<B> Drop for StatusBody<B> {
+    fn drop(&mut self) {
+        // The body was not read to its end: the caller went away.
+        self.end(Code::Cancelled);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::{Arc, Mutex};
+
+    use bytes::Bytes;
+    use http_body_util::{BodyExt as _, StreamBody};
+
+    use super::*;
+
+    fn trailers(code: &str) -> Frame<Bytes> {
+        let mut map = http::HeaderMap::new();
+        map.insert("grpc-status", code.parse().expect("header value"));
+        Frame::trailers(map)
+    }
+
+    async fn status_of(frames: Vec<Frame<Bytes>>, read_all: bool) -> Vec<Code> {
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let record = seen.clone();
+        let frames: Vec<Result<Frame<Bytes>, Code>> = frames.into_iter().map(Ok).collect();
+        let mut b = StatusBody::new(StreamBody::new(futures::stream::iter(frames)), move |c| {
+            record.lock().expect("lock").push(c);
+        });
+        if read_all {
+            while b.frame().await.is_some() {}
+        } else {
+            let _ = b.frame().await;
+        }
+        drop(b);
+        seen.lock().expect("lock").clone()
+    }
+
+    #[tokio::test]
+    async fn reports_the_status_of_the_trailers_once() {
+        let data = || Frame::data(Bytes::from_static(b"x"));
+        assert_eq!(
+            status_of(vec![data(), trailers("0")], true).await,
+            [Code::Ok]
+        );
+        assert_eq!(
+            status_of(vec![data(), data(), trailers("11")], true).await,
+            [Code::OutOfRange]
+        );
+        assert_eq!(status_of(vec![data()], true).await, [Code::Unknown]);
+        // Dropped before the end: the caller went away.
+        assert_eq!(
+            status_of(vec![data(), trailers("0")], false).await,
+            [Code::Cancelled]
+        );
+    }
+
+    #[test]
+    fn knows_which_methods_stream() {
+        assert!(streams_responses(
+            "/payouts.v1.PartnerService/ImportPartners"
+        ));
+        assert!(streams_responses(
+            "/payouts.v1.DisbursementService/ExportDisbursements"
+        ));
+        assert!(!streams_responses(
+            "/payouts.v1.PartnerService/RegisterPartner"
+        ));
+        assert!(!streams_responses("/nope.Service/Method"));
+    }
+}
