@@ -3,12 +3,15 @@
 //!
 //! ```text
 //! cargo bench --bench load -- SCENARIO [--count N] [--concurrency C | --rate PER_S]
-//!                                     [--database-url URL] [--target http://HOST:PORT]
+//!                                     [--streams S] [--database-url URL]
+//!                                     [--target http://HOST:PORT]
 //! ```
 //! Scenarios: `register` (unary RegisterPartner), `claims` (unary SubmitClaim, partners
 //! registered first), `import` (N partners through one ImportPartners stream), `e2e` (N partners
 //! and N claims through ImportPartners and ImportClaims, until every payout is PAID at the
-//! sandbox, then checks the sandbox applied exactly one instruction each).
+//! sandbox, then checks the sandbox applied exactly one instruction each). `--streams S`
+//! (default 1) splits the rows of an import over S streams sent at once, as a payments team
+//! loading one file from several workers would.
 //!
 //! Closed loop (`--concurrency`, default 64): C callers, each sending as soon as its last call
 //! returned. Open loop (`--rate`): calls start on a fixed schedule whatever the service does,
@@ -38,12 +41,17 @@ use partner_payouts::proto::payouts::v1::{
 };
 use tokio::sync::Mutex;
 
+/// The service runs in this process: the same allocator as the `partner-payouts` binary.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Debug, Clone)]
 struct Options {
     scenario: String,
     count: u64,
     concurrency: usize,
     rate: Option<f64>,
+    streams: u64,
     database_url: Option<String>,
     target: Option<String>,
 }
@@ -55,6 +63,7 @@ fn options() -> anyhow::Result<Options> {
         count: 10_000,
         concurrency: 64,
         rate: None,
+        streams: 1,
         database_url: None,
         target: None,
     };
@@ -67,6 +76,7 @@ fn options() -> anyhow::Result<Options> {
             "--count" => o.count = value()?.parse()?,
             "--concurrency" => o.concurrency = value()?.parse()?,
             "--rate" => o.rate = Some(value()?.parse()?),
+            "--streams" => o.streams = value()?.parse::<u64>()?.max(1),
             "--database-url" => o.database_url = Some(value()?),
             "--target" => o.target = Some(value()?),
             s if !s.starts_with('-') && o.scenario.is_empty() => o.scenario = s.to_owned(),
@@ -114,6 +124,90 @@ fn claim(partner_id: String) -> pb::SubmitClaimRequest {
         }],
         evidence: vec![],
     }
+}
+
+/// Rows `first..first+count` of `0..total` cut into `streams` contiguous shares.
+fn shares(total: u64, streams: u64) -> Vec<std::ops::Range<u64>> {
+    let per = total.div_ceil(streams);
+    (0..streams)
+        .map(|s| (s * per).min(total)..((s + 1) * per).min(total))
+        .filter(|r| !r.is_empty())
+        .collect()
+}
+
+/// Imports `count` partners over `streams` streams at once; returns the rows by outcome.
+async fn import_partners(
+    channel: &tonic::transport::Channel,
+    base: u64,
+    count: u64,
+    streams: u64,
+) -> anyhow::Result<BTreeMap<i32, u64>> {
+    let imports = shares(count, streams).into_iter().map(|range| {
+        let mut client = PartnerServiceClient::new(channel.clone());
+        async move {
+            let rows = range.map(move |i| pb::ImportPartnersRequest {
+                request_id: uuid::Uuid::now_v7().to_string(),
+                partner: Some(partner(base + i)),
+            });
+            let mut responses = client
+                .import_partners(futures::stream::iter(rows))
+                .await?
+                .into_inner();
+            let mut outcomes = BTreeMap::<i32, u64>::new();
+            while let Some(row) = responses.message().await? {
+                *outcomes.entry(row.outcome).or_default() += 1;
+            }
+            anyhow::Ok(outcomes)
+        }
+    });
+    merge(futures::future::try_join_all(imports).await?)
+}
+
+/// Imports a claim for each of the `count` partners, naming them by registration number.
+async fn import_claims(
+    channel: &tonic::transport::Channel,
+    base: u64,
+    count: u64,
+    streams: u64,
+) -> anyhow::Result<BTreeMap<i32, u64>> {
+    let imports = shares(count, streams).into_iter().map(|range| {
+        let mut client = ClaimServiceClient::new(channel.clone());
+        async move {
+            let rows = range.map(move |i| {
+                let c = claim(String::new());
+                pb::ImportClaimsRequest {
+                    request_id: c.request_id,
+                    partner: Some(
+                        pb::import_claims_request::Partner::BusinessRegistrationNumber(brn(
+                            base + i
+                        )),
+                    ),
+                    items: c.items,
+                    evidence: c.evidence,
+                }
+            });
+            let mut responses = client
+                .import_claims(futures::stream::iter(rows))
+                .await?
+                .into_inner();
+            let mut outcomes = BTreeMap::<i32, u64>::new();
+            while let Some(row) = responses.message().await? {
+                *outcomes.entry(row.outcome).or_default() += 1;
+            }
+            anyhow::Ok(outcomes)
+        }
+    });
+    merge(futures::future::try_join_all(imports).await?)
+}
+
+fn merge(parts: Vec<BTreeMap<i32, u64>>) -> anyhow::Result<BTreeMap<i32, u64>> {
+    let mut all = BTreeMap::new();
+    for part in parts {
+        for (outcome, n) in part {
+            *all.entry(outcome).or_default() += n;
+        }
+    }
+    Ok(all)
 }
 
 struct Report {
@@ -370,52 +464,27 @@ async fn main() -> anyhow::Result<()> {
         }
         "import" | "e2e" => {
             let started = Instant::now();
-            let rows = (0..o.count).map(move |i| pb::ImportPartnersRequest {
-                request_id: uuid::Uuid::now_v7().to_string(),
-                partner: Some(partner(base + i)),
-            });
-            let mut responses = PartnerServiceClient::new(channel.clone())
-                .import_partners(futures::stream::iter(rows))
-                .await?
-                .into_inner();
-            let mut outcomes = BTreeMap::<i32, u64>::new();
-            while let Some(row) = responses.message().await? {
-                *outcomes.entry(row.outcome).or_default() += 1;
-            }
+            let outcomes = import_partners(&channel, base, o.count, o.streams).await?;
             let elapsed = started.elapsed();
             println!(
-                "import partners: rows={} elapsed_s={:.2} rows_per_s={:.0} outcomes={outcomes:?}",
+                "import partners: rows={} streams={} elapsed_s={:.2} rows_per_s={:.0} \
+                 outcomes={outcomes:?}",
                 o.count,
+                o.streams,
                 elapsed.as_secs_f64(),
                 o.count as f64 / elapsed.as_secs_f64()
             );
             if o.scenario == "e2e" {
                 let claims_started = Instant::now();
-                let rows = (0..o.count).map(move |i| {
-                    let c = claim(String::new());
-                    pb::ImportClaimsRequest {
-                        request_id: c.request_id,
-                        partner: Some(
-                            pb::import_claims_request::Partner::BusinessRegistrationNumber(brn(
-                                base + i,
-                            )),
-                        ),
-                        items: c.items,
-                        evidence: c.evidence,
-                    }
-                });
-                let mut responses = ClaimServiceClient::new(channel.clone())
-                    .import_claims(futures::stream::iter(rows))
-                    .await?
-                    .into_inner();
-                let mut outcomes = BTreeMap::<i32, u64>::new();
-                while let Some(row) = responses.message().await? {
-                    *outcomes.entry(row.outcome).or_default() += 1;
-                }
+                let outcomes = import_claims(&channel, base, o.count, o.streams).await?;
+                let elapsed = claims_started.elapsed();
                 println!(
-                    "import claims: rows={} elapsed_s={:.2} outcomes={outcomes:?}",
+                    "import claims: rows={} streams={} elapsed_s={:.2} rows_per_s={:.0} \
+                     outcomes={outcomes:?}",
                     o.count,
-                    claims_started.elapsed().as_secs_f64()
+                    o.streams,
+                    elapsed.as_secs_f64(),
+                    o.count as f64 / elapsed.as_secs_f64()
                 );
                 let paid = wait_until_paid(&channel, o.count).await?;
                 println!(

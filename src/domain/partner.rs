@@ -235,8 +235,10 @@ impl PersonOrBusinessName {
 
     /// Names are compared with Latin letters case-folded ("ACME Shop" = "acme shop").
     pub fn same_as(&self, other: &Self) -> bool {
-        let fold = |s: &str| s.chars().flat_map(char::to_lowercase).collect::<String>();
-        fold(&self.0) == fold(&other.0)
+        fn fold(s: &str) -> impl Iterator<Item = char> + '_ {
+            s.chars().flat_map(char::to_lowercase)
+        }
+        fold(&self.0).eq(fold(&other.0))
     }
 }
 
