@@ -75,7 +75,7 @@ impl Default for Settings {
             request_timeout_ms: 30_000,
             max_concurrent_requests: 256,
             dispatch_concurrency: 16,
-            dispatch_batch: 256,
+            dispatch_batch: 512,
             dispatch_rounds: 2,
             dispatch_poll_ms: 200,
             dispatch_lease_ms: 30_000,

@@ -71,7 +71,7 @@ impl Default for DispatcherConfig {
     fn default() -> Self {
         Self {
             concurrency: 16,
-            batch: 256,
+            batch: 512,
             rounds: 2,
             poll: Duration::from_millis(200),
             lease: Duration::from_secs(30),

@@ -8,9 +8,11 @@
 //!   keys, in one transaction, with multi-row statements;
 //! - [`Store::renew_leases`] keeps a long round's rows from being taken over.
 //!
-//! Locks are taken in one order everywhere: a disbursement's row before its outbox row (as
-//! `CancelDisbursement` does), and `dispatch_control` last, so that the lock that serialises
-//! key assignment across replicas is held as briefly as possible.
+//! A disbursement's row is written before its outbox row (as `CancelDisbursement` does), and
+//! `dispatch_control`, which serialises key assignment across replicas, is locked after the
+//! batch's attempts, final states and released rows are written, so that it is held briefly.
+//! Reads take no row locks: every status change is an update guarded by the status it
+//! expects, which a concurrent cancel makes fail.
 //!
 //! [`Store::lease_batch`]: crate::store::Store::lease_batch
 //! [`Store::record_dispatch`]: crate::store::Store::record_dispatch
@@ -219,7 +221,7 @@ macro_rules! dispatch_sql {
                 tx,
                 "SELECT disbursement_id, status FROM disbursements WHERE disbursement_id IN",
                 &ids,
-                concat!(" ORDER BY disbursement_id", $for_update),
+                "",
             )
             .await?
             {
@@ -344,9 +346,10 @@ macro_rules! dispatch_sql {
             ids: &[Uuid],
             budget_krw: Option<i64>,
             now: Micros,
-        ) -> Result<Vec<KeyAssignment>> {
+        ) -> Result<(Vec<KeyAssignment>, ::std::collections::HashSet<Uuid>)> {
+            let mut moved = ::std::collections::HashSet::new();
             if ids.is_empty() {
-                return Ok(Vec::new());
+                return Ok((Vec::new(), moved));
             }
             // One key assignment at a time across replicas keeps the budget check exact.
             ::sqlx::query(concat!("SELECT id FROM dispatch_control WHERE id = 1", $for_update))
@@ -359,7 +362,7 @@ macro_rules! dispatch_sql {
                 "SELECT disbursement_id, status, amount_krw, key_seq, idempotency_key \
                  FROM disbursements WHERE disbursement_id IN",
                 &texts,
-                concat!(" ORDER BY disbursement_id", $for_update),
+                "",
             )
             .await?
             {
@@ -412,10 +415,10 @@ macro_rules! dispatch_sql {
                 making.push((*id, key.clone()));
                 answers.push(KeyAssignment::Key(key));
             }
-            let mut moved = ::std::collections::HashSet::new();
             for piece in making.chunks((DISPATCH_MAX_BINDS - 3) / 2) {
                 let mut qb = ::sqlx::QueryBuilder::<$db>::new(
-                    "UPDATE disbursements SET idempotency_key = v.column2, status = ",
+                    "UPDATE disbursements SET idempotency_key = v.column2, holder_verified = TRUE, \
+                     status = ",
                 );
                 qb.push_bind(DisbursementStatus::Submitted.key());
                 qb.push(", update_time = ");
@@ -449,19 +452,19 @@ macro_rules! dispatch_sql {
                 })
                 .collect();
             dispatch_insert_events(tx, &events, now).await?;
-            // Rows locked above cannot have moved; should one have, it gets no key.
-            Ok(ids
+            // A row that left QUEUED meanwhile (cancelled) is not moved and gets no key.
+            let made: ::std::collections::HashSet<&Uuid> = making.iter().map(|(id, _)| id).collect();
+            let answers = ids
                 .iter()
                 .zip(answers)
                 .map(|(id, answer)| match answer {
-                    KeyAssignment::Key(_)
-                        if making.iter().any(|(m, _)| m == id) && !moved.contains(id) =>
-                    {
+                    KeyAssignment::Key(_) if made.contains(id) && !moved.contains(id) => {
                         KeyAssignment::Gone
                     }
                     other => other,
                 })
-                .collect())
+                .collect();
+            Ok((answers, moved))
         }
 
         async fn dispatch_record(
@@ -485,7 +488,17 @@ macro_rules! dispatch_sql {
             now: Micros,
         ) -> Result<Vec<KeyAssignment>> {
             dispatch_insert_attempts(tx, &record.attempts).await?;
-            let verified: Vec<String> = record.verified.iter().map(Uuid::to_string).collect();
+            dispatch_finish(tx, &record.finished, now).await?;
+            dispatch_requeue(tx, &record.requeued, back_off).await?;
+            let (keys, keyed) =
+                dispatch_assign_keys(tx, &record.assign_keys, budget_krw, now).await?;
+            // A row given its key was marked verified with it, in the same statement.
+            let verified: Vec<String> = record
+                .verified
+                .iter()
+                .filter(|id| !keyed.contains(id))
+                .map(Uuid::to_string)
+                .collect();
             for piece in verified.chunks(DISPATCH_MAX_BINDS) {
                 let mut qb = ::sqlx::QueryBuilder::<$db>::new(
                     "UPDATE disbursements SET holder_verified = TRUE WHERE disbursement_id IN (",
@@ -497,9 +510,7 @@ macro_rules! dispatch_sql {
                 list.push_unseparated(")");
                 qb.build().persistent(false).execute(&mut **tx).await?;
             }
-            dispatch_finish(tx, &record.finished, now).await?;
-            dispatch_requeue(tx, &record.requeued, back_off).await?;
-            dispatch_assign_keys(tx, &record.assign_keys, budget_krw, now).await
+            Ok(keys)
         }
     };
 }

@@ -284,7 +284,7 @@ pub enum Requeue {
 }
 
 /// What a dispatcher round learnt about a batch of leased disbursements, written in one
-/// transaction by [`Store::record_dispatch`], in this order.
+/// transaction by [`Store::record_dispatch`].
 #[derive(Debug, Clone, Default)]
 pub struct DispatchRecord {
     /// Backend calls, each disbursement's in the order they were made.
@@ -581,7 +581,7 @@ pub trait Store: Send + Sync + 'static {
     ) -> Result<u64>;
     /// Writes `record` in one transaction: attempts, verified holders, finished dispatches
     /// (with their history), released rows (`back_off(failures so far)` gives the due time of
-    /// [`Requeue::BackOff`]), then instruction keys within `budget_krw`, under the same lock
+    /// [`Requeue::BackOff`]) and instruction keys within `budget_krw`, made under the same lock
     /// as [`Store::assign_key`], the batch's keys adding up as they are made.
     async fn record_dispatch(
         &self,

@@ -158,6 +158,33 @@ async fn applied(bank_url: &str) -> Vec<bank::AppliedInstruction> {
         .instructions
 }
 
+/// Whether the store keeps the disbursement's holder as verified (not part of the API).
+async fn holder_verified(app: &TestApp, disbursement_id: &str) -> bool {
+    const SQL: &str = "SELECT holder_verified FROM disbursements WHERE disbursement_id = $1";
+    match app.db {
+        Db::Sqlite => {
+            let pool = sqlx::SqlitePool::connect(&app.database_url)
+                .await
+                .expect("open the database");
+            sqlx::query_scalar(SQL)
+                .bind(disbursement_id)
+                .fetch_one(&pool)
+                .await
+                .expect("read holder_verified")
+        }
+        Db::Postgres => {
+            let pool = sqlx::PgPool::connect(&app.database_url)
+                .await
+                .expect("open the database");
+            sqlx::query_scalar(SQL)
+                .bind(disbursement_id)
+                .fetch_one(&pool)
+                .await
+                .expect("read holder_verified")
+        }
+    }
+}
+
 /// Six payouts queued while dispatch is paused go out in one batch once it resumes.
 async fn a_mixed_batch_ends_each_payout_as_alone(db: Db) {
     let bank_url = flaky_bank().await;
@@ -303,6 +330,10 @@ async fn the_budget_counts_the_batch(db: Db) {
     .await;
     assert_eq!(operations(&held), vec![(VERIFY, "MATCH")]);
     assert_eq!(held.idempotency_key, "");
+    assert!(
+        holder_verified(&app, &held.disbursement_id).await,
+        "the check is kept for when the budget allows"
+    );
     assert_eq!(transitions(&held), vec![(Unspecified, Queued)]);
     let s = summary(&app).await;
     assert_eq!((s.paid_count, s.paid_krw), (2, 60_000));
