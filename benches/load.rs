@@ -3,7 +3,7 @@
 //!
 //! ```text
 //! cargo bench --bench load -- SCENARIO [--count N] [--concurrency C | --rate PER_S]
-//!                                     [--streams S] [--database-url URL]
+//!                                     [--streams S] [--connections K] [--database-url URL]
 //!                                     [--target http://HOST:PORT]
 //! ```
 //! Scenarios: `register` (unary RegisterPartner), `claims` (unary SubmitClaim, partners
@@ -11,7 +11,8 @@
 //! and N claims through ImportPartners and ImportClaims, until every payout is PAID at the
 //! sandbox, then checks the sandbox applied exactly one instruction each). `--streams S`
 //! (default 1) splits the rows of an import over S streams sent at once, as a payments team
-//! loading one file from several workers would.
+//! loading one file from several workers would. Calls go over `--connections K` HTTP/2
+//! connections (default 8), as calls from several client processes would.
 //!
 //! Closed loop (`--concurrency`, default 64): C callers, each sending as soon as its last call
 //! returned. Open loop (`--rate`): calls start on a fixed schedule whatever the service does,
@@ -52,6 +53,7 @@ struct Options {
     concurrency: usize,
     rate: Option<f64>,
     streams: u64,
+    connections: usize,
     database_url: Option<String>,
     target: Option<String>,
 }
@@ -64,6 +66,7 @@ fn options() -> anyhow::Result<Options> {
         concurrency: 64,
         rate: None,
         streams: 1,
+        connections: 8,
         database_url: None,
         target: None,
     };
@@ -77,6 +80,7 @@ fn options() -> anyhow::Result<Options> {
             "--concurrency" => o.concurrency = value()?.parse()?,
             "--rate" => o.rate = Some(value()?.parse()?),
             "--streams" => o.streams = value()?.parse::<u64>()?.max(1),
+            "--connections" => o.connections = value()?.parse::<usize>()?.max(1),
             "--database-url" => o.database_url = Some(value()?),
             "--target" => o.target = Some(value()?),
             s if !s.starts_with('-') && o.scenario.is_empty() => o.scenario = s.to_owned(),
@@ -313,6 +317,28 @@ where
     }
 }
 
+/// A channel over `connections` HTTP/2 connections to `target`, calls spread between them (as
+/// calls from several client processes would be): one connection is driven by one task, so a
+/// single one would make the generator, not the service, the bound.
+async fn connect(target: &str, connections: usize) -> anyhow::Result<tonic::transport::Channel> {
+    let endpoint = tonic::transport::Endpoint::from_shared(target.to_owned())?;
+    if connections <= 1 {
+        return Ok(endpoint.connect().await?);
+    }
+    let (channel, changes) = tonic::transport::Channel::balance_channel::<usize>(connections);
+    for i in 0..connections {
+        changes
+            .send(tonic::transport::channel::Change::Insert(
+                i,
+                endpoint.clone(),
+            ))
+            .await?;
+    }
+    // Keep the sender: dropping it would end the set of endpoints.
+    std::mem::forget(changes);
+    Ok(channel)
+}
+
 async fn fresh_postgres_database() -> anyhow::Result<String> {
     use sqlx::Connection as _;
     let admin = std::env::var("PAYOUTS_TEST_POSTGRES_URL")
@@ -384,12 +410,7 @@ async fn main() -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
     let mut bank_addr = None;
     let (channel, server) = match &o.target {
-        Some(target) => (
-            tonic::transport::Endpoint::from_shared(target.clone())?
-                .connect()
-                .await?,
-            None,
-        ),
+        Some(target) => (connect(target, o.connections).await?, None),
         None => {
             let database_url = match o.database_url.as_deref() {
                 None => fresh_postgres_database().await?,
@@ -428,9 +449,7 @@ async fn main() -> anyhow::Result<()> {
                 database_url.split(':').next().unwrap_or("")
             );
             (
-                tonic::transport::Endpoint::from_shared(format!("http://{listen}"))?
-                    .connect()
-                    .await?,
+                connect(&format!("http://{listen}"), o.connections).await?,
                 Some((stop, server)),
             )
         }
