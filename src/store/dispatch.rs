@@ -8,6 +8,11 @@
 //!   keys, in one transaction, with multi-row statements;
 //! - [`Store::renew_leases`] keeps a long round's rows from being taken over.
 //!
+//! A batch's rows go to the database as a table `v` (columns `column1`, `column2`, ...): on
+//! PostgreSQL its columns are bound as arrays (`UNNEST`), so each statement's text is the same
+//! for any number of rows and is prepared once per connection; on SQLite they are a `VALUES`
+//! list, cut into pieces under the bind-parameter limit.
+//!
 //! A disbursement's row is written before its outbox row (as `CancelDisbursement` does), and
 //! `dispatch_control`, which serialises key assignment across replicas, is locked after the
 //! batch's attempts, final states and released rows are written, so that it is held briefly.
@@ -18,34 +23,144 @@
 //! [`Store::record_dispatch`]: crate::store::Store::record_dispatch
 //! [`Store::renew_leases`]: crate::store::Store::renew_leases
 
+use std::ops::Range;
+
+use sqlx::QueryBuilder;
+
+/// Bind parameters per statement at most: SQLite's default limit (32766).
+const SQLITE_MAX_BINDS: usize = 32_766;
+
+/// One column of a batch's rows.
+pub(crate) enum Col {
+    Text(Vec<String>),
+    BigInt(Vec<i64>),
+}
+
+impl Col {
+    pub(crate) fn len(&self) -> usize {
+        match self {
+            Self::Text(v) => v.len(),
+            Self::BigInt(v) => v.len(),
+        }
+    }
+}
+
+/// How a batch's rows are written into a statement, on each database.
+pub(crate) trait DispatchRows: sqlx::Database + Sized {
+    /// Whether a statement's text is the same for any number of rows, so it may stay prepared.
+    const PREPARED: bool;
+
+    /// The pieces `rows` rows of `columns` columns are sent in, one statement each.
+    fn pieces(rows: usize, columns: usize) -> Vec<Range<usize>>;
+
+    /// Appends the rows `range` of `columns` as a table `v(column1, column2, ...)`.
+    fn push_rows(qb: &mut QueryBuilder<Self>, columns: &[Col], range: Range<usize>);
+}
+
+impl DispatchRows for sqlx::Postgres {
+    const PREPARED: bool = true;
+
+    fn pieces(rows: usize, _columns: usize) -> Vec<Range<usize>> {
+        // One statement, whatever the number of rows.
+        std::iter::once(0..rows).collect()
+    }
+
+    fn push_rows(qb: &mut QueryBuilder<Self>, columns: &[Col], range: Range<usize>) {
+        qb.push("UNNEST(");
+        for (i, column) in columns.iter().enumerate() {
+            if i > 0 {
+                qb.push(", ");
+            }
+            match column {
+                Col::Text(v) => qb.push_bind(v[range.clone()].to_vec()).push("::text[]"),
+                Col::BigInt(v) => qb.push_bind(v[range.clone()].to_vec()).push("::int8[]"),
+            };
+        }
+        qb.push(") AS v(");
+        for i in 1..=columns.len() {
+            if i > 1 {
+                qb.push(", ");
+            }
+            qb.push(format_args!("column{i}"));
+        }
+        qb.push(")");
+    }
+}
+
+impl DispatchRows for sqlx::Sqlite {
+    const PREPARED: bool = false;
+
+    fn pieces(rows: usize, columns: usize) -> Vec<Range<usize>> {
+        let per_piece = (SQLITE_MAX_BINDS / columns.max(1)).max(1);
+        (0..rows)
+            .step_by(per_piece)
+            .map(|start| start..(start + per_piece).min(rows))
+            .collect()
+    }
+
+    fn push_rows(qb: &mut QueryBuilder<Self>, columns: &[Col], range: Range<usize>) {
+        qb.push("(VALUES ");
+        for row in range.clone() {
+            if row > range.start {
+                qb.push(", ");
+            }
+            qb.push("(");
+            for (i, column) in columns.iter().enumerate() {
+                if i > 0 {
+                    qb.push(", ");
+                }
+                match column {
+                    Col::Text(v) => qb.push_bind(v[row].clone()),
+                    Col::BigInt(v) => qb.push_bind(v[row]),
+                };
+            }
+            qb.push(")");
+        }
+        qb.push(") AS v");
+    }
+}
+
 /// Defines `dispatch_lease_batch`, `dispatch_renew_leases` and `dispatch_record` for `$store`,
 /// inside [`sql_store!`] (which provides `Tx`, `DbRow`, `parsed`, `uuid_col`, `status_col`,
 /// `disbursement_from_row`, `load_dispatch_state`); its `Store` methods call them.
 macro_rules! dispatch_sql {
     ($store:ident, $db:ty, for_update = $for_update:literal, skip_locked = $skip_locked:literal) => {
-        /// Bind parameters per statement: SQLite's default limit, also under PostgreSQL's.
-        const DISPATCH_MAX_BINDS: usize = 32_766;
+        use $crate::store::dispatch::{Col, DispatchRows};
 
-        /// Runs `head (ids...) tail` for each piece of `ids` that fits, returning all rows.
-        async fn dispatch_select_in(
+        /// Runs `head v tail` with the batch's rows as the table `v`, in as many statements as
+        /// the database needs; returns the rows they answered.
+        async fn dispatch_rows(
             tx: &mut Tx,
             head: &str,
-            ids: &[String],
+            columns: Vec<Col>,
             tail: &str,
         ) -> Result<Vec<DbRow>> {
-            let mut rows = Vec::with_capacity(ids.len());
-            for piece in ids.chunks(DISPATCH_MAX_BINDS) {
-                let mut qb = ::sqlx::QueryBuilder::<$db>::new(head);
-                qb.push(" (");
-                let mut list = qb.separated(", ");
-                for id in piece {
-                    list.push_bind(id.clone());
-                }
-                list.push_unseparated(")");
-                qb.push(tail);
-                rows.extend(qb.build().persistent(false).fetch_all(&mut **tx).await?);
+            let rows = columns.first().map_or(0, Col::len);
+            let mut answered = Vec::new();
+            if rows == 0 {
+                return Ok(answered);
             }
-            Ok(rows)
+            for range in <$db as DispatchRows>::pieces(rows, columns.len()) {
+                let mut qb = ::sqlx::QueryBuilder::<$db>::new(head);
+                <$db as DispatchRows>::push_rows(&mut qb, &columns, range);
+                qb.push(tail);
+                answered.extend(
+                    qb.build()
+                        .persistent(<$db as DispatchRows>::PREPARED)
+                        .fetch_all(&mut **tx)
+                        .await?,
+                );
+            }
+            Ok(answered)
+        }
+
+        fn dispatch_ids<'a>(ids: impl IntoIterator<Item = &'a Uuid>) -> Col {
+            Col::Text(ids.into_iter().map(Uuid::to_string).collect())
+        }
+
+        /// The ids a statement answered in its `disbursement_id` column.
+        fn dispatch_answered_ids(rows: &[DbRow]) -> Result<::std::collections::HashSet<Uuid>> {
+            rows.iter().map(|row| uuid_col(row, "disbursement_id")).collect()
         }
 
         async fn dispatch_lease_batch(
@@ -81,14 +196,11 @@ macro_rules! dispatch_sql {
             .bind(i64::from(limit))
             .fetch_all(&mut **tx)
             .await?;
-            if ids.is_empty() {
-                return Ok(Vec::new());
-            }
-            let rows = dispatch_select_in(
+            let rows = dispatch_rows(
                 tx,
-                "SELECT * FROM disbursements WHERE disbursement_id IN",
-                &ids,
-                " ORDER BY disbursement_id",
+                "SELECT * FROM disbursements WHERE disbursement_id IN (SELECT column1 FROM ",
+                vec![Col::Text(ids)],
+                ") ORDER BY disbursement_id",
             )
             .await?;
             rows.iter().map(disbursement_from_row).collect()
@@ -101,47 +213,44 @@ macro_rules! dispatch_sql {
             lease_until: Micros,
         ) -> Result<u64> {
             let mut tx = store.begin_write().await?;
-            let mut renewed = 0;
-            for piece in ids.chunks(DISPATCH_MAX_BINDS - 2) {
-                let mut qb = ::sqlx::QueryBuilder::<$db>::new("UPDATE outbox SET lease_until = ");
-                qb.push_bind(lease_until);
-                qb.push(" WHERE lease_until = ");
-                qb.push_bind(held_until);
-                qb.push(" AND disbursement_id IN (");
-                let mut list = qb.separated(", ");
-                for id in piece {
-                    list.push_bind(id.to_string());
-                }
-                list.push_unseparated(")");
-                renewed += qb
-                    .build()
-                    .persistent(false)
-                    .execute(&mut *tx)
-                    .await?
-                    .rows_affected();
-            }
+            let renewed = dispatch_rows(
+                &mut tx,
+                "UPDATE outbox SET lease_until = v.column2 FROM ",
+                vec![
+                    dispatch_ids(ids),
+                    Col::BigInt(vec![lease_until; ids.len()]),
+                    Col::BigInt(vec![held_until; ids.len()]),
+                ],
+                " WHERE outbox.disbursement_id = v.column1 AND outbox.lease_until = v.column3 \
+                 RETURNING disbursement_id",
+            )
+            .await?;
             tx.commit().await?;
-            Ok(renewed)
+            Ok(u64::try_from(renewed.len()).unwrap_or(u64::MAX))
         }
 
         async fn dispatch_insert_attempts(tx: &mut Tx, attempts: &[(Uuid, Attempt)]) -> Result<()> {
-            // One statement keeps the order of the list, which is the order of the ids.
-            for piece in attempts.chunks(DISPATCH_MAX_BINDS / 7) {
-                let mut qb = ::sqlx::QueryBuilder::<$db>::new(
-                    "INSERT INTO disbursement_attempts (disbursement_id, operation, \
-                     idempotency_key, outcome, code, message, time) ",
-                );
-                qb.push_values(piece, |mut b, (id, a)| {
-                    b.push_bind(id.to_string())
-                        .push_bind(a.operation.clone())
-                        .push_bind(a.idempotency_key.clone())
-                        .push_bind(a.outcome.clone())
-                        .push_bind(a.code.clone())
-                        .push_bind(a.message.clone())
-                        .push_bind(a.time);
-                });
-                qb.build().persistent(false).execute(&mut **tx).await?;
-            }
+            let text = |f: fn(&Attempt) -> &String| {
+                Col::Text(attempts.iter().map(|(_, a)| f(a).clone()).collect())
+            };
+            // Rows go in in the order of the list, which is the order of their ids.
+            dispatch_rows(
+                tx,
+                "INSERT INTO disbursement_attempts (disbursement_id, operation, idempotency_key, \
+                 outcome, code, message, time) \
+                 SELECT column1, column2, column3, column4, column5, column6, column7 FROM ",
+                vec![
+                    dispatch_ids(attempts.iter().map(|(id, _)| id)),
+                    text(|a| &a.operation),
+                    text(|a| &a.idempotency_key),
+                    text(|a| &a.outcome),
+                    text(|a| &a.code),
+                    text(|a| &a.message),
+                    Col::BigInt(attempts.iter().map(|(_, a)| a.time).collect()),
+                ],
+                "",
+            )
+            .await?;
             Ok(())
         }
 
@@ -158,21 +267,24 @@ macro_rules! dispatch_sql {
             events: &[DispatchEvent<'_>],
             now: Micros,
         ) -> Result<()> {
-            for piece in events.chunks(DISPATCH_MAX_BINDS / 6) {
-                let mut qb = ::sqlx::QueryBuilder::<$db>::new(
-                    "INSERT INTO disbursement_events (disbursement_id, from_status, to_status, \
-                     actor, reason, time) ",
-                );
-                qb.push_values(piece, |mut b, e| {
-                    b.push_bind(e.disbursement_id.to_string())
-                        .push_bind(e.from.key())
-                        .push_bind(e.to.key())
-                        .push_bind("dispatcher")
-                        .push_bind(e.reason.to_owned())
-                        .push_bind(now);
-                });
-                qb.build().persistent(false).execute(&mut **tx).await?;
-            }
+            let text = |f: &dyn Fn(&DispatchEvent<'_>) -> String| {
+                Col::Text(events.iter().map(f).collect())
+            };
+            dispatch_rows(
+                tx,
+                "INSERT INTO disbursement_events (disbursement_id, from_status, to_status, actor, \
+                 reason, time) SELECT column1, column2, column3, column4, column5, column6 FROM ",
+                vec![
+                    dispatch_ids(events.iter().map(|e| &e.disbursement_id)),
+                    text(&|e| e.from.key().to_owned()),
+                    text(&|e| e.to.key().to_owned()),
+                    text(&|_| "dispatcher".to_owned()),
+                    text(&|e| e.reason.to_owned()),
+                    Col::BigInt(vec![now; events.len()]),
+                ],
+                "",
+            )
+            .await?;
             Ok(())
         }
 
@@ -182,28 +294,20 @@ macro_rules! dispatch_sql {
             moves: &[(Uuid, DisbursementStatus, DisbursementStatus)],
             now: Micros,
         ) -> Result<::std::collections::HashSet<Uuid>> {
-            let mut moved = ::std::collections::HashSet::new();
-            for piece in moves.chunks((DISPATCH_MAX_BINDS - 1) / 3) {
-                let mut qb = ::sqlx::QueryBuilder::<$db>::new("UPDATE disbursements SET status = v.column3, update_time = ");
-                qb.push_bind(now);
-                qb.push(" FROM (");
-                qb.push_values(piece, |mut b, (id, from, to)| {
-                    b.push_bind(id.to_string()).push_bind(from.key()).push_bind(to.key());
-                });
-                qb.push(
-                    ") AS v WHERE disbursements.disbursement_id = v.column1 \
-                     AND disbursements.status = v.column2 RETURNING disbursement_id",
-                );
-                let ids: Vec<String> = qb
-                    .build_query_scalar()
-                    .persistent(false)
-                    .fetch_all(&mut **tx)
-                    .await?;
-                for id in ids {
-                    moved.insert(parsed("disbursements.disbursement_id", Uuid::parse_str(&id))?);
-                }
-            }
-            Ok(moved)
+            let moved = dispatch_rows(
+                tx,
+                "UPDATE disbursements SET status = v.column3, update_time = v.column4 FROM ",
+                vec![
+                    dispatch_ids(moves.iter().map(|(id, _, _)| id)),
+                    Col::Text(moves.iter().map(|(_, from, _)| from.key().to_owned()).collect()),
+                    Col::Text(moves.iter().map(|(_, _, to)| to.key().to_owned()).collect()),
+                    Col::BigInt(vec![now; moves.len()]),
+                ],
+                " WHERE disbursements.disbursement_id = v.column1 \
+                 AND disbursements.status = v.column2 RETURNING disbursement_id",
+            )
+            .await?;
+            dispatch_answered_ids(&moved)
         }
 
         /// Ends the dispatch of `finished`, as `finish_dispatch` does for one.
@@ -215,13 +319,13 @@ macro_rules! dispatch_sql {
             if finished.is_empty() {
                 return Ok(());
             }
-            let ids: Vec<String> = finished.iter().map(|(id, _)| id.to_string()).collect();
             let mut status = ::std::collections::HashMap::new();
-            for row in dispatch_select_in(
+            for row in dispatch_rows(
                 tx,
-                "SELECT disbursement_id, status FROM disbursements WHERE disbursement_id IN",
-                &ids,
-                "",
+                "SELECT disbursement_id, status FROM disbursements \
+                 WHERE disbursement_id IN (SELECT column1 FROM ",
+                vec![dispatch_ids(finished.iter().map(|(id, _)| id))],
+                ")",
             )
             .await?
             {
@@ -265,28 +369,24 @@ macro_rules! dispatch_sql {
                     DispatchOutcome::Paid => None,
                 })
                 .collect();
-            for piece in failures.chunks(DISPATCH_MAX_BINDS / 3) {
-                let mut qb = ::sqlx::QueryBuilder::<$db>::new(
-                    "UPDATE disbursements SET failure_code = v.column2, failure_message = v.column3 FROM (",
-                );
-                qb.push_values(piece, |mut b, (id, code, message)| {
-                    b.push_bind(id.to_string())
-                        .push_bind((*code).clone())
-                        .push_bind((*message).clone());
-                });
-                qb.push(") AS v WHERE disbursements.disbursement_id = v.column1");
-                qb.build().persistent(false).execute(&mut **tx).await?;
-            }
-            for piece in ids.chunks(DISPATCH_MAX_BINDS) {
-                let mut qb =
-                    ::sqlx::QueryBuilder::<$db>::new("DELETE FROM outbox WHERE disbursement_id IN (");
-                let mut list = qb.separated(", ");
-                for id in piece {
-                    list.push_bind(id.clone());
-                }
-                list.push_unseparated(")");
-                qb.build().persistent(false).execute(&mut **tx).await?;
-            }
+            dispatch_rows(
+                tx,
+                "UPDATE disbursements SET failure_code = v.column2, failure_message = v.column3 FROM ",
+                vec![
+                    dispatch_ids(failures.iter().map(|(id, _, _)| *id)),
+                    Col::Text(failures.iter().map(|(_, code, _)| (*code).clone()).collect()),
+                    Col::Text(failures.iter().map(|(_, _, message)| (*message).clone()).collect()),
+                ],
+                " WHERE disbursements.disbursement_id = v.column1",
+            )
+            .await?;
+            dispatch_rows(
+                tx,
+                "DELETE FROM outbox WHERE disbursement_id IN (SELECT column1 FROM ",
+                vec![dispatch_ids(finished.iter().map(|(id, _)| id))],
+                ")",
+            )
+            .await?;
             Ok(())
         }
 
@@ -299,70 +399,67 @@ macro_rules! dispatch_sql {
         ) -> Result<()> {
             use $crate::store::Requeue;
             let mut failures = ::std::collections::HashMap::new();
-            let backing_off: Vec<String> = requeued
-                .iter()
-                .filter(|(_, r)| *r == Requeue::BackOff)
-                .map(|(id, _)| id.to_string())
-                .collect();
-            for piece in backing_off.chunks(DISPATCH_MAX_BINDS) {
-                let mut qb = ::sqlx::QueryBuilder::<$db>::new(
-                    "UPDATE outbox SET failures = failures + 1 WHERE disbursement_id IN (",
-                );
-                let mut list = qb.separated(", ");
-                for id in piece {
-                    list.push_bind(id.clone());
-                }
-                list.push_unseparated(") RETURNING disbursement_id, failures");
-                for row in qb.build().persistent(false).fetch_all(&mut **tx).await? {
-                    let n: i32 = row.try_get("failures")?;
-                    failures.insert(uuid_col(&row, "disbursement_id")?, n.max(0).unsigned_abs());
-                }
+            for row in dispatch_rows(
+                tx,
+                "UPDATE outbox SET failures = failures + 1 \
+                 WHERE disbursement_id IN (SELECT column1 FROM ",
+                vec![dispatch_ids(
+                    requeued
+                        .iter()
+                        .filter(|(_, r)| *r == Requeue::BackOff)
+                        .map(|(id, _)| id),
+                )],
+                ") RETURNING disbursement_id, failures",
+            )
+            .await?
+            {
+                let n: i32 = row.try_get("failures")?;
+                failures.insert(uuid_col(&row, "disbursement_id")?, n.max(0).unsigned_abs());
             }
-            let due: Vec<(String, Micros)> = requeued
+            let due: Vec<(&Uuid, Micros)> = requeued
                 .iter()
                 .filter_map(|(id, r)| match r {
-                    Requeue::At(at) => Some((id.to_string(), *at)),
+                    Requeue::At(at) => Some((id, *at)),
                     // A row that is gone (finished meanwhile) has nothing to make due.
-                    Requeue::BackOff => failures.get(id).map(|&n| (id.to_string(), back_off(n))),
+                    Requeue::BackOff => failures.get(id).map(|&n| (id, back_off(n))),
                 })
                 .collect();
-            for piece in due.chunks(DISPATCH_MAX_BINDS / 2) {
-                let mut qb = ::sqlx::QueryBuilder::<$db>::new(
-                    "UPDATE outbox SET lease_until = 0, due_time = v.column2 FROM (",
-                );
-                qb.push_values(piece, |mut b, (id, at)| {
-                    b.push_bind(id.clone()).push_bind(*at);
-                });
-                qb.push(") AS v WHERE outbox.disbursement_id = v.column1");
-                qb.build().persistent(false).execute(&mut **tx).await?;
-            }
+            dispatch_rows(
+                tx,
+                "UPDATE outbox SET lease_until = 0, due_time = v.column2 FROM ",
+                vec![
+                    dispatch_ids(due.iter().map(|(id, _)| *id)),
+                    Col::BigInt(due.iter().map(|(_, at)| *at).collect()),
+                ],
+                " WHERE outbox.disbursement_id = v.column1",
+            )
+            .await?;
             Ok(())
         }
 
         /// Makes (or returns) the instruction keys of `ids` in order, as `assign_key` does for
-        /// one, the budget counting the keys made earlier in the batch.
+        /// one, the budget counting the keys made earlier in the batch; also returns the ids
+        /// that moved to `SUBMITTED`.
         async fn dispatch_assign_keys(
             tx: &mut Tx,
             ids: &[Uuid],
             budget_krw: Option<i64>,
             now: Micros,
         ) -> Result<(Vec<KeyAssignment>, ::std::collections::HashSet<Uuid>)> {
-            let mut moved = ::std::collections::HashSet::new();
             if ids.is_empty() {
-                return Ok((Vec::new(), moved));
+                return Ok((Vec::new(), ::std::collections::HashSet::new()));
             }
             // One key assignment at a time across replicas keeps the budget check exact.
             ::sqlx::query(concat!("SELECT id FROM dispatch_control WHERE id = 1", $for_update))
                 .fetch_one(&mut **tx)
                 .await?;
-            let texts: Vec<String> = ids.iter().map(Uuid::to_string).collect();
             let mut rows = ::std::collections::HashMap::new();
-            for row in dispatch_select_in(
+            for row in dispatch_rows(
                 tx,
                 "SELECT disbursement_id, status, amount_krw, key_seq, idempotency_key \
-                 FROM disbursements WHERE disbursement_id IN",
-                &texts,
-                "",
+                 FROM disbursements WHERE disbursement_id IN (SELECT column1 FROM ",
+                vec![dispatch_ids(ids)],
+                ")",
             )
             .await?
             {
@@ -415,32 +512,24 @@ macro_rules! dispatch_sql {
                 making.push((*id, key.clone()));
                 answers.push(KeyAssignment::Key(key));
             }
-            for piece in making.chunks((DISPATCH_MAX_BINDS - 3) / 2) {
-                let mut qb = ::sqlx::QueryBuilder::<$db>::new(
-                    "UPDATE disbursements SET idempotency_key = v.column2, holder_verified = TRUE, \
-                     status = ",
-                );
-                qb.push_bind(DisbursementStatus::Submitted.key());
-                qb.push(", update_time = ");
-                qb.push_bind(now);
-                qb.push(" FROM (");
-                qb.push_values(piece, |mut b, (id, key)| {
-                    b.push_bind(id.to_string()).push_bind(key.clone());
-                });
-                qb.push(
-                    ") AS v WHERE disbursements.disbursement_id = v.column1 AND disbursements.status = ",
-                );
-                qb.push_bind(DisbursementStatus::Queued.key());
-                qb.push(" RETURNING disbursement_id");
-                let ids: Vec<String> = qb
-                    .build_query_scalar()
-                    .persistent(false)
-                    .fetch_all(&mut **tx)
-                    .await?;
-                for id in ids {
-                    moved.insert(parsed("disbursements.disbursement_id", Uuid::parse_str(&id))?);
-                }
-            }
+            // Every row sent for has had its holder verified: the flag goes with the key.
+            let n = making.len();
+            let moved = dispatch_rows(
+                tx,
+                "UPDATE disbursements SET idempotency_key = v.column2, holder_verified = TRUE, \
+                 status = v.column4, update_time = v.column5 FROM ",
+                vec![
+                    dispatch_ids(making.iter().map(|(id, _)| id)),
+                    Col::Text(making.iter().map(|(_, key)| key.clone()).collect()),
+                    Col::Text(vec![DisbursementStatus::Queued.key().to_owned(); n]),
+                    Col::Text(vec![DisbursementStatus::Submitted.key().to_owned(); n]),
+                    Col::BigInt(vec![now; n]),
+                ],
+                " WHERE disbursements.disbursement_id = v.column1 \
+                 AND disbursements.status = v.column3 RETURNING disbursement_id",
+            )
+            .await?;
+            let moved = dispatch_answered_ids(&moved)?;
             let events: Vec<DispatchEvent<'_>> = making
                 .iter()
                 .filter(|(id, _)| moved.contains(id))
@@ -493,23 +582,14 @@ macro_rules! dispatch_sql {
             let (keys, keyed) =
                 dispatch_assign_keys(tx, &record.assign_keys, budget_krw, now).await?;
             // A row given its key was marked verified with it, in the same statement.
-            let verified: Vec<String> = record
-                .verified
-                .iter()
-                .filter(|id| !keyed.contains(id))
-                .map(Uuid::to_string)
-                .collect();
-            for piece in verified.chunks(DISPATCH_MAX_BINDS) {
-                let mut qb = ::sqlx::QueryBuilder::<$db>::new(
-                    "UPDATE disbursements SET holder_verified = TRUE WHERE disbursement_id IN (",
-                );
-                let mut list = qb.separated(", ");
-                for id in piece {
-                    list.push_bind(id.clone());
-                }
-                list.push_unseparated(")");
-                qb.build().persistent(false).execute(&mut **tx).await?;
-            }
+            dispatch_rows(
+                tx,
+                "UPDATE disbursements SET holder_verified = TRUE \
+                 WHERE disbursement_id IN (SELECT column1 FROM ",
+                vec![dispatch_ids(record.verified.iter().filter(|id| !keyed.contains(id)))],
+                ")",
+            )
+            .await?;
             Ok(keys)
         }
     };
