@@ -76,7 +76,7 @@ impl Default for Settings {
             max_concurrent_requests: 256,
             dispatch_concurrency: 16,
             dispatch_batch: 512,
-            dispatch_rounds: 2,
+            dispatch_rounds: 3,
             dispatch_poll_ms: 200,
             dispatch_lease_ms: 30_000,
             dispatch_quiet_hours: None,

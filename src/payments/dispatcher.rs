@@ -72,7 +72,7 @@ impl Default for DispatcherConfig {
         Self {
             concurrency: 16,
             batch: 512,
-            rounds: 2,
+            rounds: 3,
             poll: Duration::from_millis(200),
             lease: Duration::from_secs(30),
             accepted_poll: Duration::from_millis(500),
