@@ -48,7 +48,7 @@ const KILLS: usize = 6;
 /// How long a child may take to answer its health check.
 const READY_TIMEOUT: Duration = Duration::from_secs(20);
 /// How long the last kill may take to heal. A killed replica's leased outbox rows are only
-/// taken again once their lease (60 s, fixed in `DispatcherConfig::default`) has lapsed.
+/// taken again once their lease (set short by each scenario) has lapsed.
 const SETTLE_TIMEOUT: Duration = Duration::from_secs(150);
 /// Responses carry up to 1,000 disbursements with their attempts and history.
 const MAX_MESSAGE_BYTES: usize = 64 * 1024 * 1024;
