@@ -1,7 +1,11 @@
 //! The production store: PostgreSQL, shared by any number of replicas, which coordinate
 //! through row locks (`FOR UPDATE`, `SKIP LOCKED`) and never through each other.
 
+use sqlx::Connection as _;
 use sqlx::postgres::PgPoolOptions;
+
+/// A pooled connection idle this long is checked before it is used again.
+const IDLE_BEFORE_PING: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// PostgreSQL behind the [`Store`](super::Store) trait.
 #[derive(Clone)]
@@ -20,6 +24,18 @@ impl PgStore {
     ) -> super::Result<Self> {
         let pool = PgPoolOptions::new()
             .max_connections(max_connections)
+            // A connection in steady use is not pinged before each transaction (a round
+            // trip each, 0.3 ms under load); one idle for a while is, and is replaced if it
+            // broke meanwhile.
+            .test_before_acquire(false)
+            .before_acquire(|conn, meta| {
+                Box::pin(async move {
+                    if meta.idle_for >= IDLE_BEFORE_PING {
+                        conn.ping().await?;
+                    }
+                    Ok(true)
+                })
+            })
             .connect(url)
             .await?;
         Ok(Self { pool, cipher })
