@@ -64,6 +64,29 @@ enum Value {
     NullableBytes(Option<Vec<u8>>),
 }
 
+/// One multi-row insert: `head` names the table and columns (`INSERT INTO t (a, b)`), `tail`
+/// follows the rows (`ON CONFLICT ..`).
+pub struct Insert<'a> {
+    pub head: &'a str,
+    pub columns: Vec<Column>,
+    pub tail: &'a str,
+}
+
+impl Insert<'_> {
+    fn is_empty(&self) -> bool {
+        rows_of(&self.columns) == 0
+    }
+}
+
+/// A lookup by a unique key: for each of `values`, the `value` column of the `table` row
+/// whose `key` column equals it, if there is one.
+pub struct Lookup<'a> {
+    pub table: &'a str,
+    pub key: &'a str,
+    pub value: &'a str,
+    pub values: Vec<String>,
+}
+
 /// The statements a batch of rows takes on one database.
 pub trait BatchSql: sqlx::Database + Sized {
     /// Whether the statements' text is fixed, so the database may keep them prepared.
@@ -77,6 +100,21 @@ pub trait BatchSql: sqlx::Database + Sized {
     /// Selects rows whose column is one of `values`: `head` ends with the column
     /// (`SELECT a FROM t WHERE b`), `tail` follows the condition. No statement for no values.
     fn matching(head: &str, values: Vec<String>, tail: &str) -> Vec<QueryBuilder<Self>>;
+
+    /// Several inserts, in order, as few statements as the database allows: on PostgreSQL
+    /// one (every insert but the last a `WITH` clause), so the batch costs one round trip.
+    /// Inserts with no rows are left out.
+    fn insert_all(inserts: Vec<Insert<'_>>) -> Vec<QueryBuilder<Self>>;
+
+    /// `insert`, returning its `returning` column, and `lookup`, in one statement where the
+    /// database allows. Every row the statements give has three text columns: `part`
+    /// (`inserted` or `found`), `a` (the returned value, or the key found) and `b` (the
+    /// value found; NULL for inserted rows). The lookup does not see the insert's rows.
+    fn insert_and_lookup(
+        insert: Insert<'_>,
+        returning: &str,
+        lookup: Lookup<'_>,
+    ) -> Vec<QueryBuilder<Self>>;
 }
 
 fn rows_of(columns: &[Column]) -> usize {
@@ -85,31 +123,79 @@ fn rows_of(columns: &[Column]) -> usize {
     rows
 }
 
+/// Appends `INSERT .. SELECT * FROM UNNEST($1::type[], ..) tail` to `qb`.
+fn push_unnest_insert(qb: &mut QueryBuilder<sqlx::Postgres>, insert: Insert<'_>) {
+    qb.push(insert.head).push(" SELECT * FROM UNNEST(");
+    for (i, column) in insert.columns.into_iter().enumerate() {
+        if i > 0 {
+            qb.push(", ");
+        }
+        let array = column.pg_array();
+        match column {
+            Column::Text(v) => qb.push_bind(v),
+            Column::NullableText(v) => qb.push_bind(v),
+            Column::BigInt(v) => qb.push_bind(v),
+            Column::Int(v) => qb.push_bind(v),
+            Column::Bytes(v) => qb.push_bind(v),
+            Column::NullableBytes(v) => qb.push_bind(v),
+        };
+        qb.push("::").push(array);
+    }
+    qb.push(")").push(insert.tail);
+}
+
 impl BatchSql for sqlx::Postgres {
     const PREPARED: bool = true;
 
     fn insert(head: &str, columns: Vec<Column>, tail: &str) -> Vec<QueryBuilder<Self>> {
-        if rows_of(&columns) == 0 {
+        Self::insert_all(vec![Insert {
+            head,
+            columns,
+            tail,
+        }])
+    }
+
+    fn insert_all(inserts: Vec<Insert<'_>>) -> Vec<QueryBuilder<Self>> {
+        let mut inserts: Vec<Insert<'_>> = inserts.into_iter().filter(|i| !i.is_empty()).collect();
+        let Some(last) = inserts.pop() else {
+            return Vec::new();
+        };
+        let mut qb = QueryBuilder::new("");
+        for (i, insert) in inserts.into_iter().enumerate() {
+            qb.push(if i == 0 { "WITH " } else { ", " });
+            qb.push(format_args!("w{i} AS ("));
+            push_unnest_insert(&mut qb, insert);
+            qb.push(") ");
+        }
+        push_unnest_insert(&mut qb, last);
+        vec![qb]
+    }
+
+    fn insert_and_lookup(
+        insert: Insert<'_>,
+        returning: &str,
+        lookup: Lookup<'_>,
+    ) -> Vec<QueryBuilder<Self>> {
+        if insert.is_empty() && lookup.values.is_empty() {
             return Vec::new();
         }
-        let mut qb = QueryBuilder::new(head);
-        qb.push(" SELECT * FROM UNNEST(");
-        for (i, column) in columns.into_iter().enumerate() {
-            if i > 0 {
-                qb.push(", ");
-            }
-            let array = column.pg_array();
-            match column {
-                Column::Text(v) => qb.push_bind(v),
-                Column::NullableText(v) => qb.push_bind(v),
-                Column::BigInt(v) => qb.push_bind(v),
-                Column::Int(v) => qb.push_bind(v),
-                Column::Bytes(v) => qb.push_bind(v),
-                Column::NullableBytes(v) => qb.push_bind(v),
-            };
-            qb.push("::").push(array);
-        }
-        qb.push(")").push(tail);
+        // The lookup joins each value to at most one row through the key's index: a plan of
+        // that shape stays right however large the table grows after it was prepared.
+        let mut qb = QueryBuilder::new("WITH inserted AS (");
+        push_unnest_insert(&mut qb, insert);
+        qb.push(format_args!(
+            " RETURNING {returning} AS a) \
+             SELECT 'inserted' AS part, a, NULL::text AS b FROM inserted \
+             UNION ALL SELECT 'found', k.v, m.b FROM unnest("
+        ))
+        .push_bind(lookup.values)
+        .push(format_args!(
+            "::text[]) AS k(v) CROSS JOIN LATERAL \
+             (SELECT {value} AS b FROM {table} WHERE {key} = k.v LIMIT 1) AS m",
+            value = lookup.value,
+            table = lookup.table,
+            key = lookup.key,
+        ));
         vec![qb]
     }
 
@@ -131,6 +217,36 @@ impl BatchSql for sqlx::Postgres {
 
 impl BatchSql for sqlx::Sqlite {
     const PREPARED: bool = false;
+
+    fn insert_all(inserts: Vec<Insert<'_>>) -> Vec<QueryBuilder<Self>> {
+        inserts
+            .into_iter()
+            .flat_map(|i| Self::insert(i.head, i.columns, i.tail))
+            .collect()
+    }
+
+    fn insert_and_lookup(
+        insert: Insert<'_>,
+        returning: &str,
+        lookup: Lookup<'_>,
+    ) -> Vec<QueryBuilder<Self>> {
+        let tail = format!(
+            "{} RETURNING 'inserted' AS part, {returning} AS a, NULL AS b",
+            insert.tail
+        );
+        let mut statements = Self::insert(insert.head, insert.columns, &tail);
+        statements.extend(Self::matching(
+            &format!(
+                "SELECT 'found' AS part, {key} AS a, {value} AS b FROM {table} WHERE {key}",
+                key = lookup.key,
+                value = lookup.value,
+                table = lookup.table,
+            ),
+            lookup.values,
+            "",
+        ));
+        statements
+    }
 
     fn insert(head: &str, columns: Vec<Column>, tail: &str) -> Vec<QueryBuilder<Self>> {
         let rows = rows_of(&columns);
@@ -236,6 +352,38 @@ mod tests {
             .map(|qb| qb.sql().as_str().matches('?').count())
             .sum();
         assert_eq!(binds, rows * 2);
+    }
+
+    #[test]
+    fn postgres_joins_inserts_into_one_statement_and_sqlite_keeps_them_apart() {
+        let inserts = || {
+            vec![
+                Insert {
+                    head: "INSERT INTO a (x)",
+                    columns: vec![Column::Text(vec!["x".into(); 3])],
+                    tail: "",
+                },
+                Insert {
+                    head: "INSERT INTO b (y)",
+                    columns: vec![Column::BigInt(vec![])],
+                    tail: "",
+                },
+                Insert {
+                    head: "INSERT INTO c (z)",
+                    columns: vec![Column::Int(vec![1; 2])],
+                    tail: " ON CONFLICT DO NOTHING",
+                },
+            ]
+        };
+        let pg = <sqlx::Postgres as BatchSql>::insert_all(inserts());
+        assert_eq!(pg.len(), 1);
+        assert_eq!(
+            pg[0].sql().as_str(),
+            "WITH w0 AS (INSERT INTO a (x) SELECT * FROM UNNEST($1::text[])) \
+             INSERT INTO c (z) SELECT * FROM UNNEST($2::int4[]) ON CONFLICT DO NOTHING"
+        );
+        let sqlite = <sqlx::Sqlite as BatchSql>::insert_all(inserts());
+        assert_eq!(sqlite.len(), 2, "the insert with no rows is left out");
     }
 
     #[test]

@@ -22,7 +22,7 @@
 macro_rules! bulk_sql {
     ($store:ident, $db:ty, for_update = $for_update:literal) => {
         use $crate::store::BatchAudit;
-        use $crate::store::batch::{BatchSql, Column};
+        use $crate::store::batch::{BatchSql, Column, Insert, Lookup};
 
         /// Why a batch could not be written as a batch.
         enum BulkError {
@@ -93,10 +93,6 @@ macro_rules! bulk_sql {
         /// The statements of a batch in this database's form.
         type BatchStatements = Vec<::sqlx::QueryBuilder<$db>>;
 
-        fn bulk_insert(head: &str, columns: Vec<Column>, tail: &str) -> BatchStatements {
-            <$db as BatchSql>::insert(head, columns, tail)
-        }
-
         /// Rows whose column (the last word of `head`) is one of `values`. Planned afresh
         /// each time (not kept prepared): a plan made while a table was small (a sequential
         /// scan) would otherwise stay while a bulk load makes it large.
@@ -140,12 +136,12 @@ macro_rules! bulk_sql {
             Column::Text(items.iter().map(f).collect())
         }
 
-        /// Appends audit log entries in the caller's transaction.
-        async fn bulk_insert_audit(tx: &mut Tx, events: &[AuditEvent]) -> Result<()> {
-            let statements = bulk_insert(
-                "INSERT INTO audit_events (audit_event_id, time, principal, method, \
-                 resource_id, request_id, outcome_code, peer_address)",
-                vec![
+        /// The insert of audit log entries.
+        fn audit_insert(events: &[AuditEvent]) -> Insert<'static> {
+            Insert {
+                head: "INSERT INTO audit_events (audit_event_id, time, principal, method, \
+                       resource_id, request_id, outcome_code, peer_address)",
+                columns: vec![
                     text_column(events, |e| e.audit_event_id.to_string()),
                     Column::BigInt(events.iter().map(|e| e.time).collect()),
                     text_column(events, |e| e.principal.clone()),
@@ -155,9 +151,13 @@ macro_rules! bulk_sql {
                     text_column(events, |e| e.outcome_code.clone()),
                     text_column(events, |e| e.peer_address.clone()),
                 ],
-                "",
-            );
-            for mut qb in statements {
+                tail: "",
+            }
+        }
+
+        /// Appends audit log entries in the caller's transaction.
+        async fn bulk_insert_audit(tx: &mut Tx, events: &[AuditEvent]) -> Result<()> {
+            for mut qb in <$db as BatchSql>::insert_all(vec![audit_insert(events)]) {
                 qb.build()
                     .persistent(<$db as BatchSql>::PREPARED)
                     .execute(&mut **tx)
@@ -166,34 +166,73 @@ macro_rules! bulk_sql {
             Ok(())
         }
 
-        /// Takes the request ids that are new (in a fixed order, so two batches sharing ids
-        /// cannot deadlock on them), each with the response its row will give if it is written;
-        /// returns those taken. The others were used before.
-        async fn bulk_take_request_ids(
-            tx: &mut Tx,
+        /// The insert that takes request ids, each with the response its row will give if it
+        /// is written; in a fixed order, so two batches sharing ids cannot deadlock on them.
+        fn request_ids_insert(
             idems: Vec<(&Idempotency, Option<Vec<u8>>)>,
             now: Micros,
-        ) -> BulkResult<::std::collections::HashSet<Uuid>> {
+        ) -> Insert<'static> {
             let mut sorted = idems;
             sorted.sort_by_key(|(i, _)| i.request_id);
             let n = sorted.len();
             let (idems, responses): (Vec<&Idempotency>, Vec<Option<Vec<u8>>>) =
                 sorted.into_iter().unzip();
-            let rows = bulk_fetch(
-                tx,
-                bulk_insert(
-                    "INSERT INTO idempotency (request_id, method, fingerprint, response, create_time)",
-                    vec![
-                        text_column(&idems, |i| i.request_id.to_string()),
-                        text_column(&idems, |i| i.method.to_owned()),
-                        text_column(&idems, |i| i.fingerprint.clone()),
-                        Column::NullableBytes(responses),
-                        Column::BigInt(vec![now; n]),
-                    ],
-                    " ON CONFLICT (request_id) DO NOTHING RETURNING request_id",
-                ),
-            )
-            .await?;
+            Insert {
+                head: "INSERT INTO idempotency (request_id, method, fingerprint, response, create_time)",
+                columns: vec![
+                    text_column(&idems, |i| i.request_id.to_string()),
+                    text_column(&idems, |i| i.method.to_owned()),
+                    text_column(&idems, |i| i.fingerprint.clone()),
+                    Column::NullableBytes(responses),
+                    Column::BigInt(vec![now; n]),
+                ],
+                tail: " ON CONFLICT (request_id) DO NOTHING",
+            }
+        }
+
+        /// Takes the request ids that are new (see [`request_ids_insert`]) and, in the same
+        /// round trip where the database allows, runs `lookup`. Returns the ids taken (the
+        /// others were used before) and the lookup's values by key.
+        async fn bulk_take_request_ids_and_look_up(
+            tx: &mut Tx,
+            idems: Vec<(&Idempotency, Option<Vec<u8>>)>,
+            now: Micros,
+            lookup: Lookup<'_>,
+        ) -> BulkResult<(
+            ::std::collections::HashSet<Uuid>,
+            ::std::collections::HashMap<String, String>,
+        )> {
+            let statements = <$db as BatchSql>::insert_and_lookup(
+                request_ids_insert(idems, now),
+                "request_id",
+                lookup,
+            );
+            let mut taken = ::std::collections::HashSet::new();
+            let mut found = ::std::collections::HashMap::new();
+            for row in bulk_fetch(tx, statements).await? {
+                let part: String = row.try_get("part")?;
+                let a: String = row.try_get("a")?;
+                if part == "inserted" {
+                    taken.insert(
+                        Uuid::parse_str(&a).map_err(|_| unexpected("a request id is not a UUID"))?,
+                    );
+                } else {
+                    found.insert(a, row.try_get::<String, _>("b")?);
+                }
+            }
+            Ok((taken, found))
+        }
+
+        /// Takes the request ids that are new (see [`request_ids_insert`]); returns those
+        /// taken. The others were used before.
+        async fn bulk_take_request_ids(
+            tx: &mut Tx,
+            idems: Vec<(&Idempotency, Option<Vec<u8>>)>,
+            now: Micros,
+        ) -> BulkResult<::std::collections::HashSet<Uuid>> {
+            let mut insert = request_ids_insert(idems, now);
+            insert.tail = " ON CONFLICT (request_id) DO NOTHING RETURNING request_id";
+            let rows = bulk_fetch(tx, <$db as BatchSql>::insert_all(vec![insert])).await?;
             let mut taken = ::std::collections::HashSet::new();
             for row in &rows {
                 taken.insert(uuid_col(row, "request_id")?);
@@ -339,12 +378,28 @@ macro_rules! bulk_sql {
                 })
                 .collect();
             let mut tx = store.begin_write().await?;
+            // A wave's partners are inserted with the next statement that may: before the next
+            // wave looks up registration numbers, or with the audit entries after the last.
+            let mut pending: Option<Insert<'static>> = None;
             for wave in bulk_waves(&keys) {
+                if let Some(insert) = pending.take() {
+                    bulk_execute(&mut tx, <$db as BatchSql>::insert_all(vec![insert])).await?;
+                }
                 let idems = wave
                     .iter()
                     .map(|&i| (&rows[i].0, candidates[i].as_ref().map(|(p, _)| render(p))))
                     .collect();
-                let taken = bulk_take_request_ids(&mut tx, idems, now).await?;
+                let lookup = Lookup {
+                    table: "partners",
+                    key: "business_registration_number",
+                    value: "partner_id",
+                    values: wave
+                        .iter()
+                        .map(|&i| rows[i].1.profile.business_registration_number.as_str().to_owned())
+                        .collect(),
+                };
+                let (taken, registered) =
+                    bulk_take_request_ids_and_look_up(&mut tx, idems, now, lookup).await?;
                 let (fresh, used): (Vec<usize>, Vec<usize>) = wave
                     .iter()
                     .partition(|&&i| taken.contains(&rows[i].0.request_id));
@@ -352,29 +407,14 @@ macro_rules! bulk_sql {
                     used.into_iter().map(|i| (i, &rows[i].0)).collect();
                 bulk_replays(&mut tx, &used, &mut answers).await?;
 
-                let brns: Vec<String> = fresh
-                    .iter()
-                    .map(|&i| rows[i].1.profile.business_registration_number.as_str().to_owned())
-                    .collect();
-                let mut registered = ::std::collections::HashMap::new();
-                for row in bulk_select_in(
-                    &mut tx,
-                    "SELECT partner_id, business_registration_number FROM partners \
-                     WHERE business_registration_number",
-                    brns,
-                    "",
-                )
-                .await?
-                {
-                    let brn: String = row.try_get("business_registration_number")?;
-                    registered.insert(brn, uuid_col(&row, "partner_id")?);
-                }
                 let mut released = Vec::new();
                 let mut created: Vec<(usize, Partner, String)> = Vec::new();
                 for i in fresh {
                     let (idem, partner) = &rows[i];
                     let brn = partner.profile.business_registration_number.as_str();
-                    if let Some(&partner_id) = registered.get(brn) {
+                    if let Some(partner_id) = registered.get(brn) {
+                        let partner_id = Uuid::parse_str(partner_id)
+                            .map_err(|_| unexpected("a partner id is not a UUID"))?;
                         answers[i] = Some(Err(StoreError::PartnerAlreadyRegistered { partner_id }));
                         released.push(idem.request_id);
                         continue;
@@ -385,50 +425,54 @@ macro_rules! bulk_sql {
                     created.push((i, partner, sealed));
                 }
                 bulk_release_request_ids(&mut tx, &released).await?;
-
-                // The same columns and values as `register_partner`.
-                let n = created.len();
-                let profiles: Vec<&PartnerProfile> = created.iter().map(|(_, p, _)| &p.profile).collect();
-                let accounts: Vec<&BankAccount> =
-                    created.iter().map(|(i, _, _)| &rows[*i].1.bank_account).collect();
-                bulk_execute(
-                    &mut tx,
-                    bulk_insert(
-                        "INSERT INTO partners (partner_id, business_registration_number, legal_name, \
-                         representative_name, affected_services, bank_code, account_sealed, \
-                         account_last4, holder_name, account_changed_by, account_change_time, \
-                         contact_email, create_time, update_time, version)",
-                        vec![
-                            text_column(&created, |(_, p, _)| p.partner_id.to_string()),
-                            text_column(&profiles, |p| {
-                                p.business_registration_number.as_str().to_owned()
-                            }),
-                            text_column(&profiles, |p| p.legal_name.as_str().to_owned()),
-                            text_column(&profiles, |p| p.representative_name.as_str().to_owned()),
-                            text_column(&profiles, |p| services_key(&p.affected_services)),
-                            text_column(&accounts, |a| a.bank_code.as_str().to_owned()),
-                            text_column(&created, |(_, _, sealed)| sealed.clone()),
-                            text_column(&accounts, |a| a.account_number.last4().to_owned()),
-                            text_column(&accounts, |a| a.holder_name.as_str().to_owned()),
-                            Column::Text(vec![String::new(); n]),
-                            Column::BigInt(vec![0; n]),
-                            text_column(&profiles, |p| p.contact_email.as_str().to_owned()),
-                            Column::BigInt(vec![now; n]),
-                            Column::BigInt(vec![now; n]),
-                            Column::BigInt(vec![1; n]),
-                        ],
-                        "",
-                    ),
-                )
-                .await?;
+                pending = Some(partners_insert(rows, &created, now));
                 for (i, partner, _) in created {
                     answers[i] = Some(Ok(Stored::Fresh(partner)));
                 }
             }
             let answers = bulk_finish(answers);
-            bulk_insert_audit(&mut tx, &audit.events(&answers)).await?;
+            let mut inserts: Vec<Insert<'_>> = pending.into_iter().collect();
+            inserts.push(audit_insert(&audit.events(&answers)));
+            bulk_execute(&mut tx, <$db as BatchSql>::insert_all(inserts)).await?;
             tx.commit().await?;
             Ok(answers)
+        }
+
+        /// The insert of a wave's new partners: the same columns and values as
+        /// `register_partner`.
+        fn partners_insert(
+            rows: &[(Idempotency, NewPartner)],
+            created: &[(usize, Partner, String)],
+            now: Micros,
+        ) -> Insert<'static> {
+            let n = created.len();
+            let profiles: Vec<&PartnerProfile> = created.iter().map(|(_, p, _)| &p.profile).collect();
+            let accounts: Vec<&BankAccount> =
+                created.iter().map(|(i, _, _)| &rows[*i].1.bank_account).collect();
+            Insert {
+                head: "INSERT INTO partners (partner_id, business_registration_number, legal_name, \
+                       representative_name, affected_services, bank_code, account_sealed, \
+                       account_last4, holder_name, account_changed_by, account_change_time, \
+                       contact_email, create_time, update_time, version)",
+                columns: vec![
+                    text_column(created, |(_, p, _)| p.partner_id.to_string()),
+                    text_column(&profiles, |p| p.business_registration_number.as_str().to_owned()),
+                    text_column(&profiles, |p| p.legal_name.as_str().to_owned()),
+                    text_column(&profiles, |p| p.representative_name.as_str().to_owned()),
+                    text_column(&profiles, |p| services_key(&p.affected_services)),
+                    text_column(&accounts, |a| a.bank_code.as_str().to_owned()),
+                    text_column(created, |(_, _, sealed)| sealed.clone()),
+                    text_column(&accounts, |a| a.account_number.last4().to_owned()),
+                    text_column(&accounts, |a| a.holder_name.as_str().to_owned()),
+                    Column::Text(vec![String::new(); n]),
+                    Column::BigInt(vec![0; n]),
+                    text_column(&profiles, |p| p.contact_email.as_str().to_owned()),
+                    Column::BigInt(vec![now; n]),
+                    Column::BigInt(vec![now; n]),
+                    Column::BigInt(vec![1; n]),
+                ],
+                tail: "",
+            }
         }
 
         /// Runs `rows` as a batch, or row by row through the one-row method after a race.
@@ -605,7 +649,14 @@ macro_rules! bulk_sql {
                 .zip(&partners)
                 .map(|(row, partner)| partner.map(|p| bulk_claim(row, p, now)))
                 .collect();
+            // A wave's rows are inserted with the next statement that may: before the next
+            // wave looks at the partners' claims, or with the audit entries after the last.
+            let mut pending: Vec<Insert<'static>> = Vec::new();
             for wave in bulk_waves(&keys) {
+                if !pending.is_empty() {
+                    let inserts = ::std::mem::take(&mut pending);
+                    bulk_execute(&mut tx, <$db as BatchSql>::insert_all(inserts)).await?;
+                }
                 let idems = wave
                     .iter()
                     .map(|&i| (&rows[i].idem, candidates[i].as_ref().map(render)))
@@ -686,29 +737,29 @@ macro_rules! bulk_sql {
                     filed.push(BulkFiled { row: i, claim });
                 }
                 bulk_release_request_ids(&mut tx, &released).await?;
-                bulk_insert_claims(&mut tx, rows, &filed, &payees, now).await?;
+                pending = claims_inserts(rows, &filed, &payees, now)?;
                 for f in filed {
                     answers[f.row] = Some(Ok(Stored::Fresh(f.claim)));
                 }
             }
             let answers = bulk_finish(answers);
-            bulk_insert_audit(&mut tx, &audit.events(&answers)).await?;
+            pending.push(audit_insert(&audit.events(&answers)));
+            bulk_execute(&mut tx, <$db as BatchSql>::insert_all(pending)).await?;
             tx.commit().await?;
             Ok(answers)
         }
 
         /// The rows `submit_claim` writes, for every claim of a wave: the claims, their
         /// evidence, and for approved ones the disbursement, its first history entry and its
-        /// outbox row, all in the caller's transaction.
-        async fn bulk_insert_claims(
-            tx: &mut Tx,
+        /// outbox row (the inserts, in that order).
+        fn claims_inserts(
             rows: &[$crate::store::ClaimSubmission],
             filed: &[BulkFiled],
             payees: &::std::collections::HashMap<Uuid, BulkPayee>,
             now: Micros,
-        ) -> BulkResult<()> {
+        ) -> BulkResult<Vec<Insert<'static>>> {
             if filed.is_empty() {
-                return Ok(());
+                return Ok(Vec::new());
             }
             let json = |value: ::serde_json::Result<String>| {
                 value.map_err(|e| StoreError::Unexpected(e.into()))
@@ -720,56 +771,49 @@ macro_rules! bulk_sql {
             }
             let n = filed.len();
             let claims: Vec<&Claim> = filed.iter().map(|f| &f.claim).collect();
-            bulk_execute(
-                tx,
-                bulk_insert(
-                    "INSERT INTO claims (claim_id, partner_id, status, tier, reported_loss_krw, \
-                     recognized_loss_krw, compensation_krw, policy_version, items, decision, \
-                     submitted_by, create_time, update_time)",
-                    vec![
-                        text_column(&claims, |c| c.claim_id.to_string()),
-                        text_column(&claims, |c| c.partner_id.to_string()),
-                        text_column(&claims, |c| c.decision.status.key().to_owned()),
-                        text_column(&claims, |c| c.decision.tier.key().to_owned()),
-                        Column::BigInt(claims.iter().map(|c| c.decision.reported_loss_krw).collect()),
-                        Column::BigInt(
-                            claims.iter().map(|c| c.decision.recognized_loss_krw).collect(),
-                        ),
-                        Column::BigInt(claims.iter().map(|c| c.decision.compensation_krw).collect()),
-                        text_column(&claims, |c| c.decision.policy_version.clone()),
-                        Column::Text(items),
-                        Column::Text(decisions),
-                        text_column(&claims, |c| c.submitted_by.clone()),
-                        Column::BigInt(vec![now; n]),
-                        Column::BigInt(vec![now; n]),
-                    ],
-                    "",
-                ),
-            )
-            .await?;
+            let mut inserts = Vec::with_capacity(5);
+            inserts.push(Insert {
+                head: "INSERT INTO claims (claim_id, partner_id, status, tier, reported_loss_krw, \
+                 recognized_loss_krw, compensation_krw, policy_version, items, decision, \
+                 submitted_by, create_time, update_time)",
+                columns: vec![
+                    text_column(&claims, |c| c.claim_id.to_string()),
+                    text_column(&claims, |c| c.partner_id.to_string()),
+                    text_column(&claims, |c| c.decision.status.key().to_owned()),
+                    text_column(&claims, |c| c.decision.tier.key().to_owned()),
+                    Column::BigInt(claims.iter().map(|c| c.decision.reported_loss_krw).collect()),
+                    Column::BigInt(
+                        claims.iter().map(|c| c.decision.recognized_loss_krw).collect(),
+                    ),
+                    Column::BigInt(claims.iter().map(|c| c.decision.compensation_krw).collect()),
+                    text_column(&claims, |c| c.decision.policy_version.clone()),
+                    Column::Text(items),
+                    Column::Text(decisions),
+                    text_column(&claims, |c| c.submitted_by.clone()),
+                    Column::BigInt(vec![now; n]),
+                    Column::BigInt(vec![now; n]),
+                ],
+                tail: "",
+            });
 
             let evidence: Vec<(&Claim, i32, &AttachedEvidence)> = claims
                 .iter()
                 .flat_map(|c| (1..).zip(&c.evidence).map(move |(seq, e)| (*c, seq, e)))
                 .collect();
             let ne = evidence.len();
-            bulk_execute(
-                tx,
-                bulk_insert(
-                    "INSERT INTO evidence (claim_id, seq, kind, uri, sha256, attach_time, attached_by)",
-                    vec![
-                        text_column(&evidence, |(c, _, _)| c.claim_id.to_string()),
-                        Column::Int(evidence.iter().map(|(_, seq, _)| *seq).collect()),
-                        text_column(&evidence, |(_, _, e)| e.evidence.kind.key().to_owned()),
-                        text_column(&evidence, |(_, _, e)| e.evidence.uri.clone()),
-                        text_column(&evidence, |(_, _, e)| e.evidence.sha256.clone()),
-                        Column::BigInt(vec![now; ne]),
-                        text_column(&evidence, |(_, _, e)| e.attached_by.clone()),
-                    ],
-                    "",
-                ),
-            )
-            .await?;
+            inserts.push(Insert {
+                head: "INSERT INTO evidence (claim_id, seq, kind, uri, sha256, attach_time, attached_by)",
+                columns: vec![
+                    text_column(&evidence, |(c, _, _)| c.claim_id.to_string()),
+                    Column::Int(evidence.iter().map(|(_, seq, _)| *seq).collect()),
+                    text_column(&evidence, |(_, _, e)| e.evidence.kind.key().to_owned()),
+                    text_column(&evidence, |(_, _, e)| e.evidence.uri.clone()),
+                    text_column(&evidence, |(_, _, e)| e.evidence.sha256.clone()),
+                    Column::BigInt(vec![now; ne]),
+                    text_column(&evidence, |(_, _, e)| e.attached_by.clone()),
+                ],
+                tail: "",
+            });
 
             // Approval and disbursement are one, as in `create_disbursement`.
             let approved: Vec<(&BulkFiled, String, &BulkPayee)> = filed
@@ -781,62 +825,50 @@ macro_rules! bulk_sql {
                 .collect();
             let na = approved.len();
             let ids = text_column(&approved, |(_, id, _)| id.clone());
-            bulk_execute(
-                tx,
-                bulk_insert(
-                    "INSERT INTO disbursements (disbursement_id, claim_id, partner_id, amount_krw, \
-                     status, bank_code, account_sealed, account_last4, holder_name, trace_context, \
-                     create_time, update_time)",
-                    vec![
-                        ids.clone(),
-                        text_column(&approved, |(f, _, _)| f.claim.claim_id.to_string()),
-                        text_column(&approved, |(f, _, _)| f.claim.partner_id.to_string()),
-                        Column::BigInt(approved.iter().map(|(f, _, _)| f.claim.compensation_krw).collect()),
-                        Column::Text(vec![DisbursementStatus::Queued.key().to_owned(); na]),
-                        text_column(&approved, |(_, _, p)| p.bank_code.clone()),
-                        text_column(&approved, |(_, _, p)| p.account_sealed.clone()),
-                        text_column(&approved, |(_, _, p)| p.account_last4.clone()),
-                        text_column(&approved, |(_, _, p)| p.holder_name.clone()),
-                        Column::NullableText(
-                            approved
-                                .iter()
-                                .map(|(f, _, _)| rows[f.row].claim.trace_context.clone())
-                                .collect(),
-                        ),
-                        Column::BigInt(vec![now; na]),
-                        Column::BigInt(vec![now; na]),
-                    ],
-                    "",
-                ),
-            )
-            .await?;
-            bulk_execute(
-                tx,
-                bulk_insert(
-                    "INSERT INTO disbursement_events (disbursement_id, from_status, to_status, \
-                     actor, reason, time)",
-                    vec![
-                        ids.clone(),
-                        Column::NullableText(vec![None; na]),
-                        Column::Text(vec![DisbursementStatus::Queued.key().to_owned(); na]),
-                        text_column(&approved, |(f, _, _)| f.claim.submitted_by.clone()),
-                        Column::Text(vec!["claim approved".to_owned(); na]),
-                        Column::BigInt(vec![now; na]),
-                    ],
-                    "",
-                ),
-            )
-            .await?;
-            bulk_execute(
-                tx,
-                bulk_insert(
-                    "INSERT INTO outbox (disbursement_id, due_time)",
-                    vec![ids, Column::BigInt(vec![now; na])],
-                    "",
-                ),
-            )
-            .await?;
-            Ok(())
+            inserts.push(Insert {
+                head: "INSERT INTO disbursements (disbursement_id, claim_id, partner_id, amount_krw, \
+                 status, bank_code, account_sealed, account_last4, holder_name, trace_context, \
+                 create_time, update_time)",
+                columns: vec![
+                    ids.clone(),
+                    text_column(&approved, |(f, _, _)| f.claim.claim_id.to_string()),
+                    text_column(&approved, |(f, _, _)| f.claim.partner_id.to_string()),
+                    Column::BigInt(approved.iter().map(|(f, _, _)| f.claim.compensation_krw).collect()),
+                    Column::Text(vec![DisbursementStatus::Queued.key().to_owned(); na]),
+                    text_column(&approved, |(_, _, p)| p.bank_code.clone()),
+                    text_column(&approved, |(_, _, p)| p.account_sealed.clone()),
+                    text_column(&approved, |(_, _, p)| p.account_last4.clone()),
+                    text_column(&approved, |(_, _, p)| p.holder_name.clone()),
+                    Column::NullableText(
+                        approved
+                            .iter()
+                            .map(|(f, _, _)| rows[f.row].claim.trace_context.clone())
+                            .collect(),
+                    ),
+                    Column::BigInt(vec![now; na]),
+                    Column::BigInt(vec![now; na]),
+                ],
+                tail: "",
+            });
+            inserts.push(Insert {
+                head: "INSERT INTO disbursement_events (disbursement_id, from_status, to_status, \
+                 actor, reason, time)",
+                columns: vec![
+                    ids.clone(),
+                    Column::NullableText(vec![None; na]),
+                    Column::Text(vec![DisbursementStatus::Queued.key().to_owned(); na]),
+                    text_column(&approved, |(f, _, _)| f.claim.submitted_by.clone()),
+                    Column::Text(vec!["claim approved".to_owned(); na]),
+                    Column::BigInt(vec![now; na]),
+                ],
+                tail: "",
+            });
+            inserts.push(Insert {
+                head: "INSERT INTO outbox (disbursement_id, due_time)",
+                columns: vec![ids, Column::BigInt(vec![now; na])],
+                tail: "",
+            });
+            Ok(inserts)
         }
     };
 }
