@@ -115,7 +115,16 @@ pub trait BatchSql: sqlx::Database + Sized {
         returning: &str,
         lookup: Lookup<'_>,
     ) -> Vec<QueryBuilder<Self>>;
+
+    /// The inserts as one statement that stores either every row or nothing: it fails with
+    /// [`NOT_WRITTEN_WHOLE`] unless each insert stored exactly its number of rows (an insert
+    /// whose tail is `ON CONFLICT .. DO NOTHING` may store fewer). `None` where the database
+    /// cannot do this in one statement.
+    fn insert_whole(inserts: Vec<Insert<'_>>) -> Option<QueryBuilder<Self>>;
 }
+
+/// The SQLSTATE of a statement from [`BatchSql::insert_whole`] that did not store every row.
+pub const NOT_WRITTEN_WHOLE: &str = "PB001";
 
 fn rows_of(columns: &[Column]) -> usize {
     let rows = columns.first().map_or(0, Column::len);
@@ -171,6 +180,36 @@ impl BatchSql for sqlx::Postgres {
         vec![qb]
     }
 
+    fn insert_whole(inserts: Vec<Insert<'_>>) -> Option<QueryBuilder<Self>> {
+        let inserts: Vec<Insert<'_>> = inserts.into_iter().filter(|i| !i.is_empty()).collect();
+        if inserts.is_empty() {
+            return None;
+        }
+        let mut qb = QueryBuilder::new("WITH ");
+        let mut rows = Vec::with_capacity(inserts.len());
+        for (i, insert) in inserts.into_iter().enumerate() {
+            if i > 0 {
+                qb.push(", ");
+            }
+            rows.push(i64::try_from(rows_of(&insert.columns)).unwrap_or(i64::MAX));
+            qb.push(format_args!("w{i} AS ("));
+            push_unnest_insert(&mut qb, insert);
+            qb.push(" RETURNING 1)");
+        }
+        // The check is a function (migration 0003) so that a shortfall fails the statement,
+        // and with it every insert of the statement.
+        qb.push(" SELECT batch_written_whole(");
+        for (i, n) in rows.into_iter().enumerate() {
+            if i > 0 {
+                qb.push(" AND ");
+            }
+            qb.push(format_args!("(SELECT count(*) FROM w{i}) = "))
+                .push_bind(n);
+        }
+        qb.push(")");
+        Some(qb)
+    }
+
     fn insert_and_lookup(
         insert: Insert<'_>,
         returning: &str,
@@ -217,6 +256,10 @@ impl BatchSql for sqlx::Postgres {
 
 impl BatchSql for sqlx::Sqlite {
     const PREPARED: bool = false;
+
+    fn insert_whole(_: Vec<Insert<'_>>) -> Option<QueryBuilder<Self>> {
+        None
+    }
 
     fn insert_all(inserts: Vec<Insert<'_>>) -> Vec<QueryBuilder<Self>> {
         inserts
@@ -384,6 +427,31 @@ mod tests {
         );
         let sqlite = <sqlx::Sqlite as BatchSql>::insert_all(inserts());
         assert_eq!(sqlite.len(), 2, "the insert with no rows is left out");
+    }
+
+    #[test]
+    fn postgres_whole_insert_checks_every_count() {
+        let qb = <sqlx::Postgres as BatchSql>::insert_whole(vec![
+            Insert {
+                head: "INSERT INTO a (x)",
+                columns: vec![Column::Text(vec!["x".into(); 3])],
+                tail: " ON CONFLICT DO NOTHING",
+            },
+            Insert {
+                head: "INSERT INTO b (y)",
+                columns: vec![Column::BigInt(vec![7])],
+                tail: "",
+            },
+        ])
+        .expect("PostgreSQL writes a batch whole");
+        assert_eq!(
+            qb.sql().as_str(),
+            "WITH w0 AS (INSERT INTO a (x) SELECT * FROM UNNEST($1::text[]) ON CONFLICT DO NOTHING \
+             RETURNING 1), w1 AS (INSERT INTO b (y) SELECT * FROM UNNEST($2::int8[]) RETURNING 1) \
+             SELECT batch_written_whole((SELECT count(*) FROM w0) = $3 AND \
+             (SELECT count(*) FROM w1) = $4)"
+        );
+        assert!(<sqlx::Sqlite as BatchSql>::insert_whole(vec![]).is_none());
     }
 
     #[test]

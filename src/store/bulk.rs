@@ -22,7 +22,7 @@
 macro_rules! bulk_sql {
     ($store:ident, $db:ty, for_update = $for_update:literal) => {
         use $crate::store::BatchAudit;
-        use $crate::store::batch::{BatchSql, Column, Insert, Lookup};
+        use $crate::store::batch::{BatchSql, Column, Insert, Lookup, NOT_WRITTEN_WHOLE};
 
         /// Why a batch could not be written as a batch.
         enum BulkError {
@@ -377,11 +377,18 @@ macro_rules! bulk_sql {
                     ))
                 })
                 .collect();
+            let waves = bulk_waves(&keys);
+            if waves.len() == 1
+                && let Some(answers) =
+                    bulk_register_whole(store, rows, &candidates, render, audit, now).await?
+            {
+                return Ok(answers);
+            }
             let mut tx = store.begin_write().await?;
             // A wave's partners are inserted with the next statement that may: before the next
             // wave looks up registration numbers, or with the audit entries after the last.
             let mut pending: Option<Insert<'static>> = None;
-            for wave in bulk_waves(&keys) {
+            for wave in waves {
                 if let Some(insert) = pending.take() {
                     bulk_execute(&mut tx, <$db as BatchSql>::insert_all(vec![insert])).await?;
                 }
@@ -436,6 +443,54 @@ macro_rules! bulk_sql {
             bulk_execute(&mut tx, <$db as BatchSql>::insert_all(inserts)).await?;
             tx.commit().await?;
             Ok(answers)
+        }
+
+        /// Writes a batch whose rows share no key in one statement, as if every row were new
+        /// (its request id unused, its registration number not yet registered), which is the
+        /// common case: one round trip instead of a transaction of four. `None`, with nothing
+        /// stored, if a row was not new (or the database cannot): the batch must then be
+        /// written step by step, which answers such rows.
+        async fn bulk_register_whole(
+            store: &$store,
+            rows: &[(Idempotency, NewPartner)],
+            candidates: &[Option<(Partner, String)>],
+            render: Render<'_, Partner>,
+            audit: BatchAudit<'_, Partner>,
+            now: Micros,
+        ) -> BulkResult<Option<Vec<Result<Stored<Partner>>>>> {
+            let Some(created) = candidates
+                .iter()
+                .enumerate()
+                .map(|(i, c)| c.as_ref().map(|(p, sealed)| (i, p.clone(), sealed.clone())))
+                .collect::<Option<Vec<(usize, Partner, String)>>>()
+            else {
+                return Ok(None);
+            };
+            let idems = rows
+                .iter()
+                .zip(&created)
+                .map(|((idem, _), (_, partner, _))| (idem, Some(render(partner))))
+                .collect();
+            let answers: Vec<Result<Stored<Partner>>> = created
+                .iter()
+                .map(|(_, partner, _)| Ok(Stored::Fresh(partner.clone())))
+                .collect();
+            let mut partners = partners_insert(rows, &created, now);
+            partners.tail = " ON CONFLICT (business_registration_number) DO NOTHING";
+            let Some(mut statement) = <$db as BatchSql>::insert_whole(vec![
+                request_ids_insert(idems, now),
+                partners,
+                audit_insert(&audit.events(&answers)),
+            ]) else {
+                return Ok(None);
+            };
+            match statement.build().persistent(true).execute(&store.pool).await {
+                Ok(_) => Ok(Some(answers)),
+                Err(::sqlx::Error::Database(e)) if e.code().as_deref() == Some(NOT_WRITTEN_WHOLE) => {
+                    Ok(None)
+                }
+                Err(e) => Err(e.into()),
+            }
         }
 
         /// The insert of a wave's new partners: the same columns and values as

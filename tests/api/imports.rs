@@ -135,6 +135,134 @@ async fn get_claim(app: &TestApp, claim_id: &str) -> pb::Claim {
         .expect("claim")
 }
 
+// Rows that share no key are first written as one all-or-nothing statement; when one of them
+// turns out not to be new, nothing of that attempt may stay, and the rows are answered one by
+// one.
+on_both_databases!(
+    a_batch_with_one_row_not_new_is_answered_row_by_row,
+    |app: TestApp| async move {
+        let first = request_id();
+        let registered = app
+            .partners()
+            .register_partner(pb::RegisterPartnerRequest {
+                request_id: first.clone(),
+                partner: Some(partner(1)),
+            })
+            .await
+            .expect("register")
+            .into_inner()
+            .partner
+            .expect("partner");
+        use PartnerOutcome::{Created, Rejected, Replayed};
+
+        // A replayed row among new ones.
+        let (a, b) = (request_id(), request_id());
+        let answers = import_partners(
+            &app,
+            vec![
+                partner_row(&a, partner(20)),
+                partner_row(&first, partner(1)),
+                partner_row(&b, partner(21)),
+            ],
+        )
+        .await;
+        let outcomes: Vec<PartnerOutcome> = answers.iter().map(|a| a.outcome()).collect();
+        assert_eq!(outcomes, [Created, Replayed, Created], "{answers:#?}");
+        assert_eq!(answers[1].partner.as_ref(), Some(&registered));
+        let created_a = answers[0].partner.clone().expect("row 0 partner");
+
+        // An already registered number among new ones.
+        let (c, d, e) = (request_id(), request_id(), request_id());
+        let answers = import_partners(
+            &app,
+            vec![
+                partner_row(&c, partner(22)),
+                partner_row(&d, partner(1)),
+                partner_row(&e, partner(23)),
+            ],
+        )
+        .await;
+        let outcomes: Vec<PartnerOutcome> = answers.iter().map(|a| a.outcome()).collect();
+        assert_eq!(outcomes, [Created, Rejected, Created], "{answers:#?}");
+        let duplicate = row_error(answers[1].error.as_ref());
+        assert_eq!(reason(&duplicate), "PARTNER_ALREADY_REGISTERED");
+        let info = duplicate.get_details_error_info().expect("info");
+        assert_eq!(
+            info.metadata.get("partner_id"),
+            Some(&registered.partner_id)
+        );
+
+        // Each partner once, and each new row's request id replays its own answer.
+        let mut stored: Vec<String> = all_partners(&app)
+            .await
+            .into_iter()
+            .map(|p| p.business_registration_number)
+            .collect();
+        stored.sort();
+        let mut expected: Vec<String> = [1, 20, 21, 22, 23].map(brn).to_vec();
+        expected.sort();
+        assert_eq!(stored, expected);
+        let replay = app
+            .partners()
+            .register_partner(pb::RegisterPartnerRequest {
+                request_id: a.clone(),
+                partner: Some(partner(20)),
+            })
+            .await
+            .expect("replay")
+            .into_inner()
+            .partner;
+        assert_eq!(replay.as_ref(), Some(&created_a));
+        // The refused row's request id was given back: it may be used again.
+        let retried = app
+            .partners()
+            .register_partner(pb::RegisterPartnerRequest {
+                request_id: d.clone(),
+                partner: Some(partner(24)),
+            })
+            .await
+            .expect("request id of a refused row is free")
+            .into_inner()
+            .partner
+            .expect("partner");
+        assert_eq!(retried.business_registration_number, brn(24));
+
+        // One audit entry per row, none left from the first attempt.
+        let events = AuditServiceClient::new(app.channel.clone())
+            .list_audit_events(pb::ListAuditEventsRequest {
+                page_size: 1000,
+                ..Default::default()
+            })
+            .await
+            .expect("audit log")
+            .into_inner()
+            .audit_events;
+        let mut audited: BTreeMap<String, Vec<String>> = BTreeMap::new();
+        for event in events
+            .iter()
+            .filter(|e| e.method == "/payouts.v1.PartnerService/ImportPartners")
+            .filter(|e| !e.request_id.is_empty())
+        {
+            audited
+                .entry(event.request_id.clone())
+                .or_default()
+                .push(event.outcome_code.clone());
+        }
+        let expected: BTreeMap<String, Vec<String>> = [
+            (a, "OK"),
+            (first, "OK"),
+            (b, "OK"),
+            (c, "OK"),
+            (d, "ALREADY_EXISTS"),
+            (e, "OK"),
+        ]
+        .into_iter()
+        .map(|(id, code)| (id, vec![code.to_owned()]))
+        .collect();
+        assert_eq!(audited, expected);
+    }
+);
+
 on_both_databases!(
     import_partners_answers_every_row_in_order,
     |app: TestApp| async move {
