@@ -11,8 +11,8 @@
 //! and N claims through ImportPartners and ImportClaims, until every payout is PAID at the
 //! sandbox, then checks the sandbox applied exactly one instruction each). `--streams S`
 //! (default 1) splits the rows of an import over S streams sent at once, as a payments team
-//! loading one file from several workers would. Calls go over `--connections K` HTTP/2
-//! connections (default 8), as calls from several client processes would.
+//! loading one file from several workers would. Calls go over `--connections K` channels, each
+//! its own HTTP/2 connection (default 8), taking them in turn, as K client processes would.
 //!
 //! Closed loop (`--concurrency`, default 64): C callers, each sending as soon as its last call
 //! returned. Open loop (`--rate`): calls start on a fixed schedule whatever the service does,
@@ -141,13 +141,13 @@ fn shares(total: u64, streams: u64) -> Vec<std::ops::Range<u64>> {
 
 /// Imports `count` partners over `streams` streams at once; returns the rows by outcome.
 async fn import_partners(
-    channel: &tonic::transport::Channel,
+    clients: &Clients,
     base: u64,
     count: u64,
     streams: u64,
 ) -> anyhow::Result<BTreeMap<i32, u64>> {
-    let imports = shares(count, streams).into_iter().map(|range| {
-        let mut client = PartnerServiceClient::new(channel.clone());
+    let imports = (0..).zip(shares(count, streams)).map(|(s, range)| {
+        let mut client = PartnerServiceClient::new(clients.pick(s));
         async move {
             let rows = range.map(move |i| pb::ImportPartnersRequest {
                 request_id: uuid::Uuid::now_v7().to_string(),
@@ -169,13 +169,13 @@ async fn import_partners(
 
 /// Imports a claim for each of the `count` partners, naming them by registration number.
 async fn import_claims(
-    channel: &tonic::transport::Channel,
+    clients: &Clients,
     base: u64,
     count: u64,
     streams: u64,
 ) -> anyhow::Result<BTreeMap<i32, u64>> {
-    let imports = shares(count, streams).into_iter().map(|range| {
-        let mut client = ClaimServiceClient::new(channel.clone());
+    let imports = (0..).zip(shares(count, streams)).map(|(s, range)| {
+        let mut client = ClaimServiceClient::new(clients.pick(s));
         async move {
             let rows = range.map(move |i| {
                 let c = claim(String::new());
@@ -317,26 +317,27 @@ where
     }
 }
 
-/// A channel over `connections` HTTP/2 connections to `target`, calls spread between them (as
-/// calls from several client processes would be): one connection is driven by one task, so a
-/// single one would make the generator, not the service, the bound.
-async fn connect(target: &str, connections: usize) -> anyhow::Result<tonic::transport::Channel> {
+/// `connections` channels to `target`, each its own HTTP/2 connection, as `connections` client
+/// processes would have: calls and streams are spread over them in turn.
+async fn connect(target: &str, connections: usize) -> anyhow::Result<Clients> {
     let endpoint = tonic::transport::Endpoint::from_shared(target.to_owned())?;
-    if connections <= 1 {
-        return Ok(endpoint.connect().await?);
+    let mut channels = Vec::with_capacity(connections);
+    for _ in 0..connections.max(1) {
+        channels.push(endpoint.connect().await?);
     }
-    let (channel, changes) = tonic::transport::Channel::balance_channel::<usize>(connections);
-    for i in 0..connections {
-        changes
-            .send(tonic::transport::channel::Change::Insert(
-                i,
-                endpoint.clone(),
-            ))
-            .await?;
+    Ok(Clients(Arc::new(channels)))
+}
+
+/// The generator's channels to the service.
+#[derive(Clone)]
+struct Clients(Arc<Vec<tonic::transport::Channel>>);
+
+impl Clients {
+    /// The channel of call (or stream) `i`.
+    fn pick(&self, i: u64) -> tonic::transport::Channel {
+        let n = u64::try_from(self.0.len()).expect("a few channels");
+        self.0[usize::try_from(i % n).expect("a channel index")].clone()
     }
-    // Keep the sender: dropping it would end the set of endpoints.
-    std::mem::forget(changes);
-    Ok(channel)
 }
 
 async fn fresh_postgres_database() -> anyhow::Result<String> {
@@ -409,7 +410,7 @@ async fn main() -> anyhow::Result<()> {
     let o = options()?;
     let dir = tempfile::tempdir()?;
     let mut bank_addr = None;
-    let (channel, server) = match &o.target {
+    let (clients, server) = match &o.target {
         Some(target) => (connect(target, o.connections).await?, None),
         None => {
             let database_url = match o.database_url.as_deref() {
@@ -465,9 +466,9 @@ async fn main() -> anyhow::Result<()> {
 
     match o.scenario.as_str() {
         "register" => {
-            let ch = channel.clone();
+            let clients = clients.clone();
             let report = drive(&o, move |i| {
-                let mut client = PartnerServiceClient::new(ch.clone());
+                let mut client = PartnerServiceClient::new(clients.pick(i));
                 async move {
                     client
                         .register_partner(pb::RegisterPartnerRequest {
@@ -483,7 +484,7 @@ async fn main() -> anyhow::Result<()> {
         }
         "import" | "e2e" => {
             let started = Instant::now();
-            let outcomes = import_partners(&channel, base, o.count, o.streams).await?;
+            let outcomes = import_partners(&clients, base, o.count, o.streams).await?;
             let elapsed = started.elapsed();
             println!(
                 "import partners: rows={} streams={} elapsed_s={:.2} rows_per_s={:.0} \
@@ -495,7 +496,7 @@ async fn main() -> anyhow::Result<()> {
             );
             if o.scenario == "e2e" {
                 let claims_started = Instant::now();
-                let outcomes = import_claims(&channel, base, o.count, o.streams).await?;
+                let outcomes = import_claims(&clients, base, o.count, o.streams).await?;
                 let elapsed = claims_started.elapsed();
                 println!(
                     "import claims: rows={} streams={} elapsed_s={:.2} rows_per_s={:.0} \
@@ -505,7 +506,7 @@ async fn main() -> anyhow::Result<()> {
                     elapsed.as_secs_f64(),
                     o.count as f64 / elapsed.as_secs_f64()
                 );
-                let paid = wait_until_paid(&channel, o.count).await?;
+                let paid = wait_until_paid(&clients.pick(0), o.count).await?;
                 println!(
                     "e2e: {} partners and claims imported, decided and paid in {:.2}s; \
                      paid_count={} paid_krw={} failed={}",
@@ -522,7 +523,7 @@ async fn main() -> anyhow::Result<()> {
             let started = Instant::now();
             let ids: Vec<String> = futures::stream::iter(0..o.count)
                 .map(|i| {
-                    let mut client = PartnerServiceClient::new(channel.clone());
+                    let mut client = PartnerServiceClient::new(clients.pick(i));
                     async move {
                         client
                             .register_partner(pb::RegisterPartnerRequest {
@@ -544,9 +545,9 @@ async fn main() -> anyhow::Result<()> {
                 started.elapsed().as_secs_f64()
             );
             let ids = Arc::new(ids);
-            let ch = channel.clone();
+            let clients = clients.clone();
             let report = drive(&o, move |i| {
-                let mut client = ClaimServiceClient::new(ch.clone());
+                let mut client = ClaimServiceClient::new(clients.pick(i));
                 let partner_id = ids[usize::try_from(i).expect("index")].clone();
                 async move { client.submit_claim(claim(partner_id)).await.map(drop) }
             })
