@@ -516,6 +516,13 @@ async fn main() -> anyhow::Result<()> {
                     paid.paid_krw,
                     paid.failed_count
                 );
+                // Before the check below downloads the sandbox's whole ledger in one message.
+                if let Some(mib) = peak_rss_mib() {
+                    println!(
+                        "peak resident memory until every payout was PAID (service, load \
+                         generator and sandbox): {mib:.1} MiB"
+                    );
+                }
                 report_sandbox(bank_addr).await?;
             }
         }
@@ -557,7 +564,10 @@ async fn main() -> anyhow::Result<()> {
         _ => unreachable!("checked in options()"),
     }
     if let Some(mib) = peak_rss_mib() {
-        println!("peak resident memory (service and load generator): {mib:.1} MiB");
+        println!(
+            "peak resident memory (service and load generator, with the sandbox ledger check): \
+             {mib:.1} MiB"
+        );
     }
     if let Some((stop, server)) = server {
         let _ = stop.send(());

@@ -35,8 +35,9 @@ use crate::store::{self, AuditEvent, BatchAudit, Store, Stored, now_micros};
 
 /// Rows per batch (and per transaction) at most.
 pub const MAX_BATCH_ROWS: usize = 500;
-/// Batches of one stream written at once.
-pub const IN_FLIGHT: usize = 4;
+/// Batches of one stream written at once. Two keep the database busy (a batch of new rows is
+/// one statement); four wrote no faster and held twice the rows in memory.
+pub const IN_FLIGHT: usize = 2;
 /// A batch closes when no row has come for this long: the caller has sent what it had.
 const PAUSE: Duration = Duration::from_millis(2);
 /// ... or when its first row has waited this long for company.
