@@ -75,7 +75,7 @@ async fn main() -> anyhow::Result<()> {
             tonic::transport::Server::builder()
                 .add_service(TraceServiceServer::new(Sink))
                 .add_service(MetricsServiceServer::new(Sink))
-                .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+                .serve_with_incoming(partner_payouts::net::incoming(listener)),
         );
         // SAFETY: set before anything else runs or reads the environment.
         unsafe { std::env::set_var("OTEL_EXPORTER_OTLP_ENDPOINT", format!("http://{addr}")) };

@@ -9,7 +9,6 @@ use anyhow::Context as _;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
-use tokio_stream::wrappers::TcpListenerStream;
 
 use crate::api::{
     Context, audit::Audit, claims::Claims, disbursements::Disbursements, partners::Partners,
@@ -247,7 +246,7 @@ impl Application {
                     .max_decoding_message_size(max),
             )
             .add_service(AuditServiceServer::new(Audit { ctx }).max_decoding_message_size(max))
-            .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown);
+            .serve_with_incoming_shutdown(crate::net::incoming(listener), shutdown);
         let served = server.await;
         tracing::info!("server stopped accepting; stopping the dispatcher");
         let _ = stop_tx.send(true);

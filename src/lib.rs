@@ -12,6 +12,7 @@ pub mod app;
 pub mod auth;
 pub mod config;
 pub mod domain;
+pub mod net;
 pub mod payments;
 pub mod proto;
 pub mod status_body;

@@ -132,7 +132,7 @@ async fn every_call_leaves_a_trace_and_no_account_number() {
         tonic::transport::Server::builder()
             .add_service(TraceServiceServer::new(collector.clone()))
             .add_service(MetricsServiceServer::new(collector.clone()))
-            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+            .serve_with_incoming(partner_payouts::net::incoming(listener)),
     );
     // SAFETY: set before anything reads the environment; the test is the only code running.
     unsafe {

@@ -25,7 +25,6 @@ use anyhow::Context as _;
 use rand::rngs::StdRng;
 use rand::{Rng as _, SeedableRng as _};
 use tokio::net::TcpListener;
-use tokio_stream::wrappers::TcpListenerStream;
 use tonic::metadata::MetadataMap;
 use tonic::{Request, Response, Status};
 
@@ -514,7 +513,7 @@ pub async fn serve(
         .add_service(reflection_v1alpha)
         .add_service(PaymentsBackendServer::new(bank.clone()))
         .add_service(SandboxLedgerServer::new(bank))
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
+        .serve_with_incoming_shutdown(crate::net::incoming(listener), shutdown)
         .await
         .context("serving the sandbox bank")?;
     Ok(())

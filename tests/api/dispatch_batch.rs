@@ -100,7 +100,7 @@ async fn flaky_bank() -> String {
         tonic::transport::Server::builder()
             .add_service(PaymentsBackendServer::new(bank.clone()))
             .add_service(SandboxLedgerServer::new(bank.bank))
-            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+            .serve_with_incoming(partner_payouts::net::incoming(listener)),
     );
     format!("http://{addr}")
 }
