@@ -553,7 +553,8 @@ async fn main() -> anyhow::Result<()> {
             let ids: Vec<String> = futures::stream::iter(0..o.count)
                 .map(|i| {
                     let mut client = PartnerServiceClient::new(clients.pick(i));
-                    async move {
+                    // On the runtime's workers, as the measured calls are.
+                    tokio::spawn(async move {
                         client
                             .register_partner(pb::RegisterPartnerRequest {
                                 request_id: uuid::Uuid::now_v7().to_string(),
@@ -561,13 +562,13 @@ async fn main() -> anyhow::Result<()> {
                             })
                             .await
                             .map(|r| r.into_inner().partner.expect("partner").partner_id)
-                    }
+                    })
                 })
-                .buffered(o.concurrency)
+                .buffer_unordered(o.concurrency)
                 .collect::<Vec<_>>()
                 .await
                 .into_iter()
-                .collect::<Result<_, _>>()?;
+                .collect::<Result<Result<_, _>, _>>()??;
             println!(
                 "registered {} partners in {:.2}s",
                 ids.len(),
