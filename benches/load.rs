@@ -292,18 +292,23 @@ where
             futures::future::join_all(workers).await;
         }
         Some(rate) => {
+            use futures::FutureExt as _;
             let interval = Duration::from_secs_f64(1.0 / rate);
-            let tasks = (0..o.count).map(|i| {
+            // Each call is started at its time (at once if that has passed), whatever the
+            // calls before it are doing; only the calls in flight exist as tasks.
+            let mut running = futures::stream::FuturesUnordered::new();
+            for i in 0..o.count {
                 let (call, record) = (call.clone(), record.clone());
                 // Measured from the scheduled start: coordinated omission corrected.
                 let scheduled = started + interval.mul_f64(i as f64);
-                tokio::spawn(async move {
-                    tokio::time::sleep_until(scheduled.into()).await;
+                tokio::time::sleep_until(scheduled.into()).await;
+                running.push(tokio::spawn(async move {
                     let result = call(i).await;
                     record(scheduled, result).await;
-                })
-            });
-            futures::future::join_all(tasks.collect::<Vec<_>>()).await;
+                }));
+                while let Some(Some(_)) = running.next().now_or_never() {}
+            }
+            while running.next().await.is_some() {}
         }
     }
     let elapsed = started.elapsed();
