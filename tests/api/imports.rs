@@ -123,6 +123,33 @@ async fn get_partner(app: &TestApp, partner_id: &str) -> pb::Partner {
         .expect("partner")
 }
 
+/// RegisterPartner with the request id given: the partner it answers.
+async fn register_as(app: &TestApp, request_id: &str, partner: pb::Partner) -> pb::Partner {
+    app.partners()
+        .register_partner(pb::RegisterPartnerRequest {
+            request_id: request_id.into(),
+            partner: Some(partner),
+        })
+        .await
+        .expect("register")
+        .into_inner()
+        .partner
+        .expect("partner")
+}
+
+/// The first 1,000 entries of the audit log.
+async fn audit_log(app: &TestApp) -> Vec<pb::AuditEvent> {
+    AuditServiceClient::new(app.channel.clone())
+        .list_audit_events(pb::ListAuditEventsRequest {
+            page_size: 1000,
+            ..Default::default()
+        })
+        .await
+        .expect("audit log")
+        .into_inner()
+        .audit_events
+}
+
 async fn get_claim(app: &TestApp, claim_id: &str) -> pb::Claim {
     app.claims()
         .get_claim(pb::GetClaimRequest {
@@ -142,17 +169,7 @@ on_both_databases!(
     a_batch_with_one_row_not_new_is_answered_row_by_row,
     |app: TestApp| async move {
         let first = request_id();
-        let registered = app
-            .partners()
-            .register_partner(pb::RegisterPartnerRequest {
-                request_id: first.clone(),
-                partner: Some(partner(1)),
-            })
-            .await
-            .expect("register")
-            .into_inner()
-            .partner
-            .expect("partner");
+        let registered = register_as(&app, &first, partner(1)).await;
         use PartnerOutcome::{Created, Rejected, Replayed};
 
         // A replayed row among new ones.
@@ -202,41 +219,13 @@ on_both_databases!(
         let mut expected: Vec<String> = [1, 20, 21, 22, 23].map(brn).to_vec();
         expected.sort();
         assert_eq!(stored, expected);
-        let replay = app
-            .partners()
-            .register_partner(pb::RegisterPartnerRequest {
-                request_id: a.clone(),
-                partner: Some(partner(20)),
-            })
-            .await
-            .expect("replay")
-            .into_inner()
-            .partner;
-        assert_eq!(replay.as_ref(), Some(&created_a));
+        assert_eq!(register_as(&app, &a, partner(20)).await, created_a);
         // The refused row's request id was given back: it may be used again.
-        let retried = app
-            .partners()
-            .register_partner(pb::RegisterPartnerRequest {
-                request_id: d.clone(),
-                partner: Some(partner(24)),
-            })
-            .await
-            .expect("request id of a refused row is free")
-            .into_inner()
-            .partner
-            .expect("partner");
+        let retried = register_as(&app, &d, partner(24)).await;
         assert_eq!(retried.business_registration_number, brn(24));
 
         // One audit entry per row, none left from the first attempt.
-        let events = AuditServiceClient::new(app.channel.clone())
-            .list_audit_events(pb::ListAuditEventsRequest {
-                page_size: 1000,
-                ..Default::default()
-            })
-            .await
-            .expect("audit log")
-            .into_inner()
-            .audit_events;
+        let events = audit_log(&app).await;
         let mut audited: BTreeMap<String, Vec<String>> = BTreeMap::new();
         for event in events
             .iter()
@@ -269,17 +258,7 @@ on_both_databases!(
         let registered = register(&app, partner(1)).await;
         // A unary call whose request id an import row then repeats.
         let unary_id = request_id();
-        let unary = app
-            .partners()
-            .register_partner(pb::RegisterPartnerRequest {
-                request_id: unary_id.clone(),
-                partner: Some(partner(2)),
-            })
-            .await
-            .expect("register")
-            .into_inner()
-            .partner
-            .expect("partner");
+        let unary = register_as(&app, &unary_id, partner(2)).await;
 
         let mut blank_name = partner(3);
         blank_name.legal_name = "   ".into();
@@ -368,28 +347,10 @@ on_both_databases!(
         assert_eq!(stored, [1, 2, 10, 11].map(brn).into_iter().collect());
 
         // RegisterPartner with an imported row's request id and body replays the row.
-        let replay = app
-            .partners()
-            .register_partner(pb::RegisterPartnerRequest {
-                request_id: first_id.clone(),
-                partner: Some(partner(10)),
-            })
-            .await
-            .expect("replay")
-            .into_inner()
-            .partner;
-        assert_eq!(replay.as_ref(), Some(&created));
+        assert_eq!(register_as(&app, &first_id, partner(10)).await, created);
 
         // Every row is in the audit log as a call of its own, with its request id and outcome.
-        let events = AuditServiceClient::new(app.channel.clone())
-            .list_audit_events(pb::ListAuditEventsRequest {
-                page_size: 1000,
-                ..Default::default()
-            })
-            .await
-            .expect("audit log")
-            .into_inner()
-            .audit_events;
+        let events = audit_log(&app).await;
         let rows: Vec<&pb::AuditEvent> = events
             .iter()
             .filter(|e| e.method == "/payouts.v1.PartnerService/ImportPartners")
@@ -832,20 +793,9 @@ on_both_databases!(
 
         // The stream's own audit entry has the stream's outcome, known only at its end.
         let entry = eventually(10, || async {
-            AuditServiceClient::new(app.channel.clone())
-                .list_audit_events(pb::ListAuditEventsRequest {
-                    page_size: 1000,
-                    ..Default::default()
-                })
-                .await
-                .expect("audit log")
-                .into_inner()
-                .audit_events
-                .into_iter()
-                .find(|e| {
-                    e.method == "/payouts.v1.PartnerService/ImportPartners"
-                        && e.request_id.is_empty()
-                })
+            audit_log(&app).await.into_iter().find(|e| {
+                e.method == "/payouts.v1.PartnerService/ImportPartners" && e.request_id.is_empty()
+            })
         })
         .await;
         assert_eq!(entry.outcome_code, "OUT_OF_RANGE", "{entry:?}");
