@@ -119,7 +119,7 @@ pub trait BatchSql: sqlx::Database + Sized {
     /// The inserts as one statement that stores either every row or nothing: it fails with
     /// [`NOT_WRITTEN_WHOLE`] unless each insert stored exactly its number of rows (an insert
     /// whose tail is `ON CONFLICT .. DO NOTHING` may store fewer). `None` where the database
-    /// cannot do this in one statement.
+    /// cannot do this in one statement, or when there is no row to insert.
     fn insert_whole(inserts: Vec<Insert<'_>>) -> Option<QueryBuilder<Self>>;
 }
 
