@@ -11,6 +11,7 @@ use std::pin::Pin;
 use std::sync::OnceLock;
 use std::task::{Context, Poll, ready};
 
+use futures::future::BoxFuture;
 use http_body::{Body, Frame, SizeHint};
 use tonic::Code;
 
@@ -52,30 +53,50 @@ pub fn streams_responses(path: &str) -> bool {
         .contains(path)
 }
 
-type OnEnd = Box<dyn FnOnce(Code) + Send>;
+type OnEnd = Box<dyn FnOnce(Code) -> BoxFuture<'static, ()> + Send>;
+
+/// The body's last frame (its trailers, an error, or its end), waiting for `on_end`'s work.
+type Held<B> = (
+    BoxFuture<'static, ()>,
+    Option<Result<Frame<<B as Body>::Data>, <B as Body>::Error>>,
+);
 
 /// A response body that calls `on_end` with the call's status when its trailers pass.
-pub struct StatusBody<B> {
+pub struct StatusBody<B: Body> {
     inner: B,
     on_end: Option<OnEnd>,
+    held: Option<Held<B>>,
 }
 
-impl<B> StatusBody<B> {
+impl<B: Body> StatusBody<B> {
     pub fn new(inner: B, on_end: impl FnOnce(Code) + Send + 'static) -> Self {
+        Self::finishing(inner, move |code| {
+            on_end(code);
+            Box::pin(std::future::ready(()))
+        })
+    }
+
+    /// As [`new`](Self::new), except that `on_end`'s work is done before the caller gets the
+    /// trailers: a caller that has seen its stream end can count on what `on_end` stored. If
+    /// the caller goes away first, the work is done all the same, on its own task.
+    pub fn finishing(
+        inner: B,
+        on_end: impl FnOnce(Code) -> BoxFuture<'static, ()> + Send + 'static,
+    ) -> Self {
         Self {
             inner,
             on_end: Some(Box::new(on_end)),
-        }
-    }
-
-    fn end(&mut self, code: Code) {
-        if let Some(on_end) = self.on_end.take() {
-            on_end(code);
+            held: None,
         }
     }
 }
 
-impl<B: Body + Unpin> Body for StatusBody<B> {
+impl<B> Body for StatusBody<B>
+where
+    B: Body + Unpin,
+    B::Data: Unpin,
+    B::Error: Unpin,
+{
     type Data = B::Data;
     type Error = B::Error;
 
@@ -84,22 +105,30 @@ impl<B: Body + Unpin> Body for StatusBody<B> {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
         let this = self.get_mut();
-        let frame = ready!(Pin::new(&mut this.inner).poll_frame(cx));
-        match &frame {
-            Some(Ok(frame)) => {
-                if let Some(trailers) = frame.trailers_ref() {
-                    this.end(status_in(trailers).unwrap_or(Code::Unknown));
-                }
+        loop {
+            if let Some((work, _)) = &mut this.held {
+                ready!(work.as_mut().poll(cx));
+                let (_, frame) = this.held.take().expect("a held frame");
+                return Poll::Ready(frame);
             }
-            Some(Err(_)) => this.end(Code::Unknown),
-            // Ended without trailers: gRPC always sends them, so something went wrong.
-            None => this.end(Code::Unknown),
+            let frame = ready!(Pin::new(&mut this.inner).poll_frame(cx));
+            let code = match &frame {
+                Some(Ok(frame)) => frame
+                    .trailers_ref()
+                    .map(|trailers| status_in(trailers).unwrap_or(Code::Unknown)),
+                Some(Err(_)) => Some(Code::Unknown),
+                // Ended without trailers: gRPC always sends them, so something went wrong.
+                None => Some(Code::Unknown),
+            };
+            match code.and_then(|code| this.on_end.take().map(|on_end| on_end(code))) {
+                Some(work) => this.held = Some((work, frame)),
+                None => return Poll::Ready(frame),
+            }
         }
-        Poll::Ready(frame)
     }
 
     fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
+        self.held.is_none() && self.inner.is_end_stream()
     }
 
     fn size_hint(&self) -> SizeHint {
@@ -107,10 +136,17 @@ impl<B: Body + Unpin> Body for StatusBody<B> {
     }
 }
 
-impl<B> Drop for StatusBody<B> {
+impl<B: Body> Drop for StatusBody<B> {
     fn drop(&mut self) {
         // The body was not read to its end: the caller went away.
-        self.end(Code::Cancelled);
+        let work = match (self.on_end.take(), self.held.take()) {
+            (Some(on_end), _) => on_end(Code::Cancelled),
+            (None, Some((work, _))) => work,
+            (None, None) => return,
+        };
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            runtime.spawn(work);
+        }
     }
 }
 
@@ -162,6 +198,27 @@ mod tests {
             status_of(vec![data(), trailers("0")], false).await,
             [Code::Cancelled]
         );
+    }
+
+    #[tokio::test]
+    async fn the_trailers_wait_for_the_work_done_at_the_end() {
+        let (done, finished) = tokio::sync::oneshot::channel::<()>();
+        let frames: Vec<Result<Frame<Bytes>, Code>> = vec![Ok(trailers("0"))];
+        let mut b = StatusBody::finishing(StreamBody::new(futures::stream::iter(frames)), |code| {
+            assert_eq!(code, Code::Ok);
+            Box::pin(async move {
+                let _ = finished.await;
+            })
+        });
+        let waiting = futures::poll!(b.frame());
+        assert!(
+            waiting.is_pending(),
+            "trailers passed before the work was done"
+        );
+        done.send(()).expect("send");
+        let frame = b.frame().await.expect("a frame").expect("no error");
+        assert!(frame.is_trailers());
+        assert!(b.frame().await.is_none());
     }
 
     #[test]

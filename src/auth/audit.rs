@@ -256,14 +256,14 @@ where
             };
             let header_status = crate::status_body::status_in(response.headers());
             match header_status {
-                // A stream's outcome is known when it ends: its entry is written then.
+                // A stream's outcome is known when it ends: its entry is written then, before
+                // the trailers go out.
                 None if crate::status_body::streams_responses(&event.method) => {
                     Ok(response.map(|body| {
-                        tonic::body::Body::new(crate::status_body::StatusBody::new(
+                        // Stored before the caller sees the stream end, as a unary call's.
+                        tonic::body::Body::new(crate::status_body::StatusBody::finishing(
                             body,
-                            move |code| {
-                                tokio::spawn(async move { record(&writer, event, code).await });
-                            },
+                            move |code| Box::pin(async move { record(&writer, event, code).await }),
                         ))
                     }))
                 }
