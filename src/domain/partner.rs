@@ -406,6 +406,20 @@ pub struct NewPartner {
     pub bank_account: BankAccount,
 }
 
+impl NewPartner {
+    /// The partner as first stored under `partner_id` at `now` (Unix microseconds).
+    pub fn registered(&self, partner_id: uuid::Uuid, now: i64) -> Partner {
+        Partner {
+            partner_id,
+            profile: self.profile.clone(),
+            bank_account: AccountOnFile::from(&self.bank_account),
+            create_time: now,
+            update_time: now,
+            version: 1,
+        }
+    }
+}
+
 /// A registered partner.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Partner {

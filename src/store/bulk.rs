@@ -364,17 +364,7 @@ macro_rules! bulk_sql {
                         .cipher
                         .seal(partner_id, partner.bank_account.account_number.expose())
                         .encode();
-                    Some((
-                        Partner {
-                            partner_id,
-                            profile: partner.profile.clone(),
-                            bank_account: AccountOnFile::from(&partner.bank_account),
-                            create_time: now,
-                            update_time: now,
-                            version: 1,
-                        },
-                        sealed,
-                    ))
+                    Some((partner.registered(partner_id, now), sealed))
                 })
                 .collect();
             let waves = bulk_waves(&keys);

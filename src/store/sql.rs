@@ -465,14 +465,7 @@ macro_rules! sql_store {
                 }
                 let now = now_micros();
                 let partner_id = Uuid::now_v7();
-                let created = Partner {
-                    partner_id,
-                    profile: partner.profile.clone(),
-                    bank_account: AccountOnFile::from(&partner.bank_account),
-                    create_time: now,
-                    update_time: now,
-                    version: 1,
-                };
+                let created = partner.registered(partner_id, now);
                 let account = &partner.bank_account;
                 let profile = &partner.profile;
                 let sealed = self.cipher.seal(partner_id, account.account_number.expose());
