@@ -66,6 +66,8 @@ impl AuditService for Audit {
                     request_id: e.request_id.clone(),
                     outcome_code: e.outcome_code.clone(),
                     peer_address: e.peer_address.clone(),
+                    count: e.count,
+                    replayed: e.replayed,
                 })
                 .collect(),
         }))

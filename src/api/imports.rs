@@ -345,6 +345,8 @@ fn entry<I: Import>(
         request_id: request_id.to_owned(),
         outcome_code: crate::auth::audit::code_name(code),
         peer_address: peer.to_owned(),
+        count: 1,
+        replayed: false,
     }
 }
 

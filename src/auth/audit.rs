@@ -55,6 +55,8 @@ impl AuditDraft {
             request_id: self.request_id.clone(),
             outcome_code: code_name(code),
             peer_address: self.peer_address.clone(),
+            count: 1,
+            replayed: false,
         }
     }
 }
@@ -246,6 +248,8 @@ where
                 request_id: notes.request_id,
                 outcome_code: String::new(),
                 peer_address: peer,
+                count: 1,
+                replayed: false,
             };
             let response = match result {
                 Err(e) => {
@@ -323,6 +327,8 @@ impl DenialSink for AuditDenials {
             request_id: String::new(),
             outcome_code: code_name(code),
             peer_address: peer.map(|p| p.to_string()).unwrap_or_default(),
+            count: 1,
+            replayed: false,
         };
         if self.tx.try_send(event).is_err() {
             tracing::warn!(method, "audit queue full: a refused call was not recorded");

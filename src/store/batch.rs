@@ -16,6 +16,7 @@ pub enum Column {
     NullableText(Vec<Option<String>>),
     BigInt(Vec<i64>),
     Int(Vec<i32>),
+    Bool(Vec<bool>),
     Bytes(Vec<Vec<u8>>),
     NullableBytes(Vec<Option<Vec<u8>>>),
 }
@@ -27,6 +28,7 @@ impl Column {
             Self::NullableText(v) => v.len(),
             Self::BigInt(v) => v.len(),
             Self::Int(v) => v.len(),
+            Self::Bool(v) => v.len(),
             Self::Bytes(v) => v.len(),
             Self::NullableBytes(v) => v.len(),
         }
@@ -38,6 +40,7 @@ impl Column {
             Self::Text(_) | Self::NullableText(_) => "text[]",
             Self::BigInt(_) => "int8[]",
             Self::Int(_) => "int4[]",
+            Self::Bool(_) => "bool[]",
             Self::Bytes(_) | Self::NullableBytes(_) => "bytea[]",
         }
     }
@@ -48,6 +51,7 @@ impl Column {
             Self::NullableText(v) => v.into_iter().map(Value::NullableText).collect(),
             Self::BigInt(v) => v.into_iter().map(Value::BigInt).collect(),
             Self::Int(v) => v.into_iter().map(Value::Int).collect(),
+            Self::Bool(v) => v.into_iter().map(Value::Bool).collect(),
             Self::Bytes(v) => v.into_iter().map(Value::Bytes).collect(),
             Self::NullableBytes(v) => v.into_iter().map(Value::NullableBytes).collect(),
         }
@@ -60,6 +64,7 @@ enum Value {
     NullableText(Option<String>),
     BigInt(i64),
     Int(i32),
+    Bool(bool),
     Bytes(Vec<u8>),
     NullableBytes(Option<Vec<u8>>),
 }
@@ -145,6 +150,7 @@ fn push_unnest_insert(qb: &mut QueryBuilder<sqlx::Postgres>, insert: Insert<'_>)
             Column::NullableText(v) => qb.push_bind(v),
             Column::BigInt(v) => qb.push_bind(v),
             Column::Int(v) => qb.push_bind(v),
+            Column::Bool(v) => qb.push_bind(v),
             Column::Bytes(v) => qb.push_bind(v),
             Column::NullableBytes(v) => qb.push_bind(v),
         };
@@ -322,6 +328,7 @@ impl BatchSql for sqlx::Sqlite {
                         Some(Value::NullableText(v)) => qb.push_bind(v),
                         Some(Value::BigInt(v)) => qb.push_bind(v),
                         Some(Value::Int(v)) => qb.push_bind(v),
+                        Some(Value::Bool(v)) => qb.push_bind(v),
                         Some(Value::Bytes(v)) => qb.push_bind(v),
                         Some(Value::NullableBytes(v)) => qb.push_bind(v),
                         None => qb.push("NULL"),

@@ -140,7 +140,7 @@ macro_rules! bulk_sql {
         fn audit_insert(events: &[AuditEvent]) -> Insert<'static> {
             Insert {
                 head: "INSERT INTO audit_events (audit_event_id, time, principal, method, \
-                       resource_id, request_id, outcome_code, peer_address)",
+                       resource_id, request_id, outcome_code, peer_address, count, replayed)",
                 columns: vec![
                     text_column(events, |e| e.audit_event_id.to_string()),
                     Column::BigInt(events.iter().map(|e| e.time).collect()),
@@ -150,6 +150,8 @@ macro_rules! bulk_sql {
                     text_column(events, |e| e.request_id.clone()),
                     text_column(events, |e| e.outcome_code.clone()),
                     text_column(events, |e| e.peer_address.clone()),
+                    Column::BigInt(events.iter().map(|e| e.count).collect()),
+                    Column::Bool(events.iter().map(|e| e.replayed).collect()),
                 ],
                 tail: "",
             }

@@ -164,6 +164,11 @@ pub struct AuditEvent {
     pub request_id: String,
     pub outcome_code: String,
     pub peer_address: String,
+    /// How many calls the entry stands for: 1, or more for refused calls recorded in
+    /// aggregate (one entry per peer, method and outcome per interval).
+    pub count: i64,
+    /// The call was answered by replaying the first response to its request id.
+    pub replayed: bool,
 }
 
 #[derive(Debug, Clone, Default)]

@@ -1459,6 +1459,8 @@ macro_rules! sql_store {
                             request_id: row.try_get("request_id")?,
                             outcome_code: row.try_get("outcome_code")?,
                             peer_address: row.try_get("peer_address")?,
+                            count: row.try_get("count")?,
+                            replayed: row.try_get("replayed")?,
                         })
                     })
                     .collect()
