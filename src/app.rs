@@ -222,6 +222,10 @@ impl Application {
         if let Some(tls) = &settings.tls {
             builder = builder.tls_config(crate::auth::tls::server_tls_config(tls)?)?;
         }
+        let incoming = crate::net::Incoming::new(
+            listener,
+            crate::net::ConnectionLimits::from_settings(&settings),
+        );
         let server = builder
             .timeout(Duration::from_millis(settings.request_timeout_ms))
             .concurrency_limit_per_connection(settings.max_concurrent_requests)
@@ -246,7 +250,7 @@ impl Application {
                     .max_decoding_message_size(max),
             )
             .add_service(AuditServiceServer::new(Audit { ctx }).max_decoding_message_size(max))
-            .serve_with_incoming_shutdown(crate::net::incoming(listener), shutdown);
+            .serve_with_incoming_shutdown(incoming, shutdown);
         let served = server.await;
         tracing::info!("server stopped accepting; stopping the dispatcher");
         let _ = stop_tx.send(true);

@@ -27,6 +27,15 @@ pub struct Settings {
     pub request_timeout_ms: u64,
     /// Calls in progress at once, per connection.
     pub max_concurrent_requests: usize,
+    /// How long a new connection has to complete its handshake (TLS, then the HTTP/2 preface
+    /// and first SETTINGS frame), in milliseconds; then it is closed.
+    pub handshake_timeout_ms: u64,
+    /// How long a connection may go without reading or writing a byte before it is closed, in
+    /// milliseconds.
+    pub idle_timeout_ms: u64,
+    /// Client connections open at once; past it, new ones are closed as soon as they are
+    /// accepted. Keep it well under the open-file limit (`ulimit -n`).
+    pub max_connections: usize,
     /// Calls to the payments backend one replica has in flight at once.
     pub dispatch_concurrency: usize,
     /// Disbursements one dispatch round takes and records together.
@@ -74,6 +83,9 @@ impl Default for Settings {
             max_message_bytes: 1024 * 1024,
             request_timeout_ms: 30_000,
             max_concurrent_requests: 256,
+            handshake_timeout_ms: 10_000,
+            idle_timeout_ms: 300_000,
+            max_connections: 10_000,
             dispatch_concurrency: 16,
             dispatch_batch: 512,
             dispatch_rounds: 3,
@@ -128,6 +140,13 @@ impl Settings {
         }
         crate::auth::check_bind(self.listen_addr, self.auth.is_some())
             .map_err(|e| anyhow::anyhow!("settings: {e}"))?;
+        if self.handshake_timeout_ms == 0 || self.idle_timeout_ms == 0 || self.max_connections == 0
+        {
+            anyhow::bail!(
+                "settings: handshake_timeout_ms, idle_timeout_ms and max_connections must be at \
+                 least 1"
+            );
+        }
         if self.dispatch_concurrency == 0 {
             anyhow::bail!("settings: dispatch_concurrency must be at least 1");
         }

@@ -44,6 +44,8 @@ pub enum Db {
 
 pub struct TestApp {
     pub channel: Channel,
+    /// Where the service listens.
+    pub addr: std::net::SocketAddr,
     pub db: Db,
     pub database_url: String,
     pub pii_key_file: std::path::PathBuf,
@@ -133,6 +135,7 @@ pub async fn spawn_app(db: Db, tweak: impl FnOnce(&mut Settings)) -> TestApp {
         .expect("connect to the service");
     TestApp {
         channel,
+        addr,
         db,
         database_url,
         pii_key_file,

@@ -3,6 +3,7 @@
 
 mod access;
 mod claims;
+mod connections;
 mod disbursements;
 mod dispatch_batch;
 mod dispatch_limits;
