@@ -6,6 +6,7 @@ mod claims;
 mod disbursements;
 mod dispatch_batch;
 mod dispatch_limits;
+mod floods;
 mod helpers;
 mod imports;
 mod intake;
