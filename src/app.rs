@@ -193,6 +193,18 @@ impl Application {
             tokio::spawn(sandbox::serve(l, bank, stopped(stop_rx.clone())))
         });
         let dispatch_task = tokio::spawn(dispatcher.run(stopped(stop_rx.clone())));
+        let peers_task = tokio::spawn(crate::auth::forget_quiet_peers(
+            authenticator.clone(),
+            stopped(stop_rx.clone()),
+        ));
+        let denials = Arc::new(AuditDenials::spawn(
+            ctx.store.clone(),
+            settings
+                .auth
+                .clone()
+                .unwrap_or_default()
+                .denial_audit_interval(),
+        ));
 
         let max = settings.max_message_bytes;
         let (health_reporter, health_service) = tonic_health::server::health_reporter();
@@ -230,10 +242,7 @@ impl Application {
             .timeout(Duration::from_millis(settings.request_timeout_ms))
             .concurrency_limit_per_connection(settings.max_concurrent_requests)
             .layer(crate::telemetry::RpcTraceLayer)
-            .layer(AuthLayer::with_denial_sink(
-                authenticator,
-                Arc::new(AuditDenials::spawn(ctx.store.clone())),
-            ))
+            .layer(AuthLayer::with_denial_sink(authenticator, denials.clone()))
             .layer(AuditLayer::new(ctx.store.clone()))
             .add_service(health_service)
             .add_service(reflection_v1)
@@ -252,9 +261,11 @@ impl Application {
             .add_service(AuditServiceServer::new(Audit { ctx }).max_decoding_message_size(max))
             .serve_with_incoming_shutdown(incoming, shutdown);
         let served = server.await;
+        denials.flush().await;
         tracing::info!("server stopped accepting; stopping the dispatcher");
         let _ = stop_tx.send(true);
         dispatch_task.await?;
+        peers_task.await?;
         if let Some(task) = sandbox_task {
             task.await??;
         }

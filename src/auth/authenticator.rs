@@ -2,6 +2,7 @@
 //! principals (or everyone is `local-dev` in local development mode).
 
 use std::fmt;
+use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -11,7 +12,7 @@ use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 
 use super::identity::{PeerCertificate, SubjectPattern};
-use super::ratelimit::{PrincipalRateLimiter, RateLimit};
+use super::ratelimit::{PeerRateLimiter, PrincipalRateLimiter, RateLimit};
 use super::roles::Role;
 use super::settings::{AuthSettings, SettingsError};
 use crate::api::Principal;
@@ -93,6 +94,9 @@ enum Mode {
 pub struct Authenticator {
     mode: Mode,
     limiter: Option<PrincipalRateLimiter>,
+    /// Refused calls per peer address: on in every mode, since anyone who can connect can
+    /// make calls that are refused.
+    refused: PeerRateLimiter,
 }
 
 impl fmt::Debug for Authenticator {
@@ -106,6 +110,7 @@ impl fmt::Debug for Authenticator {
             ),
         };
         d.field("rate_limit", &self.limiter.as_ref().map(|l| l.limit()))
+            .field("denied_rate_limit", &self.refused.limit())
             .finish()
     }
 }
@@ -131,21 +136,30 @@ impl Authenticator {
                 settings.rate_limit_per_second,
                 settings.rate_limit_burst,
             ))),
+            refused: PeerRateLimiter::new(settings.denied_rate_limit()),
         })
     }
 
     /// Local development mode: every caller is `local-dev` with every role; no rate limit,
-    /// so tests and scripts on a laptop are never throttled.
+    /// so tests and scripts on a laptop are never throttled. Refused calls (unknown methods)
+    /// are still limited per peer, as by default.
     pub fn local_dev() -> Self {
         Self {
             mode: Mode::LocalDev(Caller::new(Principal::LOCAL_DEV, &Role::ALL)),
             limiter: None,
+            refused: PeerRateLimiter::new(AuthSettings::default().denied_rate_limit()),
         }
     }
 
     /// Replaces the rate limit (or removes it with `None`).
     pub fn with_rate_limit(mut self, limit: Option<RateLimit>) -> Self {
         self.limiter = limit.map(PrincipalRateLimiter::new);
+        self
+    }
+
+    /// Replaces the limit of refused calls per peer address.
+    pub fn with_denied_rate_limit(mut self, limit: RateLimit) -> Self {
+        self.refused = PeerRateLimiter::new(limit);
         self
     }
 
@@ -205,6 +219,18 @@ impl Authenticator {
             Some(limiter) => limiter.check(caller.key()),
             None => Ok(()),
         }
+    }
+
+    /// Takes one refused call from the budget of the peer address that made it, or says how
+    /// long until the peer's refused calls are answered as such again.
+    pub fn check_refused_rate(&self, peer: Option<IpAddr>) -> Result<(), Duration> {
+        self.refused.check(peer)
+    }
+
+    /// Forgets the peers refused long enough ago that their budget is whole again; call it
+    /// periodically so that the state holds only recent refusers.
+    pub fn forget_quiet_peers(&self) {
+        self.refused.forget_quiet();
     }
 }
 

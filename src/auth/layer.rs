@@ -6,9 +6,14 @@
 //! [`Principal`] and [`Caller`] in its extensions, or answer with a gRPC status. The
 //! `authorization` header is removed before the request goes further, so no later layer,
 //! span or handler can log the token.
+//!
+//! Every refusal also takes one call from the budget of the peer address that made it; past
+//! that budget the peer's refused calls are answered `RESOURCE_EXHAUSTED` with a retry delay,
+//! so a flood of bad tokens costs a hash and a counter per call. Allowed calls never touch the
+//! peer's budget: a good principal behind the same address keeps working.
 
 use std::fmt;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -165,7 +170,8 @@ impl Shared {
             (_, Ok(caller)) => caller,
         };
         if let Err(wait) = self.authenticator.check_rate(&caller) {
-            return Err(self.deny(Some(&caller), &path, peer, rate_limited(&caller, wait)));
+            let status = rate_limited(Limited::Principal(caller.name()), wait);
+            return Err(self.deny(Some(&caller), &path, peer, status));
         }
         match required {
             Some(RequiredRole::Role(role)) if caller.has_role(role) => {
@@ -205,6 +211,8 @@ impl Shared {
         }
     }
 
+    /// Answers a refused call with `status`, or with `RESOURCE_EXHAUSTED` once its peer
+    /// address is past its budget of refused calls, and reports what it answered.
     fn deny(
         &self,
         caller: Option<&Caller>,
@@ -213,13 +221,30 @@ impl Shared {
         status: tonic::Status,
     ) -> tonic::Status {
         let principal = caller.map(Caller::name);
-        tracing::info!(
-            principal,
-            method = path,
-            code = ?status.code(),
-            peer = peer.map(tracing::field::display),
-            "call refused"
-        );
+        let ip = peer.map(|p| p.ip());
+        let status = match self.authenticator.check_refused_rate(ip) {
+            Ok(()) => {
+                tracing::info!(
+                    principal,
+                    method = path,
+                    code = ?status.code(),
+                    peer = peer.map(tracing::field::display),
+                    "call refused"
+                );
+                status
+            }
+            // A flood is logged by its aggregated audit entries, not line by line.
+            Err(wait) => {
+                tracing::debug!(
+                    principal,
+                    method = path,
+                    code = ?status.code(),
+                    peer = peer.map(tracing::field::display),
+                    "call refused: the peer is over its limit of refused calls"
+                );
+                rate_limited(Limited::Peer(ip), wait)
+            }
+        };
         self.sink.denied(principal, path, status.code(), peer);
         status
     }
@@ -232,26 +257,40 @@ fn insert<B>(request: &mut http::Request<B>, caller: Caller) {
     request.extensions_mut().insert(caller);
 }
 
+/// Whose budget a call is over.
+enum Limited<'a> {
+    /// A principal's budget of calls.
+    Principal(&'a str),
+    /// A peer address's budget of refused calls (`None`: the address is unknown).
+    Peer(Option<IpAddr>),
+}
+
 /// `RESOURCE_EXHAUSTED` with `ErrorInfo{RATE_LIMITED}` and `RetryInfo{retry_delay}`.
-fn rate_limited(caller: &Caller, wait: Duration) -> tonic::Status {
+fn rate_limited(limited: Limited<'_>, wait: Duration) -> tonic::Status {
     let millis = wait.as_millis().max(1);
+    let (key, value, message) = match limited {
+        Limited::Principal(name) => (
+            "principal",
+            name.to_owned(),
+            format!("principal {name:?} is over its rate limit; retry in {millis} ms"),
+        ),
+        Limited::Peer(ip) => {
+            let ip = ip.map(|ip| ip.to_string()).unwrap_or_default();
+            let message =
+                format!("too many refused calls from peer address {ip:?}; retry in {millis} ms");
+            ("peer", ip, message)
+        }
+    };
     let mut details = ErrorDetails::with_error_info(
         "RATE_LIMITED",
         ERROR_DOMAIN,
         [
-            ("principal".to_owned(), caller.name().to_owned()),
+            (key.to_owned(), value),
             ("retry_delay_ms".to_owned(), millis.to_string()),
         ],
     );
     details.set_retry_info(Some(wait));
-    tonic::Status::with_error_details(
-        Code::ResourceExhausted,
-        format!(
-            "principal {:?} is over its rate limit; retry in {millis} ms",
-            caller.name()
-        ),
-        details,
-    )
+    tonic::Status::with_error_details(Code::ResourceExhausted, message, details)
 }
 
 #[cfg(test)]
@@ -326,11 +365,27 @@ mod tests {
         path: &str,
         token: Option<&str>,
     ) -> (Option<String>, Option<tonic::Status>, bool) {
+        call_from(layer, path, token, None).await
+    }
+
+    /// As [`call`], over a connection from `peer`.
+    async fn call_from(
+        layer: &AuthLayer,
+        path: &str,
+        token: Option<&str>,
+        peer: Option<SocketAddr>,
+    ) -> (Option<String>, Option<tonic::Status>, bool) {
         let mut req = Request::builder().uri(format!("http://localhost{path}"));
         if let Some(t) = token {
             req = req.header(AUTHORIZATION, format!("Bearer {t}"));
         }
-        let req = req.body(Body::empty()).expect("request");
+        let mut req = req.body(Body::empty()).expect("request");
+        if let Some(peer) = peer {
+            req.extensions_mut().insert(TcpConnectInfo {
+                local_addr: None,
+                remote_addr: Some(peer),
+            });
+        }
         let res = layer.layer(inner()).oneshot(req).await.expect("infallible");
         let principal = res
             .headers()
@@ -485,5 +540,95 @@ mod tests {
         // Another principal has its own budget.
         let (_, status, _) = call(&layer, REGISTER, Some("intake-token")).await;
         assert!(status.is_none());
+    }
+
+    #[tokio::test]
+    async fn refused_calls_past_the_peer_budget_are_resource_exhausted() {
+        let authenticator = authenticator().with_denied_rate_limit(RateLimit::new(1, Some(3)));
+        let sink = Arc::new(Recorded::default());
+        let layer = AuthLayer::with_denial_sink(Arc::new(authenticator), sink.clone());
+        let flooder: SocketAddr = "192.0.2.10:40001".parse().expect("addr");
+        for _ in 0..3 {
+            let (_, status, _) = call_from(&layer, REGISTER, Some("wrong"), Some(flooder)).await;
+            assert_eq!(status.expect("refused").code(), Code::Unauthenticated);
+        }
+        // Another connection from the same address shares the budget.
+        let same_host: SocketAddr = "192.0.2.10:40002".parse().expect("addr");
+        for (peer, token) in [(flooder, Some("wrong")), (same_host, None)] {
+            let (_, status, _) = call_from(&layer, REGISTER, token, Some(peer)).await;
+            let status = status.expect("limited");
+            assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
+            let details = status.get_error_details();
+            let retry = details
+                .retry_info()
+                .and_then(|r| r.retry_delay)
+                .expect("retry delay");
+            assert!(
+                retry > Duration::ZERO && retry <= Duration::from_secs(1),
+                "{retry:?}"
+            );
+            let info = details.error_info().expect("info");
+            assert_eq!(info.reason, "RATE_LIMITED");
+            assert_eq!(
+                info.metadata.get("peer").map(String::as_str),
+                Some("192.0.2.10")
+            );
+        }
+        // A known principal's refusal from that address is limited too...
+        let (_, status, _) = call_from(&layer, REGISTER, Some("ops-token"), Some(flooder)).await;
+        assert_eq!(status.expect("limited").code(), Code::ResourceExhausted);
+        // ...but its allowed calls are not, and do not take from the peer's budget.
+        for _ in 0..5 {
+            let (principal, status, _) =
+                call_from(&layer, GET, Some("ops-token"), Some(flooder)).await;
+            assert_eq!(principal.as_deref(), Some("ops"));
+            assert!(status.is_none(), "{status:?}");
+        }
+        // Another address has its own budget.
+        let other: SocketAddr = "192.0.2.11:40001".parse().expect("addr");
+        let (_, status, _) = call_from(&layer, REGISTER, Some("wrong"), Some(other)).await;
+        assert_eq!(status.expect("refused").code(), Code::Unauthenticated);
+
+        // The sink is told what each call was answered.
+        let codes: Vec<Code> = sink
+            .0
+            .lock()
+            .expect("not poisoned")
+            .iter()
+            .map(|(_, _, code)| *code)
+            .collect();
+        assert_eq!(
+            codes,
+            [
+                [Code::Unauthenticated; 3].as_slice(),
+                &[Code::ResourceExhausted; 3],
+                &[Code::Unauthenticated],
+            ]
+            .concat()
+        );
+    }
+
+    #[tokio::test]
+    async fn a_principal_over_its_own_limit_also_spends_the_peer_budget() {
+        let authenticator = authenticator()
+            .with_rate_limit(Some(RateLimit::new(1, Some(1))))
+            .with_denied_rate_limit(RateLimit::new(1, Some(2)));
+        let layer = AuthLayer::new(Arc::new(authenticator));
+        let peer: SocketAddr = "192.0.2.20:5000".parse().expect("addr");
+        let (_, status, _) = call_from(&layer, GET, Some("ops-token"), Some(peer)).await;
+        assert!(status.is_none());
+        let mut metadata_keys = Vec::new();
+        for _ in 0..3 {
+            let (_, status, _) = call_from(&layer, GET, Some("ops-token"), Some(peer)).await;
+            let status = status.expect("limited");
+            assert_eq!(status.code(), Code::ResourceExhausted);
+            let info = status.get_details_error_info().expect("info");
+            metadata_keys.push(if info.metadata.contains_key("peer") {
+                "peer"
+            } else {
+                "principal"
+            });
+        }
+        assert_eq!(metadata_keys, ["principal", "principal", "peer"]);
     }
 }

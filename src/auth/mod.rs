@@ -4,12 +4,15 @@
 //! - [`AuthSettings`] / [`TlsSettings`]: the `[auth]` and `[tls]` tables of the settings file.
 //! - [`Authenticator`] + [`AuthLayer`]: one tower layer that names the caller (bearer token or
 //!   client certificate), rate-limits it, checks the method's [`Role`] from [`METHOD_RULES`],
-//!   and hands handlers an [`api::Principal`](crate::api::Principal).
+//!   and hands handlers an [`api::Principal`](crate::api::Principal). Refused calls are
+//!   limited per peer address ([`PeerRateLimiter`], swept by [`forget_quiet_peers`]).
 //! - [`check_bind`]: local development mode (no `[auth]`) only on a loopback address.
 //! - [`tls::server_tls_config`]: server TLS, with mandatory client certificates if configured.
 //! - [`crypto::PiiCipher`]: AES-256-GCM for account numbers, bound to the partner id.
 
 use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
 
 pub mod audit;
 mod authenticator;
@@ -23,14 +26,33 @@ pub mod tls;
 
 pub use authenticator::{AuthError, Authenticator, Caller};
 pub use layer::{AuthLayer, AuthService, DenialSink, IgnoreDenials};
-pub use ratelimit::{PrincipalRateLimiter, RateLimit};
+pub use ratelimit::{PeerRateLimiter, PrincipalRateLimiter, RateLimit};
 pub use roles::{
     METHOD_RULES, MethodRule, RequiredRole, Role, UnknownRole, is_mutating, method_rule,
     required_role,
 };
 pub use settings::{
-    AuthSettings, DEFAULT_RATE_LIMIT_PER_SECOND, PrincipalSettings, SettingsError, TlsSettings,
+    AuthSettings, DEFAULT_DENIAL_AUDIT_INTERVAL_MS, DEFAULT_DENIED_RATE_LIMIT_PER_SECOND,
+    DEFAULT_RATE_LIMIT_PER_SECOND, PrincipalSettings, SettingsError, TlsSettings,
 };
+
+/// How often [`forget_quiet_peers`] sweeps: the state of refused peers holds at most the
+/// peers refused in the last sweep interval and a refill of their budget.
+const PEER_SWEEP_INTERVAL: Duration = Duration::from_secs(10);
+
+/// Forgets, every few seconds until `stop` resolves, the peers whose budget of refused calls
+/// is whole again, so the per-peer state grows with recent refusers only.
+pub async fn forget_quiet_peers(authenticator: Arc<Authenticator>, stop: impl Future<Output = ()>) {
+    let mut sweeps = tokio::time::interval(PEER_SWEEP_INTERVAL);
+    sweeps.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    tokio::pin!(stop);
+    loop {
+        tokio::select! {
+            _ = sweeps.tick() => authenticator.forget_quiet_peers(),
+            () = &mut stop => return,
+        }
+    }
+}
 
 /// Refuses to run without authentication anywhere but on a loopback address.
 ///

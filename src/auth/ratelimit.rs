@@ -1,9 +1,12 @@
-//! Per-principal rate limiting: a token bucket (GCRA) per caller name.
+//! Rate limiting: a token bucket (GCRA) per caller name, and one per peer address for the
+//! calls the auth layer refuses.
 //!
-//! Keys are principal names from the settings, a small fixed set, so the keyed state never
-//! grows with traffic.
+//! Principal names come from the settings, a small fixed set, so that keyed state never grows
+//! with traffic. Peer addresses are whatever connects: their state is swept of quiet peers
+//! periodically ([`PeerRateLimiter::forget_quiet`]), so it holds only recent refusers.
 
 use std::fmt;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::num::NonZeroU32;
 use std::sync::Arc;
 use std::time::Duration;
@@ -58,11 +61,83 @@ impl PrincipalRateLimiter {
 
     /// Takes one call from `principal`'s bucket, or says how long until one is available.
     pub fn check(&self, principal: &Arc<str>) -> Result<(), Duration> {
-        self.limiter.check_key(principal).map_err(|not_until| {
-            let wait = not_until.wait_time_from(self.limiter.clock().now());
-            // Never advise retrying "now": clients would spin.
-            wait.max(Duration::from_millis(1))
-        })
+        check_key(&self.limiter, principal)
+    }
+}
+
+/// Takes one call from `key`'s bucket, or says how long until one is available.
+fn check_key<K>(limiter: &DefaultKeyedRateLimiter<K>, key: &K) -> Result<(), Duration>
+where
+    K: std::hash::Hash + Eq + Clone,
+{
+    limiter.check_key(key).map_err(|not_until| {
+        let wait = not_until.wait_time_from(limiter.clock().now());
+        // Never advise retrying "now": clients would spin.
+        wait.max(Duration::from_millis(1))
+    })
+}
+
+/// One bucket per peer address, taken from by every call the auth layer refuses (unknown
+/// credentials, a missing role, a principal over its own limit), so that a flood of refused
+/// calls from one address is answered `RESOURCE_EXHAUSTED` instead of being authenticated,
+/// logged and audited call by call. Allowed calls never take from it: a good principal behind
+/// the same address (a NAT, a sidecar) keeps working.
+pub struct PeerRateLimiter {
+    limit: RateLimit,
+    limiter: DefaultKeyedRateLimiter<IpAddr>,
+}
+
+impl fmt::Debug for PeerRateLimiter {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("PeerRateLimiter")
+            .field("limit", &self.limit)
+            .field("peers", &self.limiter.len())
+            .finish()
+    }
+}
+
+impl PeerRateLimiter {
+    pub fn new(limit: RateLimit) -> Self {
+        let quota = Quota::per_second(limit.per_second).allow_burst(limit.burst);
+        Self {
+            limit,
+            limiter: RateLimiter::keyed(quota),
+        }
+    }
+
+    pub fn limit(&self) -> RateLimit {
+        self.limit
+    }
+
+    /// Takes one refused call from the bucket of `peer` (`None`: an unknown address, which
+    /// all such calls share), or says how long until one is available.
+    pub fn check(&self, peer: Option<IpAddr>) -> Result<(), Duration> {
+        check_key(&self.limiter, &peer_key(peer))
+    }
+
+    /// Drops the buckets of peers that have been quiet long enough to be full again (which
+    /// is what a new bucket is), so the state holds only peers refused lately.
+    pub fn forget_quiet(&self) {
+        self.limiter.retain_recent();
+        self.limiter.shrink_to_fit();
+    }
+
+    /// Peers with a bucket (an estimate while calls are being checked).
+    pub fn peers(&self) -> usize {
+        self.limiter.len()
+    }
+}
+
+/// The bucket a peer address takes from: an IPv4 address (also when written as IPv4-mapped
+/// IPv6), or an IPv6 address's /64, since one host commonly holds a whole /64 and could
+/// otherwise take a fresh bucket for every call.
+fn peer_key(peer: Option<IpAddr>) -> IpAddr {
+    match peer.map(|ip| ip.to_canonical()) {
+        None => IpAddr::V4(Ipv4Addr::UNSPECIFIED),
+        Some(IpAddr::V4(v4)) => IpAddr::V4(v4),
+        Some(IpAddr::V6(v6)) => {
+            IpAddr::V6(Ipv6Addr::from_bits(v6.to_bits() & !u128::from(u64::MAX)))
+        }
     }
 }
 
@@ -83,6 +158,61 @@ mod tests {
             "{wait:?}"
         );
         assert!(limiter.check(&b).is_ok(), "b is not slowed by a");
+    }
+
+    #[test]
+    fn each_peer_address_has_its_own_bucket_whatever_its_port() {
+        let limiter = PeerRateLimiter::new(RateLimit::new(1, Some(3)));
+        let a: IpAddr = "192.0.2.7".parse().expect("ip");
+        let b: IpAddr = "192.0.2.8".parse().expect("ip");
+        for _ in 0..3 {
+            assert!(limiter.check(Some(a)).is_ok());
+        }
+        let wait = limiter.check(Some(a)).expect_err("burst used up");
+        assert!(
+            wait > Duration::ZERO && wait <= Duration::from_secs(1),
+            "{wait:?}"
+        );
+        // The same host written as IPv4-mapped IPv6 is the same peer.
+        let mapped: IpAddr = "::ffff:192.0.2.7".parse().expect("ip");
+        assert!(limiter.check(Some(mapped)).is_err());
+        assert!(limiter.check(Some(b)).is_ok(), "b is not slowed by a");
+        assert_eq!(limiter.peers(), 2);
+    }
+
+    #[test]
+    fn an_ipv6_peer_is_limited_by_its_64_prefix() {
+        let limiter = PeerRateLimiter::new(RateLimit::new(1, Some(1)));
+        let one: IpAddr = "2001:db8:1:2::1".parse().expect("ip");
+        let same_64: IpAddr = "2001:db8:1:2:ffff::9".parse().expect("ip");
+        let other_64: IpAddr = "2001:db8:1:3::1".parse().expect("ip");
+        assert!(limiter.check(Some(one)).is_ok());
+        assert!(limiter.check(Some(same_64)).is_err());
+        assert!(limiter.check(Some(other_64)).is_ok());
+    }
+
+    #[test]
+    fn unknown_addresses_share_one_bucket() {
+        let limiter = PeerRateLimiter::new(RateLimit::new(1, Some(1)));
+        assert!(limiter.check(None).is_ok());
+        assert!(limiter.check(None).is_err());
+    }
+
+    #[test]
+    fn quiet_peers_are_forgotten() {
+        // Ten a second, no burst: a bucket is full again 100 ms after its last call.
+        let limiter = PeerRateLimiter::new(RateLimit::new(10, Some(1)));
+        for i in 0..500u32 {
+            let ip = IpAddr::V4(Ipv4Addr::from_bits(0x0a00_0000 | i));
+            assert!(limiter.check(Some(ip)).is_ok());
+        }
+        assert_eq!(limiter.peers(), 500);
+        std::thread::sleep(Duration::from_millis(250));
+        let busy: IpAddr = "10.1.0.1".parse().expect("ip");
+        assert!(limiter.check(Some(busy)).is_ok());
+        limiter.forget_quiet();
+        // Only the peer whose bucket is not full again is kept.
+        assert_eq!(limiter.peers(), 1);
     }
 
     #[test]

@@ -9,6 +9,9 @@
 //! [auth]                               # absent => local development mode (loopback only)
 //! rate_limit_per_second = 200
 //! rate_limit_burst = 400
+//! denied_rate_limit_per_second = 20     # refused calls, per peer address
+//! denied_rate_limit_burst = 40
+//! denial_audit_interval_ms = 10000      # refused calls are audited in aggregate per interval
 //!
 //! [[auth.principals]]
 //! name = "claims-intake"
@@ -19,17 +22,36 @@
 
 use std::fmt;
 use std::path::PathBuf;
+use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+use super::ratelimit::RateLimit;
 use super::roles::Role;
 use crate::api::Principal;
 
 /// Calls per second each principal may make, unless the settings say otherwise.
 pub const DEFAULT_RATE_LIMIT_PER_SECOND: u32 = 200;
 
+/// Refused calls per second each peer address may make before they are answered
+/// `RESOURCE_EXHAUSTED`, unless the settings say otherwise. A client that is refused now and
+/// then (a token being rotated, a missing role) never comes near it; a flood passes it at once.
+pub const DEFAULT_DENIED_RATE_LIMIT_PER_SECOND: u32 = 20;
+
+/// How often refused calls are written to the audit log, one entry per peer, principal,
+/// method and outcome, unless the settings say otherwise.
+pub const DEFAULT_DENIAL_AUDIT_INTERVAL_MS: u64 = 10_000;
+
 fn default_rate_limit_per_second() -> u32 {
     DEFAULT_RATE_LIMIT_PER_SECOND
+}
+
+fn default_denied_rate_limit_per_second() -> u32 {
+    DEFAULT_DENIED_RATE_LIMIT_PER_SECOND
+}
+
+fn default_denial_audit_interval_ms() -> u64 {
+    DEFAULT_DENIAL_AUDIT_INTERVAL_MS
 }
 
 /// The `[auth]` table. Its presence turns local development mode off.
@@ -45,6 +67,18 @@ pub struct AuthSettings {
     /// Calls a principal may make at once after being idle; unset: `rate_limit_per_second`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rate_limit_burst: Option<u32>,
+    /// Sustained refused calls per second allowed to each peer address (an IPv6 peer: its
+    /// /64); past it the peer's refused calls are answered `RESOURCE_EXHAUSTED`. Allowed calls
+    /// are never counted or limited by it.
+    #[serde(default = "default_denied_rate_limit_per_second")]
+    pub denied_rate_limit_per_second: u32,
+    /// Refused calls a peer may make at once; unset: twice `denied_rate_limit_per_second`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub denied_rate_limit_burst: Option<u32>,
+    /// Refused calls are written to the audit log every this many milliseconds, one entry per
+    /// peer address, principal, method and outcome, with the number of calls it stands for.
+    #[serde(default = "default_denial_audit_interval_ms")]
+    pub denial_audit_interval_ms: u64,
 }
 
 impl Default for AuthSettings {
@@ -53,6 +87,9 @@ impl Default for AuthSettings {
             principals: Vec::new(),
             rate_limit_per_second: DEFAULT_RATE_LIMIT_PER_SECOND,
             rate_limit_burst: None,
+            denied_rate_limit_per_second: DEFAULT_DENIED_RATE_LIMIT_PER_SECOND,
+            denied_rate_limit_burst: None,
+            denial_audit_interval_ms: DEFAULT_DENIAL_AUDIT_INTERVAL_MS,
         }
     }
 }
@@ -63,6 +100,12 @@ impl fmt::Debug for AuthSettings {
             .field("principals", &self.principals)
             .field("rate_limit_per_second", &self.rate_limit_per_second)
             .field("rate_limit_burst", &self.rate_limit_burst)
+            .field(
+                "denied_rate_limit_per_second",
+                &self.denied_rate_limit_per_second,
+            )
+            .field("denied_rate_limit_burst", &self.denied_rate_limit_burst)
+            .field("denial_audit_interval_ms", &self.denial_audit_interval_ms)
             .finish()
     }
 }
@@ -129,6 +172,19 @@ pub(crate) struct ValidPrincipal {
 }
 
 impl AuthSettings {
+    /// How many refused calls each peer address may make.
+    pub fn denied_rate_limit(&self) -> RateLimit {
+        let burst = self
+            .denied_rate_limit_burst
+            .unwrap_or(self.denied_rate_limit_per_second.saturating_mul(2));
+        RateLimit::new(self.denied_rate_limit_per_second, Some(burst))
+    }
+
+    /// How often refused calls are written to the audit log.
+    pub fn denial_audit_interval(&self) -> Duration {
+        Duration::from_millis(self.denial_audit_interval_ms.max(1))
+    }
+
     /// Checks every entry; the error names each bad principal and key.
     pub fn validate(&self) -> Result<(), SettingsError> {
         self.validated().map(|_| ())
@@ -167,6 +223,15 @@ impl AuthSettings {
         }
         if self.rate_limit_burst == Some(0) {
             problems.push("auth.rate_limit_burst must be at least 1".to_owned());
+        }
+        if self.denied_rate_limit_per_second == 0 {
+            problems.push("auth.denied_rate_limit_per_second must be at least 1".to_owned());
+        }
+        if self.denied_rate_limit_burst == Some(0) {
+            problems.push("auth.denied_rate_limit_burst must be at least 1".to_owned());
+        }
+        if self.denial_audit_interval_ms == 0 {
+            problems.push("auth.denial_audit_interval_ms must be at least 1".to_owned());
         }
         if self.principals.is_empty() {
             problems.push(
@@ -358,6 +423,16 @@ mod tests {
         let auth = file.auth.expect("auth");
         assert_eq!(auth.rate_limit_per_second, DEFAULT_RATE_LIMIT_PER_SECOND);
         assert_eq!(auth.rate_limit_burst, None);
+        let denied = auth.denied_rate_limit();
+        assert_eq!(
+            denied.per_second.get(),
+            DEFAULT_DENIED_RATE_LIMIT_PER_SECOND
+        );
+        assert_eq!(denied.burst.get(), 2 * DEFAULT_DENIED_RATE_LIMIT_PER_SECOND);
+        assert_eq!(
+            auth.denial_audit_interval(),
+            Duration::from_millis(DEFAULT_DENIAL_AUDIT_INTERVAL_MS)
+        );
         assert_eq!(auth.principals.len(), 2);
         auth.validate_with_tls(Some(&tls)).expect("valid");
         let valid = auth.validated().expect("valid");
@@ -468,9 +543,35 @@ mod tests {
         let mut s = settings(vec![principal("x", &["viewer"])]);
         s.rate_limit_per_second = 0;
         s.rate_limit_burst = Some(0);
+        s.denied_rate_limit_per_second = 0;
+        s.denied_rate_limit_burst = Some(0);
+        s.denial_audit_interval_ms = 0;
         let msg = problems(&s);
         assert!(msg.contains("auth.rate_limit_per_second"), "{msg}");
         assert!(msg.contains("auth.rate_limit_burst"), "{msg}");
+        assert!(msg.contains("auth.denied_rate_limit_per_second"), "{msg}");
+        assert!(msg.contains("auth.denied_rate_limit_burst"), "{msg}");
+        assert!(msg.contains("auth.denial_audit_interval_ms"), "{msg}");
+    }
+
+    #[test]
+    fn the_denied_rate_limit_and_audit_interval_are_read_from_the_file() {
+        let auth: AuthSettings = toml::from_str(
+            r#"
+            denied_rate_limit_per_second = 5
+            denied_rate_limit_burst = 7
+            denial_audit_interval_ms = 250
+
+            [[principals]]
+            name = "x"
+            roles = ["viewer"]
+            token_sha256 = "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08"
+            "#,
+        )
+        .expect("parses");
+        auth.validate().expect("valid");
+        assert_eq!(auth.denied_rate_limit(), RateLimit::new(5, Some(7)));
+        assert_eq!(auth.denial_audit_interval(), Duration::from_millis(250));
     }
 
     #[test]

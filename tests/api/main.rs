@@ -7,6 +7,7 @@ mod connections;
 mod disbursements;
 mod dispatch_batch;
 mod dispatch_limits;
+mod floods;
 mod helpers;
 mod imports;
 mod intake;
