@@ -175,7 +175,7 @@ pub fn prepare_submission(
         trace_context: crate::telemetry::current_context_headers(),
     };
     Ok(ClaimSubmission {
-        idem: idempotency(request_id, "SubmitClaim", body),
+        idem: idempotency(&claim.submitted_by, request_id, "SubmitClaim", body),
         partner,
         claim,
     })
@@ -360,7 +360,7 @@ impl ClaimService for Claims {
         };
         // Named before the call, so a refused attempt is found by its claim in the audit log.
         record_touched("", &body.claim_id, "");
-        let idem = idempotency(request_id, "AttachEvidence", &body);
+        let idem = idempotency(&actor, request_id, "AttachEvidence", &body);
         let render = render_claim(|c| pb::AttachEvidenceResponse { claim: Some(c) });
         let stored = self
             .ctx
@@ -427,7 +427,7 @@ impl ClaimService for Claims {
         };
         // Named before the call, so a refused attempt is found by its claim in the audit log.
         record_touched("", &body.claim_id, "");
-        let idem = idempotency(request_id, "ReviewClaim", &body);
+        let idem = idempotency(&reviewer, request_id, "ReviewClaim", &body);
         let render = render_claim(|c| pb::ReviewClaimResponse { claim: Some(c) });
         let stored = self
             .ctx

@@ -94,7 +94,7 @@ impl DisbursementService for Disbursements {
             ..request
         };
         record_touched("", "", &body.disbursement_id);
-        let idem = idempotency(request_id, "RetryDisbursement", &body);
+        let idem = idempotency(&actor, request_id, "RetryDisbursement", &body);
         let render = |d: &Disbursement| {
             prost::Message::encode_to_vec(&pb::RetryDisbursementResponse {
                 disbursement: Some(convert::disbursement(d)),
@@ -132,7 +132,7 @@ impl DisbursementService for Disbursements {
             ..request
         };
         record_touched("", "", &body.disbursement_id);
-        let idem = idempotency(request_id, "CancelDisbursement", &body);
+        let idem = idempotency(&actor, request_id, "CancelDisbursement", &body);
         let render = |d: &Disbursement| {
             prost::Message::encode_to_vec(&pb::CancelDisbursementResponse {
                 disbursement: Some(convert::disbursement(d)),
@@ -166,7 +166,7 @@ impl DisbursementService for Disbursements {
             request_id: String::new(),
             ..request
         };
-        let idem = idempotency(request_id, "PauseDispatch", &body);
+        let idem = idempotency(&actor, request_id, "PauseDispatch", &body);
         let render = |s: &DispatchState| {
             prost::Message::encode_to_vec(&pb::PauseDispatchResponse {
                 state: Some(convert::dispatch_state(s)),
@@ -193,6 +193,7 @@ impl DisbursementService for Disbursements {
         v.finish()?;
         let request_id = request_id.ok_or_else(missing)?;
         let idem = idempotency(
+            &actor,
             request_id,
             "ResumeDispatch",
             &pb::ResumeDispatchRequest::default(),

@@ -175,7 +175,10 @@ fn entry<T>(
 ) -> Option<AuditEvent> {
     let draft = drafts.get(i)?.as_ref()?;
     Some(match answer {
-        Ok(stored) => draft.event(resource(stored), tonic::Code::Ok),
+        Ok(stored) => AuditEvent {
+            replayed: matches!(stored, Stored::Replayed(_)),
+            ..draft.event(resource(stored), tonic::Code::Ok)
+        },
         Err(e) => draft.event(String::new(), super::code_of(e)),
     })
 }

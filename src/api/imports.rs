@@ -271,13 +271,16 @@ async fn import_batch<I: Import>(
     let row_entry = |i: usize, answer: &store::Result<Stored<I::Value>>| {
         let request_id = positions.get(i).and_then(|&p| request_ids.get(p))?;
         Some(match answer {
-            Ok(stored) => entry::<I>(
-                principal,
-                peer,
-                request_id,
-                I::stored_id(stored),
-                tonic::Code::Ok,
-            ),
+            Ok(stored) => AuditEvent {
+                replayed: matches!(stored, Stored::Replayed(_)),
+                ..entry::<I>(
+                    principal,
+                    peer,
+                    request_id,
+                    I::stored_id(stored),
+                    tonic::Code::Ok,
+                )
+            },
             Err(e) => entry::<I>(principal, peer, request_id, String::new(), code_of(e)),
         })
     };

@@ -231,22 +231,34 @@ pub fn fingerprint<M: Message>(request: &M) -> String {
     hex::encode(Sha256::digest(request.encode_to_vec()))
 }
 
-pub fn idempotency(request_id: Uuid, method: &'static str, body: &impl Message) -> Idempotency {
+/// The idempotency record of `principal`'s call: a request id is its sender's, so the same id
+/// from another principal is another request.
+pub fn idempotency(
+    principal: &str,
+    request_id: Uuid,
+    method: &'static str,
+    body: &impl Message,
+) -> Idempotency {
     Idempotency {
+        principal: principal.to_owned(),
         request_id,
         method,
         fingerprint: fingerprint(body),
     }
 }
 
-/// The response of a mutating call: made now, or the first call's, replayed.
+/// The response of a mutating call: made now, or the first call's, replayed (which the
+/// call's audit entry then says).
 pub fn respond<T, R: Message + Default>(
     stored: Stored<T>,
     to_proto: impl Fn(&T) -> R,
 ) -> Result<tonic::Response<R>, Status> {
     match stored {
         Stored::Fresh(value) => Ok(tonic::Response::new(to_proto(&value))),
-        Stored::Replayed(bytes) => decode_replay(&bytes).map(tonic::Response::new),
+        Stored::Replayed(bytes) => {
+            crate::auth::audit::note_replayed();
+            decode_replay(&bytes).map(tonic::Response::new)
+        }
     }
 }
 

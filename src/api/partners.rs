@@ -139,9 +139,11 @@ pub fn registered_id(stored: &Stored<crate::domain::Partner>) -> String {
 }
 
 /// A `RegisterPartner` request (or an `ImportPartners` row, which is one) as the store takes
-/// it: the request id with the digest of the rest, and the partner. The error is the call's.
+/// it: `principal`'s request id with the digest of the rest, and the partner. The error is the
+/// call's.
 pub fn prepare_registration(
     request: pb::RegisterPartnerRequest,
+    principal: &str,
 ) -> Result<(Idempotency, NewPartner), Status> {
     let mut v = Violations::default();
     let request_id = v.request_id(&request.request_id);
@@ -154,7 +156,10 @@ pub fn prepare_registration(
         request_id: String::new(),
         ..request
     };
-    Ok((idempotency(request_id, "RegisterPartner", &body), partner))
+    Ok((
+        idempotency(principal, request_id, "RegisterPartner", &body),
+        partner,
+    ))
 }
 
 /// `ImportPartners`: every row is a `RegisterPartner` call, written in batches.
@@ -180,15 +185,18 @@ impl Import for PartnerImport {
         &request.request_id
     }
 
-    fn prepare(&self, request: Self::Request, _principal: &str) -> Result<Self::Row, Status> {
+    fn prepare(&self, request: Self::Request, principal: &str) -> Result<Self::Row, Status> {
         let pb::ImportPartnersRequest {
             request_id,
             partner,
         } = request;
-        prepare_registration(pb::RegisterPartnerRequest {
-            request_id,
-            partner,
-        })
+        prepare_registration(
+            pb::RegisterPartnerRequest {
+                request_id,
+                partner,
+            },
+            principal,
+        )
     }
 
     fn write<'a>(
@@ -247,7 +255,8 @@ impl PartnerService for Partners {
         &self,
         request: Request<pb::RegisterPartnerRequest>,
     ) -> Result<Response<pb::RegisterPartnerResponse>, Status> {
-        let row = prepare_registration(request.into_inner())?;
+        let principal = Principal::of(&request);
+        let row = prepare_registration(request.into_inner(), &principal)?;
         // Shares a commit with whatever other registrations are in flight.
         let stored = self.ctx.intake.partners.submit(row).await?;
         let response = respond(stored, |p| pb::RegisterPartnerResponse {
@@ -340,7 +349,7 @@ impl PartnerService for Partners {
             ..request
         };
         record_touched(&body.partner_id, "", "");
-        let idem = idempotency(request_id, "UpdatePartnerBankAccount", &body);
+        let idem = idempotency(&actor, request_id, "UpdatePartnerBankAccount", &body);
         let render = |p: &crate::domain::Partner| {
             prost::Message::encode_to_vec(&pb::UpdatePartnerBankAccountResponse {
                 partner: Some(convert::partner(p)),

@@ -33,6 +33,8 @@ struct Notes {
     resource_rank: u8,
     /// The call's entry was written in the call's own transaction.
     audited: bool,
+    /// The call was answered with the first response to its request id.
+    replayed: bool,
 }
 
 /// The audit entry of the call being served, but for its outcome: for a handler that writes
@@ -81,6 +83,12 @@ pub fn draft() -> Option<AuditDraft> {
 /// Notes that the call's entry was written with its change, so the layer writes none.
 pub fn note_audited() {
     let _ = NOTES.try_with(|n| n.borrow_mut().audited = true);
+}
+
+/// Notes that the call was answered by replaying the first response to its request id
+/// (no-op outside an audited call).
+pub fn note_replayed() {
+    let _ = NOTES.try_with(|n| n.borrow_mut().replayed = true);
 }
 
 /// Notes the caller's request id on the call being audited (no-op outside one).
@@ -251,7 +259,7 @@ where
                 outcome_code: String::new(),
                 peer_address: peer,
                 count: 1,
-                replayed: false,
+                replayed: notes.replayed,
             };
             let response = match result {
                 Err(e) => {

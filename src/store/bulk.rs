@@ -168,45 +168,60 @@ macro_rules! bulk_sql {
             Ok(())
         }
 
+        /// A row's request as the batch statements name it: its request id and its principal
+        /// (the idempotency record's key), as [`REQUEST_KEY`] returns it.
+        fn request_key(idem: &Idempotency) -> String {
+            format!("{}/{}", idem.request_id, idem.principal)
+        }
+
+        /// [`request_key`] in SQL, on the idempotency table. A request id (a UUID) has no `/`,
+        /// so the key is unambiguous whatever the principal's name.
+        const REQUEST_KEY: &str = "request_id || '/' || principal";
+
         /// The insert that takes request ids, each with the response its row will give if it
-        /// is written; in a fixed order, so two batches sharing ids cannot deadlock on them.
+        /// is written; in a fixed order (by principal, then request id), so two batches
+        /// sharing requests cannot deadlock on them.
         fn request_ids_insert(
             idems: Vec<(&Idempotency, Option<Vec<u8>>)>,
             now: Micros,
         ) -> Insert<'static> {
             let mut sorted = idems;
-            sorted.sort_by_key(|(i, _)| i.request_id);
+            sorted.sort_by(|(a, _), (b, _)| {
+                (&a.principal, a.request_id).cmp(&(&b.principal, b.request_id))
+            });
             let n = sorted.len();
             let (idems, responses): (Vec<&Idempotency>, Vec<Option<Vec<u8>>>) =
                 sorted.into_iter().unzip();
             Insert {
-                head: "INSERT INTO idempotency (request_id, method, fingerprint, response, create_time)",
+                head: "INSERT INTO idempotency \
+                       (request_id, principal, method, fingerprint, response, create_time)",
                 columns: vec![
                     text_column(&idems, |i| i.request_id.to_string()),
+                    text_column(&idems, |i| i.principal.clone()),
                     text_column(&idems, |i| i.method.to_owned()),
                     text_column(&idems, |i| i.fingerprint.clone()),
                     Column::NullableBytes(responses),
                     Column::BigInt(vec![now; n]),
                 ],
-                tail: " ON CONFLICT (request_id) DO NOTHING",
+                tail: " ON CONFLICT (request_id, principal) DO NOTHING",
             }
         }
 
         /// Takes the request ids that are new (see [`request_ids_insert`]) and, in the same
-        /// round trip where the database allows, runs `lookup`. Returns the ids taken (the
-        /// others were used before) and the lookup's values by key.
+        /// round trip where the database allows, runs `lookup`. Returns the requests taken, by
+        /// [`request_key`] (the others were used before), and the lookup's values by key.
         async fn bulk_take_request_ids_and_look_up(
             tx: &mut Tx,
             idems: Vec<(&Idempotency, Option<Vec<u8>>)>,
             now: Micros,
             lookup: Lookup<'_>,
         ) -> BulkResult<(
-            ::std::collections::HashSet<Uuid>,
+            ::std::collections::HashSet<String>,
             ::std::collections::HashMap<String, String>,
         )> {
             let statements = <$db as BatchSql>::insert_and_lookup(
                 request_ids_insert(idems, now),
-                "request_id",
+                REQUEST_KEY,
                 lookup,
             );
             let mut taken = ::std::collections::HashSet::new();
@@ -215,9 +230,7 @@ macro_rules! bulk_sql {
                 let part: String = row.try_get("part")?;
                 let a: String = row.try_get("a")?;
                 if part == "inserted" {
-                    taken.insert(
-                        Uuid::parse_str(&a).map_err(|_| unexpected("a request id is not a UUID"))?,
-                    );
+                    taken.insert(a);
                 } else {
                     found.insert(a, row.try_get::<String, _>("b")?);
                 }
@@ -225,25 +238,29 @@ macro_rules! bulk_sql {
             Ok((taken, found))
         }
 
-        /// Takes the request ids that are new (see [`request_ids_insert`]); returns those
-        /// taken. The others were used before.
+        /// Takes the request ids that are new (see [`request_ids_insert`]); returns the
+        /// requests taken, by [`request_key`]. The others were used before.
         async fn bulk_take_request_ids(
             tx: &mut Tx,
             idems: Vec<(&Idempotency, Option<Vec<u8>>)>,
             now: Micros,
-        ) -> BulkResult<::std::collections::HashSet<Uuid>> {
+        ) -> BulkResult<::std::collections::HashSet<String>> {
             let mut insert = request_ids_insert(idems, now);
-            insert.tail = " ON CONFLICT (request_id) DO NOTHING RETURNING request_id";
+            insert.tail = concat!(
+                " ON CONFLICT (request_id, principal) DO NOTHING ",
+                "RETURNING request_id || '/' || principal AS request_key"
+            );
             let rows = bulk_fetch(tx, <$db as BatchSql>::insert_all(vec![insert])).await?;
             let mut taken = ::std::collections::HashSet::new();
             for row in &rows {
-                taken.insert(uuid_col(row, "request_id")?);
+                taken.insert(row.try_get::<String, _>("request_key")?);
             }
             Ok(taken)
         }
 
-        /// The answers to rows whose request id was used before: the first response when the
-        /// method and body match, else `RequestIdReused` (as `claim_request` decides).
+        /// The answers to rows whose request id their principal used before: the first
+        /// response when the method and body match, else `RequestIdReused` (as
+        /// `claim_request` decides). Other principals' uses of the same ids are not looked at.
         async fn bulk_replays<T>(
             tx: &mut Tx,
             idems: &[(usize, &Idempotency)],
@@ -253,9 +270,11 @@ macro_rules! bulk_sql {
                 return Ok(());
             }
             let ids: Vec<String> = idems.iter().map(|(_, i)| i.request_id.to_string()).collect();
+            // By request id alone, which leads the key's index; the principal is matched below.
             let rows = bulk_select_in(
                 tx,
-                "SELECT request_id, method, fingerprint, response FROM idempotency WHERE request_id",
+                "SELECT request_id || '/' || principal AS request_key, method, fingerprint, \
+                 response FROM idempotency WHERE request_id",
                 ids,
                 "",
             )
@@ -265,10 +284,13 @@ macro_rules! bulk_sql {
                 let method: String = row.try_get("method")?;
                 let fingerprint: String = row.try_get("fingerprint")?;
                 let response: Option<Vec<u8>> = row.try_get("response")?;
-                earlier.insert(uuid_col(row, "request_id")?, (method, fingerprint, response));
+                earlier.insert(
+                    row.try_get::<String, _>("request_key")?,
+                    (method, fingerprint, response),
+                );
             }
             for (row, idem) in idems {
-                answers[*row] = Some(match earlier.remove(&idem.request_id) {
+                answers[*row] = Some(match earlier.remove(&request_key(idem)) {
                     None => Err(unexpected("a request id neither new nor recorded")),
                     Some((method, fingerprint, _))
                         if method != idem.method || fingerprint != idem.fingerprint =>
@@ -284,13 +306,27 @@ macro_rules! bulk_sql {
             Ok(())
         }
 
-        /// Gives back the request ids of rows refused after taking them.
-        async fn bulk_release_request_ids(tx: &mut Tx, ids: &[Uuid]) -> BulkResult<()> {
-            let ids: Vec<String> = ids.iter().map(Uuid::to_string).collect();
-            let statements =
-                <$db as BatchSql>::matching("DELETE FROM idempotency WHERE request_id", ids, "");
-            for mut qb in statements {
-                qb.build().persistent(false).execute(&mut **tx).await?;
+        /// Gives back the request ids of rows refused after taking them, each its own
+        /// principal's (one statement per principal: rows refused are few).
+        async fn bulk_release_request_ids(tx: &mut Tx, idems: &[&Idempotency]) -> BulkResult<()> {
+            let mut by_principal: ::std::collections::BTreeMap<&str, Vec<String>> =
+                ::std::collections::BTreeMap::new();
+            for idem in idems {
+                by_principal
+                    .entry(idem.principal.as_str())
+                    .or_default()
+                    .push(idem.request_id.to_string());
+            }
+            for (principal, ids) in by_principal {
+                let statements = <$db as BatchSql>::matching(
+                    "DELETE FROM idempotency WHERE request_id",
+                    ids,
+                    " AND principal = ",
+                );
+                for mut qb in statements {
+                    qb.push_bind(principal.to_owned());
+                    qb.build().persistent(false).execute(&mut **tx).await?;
+                }
             }
             Ok(())
         }
@@ -350,7 +386,7 @@ macro_rules! bulk_sql {
                 .iter()
                 .map(|(idem, p)| {
                     vec![
-                        format!("request:{}", idem.request_id),
+                        format!("request:{}", request_key(idem)),
                         format!("brn:{}", p.profile.business_registration_number.as_str()),
                     ]
                 })
@@ -401,7 +437,7 @@ macro_rules! bulk_sql {
                     bulk_take_request_ids_and_look_up(&mut tx, idems, now, lookup).await?;
                 let (fresh, used): (Vec<usize>, Vec<usize>) = wave
                     .iter()
-                    .partition(|&&i| taken.contains(&rows[i].0.request_id));
+                    .partition(|&&i| taken.contains(&request_key(&rows[i].0)));
                 let used: Vec<(usize, &Idempotency)> =
                     used.into_iter().map(|i| (i, &rows[i].0)).collect();
                 bulk_replays(&mut tx, &used, &mut answers).await?;
@@ -415,7 +451,7 @@ macro_rules! bulk_sql {
                         let partner_id = Uuid::parse_str(partner_id)
                             .map_err(|_| unexpected("a partner id is not a UUID"))?;
                         answers[i] = Some(Err(StoreError::PartnerAlreadyRegistered { partner_id }));
-                        released.push(idem.request_id);
+                        released.push(idem);
                         continue;
                     }
                     let (partner, sealed) = candidates[i]
@@ -684,7 +720,7 @@ macro_rules! bulk_sql {
                 .iter()
                 .zip(&partners)
                 .map(|(row, partner)| {
-                    let mut keys = vec![format!("request:{}", row.idem.request_id)];
+                    let mut keys = vec![format!("request:{}", request_key(&row.idem))];
                     keys.extend(partner.map(|p| format!("partner:{p}")));
                     keys
                 })
@@ -711,7 +747,7 @@ macro_rules! bulk_sql {
                 let taken = bulk_take_request_ids(&mut tx, idems, now).await?;
                 let (fresh, used): (Vec<usize>, Vec<usize>) = wave
                     .iter()
-                    .partition(|&&i| taken.contains(&rows[i].idem.request_id));
+                    .partition(|&&i| taken.contains(&request_key(&rows[i].idem)));
                 let used: Vec<(usize, &Idempotency)> =
                     used.into_iter().map(|i| (i, &rows[i].idem)).collect();
                 bulk_replays(&mut tx, &used, &mut answers).await?;
@@ -723,7 +759,7 @@ macro_rules! bulk_sql {
                         filing.push(i);
                     } else {
                         answers[i] = Some(Err(StoreError::NotFound("partner")));
-                        released.push(rows[i].idem.request_id);
+                        released.push(&rows[i].idem);
                     }
                 }
                 // Lock the partners (in id order, as every batch does) so that concurrent
@@ -770,12 +806,12 @@ macro_rules! bulk_sql {
                     let partner_id = partners[i].ok_or_else(|| unexpected("unresolved partner"))?;
                     if !payees.contains_key(&partner_id) {
                         answers[i] = Some(Err(StoreError::NotFound("partner")));
-                        released.push(row.idem.request_id);
+                        released.push(&row.idem);
                         continue;
                     }
                     if let Some(&claim_id) = filed_before.get(&partner_id) {
                         answers[i] = Some(Err(StoreError::ClaimAlreadyFiled { claim_id }));
-                        released.push(row.idem.request_id);
+                        released.push(&row.idem);
                         continue;
                     }
                     let claim = candidates[i]

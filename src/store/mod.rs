@@ -1,6 +1,7 @@
 //! Persistence behind one trait, [`Store`], implemented for PostgreSQL ([`postgres`]) and
 //! SQLite ([`sqlite`]). Every mutating operation is one transaction that also records the
-//! caller's `request_id`, so a repeated request replays its first response.
+//! caller's `request_id` under the caller's principal, so a repeated request from the same
+//! principal replays its first response.
 
 use async_trait::async_trait;
 use uuid::Uuid;
@@ -30,8 +31,14 @@ pub fn now_micros() -> Micros {
 }
 
 /// The caller's request id, the method and a digest of the rest of the request.
+///
+/// A request id belongs to the principal that sent it: the record is keyed by both, so
+/// another principal's use of the same id is a request of its own, never a replay of this
+/// one (nor a sign that this one exists).
 #[derive(Debug, Clone)]
 pub struct Idempotency {
+    /// The caller, as the audit log names it (`local-dev` without authentication).
+    pub principal: String,
     pub request_id: Uuid,
     pub method: &'static str,
     pub fingerprint: String,
@@ -494,7 +501,8 @@ pub trait Store: Send + Sync + 'static {
         limit: u32,
     ) -> Result<Vec<ExportedDisbursement>>;
     /// Starts a reconciliation run named by the caller's `request_id`; returns its run id.
-    /// A request id another method used is `RequestIdReused`.
+    /// The request id is `actor`'s (the calling principal's): one that `actor` used with
+    /// another method is `RequestIdReused`.
     async fn start_settlement_run(
         &self,
         request_id: Uuid,
@@ -503,8 +511,8 @@ pub trait Store: Send + Sync + 'static {
     ) -> Result<Uuid>;
     /// Stages report lines of a run; a key already in the run's report is `InvalidField`.
     async fn stage_settlement_lines(&self, run_id: Uuid, lines: &[SettlementLine]) -> Result<()>;
-    /// Records that the whole report is in. An earlier run under the same request id with
-    /// another report or cut-off is `RequestIdReused`.
+    /// Records that the whole report is in. An earlier run by the same actor under the same
+    /// request id with another report or cut-off is `RequestIdReused`.
     async fn seal_settlement_report(
         &self,
         run_id: Uuid,

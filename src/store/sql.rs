@@ -111,13 +111,16 @@ macro_rules! sql_store {
             DisbursementStatus::from_key(&key).ok_or_else(|| unexpected(format!("{col}: {key}")))
         }
 
-        /// Takes the request id for this transaction, or returns what it already answered.
+        /// Takes the caller's request id for this transaction, or returns what it already
+        /// answered the caller. Another principal's use of the same id is not looked at.
         async fn claim_request(tx: &mut Tx, idem: &Idempotency) -> Result<Option<Vec<u8>>> {
             let inserted = ::sqlx::query(
-                "INSERT INTO idempotency (request_id, method, fingerprint, response, create_time) \
-                 VALUES ($1, $2, $3, NULL, $4) ON CONFLICT (request_id) DO NOTHING",
+                "INSERT INTO idempotency \
+                 (request_id, principal, method, fingerprint, response, create_time) \
+                 VALUES ($1, $2, $3, $4, NULL, $5) ON CONFLICT (request_id, principal) DO NOTHING",
             )
             .bind(idem.request_id.to_string())
+            .bind(&idem.principal)
             .bind(idem.method)
             .bind(&idem.fingerprint)
             .bind(now_micros())
@@ -128,9 +131,11 @@ macro_rules! sql_store {
                 return Ok(None);
             }
             let row = ::sqlx::query(
-                "SELECT method, fingerprint, response FROM idempotency WHERE request_id = $1",
+                "SELECT method, fingerprint, response FROM idempotency \
+                 WHERE request_id = $1 AND principal = $2",
             )
             .bind(idem.request_id.to_string())
+            .bind(&idem.principal)
             .fetch_one(&mut **tx)
             .await?;
             let method: String = row.try_get("method")?;
@@ -145,10 +150,13 @@ macro_rules! sql_store {
         }
 
         async fn save_response(tx: &mut Tx, idem: &Idempotency, response: Vec<u8>) -> Result<()> {
-            ::sqlx::query("UPDATE idempotency SET response = $1 WHERE request_id = $2")
-                .bind(response)
-                .bind(idem.request_id.to_string())
-                .execute(&mut **tx)
+            ::sqlx::query(
+                "UPDATE idempotency SET response = $1 WHERE request_id = $2 AND principal = $3",
+            )
+            .bind(response)
+            .bind(idem.request_id.to_string())
+            .bind(&idem.principal)
+            .execute(&mut **tx)
                 .await?;
             Ok(())
         }
@@ -1132,26 +1140,31 @@ macro_rules! sql_store {
             ) -> Result<Uuid> {
                 const METHOD: &str = "ReconcileSettlements";
                 let mut tx = self.begin_write().await?;
-                // The request id is taken for this method, so no other method can reuse it. Its
-                // report is too big to fingerprint up front: seal_settlement_report compares
-                // reports, and a streamed response is never replayed, so none is stored.
+                // The request id is the actor's (the calling principal's), taken for this
+                // method, so no other method of the actor can reuse it. Its report is too big to
+                // fingerprint up front: seal_settlement_report compares reports, and a streamed
+                // response is never replayed, so none is stored.
                 let inserted = ::sqlx::query(
-                    "INSERT INTO idempotency (request_id, method, fingerprint, response, create_time) \
-                     VALUES ($1, $2, 'settlement_runs.report_sha256', NULL, $3) \
-                     ON CONFLICT (request_id) DO NOTHING",
+                    "INSERT INTO idempotency \
+                     (request_id, principal, method, fingerprint, response, create_time) \
+                     VALUES ($1, $2, $3, 'settlement_runs.report_sha256', NULL, $4) \
+                     ON CONFLICT (request_id, principal) DO NOTHING",
                 )
                 .bind(request_id.to_string())
+                .bind(actor)
                 .bind(METHOD)
                 .bind(now_micros())
                 .execute(&mut *tx)
                 .await?
                 .rows_affected();
                 if inserted == 0 {
-                    let method: String =
-                        ::sqlx::query_scalar("SELECT method FROM idempotency WHERE request_id = $1")
-                            .bind(request_id.to_string())
-                            .fetch_one(&mut *tx)
-                            .await?;
+                    let method: String = ::sqlx::query_scalar(
+                        "SELECT method FROM idempotency WHERE request_id = $1 AND principal = $2",
+                    )
+                    .bind(request_id.to_string())
+                    .bind(actor)
+                    .fetch_one(&mut *tx)
+                    .await?;
                     if method != METHOD {
                         return Err(StoreError::RequestIdReused);
                     }
@@ -1232,7 +1245,7 @@ macro_rules! sql_store {
                 let mut tx = self.begin_write().await?;
                 let conflicting: Option<String> = ::sqlx::query_scalar(
                     "SELECT o.run_id FROM settlement_runs r JOIN settlement_runs o \
-                     ON o.request_id = r.request_id AND o.run_id <> r.run_id \
+                     ON o.request_id = r.request_id AND o.actor = r.actor AND o.run_id <> r.run_id \
                      WHERE r.run_id = $1 AND o.report_sha256 IS NOT NULL \
                      AND (o.report_sha256 <> $2 OR o.cutoff_time <> r.cutoff_time) LIMIT 1",
                 )

@@ -13,3 +13,4 @@ mod imports;
 mod intake;
 mod partners;
 mod reconcile;
+mod replay;

@@ -1,0 +1,54 @@
+-- A request id belongs to the principal that sent it: the idempotency record is keyed by
+-- (request_id, principal), so another principal's use of the same id is a request of its own,
+-- executed and checked as such, never a replay of the first (nor a sign that it exists).
+-- request_id leads the key so that a batch looks up its ids with one indexed IN list, as before.
+--
+-- Existing records get the principal that made them:
+-- - a settlement run's request id, the actor of its first run (settlement_runs keeps it);
+-- - any other, the principal of the first allowed, non-replayed call with that request id in
+--   the audit log (every allowed mutating call is recorded there; the id is compared in the
+--   canonical lower-case form the idempotency table stores);
+-- - an id found in neither (its audit entry was lost, or the caller wrote the UUID in another
+--   form) gets '', a name no principal can have (the settings refuse empty names). Such a
+--   record is never replayed again: giving it to a guessed principal could replay one
+--   caller's answer to another, which is what this change ends. Sent again by its caller, the
+--   request is executed afresh, and the domain's own rules refuse a repeat that matters (one
+--   claim per partner, one partner per registration number, reviews of pending claims only,
+--   retries of failed payouts only, cancels of unpaid ones only).
+--
+-- SQLite cannot change a primary key in place: the table is rebuilt (new table, copy, drop,
+-- rename) within this migration's transaction.
+CREATE TABLE idempotency_by_principal (
+    request_id  TEXT NOT NULL,
+    principal   TEXT NOT NULL,
+    method      TEXT NOT NULL,
+    fingerprint TEXT NOT NULL,
+    response    BLOB,
+    create_time BIGINT NOT NULL,
+    PRIMARY KEY (request_id, principal)
+);
+
+-- With MIN(), SQLite takes the other (bare) columns from the row holding the minimum.
+INSERT INTO idempotency_by_principal
+    (request_id, principal, method, fingerprint, response, create_time)
+SELECT i.request_id, COALESCE(r.actor, a.principal, ''), i.method, i.fingerprint, i.response,
+       i.create_time
+FROM idempotency i
+LEFT JOIN (
+    SELECT request_id, actor, MIN(start_time) AS first_time
+    FROM settlement_runs
+    GROUP BY request_id
+) r ON i.method = 'ReconcileSettlements' AND r.request_id = i.request_id
+LEFT JOIN (
+    SELECT lower(request_id) AS request_id, principal, MIN(time) AS first_time
+    FROM audit_events
+    WHERE outcome_code = 'OK' AND NOT replayed AND request_id <> '' AND principal <> ''
+    GROUP BY lower(request_id)
+) a ON a.request_id = i.request_id;
+
+DROP TABLE idempotency;
+ALTER TABLE idempotency_by_principal RENAME TO idempotency;
+
+-- A repeated settlement run is compared with the earlier runs of the same actor only.
+DROP INDEX settlement_runs_by_request;
+CREATE INDEX settlement_runs_by_request ON settlement_runs (request_id, actor);
