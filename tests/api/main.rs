@@ -11,3 +11,4 @@ mod imports;
 mod intake;
 mod partners;
 mod reconcile;
+mod validation;
