@@ -1,8 +1,14 @@
-//! Property tests for the domain rules: identifiers and the compensation policy.
+//! Property tests for the domain rules: identifiers, the compensation policy, and the text and
+//! times callers send.
 
+use partner_payouts::api::convert::{
+    MAX_TIMESTAMP_SECONDS, MIN_TIMESTAMP_SECONDS, parse_timestamp,
+};
+use partner_payouts::domain::text::{self, MAX_REASON_CHARS, Reason};
 use partner_payouts::domain::{
-    AccountNumber, AffectedService, BusinessRegistrationNumber, ClaimStatus, DEFAULT_POLICY_TOML,
-    LossItem, MAX_WEEK_SALES_KRW, Policy, Tier,
+    AccountNumber, AffectedService, BusinessRegistrationNumber, ClaimStatus, ContactEmail,
+    DEFAULT_POLICY_TOML, Evidence, EvidenceKind, LossItem, MAX_WEEK_SALES_KRW,
+    PersonOrBusinessName, Policy, SettlementLine, SettlementStatus, Tier,
 };
 use proptest::prelude::*;
 
@@ -193,5 +199,158 @@ fn known_registration_numbers() {
             BusinessRegistrationNumber::parse(invalid).is_err(),
             "{invalid}"
         );
+    }
+}
+
+/// C0 controls, DEL and C1 controls.
+fn control() -> impl Strategy<Value = char> {
+    prop_oneof![0u32..0x20, Just(0x7F), 0x80u32..0xA0]
+        .prop_map(|u| char::from_u32(u).expect("a scalar value"))
+}
+
+fn bidi_control() -> impl Strategy<Value = char> {
+    prop_oneof![0x202Au32..=0x202E, 0x2066u32..=0x2069]
+        .prop_map(|u| char::from_u32(u).expect("a scalar value"))
+}
+
+/// Characters that show nothing, and whitespace.
+fn blank() -> impl Strategy<Value = char> {
+    proptest::sample::select(vec![
+        ' ',
+        '\u{A0}',
+        '\u{3000}',
+        '\u{AD}',
+        '\u{200B}',
+        '\u{200C}',
+        '\u{200D}',
+        '\u{200E}',
+        '\u{2060}',
+        '\u{2063}',
+        '\u{FEFF}',
+        '\u{115F}',
+        '\u{1160}',
+        '\u{3164}',
+        '\u{FFA0}',
+        '\u{FE0F}',
+        '\u{E0041}',
+        '\u{2800}',
+        '\u{180E}',
+    ])
+}
+
+/// A name a person or business really has: Hangul or Latin letters, digits, a few marks.
+fn real_name() -> impl Strategy<Value = String> {
+    "[가-힣A-Za-z0-9][가-힣A-Za-z0-9 .&'()-]{0,98}"
+}
+
+const SHA256: &str = "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08";
+
+fn evidence_uri(uri: &str) -> Result<String, String> {
+    Evidence::parse(EvidenceKind::SalesLossProof, uri, SHA256)
+        .map(|e| e.uri)
+        .map_err(|(field, why)| format!("{field}: {why}"))
+}
+
+proptest! {
+    #[test]
+    fn real_names_are_kept_as_written(name in real_name()) {
+        let parsed = PersonOrBusinessName::parse(&name).expect("a real name");
+        prop_assert_eq!(parsed.as_str(), name.trim());
+    }
+
+    #[test]
+    fn names_with_a_control_or_bidi_character_are_refused(
+        before in real_name(),
+        c in prop_oneof![control(), bidi_control()],
+        after in "[가-힣a-z]{1,10}",
+    ) {
+        let name = format!("{before}{c}{after}");
+        prop_assert!(PersonOrBusinessName::parse(&name).is_err(), "{:?}", name);
+    }
+
+    #[test]
+    fn names_that_show_nothing_are_refused(blanks in proptest::collection::vec(blank(), 1..12)) {
+        let name: String = blanks.into_iter().collect();
+        prop_assert!(PersonOrBusinessName::parse(&name).is_err(), "{:?}", name);
+        prop_assert!(Reason::parse(&name).is_err(), "{:?}", name);
+    }
+
+    #[test]
+    fn a_visible_character_among_invisible_ones_makes_a_name(
+        blanks in proptest::collection::vec(blank(), 0..5),
+        name in "[가-힣A-Za-z0-9][가-힣A-Za-z0-9 .&'()-]{0,80}",
+    ) {
+        let mut text: String = blanks.into_iter().collect();
+        text.push_str(&name);
+        prop_assert!(PersonOrBusinessName::parse(&text).is_ok(), "{:?}", text);
+    }
+
+    #[test]
+    fn nothing_with_a_control_character_passes_any_text_check(
+        before in "[a-z0-9]{1,10}",
+        c in control(),
+        after in "[a-z0-9]{1,10}",
+    ) {
+        let raw = format!("{before}{c}{after}");
+        prop_assert!(PersonOrBusinessName::parse(&raw).is_err());
+        prop_assert!(Reason::parse(&raw).is_err());
+        prop_assert!(text::required_line(&raw, 100).is_err());
+        prop_assert!(text::optional_line(&raw, 100).is_err());
+        let email = format!("\"{raw}\"@example.com");
+        prop_assert!(ContactEmail::parse(&email).is_err());
+        let uri = format!("s3://bucket/{raw}");
+        prop_assert!(evidence_uri(&uri).is_err());
+        prop_assert!(SettlementLine::parse(&raw, 1, SettlementStatus::Settled, 0).is_err());
+    }
+
+    #[test]
+    fn reasons_are_kept_up_to_the_cap_and_refused_past_it(
+        word in "[가-힣a-z]{1,8}",
+        chars in 1usize..=MAX_REASON_CHARS + 50,
+    ) {
+        let reason: String = word.chars().cycle().take(chars).collect();
+        let parsed = Reason::parse(&reason);
+        if chars <= MAX_REASON_CHARS {
+            let parsed = parsed.expect("within the cap");
+            prop_assert_eq!(parsed.as_str(), reason.as_str());
+        } else {
+            prop_assert!(parsed.is_err());
+        }
+    }
+
+    #[test]
+    fn evidence_is_kept_on_https_s3_and_gs_only(
+        scheme in "[a-zA-Z][a-zA-Z0-9+.-]{0,8}",
+        host in "[a-z0-9][a-z0-9.-]{0,20}",
+        path in "(/[A-Za-z0-9._~%-]{0,12}){0,4}",
+    ) {
+        let uri = format!("{scheme}://{host}{path}");
+        let kept = ["https", "s3", "gs"].iter().any(|s| s.eq_ignore_ascii_case(&scheme));
+        prop_assert_eq!(evidence_uri(&uri).is_ok(), kept, "{}", uri);
+        if kept {
+            prop_assert_eq!(evidence_uri(&uri).expect("kept"), uri);
+        }
+    }
+
+    #[test]
+    fn timestamps_in_range_become_microseconds(
+        seconds in MIN_TIMESTAMP_SECONDS..=MAX_TIMESTAMP_SECONDS,
+        nanos in 0i32..1_000_000_000,
+    ) {
+        let micros = parse_timestamp(&prost_types::Timestamp { seconds, nanos }).expect("in range");
+        prop_assert_eq!(micros.div_euclid(1_000_000), seconds);
+        prop_assert_eq!(micros.rem_euclid(1_000_000), i64::from(nanos / 1_000));
+    }
+
+    #[test]
+    fn timestamps_out_of_range_are_refused(
+        seconds in prop_oneof![i64::MIN..MIN_TIMESTAMP_SECONDS, MAX_TIMESTAMP_SECONDS + 1..=i64::MAX],
+        nanos in prop_oneof![i32::MIN..0, 1_000_000_000i32..=i32::MAX, 0i32..1_000_000_000],
+    ) {
+        let out_of_range = prost_types::Timestamp { seconds, nanos };
+        prop_assert!(parse_timestamp(&out_of_range).is_err());
+        let valid_seconds = seconds.clamp(MIN_TIMESTAMP_SECONDS, MAX_TIMESTAMP_SECONDS);
+        let bad = parse_timestamp(&prost_types::Timestamp { seconds: valid_seconds, nanos });
+        prop_assert_eq!(bad.is_err(), !(0..1_000_000_000).contains(&nanos));
     }
 }

@@ -3,17 +3,12 @@
 use tonic::{Request, Response, Status};
 
 use super::{Context, Violations, convert, next_page_token, page};
+use crate::domain::text::{self, MAX_FILTER_CHARS};
 use crate::proto::payouts::v1::{self as pb, audit_service_server::AuditService};
 use crate::store::AuditFilter;
 
 pub struct Audit {
     pub ctx: Context,
-}
-
-fn micros(t: &prost_types::Timestamp) -> i64 {
-    t.seconds
-        .saturating_mul(1_000_000)
-        .saturating_add(i64::from(t.nanos) / 1_000)
 }
 
 #[tonic::async_trait]
@@ -32,10 +27,24 @@ impl AuditService for Audit {
         } = request.into_inner();
         let mut v = Violations::default();
         let page = page(&mut v, page_size, &page_token);
-        let (start, end) = (
-            start_time.as_ref().map(micros),
-            end_time.as_ref().map(micros),
-        );
+        let principal = v
+            .check(
+                "principal",
+                text::optional_line(&principal, MAX_FILTER_CHARS),
+            )
+            .flatten();
+        let resource_id = v
+            .check(
+                "resource_id",
+                text::optional_line(&resource_id, MAX_FILTER_CHARS),
+            )
+            .flatten();
+        let start = start_time
+            .as_ref()
+            .and_then(|t| v.check("start_time", convert::parse_timestamp(t)));
+        let end = end_time
+            .as_ref()
+            .and_then(|t| v.check("end_time", convert::parse_timestamp(t)));
         if let (Some(start), Some(end)) = (start, end)
             && end <= start
         {
@@ -43,8 +52,8 @@ impl AuditService for Audit {
         }
         v.finish()?;
         let filter = AuditFilter {
-            principal: Some(principal.trim().to_owned()).filter(|p| !p.is_empty()),
-            resource_id: Some(resource_id.trim().to_owned()).filter(|r| !r.is_empty()),
+            principal,
+            resource_id,
             start_time: start,
             end_time: end,
         };

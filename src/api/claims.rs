@@ -10,6 +10,7 @@ use super::{
     Context, Principal, Violations, convert, decode_replay, idempotency, next_page_token, page,
     record_touched, respond, status_with_reason,
 };
+use crate::domain::text::Reason;
 use crate::domain::{
     self, BusinessRegistrationNumber, Claim, Evidence, LossItem, NewClaim, Policy, ReviewDecision,
 };
@@ -412,12 +413,10 @@ impl ClaimService for Claims {
                 None
             }
         };
-        let reason = request.reason.trim().to_owned();
-        if reason.is_empty() || reason.chars().count() > 2000 {
-            v.add("reason", "must be given, at most 2000 characters");
-        }
+        let reason = v.check("reason", Reason::parse(&request.reason));
         v.finish()?;
-        let (Some(request_id), Some(claim_id), Some(decision)) = (request_id, claim_id, decision)
+        let (Some(request_id), Some(claim_id), Some(decision), Some(reason)) =
+            (request_id, claim_id, decision, reason)
         else {
             return Err(missing());
         };
@@ -437,7 +436,7 @@ impl ClaimService for Claims {
                 claim_id,
                 &Review {
                     decision,
-                    reason: &reason,
+                    reason: reason.as_str(),
                     reviewer: &reviewer,
                     trace_context: crate::telemetry::current_context_headers().as_deref(),
                 },

@@ -18,6 +18,28 @@ pub fn timestamp(micros: Micros) -> Option<prost_types::Timestamp> {
     })
 }
 
+/// The first second a protobuf `Timestamp` may hold: 0001-01-01T00:00:00Z.
+pub const MIN_TIMESTAMP_SECONDS: i64 = -62_135_596_800;
+/// The last second a protobuf `Timestamp` may hold: 9999-12-31T23:59:59Z.
+pub const MAX_TIMESTAMP_SECONDS: i64 = 253_402_300_799;
+
+/// Unix microseconds of a timestamp in a request (nanoseconds below a microsecond dropped). It
+/// must be a valid protobuf timestamp: 0001-01-01T00:00:00Z to 9999-12-31T23:59:59.999999999Z,
+/// with nanos 0 to 999,999,999.
+pub fn parse_timestamp(t: &prost_types::Timestamp) -> Result<Micros, domain::Invalid> {
+    let prost_types::Timestamp { seconds, nanos } = *t;
+    if !(MIN_TIMESTAMP_SECONDS..=MAX_TIMESTAMP_SECONDS).contains(&seconds) {
+        return Err(domain::Invalid::new(
+            "must be between 0001-01-01T00:00:00Z and 9999-12-31T23:59:59Z",
+        ));
+    }
+    if !(0..=999_999_999).contains(&nanos) {
+        return Err(domain::Invalid::new("nanos must be 0 to 999,999,999"));
+    }
+    // In range, so this cannot overflow: |seconds| < 2^38.
+    Ok(seconds * 1_000_000 + i64::from(nanos / 1_000))
+}
+
 pub fn affected_service(service: AffectedService) -> pb::AffectedService {
     match service {
         AffectedService::KakaotalkChannel => pb::AffectedService::KakaotalkChannel,
@@ -310,13 +332,6 @@ pub fn disbursement(d: &store::Disbursement) -> pb::Disbursement {
 
 // Finance: export and reconciliation.
 
-/// Unix microseconds of a proto timestamp (saturating: no timestamp is out of range).
-pub fn micros(t: &prost_types::Timestamp) -> Micros {
-    t.seconds
-        .saturating_mul(1_000_000)
-        .saturating_add(i64::from(t.nanos) / 1_000)
-}
-
 pub fn exported_disbursement(d: &store::ExportedDisbursement) -> pb::ExportedDisbursement {
     pb::ExportedDisbursement {
         disbursement_id: d.disbursement_id.to_string(),
@@ -374,5 +389,56 @@ pub fn settlement_mismatch(m: &domain::SettlementMismatch) -> pb::SettlementMism
             .status
             .map_or(pb::DisbursementStatus::Unspecified, disbursement_status)
             as i32,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ts(seconds: i64, nanos: i32) -> prost_types::Timestamp {
+        prost_types::Timestamp { seconds, nanos }
+    }
+
+    #[test]
+    fn request_timestamps_must_be_valid_protobuf_timestamps() {
+        assert_eq!(parse_timestamp(&ts(0, 0)), Ok(0));
+        assert_eq!(parse_timestamp(&ts(-1, 999_999_999)), Ok(-1));
+        assert_eq!(parse_timestamp(&ts(1, 1_999)), Ok(1_000_001));
+        assert_eq!(
+            parse_timestamp(&ts(MIN_TIMESTAMP_SECONDS, 0)),
+            Ok(MIN_TIMESTAMP_SECONDS * 1_000_000)
+        );
+        assert_eq!(
+            parse_timestamp(&ts(MAX_TIMESTAMP_SECONDS, 999_999_999)),
+            Ok(MAX_TIMESTAMP_SECONDS * 1_000_000 + 999_999)
+        );
+        for bad in [
+            ts(MIN_TIMESTAMP_SECONDS - 1, 0),
+            ts(MAX_TIMESTAMP_SECONDS + 1, 0),
+            ts(i64::MAX, 0),
+            ts(i64::MIN, 0),
+            ts(0, -1),
+            ts(0, 1_000_000_000),
+            ts(0, i32::MIN),
+        ] {
+            assert!(parse_timestamp(&bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn the_bounds_are_the_first_and_last_second_of_years_1_to_9999() {
+        let days_since_1970 = |d: jiff::civil::Date| {
+            let span = d.since(jiff::civil::date(1970, 1, 1)).expect("in range");
+            i64::from(span.get_days())
+        };
+        assert_eq!(
+            days_since_1970(jiff::civil::date(1, 1, 1)) * 86_400,
+            MIN_TIMESTAMP_SECONDS
+        );
+        assert_eq!(
+            days_since_1970(jiff::civil::date(9999, 12, 31)) * 86_400 + 86_399,
+            MAX_TIMESTAMP_SECONDS
+        );
     }
 }

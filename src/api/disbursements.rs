@@ -6,6 +6,7 @@ use super::{
     Context, Principal, Violations, convert, finance, idempotency, next_page_token, page,
     record_touched, respond,
 };
+use crate::domain::text::Reason;
 use crate::proto::payouts::v1::{self as pb, disbursement_service_server::DisbursementService};
 use crate::store::{Disbursement, DisbursementFilter, DispatchState, StoreError};
 
@@ -119,14 +120,11 @@ impl DisbursementService for Disbursements {
         let mut v = Violations::default();
         let request_id = v.request_id(&request.request_id);
         let id = v.id("disbursement_id", &request.disbursement_id);
-        if request.reason.trim().is_empty() {
-            v.add("reason", "is required");
-        }
+        let reason = v.check("reason", Reason::parse(&request.reason));
         v.finish()?;
-        let (Some(request_id), Some(id)) = (request_id, id) else {
+        let (Some(request_id), Some(id), Some(reason)) = (request_id, id, reason) else {
             return Err(missing());
         };
-        let reason = request.reason.trim().to_owned();
         let body = pb::CancelDisbursementRequest {
             request_id: String::new(),
             ..request
@@ -141,7 +139,7 @@ impl DisbursementService for Disbursements {
         let stored = self
             .ctx
             .store
-            .cancel_disbursement(&idem, id, &actor, &reason, &render)
+            .cancel_disbursement(&idem, id, &actor, reason.as_str(), &render)
             .await?;
         respond(stored, |d| pb::CancelDisbursementResponse {
             disbursement: Some(convert::disbursement(d)),
@@ -156,12 +154,11 @@ impl DisbursementService for Disbursements {
         let request = request.into_inner();
         let mut v = Violations::default();
         let request_id = v.request_id(&request.request_id);
-        if request.reason.trim().is_empty() {
-            v.add("reason", "is required");
-        }
+        let reason = v.check("reason", Reason::parse(&request.reason));
         v.finish()?;
-        let request_id = request_id.ok_or_else(missing)?;
-        let reason = request.reason.trim().to_owned();
+        let (Some(request_id), Some(reason)) = (request_id, reason) else {
+            return Err(missing());
+        };
         let body = pb::PauseDispatchRequest {
             request_id: String::new(),
             ..request
@@ -175,7 +172,7 @@ impl DisbursementService for Disbursements {
         let stored = self
             .ctx
             .store
-            .set_dispatch_paused(&idem, true, &actor, &reason, &render)
+            .set_dispatch_paused(&idem, true, &actor, reason.as_str(), &render)
             .await?;
         respond(stored, |s| pb::PauseDispatchResponse {
             state: Some(convert::dispatch_state(s)),

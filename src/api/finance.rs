@@ -16,7 +16,9 @@ use tracing::Instrument as _;
 use uuid::Uuid;
 
 use super::{Context, Principal, Violations, convert};
-use crate::domain::{DisbursementStatus, MismatchKind, SettlementLine, SettlementMismatch};
+use crate::domain::{
+    DisbursementStatus, Invalid, MismatchKind, SettlementLine, SettlementMismatch,
+};
 use crate::proto::payouts::v1 as pb;
 use crate::store::{ExportFilter, Micros, SettlementTotals, Store, now_micros};
 
@@ -41,8 +43,14 @@ pub fn export(
         "status",
         convert::parse_disbursement_status_filter(request.status),
     );
-    let start_time = request.start_time.as_ref().map(convert::micros);
-    let end_time = request.end_time.as_ref().map(convert::micros);
+    let start_time = request
+        .start_time
+        .as_ref()
+        .and_then(|t| v.check("start_time", convert::parse_timestamp(t)));
+    let end_time = request
+        .end_time
+        .as_ref()
+        .and_then(|t| v.check("end_time", convert::parse_timestamp(t)));
     if let (Some(start), Some(end)) = (start_time, end_time)
         && end <= start
     {
@@ -123,14 +131,23 @@ impl Report {
                 format!("lines[{i}].status"),
                 convert::parse_settlement_status(line.status),
             );
+            let settled_time = match &line.settled_time {
+                None => Some(0),
+                Some(t) => v.check(
+                    format!("lines[{i}].settled_time"),
+                    convert::parse_timestamp(t).map_err(|why| {
+                        Invalid::new(format!("{why} (line {number} of the report)"))
+                    }),
+                ),
+            };
             let parsed = SettlementLine::parse(
                 &line.idempotency_key,
                 line.amount_krw,
                 status.unwrap_or(crate::domain::SettlementStatus::Settled),
-                line.settled_time.as_ref().map_or(0, convert::micros),
+                settled_time.unwrap_or(0),
             );
             match parsed {
-                Ok(parsed) if status.is_some() => lines.push(parsed),
+                Ok(parsed) if status.is_some() && settled_time.is_some() => lines.push(parsed),
                 Ok(_) => {}
                 Err(bad) => {
                     for (field, why) in bad {
@@ -188,11 +205,13 @@ pub async fn reconcile(
             );
             None
         }
-        Some(t) if convert::micros(t) > now_micros() + CUTOFF_SKEW_MICROS => {
-            v.add("cutoff_time", "must not be in the future");
-            None
-        }
-        Some(t) => Some(convert::micros(t)),
+        Some(t) => match v.check("cutoff_time", convert::parse_timestamp(t)) {
+            Some(cutoff) if cutoff > now_micros() + CUTOFF_SKEW_MICROS => {
+                v.add("cutoff_time", "must not be in the future");
+                None
+            }
+            cutoff => cutoff,
+        },
     };
     v.finish()?;
     let (Some(request_id), Some(cutoff_time)) = (request_id, cutoff_time) else {

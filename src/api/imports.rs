@@ -30,6 +30,7 @@ use tracing::Instrument as _;
 use uuid::Uuid;
 
 use super::{Principal, code_of, decode_replay, status_message};
+use crate::domain::text;
 use crate::proto::google::rpc;
 use crate::store::{self, AuditEvent, BatchAudit, Store, Stored, now_micros};
 
@@ -248,7 +249,8 @@ async fn import_batch<I: Import>(
     let mut positions = Vec::new();
     let mut refused = Vec::new();
     for (i, request) in requests.into_iter().enumerate() {
-        let request_id = I::request_id(&request).trim().to_owned();
+        // Kept in the audit log even for a refused row, so escaped and cut short.
+        let request_id = text::shown(I::request_id(&request), text::MAX_SHOWN_CHARS);
         match import.prepare(request, principal) {
             Ok(row) => {
                 valid.push(row);

@@ -77,7 +77,11 @@ impl Violations {
     }
 
     pub fn request_id(&mut self, raw: &str) -> Option<Uuid> {
-        crate::auth::audit::note_request_id(raw);
+        // Shown in the audit log even when refused: escaped and cut short if it is no UUID.
+        crate::auth::audit::note_request_id(&crate::domain::text::shown(
+            raw,
+            crate::domain::text::MAX_SHOWN_CHARS,
+        ));
         self.check(
             "request_id",
             Uuid::parse_str(raw.trim())

@@ -10,6 +10,7 @@ use super::{
     Context, Principal, Violations, convert, decode_replay, idempotency, next_page_token, page,
     record_touched, respond,
 };
+use crate::domain::text;
 use crate::domain::{
     AccountNumber, BankAccount, BankCode, BusinessRegistrationNumber, ContactEmail, NewPartner,
     PartnerProfile, PersonOrBusinessName,
@@ -20,6 +21,9 @@ use crate::store::{BatchAudit, Idempotency, PartnerFilter, Store, Stored};
 pub struct Partners {
     pub ctx: Context,
 }
+
+/// Longer than any etag this service gives out (a quoted version number).
+const MAX_ETAG_CHARS: usize = 64;
 
 /// Parses a `BankAccount` message found at `prefix` (e.g. `partner.bank_account`).
 pub fn parse_bank_account(
@@ -337,6 +341,8 @@ impl PartnerService for Partners {
                 "etag",
                 "is required: pass the etag of the partner as last read",
             );
+        } else {
+            v.check("etag", text::required_line(&request.etag, MAX_ETAG_CHARS));
         }
         v.finish()?;
         let (Some(request_id), Some(partner_id), Some(account)) = (request_id, partner_id, account)

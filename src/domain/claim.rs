@@ -2,7 +2,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use super::{ClaimStatus, Decision, Invalid, LossItem, Tier};
+use super::{ClaimStatus, Decision, Invalid, LossItem, Tier, text};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -45,27 +45,68 @@ pub struct Evidence {
 }
 
 impl Evidence {
+    /// The longest URI a piece of evidence may have.
+    pub const MAX_URI_CHARS: usize = 2_048;
+    /// Where evidence may be kept: HTTPS, Amazon S3 and Google Cloud Storage.
+    pub const URI_SCHEMES: [&'static str; 3] = ["https", "s3", "gs"];
+
     pub fn parse(
         kind: EvidenceKind,
         uri: &str,
         sha256: &str,
     ) -> Result<Self, (&'static str, Invalid)> {
-        let uri = uri.trim();
-        if uri.is_empty() || uri.len() > 2048 || uri.chars().any(char::is_whitespace) {
-            return Err((
-                "uri",
-                Invalid::new("must be a URI of 1 to 2048 characters without spaces"),
-            ));
-        }
+        let uri = Self::parse_uri(uri).map_err(|why| ("uri", why))?;
         let sha256 = sha256.trim().to_ascii_lowercase();
         if sha256.len() != 64 || !sha256.bytes().all(|b| b.is_ascii_hexdigit()) {
             return Err(("sha256", Invalid::new("must be 64 hexadecimal characters")));
         }
-        Ok(Self {
-            kind,
-            uri: uri.to_owned(),
-            sha256,
-        })
+        Ok(Self { kind, uri, sha256 })
+    }
+
+    /// `https://host/...`, `s3://bucket/...` or `gs://bucket/...` (scheme in any case), 1 to
+    /// 2,048 characters without spaces, control or invisible characters, and without
+    /// credentials before the host.
+    pub fn parse_uri(input: &str) -> Result<String, Invalid> {
+        let uri = input.trim();
+        let shape = || {
+            Invalid::new(format!(
+                "must be a URI of 1 to {} characters without spaces, such as \
+                 s3://bucket/key, gs://bucket/object or https://host/path",
+                Self::MAX_URI_CHARS
+            ))
+        };
+        if uri.is_empty() || uri.chars().count() > Self::MAX_URI_CHARS {
+            return Err(shape());
+        }
+        if uri
+            .chars()
+            .any(|c| c.is_whitespace() || text::is_control(c) || text::is_invisible(c))
+        {
+            return Err(Invalid::new(
+                "must not contain spaces, control, invisible or formatting characters",
+            ));
+        }
+        let Some((scheme, rest)) = uri.split_once("://") else {
+            return Err(shape());
+        };
+        if !Self::URI_SCHEMES
+            .iter()
+            .any(|s| s.eq_ignore_ascii_case(scheme))
+        {
+            return Err(Invalid::new(
+                "must use the https, s3 or gs scheme (where the document is kept)",
+            ));
+        }
+        let authority = rest.split(['/', '?', '#']).next().unwrap_or_default();
+        if authority.is_empty() {
+            return Err(Invalid::new(
+                "must name the host or bucket after the scheme",
+            ));
+        }
+        if authority.contains('@') {
+            return Err(Invalid::new("must not carry credentials before the host"));
+        }
+        Ok(uri.to_owned())
     }
 }
 
@@ -166,5 +207,59 @@ pub fn review(
 impl Claim {
     pub fn tier(&self) -> Tier {
         self.decision.tier
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SHA: &str = "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08";
+
+    fn uri_of(uri: &str) -> Result<String, (&'static str, Invalid)> {
+        Evidence::parse(EvidenceKind::SalesLossProof, uri, SHA).map(|e| e.uri)
+    }
+
+    #[test]
+    fn evidence_is_kept_on_https_s3_or_gs() {
+        for uri in [
+            "https://files.example.com/claims/1.pdf",
+            "s3://payouts-evidence/claims/a.pdf",
+            "gs://bucket/object",
+            "HTTPS://files.example.com/x?y=1#z",
+            "S3://bucket",
+        ] {
+            assert_eq!(uri_of(&format!(" {uri} ")).as_deref(), Ok(uri), "{uri}");
+        }
+    }
+
+    #[test]
+    fn other_schemes_hosts_and_characters_are_refused() {
+        for uri in [
+            "",
+            "javascript:alert(1)",
+            "javascript://x/%0aalert(1)",
+            "http://files.example.com/1.pdf",
+            "file:///etc/passwd",
+            "data:text/html,hi",
+            "ftp://host/x",
+            "s3:/bucket/key",
+            "s3://",
+            "https:///path",
+            "gs://?x",
+            "https://user:secret@host/x",
+            "s3://bucket/a b",
+            "s3://bucket/a\0b",
+            "s3://bucket/a\u{85}b",
+            "s3://bucket/a\u{202E}fdp.exe",
+            "s3://bucket/a\u{200B}",
+        ] {
+            let bad = uri_of(uri).expect_err(uri);
+            assert_eq!(bad.0, "uri", "{uri}");
+        }
+        let long = format!("s3://bucket/{}", "k".repeat(Evidence::MAX_URI_CHARS));
+        assert!(uri_of(&long).is_err());
+        let longest = format!("s3://b/{}", "k".repeat(Evidence::MAX_URI_CHARS - 7));
+        assert!(uri_of(&longest).is_ok());
     }
 }

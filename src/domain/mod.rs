@@ -7,6 +7,7 @@ pub mod disbursement;
 pub mod partner;
 pub mod policy;
 pub mod settlement;
+pub mod text;
 
 pub use claim::*;
 pub use disbursement::*;

@@ -4,7 +4,7 @@ use std::fmt;
 
 use serde::{Deserialize, Serialize};
 
-use super::Invalid;
+use super::{Invalid, text};
 
 /// 사업자등록번호: 10 digits, the last a check digit. Stored and shown without hyphens.
 #[derive(Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -208,24 +208,45 @@ impl From<AccountNumber> for String {
     }
 }
 
-/// A legal, representative or account-holder name: trimmed, 1 to 100 characters.
+/// A legal, representative or account-holder name: trimmed, 1 to 100 characters, something
+/// visible (not only invisible or format characters), no control characters and no
+/// bidirectional embedding, override or isolate characters (which make a name read as another).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(try_from = "String", into = "String")]
 pub struct PersonOrBusinessName(String);
 
 impl PersonOrBusinessName {
+    pub const MAX_CHARS: usize = 100;
+
     pub fn parse(input: &str) -> Result<Self, Invalid> {
+        let name = Self::from_stored(input)?;
+        if name.0.chars().any(text::is_bidi_control) {
+            return Err(Invalid::new(
+                "must not contain bidirectional embedding, override or isolate characters \
+                 (U+202A to U+202E, U+2066 to U+2069)",
+            ));
+        }
+        if !text::has_visible(&name.0) {
+            return Err(Invalid::new(
+                "must contain visible characters, not only invisible or formatting ones",
+            ));
+        }
+        Ok(name)
+    }
+
+    /// A name read back from storage, under the rules it was first stored by: trimmed, 1 to
+    /// 100 characters, no control characters. Names stored before [`Self::parse`] refused
+    /// invisible and bidirectional characters stay readable.
+    pub fn from_stored(input: &str) -> Result<Self, Invalid> {
         let name = input.trim();
         let len = name.chars().count();
         if len == 0 {
             return Err(Invalid::new("must not be empty"));
         }
-        if len > 100 {
+        if len > Self::MAX_CHARS {
             return Err(Invalid::new("must be at most 100 characters"));
         }
-        if name.chars().any(char::is_control) {
-            return Err(Invalid::new("must not contain control characters"));
-        }
+        text::check_no_controls(name)?;
         Ok(Self(name.to_owned()))
     }
 
@@ -262,6 +283,22 @@ pub struct ContactEmail(String);
 
 impl ContactEmail {
     pub fn parse(input: &str) -> Result<Self, Invalid> {
+        // The address grammar takes any non-ASCII character in a quoted local part.
+        if input
+            .trim()
+            .chars()
+            .any(|c| text::is_control(c) || text::is_invisible(c))
+        {
+            return Err(Invalid::new(
+                "must not contain control, invisible or formatting characters",
+            ));
+        }
+        Self::from_stored(input)
+    }
+
+    /// An address read back from storage, under the rules it was first stored by (before
+    /// [`Self::parse`] refused control and invisible characters).
+    pub fn from_stored(input: &str) -> Result<Self, Invalid> {
         let email = input.trim();
         if email.len() > 254 {
             return Err(Invalid::new("must be at most 254 characters"));

@@ -5,7 +5,7 @@
 //! disagreement is reported; the only one acted on is a return, which reopens the payout as
 //! `FAILED{RETURNED}` so that it can be paid again under a new key.
 
-use super::{DisbursementStatus, Invalid, failure};
+use super::{DisbursementStatus, Invalid, failure, text};
 
 /// The longest idempotency key a report line may carry (ours are 38 characters).
 pub const MAX_SETTLEMENT_KEY_LEN: usize = 200;
@@ -56,12 +56,22 @@ impl SettlementLine {
         let key = idempotency_key.trim();
         if key.is_empty() {
             bad.push(("idempotency_key", Invalid::new("is required")));
-        } else if key.len() > MAX_SETTLEMENT_KEY_LEN {
+        } else if key.chars().count() > MAX_SETTLEMENT_KEY_LEN {
             bad.push((
                 "idempotency_key",
                 Invalid::new(format!(
                     "must be at most {MAX_SETTLEMENT_KEY_LEN} characters"
                 )),
+            ));
+        } else if key
+            .chars()
+            .any(|c| c.is_whitespace() || text::is_control(c) || text::is_invisible(c))
+        {
+            bad.push((
+                "idempotency_key",
+                Invalid::new(
+                    "must not contain spaces, control, invisible or formatting characters",
+                ),
             ));
         }
         // KRW has no minor unit and a settlement moves money: a positive whole number of won.
@@ -317,6 +327,12 @@ mod tests {
         assert_eq!(fields, ["idempotency_key", "amount_krw"]);
         let long = "k".repeat(MAX_SETTLEMENT_KEY_LEN + 1);
         assert!(SettlementLine::parse(&long, 1, SettlementStatus::Settled, 0).is_err());
+        for key in ["k\0", "k 1", "k\u{7F}", "\u{202E}k", "k\u{200B}"] {
+            let bad = SettlementLine::parse(key, 1, SettlementStatus::Settled, 0).expect_err(key);
+            assert_eq!(bad[0].0, "idempotency_key", "{key:?}");
+        }
+        let longest = "가".repeat(MAX_SETTLEMENT_KEY_LEN);
+        assert!(SettlementLine::parse(&longest, 1, SettlementStatus::Settled, 0).is_ok());
         let ok = SettlementLine::parse(" k-1 ", 1, SettlementStatus::Returned, 5).expect("ok");
         assert_eq!(ok.idempotency_key, "k-1");
         for s in SettlementStatus::ALL {

@@ -53,10 +53,10 @@ macro_rules! sql_store {
                     "business_registration_number",
                     BusinessRegistrationNumber::parse(&text("business_registration_number")?),
                 )?,
-                parsed("legal_name", PersonOrBusinessName::parse(&text("legal_name")?))?,
+                parsed("legal_name", PersonOrBusinessName::from_stored(&text("legal_name")?))?,
                 parsed(
                     "representative_name",
-                    PersonOrBusinessName::parse(&text("representative_name")?),
+                    PersonOrBusinessName::from_stored(&text("representative_name")?),
                 )?,
             ))
         }
@@ -80,7 +80,7 @@ macro_rules! sql_store {
                     affected_services,
                     contact_email: parsed(
                         "contact_email",
-                        ContactEmail::parse(&text("contact_email")?),
+                        ContactEmail::from_stored(&text("contact_email")?),
                     )?,
                 },
                 bank_account: account_from_row(row)?,
@@ -97,7 +97,7 @@ macro_rules! sql_store {
                 account_last4: text("account_last4")?,
                 holder_name: parsed(
                     "holder_name",
-                    PersonOrBusinessName::parse(&text("holder_name")?),
+                    PersonOrBusinessName::from_stored(&text("holder_name")?),
                 )?,
             })
         }

@@ -14,3 +14,4 @@ mod intake;
 mod partners;
 mod reconcile;
 mod replay;
+mod validation;
