@@ -9,5 +9,6 @@ mod dispatch_limits;
 mod helpers;
 mod imports;
 mod intake;
+mod isolation;
 mod partners;
 mod reconcile;
