@@ -3,6 +3,7 @@
 //! and `/ReconcileSettlements`). Both stream, page by page, so neither holds a whole
 //! programme's payouts or a whole report in memory.
 
+use std::ops::Range;
 use std::pin::Pin;
 use std::sync::Arc;
 
@@ -20,7 +21,8 @@ use crate::domain::{
     DisbursementStatus, Invalid, MismatchKind, SettlementLine, SettlementMismatch,
 };
 use crate::proto::payouts::v1 as pb;
-use crate::store::{ExportFilter, Micros, SettlementTotals, Store, now_micros};
+use crate::store::isolate::{may_be_a_rows_fault, write_isolating};
+use crate::store::{ExportFilter, Micros, SettlementTotals, Store, StoreError, now_micros};
 
 /// Rows per export message, and per store query.
 pub const EXPORT_PAGE_SIZE: u32 = 500;
@@ -97,6 +99,9 @@ struct Report {
     digest: Sha256,
     line_count: i64,
     pending: Vec<SettlementLine>,
+    /// Where each pending line came from: its index in its message, and its number in the
+    /// report (from 1).
+    places: Vec<(usize, i64)>,
 }
 
 impl Report {
@@ -125,6 +130,7 @@ impl Report {
             );
         }
         let mut lines = Vec::with_capacity(message.lines.len());
+        let mut places = Vec::with_capacity(message.lines.len());
         for (i, line) in message.lines.iter().enumerate() {
             let number = self.line_count + i64::try_from(i).unwrap_or(i64::MAX) + 1;
             let status = v.check(
@@ -147,7 +153,10 @@ impl Report {
                 settled_time.unwrap_or(0),
             );
             match parsed {
-                Ok(parsed) if status.is_some() && settled_time.is_some() => lines.push(parsed),
+                Ok(parsed) if status.is_some() && settled_time.is_some() => {
+                    lines.push(parsed);
+                    places.push((i, number));
+                }
                 Ok(_) => {}
                 Err(bad) => {
                     for (field, why) in bad {
@@ -166,20 +175,59 @@ impl Report {
         }
         self.line_count += i64::try_from(lines.len()).unwrap_or(i64::MAX);
         self.pending.extend(lines);
+        self.places.extend(places);
         Ok(())
     }
 
-    /// Stages pending lines in batches; a last, partial batch only when `all`.
+    /// Stages pending lines in batches; a last, partial batch only when `all`. A batch the
+    /// database refuses as a whole is staged again in parts, to find the line it refuses: the
+    /// report is then refused naming that line, as a line refused on reading would be.
     async fn stage(&mut self, store: &dyn Store, run_id: Uuid, all: bool) -> Result<(), Status> {
         let batch = RECONCILE_BATCH as usize;
         while self.pending.len() >= batch || (all && !self.pending.is_empty()) {
             let take = self.pending.len().min(batch);
-            store
-                .stage_settlement_lines(run_id, &self.pending[..take])
-                .await?;
+            let lines = &self.pending[..take];
+            let staged = write_isolating("ReconcileSettlements", take, |range: Range<usize>| {
+                let lines = &lines[range];
+                async move {
+                    store
+                        .stage_settlement_lines(run_id, lines)
+                        .await
+                        .map(|()| vec![(); lines.len()])
+                }
+            })
+            .await;
+            // The first line refused refuses the report: nothing changes before all is staged.
+            if let Some((i, e)) = staged
+                .into_iter()
+                .enumerate()
+                .find_map(|(i, staged)| staged.err().map(|e| (i, e)))
+            {
+                return Err(self.refused(i, e));
+            }
             self.pending.drain(..take);
+            self.places.drain(..take);
         }
         Ok(())
+    }
+
+    /// The report's error when staging pending line `i` failed with `e`: a line the database
+    /// refused alone is named, as a bad line is; any other failure is the call's.
+    fn refused(&self, i: usize, e: StoreError) -> Status {
+        let Some(&(index, number)) = self.places.get(i).filter(|_| may_be_a_rows_fault(&e)) else {
+            return e.into();
+        };
+        tracing::warn!(
+            line = number,
+            error = format!("{e:#}"),
+            "the database refused a line of a settlement report"
+        );
+        let mut v = Violations::default();
+        v.add(
+            format!("lines[{index}]"),
+            format!("the database refused to store this line (line {number} of the report)"),
+        );
+        v.finish().expect_err("one violation")
     }
 }
 
@@ -223,6 +271,7 @@ pub async fn reconcile(
         digest: Sha256::new(),
         line_count: 0,
         pending: Vec::new(),
+        places: Vec::new(),
     };
     // Compare against the canonical id, whatever spelling the first message used.
     first.request_id.clear();

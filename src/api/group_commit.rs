@@ -8,6 +8,10 @@
 //! a lone call is written at once rather than after a wait.
 //!
 //! Each call's audit entry is written in the batch's transaction, with its row.
+//!
+//! A row the database refuses fails only its own call: a batch that fails as a whole is
+//! written again in halves down to the rows that fail alone ([`write_isolating`]), each part
+//! in its own transaction with its rows' audit entries.
 
 use std::sync::Arc;
 
@@ -17,6 +21,7 @@ use tracing::Instrument as _;
 
 use crate::auth::audit::{self, AuditDraft};
 use crate::domain::{Claim, NewPartner, Partner};
+use crate::store::isolate::write_isolating;
 use crate::store::{
     self, AuditEvent, BatchAudit, ClaimSubmission, Idempotency, Store, StoreError, Stored,
 };
@@ -32,13 +37,30 @@ const QUEUE: usize = 4096;
 
 type Answer<T> = store::Result<Stored<T>>;
 
-/// Writes one batch, with the audit entries of the calls that have a draft: one answer per
-/// row, in order.
+/// Writes one batch (or part of one) in one transaction, with the audit entries of the calls
+/// that have a draft (`drafts[i]` is row `i`'s): one answer per row, in order.
 pub type WriteBatch<R, T> = Arc<
-    dyn Fn(Vec<R>, Vec<Option<AuditDraft>>) -> BoxFuture<'static, store::Result<Vec<Answer<T>>>>
+    dyn for<'a> Fn(
+            &'a [R],
+            &'a [Option<AuditDraft>],
+        ) -> BoxFuture<'a, store::Result<Vec<Answer<T>>>>
         + Send
         + Sync,
 >;
+
+/// A [`WriteBatch`] from a closure (which states the lifetimes a closure cannot).
+fn write_batch_with<R, T, F>(write: F) -> WriteBatch<R, T>
+where
+    F: for<'a> Fn(
+            &'a [R],
+            &'a [Option<AuditDraft>],
+        ) -> BoxFuture<'a, store::Result<Vec<Answer<T>>>>
+        + Send
+        + Sync
+        + 'static,
+{
+    Arc::new(write)
+}
 
 struct Job<R, T> {
     row: R,
@@ -56,7 +78,7 @@ pub struct Batcher<R, T> {
     tx: mpsc::Sender<Job<R, T>>,
 }
 
-impl<R: Send + 'static, T: Send + 'static> Batcher<R, T> {
+impl<R: Send + Sync + 'static, T: Send + 'static> Batcher<R, T> {
     /// Starts the task that writes the batches; it ends when the batcher is dropped.
     pub fn spawn(name: &'static str, write: WriteBatch<R, T>) -> Self {
         let (tx, rx) = mpsc::channel(QUEUE);
@@ -87,7 +109,7 @@ fn stopped() -> StoreError {
     StoreError::Unexpected(anyhow::anyhow!("the group-commit task has stopped"))
 }
 
-async fn run<R: Send + 'static, T: Send + 'static>(
+async fn run<R: Send + Sync + 'static, T: Send + 'static>(
     name: &'static str,
     mut rx: mpsc::Receiver<Job<R, T>>,
     write: WriteBatch<R, T>,
@@ -130,33 +152,22 @@ async fn write_batch<R, T>(name: &'static str, jobs: Vec<Job<R, T>>, write: &Wri
         rows.push(job.row);
         drafts.push(job.audit);
     }
-    match write(rows, drafts).instrument(span).await {
-        Ok(answers) if answers.len() == count => {
-            for ((reply, audited), answer) in replies.into_iter().zip(answers) {
-                // A caller that gave up no longer listens; its row is written all the same.
-                let _ = reply.send((answer, audited));
-            }
-        }
-        Ok(answers) => {
-            tracing::error!(
-                rows = count,
-                answers = answers.len(),
-                "a batch write answered the wrong number of rows"
-            );
-            for (reply, _) in replies {
-                let error = anyhow::anyhow!("the batch write lost a row");
-                let _ = reply.send((Err(StoreError::Unexpected(error)), false));
-            }
-        }
-        Err(e) => {
-            // Nothing of the batch was stored, nor audited; each caller gets the error (and
-            // logs it), and the audit layer records the failed call.
-            let message = format!("{e:#}");
-            for (reply, _) in replies {
-                let error = anyhow::anyhow!("batch write failed: {message}");
-                let _ = reply.send((Err(StoreError::Unexpected(error)), false));
-            }
-        }
+    let answers = write_isolating(name, count, |range: std::ops::Range<usize>| {
+        write(&rows[range.clone()], &drafts[range])
+    })
+    .instrument(span)
+    .await;
+    for ((reply, audited), answer) in replies.into_iter().zip(answers) {
+        let sent = match answer {
+            // Written (or refused by the store) with the other rows of its part of the batch,
+            // and audited with them.
+            Ok(answer) => (answer, audited),
+            // Nothing of the row was stored, nor audited; the caller gets the error (and logs
+            // it), and the audit layer records the failed call.
+            Err(e) => (Err(e), false),
+        };
+        // A caller that gave up no longer listens; its row is written all the same.
+        let _ = reply.send(sent);
     }
 }
 
@@ -189,46 +200,42 @@ impl GroupCommit {
             let store = store.clone();
             Batcher::spawn(
                 "RegisterPartner",
-                Arc::new(
-                    move |rows: Vec<(Idempotency, NewPartner)>, drafts: Vec<Option<AuditDraft>>| {
+                write_batch_with(
+                    move |rows: &[(Idempotency, NewPartner)], drafts: &[Option<AuditDraft>]| {
                         let store = store.clone();
                         Box::pin(async move {
                             let row = |i: usize, answer: &Answer<Partner>| {
-                                entry(&drafts, i, answer, super::partners::registered_id)
+                                entry(drafts, i, answer, super::partners::registered_id)
                             };
                             let audit = BatchAudit {
                                 row: &row,
                                 refused: &[],
                             };
                             store
-                                .register_partners(
-                                    &rows,
-                                    &super::partners::render_registered,
-                                    audit,
-                                )
+                                .register_partners(rows, &super::partners::render_registered, audit)
                                 .await
-                        }) as BoxFuture<'static, _>
+                        }) as BoxFuture<'_, _>
                     },
                 ),
             )
         };
         let claims = Batcher::spawn(
             "SubmitClaim",
-            Arc::new(
-                move |rows: Vec<ClaimSubmission>, drafts: Vec<Option<AuditDraft>>| {
+            write_batch_with(
+                move |rows: &[ClaimSubmission], drafts: &[Option<AuditDraft>]| {
                     let store = store.clone();
                     Box::pin(async move {
                         let row = |i: usize, answer: &Answer<Claim>| {
-                            entry(&drafts, i, answer, super::claims::submitted_id)
+                            entry(drafts, i, answer, super::claims::submitted_id)
                         };
                         let audit = BatchAudit {
                             row: &row,
                             refused: &[],
                         };
                         store
-                            .submit_claims(&rows, &super::claims::render_submitted, audit)
+                            .submit_claims(rows, &super::claims::render_submitted, audit)
                             .await
-                    }) as BoxFuture<'static, _>
+                    }) as BoxFuture<'_, _>
                 },
             ),
         );

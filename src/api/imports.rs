@@ -12,11 +12,16 @@
 //!
 //! Each row's audit entry is written in its batch's transaction.
 //!
+//! A row the database refuses fails alone: a batch that fails as a whole is written again in
+//! parts, down to the rows that fail alone, and its other rows are created and answered as usual.
+//!
 //! A bad row never stops the stream. A stream that breaks off (or a caller that goes away)
 //! stops the import after the batches in hand: each batch's transaction commits or not as a
 //! whole, so every row is either stored whole (and replayed when sent again) or not at all.
 
+use std::ops::Range;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use futures::future::BoxFuture;
@@ -32,6 +37,7 @@ use uuid::Uuid;
 use super::{Principal, code_of, decode_replay, status_message};
 use crate::domain::text;
 use crate::proto::google::rpc;
+use crate::store::isolate::write_isolating;
 use crate::store::{self, AuditEvent, BatchAudit, Store, Stored, now_micros};
 
 /// Rows per batch (and per transaction) at most.
@@ -286,36 +292,57 @@ async fn import_batch<I: Import>(
             Err(e) => entry::<I>(principal, peer, request_id, String::new(), code_of(e)),
         })
     };
-    let audit = BatchAudit {
-        row: &row_entry,
-        refused: &refused,
+    // The refused rows' entries go with the first write, which is of every valid row (or of
+    // none: then they are written alone). Should it fail, the valid rows are written again in
+    // parts, so that a row the database refuses fails alone (see `write_isolating`).
+    let refused_audited = AtomicBool::new(false);
+    let written = write_isolating(I::PATH, valid.len(), |range: Range<usize>| {
+        let first_write = range.len() == valid.len();
+        let (offset, rows) = (range.start, &valid[range]);
+        let (row_entry, refused, refused_audited) =
+            (&row_entry, refused.as_slice(), &refused_audited);
+        async move {
+            let row = move |i: usize, answer: &store::Result<Stored<I::Value>>| {
+                row_entry(offset + i, answer)
+            };
+            let audit = BatchAudit {
+                row: &row,
+                refused: if first_write { refused } else { &[] },
+            };
+            let written = import.write(rows, audit).await;
+            if first_write && written.is_ok() {
+                refused_audited.store(true, Ordering::Relaxed);
+            }
+            written
+        }
+    })
+    .await;
+    // Rows whose entry no write recorded: refused rows whose write failed, and valid rows
+    // whose part of the batch failed.
+    let mut unaudited: Vec<usize> = if refused_audited.into_inner() {
+        Vec::new()
+    } else {
+        (0..results.len())
+            .filter(|i| results[*i].is_some())
+            .collect()
     };
-    // With no valid row, this writes the refused rows' entries alone.
-    let written = import.write(&valid, audit).await;
-    let audited = written.is_ok();
-    match written {
-        Ok(answers) => {
-            for (&i, answer) in positions.iter().zip(answers) {
-                results[i] = Some(match answer {
-                    Ok(Stored::Fresh(value)) => RowResult::Created(I::fresh(&value)),
-                    Ok(Stored::Replayed(bytes)) => match decode_replay::<I::Stored>(&bytes)
-                        .ok()
-                        .and_then(I::replayed)
-                    {
-                        Some(proto) => RowResult::Replayed(proto),
-                        None => RowResult::Rejected(Status::internal("stored response unreadable")),
-                    },
-                    Err(e) => RowResult::Rejected(Status::from(e)),
-                });
+    for (&i, answer) in positions.iter().zip(written) {
+        results[i] = Some(match answer {
+            Ok(Ok(Stored::Fresh(value))) => RowResult::Created(I::fresh(&value)),
+            Ok(Ok(Stored::Replayed(bytes))) => match decode_replay::<I::Stored>(&bytes)
+                .ok()
+                .and_then(I::replayed)
+            {
+                Some(proto) => RowResult::Replayed(proto),
+                None => RowResult::Rejected(Status::internal("stored response unreadable")),
+            },
+            Ok(Err(e)) => RowResult::Rejected(Status::from(e)),
+            // Nothing of the row was stored: it fails as its call would.
+            Err(e) => {
+                unaudited.push(i);
+                RowResult::Rejected(Status::from(e))
             }
-        }
-        Err(e) => {
-            // Nothing of the batch was stored: each of its rows fails as its call would.
-            let status = Status::from(e);
-            for &i in &positions {
-                results[i] = Some(RowResult::Rejected(status.clone()));
-            }
-        }
+        });
     }
     let results: Vec<RowResult<I::Proto>> = results
         .into_iter()
@@ -323,8 +350,9 @@ async fn import_batch<I: Import>(
             r.unwrap_or_else(|| RowResult::Rejected(Status::internal("the row was not answered")))
         })
         .collect();
-    if !audited {
-        audit_failed(import, &results, &request_ids, principal, peer).await;
+    if !unaudited.is_empty() {
+        unaudited.sort_unstable();
+        audit_failed(import, &results, &request_ids, &unaudited, principal, peer).await;
     }
     (first_row..)
         .zip(results)
@@ -355,18 +383,19 @@ fn entry<I: Import>(
     }
 }
 
-/// Records the rows of a batch whose transaction failed (so wrote no entries), each with the
-/// error its row was answered.
+/// Records the rows `rows` of a batch whose writes failed (so wrote no entries for them), each
+/// with the error its row was answered.
 async fn audit_failed<I: Import>(
     import: &I,
     results: &[RowResult<I::Proto>],
     request_ids: &[String],
+    rows: &[usize],
     principal: &str,
     peer: &str,
 ) {
-    let events: Vec<AuditEvent> = results
+    let events: Vec<AuditEvent> = rows
         .iter()
-        .zip(request_ids)
+        .filter_map(|&i| Some((results.get(i)?, request_ids.get(i)?)))
         .map(|(result, request_id)| {
             let code = match result {
                 RowResult::Created(_) | RowResult::Replayed(_) => tonic::Code::Ok,

@@ -20,6 +20,7 @@ mod bulk;
 #[macro_use]
 mod dispatch;
 pub mod batch;
+pub mod isolate;
 pub mod postgres;
 pub mod sqlite;
 

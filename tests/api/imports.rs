@@ -18,7 +18,7 @@ use crate::on_both_databases;
 use pb::import_claims_response::Outcome as ClaimOutcome;
 use pb::import_partners_response::Outcome as PartnerOutcome;
 
-async fn import_partners(
+pub(crate) async fn import_partners(
     app: &TestApp,
     rows: Vec<pb::ImportPartnersRequest>,
 ) -> Vec<pb::ImportPartnersResponse> {
@@ -35,7 +35,7 @@ async fn import_partners(
     out
 }
 
-async fn import_claims(
+pub(crate) async fn import_claims(
     app: &TestApp,
     rows: Vec<pb::ImportClaimsRequest>,
 ) -> Vec<pb::ImportClaimsResponse> {
@@ -52,14 +52,14 @@ async fn import_claims(
     out
 }
 
-fn partner_row(request_id: &str, partner: pb::Partner) -> pb::ImportPartnersRequest {
+pub(crate) fn partner_row(request_id: &str, partner: pb::Partner) -> pb::ImportPartnersRequest {
     pb::ImportPartnersRequest {
         request_id: request_id.into(),
         partner: Some(partner),
     }
 }
 
-fn claim_row(
+pub(crate) fn claim_row(
     partner: import_claims_request::Partner,
     items: Vec<pb::LossItem>,
 ) -> pb::ImportClaimsRequest {
@@ -71,7 +71,7 @@ fn claim_row(
     }
 }
 
-fn by_id(partner_id: &str) -> import_claims_request::Partner {
+pub(crate) fn by_id(partner_id: &str) -> import_claims_request::Partner {
     import_claims_request::Partner::PartnerId(partner_id.into())
 }
 
@@ -80,7 +80,7 @@ fn by_number(brn: &str) -> import_claims_request::Partner {
 }
 
 /// A rejected row's error as the `tonic::Status` a unary call would have failed with.
-fn row_error(error: Option<&rpc::Status>) -> tonic::Status {
+pub(crate) fn row_error(error: Option<&rpc::Status>) -> tonic::Status {
     let error = error.expect("a rejected row carries its error");
     tonic::Status::with_details(
         Code::from(error.code),
@@ -89,7 +89,7 @@ fn row_error(error: Option<&rpc::Status>) -> tonic::Status {
     )
 }
 
-async fn all_partners(app: &TestApp) -> Vec<pb::Partner> {
+pub(crate) async fn all_partners(app: &TestApp) -> Vec<pb::Partner> {
     let mut partners = Vec::new();
     let mut page_token = String::new();
     loop {
@@ -111,7 +111,7 @@ async fn all_partners(app: &TestApp) -> Vec<pb::Partner> {
     }
 }
 
-async fn get_partner(app: &TestApp, partner_id: &str) -> pb::Partner {
+pub(crate) async fn get_partner(app: &TestApp, partner_id: &str) -> pb::Partner {
     app.partners()
         .get_partner(pb::GetPartnerRequest {
             partner_id: partner_id.into(),
@@ -138,7 +138,7 @@ async fn register_as(app: &TestApp, request_id: &str, partner: pb::Partner) -> p
 }
 
 /// The first 1,000 entries of the audit log.
-async fn audit_log(app: &TestApp) -> Vec<pb::AuditEvent> {
+pub(crate) async fn audit_log(app: &TestApp) -> Vec<pb::AuditEvent> {
     AuditServiceClient::new(app.channel.clone())
         .list_audit_events(pb::ListAuditEventsRequest {
             page_size: 1000,
@@ -150,7 +150,7 @@ async fn audit_log(app: &TestApp) -> Vec<pb::AuditEvent> {
         .audit_events
 }
 
-async fn get_claim(app: &TestApp, claim_id: &str) -> pb::Claim {
+pub(crate) async fn get_claim(app: &TestApp, claim_id: &str) -> pb::Claim {
     app.claims()
         .get_claim(pb::GetClaimRequest {
             claim_id: claim_id.into(),

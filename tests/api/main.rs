@@ -11,6 +11,7 @@ mod floods;
 mod helpers;
 mod imports;
 mod intake;
+mod isolation;
 mod partners;
 mod reconcile;
 mod replay;

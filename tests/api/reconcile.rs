@@ -19,7 +19,7 @@ use pb::reconcile_settlements_response::Item;
 /// Sandbox account that is closed: its payout fails before any instruction is made.
 const CLOSED_ACCOUNT: &str = "110-123-450000";
 
-async fn paid(app: &TestApp, seed: u64, loss_krw: i64) -> pb::Disbursement {
+pub(crate) async fn paid(app: &TestApp, seed: u64, loss_krw: i64) -> pb::Disbursement {
     let claim = approved_claim(app, seed, ACCOUNT, loss_krw).await;
     wait_for(app, &claim.disbursement_id, Paid).await
 }
@@ -72,14 +72,14 @@ fn micros(t: &prost_types::Timestamp) -> i64 {
     t.seconds * 1_000_000 + i64::from(t.nanos) / 1_000
 }
 
-fn timestamp(micros: i64) -> prost_types::Timestamp {
+pub(crate) fn timestamp(micros: i64) -> prost_types::Timestamp {
     prost_types::Timestamp {
         seconds: micros.div_euclid(1_000_000),
         nanos: i32::try_from(micros.rem_euclid(1_000_000) * 1_000).expect("nanos"),
     }
 }
 
-fn now() -> prost_types::Timestamp {
+pub(crate) fn now() -> prost_types::Timestamp {
     timestamp(jiff::Timestamp::now().as_microsecond())
 }
 
@@ -321,7 +321,7 @@ on_both_databases!(
     }
 );
 
-fn line(key: &str, amount_krw: i64, status: pb::SettlementStatus) -> pb::SettlementLine {
+pub(crate) fn line(key: &str, amount_krw: i64, status: pb::SettlementStatus) -> pb::SettlementLine {
     pb::SettlementLine {
         idempotency_key: key.into(),
         amount_krw,
@@ -332,7 +332,7 @@ fn line(key: &str, amount_krw: i64, status: pb::SettlementStatus) -> pb::Settlem
 
 /// A report sent as a header message with the first `split` lines, then one message with the
 /// rest.
-fn report(
+pub(crate) fn report(
     request_id: &str,
     cutoff_time: prost_types::Timestamp,
     lines: &[pb::SettlementLine],
@@ -353,27 +353,27 @@ fn report(
     messages
 }
 
-struct Reconciled {
-    mismatches: Vec<pb::SettlementMismatch>,
-    summary: pb::ReconciliationSummary,
+pub(crate) struct Reconciled {
+    pub(crate) mismatches: Vec<pb::SettlementMismatch>,
+    pub(crate) summary: pb::ReconciliationSummary,
 }
 
 impl Reconciled {
-    fn of(&self, key: &str) -> Vec<&pb::SettlementMismatch> {
+    pub(crate) fn of(&self, key: &str) -> Vec<&pb::SettlementMismatch> {
         self.mismatches
             .iter()
             .filter(|m| m.idempotency_key == key)
             .collect()
     }
 
-    fn one(&self, key: &str) -> &pb::SettlementMismatch {
+    pub(crate) fn one(&self, key: &str) -> &pb::SettlementMismatch {
         let found = self.of(key);
         assert_eq!(found.len(), 1, "{key}: {:#?}", self.mismatches);
         found[0]
     }
 }
 
-async fn reconcile(
+pub(crate) async fn reconcile(
     app: &TestApp,
     messages: Vec<pb::ReconcileSettlementsRequest>,
 ) -> Result<Reconciled, tonic::Status> {
