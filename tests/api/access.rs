@@ -197,7 +197,7 @@ async fn get_partner(app: &TestApp, partner_id: &str) -> pb::Partner {
         .expect("partner in response")
 }
 
-async fn get_claim(app: &TestApp, claim_id: &str) -> pb::Claim {
+pub(crate) async fn get_claim_as_viewer(app: &TestApp, claim_id: &str) -> pb::Claim {
     app.claims()
         .get_claim(r#as(
             "viewer",
@@ -999,10 +999,13 @@ async fn access_matrix(db: Db) {
         .expect("SubmitClaim made a claim");
     assert_eq!(new_claim.submitted_by, "registrar");
     assert_eq!(
-        get_claim(&app, &fx.pending_claim_id).await.evidence.len(),
+        get_claim_as_viewer(&app, &fx.pending_claim_id)
+            .await
+            .evidence
+            .len(),
         1
     );
-    let reviewed = get_claim(&app, &fx.evidenced_claim_id).await;
+    let reviewed = get_claim_as_viewer(&app, &fx.evidenced_claim_id).await;
     assert_eq!(reviewed.status(), pb::ClaimStatus::Approved);
     assert_eq!(reviewed.reviewed_by, "reviewer");
     assert_eq!(reviewed.submitted_by, "registrar");
@@ -1318,7 +1321,7 @@ async fn four_eyes(db: Db) {
         ))
         .await
         .expect("attach evidence");
-    let before = get_claim(&app, &claim.claim_id).await;
+    let before = get_claim_as_viewer(&app, &claim.claim_id).await;
     let own_review = request_id();
     for (decision, rid) in [
         (pb::ReviewDecision::Approve, own_review.clone()),
@@ -1334,7 +1337,7 @@ async fn four_eyes(db: Db) {
             .expect_err("reviewing one's own claim");
         assert_same_principal(&status);
     }
-    assert_eq!(get_claim(&app, &claim.claim_id).await, before);
+    assert_eq!(get_claim_as_viewer(&app, &claim.claim_id).await, before);
     let approved = app
         .claims()
         .review_claim(r#as(
@@ -1735,7 +1738,7 @@ async fn without_auth_every_caller_is_local_dev_with_every_role() {
             request_ids.push(rid);
         }
     }
-    let reviewed = get_claim(&app, &fx.evidenced_claim_id).await;
+    let reviewed = get_claim_as_viewer(&app, &fx.evidenced_claim_id).await;
     assert_eq!(reviewed.submitted_by, "local-dev");
     assert_eq!(reviewed.reviewed_by, "local-dev");
 

@@ -29,18 +29,6 @@ async fn new_partner(app: &TestApp, seed: u64) -> String {
     register(app, partner(seed)).await.partner_id
 }
 
-async fn get_claim(app: &TestApp, claim_id: &str) -> pb::Claim {
-    app.claims()
-        .get_claim(pb::GetClaimRequest {
-            claim_id: claim_id.into(),
-        })
-        .await
-        .expect("get claim")
-        .into_inner()
-        .claim
-        .expect("claim in response")
-}
-
 async fn list_claims(app: &TestApp, request: pb::ListClaimsRequest) -> pb::ListClaimsResponse {
     app.claims()
         .list_claims(request)

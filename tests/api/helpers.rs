@@ -285,6 +285,18 @@ where
     }
 }
 
+pub async fn get_claim(app: &TestApp, claim_id: &str) -> pb::Claim {
+    app.claims()
+        .get_claim(pb::GetClaimRequest {
+            claim_id: claim_id.into(),
+        })
+        .await
+        .expect("get claim")
+        .into_inner()
+        .claim
+        .expect("claim in response")
+}
+
 pub async fn get(app: &TestApp, disbursement_id: &str) -> pb::Disbursement {
     app.disbursements()
         .get_disbursement(pb::GetDisbursementRequest {

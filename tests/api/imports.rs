@@ -150,18 +150,6 @@ pub(crate) async fn audit_log(app: &TestApp) -> Vec<pb::AuditEvent> {
         .audit_events
 }
 
-pub(crate) async fn get_claim(app: &TestApp, claim_id: &str) -> pb::Claim {
-    app.claims()
-        .get_claim(pb::GetClaimRequest {
-            claim_id: claim_id.into(),
-        })
-        .await
-        .expect("get claim")
-        .into_inner()
-        .claim
-        .expect("claim")
-}
-
 // Rows that share no key are first written as one all-or-nothing statement; when one of them
 // turns out not to be new, nothing of that attempt may stay, and the rows are answered one by
 // one.

@@ -12,8 +12,8 @@ use tonic::Code;
 
 use crate::helpers::*;
 use crate::imports::{
-    all_partners, audit_log, by_id, claim_row, get_claim, get_partner, import_claims,
-    import_partners, partner_row, row_error,
+    all_partners, audit_log, by_id, claim_row, get_partner, import_claims, import_partners,
+    partner_row, row_error,
 };
 use crate::on_both_databases;
 use crate::reconcile::{line, now, paid, reconcile, report};

@@ -9,8 +9,9 @@ use partner_payouts::proto::payouts::v1::{
     self as pb, audit_service_client::AuditServiceClient, import_claims_request,
 };
 use sha2::{Digest as _, Sha256};
-use tonic::{Code, Request};
+use tonic::Code;
 
+use crate::access::{r#as, get_claim_as_viewer, token, write_pii_key};
 use crate::helpers::*;
 
 use pb::import_claims_response::Outcome as ClaimOutcome;
@@ -29,10 +30,6 @@ const REVIEW_CLAIM: &str = "/payouts.v1.ClaimService/ReviewClaim";
 const REGISTER_PARTNER: &str = "/payouts.v1.PartnerService/RegisterPartner";
 const SUBMIT_CLAIM: &str = "/payouts.v1.ClaimService/SubmitClaim";
 const IMPORT_CLAIMS: &str = "/payouts.v1.ClaimService/ImportClaims";
-
-fn token(principal: &str) -> String {
-    format!("replay-test-token-for-{principal}")
-}
 
 /// The service with `[auth]` and the principals above, each with its bearer token.
 async fn spawn_secured(db: Db) -> TestApp {
@@ -60,33 +57,9 @@ async fn spawn_secured(db: Db) -> TestApp {
             ..AuthSettings::default()
         });
         // With `[auth]` the account-number key is not created on the fly.
-        let key = Sha256::digest(uuid::Uuid::now_v7().as_bytes());
-        std::fs::write(
-            &s.pii_key_file,
-            format!(
-                "{}\n",
-                base64::Engine::encode(&base64::engine::general_purpose::STANDARD, key)
-            ),
-        )
-        .expect("write the PII key file");
-        #[cfg(unix)]
-        {
-            use std::os::unix::fs::PermissionsExt as _;
-            std::fs::set_permissions(&s.pii_key_file, std::fs::Permissions::from_mode(0o600))
-                .expect("chmod the PII key file");
-        }
+        write_pii_key(&s.pii_key_file);
     })
     .await
-}
-
-/// `message` as `principal`.
-fn r#as<T>(principal: &str, message: T) -> Request<T> {
-    let mut request = Request::new(message);
-    let value = format!("Bearer {}", token(principal))
-        .parse()
-        .expect("a token is ASCII");
-    request.metadata_mut().insert("authorization", value);
-    request
 }
 
 /// Every audit entry, oldest first. Unary calls and import rows are recorded before they are
@@ -186,21 +159,6 @@ async fn review_as(
         .map(|r| r.into_inner().claim.expect("claim in response"))
 }
 
-async fn get_claim(app: &TestApp, claim_id: &str) -> pb::Claim {
-    app.claims()
-        .get_claim(r#as(
-            VIEWER,
-            pb::GetClaimRequest {
-                claim_id: claim_id.into(),
-            },
-        ))
-        .await
-        .expect("get claim")
-        .into_inner()
-        .claim
-        .expect("claim in response")
-}
-
 // ---------------------------------------------------------------------------------------------
 // (a), (b): a reviewer's request id, sent by the claim's submitter and by the reviewer again.
 // ---------------------------------------------------------------------------------------------
@@ -254,7 +212,7 @@ async fn a_request_id_is_scoped_to_its_principal(db: Db) {
         .expect_err("the submitter may not review its own claim, whatever the request id");
     assert_eq!(status.code(), Code::PermissionDenied, "{status:?}");
     assert_eq!(reason(&status), "SAME_PRINCIPAL", "{status:?}");
-    let stored = get_claim(&app, &claim.claim_id).await;
+    let stored = get_claim_as_viewer(&app, &claim.claim_id).await;
     assert_eq!(stored.reviewed_by, REVIEWER, "{stored:?}");
     assert_eq!(stored.disbursement_id, approved.disbursement_id);
 

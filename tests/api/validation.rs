@@ -46,18 +46,6 @@ fn audit(app: &TestApp) -> AuditServiceClient<tonic::transport::Channel> {
     AuditServiceClient::new(app.channel.clone())
 }
 
-async fn get_claim(app: &TestApp, claim_id: &str) -> pb::Claim {
-    app.claims()
-        .get_claim(pb::GetClaimRequest {
-            claim_id: claim_id.into(),
-        })
-        .await
-        .expect("get claim")
-        .into_inner()
-        .claim
-        .expect("claim")
-}
-
 async fn claims_of(app: &TestApp, partner_id: &str) -> Vec<pb::Claim> {
     app.claims()
         .list_claims(pb::ListClaimsRequest {
