@@ -1,14 +1,16 @@
-//! Property tests for the domain rules: identifiers, the compensation policy, and the text and
-//! times callers send.
+//! Property tests for the domain rules: identifiers, the compensation policy, the text and
+//! times callers send, and who may review, retry or cancel what.
 
 use partner_payouts::api::convert::{
     MAX_TIMESTAMP_SECONDS, MIN_TIMESTAMP_SECONDS, parse_timestamp,
 };
 use partner_payouts::domain::text::{self, MAX_REASON_CHARS, Reason};
 use partner_payouts::domain::{
-    AccountNumber, AffectedService, BusinessRegistrationNumber, ClaimStatus, ContactEmail,
-    DEFAULT_POLICY_TOML, Evidence, EvidenceKind, LossItem, MAX_WEEK_SALES_KRW,
-    PersonOrBusinessName, Policy, SettlementLine, SettlementStatus, Tier,
+    AccountChange, AccountNumber, AffectedService, BusinessRegistrationNumber, ClaimStatus,
+    ContactEmail, DEFAULT_POLICY_TOML, DisbursementStatus, Evidence, EvidenceKind, FourEyes,
+    LossItem, MAX_WEEK_SALES_KRW, OurPayout, PersonOrBusinessName, Policy, Refusal, Reopening,
+    ReviewDecision, ReviewRefused, Reviewed, SettlementLine, SettlementStatus, Tier, UnderReview,
+    judge, may_cancel, may_retry, review,
 };
 use proptest::prelude::*;
 
@@ -352,5 +354,139 @@ proptest! {
         let valid_seconds = seconds.clamp(MIN_TIMESTAMP_SECONDS, MAX_TIMESTAMP_SECONDS);
         let bad = parse_timestamp(&prost_types::Timestamp { seconds: valid_seconds, nanos });
         prop_assert_eq!(bad.is_err(), !(0..1_000_000_000).contains(&nanos));
+    }
+}
+
+fn claim_status() -> impl Strategy<Value = ClaimStatus> {
+    proptest::sample::select(vec![
+        ClaimStatus::Approved,
+        ClaimStatus::PendingReview,
+        ClaimStatus::Rejected,
+    ])
+}
+
+fn disbursement_status() -> impl Strategy<Value = DisbursementStatus> {
+    proptest::sample::select(DisbursementStatus::ALL.to_vec())
+}
+
+/// A few principals, so that the same one often acts twice; `local-dev` among them.
+fn principal() -> impl Strategy<Value = &'static str> {
+    proptest::sample::select(vec!["alice", "bob", "local-dev"])
+}
+
+fn review_decision() -> impl Strategy<Value = ReviewDecision> {
+    prop_oneof![
+        (1i64..=50_000).prop_map(|compensation_krw| ReviewDecision::Approve { compensation_krw }),
+        Just(ReviewDecision::Reject),
+    ]
+}
+
+proptest! {
+    #[test]
+    fn a_review_is_applied_only_by_another_principal_to_a_pending_claim_with_proof(
+        status in claim_status(),
+        submitted_by in principal(),
+        reviewer in principal(),
+        evidence_count in 0usize..3,
+        decision in review_decision(),
+    ) {
+        let claim = UnderReview { status, submitted_by, evidence_count };
+        let got = review(claim, reviewer, decision);
+        let own = submitted_by == reviewer && reviewer != "local-dev";
+        let approving = matches!(decision, ReviewDecision::Approve { .. });
+        if own {
+            prop_assert_eq!(got, Err(Refusal::SamePrincipal(FourEyes::ReviewOwnClaim)));
+        } else if status != ClaimStatus::PendingReview {
+            prop_assert_eq!(got, Err(Refusal::Review(ReviewRefused::NotPendingReview(status))));
+        } else if approving && evidence_count == 0 {
+            prop_assert_eq!(got, Err(Refusal::Review(ReviewRefused::EvidenceRequired)));
+        } else {
+            let expected = match decision {
+                ReviewDecision::Approve { compensation_krw } => Reviewed {
+                    status: ClaimStatus::Approved,
+                    compensation_krw,
+                },
+                ReviewDecision::Reject => Reviewed { status: ClaimStatus::Rejected, compensation_krw: 0 },
+            };
+            prop_assert_eq!(got, Ok(expected));
+        }
+    }
+
+    #[test]
+    fn an_approval_pays_from_one_won_up_to_the_review_cap(
+        amount in prop_oneof![-2i64..=60_000, Just(i64::MIN), Just(i64::MAX)],
+        cap in 1i64..=60_000,
+    ) {
+        let approved = ReviewDecision::approve(amount, cap);
+        prop_assert_eq!(approved.is_ok(), amount >= 1 && amount <= cap);
+        if let Ok(decision) = approved {
+            prop_assert_eq!(decision, ReviewDecision::Approve { compensation_krw: amount });
+        }
+        prop_assert_eq!(ReviewDecision::reject(amount).is_ok(), amount == 0);
+    }
+
+    #[test]
+    fn only_a_failed_payout_is_retried_and_not_by_who_changed_its_account_since(
+        status in disbursement_status(),
+        create_time in 0i64..1_000,
+        change in proptest::option::of((principal(), 0i64..1_000)),
+        actor in principal(),
+    ) {
+        let account_change = change.map(|(changed_by, change_time)| AccountChange { changed_by, change_time });
+        let got = may_retry(status, create_time, account_change, actor);
+        let own_change = change.is_some_and(|(by, at)| at >= create_time && by == actor && by != "local-dev");
+        if own_change {
+            prop_assert_eq!(got, Err(Refusal::SamePrincipal(FourEyes::RetryAfterOwnAccountChange)));
+        } else if status == DisbursementStatus::Failed {
+            prop_assert_eq!(got, Ok(()));
+        } else {
+            prop_assert_eq!(got, Err(Refusal::NotRetryable(status)));
+        }
+    }
+
+    #[test]
+    fn only_a_queued_payout_is_cancelled(status in disbursement_status()) {
+        let got = may_cancel(status);
+        if status == DisbursementStatus::Queued {
+            prop_assert_eq!(got, Ok(()));
+        } else {
+            prop_assert_eq!(got, Err(Refusal::NotCancellable(status)));
+        }
+    }
+
+    #[test]
+    fn a_report_line_matches_only_a_payout_paid_here_for_the_same_amount_under_its_key(
+        their_status in proptest::sample::select(SettlementStatus::ALL.to_vec()),
+        their_amount in 1i64..=3,
+        ours in proptest::option::of((disbursement_status(), 1i64..=3, any::<bool>())),
+    ) {
+        let line = SettlementLine::parse("key-1", their_amount, their_status, 0).expect("valid line");
+        let ours = ours.map(|(status, amount_krw, current_key)| OurPayout {
+            status,
+            amount_krw,
+            failure_code: None,
+            current_key,
+        });
+        let id = ours.map(|_| uuid::Uuid::from_u128(1));
+        let verdict = judge(&line, ours.as_ref());
+        let reopens = their_status == SettlementStatus::Returned
+            && ours.is_some_and(|o| o.current_key && o.status == DisbursementStatus::Paid);
+        prop_assert_eq!(verdict.reopen, reopens);
+        let agrees = their_status == SettlementStatus::Settled
+            && ours.is_some_and(|o| {
+                o.current_key && o.status == DisbursementStatus::Paid && o.amount_krw == their_amount
+            });
+        let reopening = if reopens { Reopening::Done } else { Reopening::NotAsked };
+        let mismatch = verdict.into_mismatch(&line, id, ours.as_ref(), reopening);
+        prop_assert_eq!(mismatch.is_none(), agrees);
+        if let Some(m) = mismatch {
+            prop_assert_eq!(m.idempotency_key.as_str(), "key-1");
+            prop_assert_eq!(m.disbursement_id, id);
+            prop_assert_eq!(m.their_amount_krw, their_amount);
+            prop_assert_eq!(m.our_amount_krw, ours.map_or(0, |o| o.amount_krw));
+            prop_assert_eq!(m.reopened, reopens);
+            let status_after = if reopens { Some(DisbursementStatus::Failed) } else { ours.map(|o| o.status) };
+            prop_assert_eq!(m.status, status_after);
+        }
     }
 }

@@ -386,25 +386,14 @@ impl ClaimService for Claims {
         let request_id = v.request_id(&request.request_id);
         let claim_id = v.id("claim_id", &request.claim_id);
         let decision = match pb::ReviewDecision::try_from(request.decision) {
-            Ok(pb::ReviewDecision::Approve) => {
-                if (1..=cap).contains(&request.compensation_krw) {
-                    Some(ReviewDecision::Approve {
-                        compensation_krw: request.compensation_krw,
-                    })
-                } else {
-                    v.add(
-                        "compensation_krw",
-                        format!("must be between 1 and the review cap of {cap} KRW"),
-                    );
-                    None
-                }
-            }
-            Ok(pb::ReviewDecision::Reject) => {
-                if request.compensation_krw != 0 {
-                    v.add("compensation_krw", "must be 0 when rejecting");
-                }
-                Some(ReviewDecision::Reject)
-            }
+            Ok(pb::ReviewDecision::Approve) => v.check(
+                "compensation_krw",
+                ReviewDecision::approve(request.compensation_krw, cap),
+            ),
+            Ok(pb::ReviewDecision::Reject) => v.check(
+                "compensation_krw",
+                ReviewDecision::reject(request.compensation_krw),
+            ),
             Ok(pb::ReviewDecision::Unspecified) | Err(_) => {
                 v.add(
                     "decision",

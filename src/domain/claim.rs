@@ -2,7 +2,9 @@
 
 use serde::{Deserialize, Serialize};
 
-use super::{ClaimStatus, Decision, Invalid, LossItem, Tier, text};
+use super::{
+    ClaimStatus, Decision, FourEyes, Invalid, LossItem, Refusal, Tier, same_principal, text,
+};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -170,6 +172,28 @@ pub enum ReviewDecision {
     Reject,
 }
 
+impl ReviewDecision {
+    /// An approval pays 1 KRW up to the policy's review cap.
+    pub fn approve(compensation_krw: i64, review_cap_krw: i64) -> Result<Self, Invalid> {
+        if (1..=review_cap_krw).contains(&compensation_krw) {
+            Ok(Self::Approve { compensation_krw })
+        } else {
+            Err(Invalid::new(format!(
+                "must be between 1 and the review cap of {review_cap_krw} KRW"
+            )))
+        }
+    }
+
+    /// A rejection pays nothing, and says so.
+    pub fn reject(compensation_krw: i64) -> Result<Self, Invalid> {
+        if compensation_krw == 0 {
+            Ok(Self::Reject)
+        } else {
+            Err(Invalid::new("must be 0 when rejecting"))
+        }
+    }
+}
+
 /// Why a review cannot be applied to a claim as it stands.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum ReviewRefused {
@@ -179,34 +203,63 @@ pub enum ReviewRefused {
     EvidenceRequired,
 }
 
-/// The four-eyes rule: two actions are by the same principal. Local development mode, where
-/// every caller is `local-dev`, is exempt: it has only one principal and runs on loopback only.
-pub fn same_principal(first: &str, second: &str) -> bool {
-    first == second && first != "local-dev"
+/// What a review rule needs to know of the claim it is applied to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct UnderReview<'a> {
+    pub status: ClaimStatus,
+    pub submitted_by: &'a str,
+    pub evidence_count: usize,
 }
 
-/// The review rule: only `PENDING_REVIEW` claims; an approval needs evidence. The amount
-/// (1..=review cap) is checked on input.
+/// What a review makes of a claim: its new status and what it pays.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Reviewed {
+    pub status: ClaimStatus,
+    /// The reviewer's amount when approved; 0 when rejected.
+    pub compensation_krw: i64,
+}
+
+/// The review rule, in the order a caller is told: another principal than the submitter (four
+/// eyes), only a `PENDING_REVIEW` claim, and an approval needs evidence. The amount (1 up to
+/// the review cap) is checked on input by [`ReviewDecision::approve`].
 pub fn review(
-    status: ClaimStatus,
-    evidence_count: usize,
+    claim: UnderReview<'_>,
+    reviewer: &str,
     decision: ReviewDecision,
-) -> Result<ClaimStatus, ReviewRefused> {
-    if status != ClaimStatus::PendingReview {
-        return Err(ReviewRefused::NotPendingReview(status));
+) -> Result<Reviewed, Refusal> {
+    if same_principal(claim.submitted_by, reviewer) {
+        return Err(Refusal::SamePrincipal(FourEyes::ReviewOwnClaim));
+    }
+    if claim.status != ClaimStatus::PendingReview {
+        return Err(ReviewRefused::NotPendingReview(claim.status).into());
     }
     match decision {
-        ReviewDecision::Approve { .. } if evidence_count == 0 => {
-            Err(ReviewRefused::EvidenceRequired)
+        ReviewDecision::Approve { .. } if claim.evidence_count == 0 => {
+            Err(ReviewRefused::EvidenceRequired.into())
         }
-        ReviewDecision::Approve { .. } => Ok(ClaimStatus::Approved),
-        ReviewDecision::Reject => Ok(ClaimStatus::Rejected),
+        ReviewDecision::Approve { compensation_krw } => Ok(Reviewed {
+            status: ClaimStatus::Approved,
+            compensation_krw,
+        }),
+        ReviewDecision::Reject => Ok(Reviewed {
+            status: ClaimStatus::Rejected,
+            compensation_krw: 0,
+        }),
     }
 }
 
 impl Claim {
     pub fn tier(&self) -> Tier {
         self.decision.tier
+    }
+
+    /// The claim as the review rule sees it.
+    pub fn under_review(&self) -> UnderReview<'_> {
+        UnderReview {
+            status: self.status,
+            submitted_by: &self.submitted_by,
+            evidence_count: self.evidence.len(),
+        }
     }
 }
 
@@ -261,5 +314,97 @@ mod tests {
         assert!(uri_of(&long).is_err());
         let longest = format!("s3://b/{}", "k".repeat(Evidence::MAX_URI_CHARS - 7));
         assert!(uri_of(&longest).is_ok());
+    }
+
+    fn pending(submitted_by: &str, evidence_count: usize) -> UnderReview<'_> {
+        UnderReview {
+            status: ClaimStatus::PendingReview,
+            submitted_by,
+            evidence_count,
+        }
+    }
+
+    const APPROVE: ReviewDecision = ReviewDecision::Approve {
+        compensation_krw: 40_000,
+    };
+
+    #[test]
+    fn a_reviewer_approves_a_pending_claim_with_evidence_for_the_amount_given() {
+        assert_eq!(
+            review(pending("clerk", 1), "reviewer", APPROVE),
+            Ok(Reviewed {
+                status: ClaimStatus::Approved,
+                compensation_krw: 40_000
+            })
+        );
+        assert_eq!(
+            review(pending("clerk", 0), "reviewer", ReviewDecision::Reject),
+            Ok(Reviewed {
+                status: ClaimStatus::Rejected,
+                compensation_krw: 0
+            })
+        );
+    }
+
+    #[test]
+    fn the_submitter_may_not_review_and_is_told_so_first() {
+        for claim in [
+            pending("clerk", 1),
+            pending("clerk", 0),
+            UnderReview {
+                status: ClaimStatus::Approved,
+                ..pending("clerk", 0)
+            },
+        ] {
+            for decision in [APPROVE, ReviewDecision::Reject] {
+                assert_eq!(
+                    review(claim, "clerk", decision),
+                    Err(Refusal::SamePrincipal(FourEyes::ReviewOwnClaim))
+                );
+            }
+        }
+        // Local development has one principal, exempt from four eyes.
+        assert!(review(pending("local-dev", 1), "local-dev", APPROVE).is_ok());
+    }
+
+    #[test]
+    fn only_pending_claims_are_reviewed_and_approvals_need_evidence() {
+        for status in [ClaimStatus::Approved, ClaimStatus::Rejected] {
+            let claim = UnderReview {
+                status,
+                ..pending("clerk", 3)
+            };
+            assert_eq!(
+                review(claim, "reviewer", ReviewDecision::Reject),
+                Err(Refusal::Review(ReviewRefused::NotPendingReview(status)))
+            );
+        }
+        assert_eq!(
+            review(pending("clerk", 0), "reviewer", APPROVE),
+            Err(Refusal::Review(ReviewRefused::EvidenceRequired))
+        );
+    }
+
+    #[test]
+    fn a_review_approves_up_to_the_cap_and_rejects_for_nothing() {
+        assert_eq!(
+            ReviewDecision::approve(50_000, 50_000),
+            Ok(ReviewDecision::Approve {
+                compensation_krw: 50_000
+            })
+        );
+        assert!(ReviewDecision::approve(1, 50_000).is_ok());
+        for amount in [0, -1, 50_001, i64::MAX, i64::MIN] {
+            let refused = ReviewDecision::approve(amount, 50_000).expect_err("outside the cap");
+            assert_eq!(
+                refused.0,
+                "must be between 1 and the review cap of 50000 KRW"
+            );
+        }
+        assert_eq!(ReviewDecision::reject(0), Ok(ReviewDecision::Reject));
+        assert_eq!(
+            ReviewDecision::reject(1),
+            Err(Invalid::new("must be 0 when rejecting"))
+        );
     }
 }

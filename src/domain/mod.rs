@@ -6,6 +6,7 @@ pub mod claim;
 pub mod disbursement;
 pub mod partner;
 pub mod policy;
+pub mod refusal;
 pub mod settlement;
 pub mod text;
 
@@ -13,6 +14,7 @@ pub use claim::*;
 pub use disbursement::*;
 pub use partner::*;
 pub use policy::*;
+pub use refusal::*;
 pub use settlement::*;
 
 /// Why a value was refused, in words a caller can act on. The API layer adds the field name.

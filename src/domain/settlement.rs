@@ -243,6 +243,52 @@ pub struct SettlementMismatch {
     pub status: Option<DisbursementStatus>,
 }
 
+/// What became of the reopening a [`Verdict`] asked for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reopening {
+    /// The verdict asked for none.
+    NotAsked,
+    /// The payout moved `PAID -> FAILED{RETURNED}`.
+    Done,
+    /// The payout was no longer `PAID` when the conditional update ran.
+    StatusChanged,
+}
+
+impl Verdict {
+    /// The disagreement to report for `line` once any reopening was tried, or `None` when the
+    /// line agrees with our records. `ours` and `disbursement_id` are the payout that used the
+    /// line's key, as [`judge`] saw it.
+    pub fn into_mismatch(
+        self,
+        line: &SettlementLine,
+        disbursement_id: Option<uuid::Uuid>,
+        ours: Option<&OurPayout<'_>>,
+        reopening: Reopening,
+    ) -> Option<SettlementMismatch> {
+        let (kind, detail) = self.mismatch?;
+        let (detail, status) = match reopening {
+            Reopening::NotAsked => (detail, ours.map(|o| o.status)),
+            Reopening::Done => (detail, Some(DisbursementStatus::Failed)),
+            Reopening::StatusChanged => (
+                "returned there, but its status changed here while reconciling: nothing was \
+                 reopened; reconcile again"
+                    .to_owned(),
+                ours.map(|o| o.status),
+            ),
+        };
+        Some(SettlementMismatch {
+            idempotency_key: line.idempotency_key.clone(),
+            disbursement_id,
+            kind,
+            our_amount_krw: ours.map_or(0, |o| o.amount_krw),
+            their_amount_krw: line.amount_krw,
+            detail,
+            reopened: reopening == Reopening::Done,
+            status,
+        })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::DisbursementStatus::*;
@@ -318,6 +364,49 @@ mod tests {
         let v = judge(&returned, None);
         assert_eq!(kind(&v), Some(MismatchKind::PaidThereNotHere));
         assert!(!v.reopen);
+    }
+
+    #[test]
+    fn a_reported_mismatch_carries_both_sides_and_what_reconciling_did() {
+        let id = uuid::Uuid::from_u128(7);
+        let settled = line(SettlementStatus::Settled, 30_000);
+        let paid = ours(Paid, None, true);
+        let agrees = judge(&settled, Some(&paid));
+        assert_eq!(
+            agrees.into_mismatch(&settled, Some(id), Some(&paid), Reopening::NotAsked),
+            None
+        );
+
+        let other = line(SettlementStatus::Settled, 50_000);
+        let m = judge(&other, Some(&paid))
+            .into_mismatch(&other, Some(id), Some(&paid), Reopening::NotAsked)
+            .expect("amounts differ");
+        assert_eq!(m.kind, MismatchKind::AmountDiffers);
+        assert_eq!((m.our_amount_krw, m.their_amount_krw), (30_000, 50_000));
+        assert_eq!(
+            (m.disbursement_id, m.status, m.reopened),
+            (Some(id), Some(Paid), false)
+        );
+        assert_eq!(m.idempotency_key, "k-0");
+
+        let unknown = judge(&settled, None)
+            .into_mismatch(&settled, None, None, Reopening::NotAsked)
+            .expect("unknown key");
+        assert_eq!((unknown.our_amount_krw, unknown.status), (0, None));
+
+        let returned = line(SettlementStatus::Returned, 30_000);
+        let verdict = judge(&returned, Some(&paid));
+        let done = verdict
+            .clone()
+            .into_mismatch(&returned, Some(id), Some(&paid), Reopening::Done)
+            .expect("returned");
+        assert_eq!((done.reopened, done.status), (true, Some(Failed)));
+        assert_eq!(Some(done.detail), verdict.mismatch.clone().map(|(_, d)| d));
+        let raced = verdict
+            .into_mismatch(&returned, Some(id), Some(&paid), Reopening::StatusChanged)
+            .expect("returned");
+        assert_eq!((raced.reopened, raced.status), (false, Some(Paid)));
+        assert!(raced.detail.contains("reconcile again"), "{}", raced.detail);
     }
 
     #[test]

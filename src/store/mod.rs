@@ -8,7 +8,7 @@ use uuid::Uuid;
 
 use crate::domain::{
     AccountOnFile, BankAccount, BusinessRegistrationNumber, Claim, ClaimStatus, DisbursementStatus,
-    Evidence, NewClaim, NewPartner, Partner, ReviewDecision, ReviewRefused, Tier,
+    Evidence, NewClaim, NewPartner, Partner, Refusal, ReviewDecision, ReviewRefused, Tier,
 };
 // Finance: export and reconciliation.
 use crate::domain::{PersonOrBusinessName, SettlementLine, SettlementMismatch};
@@ -120,6 +120,23 @@ pub enum StoreError {
     },
     #[error(transparent)]
     Unexpected(#[from] anyhow::Error),
+}
+
+impl From<Refusal> for StoreError {
+    fn from(refusal: Refusal) -> Self {
+        match refusal {
+            Refusal::SamePrincipal(rule) => Self::SamePrincipal(rule.action()),
+            Refusal::Review(refused) => Self::Review(refused),
+            Refusal::NotRetryable(_) => Self::Precondition {
+                reason: "DISBURSEMENT_NOT_FAILED",
+                message: refusal.to_string(),
+            },
+            Refusal::NotCancellable(_) => Self::Precondition {
+                reason: "DISBURSEMENT_NOT_CANCELLABLE",
+                message: refusal.to_string(),
+            },
+        }
+    }
 }
 
 impl From<sqlx::Error> for StoreError {

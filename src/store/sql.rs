@@ -15,7 +15,7 @@ macro_rules! sql_store {
             AccountOnFile, AffectedService, AttachedEvidence, BankAccount, BankCode,
             BusinessRegistrationNumber, Claim, ClaimStatus, ContactEmail, Decision,
             DisbursementStatus, Evidence, EvidenceKind, LossItem, NewClaim, NewPartner, Partner,
-            PartnerProfile, PersonOrBusinessName, ReviewDecision,
+            PartnerProfile, PersonOrBusinessName,
         };
         use $crate::store::{
             Attempt, AuditEvent, AuditFilter, ClaimFilter, CountKrw, Disbursement, DisbursementFilter, DispatchOutcome,
@@ -742,15 +742,8 @@ macro_rules! sql_store {
                 let claim = load_claim(&mut tx, claim_id)
                     .await?
                     .ok_or(StoreError::NotFound("claim"))?;
-                if $crate::domain::same_principal(&claim.submitted_by, reviewer) {
-                    return Err(StoreError::SamePrincipal("review a claim it submitted"));
-                }
-                let status =
-                    $crate::domain::review(claim.status, claim.evidence.len(), decision)?;
-                let compensation_krw = match decision {
-                    ReviewDecision::Approve { compensation_krw } => compensation_krw,
-                    ReviewDecision::Reject => 0,
-                };
+                let $crate::domain::Reviewed { status, compensation_krw } =
+                    $crate::domain::review(claim.under_review(), reviewer, decision)?;
                 let now = now_micros();
                 ::sqlx::query(
                     "UPDATE claims SET status = $1, compensation_krw = $2, reviewed_by = $3, \
@@ -894,23 +887,10 @@ macro_rules! sql_store {
                 .bind(d.partner_id.to_string())
                 .fetch_optional(&mut *tx)
                 .await?;
-                if let Some((changed_by, change_time)) = changed
-                    && change_time >= d.create_time
-                    && $crate::domain::same_principal(&changed_by, actor)
-                {
-                    return Err(StoreError::SamePrincipal(
-                        "retry a payout after changing the account it goes to",
-                    ));
-                }
-                if d.status != DisbursementStatus::Failed {
-                    return Err(StoreError::Precondition {
-                        reason: "DISBURSEMENT_NOT_FAILED",
-                        message: format!(
-                            "only a FAILED disbursement can be retried; this one is {}",
-                            d.status.key().to_uppercase()
-                        ),
-                    });
-                }
+                let account_change = changed.as_ref().map(|(changed_by, change_time)| {
+                    $crate::domain::AccountChange { changed_by, change_time: *change_time }
+                });
+                $crate::domain::may_retry(d.status, d.create_time, account_change, actor)?;
                 let now = now_micros();
                 // The failed instruction is final at the backend, so the next one gets a new key,
                 // and goes to the partner's account as it is now.
@@ -924,7 +904,7 @@ macro_rules! sql_store {
                 .bind(disbursement_id.to_string())
                 .execute(&mut *tx)
                 .await?;
-                transition(
+                let requeued = transition(
                     &mut tx,
                     disbursement_id,
                     DisbursementStatus::Failed,
@@ -934,6 +914,12 @@ macro_rules! sql_store {
                     now,
                 )
                 .await?;
+                if !requeued {
+                    // The row changed under the conditional update: answer for what it is now.
+                    let current = require_disbursement(&mut tx, disbursement_id).await?;
+                    $crate::domain::may_retry(current.status, current.create_time, None, actor)?;
+                    return Err(unexpected("a FAILED disbursement could not be queued again"));
+                }
                 ::sqlx::query(
                     "INSERT INTO outbox (disbursement_id, due_time) VALUES ($1, $2) \
                      ON CONFLICT (disbursement_id) DO UPDATE SET due_time = $2, lease_until = 0, failures = 0",
@@ -964,26 +950,23 @@ macro_rules! sql_store {
                     return Ok(Stored::Replayed(first));
                 }
                 let d = require_disbursement(&mut tx, disbursement_id).await?;
+                $crate::domain::may_cancel(d.status)?;
                 let now = now_micros();
-                if d.status != DisbursementStatus::Queued
-                    || !transition(
-                        &mut tx,
-                        disbursement_id,
-                        DisbursementStatus::Queued,
-                        DisbursementStatus::Cancelled,
-                        actor,
-                        reason,
-                        now,
-                    )
-                    .await?
-                {
-                    return Err(StoreError::Precondition {
-                        reason: "DISBURSEMENT_NOT_CANCELLABLE",
-                        message: format!(
-                            "only a QUEUED disbursement can be cancelled; this one is {}",
-                            d.status.key().to_uppercase()
-                        ),
-                    });
+                let cancelled = transition(
+                    &mut tx,
+                    disbursement_id,
+                    DisbursementStatus::Queued,
+                    DisbursementStatus::Cancelled,
+                    actor,
+                    reason,
+                    now,
+                )
+                .await?;
+                if !cancelled {
+                    // The row changed under the conditional update: answer for what it is now.
+                    let current = require_disbursement(&mut tx, disbursement_id).await?;
+                    $crate::domain::may_cancel(current.status)?;
+                    return Err(unexpected("a QUEUED disbursement could not be cancelled"));
                 }
                 ::sqlx::query("DELETE FROM outbox WHERE disbursement_id = $1")
                     .bind(disbursement_id.to_string())
@@ -1277,7 +1260,7 @@ macro_rules! sql_store {
                 actor: &str,
                 reason: &str,
             ) -> Result<$crate::store::SettlementPage> {
-                use $crate::domain::{OurPayout, SettlementLine, SettlementMismatch, SettlementStatus};
+                use $crate::domain::{OurPayout, Reopening, SettlementLine, SettlementStatus};
                 let mut tx = self.begin_write().await?;
                 // One statement finds, for every line of the page, the disbursement that used
                 // its key: as its current key, or as an earlier one a retry has replaced.
@@ -1325,14 +1308,12 @@ macro_rules! sql_store {
                         None => None,
                     };
                     let verdict = $crate::domain::judge(&line, ours.as_ref());
-                    let mut status = ours.map(|o| o.status);
-                    let mut reopened = false;
-                    let mut detail = verdict.mismatch.as_ref().map(|(_, d)| d.clone());
+                    let mut reopening = Reopening::NotAsked;
                     if verdict.reopen
                         && let Some(id) = disbursement_id
                     {
                         // Conditional on still being PAID: a concurrent run reopens it once.
-                        if transition(&mut tx, id, DisbursementStatus::Paid, DisbursementStatus::Failed, actor, reason, now).await? {
+                        reopening = if transition(&mut tx, id, DisbursementStatus::Paid, DisbursementStatus::Failed, actor, reason, now).await? {
                             ::sqlx::query(
                                 "UPDATE disbursements SET failure_code = $1, failure_message = $2 \
                                  WHERE disbursement_id = $3",
@@ -1342,30 +1323,16 @@ macro_rules! sql_store {
                             .bind(id.to_string())
                             .execute(&mut *tx)
                             .await?;
-                            reopened = true;
-                            status = Some(DisbursementStatus::Failed);
                             page.reopened += 1;
+                            Reopening::Done
                         } else {
-                            detail = Some(
-                                "returned there, but its status changed here while reconciling: \
-                                 nothing was reopened; reconcile again"
-                                    .to_owned(),
-                            );
-                        }
+                            Reopening::StatusChanged
+                        };
                     }
                     page.lines += 1;
-                    match verdict.mismatch {
+                    match verdict.into_mismatch(&line, disbursement_id, ours.as_ref(), reopening) {
                         None => page.matched += 1,
-                        Some((kind, _)) => page.mismatches.push(SettlementMismatch {
-                            idempotency_key: line.idempotency_key.clone(),
-                            disbursement_id,
-                            kind,
-                            our_amount_krw: ours.map_or(0, |o| o.amount_krw),
-                            their_amount_krw: line.amount_krw,
-                            detail: detail.unwrap_or_default(),
-                            reopened,
-                            status,
-                        }),
+                        Some(mismatch) => page.mismatches.push(mismatch),
                     }
                     page.last_key = Some(line.idempotency_key);
                 }
