@@ -31,7 +31,6 @@ use hdrhistogram::Histogram;
 use partner_payouts::app::Application;
 use partner_payouts::config::Settings;
 use partner_payouts::domain::BusinessRegistrationNumber;
-use partner_payouts::payments::sandbox;
 use partner_payouts::proto::payments::v1::{
     ListAppliedRequest, sandbox_ledger_client::SandboxLedgerClient,
 };
@@ -40,6 +39,7 @@ use partner_payouts::proto::payouts::v1::{
     disbursement_service_client::DisbursementServiceClient,
     partner_service_client::PartnerServiceClient,
 };
+use partner_payouts::sandbox;
 use tokio::sync::Mutex;
 
 /// The service runs in this process: the same allocator as the `partner-payouts` binary.

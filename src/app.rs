@@ -18,12 +18,13 @@ use crate::auth::crypto::PiiCipher;
 use crate::auth::{AuthLayer, Authenticator};
 use crate::config::Settings;
 use crate::domain::{DEFAULT_POLICY_TOML, Policy};
-use crate::payments::{Dispatcher, DispatcherConfig, QuietHours, connect_backend, sandbox};
+use crate::payments::{Dispatcher, DispatcherConfig, QuietHours, connect_backend};
 use crate::proto::payouts::v1::{
     audit_service_server::AuditServiceServer, claim_service_server::ClaimServiceServer,
     disbursement_service_server::DisbursementServiceServer,
     partner_service_server::PartnerServiceServer,
 };
+use crate::sandbox;
 use crate::store::{Store, postgres::PgStore, sqlite::SqliteStore};
 
 /// The key that seals account numbers: `PAYOUTS_PII_KEY`, else the key file, which local

@@ -4,7 +4,9 @@
 //! - [`domain`]: pure types and rules (registration numbers, accounts, the policy, state machines).
 //! - [`store`]: persistence behind one trait, on PostgreSQL and SQLite.
 //! - [`api`]: the gRPC services, translating protos to domain types and errors to statuses.
-//! - [`payments`]: the payments-backend client, the dispatcher and the sandbox bank.
+//! - [`payments`]: the payments-backend client and the dispatcher.
+//! - [`sandbox`]: the sandbox bank, a fake payments backend (no money moves) that `serve`
+//!   starts only when no backend is configured.
 //! - [`app`]: wiring everything from [`config::Settings`] into a running server.
 
 pub mod api;
@@ -15,6 +17,7 @@ pub mod domain;
 pub mod net;
 pub mod payments;
 pub mod proto;
+pub mod sandbox;
 pub mod status_body;
 pub mod store;
 pub mod telemetry;

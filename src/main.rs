@@ -4,7 +4,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 
 use clap::{Parser, Subcommand};
-use partner_payouts::{app, config::Settings, payments::sandbox, telemetry};
+use partner_payouts::{app, config::Settings, sandbox, telemetry};
 
 /// mimalloc: the service allocates many small, short-lived buffers per call, which glibc's
 /// allocator serves markedly slower under concurrency.

@@ -21,9 +21,9 @@ use opentelemetry_proto::tonic::collector::trace::v1::{
 };
 use opentelemetry_proto::tonic::common::v1::any_value::Value;
 use opentelemetry_proto::tonic::trace::v1::{Span, span::SpanKind, status::StatusCode};
-use partner_payouts::payments::sandbox;
 use partner_payouts::proto::payments::v1::sandbox_ledger_client::SandboxLedgerClient;
 use partner_payouts::proto::payouts::v1 as pb;
+use partner_payouts::sandbox;
 
 #[derive(Clone, Default)]
 struct Collector {

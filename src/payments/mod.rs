@@ -1,7 +1,6 @@
-//! The payments backend: its client, the dispatcher that drives disbursements, and the sandbox bank.
+//! The payments backend: its client and the dispatcher that drives disbursements.
 
 pub mod dispatcher;
-pub mod sandbox;
 
 pub use dispatcher::{Dispatcher, DispatcherConfig};
 

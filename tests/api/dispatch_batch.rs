@@ -6,13 +6,13 @@
 use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
 
-use partner_payouts::payments::sandbox::{SandboxBank, SandboxConfig};
 use partner_payouts::proto::payments::v1::{
     self as bank, payments_backend_server::PaymentsBackend,
     payments_backend_server::PaymentsBackendServer, sandbox_ledger_client::SandboxLedgerClient,
     sandbox_ledger_server::SandboxLedgerServer,
 };
 use partner_payouts::proto::payouts::v1 as pb;
+use partner_payouts::sandbox::{SandboxBank, SandboxConfig};
 use tonic::{Request, Response, Status};
 
 use crate::helpers::*;
