@@ -1,5 +1,6 @@
-//! Multi-row statements in each database's best form. On PostgreSQL a batch is one statement
-//! whose columns are bound as arrays (`UNNEST`): its text never changes with the
+//! Multi-row statements in each database's best form, for every batch the store writes or
+//! reads (imports, audit entries, the dispatcher's rounds). On PostgreSQL a batch is one
+//! statement whose columns are bound as arrays (`UNNEST`): its text never changes with the
 //! number of rows, so the server parses and plans it once per connection, and a batch of any
 //! size costs a handful of bind parameters. On SQLite it is a multi-row `VALUES` (or `IN`)
 //! list, cut into pieces under the bind-parameter limit.
@@ -102,6 +103,11 @@ pub trait BatchSql: sqlx::Database + Sized {
     /// Returns no statement for no rows.
     fn insert(head: &str, columns: Vec<Column>, tail: &str) -> Vec<QueryBuilder<Self>>;
 
+    /// `head v tail`, with the rows `columns` hold as a table `v(column1, column2, ..)`, for
+    /// statements that join a batch to stored rows (`UPDATE t SET .. FROM v WHERE ..`).
+    /// No statement for no rows.
+    fn table(head: &str, columns: Vec<Column>, tail: &str) -> Vec<QueryBuilder<Self>>;
+
     /// Selects rows whose column is one of `values`: `head` ends with the column
     /// (`SELECT a FROM t WHERE b`), `tail` follows the condition. No statement for no values.
     fn matching(head: &str, values: Vec<String>, tail: &str) -> Vec<QueryBuilder<Self>>;
@@ -139,8 +145,15 @@ fn rows_of(columns: &[Column]) -> usize {
 
 /// Appends `INSERT .. SELECT * FROM UNNEST($1::type[], ..) tail` to `qb`.
 fn push_unnest_insert(qb: &mut QueryBuilder<sqlx::Postgres>, insert: Insert<'_>) {
-    qb.push(insert.head).push(" SELECT * FROM UNNEST(");
-    for (i, column) in insert.columns.into_iter().enumerate() {
+    qb.push(insert.head).push(" SELECT * FROM ");
+    push_unnest(qb, insert.columns);
+    qb.push(insert.tail);
+}
+
+/// Appends `UNNEST($1::type[], ..)`, one array per column, to `qb`.
+fn push_unnest(qb: &mut QueryBuilder<sqlx::Postgres>, columns: Vec<Column>) {
+    qb.push("UNNEST(");
+    for (i, column) in columns.into_iter().enumerate() {
         if i > 0 {
             qb.push(", ");
         }
@@ -156,7 +169,57 @@ fn push_unnest_insert(qb: &mut QueryBuilder<sqlx::Postgres>, insert: Insert<'_>)
         };
         qb.push("::").push(array);
     }
-    qb.push(")").push(insert.tail);
+    qb.push(")");
+}
+
+/// The rows of `columns` as `VALUES` lists, one statement `before rows after` per piece under
+/// the bind-parameter limit. No statement for no rows.
+fn sqlite_values(
+    before: &str,
+    columns: Vec<Column>,
+    after: &str,
+) -> Vec<QueryBuilder<sqlx::Sqlite>> {
+    let rows = rows_of(&columns);
+    if rows == 0 || columns.is_empty() {
+        return Vec::new();
+    }
+    let per_statement = (SQLITE_MAX_BINDS / columns.len()).max(1);
+    let mut values: Vec<std::vec::IntoIter<Value>> = columns
+        .into_iter()
+        .map(|c| c.into_values().into_iter())
+        .collect();
+    let mut statements = Vec::new();
+    let mut left = rows;
+    while left > 0 {
+        let take = left.min(per_statement);
+        left -= take;
+        let mut qb = QueryBuilder::new(before);
+        for row in 0..take {
+            if row > 0 {
+                qb.push(", ");
+            }
+            qb.push("(");
+            for (i, column) in values.iter_mut().enumerate() {
+                if i > 0 {
+                    qb.push(", ");
+                }
+                match column.next() {
+                    Some(Value::Text(v)) => qb.push_bind(v),
+                    Some(Value::NullableText(v)) => qb.push_bind(v),
+                    Some(Value::BigInt(v)) => qb.push_bind(v),
+                    Some(Value::Int(v)) => qb.push_bind(v),
+                    Some(Value::Bool(v)) => qb.push_bind(v),
+                    Some(Value::Bytes(v)) => qb.push_bind(v),
+                    Some(Value::NullableBytes(v)) => qb.push_bind(v),
+                    None => qb.push("NULL"),
+                };
+            }
+            qb.push(")");
+        }
+        qb.push(after);
+        statements.push(qb);
+    }
+    statements
 }
 
 impl BatchSql for sqlx::Postgres {
@@ -244,6 +307,24 @@ impl BatchSql for sqlx::Postgres {
         vec![qb]
     }
 
+    fn table(head: &str, columns: Vec<Column>, tail: &str) -> Vec<QueryBuilder<Self>> {
+        if rows_of(&columns) == 0 {
+            return Vec::new();
+        }
+        let width = columns.len();
+        let mut qb = QueryBuilder::new(head);
+        push_unnest(&mut qb, columns);
+        qb.push(" AS v(");
+        for i in 1..=width {
+            if i > 1 {
+                qb.push(", ");
+            }
+            qb.push(format_args!("column{i}"));
+        }
+        qb.push(")").push(tail);
+        vec![qb]
+    }
+
     fn matching(head: &str, values: Vec<String>, tail: &str) -> Vec<QueryBuilder<Self>> {
         if values.is_empty() {
             return Vec::new();
@@ -298,48 +379,15 @@ impl BatchSql for sqlx::Sqlite {
     }
 
     fn insert(head: &str, columns: Vec<Column>, tail: &str) -> Vec<QueryBuilder<Self>> {
-        let rows = rows_of(&columns);
-        if rows == 0 || columns.is_empty() {
-            return Vec::new();
-        }
-        let per_statement = (SQLITE_MAX_BINDS / columns.len()).max(1);
-        let mut values: Vec<std::vec::IntoIter<Value>> = columns
-            .into_iter()
-            .map(|c| c.into_values().into_iter())
-            .collect();
-        let mut statements = Vec::new();
-        let mut left = rows;
-        while left > 0 {
-            let take = left.min(per_statement);
-            left -= take;
-            let mut qb = QueryBuilder::new(head);
-            qb.push(" VALUES ");
-            for row in 0..take {
-                if row > 0 {
-                    qb.push(", ");
-                }
-                qb.push("(");
-                for (i, column) in values.iter_mut().enumerate() {
-                    if i > 0 {
-                        qb.push(", ");
-                    }
-                    match column.next() {
-                        Some(Value::Text(v)) => qb.push_bind(v),
-                        Some(Value::NullableText(v)) => qb.push_bind(v),
-                        Some(Value::BigInt(v)) => qb.push_bind(v),
-                        Some(Value::Int(v)) => qb.push_bind(v),
-                        Some(Value::Bool(v)) => qb.push_bind(v),
-                        Some(Value::Bytes(v)) => qb.push_bind(v),
-                        Some(Value::NullableBytes(v)) => qb.push_bind(v),
-                        None => qb.push("NULL"),
-                    };
-                }
-                qb.push(")");
-            }
-            qb.push(tail);
-            statements.push(qb);
-        }
-        statements
+        sqlite_values(&format!("{head} VALUES "), columns, tail)
+    }
+
+    fn table(head: &str, columns: Vec<Column>, tail: &str) -> Vec<QueryBuilder<Self>> {
+        sqlite_values(
+            &format!("{head}(VALUES "),
+            columns,
+            &format!(") AS v{tail}"),
+        )
     }
 
     fn matching(head: &str, values: Vec<String>, tail: &str) -> Vec<QueryBuilder<Self>> {
@@ -462,7 +510,43 @@ mod tests {
     }
 
     #[test]
+    fn a_batch_joins_as_a_table_of_numbered_columns() {
+        let columns = |n: usize| {
+            vec![
+                Column::Text(vec!["x".into(); n]),
+                Column::BigInt(vec![1; n]),
+            ]
+        };
+        let head = "UPDATE t SET b = v.column2 FROM ";
+        let tail = " WHERE t.a = v.column1";
+        let pg = |n: usize| {
+            let mut qb = <sqlx::Postgres as BatchSql>::table(head, columns(n), tail);
+            assert_eq!(qb.len(), 1);
+            qb.remove(0).into_string()
+        };
+        assert_eq!(pg(1), pg(500));
+        assert_eq!(
+            pg(2),
+            "UPDATE t SET b = v.column2 FROM UNNEST($1::text[], $2::int8[]) AS v(column1, column2) \
+             WHERE t.a = v.column1"
+        );
+        let sqlite = <sqlx::Sqlite as BatchSql>::table(head, columns(2), tail);
+        assert_eq!(sqlite.len(), 1);
+        assert_eq!(
+            sqlite[0].sql().as_str(),
+            "UPDATE t SET b = v.column2 FROM (VALUES (?, ?), (?, ?)) AS v WHERE t.a = v.column1"
+        );
+        let rows = SQLITE_MAX_BINDS; // two columns: two statements.
+        assert_eq!(
+            <sqlx::Sqlite as BatchSql>::table(head, columns(rows), tail).len(),
+            2
+        );
+    }
+
+    #[test]
     fn no_rows_no_statement() {
+        assert!(<sqlx::Postgres as BatchSql>::table("S", vec![Column::Int(vec![])], "").is_empty());
+        assert!(<sqlx::Sqlite as BatchSql>::table("S", vec![Column::Int(vec![])], "").is_empty());
         assert!(<sqlx::Sqlite as BatchSql>::insert("I", vec![Column::Int(vec![])], "").is_empty());
         assert!(<sqlx::Postgres as BatchSql>::matching("S", vec![], "").is_empty());
         assert!(<sqlx::Sqlite as BatchSql>::matching("S", vec![], "").is_empty());

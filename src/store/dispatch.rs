@@ -8,10 +8,10 @@
 //!   keys, in one transaction, with multi-row statements;
 //! - [`Store::renew_leases`] keeps a long round's rows from being taken over.
 //!
-//! A batch's rows go to the database as a table `v` (columns `column1`, `column2`, ...): on
-//! PostgreSQL its columns are bound as arrays (`UNNEST`), so each statement's text is the same
-//! for any number of rows and is prepared once per connection; on SQLite they are a `VALUES`
-//! list, cut into pieces under the bind-parameter limit.
+//! A batch's rows go to the database as a table `v` (columns `column1`, `column2`, ...), built
+//! by [`BatchSql::table`]: on PostgreSQL its columns are bound as arrays (`UNNEST`), so each
+//! statement's text is the same for any number of rows and is prepared once per connection; on
+//! SQLite they are a `VALUES` list, cut into pieces under the bind-parameter limit.
 //!
 //! A disbursement's row is written before its outbox row (as `CancelDisbursement` does), and
 //! `dispatch_control`, which serialises key assignment across replicas, is locked after the
@@ -22,110 +22,19 @@
 //! [`Store::lease_batch`]: crate::store::Store::lease_batch
 //! [`Store::record_dispatch`]: crate::store::Store::record_dispatch
 //! [`Store::renew_leases`]: crate::store::Store::renew_leases
-
-use std::ops::Range;
-
-use sqlx::QueryBuilder;
-
-/// Bind parameters per statement at most: SQLite's default limit (32766).
-const SQLITE_MAX_BINDS: usize = 32_766;
-
-/// One column of a batch's rows.
-pub(crate) enum Col {
-    Text(Vec<String>),
-    BigInt(Vec<i64>),
-}
-
-impl Col {
-    pub(crate) fn len(&self) -> usize {
-        match self {
-            Self::Text(v) => v.len(),
-            Self::BigInt(v) => v.len(),
-        }
-    }
-}
-
-/// How a batch's rows are written into a statement, on each database.
-pub(crate) trait DispatchRows: sqlx::Database + Sized {
-    /// Whether a statement's text is the same for any number of rows, so it may stay prepared.
-    const PREPARED: bool;
-
-    /// The pieces `rows` rows of `columns` columns are sent in, one statement each.
-    fn pieces(rows: usize, columns: usize) -> Vec<Range<usize>>;
-
-    /// Appends the rows `range` of `columns` as a table `v(column1, column2, ...)`.
-    fn push_rows(qb: &mut QueryBuilder<Self>, columns: &[Col], range: Range<usize>);
-}
-
-impl DispatchRows for sqlx::Postgres {
-    const PREPARED: bool = true;
-
-    fn pieces(rows: usize, _columns: usize) -> Vec<Range<usize>> {
-        // One statement, whatever the number of rows.
-        std::iter::once(0..rows).collect()
-    }
-
-    fn push_rows(qb: &mut QueryBuilder<Self>, columns: &[Col], range: Range<usize>) {
-        qb.push("UNNEST(");
-        for (i, column) in columns.iter().enumerate() {
-            if i > 0 {
-                qb.push(", ");
-            }
-            match column {
-                Col::Text(v) => qb.push_bind(v[range.clone()].to_vec()).push("::text[]"),
-                Col::BigInt(v) => qb.push_bind(v[range.clone()].to_vec()).push("::int8[]"),
-            };
-        }
-        qb.push(") AS v(");
-        for i in 1..=columns.len() {
-            if i > 1 {
-                qb.push(", ");
-            }
-            qb.push(format_args!("column{i}"));
-        }
-        qb.push(")");
-    }
-}
-
-impl DispatchRows for sqlx::Sqlite {
-    const PREPARED: bool = false;
-
-    fn pieces(rows: usize, columns: usize) -> Vec<Range<usize>> {
-        let per_piece = (SQLITE_MAX_BINDS / columns.max(1)).max(1);
-        (0..rows)
-            .step_by(per_piece)
-            .map(|start| start..(start + per_piece).min(rows))
-            .collect()
-    }
-
-    fn push_rows(qb: &mut QueryBuilder<Self>, columns: &[Col], range: Range<usize>) {
-        qb.push("(VALUES ");
-        for row in range.clone() {
-            if row > range.start {
-                qb.push(", ");
-            }
-            qb.push("(");
-            for (i, column) in columns.iter().enumerate() {
-                if i > 0 {
-                    qb.push(", ");
-                }
-                match column {
-                    Col::Text(v) => qb.push_bind(v[row].clone()),
-                    Col::BigInt(v) => qb.push_bind(v[row]),
-                };
-            }
-            qb.push(")");
-        }
-        qb.push(") AS v");
-    }
-}
+//! [`BatchSql::table`]: crate::store::batch::BatchSql::table
 
 /// Defines `dispatch_lease_batch`, `dispatch_renew_leases` and `dispatch_record` for `$store`,
 /// inside [`sql_store!`] (which provides `Tx`, `DbRow`, `parsed`, `uuid_col`, `status_col`,
 /// `disbursement_from_row`, `load_dispatch_state`); its `Store` methods call them.
 macro_rules! dispatch_sql {
-    ($store:ident, $db:ty, for_update = $for_update:literal, skip_locked = $skip_locked:literal) => {
-        use $crate::store::dispatch::{Col, DispatchRows};
+    (
+        $store:ident,
+        $db:ty,
+        for_update = $for_update:literal,
+        skip_locked = $skip_locked:literal
+    ) => {
+        use $crate::store::batch::Column as Col;
 
         /// Runs `head v tail` with the batch's rows as the table `v`, in as many statements as
         /// the database needs; returns the rows they answered.
@@ -135,18 +44,11 @@ macro_rules! dispatch_sql {
             columns: Vec<Col>,
             tail: &str,
         ) -> Result<Vec<DbRow>> {
-            let rows = columns.first().map_or(0, Col::len);
             let mut answered = Vec::new();
-            if rows == 0 {
-                return Ok(answered);
-            }
-            for range in <$db as DispatchRows>::pieces(rows, columns.len()) {
-                let mut qb = ::sqlx::QueryBuilder::<$db>::new(head);
-                <$db as DispatchRows>::push_rows(&mut qb, &columns, range);
-                qb.push(tail);
+            for mut qb in <$db as $crate::store::batch::BatchSql>::table(head, columns, tail) {
                 answered.extend(
                     qb.build()
-                        .persistent(<$db as DispatchRows>::PREPARED)
+                        .persistent(<$db as $crate::store::batch::BatchSql>::PREPARED)
                         .fetch_all(&mut **tx)
                         .await?,
                 );
@@ -310,7 +212,9 @@ macro_rules! dispatch_sql {
             dispatch_answered_ids(&moved)
         }
 
-        /// Ends the dispatch of `finished`, as `finish_dispatch` does for one.
+        /// Ends the dispatch of `finished`: each still in a status that may become `PAID` or
+        /// `FAILED` moves there with its history (a failure with its code), and its outbox row
+        /// is removed.
         async fn dispatch_finish(
             tx: &mut Tx,
             finished: &[(Uuid, DispatchOutcome)],
@@ -371,7 +275,8 @@ macro_rules! dispatch_sql {
                 .collect();
             dispatch_rows(
                 tx,
-                "UPDATE disbursements SET failure_code = v.column2, failure_message = v.column3 FROM ",
+                "UPDATE disbursements SET failure_code = v.column2, \
+                 failure_message = v.column3 FROM ",
                 vec![
                     dispatch_ids(failures.iter().map(|(id, _, _)| *id)),
                     Col::Text(failures.iter().map(|(_, code, _)| (*code).clone()).collect()),
@@ -390,8 +295,8 @@ macro_rules! dispatch_sql {
             Ok(())
         }
 
-        /// Releases the leases of `requeued` and makes each row due again, as `reschedule`
-        /// does for one.
+        /// Releases the leases of `requeued` and makes each row due again: at its time, or at
+        /// the back-off for its failures so far after counting one more.
         async fn dispatch_requeue(
             tx: &mut Tx,
             requeued: &[(Uuid, $crate::store::Requeue)],
@@ -437,9 +342,9 @@ macro_rules! dispatch_sql {
             Ok(())
         }
 
-        /// Makes (or returns) the instruction keys of `ids` in order, as `assign_key` does for
-        /// one, the budget counting the keys made earlier in the batch; also returns the ids
-        /// that moved to `SUBMITTED`.
+        /// Makes (or returns) the instruction keys of `ids` in order and moves each from
+        /// `QUEUED` to `SUBMITTED`, the budget counting the keys made earlier in the batch;
+        /// also returns the ids that moved to `SUBMITTED`.
         async fn dispatch_assign_keys(
             tx: &mut Tx,
             ids: &[Uuid],
@@ -542,7 +447,8 @@ macro_rules! dispatch_sql {
                 .collect();
             dispatch_insert_events(tx, &events, now).await?;
             // A row that left QUEUED meanwhile (cancelled) is not moved and gets no key.
-            let made: ::std::collections::HashSet<&Uuid> = making.iter().map(|(id, _)| id).collect();
+            let made: ::std::collections::HashSet<&Uuid> =
+                making.iter().map(|(id, _)| id).collect();
             let answers = ids
                 .iter()
                 .zip(answers)

@@ -565,34 +565,6 @@ pub trait Store: Send + Sync + 'static {
     /// Outbox rows, and the due time of the oldest (None when empty).
     async fn outbox_stats(&self) -> Result<(i64, Option<Micros>)>;
 
-    // The dispatcher.
-    /// Leases up to `limit` due outbox rows until `lease_until`; none while dispatch is paused.
-    async fn lease_due(&self, now: Micros, lease_until: Micros, limit: u32) -> Result<Vec<Uuid>>;
-    async fn record_attempt(&self, disbursement_id: Uuid, attempt: &Attempt) -> Result<()>;
-    async fn mark_holder_verified(&self, disbursement_id: Uuid) -> Result<()>;
-    /// Makes (or returns) the instruction key and moves `QUEUED -> SUBMITTED`, within `budget_krw`.
-    async fn assign_key(
-        &self,
-        disbursement_id: Uuid,
-        budget_krw: Option<i64>,
-        now: Micros,
-    ) -> Result<KeyAssignment>;
-    /// Ends the disbursement's dispatch: `PAID`, or `FAILED` with a code; removes its outbox row.
-    async fn finish_dispatch(
-        &self,
-        disbursement_id: Uuid,
-        outcome: &DispatchOutcome,
-        now: Micros,
-    ) -> Result<()>;
-    /// Releases the lease and makes the row due again at `due_time(failures so far)`, counting
-    /// one more failure first if `failed`.
-    async fn reschedule(
-        &self,
-        disbursement_id: Uuid,
-        failed: bool,
-        due_time: &(dyn Fn(u32) -> Micros + Send + Sync),
-    ) -> Result<()>;
-
     // The dispatcher, a batch at a time.
     /// Leases up to `limit` due outbox rows until `lease_until` and reads their disbursements
     /// (without attempts and history); none while dispatch is paused.
@@ -612,8 +584,9 @@ pub trait Store: Send + Sync + 'static {
     ) -> Result<u64>;
     /// Writes `record` in one transaction: attempts, verified holders, finished dispatches
     /// (with their history), released rows (`back_off(failures so far)` gives the due time of
-    /// [`Requeue::BackOff`]) and instruction keys within `budget_krw`, made under the same lock
-    /// as [`Store::assign_key`], the batch's keys adding up as they are made.
+    /// [`Requeue::BackOff`]) and instruction keys within `budget_krw`, made one batch at a time
+    /// across replicas (under the `dispatch_control` lock), the batch's keys adding up as they
+    /// are made.
     async fn record_dispatch(
         &self,
         record: &DispatchRecord,
