@@ -224,7 +224,7 @@ impl Authenticator {
     /// Takes one refused call from the budget of the peer address that made it, or says how
     /// long until the peer's refused calls are answered as such again.
     pub fn check_refused_rate(&self, peer: Option<IpAddr>) -> Result<(), Duration> {
-        self.refused.check(peer)
+        self.refused.check(&peer.into())
     }
 
     /// Forgets the peers refused long enough ago that their budget is whole again; call it

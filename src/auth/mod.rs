@@ -26,7 +26,7 @@ pub mod tls;
 
 pub use authenticator::{AuthError, Authenticator, Caller};
 pub use layer::{AuthLayer, AuthService, DenialSink, IgnoreDenials};
-pub use ratelimit::{PeerRateLimiter, PrincipalRateLimiter, RateLimit};
+pub use ratelimit::{KeyedRateLimiter, PeerKey, PeerRateLimiter, PrincipalRateLimiter, RateLimit};
 pub use roles::{
     METHOD_RULES, MethodRule, RequiredRole, Role, UnknownRole, is_mutating, method_rule,
     required_role,
