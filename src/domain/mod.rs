@@ -4,6 +4,8 @@
 
 pub mod claim;
 pub mod disbursement;
+pub mod ids;
+pub mod money;
 pub mod partner;
 pub mod policy;
 pub mod refusal;
@@ -12,6 +14,8 @@ pub mod text;
 
 pub use claim::*;
 pub use disbursement::*;
+pub use ids::{ClaimId, DisbursementId, PartnerId};
+pub use money::Krw;
 pub use partner::*;
 pub use policy::*;
 pub use refusal::*;
