@@ -61,11 +61,11 @@ const MAX_MESSAGE_BYTES: usize = 64 * 1024 * 1024;
 mod helpers;
 
 use helpers::{
-    fresh_postgres_database, full_weight_item, partner_with_account, postgres_admin_url,
-    request_id, test_policy_toml,
+    Db, fresh_database, full_weight_item, partner_with_account, postgres_admin_url, request_id,
+    test_policy_toml,
 };
 
-/// Drops a database made by [`fresh_postgres_database`]; best effort.
+/// Drops a PostgreSQL database made by [`fresh_database`]; best effort.
 async fn drop_postgres_database(url: &str) {
     use sqlx::Connection as _;
     let Some((_, name)) = url.rsplit_once('/') else {
@@ -298,12 +298,6 @@ async fn summary(ch: &Channel) -> Result<pb::GetProgramSummaryResponse, tonic::S
 // ---------------------------------------------------------------------------------------------
 // Scenarios.
 
-#[derive(Clone, Copy, PartialEq, Eq)]
-enum Db {
-    Sqlite,
-    Postgres,
-}
-
 struct Scenario {
     label: &'static str,
     db: Db,
@@ -388,10 +382,7 @@ async fn run(scenario: Scenario) {
     let dir = tempfile::tempdir().expect("temp dir");
     let policy = dir.path().join("policy.toml");
     std::fs::write(&policy, test_policy_toml()).expect("write policy");
-    let database_url = match scenario.db {
-        Db::Sqlite => format!("sqlite://{}", dir.path().join("payouts.db").display()),
-        Db::Postgres => fresh_postgres_database().await,
-    };
+    let database_url = fresh_database(scenario.db, dir.path()).await;
 
     let mut sandbox = Proc::new("sandbox", Kind::Sandbox, dir.path());
     sandbox.args = scenario

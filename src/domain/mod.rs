@@ -2,6 +2,7 @@
 //!
 //! Every type here is made through a `parse` constructor, so once a value exists it is valid.
 
+pub mod attempt;
 pub mod claim;
 pub mod disbursement;
 pub mod ids;
@@ -12,6 +13,7 @@ pub mod refusal;
 pub mod settlement;
 pub mod text;
 
+pub use attempt::*;
 pub use claim::*;
 pub use disbursement::*;
 pub use ids::{ClaimId, DisbursementId, PartnerId};

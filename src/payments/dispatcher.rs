@@ -33,7 +33,7 @@ use uuid::Uuid;
 
 use super::QuietHours;
 use crate::auth::crypto::{PiiCipher, Sealed};
-use crate::domain::{DisbursementStatus, failure};
+use crate::domain::{AttemptOperation, AttemptOutcome, DisbursementStatus, failure};
 use crate::proto::payments::v1::{
     self as pb, InstructionStatus, payments_backend_client::PaymentsBackendClient,
 };
@@ -97,9 +97,9 @@ pub struct Dispatcher {
 
 /// How often the outbox and status gauges are refreshed.
 const OBSERVE_EVERY: Duration = Duration::from_secs(10);
-const VERIFY: &str = "VERIFY_ACCOUNT_HOLDER";
-const SUBMIT: &str = "SUBMIT_INSTRUCTION";
-const LOOKUP: &str = "GET_INSTRUCTION";
+const VERIFY: AttemptOperation = AttemptOperation::VerifyHolder;
+const SUBMIT: AttemptOperation = AttemptOperation::SubmitInstruction;
+const LOOKUP: AttemptOperation = AttemptOperation::GetInstruction;
 
 fn micros(d: Duration) -> i64 {
     i64::try_from(d.as_micros()).unwrap_or(i64::MAX)
@@ -390,22 +390,40 @@ impl Dispatcher {
     }
 
     /// A backend call as recorded, counted in `payouts.dispatch.attempts`.
-    fn attempt(operation: &str, key: &str, outcome: &str, code: &str, message: &str) -> Attempt {
+    fn attempt(
+        operation: AttemptOperation,
+        key: &str,
+        outcome: AttemptOutcome,
+        code: &str,
+        message: &str,
+    ) -> Attempt {
         crate::telemetry::metrics().dispatch_attempts.add(
             1,
             &[
-                KeyValue::new("operation", operation.to_owned()),
-                KeyValue::new("outcome", outcome.to_owned()),
+                KeyValue::new("operation", operation.as_str()),
+                KeyValue::new("outcome", outcome.as_str()),
             ],
         );
         Attempt {
-            operation: operation.to_owned(),
+            operation: operation.as_str().to_owned(),
             idempotency_key: key.to_owned(),
-            outcome: outcome.to_owned(),
+            outcome: outcome.as_str().to_owned(),
             code: code.to_owned(),
             message: message.to_owned(),
             time: now_micros(),
         }
+    }
+
+    /// A backend call that failed (unavailable, deadline, ...): nothing is known of its effect.
+    fn failed_call(operation: AttemptOperation, key: &str, status: &tonic::Status) -> Attempt {
+        let code = code_name(status.code());
+        Self::attempt(
+            operation,
+            key,
+            AttemptOutcome::Error,
+            &code,
+            status.message(),
+        )
     }
 
     /// Logs and counts a disbursement that ends `FAILED`.
@@ -522,7 +540,7 @@ impl Dispatcher {
                         attempts: vec![Self::attempt(
                             VERIFY,
                             "",
-                            "ACCOUNT_UNUSABLE",
+                            AttemptOutcome::AccountUnusable,
                             &r.failure_code,
                             "",
                         )],
@@ -537,7 +555,7 @@ impl Dispatcher {
                         attempts: vec![Self::attempt(
                             VERIFY,
                             "",
-                            "MISMATCH",
+                            AttemptOutcome::Mismatch,
                             failure::HOLDER_MISMATCH,
                             "",
                         )],
@@ -550,18 +568,12 @@ impl Dispatcher {
                     };
                 }
                 Step {
-                    attempts: vec![Self::attempt(VERIFY, "", "MATCH", "", "")],
+                    attempts: vec![Self::attempt(VERIFY, "", AttemptOutcome::Match, "", "")],
                     next: Next::Send,
                 }
             }
             Err(status) => Step {
-                attempts: vec![Self::attempt(
-                    VERIFY,
-                    "",
-                    "ERROR",
-                    &code_name(status.code()),
-                    status.message(),
-                )],
+                attempts: vec![Self::failed_call(VERIFY, "", &status)],
                 next: Next::Requeue(Requeue::BackOff),
             },
         }
@@ -600,13 +612,7 @@ impl Dispatcher {
             Err(status) => {
                 // Unavailable: not applied. Timeout or anything else: maybe applied. Either way
                 // the next round looks the key up before sending again under the same key.
-                attempts.push(Self::attempt(
-                    SUBMIT,
-                    key,
-                    "ERROR",
-                    &code_name(status.code()),
-                    status.message(),
-                ));
+                attempts.push(Self::failed_call(SUBMIT, key, &status));
                 Step {
                     attempts,
                     next: Next::Requeue(Requeue::BackOff),
@@ -631,17 +637,11 @@ impl Dispatcher {
                 self.settle(LOOKUP, key, &instruction, Vec::new())
             }
             Err(status) if status.code() == Code::NotFound => {
-                let attempts = vec![Self::attempt(LOOKUP, key, "NOT_FOUND", "", "")];
+                let attempts = vec![Self::attempt(LOOKUP, key, AttemptOutcome::NotFound, "", "")];
                 self.submit_after(d, key, attempts).await
             }
             Err(status) => Step {
-                attempts: vec![Self::attempt(
-                    LOOKUP,
-                    key,
-                    "ERROR",
-                    &code_name(status.code()),
-                    status.message(),
-                )],
+                attempts: vec![Self::failed_call(LOOKUP, key, &status)],
                 next: Next::Requeue(Requeue::BackOff),
             },
         }
@@ -650,20 +650,17 @@ impl Dispatcher {
     /// What the instruction's status means for the disbursement.
     fn settle(
         &self,
-        operation: &str,
+        operation: AttemptOperation,
         key: &str,
         instruction: &pb::Instruction,
         mut attempts: Vec<Attempt>,
     ) -> Step {
         let status = InstructionStatus::try_from(instruction.status)
             .unwrap_or(InstructionStatus::Unspecified);
-        let outcome = status
-            .as_str_name()
-            .trim_start_matches("INSTRUCTION_STATUS_");
         attempts.push(Self::attempt(
             operation,
             key,
-            outcome,
+            status.into(),
             &instruction.failure_code,
             &instruction.failure_message,
         ));

@@ -4,6 +4,8 @@ pub mod dispatcher;
 
 pub use dispatcher::{Dispatcher, DispatcherConfig};
 
+use crate::domain::AttemptOutcome;
+use crate::proto::payments::v1::InstructionStatus;
 use crate::proto::payments::v1::payments_backend_client::PaymentsBackendClient;
 
 /// A client of the payments backend at `url`. Connects on first use, so a backend that is
@@ -27,6 +29,19 @@ pub fn connect_backend(
     }
     let channel = endpoint.connect_lazy();
     Ok(PaymentsBackendClient::new(channel))
+}
+
+/// The outcome an attempt records for the instruction status the bank answered: the status's
+/// name without its prefix (`INSTRUCTION_STATUS_PAID` is `PAID`).
+impl From<InstructionStatus> for AttemptOutcome {
+    fn from(status: InstructionStatus) -> Self {
+        match status {
+            InstructionStatus::Unspecified => Self::Unspecified,
+            InstructionStatus::Accepted => Self::Accepted,
+            InstructionStatus::Paid => Self::Paid,
+            InstructionStatus::Failed => Self::Failed,
+        }
+    }
 }
 
 /// Bank maintenance hours, e.g. `23:30-00:30 Asia/Seoul`, during which nothing is sent.
@@ -80,7 +95,18 @@ impl QuietHours {
 
 #[cfg(test)]
 mod tests {
-    use super::QuietHours;
+    use super::{AttemptOutcome, InstructionStatus, QuietHours};
+
+    #[test]
+    fn an_instruction_status_is_recorded_by_its_name_without_prefix() {
+        let known = (0..).map_while(|number| InstructionStatus::try_from(number).ok());
+        for status in known {
+            let name = status
+                .as_str_name()
+                .trim_start_matches("INSTRUCTION_STATUS_");
+            assert_eq!(AttemptOutcome::from(status).as_str(), name);
+        }
+    }
 
     fn at(rfc3339: &str) -> jiff::Timestamp {
         rfc3339.parse().expect("timestamp")

@@ -22,6 +22,7 @@ use tonic::{Code, Request, Status};
 use tonic_types::StatusExt;
 
 use crate::helpers::*;
+use crate::on_both_databases;
 
 use pb::DisbursementStatus::{Cancelled, Failed, Paid, Queued};
 
@@ -1174,15 +1175,7 @@ async fn audit_rows_cannot_be_changed(app: &TestApp) {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn access_matrix_sqlite() {
-    access_matrix(Db::Sqlite).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn access_matrix_postgres() {
-    access_matrix(Db::Postgres).await;
-}
+on_both_databases!(access_matrix, db = access_matrix);
 
 // ---------------------------------------------------------------------------------------------
 // Account numbers at rest.
@@ -1282,15 +1275,10 @@ async fn account_numbers_are_sealed_at_rest(db: Db) {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn account_numbers_are_sealed_at_rest_sqlite() {
-    account_numbers_are_sealed_at_rest(Db::Sqlite).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn account_numbers_are_sealed_at_rest_postgres() {
-    account_numbers_are_sealed_at_rest(Db::Postgres).await;
-}
+on_both_databases!(
+    account_numbers_are_sealed_at_rest,
+    db = account_numbers_are_sealed_at_rest
+);
 
 // ---------------------------------------------------------------------------------------------
 // Four eyes.
@@ -1483,25 +1471,12 @@ async fn a_refused_review_is_found_by_its_claim(db: Db) {
     );
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_refused_review_is_found_by_its_claim_sqlite() {
-    a_refused_review_is_found_by_its_claim(Db::Sqlite).await;
-}
+on_both_databases!(
+    a_refused_review_is_found_by_its_claim,
+    db = a_refused_review_is_found_by_its_claim
+);
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_refused_review_is_found_by_its_claim_postgres() {
-    a_refused_review_is_found_by_its_claim(Db::Postgres).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn four_eyes_sqlite() {
-    four_eyes(Db::Sqlite).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn four_eyes_postgres() {
-    four_eyes(Db::Postgres).await;
-}
+on_both_databases!(four_eyes, db = four_eyes);
 
 // ---------------------------------------------------------------------------------------------
 // Rate limits.
@@ -1620,15 +1595,7 @@ async fn rate_limit(db: Db) {
     assert_eq!(partners.len(), registered);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn rate_limit_sqlite() {
-    rate_limit(Db::Sqlite).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn rate_limit_postgres() {
-    rate_limit(Db::Postgres).await;
-}
+on_both_databases!(rate_limit, db = rate_limit);
 
 // ---------------------------------------------------------------------------------------------
 // Local development mode.

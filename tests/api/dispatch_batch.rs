@@ -16,6 +16,7 @@ use partner_payouts::sandbox::{SandboxBank, SandboxConfig};
 use tonic::{Request, Response, Status};
 
 use crate::helpers::*;
+use crate::on_both_databases;
 
 use pb::DisbursementStatus::{Failed, Paid, Queued, Submitted, Unspecified};
 
@@ -341,22 +342,12 @@ async fn the_budget_counts_the_batch(db: Db) {
     app.stop().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_mixed_batch_ends_each_payout_as_alone_sqlite() {
-    a_mixed_batch_ends_each_payout_as_alone(Db::Sqlite).await;
-}
+on_both_databases!(
+    a_mixed_batch_ends_each_payout_as_alone,
+    db = a_mixed_batch_ends_each_payout_as_alone
+);
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_mixed_batch_ends_each_payout_as_alone_postgres() {
-    a_mixed_batch_ends_each_payout_as_alone(Db::Postgres).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_budget_counts_the_batch_sqlite() {
-    the_budget_counts_the_batch(Db::Sqlite).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_budget_counts_the_batch_postgres() {
-    the_budget_counts_the_batch(Db::Postgres).await;
-}
+on_both_databases!(
+    the_budget_counts_the_batch,
+    db = the_budget_counts_the_batch
+);

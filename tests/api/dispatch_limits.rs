@@ -5,6 +5,7 @@ use std::time::Duration;
 use partner_payouts::proto::payouts::v1 as pb;
 
 use crate::helpers::*;
+use crate::on_both_databases;
 
 /// Quiet hours covering now: approved claims wait in QUEUED and nothing is sent.
 async fn quiet_hours_hold_dispatch(db: Db) {
@@ -67,22 +68,6 @@ async fn budget_is_never_exceeded(db: Db) {
     assert_eq!(summary.in_flight_count, 1);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn quiet_hours_hold_dispatch_sqlite() {
-    quiet_hours_hold_dispatch(Db::Sqlite).await;
-}
+on_both_databases!(quiet_hours_hold_dispatch, db = quiet_hours_hold_dispatch);
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn quiet_hours_hold_dispatch_postgres() {
-    quiet_hours_hold_dispatch(Db::Postgres).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn budget_is_never_exceeded_sqlite() {
-    budget_is_never_exceeded(Db::Sqlite).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn budget_is_never_exceeded_postgres() {
-    budget_is_never_exceeded(Db::Postgres).await;
-}
+on_both_databases!(budget_is_never_exceeded, db = budget_is_never_exceeded);

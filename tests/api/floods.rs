@@ -7,12 +7,14 @@ use std::time::{Duration, Instant};
 
 use futures::StreamExt as _;
 use partner_payouts::auth::AuthSettings;
+use partner_payouts::config::Settings;
 use partner_payouts::proto::payouts::v1 as pb;
 use tonic::Code;
 use tonic_types::StatusExt;
 
 use crate::access::{r#as, audit_events, auth_settings, authed, token, write_pii_key};
 use crate::helpers::*;
+use crate::on_both_databases;
 
 const REGISTER: &str = "/payouts.v1.PartnerService/RegisterPartner";
 /// A well-formed bearer token that no principal was given.
@@ -22,20 +24,17 @@ const FLOOD: usize = 2_000;
 /// need not wait long, but long enough that a flood of a few seconds spans few intervals.
 const DENIAL_AUDIT_INTERVAL: Duration = Duration::from_secs(1);
 
-/// The service with `[auth]`, the default per-peer limit of refused calls, and a short audit
-/// interval for them.
-async fn spawn_guarded(db: Db) -> TestApp {
-    spawn_app(db, |s| {
-        let defaults = AuthSettings::default();
-        let mut auth = auth_settings(None);
-        auth.denied_rate_limit_per_second = defaults.denied_rate_limit_per_second;
-        auth.denied_rate_limit_burst = defaults.denied_rate_limit_burst;
-        auth.denial_audit_interval_ms =
-            u64::try_from(DENIAL_AUDIT_INTERVAL.as_millis()).expect("small");
-        s.auth = Some(auth);
-        write_pii_key(&s.pii_key_file);
-    })
-    .await
+/// Settings of the service with `[auth]`, the default per-peer limit of refused calls, and a
+/// short audit interval for them.
+fn guarded(s: &mut Settings) {
+    let defaults = AuthSettings::default();
+    let mut auth = auth_settings(None);
+    auth.denied_rate_limit_per_second = defaults.denied_rate_limit_per_second;
+    auth.denied_rate_limit_burst = defaults.denied_rate_limit_burst;
+    auth.denial_audit_interval_ms =
+        u64::try_from(DENIAL_AUDIT_INTERVAL.as_millis()).expect("small");
+    s.auth = Some(auth);
+    write_pii_key(&s.pii_key_file);
 }
 
 /// RegisterPartner with a token nobody was given.
@@ -175,17 +174,11 @@ async fn a_flood_of_bad_tokens_is_limited_and_audited_in_aggregate(app: TestApp)
     assert_eq!(status.code(), Code::Unauthenticated, "{status:?}");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_flood_of_bad_tokens_is_limited_and_audited_in_aggregate_sqlite() {
-    a_flood_of_bad_tokens_is_limited_and_audited_in_aggregate(spawn_guarded(Db::Sqlite).await)
-        .await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_flood_of_bad_tokens_is_limited_and_audited_in_aggregate_postgres() {
-    a_flood_of_bad_tokens_is_limited_and_audited_in_aggregate(spawn_guarded(Db::Postgres).await)
-        .await;
-}
+on_both_databases!(
+    a_flood_of_bad_tokens_is_limited_and_audited_in_aggregate,
+    settings = guarded,
+    a_flood_of_bad_tokens_is_limited_and_audited_in_aggregate
+);
 
 /// While its address is over the budget of refused calls, a good principal on the same
 /// address (the same connection, even) is answered and audited call by call.
@@ -258,14 +251,8 @@ async fn a_good_principal_behind_a_flooding_address_is_not_limited(app: TestApp)
     );
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_good_principal_behind_a_flooding_address_is_not_limited_sqlite() {
-    a_good_principal_behind_a_flooding_address_is_not_limited(spawn_guarded(Db::Sqlite).await)
-        .await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_good_principal_behind_a_flooding_address_is_not_limited_postgres() {
-    a_good_principal_behind_a_flooding_address_is_not_limited(spawn_guarded(Db::Postgres).await)
-        .await;
-}
+on_both_databases!(
+    a_good_principal_behind_a_flooding_address_is_not_limited,
+    settings = guarded,
+    a_good_principal_behind_a_flooding_address_is_not_limited
+);

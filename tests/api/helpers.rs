@@ -13,26 +13,43 @@ use partner_payouts::proto::payouts::v1::{
 use tonic::transport::Channel;
 use tonic_types::StatusExt;
 
-/// Runs `$body` (an async fn taking a `TestApp`) once per database.
+/// The one way to run a test on both databases: as `$name::sqlite` and `$name::postgres`,
+/// each on a fresh database.
+///
+/// - `on_both_databases!(name, |app: TestApp| async move { … })`: on the test service;
+/// - `on_both_databases!(name, settings = |s: &mut Settings| …, |app: TestApp| async move { … })`:
+///   on the test service with changed settings;
+/// - `on_both_databases!(name, db = some_test)`: `some_test(Db)` sets up what it needs itself
+///   (several services, a bank of its own, …) on the database it is given.
 #[macro_export]
 macro_rules! on_both_databases {
-    ($name:ident, $body:expr) => {
+    ($name:ident, db = $test:expr $(,)?) => {
         mod $name {
             #[allow(unused_imports)]
             use super::*;
 
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
             async fn sqlite() {
-                let app = $crate::helpers::spawn_app($crate::helpers::Db::Sqlite, |_| {}).await;
-                ($body)(app).await;
+                ($test)($crate::helpers::Db::Sqlite).await;
             }
 
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
             async fn postgres() {
-                let app = $crate::helpers::spawn_app($crate::helpers::Db::Postgres, |_| {}).await;
-                ($body)(app).await;
+                ($test)($crate::helpers::Db::Postgres).await;
             }
         }
+    };
+    ($name:ident, settings = $tweak:expr, $body:expr $(,)?) => {
+        $crate::on_both_databases!(
+            $name,
+            db = |db| async move {
+                let app = $crate::helpers::spawn_app(db, $tweak).await;
+                ($body)(app).await;
+            }
+        );
+    };
+    ($name:ident, $body:expr $(,)?) => {
+        $crate::on_both_databases!($name, settings = |_| {}, $body);
     };
 }
 
@@ -103,13 +120,19 @@ pub async fn fresh_postgres_database() -> String {
     format!("{base}/{name}")
 }
 
+/// A new, empty database of kind `db`: a file in `dir` for SQLite, a database of its own on
+/// the test server for PostgreSQL.
+pub async fn fresh_database(db: Db, dir: &std::path::Path) -> String {
+    match db {
+        Db::Sqlite => format!("sqlite://{}", dir.join("payouts.db").display()),
+        Db::Postgres => fresh_postgres_database().await,
+    }
+}
+
 /// The service on 127.0.0.1:0 with a fresh database; `tweak` may change the settings.
 pub async fn spawn_app(db: Db, tweak: impl FnOnce(&mut Settings)) -> TestApp {
     let dir = tempfile::tempdir().expect("temp dir");
-    let database_url = match db {
-        Db::Sqlite => format!("sqlite://{}", dir.path().join("payouts.db").display()),
-        Db::Postgres => fresh_postgres_database().await,
-    };
+    let database_url = fresh_database(db, dir.path()).await;
     let mut settings = Settings {
         listen_addr: "127.0.0.1:0".parse().expect("addr"),
         database_url: database_url.clone(),

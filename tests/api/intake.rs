@@ -4,6 +4,7 @@ use partner_payouts::proto::payouts::v1 as pb;
 use tonic::Code;
 
 use crate::helpers::*;
+use crate::on_both_databases;
 
 async fn claims_outside_the_window_are_refused(db: Db) {
     let dir = tempfile::tempdir().expect("temp dir");
@@ -49,15 +50,10 @@ async fn claims_outside_the_window_are_refused(db: Db) {
     assert!(listed.claims.is_empty());
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn claims_outside_the_window_are_refused_sqlite() {
-    claims_outside_the_window_are_refused(Db::Sqlite).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn claims_outside_the_window_are_refused_postgres() {
-    claims_outside_the_window_are_refused(Db::Postgres).await;
-}
+on_both_databases!(
+    claims_outside_the_window_are_refused,
+    db = claims_outside_the_window_are_refused
+);
 
 #[tokio::test]
 async fn a_malformed_policy_stops_start_up_naming_the_key() {

@@ -1,5 +1,5 @@
-//! Black-box tests through a real gRPC channel. Every test runs twice: once on SQLite, once on
-//! PostgreSQL (a fresh database each time).
+//! Black-box tests through a real gRPC channel. A test runs on both databases through
+//! [`on_both_databases!`]: as `name::sqlite` and `name::postgres`, each on a fresh database.
 
 mod access;
 mod claims;

@@ -13,6 +13,7 @@ use tonic::Code;
 
 use crate::access::{r#as, get_claim_as_viewer, token, write_pii_key};
 use crate::helpers::*;
+use crate::on_both_databases;
 
 use pb::import_claims_response::Outcome as ClaimOutcome;
 
@@ -255,15 +256,10 @@ async fn a_request_id_is_scoped_to_its_principal(db: Db) {
     app.stop().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_request_id_is_scoped_to_its_principal_sqlite() {
-    a_request_id_is_scoped_to_its_principal(Db::Sqlite).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_request_id_is_scoped_to_its_principal_postgres() {
-    a_request_id_is_scoped_to_its_principal(Db::Postgres).await;
-}
+on_both_databases!(
+    a_request_id_is_scoped_to_its_principal,
+    db = a_request_id_is_scoped_to_its_principal
+);
 
 // ---------------------------------------------------------------------------------------------
 // (c): another principal's use of a request id is its own request, in shared commits too.
@@ -345,15 +341,10 @@ async fn another_principals_request_id_is_its_own_request(db: Db) {
     app.stop().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn another_principals_request_id_is_its_own_request_sqlite() {
-    another_principals_request_id_is_its_own_request(Db::Sqlite).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn another_principals_request_id_is_its_own_request_postgres() {
-    another_principals_request_id_is_its_own_request(Db::Postgres).await;
-}
+on_both_databases!(
+    another_principals_request_id_is_its_own_request,
+    db = another_principals_request_id_is_its_own_request
+);
 
 // ---------------------------------------------------------------------------------------------
 // (d): an import row replays its principal's unary call, and only its principal's.
@@ -432,15 +423,10 @@ async fn an_import_row_replays_only_its_own_principals_call(db: Db) {
     app.stop().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_import_row_replays_only_its_own_principals_call_sqlite() {
-    an_import_row_replays_only_its_own_principals_call(Db::Sqlite).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_import_row_replays_only_its_own_principals_call_postgres() {
-    an_import_row_replays_only_its_own_principals_call(Db::Postgres).await;
-}
+on_both_databases!(
+    an_import_row_replays_only_its_own_principals_call,
+    db = an_import_row_replays_only_its_own_principals_call
+);
 
 // ---------------------------------------------------------------------------------------------
 // Settlement runs: a run's request id is its caller's too.
@@ -517,12 +503,7 @@ async fn a_settlement_run_request_id_is_scoped_to_its_principal(db: Db) {
     app.stop().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_settlement_run_request_id_is_scoped_to_its_principal_sqlite() {
-    a_settlement_run_request_id_is_scoped_to_its_principal(Db::Sqlite).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_settlement_run_request_id_is_scoped_to_its_principal_postgres() {
-    a_settlement_run_request_id_is_scoped_to_its_principal(Db::Postgres).await;
-}
+on_both_databases!(
+    a_settlement_run_request_id_is_scoped_to_its_principal,
+    db = a_settlement_run_request_id_is_scoped_to_its_principal
+);
