@@ -1,6 +1,5 @@
 //! The `partner-payouts` command: `serve` (default), `migrate`, `sandbox-bank`.
 
-use std::net::SocketAddr;
 use std::path::PathBuf;
 
 use clap::{Parser, Subcommand};
@@ -36,7 +35,7 @@ enum Command {
     #[cfg(feature = "sandbox")]
     SandboxBank {
         #[arg(long, default_value = "127.0.0.1:50061")]
-        listen: SocketAddr,
+        listen: std::net::SocketAddr,
         /// Milliseconds before an accepted instruction settles as paid.
         #[arg(long, default_value_t = 0)]
         settle_delay_ms: u64,
