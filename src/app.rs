@@ -193,10 +193,7 @@ impl Application {
         if let Some(tls) = &settings.tls {
             builder = builder.tls_config(crate::auth::tls::server_tls_config(tls)?)?;
         }
-        let incoming = crate::net::Incoming::new(
-            listener,
-            crate::net::ConnectionLimits::from_settings(&settings),
-        );
+        let incoming = crate::net::Incoming::new(listener, settings.connection_limits());
         let server = builder
             .timeout(Duration::from_millis(settings.request_timeout_ms))
             .concurrency_limit_per_connection(settings.max_concurrent_requests)

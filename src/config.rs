@@ -3,11 +3,13 @@
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::time::Duration;
 
 use figment::Figment;
 use figment::providers::{Env, Format, Serialized, Toml};
 use serde::{Deserialize, Serialize};
 
+use crate::net::ConnectionLimits;
 use crate::secret::Secret;
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -123,6 +125,16 @@ impl Settings {
             .map_err(|e| anyhow::anyhow!("settings: {e}"))?;
         settings.validate()?;
         Ok(settings)
+    }
+
+    /// The limits on the connections of the gRPC server.
+    pub fn connection_limits(&self) -> ConnectionLimits {
+        ConnectionLimits {
+            handshake_timeout: Duration::from_millis(self.handshake_timeout_ms),
+            idle_timeout: Duration::from_millis(self.idle_timeout_ms),
+            max_connections: self.max_connections,
+            tls: self.tls.is_some(),
+        }
     }
 
     /// Checks the settings as a whole; [`Settings::load`] and the application both call it.
