@@ -14,17 +14,18 @@ use crate::api::{
     Context, audit::Audit, claims::Claims, disbursements::Disbursements, partners::Partners,
 };
 use crate::auth::audit::{AuditDenials, AuditLayer};
-use crate::auth::crypto::PiiCipher;
 use crate::auth::{AuthLayer, Authenticator};
 use crate::config::Settings;
+use crate::discovery;
 use crate::domain::{DEFAULT_POLICY_TOML, Policy};
 use crate::payments::{Dispatcher, DispatcherConfig, QuietHours, connect_backend};
-use crate::proto::payouts::v1::{
-    audit_service_server::AuditServiceServer, claim_service_server::ClaimServiceServer,
-    disbursement_service_server::DisbursementServiceServer,
-    partner_service_server::PartnerServiceServer,
-};
+use crate::proto::payouts::v1::audit_service_server::{self, AuditServiceServer};
+use crate::proto::payouts::v1::claim_service_server::{self, ClaimServiceServer};
+use crate::proto::payouts::v1::disbursement_service_server::{self, DisbursementServiceServer};
+use crate::proto::payouts::v1::partner_service_server::{self, PartnerServiceServer};
+#[cfg(feature = "sandbox")]
 use crate::sandbox;
+use crate::sealing::PiiCipher;
 use crate::store::{Store, postgres::PgStore, sqlite::SqliteStore};
 
 /// The key that seals account numbers: `PAYOUTS_PII_KEY`, else the key file, which local
@@ -89,7 +90,7 @@ pub struct Application {
     settings: Settings,
     ctx: Context,
     dispatcher: Dispatcher,
-    sandbox: Option<(TcpListener, sandbox::SandboxBank)>,
+    sandbox: Option<EmbeddedBank>,
     authenticator: Arc<Authenticator>,
 }
 
@@ -113,13 +114,8 @@ impl Application {
         let (backend_url, sandbox) = match &settings.payments_backend_url {
             Some(url) => (url.clone(), None),
             None => {
-                let listener = TcpListener::bind("127.0.0.1:0").await?;
-                let url = format!("http://{}", listener.local_addr()?);
-                let bank = sandbox::SandboxBank::new(sandbox::SandboxConfig {
-                    settle_delay: Duration::from_millis(settings.sandbox_settle_delay_ms),
-                    ..sandbox::SandboxConfig::default()
-                });
-                (url, Some((listener, bank)))
+                let (url, bank) = EmbeddedBank::bind(&settings).await?;
+                (url, Some(bank))
             }
         };
         let dispatcher = Dispatcher::new(
@@ -180,70 +176,32 @@ impl Application {
             sandbox,
             authenticator,
         } = self;
-        let (stop_tx, stop_rx) = watch::channel(false);
-        let stopped = |mut rx: watch::Receiver<bool>| async move {
-            let _ = rx.wait_for(|stop| *stop).await;
-        };
-
-        let sandbox_task: Option<JoinHandle<anyhow::Result<()>>> = sandbox.map(|(l, bank)| {
-            tracing::warn!(
-                "payments go to the EMBEDDED SANDBOX BANK at {}: no money moves. \
-                 Set PAYOUTS_PAYMENTS_BACKEND_URL to pay for real.",
-                l.local_addr().map(|a| a.to_string()).unwrap_or_default()
-            );
-            tokio::spawn(sandbox::serve(l, bank, stopped(stop_rx.clone())))
-        });
-        let dispatch_task = tokio::spawn(dispatcher.run(stopped(stop_rx.clone())));
-        let peers_task = tokio::spawn(crate::auth::forget_quiet_peers(
-            authenticator.clone(),
-            stopped(stop_rx.clone()),
-        ));
-        let denials = Arc::new(AuditDenials::spawn(
-            ctx.store.clone(),
-            settings
-                .auth
-                .clone()
-                .unwrap_or_default()
-                .denial_audit_interval(),
-        ));
+        let background = Background::start(&settings, &ctx, dispatcher, sandbox, &authenticator);
 
         let max = settings.max_message_bytes;
-        let (health_reporter, health_service) = tonic_health::server::health_reporter();
-        health_reporter
-            .set_serving::<PartnerServiceServer<Partners>>()
-            .await;
-        health_reporter
-            .set_serving::<ClaimServiceServer<Claims>>()
-            .await;
-        health_reporter
-            .set_serving::<DisbursementServiceServer<Disbursements>>()
-            .await;
-        health_reporter
-            .set_serving::<AuditServiceServer<Audit>>()
-            .await;
-        let reflection_v1 = tonic_reflection::server::Builder::configure()
-            .register_encoded_file_descriptor_set(crate::proto::FILE_DESCRIPTOR_SET)
-            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-            .build_v1()?;
-        let reflection_v1alpha = tonic_reflection::server::Builder::configure()
-            .register_encoded_file_descriptor_set(crate::proto::FILE_DESCRIPTOR_SET)
-            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-            .build_v1alpha()?;
+        let (_health_reporter, health_service) = discovery::health_serving(&[
+            partner_service_server::SERVICE_NAME,
+            claim_service_server::SERVICE_NAME,
+            disbursement_service_server::SERVICE_NAME,
+            audit_service_server::SERVICE_NAME,
+        ])
+        .await;
+        let (reflection_v1, reflection_v1alpha) = discovery::reflection(None)?;
 
         tracing::info!(addr = %listener.local_addr()?, database = %redact_url(&settings.database_url), "serving");
         let mut builder = tonic::transport::Server::builder();
         if let Some(tls) = &settings.tls {
             builder = builder.tls_config(crate::auth::tls::server_tls_config(tls)?)?;
         }
-        let incoming = crate::net::Incoming::new(
-            listener,
-            crate::net::ConnectionLimits::from_settings(&settings),
-        );
+        let incoming = crate::net::Incoming::new(listener, settings.connection_limits());
         let server = builder
             .timeout(Duration::from_millis(settings.request_timeout_ms))
             .concurrency_limit_per_connection(settings.max_concurrent_requests)
             .layer(crate::telemetry::RpcTraceLayer)
-            .layer(AuthLayer::with_denial_sink(authenticator, denials.clone()))
+            .layer(AuthLayer::with_denial_sink(
+                authenticator,
+                background.denials.clone(),
+            ))
             .layer(AuditLayer::new(ctx.store.clone()))
             .add_service(health_service)
             .add_service(reflection_v1)
@@ -262,16 +220,128 @@ impl Application {
             .add_service(AuditServiceServer::new(Audit { ctx }).max_decoding_message_size(max))
             .serve_with_incoming_shutdown(incoming, shutdown);
         let served = server.await;
-        denials.flush().await;
-        tracing::info!("server stopped accepting; stopping the dispatcher");
-        let _ = stop_tx.send(true);
-        dispatch_task.await?;
-        peers_task.await?;
-        if let Some(task) = sandbox_task {
-            task.await??;
-        }
+        background.stop().await?;
         served?;
         Ok(())
+    }
+}
+
+/// What runs beside the gRPC server: the dispatcher, the sweep of refused peers, the writer
+/// of denials to the audit log and, without a configured backend, the sandbox bank.
+struct Background {
+    stop: watch::Sender<bool>,
+    dispatch: JoinHandle<()>,
+    peers: JoinHandle<()>,
+    sandbox: Option<JoinHandle<anyhow::Result<()>>>,
+    denials: Arc<AuditDenials>,
+}
+
+impl Background {
+    fn start(
+        settings: &Settings,
+        ctx: &Context,
+        dispatcher: Dispatcher,
+        sandbox: Option<EmbeddedBank>,
+        authenticator: &Arc<Authenticator>,
+    ) -> Self {
+        let (stop, stop_rx) = watch::channel(false);
+        let stopped = |mut rx: watch::Receiver<bool>| async move {
+            let _ = rx.wait_for(|stop| *stop).await;
+        };
+        let sandbox = sandbox.map(|bank| bank.spawn(stopped(stop_rx.clone())));
+        let dispatch = tokio::spawn(dispatcher.run(stopped(stop_rx.clone())));
+        let peers = tokio::spawn(crate::auth::forget_quiet_peers(
+            authenticator.clone(),
+            stopped(stop_rx),
+        ));
+        let denials = Arc::new(AuditDenials::spawn(
+            ctx.store.clone(),
+            settings
+                .auth
+                .clone()
+                .unwrap_or_default()
+                .denial_audit_interval(),
+        ));
+        Self {
+            stop,
+            dispatch,
+            peers,
+            sandbox,
+            denials,
+        }
+    }
+
+    /// Once the server stopped accepting: writes the last denials, then stops the dispatcher
+    /// after its current work, and the rest.
+    async fn stop(self) -> anyhow::Result<()> {
+        self.denials.flush().await;
+        tracing::info!("server stopped accepting; stopping the dispatcher");
+        let _ = self.stop.send(true);
+        self.dispatch.await?;
+        self.peers.await?;
+        if let Some(task) = self.sandbox {
+            task.await??;
+        }
+        Ok(())
+    }
+}
+
+/// The sandbox bank `serve` starts in process when no payments backend is configured: no
+/// money moves. Builds without the `sandbox` feature have none, and `serve` then needs a
+/// backend.
+#[cfg(feature = "sandbox")]
+struct EmbeddedBank {
+    listener: TcpListener,
+    bank: sandbox::SandboxBank,
+}
+
+#[cfg(feature = "sandbox")]
+impl EmbeddedBank {
+    /// A bank on a loopback port of its own, and the URL to reach it.
+    async fn bind(settings: &Settings) -> anyhow::Result<(String, Self)> {
+        let listener = TcpListener::bind("127.0.0.1:0").await?;
+        let url = format!("http://{}", listener.local_addr()?);
+        let bank = sandbox::SandboxBank::new(sandbox::SandboxConfig {
+            settle_delay: Duration::from_millis(settings.sandbox_settle_delay_ms),
+            ..sandbox::SandboxConfig::default()
+        });
+        Ok((url, Self { listener, bank }))
+    }
+
+    fn spawn(
+        self,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> JoinHandle<anyhow::Result<()>> {
+        tracing::warn!(
+            "payments go to the EMBEDDED SANDBOX BANK at {}: no money moves. \
+             Set PAYOUTS_PAYMENTS_BACKEND_URL to pay for real.",
+            self.listener
+                .local_addr()
+                .map(|a| a.to_string())
+                .unwrap_or_default()
+        );
+        tokio::spawn(sandbox::serve(self.listener, self.bank, shutdown))
+    }
+}
+
+/// Without the `sandbox` feature there is no bank to start: a value of this type never exists.
+#[cfg(not(feature = "sandbox"))]
+enum EmbeddedBank {}
+
+#[cfg(not(feature = "sandbox"))]
+impl EmbeddedBank {
+    async fn bind(_settings: &Settings) -> anyhow::Result<(String, Self)> {
+        anyhow::bail!(
+            "no payments backend: set PAYOUTS_PAYMENTS_BACKEND_URL (this build has no sandbox \
+             bank; it was built without the `sandbox` feature)"
+        )
+    }
+
+    fn spawn(
+        self,
+        _shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> JoinHandle<anyhow::Result<()>> {
+        match self {}
     }
 }
 

@@ -3,10 +3,14 @@
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::time::Duration;
 
 use figment::Figment;
 use figment::providers::{Env, Format, Serialized, Toml};
 use serde::{Deserialize, Serialize};
+
+use crate::net::ConnectionLimits;
+use crate::secret::Secret;
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default)]
@@ -123,6 +127,16 @@ impl Settings {
         Ok(settings)
     }
 
+    /// The limits on the connections of the gRPC server.
+    pub fn connection_limits(&self) -> ConnectionLimits {
+        ConnectionLimits {
+            handshake_timeout: Duration::from_millis(self.handshake_timeout_ms),
+            idle_timeout: Duration::from_millis(self.idle_timeout_ms),
+            max_connections: self.max_connections,
+            tls: self.tls.is_some(),
+        }
+    }
+
     /// Checks the settings as a whole; [`Settings::load`] and the application both call it.
     pub fn validate(&self) -> anyhow::Result<()> {
         if !(self.database_url.starts_with("sqlite:") || self.database_url.starts_with("postgres"))
@@ -161,26 +175,5 @@ impl Settings {
                 .map_err(|e| anyhow::anyhow!("settings: dispatch_quiet_hours: {e}"))?;
         }
         Ok(())
-    }
-}
-
-/// A setting that must never be printed: `Debug` shows `***`.
-#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(transparent)]
-pub struct Secret(String);
-
-impl Secret {
-    pub fn new(value: impl Into<String>) -> Self {
-        Self(value.into())
-    }
-
-    pub fn expose(&self) -> &str {
-        &self.0
-    }
-}
-
-impl std::fmt::Debug for Secret {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("***")
     }
 }

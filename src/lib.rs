@@ -2,22 +2,36 @@
 //! compensation under a versioned policy, and pays each approved claim exactly once.
 //!
 //! - [`domain`]: pure types and rules (registration numbers, accounts, the policy, state machines).
-//! - [`store`]: persistence behind one trait, on PostgreSQL and SQLite.
+//! - [`store`]: persistence, on PostgreSQL and SQLite.
 //! - [`api`]: the gRPC services, translating protos to domain types and errors to statuses.
+//! - [`auth`]: who may call what, beside the services as a tower layer.
 //! - [`payments`]: the payments-backend client and the dispatcher.
-//! - [`sandbox`]: the sandbox bank, a fake payments backend (no money moves) that `serve`
-//!   starts only when no backend is configured.
+//! - `sandbox` (cargo feature `sandbox`, on by default): the sandbox bank, a fake payments
+//!   backend (no money moves) that `serve` starts only when no backend is configured.
 //! - [`app`]: wiring everything from [`config::Settings`] into a running server.
+//!
+//! Leaf modules, which import nothing of the crate but [`proto`]: [`principal`] (the caller),
+//! [`status`] and [`status_body`] (gRPC statuses), [`sealing`] (account numbers at rest),
+//! [`secret`] (settings that never print), [`discovery`] (health and reflection).
+//!
+//! Imports run one way: `domain` <- `store` <- `api` and `payments`; `auth` stands beside
+//! `api`; everything may use the leaf modules; only `app` (and `main`) see all of it.
 
 pub mod api;
 pub mod app;
 pub mod auth;
 pub mod config;
+pub mod discovery;
 pub mod domain;
 pub mod net;
 pub mod payments;
+pub mod principal;
 pub mod proto;
+#[cfg(feature = "sandbox")]
 pub mod sandbox;
+pub mod sealing;
+pub mod secret;
+pub mod status;
 pub mod status_body;
 pub mod store;
 pub mod telemetry;

@@ -1,10 +1,11 @@
 //! The `partner-payouts` command: `serve` (default), `migrate`, `sandbox-bank`.
 
-use std::net::SocketAddr;
 use std::path::PathBuf;
 
 use clap::{Parser, Subcommand};
-use partner_payouts::{app, config::Settings, sandbox, telemetry};
+#[cfg(feature = "sandbox")]
+use partner_payouts::sandbox;
+use partner_payouts::{app, config::Settings, telemetry};
 
 /// mimalloc: the service allocates many small, short-lived buffers per call, which glibc's
 /// allocator serves markedly slower under concurrency.
@@ -31,9 +32,10 @@ enum Command {
     /// Apply the database migrations and exit.
     Migrate,
     /// Run the sandbox bank (a fake payments backend; no money moves) on its own.
+    #[cfg(feature = "sandbox")]
     SandboxBank {
         #[arg(long, default_value = "127.0.0.1:50061")]
-        listen: SocketAddr,
+        listen: std::net::SocketAddr,
         /// Milliseconds before an accepted instruction settles as paid.
         #[arg(long, default_value_t = 0)]
         settle_delay_ms: u64,
@@ -73,6 +75,7 @@ async fn run(command: Command, settings: Settings) -> anyhow::Result<()> {
             tracing::info!("migrations applied");
             Ok(())
         }
+        #[cfg(feature = "sandbox")]
         Command::SandboxBank {
             listen,
             settle_delay_ms,

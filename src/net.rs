@@ -20,8 +20,6 @@ use tokio::time::{Instant, Sleep};
 use tokio_stream::Stream;
 use tonic::transport::server::{Connected, TcpIncoming};
 
-use crate::config::Settings;
-
 /// The connections `listener` accepts, with Nagle's algorithm off. tonic does not apply its
 /// `tcp_nodelay` setting to a listener it is handed, and with Nagle on, a small answer written
 /// while the caller's acknowledgement of the previous one is delayed waits for it: about 40 ms.
@@ -44,17 +42,6 @@ pub struct ConnectionLimits {
     /// TLS is applied above these connections, so the HTTP/2 handshake is not visible in their
     /// bytes; the TLS handshake stands for it.
     pub tls: bool,
-}
-
-impl ConnectionLimits {
-    pub fn from_settings(settings: &Settings) -> Self {
-        Self {
-            handshake_timeout: Duration::from_millis(settings.handshake_timeout_ms),
-            idle_timeout: Duration::from_millis(settings.idle_timeout_ms),
-            max_connections: settings.max_connections,
-            tls: settings.tls.is_some(),
-        }
-    }
 }
 
 /// At most one log line per this interval for events that a flood repeats.

@@ -7,14 +7,16 @@ use tonic::{Code, Request, Response, Status, Streaming};
 
 use super::imports::{self, Import, RowResult, Written};
 use super::{
-    Context, Principal, Violations, convert, decode_replay, idempotency, next_page_token, page,
-    record_touched, respond, status_with_reason,
+    Context, Violations, convert, decode_replay, idempotency, next_page_token, page,
+    record_touched, respond,
 };
 use crate::domain::text::Reason;
 use crate::domain::{
     self, BusinessRegistrationNumber, Claim, Evidence, LossItem, NewClaim, Policy, ReviewDecision,
 };
+use crate::principal::Principal;
 use crate::proto::payouts::v1::{self as pb, claim_service_server::ClaimService};
+use crate::status::status_with_reason;
 use crate::store::{
     BatchAudit, ClaimFilter, ClaimSubmission, PartnerRef, Review, Store, StoreError, Stored,
 };

@@ -3,10 +3,11 @@
 use tonic::{Request, Response, Status};
 
 use super::{
-    Context, Principal, Violations, convert, finance, idempotency, next_page_token, page,
-    record_touched, respond,
+    Context, Violations, convert, finance, idempotency, next_page_token, page, record_touched,
+    respond,
 };
 use crate::domain::text::Reason;
+use crate::principal::Principal;
 use crate::proto::payouts::v1::{self as pb, disbursement_service_server::DisbursementService};
 use crate::store::{Disbursement, DisbursementFilter, DispatchState, StoreError};
 

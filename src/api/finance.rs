@@ -16,10 +16,11 @@ use tonic::{Request, Response, Status, Streaming};
 use tracing::Instrument as _;
 use uuid::Uuid;
 
-use super::{Context, Principal, Violations, convert};
+use super::{Context, Violations, convert};
 use crate::domain::{
     DisbursementStatus, Invalid, MismatchKind, SettlementLine, SettlementMismatch,
 };
+use crate::principal::Principal;
 use crate::proto::payouts::v1 as pb;
 use crate::store::isolate::{may_be_a_rows_fault, write_isolating};
 use crate::store::{ExportFilter, Micros, SettlementTotals, Store, StoreError, now_micros};

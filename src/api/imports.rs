@@ -34,9 +34,11 @@ use tonic::{Request, Status, Streaming};
 use tracing::Instrument as _;
 use uuid::Uuid;
 
-use super::{Principal, code_of, decode_replay, status_message};
+use super::{code_of, decode_replay};
 use crate::domain::text;
+use crate::principal::Principal;
 use crate::proto::google::rpc;
+use crate::status::status_message;
 use crate::store::isolate::write_isolating;
 use crate::store::{self, AuditEvent, BatchAudit, Store, Stored, now_micros};
 

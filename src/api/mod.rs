@@ -1,7 +1,6 @@
 //! The gRPC services: proto in, domain types (which validate) to the store, proto out.
 //! Handlers are thin; errors become canonical codes with `google.rpc` details.
 
-use std::collections::HashMap;
 use std::sync::Arc;
 
 use base64::Engine as _;
@@ -12,6 +11,7 @@ use tonic_types::{ErrorDetails, StatusExt};
 use uuid::Uuid;
 
 use crate::domain::{Invalid, Policy};
+use crate::status::status_with_reason;
 use crate::store::{Idempotency, Page, Store, StoreError, Stored};
 
 pub mod audit;
@@ -22,9 +22,6 @@ pub mod finance;
 pub mod group_commit;
 pub mod imports;
 pub mod partners;
-
-/// The `ErrorInfo` domain of every error this service returns.
-pub const ERROR_DOMAIN: &str = "payouts";
 
 /// What every service handler needs.
 #[derive(Clone)]
@@ -44,21 +41,6 @@ impl Context {
             policy,
             intake,
         }
-    }
-}
-
-/// The caller, as authenticated. Without configured authentication every caller is `local-dev`.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Principal(pub String);
-
-impl Principal {
-    pub const LOCAL_DEV: &'static str = "local-dev";
-
-    pub fn of<T>(request: &tonic::Request<T>) -> String {
-        request
-            .extensions()
-            .get::<Principal>()
-            .map_or_else(|| Self::LOCAL_DEV.to_owned(), |p| p.0.clone())
     }
 }
 
@@ -119,24 +101,6 @@ impl Violations {
             details,
         ))
     }
-}
-
-/// A status with `ErrorInfo{reason, domain: payouts, metadata}`.
-pub fn status_with_reason(
-    code: Code,
-    reason: &str,
-    message: impl Into<String>,
-    metadata: &[(&str, String)],
-) -> Status {
-    let metadata: HashMap<String, String> = metadata
-        .iter()
-        .map(|(k, v)| ((*k).to_owned(), v.clone()))
-        .collect();
-    Status::with_error_details(
-        code,
-        message,
-        ErrorDetails::with_error_info(reason, ERROR_DOMAIN, metadata),
-    )
 }
 
 /// The code [`Status::from`] gives a store error, without making the status.
@@ -269,17 +233,6 @@ pub fn respond<T, R: Message + Default>(
 /// A response kept for replays, read back.
 pub fn decode_replay<R: Message + Default>(bytes: &[u8]) -> Result<R, Status> {
     R::decode(bytes).map_err(|e| Status::internal(format!("stored response unreadable: {e}")))
-}
-
-/// A call's error as a `google.rpc.Status` message, details and all, for a response that
-/// reports it in a field (as bulk intake does per row).
-pub fn status_message(status: &Status) -> crate::proto::google::rpc::Status {
-    // A status made with error details carries them as an encoded google.rpc.Status.
-    let mut message =
-        crate::proto::google::rpc::Status::decode(status.details()).unwrap_or_default();
-    message.code = status.code() as i32;
-    message.message = status.message().to_owned();
-    message
 }
 
 pub const DEFAULT_PAGE_SIZE: u32 = 50;

@@ -7,7 +7,7 @@ use tonic::{Request, Response, Status, Streaming};
 
 use super::imports::{self, Import, RowResult, Written};
 use super::{
-    Context, Principal, Violations, convert, decode_replay, idempotency, next_page_token, page,
+    Context, Violations, convert, decode_replay, idempotency, next_page_token, page,
     record_touched, respond,
 };
 use crate::domain::text;
@@ -15,6 +15,7 @@ use crate::domain::{
     AccountNumber, BankAccount, BankCode, BusinessRegistrationNumber, ContactEmail, NewPartner,
     PartnerProfile, PersonOrBusinessName,
 };
+use crate::principal::Principal;
 use crate::proto::payouts::v1::{self as pb, partner_service_server::PartnerService};
 use crate::store::{BatchAudit, Idempotency, PartnerFilter, Store, Stored};
 

@@ -15,7 +15,7 @@ use tonic::transport::server::{TcpConnectInfo, TlsConnectInfo};
 use uuid::Uuid;
 
 use super::{DenialSink, is_mutating, method_rule};
-use crate::api::Principal;
+use crate::principal::Principal;
 use crate::store::{AuditEvent, Micros, Store, now_micros};
 
 tokio::task_local! {
@@ -503,7 +503,7 @@ impl DenialTally {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::auth::crypto::PiiCipher;
+    use crate::sealing::PiiCipher;
     use crate::store::{AuditFilter, Page, sqlite::SqliteStore};
 
     #[test]

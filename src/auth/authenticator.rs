@@ -15,7 +15,7 @@ use super::identity::{PeerCertificate, SubjectPattern};
 use super::ratelimit::{PeerRateLimiter, PrincipalRateLimiter, RateLimit};
 use super::roles::Role;
 use super::settings::{AuthSettings, SettingsError};
-use crate::api::Principal;
+use crate::principal::Principal;
 
 /// An authenticated caller: its name and roles.
 #[derive(Clone, PartialEq, Eq)]
@@ -258,18 +258,18 @@ mod tests {
     fn authenticator() -> Authenticator {
         Authenticator::from_settings(&AuthSettings {
             principals: vec![
-                PrincipalSettings {
-                    name: "claims-intake".into(),
-                    roles: vec!["registrar".into()],
-                    token_sha256: Some(sha("intake-token")),
-                    client_cert_subject: Some("CN=claims-intake".into()),
-                },
-                PrincipalSettings {
-                    name: "ops".into(),
-                    roles: vec!["viewer".into(), "payments".into()],
-                    token_sha256: Some(sha("ops-token")),
-                    client_cert_subject: Some("ops.payouts.internal".into()),
-                },
+                PrincipalSettings::for_test(
+                    "claims-intake",
+                    &["registrar"],
+                    Some("intake-token"),
+                    Some("CN=claims-intake"),
+                ),
+                PrincipalSettings::for_test(
+                    "ops",
+                    &["viewer", "payments"],
+                    Some("ops-token"),
+                    Some("ops.payouts.internal"),
+                ),
             ],
             ..AuthSettings::default()
         })

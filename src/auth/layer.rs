@@ -27,7 +27,8 @@ use tower::{Layer, Service};
 
 use super::authenticator::{Authenticator, Caller};
 use super::roles::{RequiredRole, required_role};
-use crate::api::{ERROR_DOMAIN, Principal, status_with_reason};
+use crate::principal::Principal;
+use crate::status::{ERROR_DOMAIN, status_with_reason};
 
 /// Told about every refused call, e.g. to write it to the audit log.
 ///
@@ -299,7 +300,6 @@ mod tests {
     use std::sync::Mutex;
 
     use http::{HeaderValue, Request, Response};
-    use sha2::{Digest, Sha256};
     use tonic::body::Body;
     use tower::ServiceExt;
 
@@ -338,22 +338,34 @@ mod tests {
         }
     }
 
+    /// The details of a `RESOURCE_EXHAUSTED` status of reason `RATE_LIMITED`, checked to ask
+    /// for a retry within a second.
+    fn rate_limited(status: Option<tonic::Status>) -> ErrorDetails {
+        let status = status.expect("limited");
+        assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
+        let details = status.get_error_details();
+        let retry = details
+            .retry_info()
+            .and_then(|r| r.retry_delay)
+            .expect("retry delay");
+        assert!(
+            retry > Duration::ZERO && retry <= Duration::from_secs(1),
+            "{retry:?}"
+        );
+        assert_eq!(details.error_info().expect("info").reason, "RATE_LIMITED");
+        details
+    }
+
     fn authenticator() -> Authenticator {
-        let sha = |t: &str| hex::encode(Sha256::digest(t.as_bytes()));
         Authenticator::from_settings(&AuthSettings {
             principals: vec![
-                PrincipalSettings {
-                    name: "claims-intake".into(),
-                    roles: vec!["registrar".into()],
-                    token_sha256: Some(sha("intake-token")),
-                    client_cert_subject: None,
-                },
-                PrincipalSettings {
-                    name: "ops".into(),
-                    roles: vec!["viewer".into()],
-                    token_sha256: Some(sha("ops-token")),
-                    client_cert_subject: None,
-                },
+                PrincipalSettings::for_test(
+                    "claims-intake",
+                    &["registrar"],
+                    Some("intake-token"),
+                    None,
+                ),
+                PrincipalSettings::for_test("ops", &["viewer"], Some("ops-token"), None),
             ],
             ..AuthSettings::default()
         })
@@ -517,18 +529,7 @@ mod tests {
         }
         let (principal, status, _) = call(&layer, GET, Some("ops-token")).await;
         assert_eq!(principal, None);
-        let status = status.expect("limited");
-        assert_eq!(status.code(), Code::ResourceExhausted);
-        let details = status.get_error_details();
-        let retry = details
-            .retry_info()
-            .and_then(|r| r.retry_delay)
-            .expect("retry delay");
-        assert!(
-            retry > Duration::ZERO && retry <= Duration::from_secs(1),
-            "{retry:?}"
-        );
-        assert_eq!(details.error_info().expect("info").reason, "RATE_LIMITED");
+        rate_limited(status);
         assert_eq!(
             sink.0.lock().expect("not poisoned").last().cloned(),
             Some((
@@ -556,19 +557,8 @@ mod tests {
         let same_host: SocketAddr = "192.0.2.10:40002".parse().expect("addr");
         for (peer, token) in [(flooder, Some("wrong")), (same_host, None)] {
             let (_, status, _) = call_from(&layer, REGISTER, token, Some(peer)).await;
-            let status = status.expect("limited");
-            assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
-            let details = status.get_error_details();
-            let retry = details
-                .retry_info()
-                .and_then(|r| r.retry_delay)
-                .expect("retry delay");
-            assert!(
-                retry > Duration::ZERO && retry <= Duration::from_secs(1),
-                "{retry:?}"
-            );
+            let details = rate_limited(status);
             let info = details.error_info().expect("info");
-            assert_eq!(info.reason, "RATE_LIMITED");
             assert_eq!(
                 info.metadata.get("peer").map(String::as_str),
                 Some("192.0.2.10")

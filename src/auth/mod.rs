@@ -1,14 +1,14 @@
-//! Authentication, authorization, limits and encryption at rest: who may call what, and how
-//! account numbers are kept unreadable in the database.
+//! Authentication, authorization and limits: who may call what, and how often.
 //!
 //! - [`AuthSettings`] / [`TlsSettings`]: the `[auth]` and `[tls]` tables of the settings file.
 //! - [`Authenticator`] + [`AuthLayer`]: one tower layer that names the caller (bearer token or
 //!   client certificate), rate-limits it, checks the method's [`Role`] from [`METHOD_RULES`],
-//!   and hands handlers an [`api::Principal`](crate::api::Principal). Refused calls are
+//!   and hands handlers a [`Principal`](crate::principal::Principal). Refused calls are
 //!   limited per peer address ([`PeerRateLimiter`], swept by [`forget_quiet_peers`]).
 //! - [`check_bind`]: local development mode (no `[auth]`) only on a loopback address.
 //! - [`tls::server_tls_config`]: server TLS, with mandatory client certificates if configured.
-//! - [`crypto::PiiCipher`]: AES-256-GCM for account numbers, bound to the partner id.
+//!
+//! Sealing of account numbers at rest is not authentication; it lives in [`crate::sealing`].
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -16,7 +16,6 @@ use std::time::Duration;
 
 pub mod audit;
 mod authenticator;
-pub mod crypto;
 mod identity;
 mod layer;
 mod ratelimit;

@@ -26,9 +26,10 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+use super::identity::SubjectPattern;
 use super::ratelimit::RateLimit;
 use super::roles::Role;
-use crate::api::Principal;
+use crate::principal::Principal;
 
 /// Calls per second each principal may make, unless the settings say otherwise.
 pub const DEFAULT_RATE_LIMIT_PER_SECOND: u32 = 200;
@@ -217,22 +218,7 @@ impl AuthSettings {
     }
 
     pub(crate) fn validated(&self) -> Result<Vec<ValidPrincipal>, SettingsError> {
-        let mut problems = Vec::new();
-        if self.rate_limit_per_second == 0 {
-            problems.push("auth.rate_limit_per_second must be at least 1".to_owned());
-        }
-        if self.rate_limit_burst == Some(0) {
-            problems.push("auth.rate_limit_burst must be at least 1".to_owned());
-        }
-        if self.denied_rate_limit_per_second == 0 {
-            problems.push("auth.denied_rate_limit_per_second must be at least 1".to_owned());
-        }
-        if self.denied_rate_limit_burst == Some(0) {
-            problems.push("auth.denied_rate_limit_burst must be at least 1".to_owned());
-        }
-        if self.denial_audit_interval_ms == 0 {
-            problems.push("auth.denial_audit_interval_ms must be at least 1".to_owned());
-        }
+        let mut problems = self.limit_problems();
         if self.principals.is_empty() {
             problems.push(
                 "auth.principals is empty: with an [auth] table nobody could call the service; \
@@ -241,115 +227,198 @@ impl AuthSettings {
             );
         }
         let mut valid = Vec::with_capacity(self.principals.len());
-        for (i, p) in self.principals.iter().enumerate() {
-            let who = if p.name.trim().is_empty() {
-                format!("auth.principals[{i}]")
-            } else {
-                format!("auth.principals {:?}", p.name)
-            };
+        for i in 0..self.principals.len() {
             let before = problems.len();
-            if p.name.trim().is_empty() {
-                problems.push(format!("{who}: name must not be empty"));
-            } else if p.name != p.name.trim() {
-                problems.push(format!("{who}: name must not start or end with whitespace"));
-            } else if p.name == Principal::LOCAL_DEV {
-                problems.push(format!(
-                    "{who}: name {:?} is reserved for local development mode",
-                    Principal::LOCAL_DEV
-                ));
-            } else if self.principals[..i].iter().any(|q| q.name == p.name) {
-                problems.push(format!("{who}: name is used by more than one principal"));
-            }
-
-            let mut roles = Vec::new();
-            if p.roles.is_empty() {
-                problems.push(format!(
-                    "{who}: roles must name at least one of registrar, reviewer, payments, \
-                     viewer, auditor"
-                ));
-            }
-            for r in &p.roles {
-                match r.parse::<Role>() {
-                    Ok(role) if !roles.contains(&role) => roles.push(role),
-                    Ok(_) => {}
-                    Err(e) => problems.push(format!("{who}: roles: {e}")),
-                }
-            }
-
-            let token_sha256 = match &p.token_sha256 {
-                None => None,
-                Some(hex) => match parse_sha256_hex(hex) {
-                    Some(digest) => Some(digest),
-                    None => {
-                        // The value is not echoed: it may be the token itself, pasted by mistake.
-                        problems.push(format!(
-                            "{who}: token_sha256 must be 64 hexadecimal digits, the SHA-256 of \
-                             the token (e.g. `printf %s \"$TOKEN\" | sha256sum`), not the token"
-                        ));
-                        None
-                    }
-                },
-            };
-            if let Some(digest) = token_sha256
-                && self.principals[..i].iter().any(|q| {
-                    q.token_sha256
-                        .as_deref()
-                        .and_then(parse_sha256_hex)
-                        .is_some_and(|d| d == digest)
-                })
-            {
-                problems.push(format!(
-                    "{who}: token_sha256 is the same as another principal's; each token must \
-                     name one principal"
-                ));
-            }
-
-            let client_cert_subject = match &p.client_cert_subject {
-                None => None,
-                Some(s) if s.trim().is_empty() => {
-                    problems.push(format!("{who}: client_cert_subject must not be empty"));
-                    None
-                }
-                Some(s) => match super::identity::SubjectPattern::parse(s) {
-                    Ok(pattern) => {
-                        if self.principals[..i].iter().any(|q| {
-                            q.client_cert_subject
-                                .as_deref()
-                                .and_then(|t| super::identity::SubjectPattern::parse(t).ok())
-                                .is_some_and(|other| other == pattern)
-                        }) {
-                            problems.push(format!(
-                                "{who}: client_cert_subject is the same as another \
-                                 principal's; each certificate must name one principal"
-                            ));
-                        }
-                        Some(s.clone())
-                    }
-                    Err(e) => {
-                        problems.push(format!("{who}: client_cert_subject: {e}"));
-                        None
-                    }
-                },
-            };
-            if p.token_sha256.is_none() && p.client_cert_subject.is_none() {
-                problems.push(format!(
-                    "{who}: set token_sha256 or client_cert_subject (or both); without either \
-                     the principal cannot authenticate"
-                ));
-            }
+            let principal = self.validated_principal(i, &mut problems);
             if problems.len() == before {
-                valid.push(ValidPrincipal {
-                    name: p.name.clone(),
-                    roles,
-                    token_sha256,
-                    client_cert_subject,
-                });
+                valid.push(principal);
             }
         }
         if problems.is_empty() {
             Ok(valid)
         } else {
             Err(SettingsError(problems))
+        }
+    }
+
+    /// What is wrong with the rate limits and the denial audit interval.
+    fn limit_problems(&self) -> Vec<String> {
+        [
+            ("rate_limit_per_second", self.rate_limit_per_second == 0),
+            ("rate_limit_burst", self.rate_limit_burst == Some(0)),
+            (
+                "denied_rate_limit_per_second",
+                self.denied_rate_limit_per_second == 0,
+            ),
+            (
+                "denied_rate_limit_burst",
+                self.denied_rate_limit_burst == Some(0),
+            ),
+            (
+                "denial_audit_interval_ms",
+                self.denial_audit_interval_ms == 0,
+            ),
+        ]
+        .into_iter()
+        .filter(|(_, zero)| *zero)
+        .map(|(key, _)| format!("auth.{key} must be at least 1"))
+        .collect()
+    }
+
+    /// The `i`th principal entry as validated; what is wrong with it goes to `problems`,
+    /// checked against the entries before it for names, tokens and subjects used twice.
+    fn validated_principal(&self, i: usize, problems: &mut Vec<String>) -> ValidPrincipal {
+        let p = &self.principals[i];
+        let earlier = &self.principals[..i];
+        let who = if p.name.trim().is_empty() {
+            format!("auth.principals[{i}]")
+        } else {
+            format!("auth.principals {:?}", p.name)
+        };
+        if let Some(problem) = name_problem(&p.name, earlier) {
+            problems.push(format!("{who}: {problem}"));
+        }
+        let roles = parse_roles(&p.roles, &who, problems);
+        let token_sha256 = p
+            .token_sha256
+            .as_deref()
+            .and_then(|hex| parse_token_digest(hex, earlier, &who, problems));
+        let client_cert_subject = p
+            .client_cert_subject
+            .as_deref()
+            .and_then(|subject| parse_subject(subject, earlier, &who, problems));
+        if p.token_sha256.is_none() && p.client_cert_subject.is_none() {
+            problems.push(format!(
+                "{who}: set token_sha256 or client_cert_subject (or both); without either \
+                 the principal cannot authenticate"
+            ));
+        }
+        ValidPrincipal {
+            name: p.name.clone(),
+            roles,
+            token_sha256,
+            client_cert_subject,
+        }
+    }
+}
+
+/// What is wrong with a principal's name, given the entries before it.
+fn name_problem(name: &str, earlier: &[PrincipalSettings]) -> Option<String> {
+    if name.trim().is_empty() {
+        Some("name must not be empty".to_owned())
+    } else if name != name.trim() {
+        Some("name must not start or end with whitespace".to_owned())
+    } else if name == Principal::LOCAL_DEV {
+        Some(format!(
+            "name {:?} is reserved for local development mode",
+            Principal::LOCAL_DEV
+        ))
+    } else if earlier.iter().any(|q| q.name == name) {
+        Some("name is used by more than one principal".to_owned())
+    } else {
+        None
+    }
+}
+
+/// The roles named, each once, in the order first named.
+fn parse_roles(names: &[String], who: &str, problems: &mut Vec<String>) -> Vec<Role> {
+    if names.is_empty() {
+        problems.push(format!(
+            "{who}: roles must name at least one of registrar, reviewer, payments, viewer, \
+             auditor"
+        ));
+    }
+    let mut roles = Vec::new();
+    for r in names {
+        match r.parse::<Role>() {
+            Ok(role) if !roles.contains(&role) => roles.push(role),
+            Ok(_) => {}
+            Err(e) => problems.push(format!("{who}: roles: {e}")),
+        }
+    }
+    roles
+}
+
+/// The token digest of a principal; `None` if it is malformed. One used by an earlier entry
+/// is a problem, but still the digest.
+fn parse_token_digest(
+    hex: &str,
+    earlier: &[PrincipalSettings],
+    who: &str,
+    problems: &mut Vec<String>,
+) -> Option<[u8; 32]> {
+    let Some(digest) = parse_sha256_hex(hex) else {
+        // The value is not echoed: it may be the token itself, pasted by mistake.
+        problems.push(format!(
+            "{who}: token_sha256 must be 64 hexadecimal digits, the SHA-256 of the token \
+             (e.g. `printf %s \"$TOKEN\" | sha256sum`), not the token"
+        ));
+        return None;
+    };
+    let taken = earlier.iter().any(|q| {
+        q.token_sha256
+            .as_deref()
+            .and_then(parse_sha256_hex)
+            .is_some_and(|d| d == digest)
+    });
+    if taken {
+        problems.push(format!(
+            "{who}: token_sha256 is the same as another principal's; each token must name one \
+             principal"
+        ));
+    }
+    Some(digest)
+}
+
+/// The client-certificate subject of a principal; `None` if it is empty or malformed. One
+/// used by an earlier entry is a problem, but still the subject.
+fn parse_subject(
+    subject: &str,
+    earlier: &[PrincipalSettings],
+    who: &str,
+    problems: &mut Vec<String>,
+) -> Option<String> {
+    if subject.trim().is_empty() {
+        problems.push(format!("{who}: client_cert_subject must not be empty"));
+        return None;
+    }
+    let pattern = match SubjectPattern::parse(subject) {
+        Ok(pattern) => pattern,
+        Err(e) => {
+            problems.push(format!("{who}: client_cert_subject: {e}"));
+            return None;
+        }
+    };
+    let taken = earlier.iter().any(|q| {
+        q.client_cert_subject
+            .as_deref()
+            .and_then(|t| SubjectPattern::parse(t).ok())
+            .is_some_and(|other| other == pattern)
+    });
+    if taken {
+        problems.push(format!(
+            "{who}: client_cert_subject is the same as another principal's; each certificate \
+             must name one principal"
+        ));
+    }
+    Some(subject.to_owned())
+}
+
+#[cfg(test)]
+impl PrincipalSettings {
+    /// A principal entry for tests; `token`, if any, is stored as its SHA-256.
+    pub(crate) fn for_test(
+        name: &str,
+        roles: &[&str],
+        token: Option<&str>,
+        client_cert_subject: Option<&str>,
+    ) -> Self {
+        use sha2::Digest as _;
+        Self {
+            name: name.into(),
+            roles: roles.iter().map(|r| (*r).to_owned()).collect(),
+            token_sha256: token.map(|t| hex::encode(sha2::Sha256::digest(t.as_bytes()))),
+            client_cert_subject: client_cert_subject.map(str::to_owned),
         }
     }
 }
@@ -372,12 +441,9 @@ mod tests {
     const HASH_OF_TEST: &str = "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08";
 
     fn principal(name: &str, roles: &[&str]) -> PrincipalSettings {
-        PrincipalSettings {
-            name: name.into(),
-            roles: roles.iter().map(|r| (*r).to_owned()).collect(),
-            token_sha256: Some(HASH_OF_TEST.into()),
-            client_cert_subject: None,
-        }
+        let p = PrincipalSettings::for_test(name, roles, Some("test"), None);
+        assert_eq!(p.token_sha256.as_deref(), Some(HASH_OF_TEST));
+        p
     }
 
     fn settings(principals: Vec<PrincipalSettings>) -> AuthSettings {

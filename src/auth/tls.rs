@@ -109,8 +109,8 @@ mod tests {
     use tonic_types::StatusExt as _;
 
     use super::*;
-    use crate::api::Principal;
     use crate::auth::{AuthLayer, AuthSettings, Authenticator, PrincipalSettings};
+    use crate::principal::Principal;
     use crate::proto::payouts::v1::partner_service_client::PartnerServiceClient;
     use crate::proto::payouts::v1::partner_service_server::{PartnerService, PartnerServiceServer};
     use crate::proto::payouts::v1::{self as pb};
@@ -225,18 +225,18 @@ mod tests {
         };
         let auth = AuthSettings {
             principals: vec![
-                PrincipalSettings {
-                    name: "claims-intake".into(),
-                    roles: vec!["registrar".into()],
-                    token_sha256: None,
-                    client_cert_subject: Some("CN=claims-intake".into()),
-                },
-                PrincipalSettings {
-                    name: "ops-viewer".into(),
-                    roles: vec!["viewer".into()],
-                    token_sha256: None,
-                    client_cert_subject: Some("ops-viewer.payouts.internal".into()),
-                },
+                PrincipalSettings::for_test(
+                    "claims-intake",
+                    &["registrar"],
+                    None,
+                    Some("CN=claims-intake"),
+                ),
+                PrincipalSettings::for_test(
+                    "ops-viewer",
+                    &["viewer"],
+                    None,
+                    Some("ops-viewer.payouts.internal"),
+                ),
             ],
             ..AuthSettings::default()
         };

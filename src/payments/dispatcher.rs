@@ -18,6 +18,7 @@
 //! keys already stored are reused. Each disbursement's backend calls happen in its own span,
 //! which continues the trace of the call that approved it.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -32,11 +33,12 @@ use tracing::Instrument as _;
 use uuid::Uuid;
 
 use super::QuietHours;
-use crate::auth::crypto::{PiiCipher, Sealed};
 use crate::domain::{AttemptOperation, AttemptOutcome, DisbursementStatus, failure};
 use crate::proto::payments::v1::{
     self as pb, InstructionStatus, payments_backend_client::PaymentsBackendClient,
 };
+use crate::sealing::{PiiCipher, Sealed};
+use crate::secret::Secret;
 use crate::store::{
     Attempt, Disbursement, DispatchOutcome, DispatchRecord, KeyAssignment, Micros, Requeue, Store,
     StoreError, now_micros,
@@ -61,7 +63,7 @@ pub struct DispatcherConfig {
     pub quiet_hours: Option<QuietHours>,
     pub budget_krw: Option<i64>,
     /// Sent to the backend as `authorization: Bearer ...`.
-    pub backend_token: Option<crate::config::Secret>,
+    pub backend_token: Option<Secret>,
     /// The first back-off after a transient failure; doubles up to `max_backoff`.
     pub base_backoff: Duration,
     pub max_backoff: Duration,
@@ -251,7 +253,47 @@ impl Dispatcher {
     /// Steps 2 to 5 of a round (see the module's documentation).
     async fn work(&self, rows: Vec<Leased>) -> Result<(), StoreError> {
         // 2. Verify the holders not yet verified.
-        let checks = futures::future::join_all(rows.iter().map(|row| async move {
+        let checks = self.verify_holders(&rows).await;
+
+        // 3. Record the checks and store the keys of what is to be sent, in one transaction.
+        let mut record = DispatchRecord::default();
+        for (row, check) in rows.iter().zip(checks) {
+            let id = row.d.disbursement_id;
+            let to_send = match check {
+                None => row.d.status == DisbursementStatus::Queued,
+                Some(step) => {
+                    let verified = self.add_step(&mut record, row, step);
+                    if verified {
+                        record.verified.push(id);
+                    }
+                    verified
+                }
+            };
+            if to_send {
+                record.assign_keys.push(id);
+            }
+        }
+        let keys = self.store_record(&record).await?;
+        let key_of = record.assign_keys.iter().copied().zip(keys).collect();
+
+        // 4. Send the instructions, or look up those sent before.
+        let sends = self.send_or_look_up(&rows, key_of).await;
+
+        // 5. Record the answers, in one transaction.
+        let mut record = DispatchRecord::default();
+        for (row, step) in rows.iter().zip(sends) {
+            if let Some(step) = step {
+                self.add_step(&mut record, row, step);
+            }
+        }
+        self.store_record(&record).await?;
+        Ok(())
+    }
+
+    /// Asks the bank about the holders of the queued rows not yet verified; `None` for the
+    /// other rows.
+    async fn verify_holders(&self, rows: &[Leased]) -> Vec<Option<Step>> {
+        futures::future::join_all(rows.iter().map(|row| async move {
             let needs_check = row.d.status == DisbursementStatus::Queued && !row.d.holder_verified;
             if needs_check {
                 Some(self.verify(&row.d).instrument(row.span.clone()).await)
@@ -259,113 +301,86 @@ impl Dispatcher {
                 None
             }
         }))
-        .await;
+        .await
+    }
 
-        // 3. Record the checks and store the keys of what is to be sent, in one transaction.
-        let mut record = DispatchRecord::default();
-        for (row, check) in rows.iter().zip(checks) {
-            let id = row.d.disbursement_id;
-            match check {
-                None if row.d.status == DisbursementStatus::Queued => record.assign_keys.push(id),
-                None => {}
-                Some(step) => {
-                    record
-                        .attempts
-                        .extend(step.attempts.into_iter().map(|a| (id, a)));
-                    match step.next {
-                        Next::Send => {
-                            record.verified.push(id);
-                            record.assign_keys.push(id);
-                        }
-                        Next::Finish(outcome) => {
-                            self.count_failure(row, &outcome);
-                            record.finished.push((id, outcome));
-                        }
-                        Next::Requeue(when) => record.requeued.push((id, when)),
-                        Next::Leave => {}
-                    }
-                }
-            }
-        }
-        let keys = if record_is_empty(&record) {
-            Vec::new()
-        } else {
-            self.store
-                .record_dispatch(
-                    &record,
-                    self.config.budget_krw,
-                    &self.back_off(),
-                    now_micros(),
-                )
-                .await?
-        };
-        let mut key_of = std::collections::HashMap::new();
-        for (id, key) in record.assign_keys.iter().zip(keys) {
-            key_of.insert(*id, key);
-        }
-
-        // 4. Send the instructions, or look up those sent before.
-        let sends = futures::future::join_all(rows.iter().map(|row| {
+    /// Sends each row whose key was stored, or looks up what was sent before; `None` for a
+    /// row with nothing to send (cancelled meanwhile, or settled by its check).
+    async fn send_or_look_up(
+        &self,
+        rows: &[Leased],
+        mut key_of: HashMap<Uuid, KeyAssignment>,
+    ) -> Vec<Option<Step>> {
+        futures::future::join_all(rows.iter().map(|row| {
             let key = key_of.remove(&row.d.disbursement_id);
-            async move {
-                let d = &row.d;
-                let step = match (d.status, key) {
-                    (DisbursementStatus::Submitted, _) => match d.idempotency_key.as_deref() {
-                        Some(key) => self.look_up(d, key).await,
-                        None => {
-                            tracing::warn!(
-                                disbursement_id = %d.disbursement_id,
-                                "submitted disbursement has no instruction key"
-                            );
-                            Step::default().then(Next::Leave)
-                        }
-                    },
-                    (_, Some(KeyAssignment::Key(key))) => self.submit(d, &key).await,
-                    (_, Some(KeyAssignment::OverBudget)) => {
-                        tracing::warn!(
-                            disbursement_id = %d.disbursement_id,
-                            amount_krw = d.amount_krw,
-                            "held back: paying it would pass the programme budget"
-                        );
-                        self.later(self.config.max_backoff)
-                    }
-                    // Cancelled meanwhile, or settled in step 3.
-                    (_, Some(KeyAssignment::Gone) | None) => return None,
-                };
-                Some(step)
-            }
-            .instrument(row.span.clone())
+            self.send_step(&row.d, key).instrument(row.span.clone())
         }))
-        .await;
+        .await
+    }
 
-        // 5. Record the answers, in one transaction.
-        let mut record = DispatchRecord::default();
-        for (row, step) in rows.iter().zip(sends) {
-            let Some(step) = step else { continue };
-            let id = row.d.disbursement_id;
-            record
-                .attempts
-                .extend(step.attempts.into_iter().map(|a| (id, a)));
-            match step.next {
-                Next::Finish(outcome) => {
-                    self.count_failure(row, &outcome);
-                    record.finished.push((id, outcome));
+    async fn send_step(&self, d: &Disbursement, key: Option<KeyAssignment>) -> Option<Step> {
+        let step = match (d.status, key) {
+            (DisbursementStatus::Submitted, _) => match d.idempotency_key.as_deref() {
+                Some(key) => self.look_up(d, key).await,
+                None => {
+                    tracing::warn!(
+                        disbursement_id = %d.disbursement_id,
+                        "submitted disbursement has no instruction key"
+                    );
+                    Step::default().then(Next::Leave)
                 }
-                Next::Requeue(when) => record.requeued.push((id, when)),
-                Next::Send | Next::Leave => {}
+            },
+            (_, Some(KeyAssignment::Key(key))) => self.submit(d, &key).await,
+            (_, Some(KeyAssignment::OverBudget)) => {
+                tracing::warn!(
+                    disbursement_id = %d.disbursement_id,
+                    amount_krw = d.amount_krw,
+                    "held back: paying it would pass the programme budget"
+                );
+                self.later(self.config.max_backoff)
             }
+            // Cancelled meanwhile, or settled in step 3.
+            (_, Some(KeyAssignment::Gone) | None) => return None,
+        };
+        Some(step)
+    }
+
+    /// Adds a step's calls to `record`, and the end of the row's round if the step ended it;
+    /// answers whether the step says to send.
+    fn add_step(&self, record: &mut DispatchRecord, row: &Leased, step: Step) -> bool {
+        let id = row.d.disbursement_id;
+        record
+            .attempts
+            .extend(step.attempts.into_iter().map(|a| (id, a)));
+        match step.next {
+            Next::Send => return true,
+            Next::Finish(outcome) => {
+                self.count_failure(row, &outcome);
+                record.finished.push((id, outcome));
+            }
+            Next::Requeue(when) => record.requeued.push((id, when)),
+            Next::Leave => {}
         }
-        if !record_is_empty(&record) {
-            self.store
-                .record_dispatch(
-                    &record,
-                    self.config.budget_krw,
-                    &self.back_off(),
-                    now_micros(),
-                )
-                .await?;
+        false
+    }
+
+    /// Stores what a phase came to in one transaction (none if it came to nothing); answers
+    /// the keys assigned, in the order of `record.assign_keys`.
+    async fn store_record(
+        &self,
+        record: &DispatchRecord,
+    ) -> Result<Vec<KeyAssignment>, StoreError> {
+        if record_is_empty(record) {
+            return Ok(Vec::new());
         }
-        Ok(())
+        self.store
+            .record_dispatch(
+                record,
+                self.config.budget_krw,
+                &self.back_off(),
+                now_micros(),
+            )
+            .await
     }
 
     /// Records the outbox and disbursement gauges.
@@ -414,16 +429,25 @@ impl Dispatcher {
         }
     }
 
-    /// A backend call that failed (unavailable, deadline, ...): nothing is known of its effect.
-    fn failed_call(operation: AttemptOperation, key: &str, status: &tonic::Status) -> Attempt {
-        let code = code_name(status.code());
-        Self::attempt(
+    /// A call the backend answered with an error status: recorded after `attempts`, and the
+    /// disbursement due again after a back-off.
+    fn call_failed(
+        operation: AttemptOperation,
+        key: &str,
+        status: &tonic::Status,
+        mut attempts: Vec<Attempt>,
+    ) -> Step {
+        attempts.push(Self::attempt(
             operation,
             key,
             AttemptOutcome::Error,
-            &code,
+            &code_name(status.code()),
             status.message(),
-        )
+        ));
+        Step {
+            attempts,
+            next: Next::Requeue(Requeue::BackOff),
+        }
     }
 
     /// Logs and counts a disbursement that ends `FAILED`.
@@ -536,46 +560,32 @@ impl Dispatcher {
             Ok(response) => {
                 let r = response.into_inner();
                 if !r.failure_code.is_empty() {
-                    return Step {
-                        attempts: vec![Self::attempt(
-                            VERIFY,
-                            "",
-                            AttemptOutcome::AccountUnusable,
-                            &r.failure_code,
-                            "",
-                        )],
-                        next: Next::Finish(DispatchOutcome::Failed {
-                            code: r.failure_code,
-                            message: "the bank reports the account cannot take payouts".into(),
-                        }),
-                    };
+                    let message = "the bank reports the account cannot take payouts";
+                    return Self::holder_refused(AttemptOutcome::AccountUnusable, &r.failure_code, message);
                 }
                 if !r.matches {
-                    return Step {
-                        attempts: vec![Self::attempt(
-                            VERIFY,
-                            "",
-                            AttemptOutcome::Mismatch,
-                            failure::HOLDER_MISMATCH,
-                            "",
-                        )],
-                        next: Next::Finish(DispatchOutcome::Failed {
-                            code: failure::HOLDER_MISMATCH.into(),
-                            message:
-                                "the bank's account holder is not the partner or its representative"
-                                    .into(),
-                        }),
-                    };
+                    let message =
+                        "the bank's account holder is not the partner or its representative";
+                    return Self::holder_refused(AttemptOutcome::Mismatch, failure::HOLDER_MISMATCH, message);
                 }
                 Step {
                     attempts: vec![Self::attempt(VERIFY, "", AttemptOutcome::Match, "", "")],
                     next: Next::Send,
                 }
             }
-            Err(status) => Step {
-                attempts: vec![Self::failed_call(VERIFY, "", &status)],
-                next: Next::Requeue(Requeue::BackOff),
-            },
+            Err(status) => Self::call_failed(VERIFY, "", &status, Vec::new()),
+        }
+    }
+
+    /// A holder check the bank answered against paying: recorded with `outcome` and `code`,
+    /// and the disbursement `FAILED` with `code`.
+    fn holder_refused(outcome: AttemptOutcome, code: &str, message: &str) -> Step {
+        Step {
+            attempts: vec![Self::attempt(VERIFY, "", outcome, code, "")],
+            next: Next::Finish(DispatchOutcome::Failed {
+                code: code.to_owned(),
+                message: message.to_owned(),
+            }),
         }
     }
 
@@ -584,7 +594,7 @@ impl Dispatcher {
         self.submit_after(d, key, Vec::new()).await
     }
 
-    async fn submit_after(&self, d: &Disbursement, key: &str, mut attempts: Vec<Attempt>) -> Step {
+    async fn submit_after(&self, d: &Disbursement, key: &str, attempts: Vec<Attempt>) -> Step {
         let Some(account_number) = self.account_number(d) else {
             return Step {
                 attempts,
@@ -609,15 +619,9 @@ impl Dispatcher {
                 let instruction = response.into_inner().instruction.unwrap_or_default();
                 self.settle(SUBMIT, key, &instruction, attempts)
             }
-            Err(status) => {
-                // Unavailable: not applied. Timeout or anything else: maybe applied. Either way
-                // the next round looks the key up before sending again under the same key.
-                attempts.push(Self::failed_call(SUBMIT, key, &status));
-                Step {
-                    attempts,
-                    next: Next::Requeue(Requeue::BackOff),
-                }
-            }
+            // Unavailable: not applied. Timeout or anything else: maybe applied. Either way
+            // the next round looks the key up before sending again under the same key.
+            Err(status) => Self::call_failed(SUBMIT, key, &status, attempts),
         }
     }
 
@@ -640,10 +644,7 @@ impl Dispatcher {
                 let attempts = vec![Self::attempt(LOOKUP, key, AttemptOutcome::NotFound, "", "")];
                 self.submit_after(d, key, attempts).await
             }
-            Err(status) => Step {
-                attempts: vec![Self::failed_call(LOOKUP, key, &status)],
-                next: Next::Requeue(Requeue::BackOff),
-            },
+            Err(status) => Self::call_failed(LOOKUP, key, &status, Vec::new()),
         }
     }
 

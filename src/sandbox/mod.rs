@@ -20,6 +20,11 @@
 //! It speaks the `payments.v1` contract like any bank; nothing in [`crate::payments`] knows
 //! about it.
 //!
+//! It is compiled under the cargo feature `sandbox`, on by default so that `cargo run` needs
+//! no set-up and the tests (which pay into it) build as they are. A production binary can
+//! leave it out with `--no-default-features`: there is then no fake bank to pay into by
+//! mistake, and `serve` refuses to start without `PAYOUTS_PAYMENTS_BACKEND_URL`.
+//!
 //! - `bank`: [`SandboxBank`] and its `payments.v1.PaymentsBackend` service.
 //! - `ledger`: what it applied, and the `payments.v1.SandboxLedger` service that lists it.
 //! - `account`: account numbers and the failures their last digits trigger.
@@ -79,18 +84,6 @@ impl Default for SandboxConfig {
     }
 }
 
-/// Reflection advertises only what this server answers; the descriptor set also holds the
-/// `payouts.v1` services, which the sandbox does not serve.
-fn reflection(own_service: &str) -> tonic_reflection::server::Builder<'static> {
-    tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(crate::proto::FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-        .with_service_name(payments_backend_server::SERVICE_NAME)
-        .with_service_name(sandbox_ledger_server::SERVICE_NAME)
-        .with_service_name(tonic_health::pb::health_server::SERVICE_NAME)
-        .with_service_name(own_service)
-}
-
 /// Serves the bank (`PaymentsBackend` and `SandboxLedger`), gRPC health and reflection on
 /// `listener` until `shutdown` completes.
 pub async fn serve(
@@ -98,22 +91,14 @@ pub async fn serve(
     bank: SandboxBank,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
-    let (health_reporter, health_service) = tonic_health::server::health_reporter();
-    health_reporter
-        .set_serving::<PaymentsBackendServer<SandboxBank>>()
-        .await;
-    health_reporter
-        .set_serving::<SandboxLedgerServer<SandboxBank>>()
-        .await;
-
-    let reflection_v1 =
-        reflection(tonic_reflection::pb::v1::server_reflection_server::SERVICE_NAME)
-            .build_v1()
-            .context("building the reflection service (v1)")?;
-    let reflection_v1alpha =
-        reflection(tonic_reflection::pb::v1alpha::server_reflection_server::SERVICE_NAME)
-            .build_v1alpha()
-            .context("building the reflection service (v1alpha)")?;
+    let own_services = [
+        payments_backend_server::SERVICE_NAME,
+        sandbox_ledger_server::SERVICE_NAME,
+    ];
+    let (_health_reporter, health_service) = crate::discovery::health_serving(&own_services).await;
+    // Reflection advertises only what this server answers; the descriptor set also holds the
+    // `payouts.v1` services, which the sandbox does not serve.
+    let (reflection_v1, reflection_v1alpha) = crate::discovery::reflection(Some(&own_services))?;
 
     let addr = listener
         .local_addr()

@@ -11,7 +11,7 @@ const IDLE_BEFORE_PING: std::time::Duration = std::time::Duration::from_secs(1);
 #[derive(Clone)]
 pub struct PgStore {
     pool: sqlx::PgPool,
-    cipher: std::sync::Arc<crate::auth::crypto::PiiCipher>,
+    cipher: std::sync::Arc<crate::sealing::PiiCipher>,
 }
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/postgres");
@@ -20,7 +20,7 @@ impl PgStore {
     pub async fn connect(
         url: &str,
         max_connections: u32,
-        cipher: std::sync::Arc<crate::auth::crypto::PiiCipher>,
+        cipher: std::sync::Arc<crate::sealing::PiiCipher>,
     ) -> super::Result<Self> {
         let pool = PgPoolOptions::new()
             .max_connections(max_connections)

@@ -8,7 +8,7 @@ use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, S
 #[derive(Clone)]
 pub struct SqliteStore {
     pool: sqlx::SqlitePool,
-    cipher: std::sync::Arc<crate::auth::crypto::PiiCipher>,
+    cipher: std::sync::Arc<crate::sealing::PiiCipher>,
 }
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/sqlite");
@@ -17,7 +17,7 @@ impl SqliteStore {
     /// Opens (creating if missing) the database at `url`, e.g. `sqlite://./data/payouts.db`.
     pub async fn connect(
         url: &str,
-        cipher: std::sync::Arc<crate::auth::crypto::PiiCipher>,
+        cipher: std::sync::Arc<crate::sealing::PiiCipher>,
     ) -> super::Result<Self> {
         let options = SqliteConnectOptions::from_str(url)?
             .create_if_missing(true)
