@@ -7,8 +7,8 @@ use tonic::{Code, Request, Response, Status, Streaming};
 
 use super::imports::{self, Import, RowResult, Written};
 use super::{
-    Context, Principal, Violations, convert, decode_replay, idempotency, next_page_token, page,
-    record_touched, respond, status_with_reason,
+    CallAudit, Context, Principal, Violations, convert, decode_replay, idempotency,
+    next_page_token, page, record_touched, respond, status_with_reason,
 };
 use crate::domain::text::Reason;
 use crate::domain::{
@@ -16,7 +16,8 @@ use crate::domain::{
 };
 use crate::proto::payouts::v1::{self as pb, claim_service_server::ClaimService};
 use crate::store::{
-    BatchAudit, ClaimFilter, ClaimSubmission, PartnerRef, Review, Store, StoreError, Stored,
+    BatchAudit, ClaimFilter, ClaimSubmission, PartnerRef, Recorded, Review, Store, StoreError,
+    Stored,
 };
 
 pub struct Claims {
@@ -363,11 +364,19 @@ impl ClaimService for Claims {
         record_touched("", &body.claim_id, "");
         let idem = idempotency(&actor, request_id, "AttachEvidence", &body);
         let render = render_claim(|c| pb::AttachEvidenceResponse { claim: Some(c) });
+        let audit = CallAudit::current();
+        let entry = audit.entry(|c: &Claim| c.claim_id.to_string());
+        let call = Recorded {
+            idem: &idem,
+            render: &render,
+            audit: Some(&entry),
+        };
         let stored = self
             .ctx
             .store
-            .attach_evidence(&idem, claim_id, &evidence, &actor, &render)
+            .attach_evidence(call, claim_id, &evidence, &actor)
             .await?;
+        audit.stored(&stored);
         let response = respond(stored, |c| pb::AttachEvidenceResponse {
             claim: Some(convert::claim(c)),
         })?;
@@ -417,11 +426,18 @@ impl ClaimService for Claims {
         record_touched("", &body.claim_id, "");
         let idem = idempotency(&reviewer, request_id, "ReviewClaim", &body);
         let render = render_claim(|c| pb::ReviewClaimResponse { claim: Some(c) });
+        let audit = CallAudit::current();
+        let entry = audit.entry(|c: &Claim| c.claim_id.to_string());
+        let call = Recorded {
+            idem: &idem,
+            render: &render,
+            audit: Some(&entry),
+        };
         let stored = self
             .ctx
             .store
             .review_claim(
-                &idem,
+                call,
                 claim_id,
                 &Review {
                     decision,
@@ -429,9 +445,9 @@ impl ClaimService for Claims {
                     reviewer: &reviewer,
                     trace_context: crate::telemetry::current_context_headers().as_deref(),
                 },
-                &render,
             )
             .await?;
+        audit.stored(&stored);
         let response = respond(stored, |c| pb::ReviewClaimResponse {
             claim: Some(convert::claim(c)),
         })?;

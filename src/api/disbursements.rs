@@ -3,12 +3,12 @@
 use tonic::{Request, Response, Status};
 
 use super::{
-    Context, Principal, Violations, convert, finance, idempotency, next_page_token, page,
-    record_touched, respond,
+    CallAudit, Context, Principal, Violations, convert, finance, idempotency, next_page_token,
+    page, record_touched, respond,
 };
 use crate::domain::text::Reason;
 use crate::proto::payouts::v1::{self as pb, disbursement_service_server::DisbursementService};
-use crate::store::{Disbursement, DisbursementFilter, DispatchState, StoreError};
+use crate::store::{Disbursement, DisbursementFilter, DispatchState, Recorded, StoreError};
 
 pub struct Disbursements {
     pub ctx: Context,
@@ -101,11 +101,15 @@ impl DisbursementService for Disbursements {
                 disbursement: Some(convert::disbursement(d)),
             })
         };
-        let stored = self
-            .ctx
-            .store
-            .retry_disbursement(&idem, id, &actor, &render)
-            .await?;
+        let audit = CallAudit::current();
+        let entry = audit.entry(|d: &Disbursement| d.disbursement_id.to_string());
+        let call = Recorded {
+            idem: &idem,
+            render: &render,
+            audit: Some(&entry),
+        };
+        let stored = self.ctx.store.retry_disbursement(call, id, &actor).await?;
+        audit.stored(&stored);
         respond(stored, |d| pb::RetryDisbursementResponse {
             disbursement: Some(convert::disbursement(d)),
         })
@@ -136,11 +140,19 @@ impl DisbursementService for Disbursements {
                 disbursement: Some(convert::disbursement(d)),
             })
         };
+        let audit = CallAudit::current();
+        let entry = audit.entry(|d: &Disbursement| d.disbursement_id.to_string());
+        let call = Recorded {
+            idem: &idem,
+            render: &render,
+            audit: Some(&entry),
+        };
         let stored = self
             .ctx
             .store
-            .cancel_disbursement(&idem, id, &actor, reason.as_str(), &render)
+            .cancel_disbursement(call, id, &actor, reason.as_str())
             .await?;
+        audit.stored(&stored);
         respond(stored, |d| pb::CancelDisbursementResponse {
             disbursement: Some(convert::disbursement(d)),
         })
@@ -169,11 +181,19 @@ impl DisbursementService for Disbursements {
                 state: Some(convert::dispatch_state(s)),
             })
         };
+        let audit = CallAudit::current();
+        let entry = audit.entry(|_: &DispatchState| String::new());
+        let call = Recorded {
+            idem: &idem,
+            render: &render,
+            audit: Some(&entry),
+        };
         let stored = self
             .ctx
             .store
-            .set_dispatch_paused(&idem, true, &actor, reason.as_str(), &render)
+            .set_dispatch_paused(call, true, &actor, reason.as_str())
             .await?;
+        audit.stored(&stored);
         respond(stored, |s| pb::PauseDispatchResponse {
             state: Some(convert::dispatch_state(s)),
         })
@@ -200,11 +220,19 @@ impl DisbursementService for Disbursements {
                 state: Some(convert::dispatch_state(s)),
             })
         };
+        let audit = CallAudit::current();
+        let entry = audit.entry(|_: &DispatchState| String::new());
+        let call = Recorded {
+            idem: &idem,
+            render: &render,
+            audit: Some(&entry),
+        };
         let stored = self
             .ctx
             .store
-            .set_dispatch_paused(&idem, false, &actor, "", &render)
+            .set_dispatch_paused(call, false, &actor, "")
             .await?;
+        audit.stored(&stored);
         respond(stored, |s| pb::ResumeDispatchResponse {
             state: Some(convert::dispatch_state(s)),
         })
