@@ -242,54 +242,54 @@ pub(crate) fn claims_inserts(
     if filed.is_empty() {
         return Ok(Vec::new());
     }
+    let claims: Vec<&Claim> = filed.iter().map(|f| &f.claim).collect();
+    let mut inserts = Vec::with_capacity(5);
+    inserts.push(claim_insert(&claims, now)?);
+    inserts.push(evidence_insert(&claims, now));
+    inserts.extend(disbursement_inserts(rows, filed, payees, now));
+    Ok(inserts)
+}
+
+fn claim_insert(claims: &[&Claim], now: Micros) -> BulkResult<Insert<'static>> {
     let json =
         |value: serde_json::Result<String>| value.map_err(|e| StoreError::Unexpected(e.into()));
     let (mut items, mut decisions) = (Vec::new(), Vec::new());
-    for f in filed {
-        items.push(json(serde_json::to_string(&f.claim.items))?);
-        decisions.push(json(serde_json::to_string(&f.claim.decision))?);
+    for c in claims {
+        items.push(json(serde_json::to_string(&c.items))?);
+        decisions.push(json(serde_json::to_string(&c.decision))?);
     }
-    let n = filed.len();
-    let claims: Vec<&Claim> = filed.iter().map(|f| &f.claim).collect();
-    let mut inserts = Vec::with_capacity(5);
-    inserts.push(Insert {
+    let n = claims.len();
+    let krw = |f: fn(&Claim) -> i64| Column::BigInt(claims.iter().map(|c| f(c)).collect());
+    Ok(Insert {
         head: "INSERT INTO claims (claim_id, partner_id, status, tier, reported_loss_krw, \
          recognized_loss_krw, compensation_krw, policy_version, items, decision, \
          submitted_by, create_time, update_time)",
         columns: vec![
-            text_column(&claims, |c| c.claim_id.to_string()),
-            text_column(&claims, |c| c.partner_id.to_string()),
-            text_column(&claims, |c| c.decision.status.key().to_owned()),
-            text_column(&claims, |c| c.decision.tier.key().to_owned()),
-            Column::BigInt(
-                claims
-                    .iter()
-                    .map(|c| c.decision.reported_loss_krw)
-                    .collect(),
-            ),
-            Column::BigInt(
-                claims
-                    .iter()
-                    .map(|c| c.decision.recognized_loss_krw)
-                    .collect(),
-            ),
-            Column::BigInt(claims.iter().map(|c| c.decision.compensation_krw).collect()),
-            text_column(&claims, |c| c.decision.policy_version.clone()),
+            text_column(claims, |c| c.claim_id.to_string()),
+            text_column(claims, |c| c.partner_id.to_string()),
+            text_column(claims, |c| c.decision.status.key().to_owned()),
+            text_column(claims, |c| c.decision.tier.key().to_owned()),
+            krw(|c| c.decision.reported_loss_krw),
+            krw(|c| c.decision.recognized_loss_krw),
+            krw(|c| c.decision.compensation_krw),
+            text_column(claims, |c| c.decision.policy_version.clone()),
             Column::Text(items),
             Column::Text(decisions),
-            text_column(&claims, |c| c.submitted_by.clone()),
+            text_column(claims, |c| c.submitted_by.clone()),
             Column::BigInt(vec![now; n]),
             Column::BigInt(vec![now; n]),
         ],
         tail: "",
-    });
+    })
+}
 
+fn evidence_insert(claims: &[&Claim], now: Micros) -> Insert<'static> {
     let evidence: Vec<(&Claim, i32, &AttachedEvidence)> = claims
         .iter()
         .flat_map(|c| (1..).zip(&c.evidence).map(move |(seq, e)| (*c, seq, e)))
         .collect();
     let ne = evidence.len();
-    inserts.push(Insert {
+    Insert {
         head: "INSERT INTO evidence (claim_id, seq, kind, uri, sha256, attach_time, attached_by)",
         columns: vec![
             text_column(&evidence, |(c, _, _)| c.claim_id.to_string()),
@@ -301,9 +301,17 @@ pub(crate) fn claims_inserts(
             text_column(&evidence, |(_, _, e)| e.attached_by.clone()),
         ],
         tail: "",
-    });
+    }
+}
 
-    // Approval and disbursement are one, as in `create_disbursement`.
+/// Approval and disbursement are one, as in `create_disbursement`: the disbursements of the
+/// approved claims, their first history entries and their outbox rows.
+fn disbursement_inserts(
+    rows: &[ClaimSubmission],
+    filed: &[Filed],
+    payees: &HashMap<Uuid, Payee>,
+    now: Micros,
+) -> [Insert<'static>; 3] {
     let approved: Vec<(&Filed, String, &Payee)> = filed
         .iter()
         .filter_map(|f| {
@@ -315,7 +323,8 @@ pub(crate) fn claims_inserts(
         .collect();
     let na = approved.len();
     let ids = text_column(&approved, |(_, id, _)| id.clone());
-    inserts.push(Insert {
+    let queued = || Column::Text(vec![DisbursementStatus::Queued.key().to_owned(); na]);
+    let disbursements = Insert {
         head: "INSERT INTO disbursements (disbursement_id, claim_id, partner_id, amount_krw, \
          status, bank_code, account_sealed, account_last4, holder_name, trace_context, \
          create_time, update_time)",
@@ -329,7 +338,7 @@ pub(crate) fn claims_inserts(
                     .map(|(f, _, _)| f.claim.compensation_krw)
                     .collect(),
             ),
-            Column::Text(vec![DisbursementStatus::Queued.key().to_owned(); na]),
+            queued(),
             text_column(&approved, |(_, _, p)| p.bank_code.clone()),
             text_column(&approved, |(_, _, p)| p.account_sealed.clone()),
             text_column(&approved, |(_, _, p)| p.account_last4.clone()),
@@ -344,24 +353,24 @@ pub(crate) fn claims_inserts(
             Column::BigInt(vec![now; na]),
         ],
         tail: "",
-    });
-    inserts.push(Insert {
+    };
+    let history = Insert {
         head: "INSERT INTO disbursement_events (disbursement_id, from_status, to_status, \
          actor, reason, time)",
         columns: vec![
             ids.clone(),
             Column::NullableText(vec![None; na]),
-            Column::Text(vec![DisbursementStatus::Queued.key().to_owned(); na]),
+            queued(),
             text_column(&approved, |(f, _, _)| f.claim.submitted_by.clone()),
             Column::Text(vec!["claim approved".to_owned(); na]),
             Column::BigInt(vec![now; na]),
         ],
         tail: "",
-    });
-    inserts.push(Insert {
+    };
+    let outbox = Insert {
         head: "INSERT INTO outbox (disbursement_id, due_time)",
         columns: vec![ids, Column::BigInt(vec![now; na])],
         tail: "",
-    });
-    Ok(inserts)
+    };
+    [disbursements, history, outbox]
 }

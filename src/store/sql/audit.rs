@@ -22,7 +22,11 @@ pub(super) async fn insert_audit(tx: &mut Tx, events: &[AuditEvent]) -> Result<(
 
 #[async_trait]
 impl AuditStore for SqlStore {
-    #[tracing::instrument(name = "store.append_audit", skip_all, fields(otel.kind = "client", db.system = DB_SYSTEM))]
+    #[tracing::instrument(
+        name = "store.append_audit",
+        skip_all,
+        fields(otel.kind = "client", db.system = DB_SYSTEM)
+    )]
     async fn append_audit(&self, events: &[AuditEvent]) -> Result<()> {
         let mut tx = self.pool.begin().await?;
         // Events come in batches (calls finishing together, refused calls).
@@ -31,7 +35,11 @@ impl AuditStore for SqlStore {
         Ok(())
     }
 
-    #[tracing::instrument(name = "store.list_audit", skip_all, fields(otel.kind = "client", db.system = DB_SYSTEM))]
+    #[tracing::instrument(
+        name = "store.list_audit",
+        skip_all,
+        fields(otel.kind = "client", db.system = DB_SYSTEM)
+    )]
     async fn list_audit(&self, filter: &AuditFilter, page: &Page) -> Result<Vec<AuditEvent>> {
         let rows: Vec<AuditRow> = sqlx::query_as(
             "SELECT * FROM audit_events WHERE audit_event_id > $1 \

@@ -113,7 +113,11 @@ async fn insert_claim(tx: &mut Tx, claim: &NewClaim) -> Result<Uuid> {
 
 #[async_trait]
 impl ClaimStore for SqlStore {
-    #[tracing::instrument(name = "store.submit_claim", skip_all, fields(otel.kind = "client", db.system = DB_SYSTEM))]
+    #[tracing::instrument(
+        name = "store.submit_claim",
+        skip_all,
+        fields(otel.kind = "client", db.system = DB_SYSTEM)
+    )]
     async fn submit_claim(
         &self,
         call: Recorded<'_, Claim>,
@@ -145,7 +149,11 @@ impl ClaimStore for SqlStore {
         call.finish(tx, stored).await
     }
 
-    #[tracing::instrument(name = "store.attach_evidence", skip_all, fields(otel.kind = "client", db.system = DB_SYSTEM))]
+    #[tracing::instrument(
+        name = "store.attach_evidence",
+        skip_all,
+        fields(otel.kind = "client", db.system = DB_SYSTEM)
+    )]
     async fn attach_evidence(
         &self,
         call: Recorded<'_, Claim>,
@@ -169,7 +177,11 @@ impl ClaimStore for SqlStore {
         call.finish(tx, stored).await
     }
 
-    #[tracing::instrument(name = "store.review_claim", skip_all, fields(otel.kind = "client", db.system = DB_SYSTEM))]
+    #[tracing::instrument(
+        name = "store.review_claim",
+        skip_all,
+        fields(otel.kind = "client", db.system = DB_SYSTEM)
+    )]
     async fn review_claim(
         &self,
         call: Recorded<'_, Claim>,
@@ -213,13 +225,21 @@ impl ClaimStore for SqlStore {
         call.finish(tx, stored).await
     }
 
-    #[tracing::instrument(name = "store.get_claim", skip_all, fields(otel.kind = "client", db.system = DB_SYSTEM))]
+    #[tracing::instrument(
+        name = "store.get_claim",
+        skip_all,
+        fields(otel.kind = "client", db.system = DB_SYSTEM)
+    )]
     async fn get_claim(&self, claim_id: Uuid) -> Result<Option<Claim>> {
         let mut conn = self.pool.acquire().await?;
         load_claim(&mut conn, claim_id).await
     }
 
-    #[tracing::instrument(name = "store.list_claims", skip_all, fields(otel.kind = "client", db.system = DB_SYSTEM))]
+    #[tracing::instrument(
+        name = "store.list_claims",
+        skip_all,
+        fields(otel.kind = "client", db.system = DB_SYSTEM)
+    )]
     async fn list_claims(&self, filter: &ClaimFilter, page: &Page) -> Result<Vec<Claim>> {
         let mut conn = self.pool.acquire().await?;
         let rows: Vec<ClaimRow> = sqlx::query_as(
@@ -244,7 +264,11 @@ impl ClaimStore for SqlStore {
         Ok(claims)
     }
 
-    #[tracing::instrument(name = "store.submit_claims", skip_all, fields(otel.kind = "client", db.system = DB_SYSTEM, rows = rows.len()))]
+    #[tracing::instrument(
+        name = "store.submit_claims",
+        skip_all,
+        fields(otel.kind = "client", db.system = DB_SYSTEM, rows = rows.len())
+    )]
     async fn submit_claims(
         &self,
         rows: &[ClaimSubmission],

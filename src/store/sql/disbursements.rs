@@ -203,13 +203,21 @@ fn operator_change(
 
 #[async_trait]
 impl DisbursementStore for SqlStore {
-    #[tracing::instrument(name = "store.get_disbursement", skip_all, fields(otel.kind = "client", db.system = DB_SYSTEM))]
+    #[tracing::instrument(
+        name = "store.get_disbursement",
+        skip_all,
+        fields(otel.kind = "client", db.system = DB_SYSTEM)
+    )]
     async fn get_disbursement(&self, disbursement_id: Uuid) -> Result<Option<Disbursement>> {
         let mut conn = self.pool.acquire().await?;
         load_disbursement(&mut conn, disbursement_id).await
     }
 
-    #[tracing::instrument(name = "store.list_disbursements", skip_all, fields(otel.kind = "client", db.system = DB_SYSTEM))]
+    #[tracing::instrument(
+        name = "store.list_disbursements",
+        skip_all,
+        fields(otel.kind = "client", db.system = DB_SYSTEM)
+    )]
     async fn list_disbursements(
         &self,
         filter: &DisbursementFilter,
@@ -236,7 +244,11 @@ impl DisbursementStore for SqlStore {
         Ok(out)
     }
 
-    #[tracing::instrument(name = "store.retry_disbursement", skip_all, fields(otel.kind = "client", db.system = DB_SYSTEM))]
+    #[tracing::instrument(
+        name = "store.retry_disbursement",
+        skip_all,
+        fields(otel.kind = "client", db.system = DB_SYSTEM)
+    )]
     async fn retry_disbursement(
         &self,
         call: Recorded<'_, Disbursement>,
@@ -297,7 +309,11 @@ impl DisbursementStore for SqlStore {
         finish_with(tx, call, disbursement_id).await
     }
 
-    #[tracing::instrument(name = "store.cancel_disbursement", skip_all, fields(otel.kind = "client", db.system = DB_SYSTEM))]
+    #[tracing::instrument(
+        name = "store.cancel_disbursement",
+        skip_all,
+        fields(otel.kind = "client", db.system = DB_SYSTEM)
+    )]
     async fn cancel_disbursement(
         &self,
         call: Recorded<'_, Disbursement>,
@@ -329,7 +345,11 @@ impl DisbursementStore for SqlStore {
         finish_with(tx, call, disbursement_id).await
     }
 
-    #[tracing::instrument(name = "store.set_dispatch_paused", skip_all, fields(otel.kind = "client", db.system = DB_SYSTEM))]
+    #[tracing::instrument(
+        name = "store.set_dispatch_paused",
+        skip_all,
+        fields(otel.kind = "client", db.system = DB_SYSTEM)
+    )]
     async fn set_dispatch_paused(
         &self,
         call: Recorded<'_, DispatchState>,
@@ -355,7 +375,11 @@ impl DisbursementStore for SqlStore {
         call.finish(tx, state).await
     }
 
-    #[tracing::instrument(name = "store.program_summary", skip_all, fields(otel.kind = "client", db.system = DB_SYSTEM))]
+    #[tracing::instrument(
+        name = "store.program_summary",
+        skip_all,
+        fields(otel.kind = "client", db.system = DB_SYSTEM)
+    )]
     async fn program_summary(&self) -> Result<ProgramSummary> {
         let mut conn = self.pool.acquire().await?;
         let mut summary = ProgramSummary {

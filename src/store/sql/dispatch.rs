@@ -501,7 +501,11 @@ async fn record_in(
 
 #[async_trait]
 impl DispatchStore for SqlStore {
-    #[tracing::instrument(name = "store.outbox_stats", skip_all, fields(otel.kind = "client", db.system = DB_SYSTEM))]
+    #[tracing::instrument(
+        name = "store.outbox_stats",
+        skip_all,
+        fields(otel.kind = "client", db.system = DB_SYSTEM)
+    )]
     async fn outbox_stats(&self) -> Result<(i64, Option<Micros>)> {
         Ok(
             sqlx::query_as("SELECT COUNT(*) AS n, MIN(due_time) AS oldest FROM outbox")
@@ -510,7 +514,11 @@ impl DispatchStore for SqlStore {
         )
     }
 
-    #[tracing::instrument(name = "store.lease_batch", skip_all, fields(otel.kind = "client", db.system = DB_SYSTEM, limit = limit))]
+    #[tracing::instrument(
+        name = "store.lease_batch",
+        skip_all,
+        fields(otel.kind = "client", db.system = DB_SYSTEM, limit = limit)
+    )]
     async fn lease_batch(
         &self,
         now: Micros,
@@ -523,7 +531,11 @@ impl DispatchStore for SqlStore {
         Ok(leased)
     }
 
-    #[tracing::instrument(name = "store.renew_leases", skip_all, fields(otel.kind = "client", db.system = DB_SYSTEM, rows = disbursement_ids.len()))]
+    #[tracing::instrument(
+        name = "store.renew_leases",
+        skip_all,
+        fields(otel.kind = "client", db.system = DB_SYSTEM, rows = disbursement_ids.len())
+    )]
     async fn renew_leases(
         &self,
         disbursement_ids: &[Uuid],
@@ -548,7 +560,16 @@ impl DispatchStore for SqlStore {
         Ok(u64::try_from(renewed.len()).unwrap_or(u64::MAX))
     }
 
-    #[tracing::instrument(name = "store.record_dispatch", skip_all, fields(otel.kind = "client", db.system = DB_SYSTEM, attempts = record.attempts.len(), keys = record.assign_keys.len()))]
+    #[tracing::instrument(
+        name = "store.record_dispatch",
+        skip_all,
+        fields(
+            otel.kind = "client",
+            db.system = DB_SYSTEM,
+            attempts = record.attempts.len(),
+            keys = record.assign_keys.len()
+        )
+    )]
     async fn record_dispatch(
         &self,
         record: &DispatchRecord,

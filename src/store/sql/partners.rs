@@ -31,7 +31,11 @@ fn already_registered(partner_id: &str) -> Result<StoreError> {
 
 #[async_trait]
 impl PartnerStore for SqlStore {
-    #[tracing::instrument(name = "store.register_partner", skip_all, fields(otel.kind = "client", db.system = DB_SYSTEM))]
+    #[tracing::instrument(
+        name = "store.register_partner",
+        skip_all,
+        fields(otel.kind = "client", db.system = DB_SYSTEM)
+    )]
     async fn register_partner(
         &self,
         call: Recorded<'_, Partner>,
@@ -92,13 +96,21 @@ impl PartnerStore for SqlStore {
         call.finish(tx, created).await
     }
 
-    #[tracing::instrument(name = "store.get_partner", skip_all, fields(otel.kind = "client", db.system = DB_SYSTEM))]
+    #[tracing::instrument(
+        name = "store.get_partner",
+        skip_all,
+        fields(otel.kind = "client", db.system = DB_SYSTEM)
+    )]
     async fn get_partner(&self, partner_id: Uuid) -> Result<Option<Partner>> {
         let mut conn = self.pool.acquire().await?;
         load_partner(&mut conn, partner_id).await
     }
 
-    #[tracing::instrument(name = "store.list_partners", skip_all, fields(otel.kind = "client", db.system = DB_SYSTEM))]
+    #[tracing::instrument(
+        name = "store.list_partners",
+        skip_all,
+        fields(otel.kind = "client", db.system = DB_SYSTEM)
+    )]
     async fn list_partners(&self, filter: &PartnerFilter, page: &Page) -> Result<Vec<Partner>> {
         let rows: Vec<PartnerRow> = sqlx::query_as(
             "SELECT * FROM partners WHERE partner_id > $1 \
@@ -119,7 +131,11 @@ impl PartnerStore for SqlStore {
         rows.into_iter().map(Partner::try_from).collect()
     }
 
-    #[tracing::instrument(name = "store.update_bank_account", skip_all, fields(otel.kind = "client", db.system = DB_SYSTEM))]
+    #[tracing::instrument(
+        name = "store.update_bank_account",
+        skip_all,
+        fields(otel.kind = "client", db.system = DB_SYSTEM)
+    )]
     async fn update_bank_account(
         &self,
         call: Recorded<'_, Partner>,
@@ -179,7 +195,11 @@ impl PartnerStore for SqlStore {
         call.finish(tx, partner).await
     }
 
-    #[tracing::instrument(name = "store.register_partners", skip_all, fields(otel.kind = "client", db.system = DB_SYSTEM, rows = rows.len()))]
+    #[tracing::instrument(
+        name = "store.register_partners",
+        skip_all,
+        fields(otel.kind = "client", db.system = DB_SYSTEM, rows = rows.len())
+    )]
     async fn register_partners(
         &self,
         rows: &[(Idempotency, NewPartner)],

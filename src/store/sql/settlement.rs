@@ -107,7 +107,11 @@ async fn reconcile_line(
 
 #[async_trait]
 impl SettlementStore for SqlStore {
-    #[tracing::instrument(name = "store.export_disbursements", skip_all, fields(otel.kind = "client", db.system = DB_SYSTEM))]
+    #[tracing::instrument(
+        name = "store.export_disbursements",
+        skip_all,
+        fields(otel.kind = "client", db.system = DB_SYSTEM)
+    )]
     async fn export_disbursements(
         &self,
         filter: &ExportFilter,
@@ -144,7 +148,11 @@ impl SettlementStore for SqlStore {
             .collect()
     }
 
-    #[tracing::instrument(name = "store.start_settlement_run", skip_all, fields(otel.kind = "client", db.system = DB_SYSTEM))]
+    #[tracing::instrument(
+        name = "store.start_settlement_run",
+        skip_all,
+        fields(otel.kind = "client", db.system = DB_SYSTEM)
+    )]
     async fn start_settlement_run(
         &self,
         request_id: Uuid,
@@ -169,7 +177,11 @@ impl SettlementStore for SqlStore {
         Ok(run_id)
     }
 
-    #[tracing::instrument(name = "store.stage_settlement_lines", skip_all, fields(otel.kind = "client", db.system = DB_SYSTEM))]
+    #[tracing::instrument(
+        name = "store.stage_settlement_lines",
+        skip_all,
+        fields(otel.kind = "client", db.system = DB_SYSTEM)
+    )]
     async fn stage_settlement_lines(&self, run_id: Uuid, lines: &[SettlementLine]) -> Result<()> {
         if lines.is_empty() {
             return Ok(());
@@ -212,7 +224,11 @@ impl SettlementStore for SqlStore {
         Ok(())
     }
 
-    #[tracing::instrument(name = "store.seal_settlement_report", skip_all, fields(otel.kind = "client", db.system = DB_SYSTEM))]
+    #[tracing::instrument(
+        name = "store.seal_settlement_report",
+        skip_all,
+        fields(otel.kind = "client", db.system = DB_SYSTEM)
+    )]
     async fn seal_settlement_report(
         &self,
         run_id: Uuid,
@@ -245,7 +261,11 @@ impl SettlementStore for SqlStore {
         Ok(())
     }
 
-    #[tracing::instrument(name = "store.reconcile_settlement_page", skip_all, fields(otel.kind = "client", db.system = DB_SYSTEM))]
+    #[tracing::instrument(
+        name = "store.reconcile_settlement_page",
+        skip_all,
+        fields(otel.kind = "client", db.system = DB_SYSTEM)
+    )]
     async fn reconcile_settlement_page(
         &self,
         run_id: Uuid,
@@ -299,7 +319,11 @@ impl SettlementStore for SqlStore {
         Ok(page)
     }
 
-    #[tracing::instrument(name = "store.paid_missing_from_report", skip_all, fields(otel.kind = "client", db.system = DB_SYSTEM))]
+    #[tracing::instrument(
+        name = "store.paid_missing_from_report",
+        skip_all,
+        fields(otel.kind = "client", db.system = DB_SYSTEM)
+    )]
     async fn paid_missing_from_report(
         &self,
         run_id: Uuid,
@@ -332,7 +356,11 @@ impl SettlementStore for SqlStore {
         rows.into_iter().map(PaidPayout::try_from).collect()
     }
 
-    #[tracing::instrument(name = "store.finish_settlement_run", skip_all, fields(otel.kind = "client", db.system = DB_SYSTEM))]
+    #[tracing::instrument(
+        name = "store.finish_settlement_run",
+        skip_all,
+        fields(otel.kind = "client", db.system = DB_SYSTEM)
+    )]
     async fn finish_settlement_run(&self, run_id: Uuid, totals: &SettlementTotals) -> Result<()> {
         sqlx::query(
             "UPDATE settlement_runs SET line_count = $1, matched_count = $2, \
