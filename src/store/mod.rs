@@ -301,7 +301,7 @@ pub enum Requeue {
 }
 
 /// What a dispatcher round learnt about a batch of leased disbursements, written in one
-/// transaction by [`Store::record_dispatch`].
+/// transaction by [`DispatchStore::record_dispatch`].
 #[derive(Debug, Clone, Default)]
 pub struct DispatchRecord {
     /// Backend calls, each disbursement's in the order they were made.
@@ -388,7 +388,7 @@ pub enum PartnerRef {
     RegistrationNumber(BusinessRegistrationNumber),
 }
 
-/// One row of [`Store::submit_claims`].
+/// One row of [`ClaimStore::submit_claims`].
 #[derive(Debug, Clone)]
 pub struct ClaimSubmission {
     pub idem: Idempotency,
