@@ -366,11 +366,7 @@ impl ClaimService for Claims {
         let render = render_claim(|c| pb::AttachEvidenceResponse { claim: Some(c) });
         let audit = CallAudit::current();
         let entry = audit.entry(|c: &Claim| c.claim_id.to_string());
-        let call = Recorded {
-            idem: &idem,
-            render: &render,
-            audit: Some(&entry),
-        };
+        let call = Recorded::audited(&idem, &render, &entry);
         let stored = self
             .ctx
             .store
@@ -428,11 +424,7 @@ impl ClaimService for Claims {
         let render = render_claim(|c| pb::ReviewClaimResponse { claim: Some(c) });
         let audit = CallAudit::current();
         let entry = audit.entry(|c: &Claim| c.claim_id.to_string());
-        let call = Recorded {
-            idem: &idem,
-            render: &render,
-            audit: Some(&entry),
-        };
+        let call = Recorded::audited(&idem, &render, &entry);
         let stored = self
             .ctx
             .store

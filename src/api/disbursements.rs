@@ -103,11 +103,7 @@ impl DisbursementService for Disbursements {
         };
         let audit = CallAudit::current();
         let entry = audit.entry(|d: &Disbursement| d.disbursement_id.to_string());
-        let call = Recorded {
-            idem: &idem,
-            render: &render,
-            audit: Some(&entry),
-        };
+        let call = Recorded::audited(&idem, &render, &entry);
         let stored = self.ctx.store.retry_disbursement(call, id, &actor).await?;
         audit.stored(&stored);
         respond(stored, |d| pb::RetryDisbursementResponse {
@@ -142,11 +138,7 @@ impl DisbursementService for Disbursements {
         };
         let audit = CallAudit::current();
         let entry = audit.entry(|d: &Disbursement| d.disbursement_id.to_string());
-        let call = Recorded {
-            idem: &idem,
-            render: &render,
-            audit: Some(&entry),
-        };
+        let call = Recorded::audited(&idem, &render, &entry);
         let stored = self
             .ctx
             .store
@@ -183,11 +175,7 @@ impl DisbursementService for Disbursements {
         };
         let audit = CallAudit::current();
         let entry = audit.entry(|_: &DispatchState| String::new());
-        let call = Recorded {
-            idem: &idem,
-            render: &render,
-            audit: Some(&entry),
-        };
+        let call = Recorded::audited(&idem, &render, &entry);
         let stored = self
             .ctx
             .store
@@ -222,11 +210,7 @@ impl DisbursementService for Disbursements {
         };
         let audit = CallAudit::current();
         let entry = audit.entry(|_: &DispatchState| String::new());
-        let call = Recorded {
-            idem: &idem,
-            render: &render,
-            audit: Some(&entry),
-        };
+        let call = Recorded::audited(&idem, &render, &entry);
         let stored = self
             .ctx
             .store

@@ -363,11 +363,7 @@ impl PartnerService for Partners {
         };
         let audit = CallAudit::current();
         let entry = audit.entry(|p: &crate::domain::Partner| p.partner_id.to_string());
-        let call = Recorded {
-            idem: &idem,
-            render: &render,
-            audit: Some(&entry),
-        };
+        let call = Recorded::audited(&idem, &render, &entry);
         let stored = self
             .ctx
             .store

@@ -45,6 +45,15 @@ impl<T> Clone for Recorded<'_, T> {
 impl<T> Copy for Recorded<'_, T> {}
 
 impl<'a, T> Recorded<'a, T> {
+    /// A call whose audit entry `audit` makes is written with its rows.
+    pub fn audited(idem: &'a Idempotency, render: Render<'a, T>, audit: AuditOf<'a, T>) -> Self {
+        Self {
+            idem,
+            render,
+            audit: Some(audit),
+        }
+    }
+
     /// A call recorded without an audit entry of its own (the audit layer writes it).
     pub fn unaudited(idem: &'a Idempotency, render: Render<'a, T>) -> Self {
         Self {

@@ -22,9 +22,7 @@ use crate::store::batch::{BatchSql, Lookup};
 use crate::store::idempotency::{KeyedEarlier, replay_of};
 use crate::store::intake::{Answers, BulkResult, REQUEST_KEY, request_ids_insert, request_key};
 use crate::store::rows::unexpected;
-use crate::store::{
-    AuditEvent, BatchAudit, Idempotency, Micros, Recorded, Render, Result, StoreError, Stored,
-};
+use crate::store::{AuditEvent, BatchAudit, Idempotency, Micros, Result, StoreError, Stored};
 
 /// The statements of a batch in this database's form.
 pub(super) type BatchStatements = Vec<sqlx::QueryBuilder<Db>>;
@@ -229,19 +227,5 @@ impl<'a, T: Clone> RowByRow<'a, T> {
             }
         }
         self.answers
-    }
-}
-
-/// A row of a batch redone alone: its request, answer kept, and (when the row is stored) its
-/// audit entry `entry` makes.
-pub(super) fn alone<'a, T>(
-    idem: &'a Idempotency,
-    render: Render<'a, T>,
-    entry: &'a (dyn Fn(&T) -> Option<AuditEvent> + Send + Sync),
-) -> Recorded<'a, T> {
-    Recorded {
-        idem,
-        render,
-        audit: Some(entry),
     }
 }

@@ -6,8 +6,7 @@ use sqlx::FromRow as _;
 use uuid::Uuid;
 
 use super::bulk::{
-    RowByRow, alone, execute, fresh_entry, release_request_ids, replays, select_in,
-    take_request_ids,
+    RowByRow, execute, fresh_entry, release_request_ids, replays, select_in, take_request_ids,
 };
 use super::{Db, SqlStore, Tx, dialect};
 use crate::domain::{Claim, NewClaim};
@@ -41,7 +40,8 @@ pub(super) async fn submit_claims(
             let mut done = RowByRow::new(rows.len(), audit);
             for (i, row) in rows.iter().enumerate() {
                 let entry = |c: &Claim| fresh_entry(audit, i, c);
-                let answer = submit_one(store, row, alone(&row.idem, render, &entry)).await;
+                let answer =
+                    submit_one(store, row, Recorded::audited(&row.idem, render, &entry)).await;
                 done.answered(i, answer);
             }
             Ok(done.finish(store).await)

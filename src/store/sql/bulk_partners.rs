@@ -3,8 +3,7 @@
 use uuid::Uuid;
 
 use super::bulk::{
-    RowByRow, alone, execute, fresh_entry, release_request_ids, replays,
-    take_request_ids_and_look_up,
+    RowByRow, execute, fresh_entry, release_request_ids, replays, take_request_ids_and_look_up,
 };
 use super::{Db, SqlStore, Tx};
 use crate::domain::{NewPartner, Partner};
@@ -16,7 +15,7 @@ use crate::store::intake::{
 use crate::store::prelude::*;
 use crate::store::rows::unexpected;
 use crate::store::{
-    BatchAudit, Idempotency, Micros, Render, Result, StoreError, Stored, now_micros,
+    BatchAudit, Idempotency, Micros, Recorded, Render, Result, StoreError, Stored, now_micros,
 };
 
 /// A row as it will be stored if it is new: the partner and its sealed account number.
@@ -41,7 +40,7 @@ pub(super) async fn register_partners(
             for (i, (idem, partner)) in rows.iter().enumerate() {
                 let entry = |p: &Partner| fresh_entry(audit, i, p);
                 let answer = store
-                    .register_partner(alone(idem, render, &entry), partner)
+                    .register_partner(Recorded::audited(idem, render, &entry), partner)
                     .await;
                 done.answered(i, answer);
             }
