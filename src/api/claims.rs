@@ -7,8 +7,8 @@ use tonic::{Code, Request, Response, Status, Streaming};
 
 use super::imports::{self, Import, RowResult, Written};
 use super::{
-    Context, Violations, convert, decode_replay, idempotency, next_page_token, page,
-    record_touched, respond,
+    CallAudit, Context, Violations, convert, decode_replay, idempotency,
+    next_page_token, page, record_touched, respond,
 };
 use crate::domain::text::Reason;
 use crate::domain::{
@@ -18,7 +18,8 @@ use crate::principal::Principal;
 use crate::proto::payouts::v1::{self as pb, claim_service_server::ClaimService};
 use crate::status::status_with_reason;
 use crate::store::{
-    BatchAudit, ClaimFilter, ClaimSubmission, PartnerRef, Review, Store, StoreError, Stored,
+    BatchAudit, ClaimFilter, ClaimSubmission, PartnerRef, Recorded, Review, Store, StoreError,
+    Stored,
 };
 
 pub struct Claims {
@@ -365,11 +366,15 @@ impl ClaimService for Claims {
         record_touched("", &body.claim_id, "");
         let idem = idempotency(&actor, request_id, "AttachEvidence", &body);
         let render = render_claim(|c| pb::AttachEvidenceResponse { claim: Some(c) });
+        let audit = CallAudit::current();
+        let entry = audit.entry(|c: &Claim| c.claim_id.to_string());
+        let call = Recorded::audited(&idem, &render, &entry);
         let stored = self
             .ctx
             .store
-            .attach_evidence(&idem, claim_id, &evidence, &actor, &render)
+            .attach_evidence(call, claim_id, &evidence, &actor)
             .await?;
+        audit.stored(&stored);
         let response = respond(stored, |c| pb::AttachEvidenceResponse {
             claim: Some(convert::claim(c)),
         })?;
@@ -419,11 +424,14 @@ impl ClaimService for Claims {
         record_touched("", &body.claim_id, "");
         let idem = idempotency(&reviewer, request_id, "ReviewClaim", &body);
         let render = render_claim(|c| pb::ReviewClaimResponse { claim: Some(c) });
+        let audit = CallAudit::current();
+        let entry = audit.entry(|c: &Claim| c.claim_id.to_string());
+        let call = Recorded::audited(&idem, &render, &entry);
         let stored = self
             .ctx
             .store
             .review_claim(
-                &idem,
+                call,
                 claim_id,
                 &Review {
                     decision,
@@ -431,9 +439,9 @@ impl ClaimService for Claims {
                     reviewer: &reviewer,
                     trace_context: crate::telemetry::current_context_headers().as_deref(),
                 },
-                &render,
             )
             .await?;
+        audit.stored(&stored);
         let response = respond(stored, |c| pb::ReviewClaimResponse {
             claim: Some(convert::claim(c)),
         })?;

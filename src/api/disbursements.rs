@@ -3,13 +3,13 @@
 use tonic::{Request, Response, Status};
 
 use super::{
-    Context, Violations, convert, finance, idempotency, next_page_token, page, record_touched,
-    respond,
+    CallAudit, Context, Violations, convert, finance, idempotency, next_page_token,
+    page, record_touched, respond,
 };
 use crate::domain::text::Reason;
 use crate::principal::Principal;
 use crate::proto::payouts::v1::{self as pb, disbursement_service_server::DisbursementService};
-use crate::store::{Disbursement, DisbursementFilter, DispatchState, StoreError};
+use crate::store::{Disbursement, DisbursementFilter, DispatchState, Recorded, StoreError};
 
 pub struct Disbursements {
     pub ctx: Context,
@@ -102,11 +102,11 @@ impl DisbursementService for Disbursements {
                 disbursement: Some(convert::disbursement(d)),
             })
         };
-        let stored = self
-            .ctx
-            .store
-            .retry_disbursement(&idem, id, &actor, &render)
-            .await?;
+        let audit = CallAudit::current();
+        let entry = audit.entry(|d: &Disbursement| d.disbursement_id.to_string());
+        let call = Recorded::audited(&idem, &render, &entry);
+        let stored = self.ctx.store.retry_disbursement(call, id, &actor).await?;
+        audit.stored(&stored);
         respond(stored, |d| pb::RetryDisbursementResponse {
             disbursement: Some(convert::disbursement(d)),
         })
@@ -137,11 +137,15 @@ impl DisbursementService for Disbursements {
                 disbursement: Some(convert::disbursement(d)),
             })
         };
+        let audit = CallAudit::current();
+        let entry = audit.entry(|d: &Disbursement| d.disbursement_id.to_string());
+        let call = Recorded::audited(&idem, &render, &entry);
         let stored = self
             .ctx
             .store
-            .cancel_disbursement(&idem, id, &actor, reason.as_str(), &render)
+            .cancel_disbursement(call, id, &actor, reason.as_str())
             .await?;
+        audit.stored(&stored);
         respond(stored, |d| pb::CancelDisbursementResponse {
             disbursement: Some(convert::disbursement(d)),
         })
@@ -170,11 +174,15 @@ impl DisbursementService for Disbursements {
                 state: Some(convert::dispatch_state(s)),
             })
         };
+        let audit = CallAudit::current();
+        let entry = audit.entry(|_: &DispatchState| String::new());
+        let call = Recorded::audited(&idem, &render, &entry);
         let stored = self
             .ctx
             .store
-            .set_dispatch_paused(&idem, true, &actor, reason.as_str(), &render)
+            .set_dispatch_paused(call, true, &actor, reason.as_str())
             .await?;
+        audit.stored(&stored);
         respond(stored, |s| pb::PauseDispatchResponse {
             state: Some(convert::dispatch_state(s)),
         })
@@ -201,11 +209,15 @@ impl DisbursementService for Disbursements {
                 state: Some(convert::dispatch_state(s)),
             })
         };
+        let audit = CallAudit::current();
+        let entry = audit.entry(|_: &DispatchState| String::new());
+        let call = Recorded::audited(&idem, &render, &entry);
         let stored = self
             .ctx
             .store
-            .set_dispatch_paused(&idem, false, &actor, "", &render)
+            .set_dispatch_paused(call, false, &actor, "")
             .await?;
+        audit.stored(&stored);
         respond(stored, |s| pb::ResumeDispatchResponse {
             state: Some(convert::dispatch_state(s)),
         })

@@ -215,6 +215,40 @@ pub fn idempotency(
     }
 }
 
+/// The audit entry of the call being served, for the store to write in the transaction of the
+/// rows it records (the audit layer writes the entries of calls that stored nothing).
+pub struct CallAudit {
+    draft: Option<crate::auth::audit::AuditDraft>,
+}
+
+impl CallAudit {
+    pub fn current() -> Self {
+        Self {
+            draft: crate::auth::audit::draft(),
+        }
+    }
+
+    /// The entry of a fresh result, naming the resource `resource` picks from it (the most
+    /// specific the call acted on, as `record_touched` ranks them); `None` outside an
+    /// audited call.
+    pub fn entry<T>(
+        &self,
+        resource: impl Fn(&T) -> String + Send + Sync,
+    ) -> impl Fn(&T) -> Option<crate::store::AuditEvent> + Send + Sync {
+        move |value| {
+            let draft = self.draft.as_ref()?;
+            Some(draft.event(resource(value), Code::Ok))
+        }
+    }
+
+    /// Tells the audit layer the call's entry was written with its rows, if it was.
+    pub fn stored<T>(&self, stored: &Stored<T>) {
+        if self.draft.is_some() && matches!(stored, Stored::Fresh(_)) {
+            crate::auth::audit::note_audited();
+        }
+    }
+}
+
 /// The response of a mutating call: made now, or the first call's, replayed (which the
 /// call's audit entry then says).
 pub fn respond<T, R: Message + Default>(

@@ -7,8 +7,8 @@ use tonic::{Request, Response, Status, Streaming};
 
 use super::imports::{self, Import, RowResult, Written};
 use super::{
-    Context, Violations, convert, decode_replay, idempotency, next_page_token, page,
-    record_touched, respond,
+    CallAudit, Context, Violations, convert, decode_replay, idempotency,
+    next_page_token, page, record_touched, respond,
 };
 use crate::domain::text;
 use crate::domain::{
@@ -17,7 +17,7 @@ use crate::domain::{
 };
 use crate::principal::Principal;
 use crate::proto::payouts::v1::{self as pb, partner_service_server::PartnerService};
-use crate::store::{BatchAudit, Idempotency, PartnerFilter, Store, Stored};
+use crate::store::{BatchAudit, Idempotency, PartnerFilter, Recorded, Store, Stored};
 
 pub struct Partners {
     pub ctx: Context,
@@ -362,11 +362,15 @@ impl PartnerService for Partners {
                 partner: Some(convert::partner(p)),
             })
         };
+        let audit = CallAudit::current();
+        let entry = audit.entry(|p: &crate::domain::Partner| p.partner_id.to_string());
+        let call = Recorded::audited(&idem, &render, &entry);
         let stored = self
             .ctx
             .store
-            .update_bank_account(&idem, partner_id, &account, &body.etag, &actor, &render)
+            .update_bank_account(call, partner_id, &account, &body.etag, &actor)
             .await?;
+        audit.stored(&stored);
         respond(stored, |p| pb::UpdatePartnerBankAccountResponse {
             partner: Some(convert::partner(p)),
         })

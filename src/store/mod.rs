@@ -1,7 +1,12 @@
-//! Persistence behind one trait, [`Store`], implemented for PostgreSQL ([`postgres`]) and
-//! SQLite ([`sqlite`]). Every mutating operation is one transaction that also records the
-//! caller's `request_id` under the caller's principal, so a repeated request from the same
-//! principal replays its first response.
+//! Persistence: one trait per aggregate ([`PartnerStore`], [`ClaimStore`],
+//! [`DisbursementStore`], [`DispatchStore`], [`SettlementStore`], [`AuditStore`]), together
+//! [`Store`], implemented for PostgreSQL ([`postgres`]) and SQLite ([`sqlite`]) by the same SQL
+//! code. Every mutating operation is one transaction that also records the caller's
+//! `request_id` under the caller's principal, so a repeated request from the same principal
+//! replays its first response, and writes the call's audit entry with its rows.
+//!
+//! The store enforces atomicity (a conditional update that finds its row changed answers so);
+//! what may happen (who may review, which status may be retried) is decided in `domain`.
 
 use async_trait::async_trait;
 use uuid::Uuid;
@@ -13,16 +18,15 @@ use crate::domain::{
 // Finance: export and reconciliation.
 use crate::domain::{PersonOrBusinessName, SettlementLine, SettlementMismatch};
 
-#[macro_use]
-mod sql;
-#[macro_use]
-mod bulk;
-#[macro_use]
-mod dispatch;
 pub mod batch;
+mod idempotency;
+mod intake;
 pub mod isolate;
 pub mod postgres;
+mod rows;
 pub mod sqlite;
+
+pub use idempotency::{AuditOf, Idempotency, Recorded, Render};
 
 /// Unix microseconds: how every time is stored.
 pub type Micros = i64;
@@ -30,23 +34,6 @@ pub type Micros = i64;
 pub fn now_micros() -> Micros {
     jiff::Timestamp::now().as_microsecond()
 }
-
-/// The caller's request id, the method and a digest of the rest of the request.
-///
-/// A request id belongs to the principal that sent it: the record is keyed by both, so
-/// another principal's use of the same id is a request of its own, never a replay of this
-/// one (nor a sign that this one exists).
-#[derive(Debug, Clone)]
-pub struct Idempotency {
-    /// The caller, as the audit log names it (`local-dev` without authentication).
-    pub principal: String,
-    pub request_id: Uuid,
-    pub method: &'static str,
-    pub fingerprint: String,
-}
-
-/// Turns a fresh result into the response bytes kept for replays.
-pub type Render<'a, T> = &'a (dyn Fn(&T) -> Vec<u8> + Send + Sync);
 
 /// Makes the audit entry for row `i` of a batch from what the batch answered it (`None`: the
 /// row is not audited by the batch).
@@ -314,7 +301,7 @@ pub enum Requeue {
 }
 
 /// What a dispatcher round learnt about a batch of leased disbursements, written in one
-/// transaction by [`Store::record_dispatch`].
+/// transaction by [`DispatchStore::record_dispatch`].
 #[derive(Debug, Clone, Default)]
 pub struct DispatchRecord {
     /// Backend calls, each disbursement's in the order they were made.
@@ -401,7 +388,7 @@ pub enum PartnerRef {
     RegistrationNumber(BusinessRegistrationNumber),
 }
 
-/// One row of [`Store::submit_claims`].
+/// One row of [`ClaimStore::submit_claims`].
 #[derive(Debug, Clone)]
 pub struct ClaimSubmission {
     pub idem: Idempotency,
@@ -410,66 +397,63 @@ pub struct ClaimSubmission {
     pub claim: NewClaim,
 }
 
+/// The partners: registration, one at a time or in batches, and bank account changes.
 #[async_trait]
-pub trait Store: Send + Sync + 'static {
-    // Partners.
+pub trait PartnerStore {
     async fn register_partner(
         &self,
-        idem: &Idempotency,
+        call: Recorded<'_, Partner>,
         partner: &NewPartner,
-        render: Render<'_, Partner>,
     ) -> Result<Stored<Partner>>;
     async fn get_partner(&self, partner_id: Uuid) -> Result<Option<Partner>>;
     async fn list_partners(&self, filter: &PartnerFilter, page: &Page) -> Result<Vec<Partner>>;
     async fn update_bank_account(
         &self,
-        idem: &Idempotency,
+        call: Recorded<'_, Partner>,
         partner_id: Uuid,
         account: &BankAccount,
         etag: &str,
         actor: &str,
-        render: Render<'_, Partner>,
     ) -> Result<Stored<Partner>>;
-
-    // Claims.
-    async fn submit_claim(
-        &self,
-        idem: &Idempotency,
-        claim: &NewClaim,
-        render: Render<'_, Claim>,
-    ) -> Result<Stored<Claim>>;
-    async fn attach_evidence(
-        &self,
-        idem: &Idempotency,
-        claim_id: Uuid,
-        evidence: &Evidence,
-        actor: &str,
-        render: Render<'_, Claim>,
-    ) -> Result<Stored<Claim>>;
-    async fn review_claim(
-        &self,
-        idem: &Idempotency,
-        claim_id: Uuid,
-        review: &Review<'_>,
-        render: Render<'_, Claim>,
-    ) -> Result<Stored<Claim>>;
-    async fn get_claim(&self, claim_id: Uuid) -> Result<Option<Claim>>;
-    async fn list_claims(&self, filter: &ClaimFilter, page: &Page) -> Result<Vec<Claim>>;
-
-    // Bulk intake.
     /// Registers a batch of partners in one transaction. Each row is answered, in order, as
-    /// [`Store::register_partner`] would have answered it had the rows come one at a time; a
-    /// refused row stores nothing. `Err` means nothing of the batch was stored. The audit
-    /// entries `audit` makes are written with the rows.
+    /// [`PartnerStore::register_partner`] would have answered it had the rows come one at a
+    /// time; a refused row stores nothing. `Err` means nothing of the batch was stored. The
+    /// audit entries `audit` makes are written with the rows (a stored row is never without
+    /// its entry).
     async fn register_partners(
         &self,
         rows: &[(Idempotency, NewPartner)],
         render: Render<'_, Partner>,
         audit: BatchAudit<'_, Partner>,
     ) -> Result<Vec<Result<Stored<Partner>>>>;
+}
+
+/// The claims: filing (one at a time or in batches), evidence, review.
+#[async_trait]
+pub trait ClaimStore {
+    async fn submit_claim(
+        &self,
+        call: Recorded<'_, Claim>,
+        claim: &NewClaim,
+    ) -> Result<Stored<Claim>>;
+    async fn attach_evidence(
+        &self,
+        call: Recorded<'_, Claim>,
+        claim_id: Uuid,
+        evidence: &Evidence,
+        actor: &str,
+    ) -> Result<Stored<Claim>>;
+    async fn review_claim(
+        &self,
+        call: Recorded<'_, Claim>,
+        claim_id: Uuid,
+        review: &Review<'_>,
+    ) -> Result<Stored<Claim>>;
+    async fn get_claim(&self, claim_id: Uuid) -> Result<Option<Claim>>;
+    async fn list_claims(&self, filter: &ClaimFilter, page: &Page) -> Result<Vec<Claim>>;
     /// Files a batch of claims in one transaction (each approved one with its disbursement).
-    /// Each row is answered, in order, as [`Store::submit_claim`] would have answered it had
-    /// the rows come one at a time. `Err` means nothing of the batch was stored. The audit
+    /// Each row is answered, in order, as [`ClaimStore::submit_claim`] would have answered it
+    /// had the rows come one at a time. `Err` means nothing of the batch was stored. The audit
     /// entries `audit` makes are written with the rows.
     async fn submit_claims(
         &self,
@@ -477,8 +461,11 @@ pub trait Store: Send + Sync + 'static {
         render: Render<'_, Claim>,
         audit: BatchAudit<'_, Claim>,
     ) -> Result<Vec<Result<Stored<Claim>>>>;
+}
 
-    // Disbursements.
+/// The disbursements as operators see them: read, retried, cancelled, dispatch paused.
+#[async_trait]
+pub trait DisbursementStore {
     async fn get_disbursement(&self, disbursement_id: Uuid) -> Result<Option<Disbursement>>;
     async fn list_disbursements(
         &self,
@@ -487,30 +474,65 @@ pub trait Store: Send + Sync + 'static {
     ) -> Result<Vec<Disbursement>>;
     async fn retry_disbursement(
         &self,
-        idem: &Idempotency,
+        call: Recorded<'_, Disbursement>,
         disbursement_id: Uuid,
         actor: &str,
-        render: Render<'_, Disbursement>,
     ) -> Result<Stored<Disbursement>>;
     async fn cancel_disbursement(
         &self,
-        idem: &Idempotency,
+        call: Recorded<'_, Disbursement>,
         disbursement_id: Uuid,
         actor: &str,
         reason: &str,
-        render: Render<'_, Disbursement>,
     ) -> Result<Stored<Disbursement>>;
     async fn set_dispatch_paused(
         &self,
-        idem: &Idempotency,
+        call: Recorded<'_, DispatchState>,
         paused: bool,
         actor: &str,
         reason: &str,
-        render: Render<'_, DispatchState>,
     ) -> Result<Stored<DispatchState>>;
     async fn program_summary(&self) -> Result<ProgramSummary>;
+}
 
-    // Finance: export and reconciliation.
+/// The dispatcher's side of the disbursements: the outbox, a leased batch at a time.
+#[async_trait]
+pub trait DispatchStore {
+    /// Outbox rows, and the due time of the oldest (None when empty).
+    async fn outbox_stats(&self) -> Result<(i64, Option<Micros>)>;
+    /// Leases up to `limit` due outbox rows until `lease_until` and reads their disbursements
+    /// (without attempts and history); none while dispatch is paused.
+    async fn lease_batch(
+        &self,
+        now: Micros,
+        lease_until: Micros,
+        limit: u32,
+    ) -> Result<Vec<Disbursement>>;
+    /// Extends to `lease_until` the leases among `disbursement_ids` that are still held until
+    /// `held_until` (rows released or taken over meanwhile are left alone); returns how many.
+    async fn renew_leases(
+        &self,
+        disbursement_ids: &[Uuid],
+        held_until: Micros,
+        lease_until: Micros,
+    ) -> Result<u64>;
+    /// Writes `record` in one transaction: attempts, verified holders, finished dispatches
+    /// (with their history), released rows (`back_off(failures so far)` gives the due time of
+    /// [`Requeue::BackOff`]) and instruction keys within `budget_krw`, made one batch at a time
+    /// across replicas (under the `dispatch_control` lock), the batch's keys adding up as they
+    /// are made.
+    async fn record_dispatch(
+        &self,
+        record: &DispatchRecord,
+        budget_krw: Option<i64>,
+        back_off: &(dyn Fn(u32) -> Micros + Send + Sync),
+        now: Micros,
+    ) -> Result<Vec<KeyAssignment>>;
+}
+
+/// Finance: the export of disbursements and the reconciliation of settlement reports.
+#[async_trait]
+pub trait SettlementStore {
     /// Up to `limit` disbursements after `after` (in id order) that match `filter`.
     async fn export_disbursements(
         &self,
@@ -557,41 +579,49 @@ pub trait Store: Send + Sync + 'static {
         limit: u32,
     ) -> Result<Vec<PaidPayout>>;
     async fn finish_settlement_run(&self, run_id: Uuid, totals: &SettlementTotals) -> Result<()>;
+}
 
-    // The audit log.
+/// The audit log.
+#[async_trait]
+pub trait AuditStore {
     async fn append_audit(&self, events: &[AuditEvent]) -> Result<()>;
     async fn list_audit(&self, filter: &AuditFilter, page: &Page) -> Result<Vec<AuditEvent>>;
-
-    /// Outbox rows, and the due time of the oldest (None when empty).
-    async fn outbox_stats(&self) -> Result<(i64, Option<Micros>)>;
-
-    // The dispatcher, a batch at a time.
-    /// Leases up to `limit` due outbox rows until `lease_until` and reads their disbursements
-    /// (without attempts and history); none while dispatch is paused.
-    async fn lease_batch(
-        &self,
-        now: Micros,
-        lease_until: Micros,
-        limit: u32,
-    ) -> Result<Vec<Disbursement>>;
-    /// Extends to `lease_until` the leases among `disbursement_ids` that are still held until
-    /// `held_until` (rows released or taken over meanwhile are left alone); returns how many.
-    async fn renew_leases(
-        &self,
-        disbursement_ids: &[Uuid],
-        held_until: Micros,
-        lease_until: Micros,
-    ) -> Result<u64>;
-    /// Writes `record` in one transaction: attempts, verified holders, finished dispatches
-    /// (with their history), released rows (`back_off(failures so far)` gives the due time of
-    /// [`Requeue::BackOff`]) and instruction keys within `budget_krw`, made one batch at a time
-    /// across replicas (under the `dispatch_control` lock), the batch's keys adding up as they
-    /// are made.
-    async fn record_dispatch(
-        &self,
-        record: &DispatchRecord,
-        budget_krw: Option<i64>,
-        back_off: &(dyn Fn(u32) -> Micros + Send + Sync),
-        now: Micros,
-    ) -> Result<Vec<KeyAssignment>>;
 }
+
+/// The whole store, as the service holds it (`Arc<dyn Store>`): every aggregate's trait.
+pub trait Store:
+    PartnerStore
+    + ClaimStore
+    + DisbursementStore
+    + DispatchStore
+    + SettlementStore
+    + AuditStore
+    + Send
+    + Sync
+    + 'static
+{
+}
+
+impl<S> Store for S where
+    S: PartnerStore
+        + ClaimStore
+        + DisbursementStore
+        + DispatchStore
+        + SettlementStore
+        + AuditStore
+        + Send
+        + Sync
+        + 'static
+{
+}
+
+/// The aggregate traits, for callers of [`Store`]'s methods.
+pub mod prelude {
+    pub use super::{
+        AuditStore, ClaimStore, DisbursementStore, DispatchStore, PartnerStore, SettlementStore,
+        Store,
+    };
+}
+
+#[cfg(test)]
+mod tests;

@@ -51,10 +51,29 @@ impl PgStore {
     }
 }
 
-sql_store!(
-    PgStore,
-    ::sqlx::Postgres,
-    db_system = "postgresql",
-    for_update = " FOR UPDATE",
-    skip_locked = " FOR UPDATE SKIP LOCKED"
-);
+// The SQL both databases share, compiled here for this one (and in the other store for
+// the other): the same module tree on purpose.
+#[allow(clippy::duplicate_mod)]
+#[path = "sql/mod.rs"]
+mod sql;
+
+type Db = sqlx::Postgres;
+type SqlStore = PgStore;
+const DB_SYSTEM: &str = "postgresql";
+
+/// The statements that lock rows: `FOR UPDATE` holds a selected row until commit, and `SKIP
+/// LOCKED` passes over rows another replica holds.
+mod dialect {
+    pub const LOCK_PARTNER: &str =
+        "SELECT partner_id FROM partners WHERE partner_id = $1 FOR UPDATE";
+    pub const LOCK_CLAIM: &str = "SELECT claim_id FROM claims WHERE claim_id = $1 FOR UPDATE";
+    pub const LOCK_DISBURSEMENT: &str =
+        "SELECT disbursement_id FROM disbursements WHERE disbursement_id = $1 FOR UPDATE";
+    pub const LOCK_DISPATCH_CONTROL: &str =
+        "SELECT id FROM dispatch_control WHERE id = 1 FOR UPDATE";
+    /// The tail of a select of partners by id that locks them, in id order.
+    pub const IN_PARTNER_ORDER_LOCKED: &str = " ORDER BY partner_id FOR UPDATE";
+    pub const LEASE_DUE: &str = "UPDATE outbox SET lease_until = $1 WHERE disbursement_id IN (\
+         SELECT disbursement_id FROM outbox WHERE due_time <= $2 AND lease_until <= $2 \
+         ORDER BY due_time LIMIT $3 FOR UPDATE SKIP LOCKED) RETURNING disbursement_id";
+}

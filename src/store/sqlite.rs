@@ -49,10 +49,27 @@ impl SqliteStore {
     }
 }
 
-sql_store!(
-    SqliteStore,
-    ::sqlx::Sqlite,
-    db_system = "sqlite",
-    for_update = "",
-    skip_locked = ""
-);
+// The SQL both databases share, compiled here for this one (and in the other store for
+// the other): the same module tree on purpose.
+#[allow(clippy::duplicate_mod)]
+#[path = "sql/mod.rs"]
+mod sql;
+
+type Db = sqlx::Sqlite;
+type SqlStore = SqliteStore;
+const DB_SYSTEM: &str = "sqlite";
+
+/// The statements that lock rows elsewhere, without locks: a writing transaction here holds
+/// the whole database (`BEGIN IMMEDIATE`).
+mod dialect {
+    pub const LOCK_PARTNER: &str = "SELECT partner_id FROM partners WHERE partner_id = $1";
+    pub const LOCK_CLAIM: &str = "SELECT claim_id FROM claims WHERE claim_id = $1";
+    pub const LOCK_DISBURSEMENT: &str =
+        "SELECT disbursement_id FROM disbursements WHERE disbursement_id = $1";
+    pub const LOCK_DISPATCH_CONTROL: &str = "SELECT id FROM dispatch_control WHERE id = 1";
+    /// The tail of a select of partners by id, in id order.
+    pub const IN_PARTNER_ORDER_LOCKED: &str = " ORDER BY partner_id";
+    pub const LEASE_DUE: &str = "UPDATE outbox SET lease_until = $1 WHERE disbursement_id IN (\
+         SELECT disbursement_id FROM outbox WHERE due_time <= $2 AND lease_until <= $2 \
+         ORDER BY due_time LIMIT $3) RETURNING disbursement_id";
+}

@@ -1,0 +1,376 @@
+//! Bulk intake planned without the database: the waves a batch is written in, and the
+//! multi-row inserts of its rows (partners; claims with their evidence, disbursements,
+//! history and outbox rows; request ids; audit entries), in the form [`crate::store::batch`]
+//! turns into each database's statements.
+//!
+//! Each row must get exactly what the one-row method would have answered had the rows come
+//! one at a time, in order: rows that share a request id, registration number or partner with
+//! an earlier row of the batch wait for a later *wave* of the same transaction, so they see
+//! what that row did.
+
+use std::collections::HashMap;
+
+use uuid::Uuid;
+
+use super::batch::{Column, Insert};
+use super::rows::{services_key, unexpected};
+use super::{AuditEvent, ClaimSubmission, Idempotency, Micros, Result, StoreError, Stored};
+use crate::domain::{
+    AttachedEvidence, BankAccount, Claim, ClaimStatus, DisbursementStatus, NewPartner, Partner,
+    PartnerProfile,
+};
+
+/// Why a batch could not be written as a batch.
+pub(crate) enum BulkError {
+    /// A concurrent writer got in between (or PostgreSQL broke a deadlock with us):
+    /// redo the batch row by row.
+    Race,
+    Store(StoreError),
+}
+
+impl From<sqlx::Error> for BulkError {
+    fn from(e: sqlx::Error) -> Self {
+        if let sqlx::Error::Database(db) = &e {
+            // 40P01: deadlock detected; 40001: serialization failure.
+            if db.is_unique_violation() || matches!(db.code().as_deref(), Some("40P01" | "40001")) {
+                return Self::Race;
+            }
+        }
+        Self::Store(e.into())
+    }
+}
+
+impl From<StoreError> for BulkError {
+    fn from(e: StoreError) -> Self {
+        Self::Store(e)
+    }
+}
+
+pub(crate) type BulkResult<T> = std::result::Result<T, BulkError>;
+
+/// What the batch answered each row; `None` until its wave decides it.
+pub(crate) type Answers<T> = Vec<Option<Result<Stored<T>>>>;
+
+pub(crate) fn finish<T>(answers: Answers<T>) -> Vec<Result<Stored<T>>> {
+    answers
+        .into_iter()
+        .map(|a| a.unwrap_or_else(|| Err(unexpected("a row of the batch was not answered"))))
+        .collect()
+}
+
+/// Splits rows into waves. A row goes one wave after the last earlier row that shares
+/// any of its keys, so the rows of one wave never interfere, and a later wave sees
+/// what the earlier ones wrote, in row order.
+pub(crate) fn waves(keys: &[Vec<String>]) -> Vec<Vec<usize>> {
+    let mut last_wave: HashMap<&str, usize> = std::collections::HashMap::new();
+    let mut waves: Vec<Vec<usize>> = Vec::new();
+    for (row, row_keys) in keys.iter().enumerate() {
+        let wave = row_keys
+            .iter()
+            .filter_map(|k| last_wave.get(k.as_str()).map(|w| w + 1))
+            .max()
+            .unwrap_or(0);
+        for k in row_keys {
+            last_wave.insert(k.as_str(), wave);
+        }
+        if waves.len() == wave {
+            waves.push(Vec::new());
+        }
+        waves[wave].push(row);
+    }
+    waves
+}
+
+pub(crate) fn text_column<T>(items: &[T], f: impl Fn(&T) -> String) -> Column {
+    Column::Text(items.iter().map(f).collect())
+}
+
+/// The insert of audit log entries.
+pub(crate) fn audit_insert(events: &[AuditEvent]) -> Insert<'static> {
+    Insert {
+        head: "INSERT INTO audit_events (audit_event_id, time, principal, method, \
+               resource_id, request_id, outcome_code, peer_address, count, replayed)",
+        columns: vec![
+            text_column(events, |e| e.audit_event_id.to_string()),
+            Column::BigInt(events.iter().map(|e| e.time).collect()),
+            text_column(events, |e| e.principal.clone()),
+            text_column(events, |e| e.method.clone()),
+            text_column(events, |e| e.resource_id.clone()),
+            text_column(events, |e| e.request_id.clone()),
+            text_column(events, |e| e.outcome_code.clone()),
+            text_column(events, |e| e.peer_address.clone()),
+            Column::BigInt(events.iter().map(|e| e.count).collect()),
+            Column::Bool(events.iter().map(|e| e.replayed).collect()),
+        ],
+        tail: "",
+    }
+}
+
+/// A row's request as the batch statements name it: its request id and its principal
+/// (the idempotency record's key), as [`REQUEST_KEY`] returns it.
+pub(crate) fn request_key(idem: &Idempotency) -> String {
+    format!("{}/{}", idem.request_id, idem.principal)
+}
+
+/// [`request_key`] in SQL, on the idempotency table. A request id (a UUID) has no `/`,
+/// so the key is unambiguous whatever the principal's name.
+pub(crate) const REQUEST_KEY: &str = "request_id || '/' || principal";
+
+/// The insert that takes request ids, each with the response its row will give if it
+/// is written; in a fixed order (by principal, then request id), so two batches
+/// sharing requests cannot deadlock on them.
+pub(crate) fn request_ids_insert(
+    idems: Vec<(&Idempotency, Option<Vec<u8>>)>,
+    now: Micros,
+) -> Insert<'static> {
+    let mut sorted = idems;
+    sorted
+        .sort_by(|(a, _), (b, _)| (&a.principal, a.request_id).cmp(&(&b.principal, b.request_id)));
+    let n = sorted.len();
+    let (idems, responses): (Vec<&Idempotency>, Vec<Option<Vec<u8>>>) = sorted.into_iter().unzip();
+    Insert {
+        head: "INSERT INTO idempotency \
+               (request_id, principal, method, fingerprint, response, create_time)",
+        columns: vec![
+            text_column(&idems, |i| i.request_id.to_string()),
+            text_column(&idems, |i| i.principal.clone()),
+            text_column(&idems, |i| i.method.to_owned()),
+            text_column(&idems, |i| i.fingerprint.clone()),
+            Column::NullableBytes(responses),
+            Column::BigInt(vec![now; n]),
+        ],
+        tail: " ON CONFLICT (request_id, principal) DO NOTHING",
+    }
+}
+
+/// The insert of a wave's new partners: the same columns and values as
+/// `register_partner`.
+pub(crate) fn partners_insert(
+    rows: &[(Idempotency, NewPartner)],
+    created: &[(usize, Partner, String)],
+    now: Micros,
+) -> Insert<'static> {
+    let n = created.len();
+    let profiles: Vec<&PartnerProfile> = created.iter().map(|(_, p, _)| &p.profile).collect();
+    let accounts: Vec<&BankAccount> = created
+        .iter()
+        .map(|(i, _, _)| &rows[*i].1.bank_account)
+        .collect();
+    Insert {
+        head: "INSERT INTO partners (partner_id, business_registration_number, legal_name, \
+               representative_name, affected_services, bank_code, account_sealed, \
+               account_last4, holder_name, account_changed_by, account_change_time, \
+               contact_email, create_time, update_time, version)",
+        columns: vec![
+            text_column(created, |(_, p, _)| p.partner_id.to_string()),
+            text_column(&profiles, |p| {
+                p.business_registration_number.as_str().to_owned()
+            }),
+            text_column(&profiles, |p| p.legal_name.as_str().to_owned()),
+            text_column(&profiles, |p| p.representative_name.as_str().to_owned()),
+            text_column(&profiles, |p| services_key(&p.affected_services)),
+            text_column(&accounts, |a| a.bank_code.as_str().to_owned()),
+            text_column(created, |(_, _, sealed)| sealed.clone()),
+            text_column(&accounts, |a| a.account_number.last4().to_owned()),
+            text_column(&accounts, |a| a.holder_name.as_str().to_owned()),
+            Column::Text(vec![String::new(); n]),
+            Column::BigInt(vec![0; n]),
+            text_column(&profiles, |p| p.contact_email.as_str().to_owned()),
+            Column::BigInt(vec![now; n]),
+            Column::BigInt(vec![now; n]),
+            Column::BigInt(vec![1; n]),
+        ],
+        tail: "",
+    }
+}
+
+/// Where a partner's payout goes, as the approving transaction copies it.
+#[derive(sqlx::FromRow)]
+pub(crate) struct Payee {
+    pub bank_code: String,
+    pub account_sealed: String,
+    pub account_last4: String,
+    pub holder_name: String,
+}
+
+/// One claim being filed by the batch.
+pub(crate) struct Filed {
+    pub row: usize,
+    pub claim: Claim,
+}
+
+/// The claim a row files if it is new: what `load_claim` would read back after
+/// `submit_claim`.
+pub(crate) fn claim_if_new(row: &ClaimSubmission, partner_id: Uuid, now: Micros) -> Claim {
+    let d = &row.claim.decision;
+    let submitted_by = &row.claim.submitted_by;
+    Claim {
+        claim_id: Uuid::now_v7(),
+        partner_id,
+        status: d.status,
+        items: row.claim.items.clone(),
+        decision: d.clone(),
+        compensation_krw: d.compensation_krw,
+        evidence: row
+            .claim
+            .evidence
+            .iter()
+            .map(|e| AttachedEvidence {
+                evidence: e.clone(),
+                attach_time: now,
+                attached_by: submitted_by.clone(),
+            })
+            .collect(),
+        submitted_by: submitted_by.clone(),
+        reviewed_by: None,
+        review_reason: None,
+        create_time: now,
+        update_time: now,
+        disbursement_id: (d.status == ClaimStatus::Approved).then(Uuid::now_v7),
+    }
+}
+
+/// The rows `submit_claim` writes, for every claim of a wave: the claims, their
+/// evidence, and for approved ones the disbursement, its first history entry and its
+/// outbox row (the inserts, in that order).
+pub(crate) fn claims_inserts(
+    rows: &[ClaimSubmission],
+    filed: &[Filed],
+    payees: &HashMap<Uuid, Payee>,
+    now: Micros,
+) -> BulkResult<Vec<Insert<'static>>> {
+    if filed.is_empty() {
+        return Ok(Vec::new());
+    }
+    let claims: Vec<&Claim> = filed.iter().map(|f| &f.claim).collect();
+    let mut inserts = Vec::with_capacity(5);
+    inserts.push(claim_insert(&claims, now)?);
+    inserts.push(evidence_insert(&claims, now));
+    inserts.extend(disbursement_inserts(rows, filed, payees, now));
+    Ok(inserts)
+}
+
+fn claim_insert(claims: &[&Claim], now: Micros) -> BulkResult<Insert<'static>> {
+    let json =
+        |value: serde_json::Result<String>| value.map_err(|e| StoreError::Unexpected(e.into()));
+    let (mut items, mut decisions) = (Vec::new(), Vec::new());
+    for c in claims {
+        items.push(json(serde_json::to_string(&c.items))?);
+        decisions.push(json(serde_json::to_string(&c.decision))?);
+    }
+    let n = claims.len();
+    let krw = |f: fn(&Claim) -> i64| Column::BigInt(claims.iter().map(|c| f(c)).collect());
+    Ok(Insert {
+        head: "INSERT INTO claims (claim_id, partner_id, status, tier, reported_loss_krw, \
+         recognized_loss_krw, compensation_krw, policy_version, items, decision, \
+         submitted_by, create_time, update_time)",
+        columns: vec![
+            text_column(claims, |c| c.claim_id.to_string()),
+            text_column(claims, |c| c.partner_id.to_string()),
+            text_column(claims, |c| c.decision.status.key().to_owned()),
+            text_column(claims, |c| c.decision.tier.key().to_owned()),
+            krw(|c| c.decision.reported_loss_krw),
+            krw(|c| c.decision.recognized_loss_krw),
+            krw(|c| c.decision.compensation_krw),
+            text_column(claims, |c| c.decision.policy_version.clone()),
+            Column::Text(items),
+            Column::Text(decisions),
+            text_column(claims, |c| c.submitted_by.clone()),
+            Column::BigInt(vec![now; n]),
+            Column::BigInt(vec![now; n]),
+        ],
+        tail: "",
+    })
+}
+
+fn evidence_insert(claims: &[&Claim], now: Micros) -> Insert<'static> {
+    let evidence: Vec<(&Claim, i32, &AttachedEvidence)> = claims
+        .iter()
+        .flat_map(|c| (1..).zip(&c.evidence).map(move |(seq, e)| (*c, seq, e)))
+        .collect();
+    let ne = evidence.len();
+    Insert {
+        head: "INSERT INTO evidence (claim_id, seq, kind, uri, sha256, attach_time, attached_by)",
+        columns: vec![
+            text_column(&evidence, |(c, _, _)| c.claim_id.to_string()),
+            Column::Int(evidence.iter().map(|(_, seq, _)| *seq).collect()),
+            text_column(&evidence, |(_, _, e)| e.evidence.kind.key().to_owned()),
+            text_column(&evidence, |(_, _, e)| e.evidence.uri.clone()),
+            text_column(&evidence, |(_, _, e)| e.evidence.sha256.clone()),
+            Column::BigInt(vec![now; ne]),
+            text_column(&evidence, |(_, _, e)| e.attached_by.clone()),
+        ],
+        tail: "",
+    }
+}
+
+/// Approval and disbursement are one, as in `create_disbursement`: the disbursements of the
+/// approved claims, their first history entries and their outbox rows.
+fn disbursement_inserts(
+    rows: &[ClaimSubmission],
+    filed: &[Filed],
+    payees: &HashMap<Uuid, Payee>,
+    now: Micros,
+) -> [Insert<'static>; 3] {
+    let approved: Vec<(&Filed, String, &Payee)> = filed
+        .iter()
+        .filter_map(|f| {
+            let id = f.claim.disbursement_id?;
+            payees
+                .get(&f.claim.partner_id)
+                .map(|p| (f, id.to_string(), p))
+        })
+        .collect();
+    let na = approved.len();
+    let ids = text_column(&approved, |(_, id, _)| id.clone());
+    let queued = || Column::Text(vec![DisbursementStatus::Queued.key().to_owned(); na]);
+    let disbursements = Insert {
+        head: "INSERT INTO disbursements (disbursement_id, claim_id, partner_id, amount_krw, \
+         status, bank_code, account_sealed, account_last4, holder_name, trace_context, \
+         create_time, update_time)",
+        columns: vec![
+            ids.clone(),
+            text_column(&approved, |(f, _, _)| f.claim.claim_id.to_string()),
+            text_column(&approved, |(f, _, _)| f.claim.partner_id.to_string()),
+            Column::BigInt(
+                approved
+                    .iter()
+                    .map(|(f, _, _)| f.claim.compensation_krw)
+                    .collect(),
+            ),
+            queued(),
+            text_column(&approved, |(_, _, p)| p.bank_code.clone()),
+            text_column(&approved, |(_, _, p)| p.account_sealed.clone()),
+            text_column(&approved, |(_, _, p)| p.account_last4.clone()),
+            text_column(&approved, |(_, _, p)| p.holder_name.clone()),
+            Column::NullableText(
+                approved
+                    .iter()
+                    .map(|(f, _, _)| rows[f.row].claim.trace_context.clone())
+                    .collect(),
+            ),
+            Column::BigInt(vec![now; na]),
+            Column::BigInt(vec![now; na]),
+        ],
+        tail: "",
+    };
+    let history = Insert {
+        head: "INSERT INTO disbursement_events (disbursement_id, from_status, to_status, \
+         actor, reason, time)",
+        columns: vec![
+            ids.clone(),
+            Column::NullableText(vec![None; na]),
+            queued(),
+            text_column(&approved, |(f, _, _)| f.claim.submitted_by.clone()),
+            Column::Text(vec!["claim approved".to_owned(); na]),
+            Column::BigInt(vec![now; na]),
+        ],
+        tail: "",
+    };
+    let outbox = Insert {
+        head: "INSERT INTO outbox (disbursement_id, due_time)",
+        columns: vec![ids, Column::BigInt(vec![now; na])],
+        tail: "",
+    };
+    [disbursements, history, outbox]
+}

@@ -1,0 +1,517 @@
+//! Rows as the database returns them (`FromRow`), and their conversions to the domain and
+//! store types. Stored text is checked again on the way out: a value the domain would refuse
+//! is inconsistent data, never silently passed on.
+
+use uuid::Uuid;
+
+use super::{
+    Attempt, AuditEvent, CountKrw, Disbursement, DispatchState, ExportedDisbursement, Micros,
+    PaidPayout, Result, StatusChange, StoreError,
+};
+use crate::domain::{
+    AccountOnFile, AffectedService, AttachedEvidence, BankCode, BusinessRegistrationNumber, Claim,
+    ClaimStatus, ContactEmail, Decision, DisbursementStatus, Evidence, EvidenceKind, LossItem,
+    Partner, PartnerProfile, PersonOrBusinessName, SettlementLine, SettlementStatus,
+};
+
+pub(crate) fn unexpected(what: impl std::fmt::Display) -> StoreError {
+    StoreError::Unexpected(anyhow::anyhow!("stored data is inconsistent: {what}"))
+}
+
+pub(crate) fn parsed<T, E: std::fmt::Display>(
+    col: &str,
+    value: std::result::Result<T, E>,
+) -> Result<T> {
+    value.map_err(|e| unexpected(format!("{col}: {e}")))
+}
+
+pub(crate) fn uuid(col: &str, text: &str) -> Result<Uuid> {
+    parsed(col, Uuid::parse_str(text))
+}
+
+fn disbursement_status(col: &str, key: &str) -> Result<DisbursementStatus> {
+    DisbursementStatus::from_key(key).ok_or_else(|| unexpected(format!("{col}: {key}")))
+}
+
+/// How the affected services are stored: their keys, comma-separated.
+pub(crate) fn services_key(services: &[AffectedService]) -> String {
+    services
+        .iter()
+        .map(|s| s.key())
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+/// A partner's registration number, legal name and representative, as stored.
+#[derive(sqlx::FromRow)]
+pub(crate) struct IdentityRow {
+    business_registration_number: String,
+    legal_name: String,
+    representative_name: String,
+}
+
+/// The registration number, legal name and representative of an [`IdentityRow`].
+type Identity = (
+    BusinessRegistrationNumber,
+    PersonOrBusinessName,
+    PersonOrBusinessName,
+);
+
+impl TryFrom<IdentityRow> for Identity {
+    type Error = StoreError;
+
+    fn try_from(row: IdentityRow) -> Result<Self> {
+        Ok((
+            parsed(
+                "business_registration_number",
+                BusinessRegistrationNumber::parse(&row.business_registration_number),
+            )?,
+            parsed(
+                "legal_name",
+                PersonOrBusinessName::from_stored(&row.legal_name),
+            )?,
+            parsed(
+                "representative_name",
+                PersonOrBusinessName::from_stored(&row.representative_name),
+            )?,
+        ))
+    }
+}
+
+/// Where a payout goes, but for the sealed number: the bank, the last 4 digits, the holder.
+#[derive(sqlx::FromRow)]
+pub(crate) struct AccountRow {
+    bank_code: String,
+    account_last4: String,
+    holder_name: String,
+}
+
+impl TryFrom<AccountRow> for AccountOnFile {
+    type Error = StoreError;
+
+    fn try_from(row: AccountRow) -> Result<Self> {
+        Ok(AccountOnFile {
+            bank_code: parsed("bank_code", BankCode::parse(&row.bank_code))?,
+            account_last4: row.account_last4,
+            holder_name: parsed(
+                "holder_name",
+                PersonOrBusinessName::from_stored(&row.holder_name),
+            )?,
+        })
+    }
+}
+
+#[derive(sqlx::FromRow)]
+pub(crate) struct PartnerRow {
+    partner_id: String,
+    #[sqlx(flatten)]
+    identity: IdentityRow,
+    affected_services: String,
+    #[sqlx(flatten)]
+    account: AccountRow,
+    contact_email: String,
+    create_time: Micros,
+    update_time: Micros,
+    version: i64,
+}
+
+impl TryFrom<PartnerRow> for Partner {
+    type Error = StoreError;
+
+    fn try_from(row: PartnerRow) -> Result<Self> {
+        let affected_services = row
+            .affected_services
+            .split(',')
+            .filter(|s| !s.is_empty())
+            .map(|s| AffectedService::from_key(s).ok_or_else(|| unexpected(s)))
+            .collect::<Result<Vec<_>>>()?;
+        let (business_registration_number, legal_name, representative_name) =
+            row.identity.try_into()?;
+        Ok(Partner {
+            partner_id: uuid("partner_id", &row.partner_id)?,
+            profile: PartnerProfile {
+                business_registration_number,
+                legal_name,
+                representative_name,
+                affected_services,
+                contact_email: parsed(
+                    "contact_email",
+                    ContactEmail::from_stored(&row.contact_email),
+                )?,
+            },
+            bank_account: row.account.try_into()?,
+            create_time: row.create_time,
+            update_time: row.update_time,
+            version: row.version,
+        })
+    }
+}
+
+#[derive(sqlx::FromRow)]
+pub(crate) struct EvidenceRow {
+    kind: String,
+    uri: String,
+    sha256: String,
+    attach_time: Micros,
+    attached_by: String,
+}
+
+impl TryFrom<EvidenceRow> for AttachedEvidence {
+    type Error = StoreError;
+
+    fn try_from(row: EvidenceRow) -> Result<Self> {
+        Ok(AttachedEvidence {
+            evidence: Evidence {
+                kind: EvidenceKind::from_key(&row.kind).ok_or_else(|| unexpected(&row.kind))?,
+                uri: row.uri,
+                sha256: row.sha256,
+            },
+            attach_time: row.attach_time,
+            attached_by: row.attached_by,
+        })
+    }
+}
+
+/// A claim with the id of its disbursement, if it has one.
+#[derive(sqlx::FromRow)]
+pub(crate) struct ClaimRow {
+    pub claim_id: String,
+    partner_id: String,
+    status: String,
+    items: String,
+    decision: String,
+    compensation_krw: i64,
+    submitted_by: String,
+    reviewed_by: Option<String>,
+    review_reason: Option<String>,
+    create_time: Micros,
+    update_time: Micros,
+    disbursement_id: Option<String>,
+}
+
+impl ClaimRow {
+    /// The claim, with its evidence.
+    pub(crate) fn with_evidence(self, evidence: Vec<EvidenceRow>) -> Result<Claim> {
+        Ok(Claim {
+            claim_id: uuid("claim_id", &self.claim_id)?,
+            partner_id: uuid("partner_id", &self.partner_id)?,
+            status: ClaimStatus::from_key(&self.status).ok_or_else(|| unexpected(&self.status))?,
+            items: parsed("items", serde_json::from_str::<Vec<LossItem>>(&self.items))?,
+            decision: parsed("decision", serde_json::from_str::<Decision>(&self.decision))?,
+            compensation_krw: self.compensation_krw,
+            evidence: evidence
+                .into_iter()
+                .map(AttachedEvidence::try_from)
+                .collect::<Result<_>>()?,
+            submitted_by: self.submitted_by,
+            reviewed_by: self.reviewed_by,
+            review_reason: self.review_reason,
+            create_time: self.create_time,
+            update_time: self.update_time,
+            disbursement_id: self
+                .disbursement_id
+                .map(|id| uuid("disbursement_id", &id))
+                .transpose()?,
+        })
+    }
+}
+
+/// A disbursement, without its attempts and history.
+#[derive(sqlx::FromRow)]
+pub(crate) struct DisbursementRow {
+    disbursement_id: String,
+    claim_id: String,
+    partner_id: String,
+    amount_krw: i64,
+    status: String,
+    failure_code: Option<String>,
+    failure_message: Option<String>,
+    idempotency_key: Option<String>,
+    key_seq: i64,
+    holder_verified: bool,
+    #[sqlx(flatten)]
+    account: AccountRow,
+    account_sealed: String,
+    create_time: Micros,
+    update_time: Micros,
+    trace_context: Option<String>,
+}
+
+impl TryFrom<DisbursementRow> for Disbursement {
+    type Error = StoreError;
+
+    fn try_from(row: DisbursementRow) -> Result<Self> {
+        Ok(Disbursement {
+            disbursement_id: uuid("disbursement_id", &row.disbursement_id)?,
+            claim_id: uuid("claim_id", &row.claim_id)?,
+            partner_id: uuid("partner_id", &row.partner_id)?,
+            amount_krw: row.amount_krw,
+            status: disbursement_status("status", &row.status)?,
+            failure_code: row.failure_code,
+            failure_message: row.failure_message,
+            idempotency_key: row.idempotency_key,
+            key_seq: row.key_seq,
+            holder_verified: row.holder_verified,
+            account: row.account.try_into()?,
+            sealed_account: row.account_sealed,
+            create_time: row.create_time,
+            update_time: row.update_time,
+            attempts: Vec::new(),
+            history: Vec::new(),
+            trace_context: row.trace_context,
+        })
+    }
+}
+
+#[derive(sqlx::FromRow)]
+pub(crate) struct AttemptRow {
+    operation: String,
+    idempotency_key: String,
+    outcome: String,
+    code: String,
+    message: String,
+    time: Micros,
+}
+
+impl From<AttemptRow> for Attempt {
+    fn from(row: AttemptRow) -> Self {
+        Attempt {
+            operation: row.operation,
+            idempotency_key: row.idempotency_key,
+            outcome: row.outcome,
+            code: row.code,
+            message: row.message,
+            time: row.time,
+        }
+    }
+}
+
+#[derive(sqlx::FromRow)]
+pub(crate) struct StatusChangeRow {
+    from_status: Option<String>,
+    to_status: String,
+    actor: String,
+    reason: String,
+    time: Micros,
+}
+
+impl TryFrom<StatusChangeRow> for StatusChange {
+    type Error = StoreError;
+
+    fn try_from(row: StatusChangeRow) -> Result<Self> {
+        Ok(StatusChange {
+            from_status: row
+                .from_status
+                .map(|f| disbursement_status("from_status", &f))
+                .transpose()?,
+            to_status: disbursement_status("to_status", &row.to_status)?,
+            actor: row.actor,
+            reason: row.reason,
+            time: row.time,
+        })
+    }
+}
+
+#[derive(sqlx::FromRow)]
+pub(crate) struct DispatchStateRow {
+    paused: bool,
+    reason: String,
+    changed_by: String,
+    change_time: Micros,
+}
+
+impl From<DispatchStateRow> for DispatchState {
+    fn from(row: DispatchStateRow) -> Self {
+        DispatchState {
+            paused: row.paused,
+            reason: row.reason,
+            changed_by: row.changed_by,
+            change_time: row.change_time,
+        }
+    }
+}
+
+/// Disbursements of one status: how many, and how much.
+#[derive(sqlx::FromRow)]
+pub(crate) struct StatusTotalRow {
+    status: String,
+    n: i64,
+    krw: i64,
+}
+
+impl StatusTotalRow {
+    pub(crate) fn bucket(&self) -> Result<(DisbursementStatus, CountKrw)> {
+        Ok((
+            disbursement_status("status", &self.status)?,
+            CountKrw {
+                count: self.n,
+                krw: self.krw,
+            },
+        ))
+    }
+}
+
+/// Claims of one status: how many.
+#[derive(sqlx::FromRow)]
+pub(crate) struct StatusCountRow {
+    pub status: String,
+    pub n: i64,
+}
+
+#[derive(sqlx::FromRow)]
+pub(crate) struct AuditRow {
+    audit_event_id: String,
+    time: Micros,
+    principal: String,
+    method: String,
+    resource_id: String,
+    request_id: String,
+    outcome_code: String,
+    peer_address: String,
+    count: i64,
+    replayed: bool,
+}
+
+impl TryFrom<AuditRow> for AuditEvent {
+    type Error = StoreError;
+
+    fn try_from(row: AuditRow) -> Result<Self> {
+        Ok(AuditEvent {
+            audit_event_id: uuid("audit_event_id", &row.audit_event_id)?,
+            time: row.time,
+            principal: row.principal,
+            method: row.method,
+            resource_id: row.resource_id,
+            request_id: row.request_id,
+            outcome_code: row.outcome_code,
+            peer_address: row.peer_address,
+            count: row.count,
+            replayed: row.replayed,
+        })
+    }
+}
+
+/// A disbursement joined with its partner and claim, for the finance export.
+#[derive(sqlx::FromRow)]
+pub(crate) struct ExportRow {
+    disbursement_id: String,
+    claim_id: String,
+    partner_id: String,
+    amount_krw: i64,
+    status: String,
+    #[sqlx(flatten)]
+    account: AccountRow,
+    idempotency_key: Option<String>,
+    failure_code: Option<String>,
+    create_time: Micros,
+    update_time: Micros,
+    #[sqlx(flatten)]
+    identity: IdentityRow,
+    policy_version: String,
+    paid_time: Option<Micros>,
+}
+
+impl TryFrom<ExportRow> for ExportedDisbursement {
+    type Error = StoreError;
+
+    fn try_from(row: ExportRow) -> Result<Self> {
+        let (business_registration_number, legal_name, representative_name) =
+            row.identity.try_into()?;
+        Ok(ExportedDisbursement {
+            disbursement_id: uuid("disbursement_id", &row.disbursement_id)?,
+            claim_id: uuid("claim_id", &row.claim_id)?,
+            partner_id: uuid("partner_id", &row.partner_id)?,
+            business_registration_number,
+            legal_name,
+            representative_name,
+            amount_krw: row.amount_krw,
+            status: disbursement_status("status", &row.status)?,
+            account: row.account.try_into()?,
+            idempotency_key: row.idempotency_key,
+            paid_time: row.paid_time,
+            policy_version: row.policy_version,
+            failure_code: row.failure_code,
+            create_time: row.create_time,
+            update_time: row.update_time,
+        })
+    }
+}
+
+#[derive(sqlx::FromRow)]
+pub(crate) struct PaidRow {
+    disbursement_id: String,
+    idempotency_key: Option<String>,
+    amount_krw: i64,
+    paid_time: Option<Micros>,
+}
+
+impl TryFrom<PaidRow> for PaidPayout {
+    type Error = StoreError;
+
+    fn try_from(row: PaidRow) -> Result<Self> {
+        Ok(PaidPayout {
+            disbursement_id: uuid("disbursement_id", &row.disbursement_id)?,
+            idempotency_key: row
+                .idempotency_key
+                .ok_or_else(|| unexpected("a PAID disbursement without a key"))?,
+            amount_krw: row.amount_krw,
+            paid_time: row
+                .paid_time
+                .ok_or_else(|| unexpected("a PAID disbursement without a PAID event"))?,
+        })
+    }
+}
+
+/// A staged settlement line with the disbursement that used its key, if any.
+#[derive(sqlx::FromRow)]
+pub(crate) struct SettlementMatchRow {
+    idempotency_key: String,
+    their_amount_krw: i64,
+    their_status: String,
+    settled_time: Micros,
+    disbursement_id: Option<String>,
+    our_status: Option<String>,
+    our_amount_krw: Option<i64>,
+    failure_code: Option<String>,
+    current_key: Option<String>,
+}
+
+/// Our side of a settlement line, as stored: the disbursement that used the line's key.
+pub(crate) struct OurSide {
+    pub disbursement_id: Uuid,
+    pub status: DisbursementStatus,
+    pub amount_krw: i64,
+    pub failure_code: Option<String>,
+    /// The line's key is the disbursement's current key (not one a retry replaced).
+    pub current_key: bool,
+}
+
+impl SettlementMatchRow {
+    /// The report's line, and our side of it.
+    pub(crate) fn into_parts(self) -> Result<(SettlementLine, Option<OurSide>)> {
+        let status = SettlementStatus::from_key(&self.their_status)
+            .ok_or_else(|| unexpected(&self.their_status))?;
+        let ours = match self.disbursement_id {
+            None => None,
+            Some(id) => Some(OurSide {
+                disbursement_id: uuid("disbursement_id", &id)?,
+                status: disbursement_status(
+                    "our_status",
+                    self.our_status.as_deref().unwrap_or_default(),
+                )?,
+                amount_krw: self
+                    .our_amount_krw
+                    .ok_or_else(|| unexpected("our_amount_krw"))?,
+                failure_code: self.failure_code,
+                current_key: self.current_key.as_deref() == Some(self.idempotency_key.as_str()),
+            }),
+        };
+        let line = SettlementLine {
+            idempotency_key: self.idempotency_key,
+            amount_krw: self.their_amount_krw,
+            status,
+            settled_time: self.settled_time,
+        };
+        Ok((line, ours))
+    }
+}

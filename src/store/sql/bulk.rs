@@ -1,0 +1,231 @@
+//! Bulk intake in SQL, for both databases: a batch of partners or claims written in one
+//! transaction with set-based statements, so a batch of N rows costs a handful of statements
+//! and one commit instead of N. The waves and inserts are planned in
+//! [`crate::store::intake`]; here they run.
+//!
+//! - request ids are taken first (`INSERT .. ON CONFLICT DO NOTHING`), as the one-row path
+//!   does, so a concurrent call with the same id waits for us and then replays, or we for it;
+//! - a row refused after its id was taken gives the id back, as a rolled-back call would.
+//!
+//! A concurrent writer can still slip in between a check and an insert (a unique violation) or
+//! PostgreSQL can pick the transaction to break a deadlock: then the whole batch is rolled back
+//! and redone row by row through the one-row methods, whose answers are the reference
+//! ([`RowByRow`]); each row written so commits with its audit entry.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+
+use sqlx::{FromRow as _, Row as _};
+
+use super::audit::insert_audit;
+use super::{Db, DbRow, SqlStore, Tx};
+use crate::store::batch::{BatchSql, Lookup};
+use crate::store::idempotency::{KeyedEarlier, replay_of};
+use crate::store::intake::{Answers, BulkResult, REQUEST_KEY, request_ids_insert, request_key};
+use crate::store::rows::unexpected;
+use crate::store::{AuditEvent, BatchAudit, Idempotency, Micros, Result, StoreError, Stored};
+
+/// The statements of a batch in this database's form.
+pub(super) type BatchStatements = Vec<sqlx::QueryBuilder<Db>>;
+
+/// Rows whose column (the last word of `head`) is one of `values`. Planned afresh
+/// each time (not kept prepared): a plan made while a table was small (a sequential
+/// scan) would otherwise stay while a bulk load makes it large.
+pub(super) async fn select_in(
+    tx: &mut Tx,
+    head: &str,
+    values: Vec<String>,
+    tail: &str,
+) -> BulkResult<Vec<DbRow>> {
+    let mut rows = Vec::new();
+    for mut qb in <Db as BatchSql>::matching(head, values, tail) {
+        rows.extend(qb.build().persistent(false).fetch_all(&mut **tx).await?);
+    }
+    Ok(rows)
+}
+
+pub(super) async fn execute(tx: &mut Tx, statements: BatchStatements) -> BulkResult<()> {
+    for mut qb in statements {
+        qb.build()
+            .persistent(<Db as BatchSql>::PREPARED)
+            .execute(&mut **tx)
+            .await?;
+    }
+    Ok(())
+}
+
+pub(super) async fn fetch(tx: &mut Tx, statements: BatchStatements) -> BulkResult<Vec<DbRow>> {
+    let mut rows = Vec::new();
+    for mut qb in statements {
+        rows.extend(
+            qb.build()
+                .persistent(<Db as BatchSql>::PREPARED)
+                .fetch_all(&mut **tx)
+                .await?,
+        );
+    }
+    Ok(rows)
+}
+
+/// Takes the request ids that are new (see [`request_ids_insert`]) and, in the same
+/// round trip where the database allows, runs `lookup`. Returns the requests taken, by
+/// [`request_key`] (the others were used before), and the lookup's values by key.
+pub(super) async fn take_request_ids_and_look_up(
+    tx: &mut Tx,
+    idems: Vec<(&Idempotency, Option<Vec<u8>>)>,
+    now: Micros,
+    lookup: Lookup<'_>,
+) -> BulkResult<(HashSet<String>, HashMap<String, String>)> {
+    let statements =
+        <Db as BatchSql>::insert_and_lookup(request_ids_insert(idems, now), REQUEST_KEY, lookup);
+    let mut taken = HashSet::new();
+    let mut found = HashMap::new();
+    for row in fetch(tx, statements).await? {
+        let part: String = row.try_get("part")?;
+        let a: String = row.try_get("a")?;
+        if part == "inserted" {
+            taken.insert(a);
+        } else {
+            found.insert(a, row.try_get::<String, _>("b")?);
+        }
+    }
+    Ok((taken, found))
+}
+
+/// Takes the request ids that are new (see [`request_ids_insert`]); returns the
+/// requests taken, by [`request_key`]. The others were used before.
+pub(super) async fn take_request_ids(
+    tx: &mut Tx,
+    idems: Vec<(&Idempotency, Option<Vec<u8>>)>,
+    now: Micros,
+) -> BulkResult<HashSet<String>> {
+    let mut insert = request_ids_insert(idems, now);
+    insert.tail = concat!(
+        " ON CONFLICT (request_id, principal) DO NOTHING ",
+        "RETURNING request_id || '/' || principal AS request_key"
+    );
+    let rows = fetch(tx, <Db as BatchSql>::insert_all(vec![insert])).await?;
+    let mut taken = HashSet::new();
+    for row in &rows {
+        taken.insert(row.try_get::<String, _>("request_key")?);
+    }
+    Ok(taken)
+}
+
+/// The answers to rows whose request id their principal used before, as [`replay_of`]
+/// decides for a single call. Other principals' uses of the same ids are not looked at.
+pub(super) async fn replays<T>(
+    tx: &mut Tx,
+    idems: &[(usize, &Idempotency)],
+    answers: &mut Answers<T>,
+) -> BulkResult<()> {
+    if idems.is_empty() {
+        return Ok(());
+    }
+    let ids: Vec<String> = idems
+        .iter()
+        .map(|(_, i)| i.request_id.to_string())
+        .collect();
+    // By request id alone, which leads the key's index; the principal is matched below.
+    let rows = select_in(
+        tx,
+        "SELECT request_id || '/' || principal AS request_key, method, fingerprint, \
+         response FROM idempotency WHERE request_id",
+        ids,
+        "",
+    )
+    .await?;
+    let mut earlier = HashMap::new();
+    for row in &rows {
+        let KeyedEarlier {
+            request_key,
+            earlier: e,
+        } = KeyedEarlier::from_row(row)?;
+        earlier.insert(request_key, e);
+    }
+    for (row, idem) in idems {
+        answers[*row] = Some(match earlier.remove(&request_key(idem)) {
+            None => Err(unexpected("a request id neither new nor recorded")),
+            Some(e) => replay_of(idem, e).map(Stored::Replayed),
+        });
+    }
+    Ok(())
+}
+
+/// Gives back the request ids of rows refused after taking them, each its own
+/// principal's (one statement per principal: rows refused are few).
+pub(super) async fn release_request_ids(tx: &mut Tx, idems: &[&Idempotency]) -> BulkResult<()> {
+    let mut by_principal: BTreeMap<&str, Vec<String>> = BTreeMap::new();
+    for idem in idems {
+        by_principal
+            .entry(idem.principal.as_str())
+            .or_default()
+            .push(idem.request_id.to_string());
+    }
+    for (principal, ids) in by_principal {
+        let statements = <Db as BatchSql>::matching(
+            "DELETE FROM idempotency WHERE request_id",
+            ids,
+            " AND principal = ",
+        );
+        for mut qb in statements {
+            qb.push_bind(principal.to_owned());
+            qb.build().persistent(false).execute(&mut **tx).await?;
+        }
+    }
+    Ok(())
+}
+
+/// The audit entry row `i` of a batch writes with its row when the row is stored.
+pub(super) fn fresh_entry<T: Clone>(
+    audit: BatchAudit<'_, T>,
+    i: usize,
+    value: &T,
+) -> Option<AuditEvent> {
+    (audit.row)(i, &Ok(Stored::Fresh(value.clone())))
+}
+
+/// A batch answered row by row: each row stored commits with its audit entry (see
+/// [`fresh_entry`]); the entries of rows that stored nothing (replayed, refused, or refused
+/// before the store) are kept for [`RowByRow::finish`].
+pub(super) struct RowByRow<'a, T> {
+    audit: BatchAudit<'a, T>,
+    answers: Vec<Result<Stored<T>>>,
+    unstored: Vec<AuditEvent>,
+}
+
+impl<'a, T: Clone> RowByRow<'a, T> {
+    pub(super) fn new(rows: usize, audit: BatchAudit<'a, T>) -> Self {
+        Self {
+            audit,
+            answers: Vec::with_capacity(rows),
+            unstored: audit.refused.to_vec(),
+        }
+    }
+
+    /// How row `i` was answered.
+    pub(super) fn answered(&mut self, i: usize, answer: Result<Stored<T>>) {
+        if !matches!(answer, Ok(Stored::Fresh(_))) {
+            self.unstored.extend((self.audit.row)(i, &answer));
+        }
+        self.answers.push(answer);
+    }
+
+    /// Writes the entries of the rows that stored nothing, and answers every row. Never fails:
+    /// rows already stored stay so (a failed write of these entries is logged, as the audit
+    /// layer logs one).
+    pub(super) async fn finish(self, store: &SqlStore) -> Vec<Result<Stored<T>>> {
+        if !self.unstored.is_empty() {
+            let written = async {
+                let mut tx = store.begin_write().await?;
+                insert_audit(&mut tx, &self.unstored).await?;
+                tx.commit().await?;
+                Ok::<_, StoreError>(())
+            }
+            .await;
+            if let Err(e) = written {
+                tracing::error!(error = %e, "audit log write failed");
+            }
+        }
+        self.answers
+    }
+}

@@ -1,0 +1,306 @@
+//! Claims filed in batches (see [`super::bulk`]).
+
+use std::collections::{HashMap, HashSet};
+
+use sqlx::FromRow as _;
+use uuid::Uuid;
+
+use super::bulk::{
+    RowByRow, execute, fresh_entry, release_request_ids, replays, select_in, take_request_ids,
+};
+use super::{Db, SqlStore, Tx, dialect};
+use crate::domain::{Claim, NewClaim};
+use crate::store::batch::{BatchSql, Insert};
+use crate::store::intake::{
+    Answers, BulkError, BulkResult, Filed, Payee, audit_insert, claim_if_new, claims_inserts,
+    finish, request_key, waves,
+};
+use crate::store::prelude::*;
+use crate::store::rows::{unexpected, uuid};
+use crate::store::{
+    BatchAudit, ClaimSubmission, Idempotency, Micros, PartnerRef, Recorded, Render, Result,
+    StoreError, Stored, now_micros,
+};
+
+/// Runs `rows` as a batch, or row by row through the one-row method after a race.
+pub(super) async fn submit_claims(
+    store: &SqlStore,
+    rows: &[ClaimSubmission],
+    render: Render<'_, Claim>,
+    audit: BatchAudit<'_, Claim>,
+) -> Result<Vec<Result<Stored<Claim>>>> {
+    match try_submit_claims(store, rows, render, audit).await {
+        Ok(answers) => Ok(answers),
+        Err(BulkError::Store(e)) => Err(e),
+        Err(BulkError::Race) => {
+            tracing::debug!(
+                rows = rows.len(),
+                "concurrent writer: submitting row by row"
+            );
+            let mut done = RowByRow::new(rows.len(), audit);
+            for (i, row) in rows.iter().enumerate() {
+                let entry = |c: &Claim| fresh_entry(audit, i, c);
+                let answer =
+                    submit_one(store, row, Recorded::audited(&row.idem, render, &entry)).await;
+                done.answered(i, answer);
+            }
+            Ok(done.finish(store).await)
+        }
+    }
+}
+
+/// One row of a batch through [`ClaimStore::submit_claim`], its partner resolved first.
+async fn submit_one(
+    store: &SqlStore,
+    row: &ClaimSubmission,
+    call: Recorded<'_, Claim>,
+) -> Result<Stored<Claim>> {
+    let partner_id = match &row.partner {
+        PartnerRef::Id(id) => *id,
+        PartnerRef::RegistrationNumber(brn) => {
+            let found: Option<String> = sqlx::query_scalar(
+                "SELECT partner_id FROM partners WHERE business_registration_number = $1",
+            )
+            .bind(brn.as_str())
+            .fetch_optional(&store.pool)
+            .await?;
+            // No such partner: the nil id makes `submit_claim` answer NOT_FOUND, after
+            // it has looked at the request id as it always does first.
+            match found {
+                Some(id) => uuid("partner_id", &id)?,
+                None => Uuid::nil(),
+            }
+        }
+    };
+    let claim = NewClaim {
+        partner_id,
+        ..row.claim.clone()
+    };
+    store.submit_claim(call, &claim).await
+}
+
+/// A partner found by id or registration number.
+#[derive(sqlx::FromRow)]
+struct FoundRow {
+    partner_id: String,
+    #[sqlx(default)]
+    business_registration_number: String,
+}
+
+/// Resolves each row's partner to its id, if it exists. Partners are never deleted and
+/// their registration numbers never change, so this holds for the whole batch.
+async fn resolve_partners(tx: &mut Tx, rows: &[ClaimSubmission]) -> BulkResult<Vec<Option<Uuid>>> {
+    let mut ids = Vec::new();
+    let mut brns = Vec::new();
+    for row in rows {
+        match &row.partner {
+            PartnerRef::Id(id) => ids.push(id.to_string()),
+            PartnerRef::RegistrationNumber(brn) => brns.push(brn.as_str().to_owned()),
+        }
+    }
+    let mut known_ids = HashSet::new();
+    let mut by_brn = HashMap::new();
+    if !ids.is_empty() {
+        let head = "SELECT partner_id FROM partners WHERE partner_id";
+        for row in select_in(tx, head, ids, "").await? {
+            let found = FoundRow::from_row(&row)?;
+            known_ids.insert(uuid("partner_id", &found.partner_id)?);
+        }
+    }
+    if !brns.is_empty() {
+        let head = "SELECT partner_id, business_registration_number FROM partners \
+                    WHERE business_registration_number";
+        for row in select_in(tx, head, brns, "").await? {
+            let found = FoundRow::from_row(&row)?;
+            let id = uuid("partner_id", &found.partner_id)?;
+            by_brn.insert(found.business_registration_number, id);
+        }
+    }
+    Ok(rows
+        .iter()
+        .map(|row| match &row.partner {
+            PartnerRef::Id(id) => known_ids.contains(id).then_some(*id),
+            PartnerRef::RegistrationNumber(brn) => by_brn.get(brn.as_str()).copied(),
+        })
+        .collect())
+}
+
+async fn try_submit_claims(
+    store: &SqlStore,
+    rows: &[ClaimSubmission],
+    render: Render<'_, Claim>,
+    audit: BatchAudit<'_, Claim>,
+) -> BulkResult<Vec<Result<Stored<Claim>>>> {
+    let mut answers: Answers<Claim> = rows.iter().map(|_| None).collect();
+    let mut tx = store.begin_write().await?;
+    let now = now_micros();
+    let partners = resolve_partners(&mut tx, rows).await?;
+    let keys: Vec<Vec<String>> = rows
+        .iter()
+        .zip(&partners)
+        .map(|(row, partner)| {
+            let mut keys = vec![format!("request:{}", request_key(&row.idem))];
+            keys.extend(partner.map(|p| format!("partner:{p}")));
+            keys
+        })
+        .collect();
+    // The claim each row files if it is new, made before it is written so that its
+    // request id is taken with its response at once.
+    let mut candidates: Vec<Option<Claim>> = rows
+        .iter()
+        .zip(&partners)
+        .map(|(row, partner)| partner.map(|p| claim_if_new(row, p, now)))
+        .collect();
+    // A wave's rows are inserted with the next statement that may: before the next
+    // wave looks at the partners' claims, or with the audit entries after the last.
+    let mut pending: Vec<Insert<'static>> = Vec::new();
+    for wave in waves(&keys) {
+        if !pending.is_empty() {
+            let inserts = std::mem::take(&mut pending);
+            execute(&mut tx, <Db as BatchSql>::insert_all(inserts)).await?;
+        }
+        let wave = Wave {
+            rows,
+            partners: &partners,
+            wave: &wave,
+            render,
+            now,
+        };
+        pending = wave.file(&mut tx, &mut candidates, &mut answers).await?;
+    }
+    let answers = finish(answers);
+    pending.push(audit_insert(&audit.events(&answers)));
+    execute(&mut tx, <Db as BatchSql>::insert_all(pending)).await?;
+    tx.commit().await?;
+    Ok(answers)
+}
+
+/// A partner's payout details, by partner id.
+#[derive(sqlx::FromRow)]
+struct PayeeRow {
+    partner_id: String,
+    #[sqlx(flatten)]
+    payee: Payee,
+}
+
+/// A claim filed earlier, by partner id.
+#[derive(sqlx::FromRow)]
+struct FiledRow {
+    partner_id: String,
+    claim_id: String,
+}
+
+/// Rows of a batch that share no key (request, partner), written together.
+struct Wave<'a> {
+    rows: &'a [ClaimSubmission],
+    /// Every row's partner, resolved.
+    partners: &'a [Option<Uuid>],
+    wave: &'a [usize],
+    render: Render<'a, Claim>,
+    now: Micros,
+}
+
+impl Wave<'_> {
+    /// Takes the wave's request ids, answers its rows that replay or are refused, and
+    /// returns the inserts of its new claims (answered as stored).
+    async fn file(
+        &self,
+        tx: &mut Tx,
+        candidates: &mut [Option<Claim>],
+        answers: &mut Answers<Claim>,
+    ) -> BulkResult<Vec<Insert<'static>>> {
+        let Self {
+            rows,
+            partners,
+            wave,
+            render,
+            now,
+        } = *self;
+        let idems = wave
+            .iter()
+            .map(|&i| (&rows[i].idem, candidates[i].as_ref().map(render)))
+            .collect();
+        let taken = take_request_ids(tx, idems, now).await?;
+        let (fresh, used): (Vec<usize>, Vec<usize>) = wave
+            .iter()
+            .partition(|&&i| taken.contains(&request_key(&rows[i].idem)));
+        let used: Vec<(usize, &Idempotency)> =
+            used.into_iter().map(|i| (i, &rows[i].idem)).collect();
+        replays(tx, &used, answers).await?;
+
+        let mut released = Vec::new();
+        let mut filing = Vec::new();
+        for i in fresh {
+            if partners[i].is_some() {
+                filing.push(i);
+            } else {
+                answers[i] = Some(Err(StoreError::NotFound("partner")));
+                released.push(&rows[i].idem);
+            }
+        }
+        let (payees, filed_before) = self.partners_of(tx, &filing).await?;
+        let mut filed: Vec<Filed> = Vec::new();
+        for i in filing {
+            let row = &rows[i];
+            let partner_id = partners[i].ok_or_else(|| unexpected("unresolved partner"))?;
+            let refused = if !payees.contains_key(&partner_id) {
+                Some(StoreError::NotFound("partner"))
+            } else {
+                filed_before
+                    .get(&partner_id)
+                    .map(|&claim_id| StoreError::ClaimAlreadyFiled { claim_id })
+            };
+            if let Some(refused) = refused {
+                answers[i] = Some(Err(refused));
+                released.push(&row.idem);
+                continue;
+            }
+            let claim = candidates[i]
+                .take()
+                .ok_or_else(|| unexpected("a row was written twice"))?;
+            filed.push(Filed { row: i, claim });
+        }
+        release_request_ids(tx, &released).await?;
+        let inserts = claims_inserts(rows, &filed, &payees, now)?;
+        for f in filed {
+            answers[f.row] = Some(Ok(Stored::Fresh(f.claim)));
+        }
+        Ok(inserts)
+    }
+
+    /// The payout details of the partners of rows `filing`, locked (in id order, as every
+    /// batch does) so that concurrent claims for the same partner wait for this one, as in
+    /// `submit_claim`; and the claims they filed before.
+    async fn partners_of(
+        &self,
+        tx: &mut Tx,
+        filing: &[usize],
+    ) -> BulkResult<(HashMap<Uuid, Payee>, HashMap<Uuid, Uuid>)> {
+        let mut partner_ids: Vec<String> = filing
+            .iter()
+            .filter_map(|&i| self.partners[i].map(|p| p.to_string()))
+            .collect();
+        partner_ids.sort();
+        let mut payees = HashMap::new();
+        let mut filed_before = HashMap::new();
+        let head = "SELECT partner_id, bank_code, account_sealed, account_last4, holder_name \
+                    FROM partners WHERE partner_id";
+        let locked = dialect::IN_PARTNER_ORDER_LOCKED;
+        for row in select_in(tx, head, partner_ids.clone(), locked).await? {
+            let PayeeRow { partner_id, payee } = PayeeRow::from_row(&row)?;
+            payees.insert(uuid("partner_id", &partner_id)?, payee);
+        }
+        let head = "SELECT partner_id, claim_id FROM claims WHERE partner_id";
+        for row in select_in(tx, head, partner_ids, "").await? {
+            let FiledRow {
+                partner_id,
+                claim_id,
+            } = FiledRow::from_row(&row)?;
+            filed_before.insert(
+                uuid("partner_id", &partner_id)?,
+                uuid("claim_id", &claim_id)?,
+            );
+        }
+        Ok((payees, filed_before))
+    }
+}

@@ -1,0 +1,240 @@
+//! Partners registered in batches (see [`super::bulk`]).
+
+use uuid::Uuid;
+
+use super::bulk::{
+    RowByRow, execute, fresh_entry, release_request_ids, replays, take_request_ids_and_look_up,
+};
+use super::{Db, SqlStore, Tx};
+use crate::domain::{NewPartner, Partner};
+use crate::store::batch::{BatchSql, Insert, Lookup, NOT_WRITTEN_WHOLE};
+use crate::store::intake::{
+    Answers, BulkError, BulkResult, audit_insert, finish, partners_insert, request_ids_insert,
+    request_key, waves,
+};
+use crate::store::prelude::*;
+use crate::store::rows::unexpected;
+use crate::store::{
+    BatchAudit, Idempotency, Micros, Recorded, Render, Result, StoreError, Stored, now_micros,
+};
+
+/// A row as it will be stored if it is new: the partner and its sealed account number.
+type Candidate = Option<(Partner, String)>;
+
+/// Runs `rows` as a batch, or row by row through the one-row method after a race.
+pub(super) async fn register_partners(
+    store: &SqlStore,
+    rows: &[(Idempotency, NewPartner)],
+    render: Render<'_, Partner>,
+    audit: BatchAudit<'_, Partner>,
+) -> Result<Vec<Result<Stored<Partner>>>> {
+    match try_register_partners(store, rows, render, audit).await {
+        Ok(answers) => Ok(answers),
+        Err(BulkError::Store(e)) => Err(e),
+        Err(BulkError::Race) => {
+            tracing::debug!(
+                rows = rows.len(),
+                "concurrent writer: registering row by row"
+            );
+            let mut done = RowByRow::new(rows.len(), audit);
+            for (i, (idem, partner)) in rows.iter().enumerate() {
+                let entry = |p: &Partner| fresh_entry(audit, i, p);
+                let answer = store
+                    .register_partner(Recorded::audited(idem, render, &entry), partner)
+                    .await;
+                done.answered(i, answer);
+            }
+            Ok(done.finish(store).await)
+        }
+    }
+}
+
+async fn try_register_partners(
+    store: &SqlStore,
+    rows: &[(Idempotency, NewPartner)],
+    render: Render<'_, Partner>,
+    audit: BatchAudit<'_, Partner>,
+) -> BulkResult<Vec<Result<Stored<Partner>>>> {
+    let mut answers: Answers<Partner> = rows.iter().map(|_| None).collect();
+    let keys: Vec<Vec<String>> = rows
+        .iter()
+        .map(|(idem, p)| {
+            vec![
+                format!("request:{}", request_key(idem)),
+                format!("brn:{}", p.profile.business_registration_number.as_str()),
+            ]
+        })
+        .collect();
+    // Each row as it will be stored if it is new, and the response it will give: made
+    // before the transaction, so the request id is taken with its response at once.
+    let now = now_micros();
+    let mut candidates: Vec<Candidate> = rows
+        .iter()
+        .map(|(_, partner)| {
+            let partner_id = Uuid::now_v7();
+            let sealed = store
+                .cipher
+                .seal(partner_id, partner.bank_account.account_number.expose())
+                .encode();
+            Some((partner.registered(partner_id, now), sealed))
+        })
+        .collect();
+    let waves = waves(&keys);
+    if waves.len() == 1
+        && let Some(answers) = register_whole(store, rows, &candidates, render, audit, now).await?
+    {
+        return Ok(answers);
+    }
+    let mut tx = store.begin_write().await?;
+    // A wave's partners are inserted with the next statement that may: before the next
+    // wave looks up registration numbers, or with the audit entries after the last.
+    let mut pending: Option<Insert<'static>> = None;
+    for wave in waves {
+        if let Some(insert) = pending.take() {
+            execute(&mut tx, <Db as BatchSql>::insert_all(vec![insert])).await?;
+        }
+        let wave = Wave {
+            rows,
+            wave: &wave,
+            render,
+            now,
+        };
+        pending = Some(
+            wave.register(&mut tx, &mut candidates, &mut answers)
+                .await?,
+        );
+    }
+    let answers = finish(answers);
+    let mut inserts: Vec<Insert<'_>> = pending.into_iter().collect();
+    inserts.push(audit_insert(&audit.events(&answers)));
+    execute(&mut tx, <Db as BatchSql>::insert_all(inserts)).await?;
+    tx.commit().await?;
+    Ok(answers)
+}
+
+/// Rows of a batch that share no key, written together.
+struct Wave<'a> {
+    rows: &'a [(Idempotency, NewPartner)],
+    wave: &'a [usize],
+    render: Render<'a, Partner>,
+    now: Micros,
+}
+
+impl Wave<'_> {
+    /// Takes the wave's request ids, answers its rows that replay or whose number is taken,
+    /// and returns the insert of its new partners (answered as stored).
+    async fn register(
+        &self,
+        tx: &mut Tx,
+        candidates: &mut [Candidate],
+        answers: &mut Answers<Partner>,
+    ) -> BulkResult<Insert<'static>> {
+        let Self {
+            rows,
+            wave,
+            render,
+            now,
+        } = *self;
+        let idems = wave
+            .iter()
+            .map(|&i| (&rows[i].0, candidates[i].as_ref().map(|(p, _)| render(p))))
+            .collect();
+        let lookup = Lookup {
+            table: "partners",
+            key: "business_registration_number",
+            value: "partner_id",
+            values: wave
+                .iter()
+                .map(|&i| {
+                    rows[i]
+                        .1
+                        .profile
+                        .business_registration_number
+                        .as_str()
+                        .to_owned()
+                })
+                .collect(),
+        };
+        let (taken, registered) = take_request_ids_and_look_up(tx, idems, now, lookup).await?;
+        let (fresh, used): (Vec<usize>, Vec<usize>) = wave
+            .iter()
+            .partition(|&&i| taken.contains(&request_key(&rows[i].0)));
+        let used: Vec<(usize, &Idempotency)> = used.into_iter().map(|i| (i, &rows[i].0)).collect();
+        replays(tx, &used, answers).await?;
+
+        let mut released = Vec::new();
+        let mut created: Vec<(usize, Partner, String)> = Vec::new();
+        for i in fresh {
+            let (idem, partner) = &rows[i];
+            let brn = partner.profile.business_registration_number.as_str();
+            if let Some(partner_id) = registered.get(brn) {
+                let partner_id = Uuid::parse_str(partner_id)
+                    .map_err(|_| unexpected("a partner id is not a UUID"))?;
+                answers[i] = Some(Err(StoreError::PartnerAlreadyRegistered { partner_id }));
+                released.push(idem);
+                continue;
+            }
+            let (partner, sealed) = candidates[i]
+                .take()
+                .ok_or_else(|| unexpected("a row was written twice"))?;
+            created.push((i, partner, sealed));
+        }
+        release_request_ids(tx, &released).await?;
+        let insert = partners_insert(rows, &created, now);
+        for (i, partner, _) in created {
+            answers[i] = Some(Ok(Stored::Fresh(partner)));
+        }
+        Ok(insert)
+    }
+}
+
+/// Writes a batch whose rows share no key in one statement, as if every row were new
+/// (its request id unused, its registration number not yet registered), which is the
+/// common case: one round trip instead of a transaction of four. `None`, with nothing
+/// stored, if a row was not new (or the database cannot): the batch must then be
+/// written step by step, which answers such rows.
+async fn register_whole(
+    store: &SqlStore,
+    rows: &[(Idempotency, NewPartner)],
+    candidates: &[Candidate],
+    render: Render<'_, Partner>,
+    audit: BatchAudit<'_, Partner>,
+    now: Micros,
+) -> BulkResult<Option<Vec<Result<Stored<Partner>>>>> {
+    let Some(created) = candidates
+        .iter()
+        .enumerate()
+        .map(|(i, c)| c.as_ref().map(|(p, sealed)| (i, p.clone(), sealed.clone())))
+        .collect::<Option<Vec<(usize, Partner, String)>>>()
+    else {
+        return Ok(None);
+    };
+    let idems = rows
+        .iter()
+        .zip(&created)
+        .map(|((idem, _), (_, partner, _))| (idem, Some(render(partner))))
+        .collect();
+    let answers: Vec<Result<Stored<Partner>>> = created
+        .iter()
+        .map(|(_, partner, _)| Ok(Stored::Fresh(partner.clone())))
+        .collect();
+    let mut partners = partners_insert(rows, &created, now);
+    partners.tail = " ON CONFLICT (business_registration_number) DO NOTHING";
+    let Some(mut statement) = <Db as BatchSql>::insert_whole(vec![
+        request_ids_insert(idems, now),
+        partners,
+        audit_insert(&audit.events(&answers)),
+    ]) else {
+        return Ok(None);
+    };
+    match statement
+        .build()
+        .persistent(true)
+        .execute(&store.pool)
+        .await
+    {
+        Ok(_) => Ok(Some(answers)),
+        Err(sqlx::Error::Database(e)) if e.code().as_deref() == Some(NOT_WRITTEN_WHOLE) => Ok(None),
+        Err(e) => Err(e.into()),
+    }
+}

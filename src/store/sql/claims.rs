@@ -1,0 +1,280 @@
+//! The claims in SQL.
+
+use async_trait::async_trait;
+use uuid::Uuid;
+
+use super::disbursements::create_disbursement;
+use super::{Conn, DB_SYSTEM, SqlStore, Tx, after_key, bulk_claims, dialect};
+use crate::domain::{Claim, ClaimStatus, Evidence, NewClaim, Reviewed, review};
+use crate::store::rows::{ClaimRow, EvidenceRow, unexpected, uuid};
+use crate::store::{
+    BatchAudit, ClaimFilter, ClaimStore, ClaimSubmission, Micros, Page, Recorded, Render, Result,
+    Review, StoreError, Stored, now_micros,
+};
+
+const EVIDENCE_OF_CLAIM: &str = "SELECT * FROM evidence WHERE claim_id = $1 ORDER BY seq";
+
+async fn load_claim(conn: &mut Conn, claim_id: Uuid) -> Result<Option<Claim>> {
+    let row: Option<ClaimRow> = sqlx::query_as(
+        "SELECT c.*, d.disbursement_id FROM claims c \
+         LEFT JOIN disbursements d ON d.claim_id = c.claim_id WHERE c.claim_id = $1",
+    )
+    .bind(claim_id.to_string())
+    .fetch_optional(&mut *conn)
+    .await?;
+    let Some(row) = row else { return Ok(None) };
+    let evidence = load_evidence(conn, &row).await?;
+    row.with_evidence(evidence).map(Some)
+}
+
+async fn load_evidence(conn: &mut Conn, claim: &ClaimRow) -> Result<Vec<EvidenceRow>> {
+    Ok(sqlx::query_as(EVIDENCE_OF_CLAIM)
+        .bind(&claim.claim_id)
+        .fetch_all(&mut *conn)
+        .await?)
+}
+
+/// The claim just written in `tx`, as it now stands.
+async fn reload_claim(tx: &mut Tx, claim_id: Uuid) -> Result<Claim> {
+    load_claim(tx, claim_id)
+        .await?
+        .ok_or(StoreError::NotFound("claim"))
+}
+
+/// Locks the claim so that concurrent changes to it see each other.
+async fn lock_claim(tx: &mut Tx, claim_id: Uuid) -> Result<()> {
+    sqlx::query(dialect::LOCK_CLAIM)
+        .bind(claim_id.to_string())
+        .fetch_optional(&mut **tx)
+        .await?
+        .ok_or(StoreError::NotFound("claim"))?;
+    Ok(())
+}
+
+async fn insert_evidence(
+    tx: &mut Tx,
+    claim_id: Uuid,
+    evidence: &Evidence,
+    actor: &str,
+    now: Micros,
+) -> Result<()> {
+    sqlx::query(
+        "INSERT INTO evidence (claim_id, seq, kind, uri, sha256, attach_time, attached_by) \
+         VALUES ($1, (SELECT COALESCE(MAX(seq), 0) + 1 FROM evidence WHERE claim_id = $1), \
+         $2, $3, $4, $5, $6)",
+    )
+    .bind(claim_id.to_string())
+    .bind(evidence.kind.key())
+    .bind(&evidence.uri)
+    .bind(&evidence.sha256)
+    .bind(now)
+    .bind(actor)
+    .execute(&mut **tx)
+    .await?;
+    Ok(())
+}
+
+/// Files `claim` in `tx` (for a partner it has locked, with no claim yet).
+async fn insert_claim(tx: &mut Tx, claim: &NewClaim) -> Result<Uuid> {
+    let now = now_micros();
+    let claim_id = Uuid::now_v7();
+    let d = &claim.decision;
+    let json = |value: serde_json::Result<String>| value.map_err(anyhow::Error::from);
+    sqlx::query(
+        "INSERT INTO claims (claim_id, partner_id, status, tier, reported_loss_krw, \
+         recognized_loss_krw, compensation_krw, policy_version, items, decision, \
+         submitted_by, create_time, update_time) \
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $12)",
+    )
+    .bind(claim_id.to_string())
+    .bind(claim.partner_id.to_string())
+    .bind(d.status.key())
+    .bind(d.tier.key())
+    .bind(d.reported_loss_krw)
+    .bind(d.recognized_loss_krw)
+    .bind(d.compensation_krw)
+    .bind(&d.policy_version)
+    .bind(json(serde_json::to_string(&claim.items))?)
+    .bind(json(serde_json::to_string(d))?)
+    .bind(&claim.submitted_by)
+    .bind(now)
+    .execute(&mut **tx)
+    .await?;
+    for evidence in &claim.evidence {
+        insert_evidence(tx, claim_id, evidence, &claim.submitted_by, now).await?;
+    }
+    if d.status == ClaimStatus::Approved {
+        let payee = (claim_id, claim.partner_id, d.compensation_krw);
+        let trace_context = claim.trace_context.as_deref();
+        create_disbursement(tx, payee, &claim.submitted_by, trace_context, now).await?;
+    }
+    Ok(claim_id)
+}
+
+#[async_trait]
+impl ClaimStore for SqlStore {
+    #[tracing::instrument(
+        name = "store.submit_claim",
+        skip_all,
+        fields(otel.kind = "client", db.system = DB_SYSTEM)
+    )]
+    async fn submit_claim(
+        &self,
+        call: Recorded<'_, Claim>,
+        claim: &NewClaim,
+    ) -> Result<Stored<Claim>> {
+        let (mut tx, call) = match self.begin_call(call).await? {
+            Ok(begun) => begun,
+            Err(replayed) => return Ok(replayed),
+        };
+        sqlx::query(dialect::LOCK_PARTNER)
+            .bind(claim.partner_id.to_string())
+            .fetch_optional(&mut *tx)
+            .await?
+            .ok_or(StoreError::NotFound("partner"))?;
+        let existing: Option<String> =
+            sqlx::query_scalar("SELECT claim_id FROM claims WHERE partner_id = $1")
+                .bind(claim.partner_id.to_string())
+                .fetch_optional(&mut *tx)
+                .await?;
+        if let Some(claim_id) = existing {
+            return Err(StoreError::ClaimAlreadyFiled {
+                claim_id: uuid("claim_id", &claim_id)?,
+            });
+        }
+        let claim_id = insert_claim(&mut tx, claim).await?;
+        let stored = load_claim(&mut tx, claim_id)
+            .await?
+            .ok_or_else(|| unexpected("claim vanished"))?;
+        call.finish(tx, stored).await
+    }
+
+    #[tracing::instrument(
+        name = "store.attach_evidence",
+        skip_all,
+        fields(otel.kind = "client", db.system = DB_SYSTEM)
+    )]
+    async fn attach_evidence(
+        &self,
+        call: Recorded<'_, Claim>,
+        claim_id: Uuid,
+        evidence: &Evidence,
+        actor: &str,
+    ) -> Result<Stored<Claim>> {
+        let (mut tx, call) = match self.begin_call(call).await? {
+            Ok(begun) => begun,
+            Err(replayed) => return Ok(replayed),
+        };
+        lock_claim(&mut tx, claim_id).await?;
+        let now = now_micros();
+        insert_evidence(&mut tx, claim_id, evidence, actor, now).await?;
+        sqlx::query("UPDATE claims SET update_time = $1 WHERE claim_id = $2")
+            .bind(now)
+            .bind(claim_id.to_string())
+            .execute(&mut *tx)
+            .await?;
+        let stored = reload_claim(&mut tx, claim_id).await?;
+        call.finish(tx, stored).await
+    }
+
+    #[tracing::instrument(
+        name = "store.review_claim",
+        skip_all,
+        fields(otel.kind = "client", db.system = DB_SYSTEM)
+    )]
+    async fn review_claim(
+        &self,
+        call: Recorded<'_, Claim>,
+        claim_id: Uuid,
+        review_of: &Review<'_>,
+    ) -> Result<Stored<Claim>> {
+        let Review {
+            decision,
+            reason,
+            reviewer,
+            trace_context,
+        } = *review_of;
+        let (mut tx, call) = match self.begin_call(call).await? {
+            Ok(begun) => begun,
+            Err(replayed) => return Ok(replayed),
+        };
+        lock_claim(&mut tx, claim_id).await?;
+        let claim = reload_claim(&mut tx, claim_id).await?;
+        let Reviewed {
+            status,
+            compensation_krw,
+        } = review(claim.under_review(), reviewer, decision)?;
+        let now = now_micros();
+        sqlx::query(
+            "UPDATE claims SET status = $1, compensation_krw = $2, reviewed_by = $3, \
+             review_reason = $4, update_time = $5 WHERE claim_id = $6",
+        )
+        .bind(status.key())
+        .bind(compensation_krw)
+        .bind(reviewer)
+        .bind(reason)
+        .bind(now)
+        .bind(claim_id.to_string())
+        .execute(&mut *tx)
+        .await?;
+        if status == ClaimStatus::Approved {
+            let payee = (claim_id, claim.partner_id, compensation_krw);
+            create_disbursement(&mut tx, payee, reviewer, trace_context, now).await?;
+        }
+        let stored = reload_claim(&mut tx, claim_id).await?;
+        call.finish(tx, stored).await
+    }
+
+    #[tracing::instrument(
+        name = "store.get_claim",
+        skip_all,
+        fields(otel.kind = "client", db.system = DB_SYSTEM)
+    )]
+    async fn get_claim(&self, claim_id: Uuid) -> Result<Option<Claim>> {
+        let mut conn = self.pool.acquire().await?;
+        load_claim(&mut conn, claim_id).await
+    }
+
+    #[tracing::instrument(
+        name = "store.list_claims",
+        skip_all,
+        fields(otel.kind = "client", db.system = DB_SYSTEM)
+    )]
+    async fn list_claims(&self, filter: &ClaimFilter, page: &Page) -> Result<Vec<Claim>> {
+        let mut conn = self.pool.acquire().await?;
+        let rows: Vec<ClaimRow> = sqlx::query_as(
+            "SELECT c.*, d.disbursement_id FROM claims c \
+             LEFT JOIN disbursements d ON d.claim_id = c.claim_id \
+             WHERE c.claim_id > $1 AND ($2 = '' OR c.status = $2) \
+             AND ($3 = '' OR c.tier = $3) AND ($4 = '' OR c.partner_id = $4) \
+             ORDER BY c.claim_id LIMIT $5",
+        )
+        .bind(after_key(page))
+        .bind(filter.status.map(|s| s.key()).unwrap_or_default())
+        .bind(filter.tier.map(|t| t.key()).unwrap_or_default())
+        .bind(filter.partner_id.map(|p| p.to_string()).unwrap_or_default())
+        .bind(i64::from(page.limit))
+        .fetch_all(&mut *conn)
+        .await?;
+        let mut claims = Vec::with_capacity(rows.len());
+        for row in rows {
+            let evidence = load_evidence(&mut conn, &row).await?;
+            claims.push(row.with_evidence(evidence)?);
+        }
+        Ok(claims)
+    }
+
+    #[tracing::instrument(
+        name = "store.submit_claims",
+        skip_all,
+        fields(otel.kind = "client", db.system = DB_SYSTEM, rows = rows.len())
+    )]
+    async fn submit_claims(
+        &self,
+        rows: &[ClaimSubmission],
+        render: Render<'_, Claim>,
+        audit: BatchAudit<'_, Claim>,
+    ) -> Result<Vec<Result<Stored<Claim>>>> {
+        bulk_claims::submit_claims(self, rows, render, audit).await
+    }
+}

@@ -1,0 +1,422 @@
+//! The disbursements in SQL, as operators see them: read, retried, cancelled; and dispatch
+//! paused or resumed. Approval creates them ([`create_disbursement`]).
+
+use async_trait::async_trait;
+use uuid::Uuid;
+
+use super::{Conn, DB_SYSTEM, SqlStore, Tx, after_key, dialect, unexpected};
+use crate::domain::{
+    AccountChange, ClaimStatus, DisbursementStatus, Refusal, may_cancel, may_retry,
+};
+use crate::store::rows::{
+    AttemptRow, DisbursementRow, DispatchStateRow, StatusChangeRow, StatusCountRow, StatusTotalRow,
+    uuid,
+};
+use crate::store::{
+    Disbursement, DisbursementFilter, DisbursementStore, DispatchState, Micros, Page,
+    ProgramSummary, Recorded, Result, StatusChange, StoreError, Stored, now_micros,
+};
+
+use super::idempotency::Claimed;
+
+/// Approval and disbursement are one: the disbursement of `(claim, partner, amount)`, its
+/// first history entry and its outbox row are written in the approving transaction.
+pub(super) async fn create_disbursement(
+    tx: &mut Tx,
+    (claim_id, partner_id, amount_krw): (Uuid, Uuid, i64),
+    actor: &str,
+    trace_context: Option<&str>,
+    now: Micros,
+) -> Result<Uuid> {
+    let disbursement_id = Uuid::now_v7();
+    sqlx::query(
+        "INSERT INTO disbursements (disbursement_id, claim_id, partner_id, amount_krw, \
+         status, bank_code, account_sealed, account_last4, holder_name, trace_context, \
+         create_time, update_time) \
+         SELECT $1, $2, partner_id, $4, $5, bank_code, account_sealed, account_last4, \
+         holder_name, $7, $6, $6 \
+         FROM partners WHERE partner_id = $3",
+    )
+    .bind(disbursement_id.to_string())
+    .bind(claim_id.to_string())
+    .bind(partner_id.to_string())
+    .bind(amount_krw)
+    .bind(DisbursementStatus::Queued.key())
+    .bind(now)
+    .bind(trace_context)
+    .execute(&mut **tx)
+    .await?;
+    let first = StatusChange {
+        from_status: None,
+        to_status: DisbursementStatus::Queued,
+        actor: actor.to_owned(),
+        reason: "claim approved".to_owned(),
+        time: now,
+    };
+    record_event(tx, disbursement_id, &first).await?;
+    sqlx::query("INSERT INTO outbox (disbursement_id, due_time) VALUES ($1, $2)")
+        .bind(disbursement_id.to_string())
+        .bind(now)
+        .execute(&mut **tx)
+        .await?;
+    Ok(disbursement_id)
+}
+
+async fn record_event(tx: &mut Tx, disbursement_id: Uuid, change: &StatusChange) -> Result<()> {
+    sqlx::query(
+        "INSERT INTO disbursement_events (disbursement_id, from_status, to_status, actor, \
+         reason, time) VALUES ($1, $2, $3, $4, $5, $6)",
+    )
+    .bind(disbursement_id.to_string())
+    .bind(change.from_status.map(|s| s.key()))
+    .bind(change.to_status.key())
+    .bind(&change.actor)
+    .bind(&change.reason)
+    .bind(change.time)
+    .execute(&mut **tx)
+    .await?;
+    Ok(())
+}
+
+/// Moves a disbursement from `change.from_status` to `change.to_status` if it is still in the
+/// former, with its history entry; false otherwise (it changed meanwhile, or the move is not
+/// one the domain allows).
+pub(super) async fn transition(
+    tx: &mut Tx,
+    disbursement_id: Uuid,
+    change: &StatusChange,
+) -> Result<bool> {
+    let (Some(from), to) = (change.from_status, change.to_status) else {
+        return Ok(false);
+    };
+    if !from.can_become(to) {
+        return Ok(false);
+    }
+    let moved = sqlx::query(
+        "UPDATE disbursements SET status = $1, update_time = $2 \
+         WHERE disbursement_id = $3 AND status = $4",
+    )
+    .bind(to.key())
+    .bind(change.time)
+    .bind(disbursement_id.to_string())
+    .bind(from.key())
+    .execute(&mut **tx)
+    .await?
+    .rows_affected();
+    if moved == 1 {
+        record_event(tx, disbursement_id, change).await?;
+    }
+    Ok(moved == 1)
+}
+
+async fn load_disbursement(conn: &mut Conn, disbursement_id: Uuid) -> Result<Option<Disbursement>> {
+    let row: Option<DisbursementRow> =
+        sqlx::query_as("SELECT * FROM disbursements WHERE disbursement_id = $1")
+            .bind(disbursement_id.to_string())
+            .fetch_optional(&mut *conn)
+            .await?;
+    let Some(row) = row else { return Ok(None) };
+    let mut d = Disbursement::try_from(row)?;
+    let id = disbursement_id.to_string();
+    let attempts: Vec<AttemptRow> = sqlx::query_as(
+        "SELECT * FROM disbursement_attempts WHERE disbursement_id = $1 ORDER BY id",
+    )
+    .bind(&id)
+    .fetch_all(&mut *conn)
+    .await?;
+    d.attempts = attempts.into_iter().map(Into::into).collect();
+    let history: Vec<StatusChangeRow> =
+        sqlx::query_as("SELECT * FROM disbursement_events WHERE disbursement_id = $1 ORDER BY id")
+            .bind(&id)
+            .fetch_all(&mut *conn)
+            .await?;
+    d.history = history
+        .into_iter()
+        .map(StatusChange::try_from)
+        .collect::<Result<_>>()?;
+    Ok(Some(d))
+}
+
+/// The disbursement, locked so that concurrent retries and cancels see each other.
+async fn require_disbursement(tx: &mut Tx, disbursement_id: Uuid) -> Result<Disbursement> {
+    sqlx::query(dialect::LOCK_DISBURSEMENT)
+        .bind(disbursement_id.to_string())
+        .fetch_optional(&mut **tx)
+        .await?
+        .ok_or(StoreError::NotFound("disbursement"))?;
+    load_disbursement(tx, disbursement_id)
+        .await?
+        .ok_or(StoreError::NotFound("disbursement"))
+}
+
+/// The answer when a conditional move found its row changed: what `rule` says of the row as
+/// it is now, or (if it would allow the move still) an inconsistency.
+async fn changed_under(
+    tx: &mut Tx,
+    disbursement_id: Uuid,
+    rule: impl Fn(&Disbursement) -> std::result::Result<(), Refusal>,
+    what: &str,
+) -> StoreError {
+    match require_disbursement(tx, disbursement_id).await {
+        Err(e) => e,
+        Ok(current) => match rule(&current) {
+            Err(refusal) => refusal.into(),
+            Ok(()) => unexpected(what),
+        },
+    }
+}
+
+/// Ends a call on a disbursement with the disbursement as it now is.
+async fn finish_with(
+    mut tx: Tx,
+    call: Claimed<'_, Disbursement>,
+    disbursement_id: Uuid,
+) -> Result<Stored<Disbursement>> {
+    let stored = load_disbursement(&mut tx, disbursement_id)
+        .await?
+        .ok_or(StoreError::NotFound("disbursement"))?;
+    call.finish(tx, stored).await
+}
+
+pub(super) async fn load_dispatch_state(conn: &mut Conn) -> Result<DispatchState> {
+    let row: DispatchStateRow = sqlx::query_as("SELECT * FROM dispatch_control WHERE id = 1")
+        .fetch_one(&mut *conn)
+        .await?;
+    Ok(row.into())
+}
+
+/// A status change by an operator, now.
+fn operator_change(
+    from: DisbursementStatus,
+    to: DisbursementStatus,
+    actor: &str,
+    reason: &str,
+) -> StatusChange {
+    StatusChange {
+        from_status: Some(from),
+        to_status: to,
+        actor: actor.to_owned(),
+        reason: reason.to_owned(),
+        time: now_micros(),
+    }
+}
+
+#[async_trait]
+impl DisbursementStore for SqlStore {
+    #[tracing::instrument(
+        name = "store.get_disbursement",
+        skip_all,
+        fields(otel.kind = "client", db.system = DB_SYSTEM)
+    )]
+    async fn get_disbursement(&self, disbursement_id: Uuid) -> Result<Option<Disbursement>> {
+        let mut conn = self.pool.acquire().await?;
+        load_disbursement(&mut conn, disbursement_id).await
+    }
+
+    #[tracing::instrument(
+        name = "store.list_disbursements",
+        skip_all,
+        fields(otel.kind = "client", db.system = DB_SYSTEM)
+    )]
+    async fn list_disbursements(
+        &self,
+        filter: &DisbursementFilter,
+        page: &Page,
+    ) -> Result<Vec<Disbursement>> {
+        let mut conn = self.pool.acquire().await?;
+        let ids: Vec<String> = sqlx::query_scalar(
+            "SELECT disbursement_id FROM disbursements WHERE disbursement_id > $1 \
+             AND ($2 = '' OR status = $2) AND ($3 = '' OR partner_id = $3) \
+             ORDER BY disbursement_id LIMIT $4",
+        )
+        .bind(after_key(page))
+        .bind(filter.status.map(|s| s.key()).unwrap_or_default())
+        .bind(filter.partner_id.map(|p| p.to_string()).unwrap_or_default())
+        .bind(i64::from(page.limit))
+        .fetch_all(&mut *conn)
+        .await?;
+        let mut out = Vec::with_capacity(ids.len());
+        for id in ids {
+            if let Some(d) = load_disbursement(&mut conn, uuid("disbursement_id", &id)?).await? {
+                out.push(d);
+            }
+        }
+        Ok(out)
+    }
+
+    #[tracing::instrument(
+        name = "store.retry_disbursement",
+        skip_all,
+        fields(otel.kind = "client", db.system = DB_SYSTEM)
+    )]
+    async fn retry_disbursement(
+        &self,
+        call: Recorded<'_, Disbursement>,
+        disbursement_id: Uuid,
+        actor: &str,
+    ) -> Result<Stored<Disbursement>> {
+        let (mut tx, call) = match self.begin_call(call).await? {
+            Ok(begun) => begun,
+            Err(replayed) => return Ok(replayed),
+        };
+        let d = require_disbursement(&mut tx, disbursement_id).await?;
+        let changed: Option<(String, i64)> = sqlx::query_as(
+            "SELECT account_changed_by, account_change_time FROM partners WHERE partner_id = $1",
+        )
+        .bind(d.partner_id.to_string())
+        .fetch_optional(&mut *tx)
+        .await?;
+        let account_change = changed
+            .as_ref()
+            .map(|(changed_by, change_time)| AccountChange {
+                changed_by,
+                change_time: *change_time,
+            });
+        may_retry(d.status, d.create_time, account_change, actor)?;
+        // The failed instruction is final at the backend, so the next one gets a new key,
+        // and goes to the partner's account as it is now.
+        sqlx::query(
+            "UPDATE disbursements SET key_seq = key_seq + 1, idempotency_key = NULL, \
+             holder_verified = FALSE, failure_code = NULL, failure_message = NULL, \
+             bank_code = p.bank_code, account_sealed = p.account_sealed, \
+             account_last4 = p.account_last4, holder_name = p.holder_name \
+             FROM partners p \
+             WHERE disbursement_id = $1 AND p.partner_id = disbursements.partner_id",
+        )
+        .bind(disbursement_id.to_string())
+        .execute(&mut *tx)
+        .await?;
+        let change = operator_change(
+            DisbursementStatus::Failed,
+            DisbursementStatus::Queued,
+            actor,
+            "retry requested",
+        );
+        if !transition(&mut tx, disbursement_id, &change).await? {
+            let rule = |d: &Disbursement| may_retry(d.status, d.create_time, None, actor);
+            let what = "a FAILED disbursement could not be queued again";
+            return Err(changed_under(&mut tx, disbursement_id, rule, what).await);
+        }
+        sqlx::query(
+            "INSERT INTO outbox (disbursement_id, due_time) VALUES ($1, $2) \
+             ON CONFLICT (disbursement_id) DO UPDATE \
+             SET due_time = $2, lease_until = 0, failures = 0",
+        )
+        .bind(disbursement_id.to_string())
+        .bind(change.time)
+        .execute(&mut *tx)
+        .await?;
+        finish_with(tx, call, disbursement_id).await
+    }
+
+    #[tracing::instrument(
+        name = "store.cancel_disbursement",
+        skip_all,
+        fields(otel.kind = "client", db.system = DB_SYSTEM)
+    )]
+    async fn cancel_disbursement(
+        &self,
+        call: Recorded<'_, Disbursement>,
+        disbursement_id: Uuid,
+        actor: &str,
+        reason: &str,
+    ) -> Result<Stored<Disbursement>> {
+        let (mut tx, call) = match self.begin_call(call).await? {
+            Ok(begun) => begun,
+            Err(replayed) => return Ok(replayed),
+        };
+        let d = require_disbursement(&mut tx, disbursement_id).await?;
+        may_cancel(d.status)?;
+        let change = operator_change(
+            DisbursementStatus::Queued,
+            DisbursementStatus::Cancelled,
+            actor,
+            reason,
+        );
+        if !transition(&mut tx, disbursement_id, &change).await? {
+            let rule = |d: &Disbursement| may_cancel(d.status);
+            let what = "a QUEUED disbursement could not be cancelled";
+            return Err(changed_under(&mut tx, disbursement_id, rule, what).await);
+        }
+        sqlx::query("DELETE FROM outbox WHERE disbursement_id = $1")
+            .bind(disbursement_id.to_string())
+            .execute(&mut *tx)
+            .await?;
+        finish_with(tx, call, disbursement_id).await
+    }
+
+    #[tracing::instrument(
+        name = "store.set_dispatch_paused",
+        skip_all,
+        fields(otel.kind = "client", db.system = DB_SYSTEM)
+    )]
+    async fn set_dispatch_paused(
+        &self,
+        call: Recorded<'_, DispatchState>,
+        paused: bool,
+        actor: &str,
+        reason: &str,
+    ) -> Result<Stored<DispatchState>> {
+        let (mut tx, call) = match self.begin_call(call).await? {
+            Ok(begun) => begun,
+            Err(replayed) => return Ok(replayed),
+        };
+        sqlx::query(
+            "UPDATE dispatch_control SET paused = $1, reason = $2, changed_by = $3, \
+             change_time = $4 WHERE id = 1",
+        )
+        .bind(paused)
+        .bind(reason)
+        .bind(actor)
+        .bind(now_micros())
+        .execute(&mut *tx)
+        .await?;
+        let state = load_dispatch_state(&mut tx).await?;
+        call.finish(tx, state).await
+    }
+
+    #[tracing::instrument(
+        name = "store.program_summary",
+        skip_all,
+        fields(otel.kind = "client", db.system = DB_SYSTEM)
+    )]
+    async fn program_summary(&self) -> Result<ProgramSummary> {
+        let mut conn = self.pool.acquire().await?;
+        let mut summary = ProgramSummary {
+            dispatch: load_dispatch_state(&mut conn).await?,
+            ..ProgramSummary::default()
+        };
+        let rows: Vec<StatusTotalRow> = sqlx::query_as(
+            "SELECT status, COUNT(*) AS n, CAST(COALESCE(SUM(amount_krw), 0) AS BIGINT) AS krw \
+             FROM disbursements GROUP BY status",
+        )
+        .fetch_all(&mut *conn)
+        .await?;
+        for row in &rows {
+            let (status, bucket) = row.bucket()?;
+            summary.approved.count += bucket.count;
+            summary.approved.krw += bucket.krw;
+            *match status {
+                DisbursementStatus::Queued => &mut summary.queued,
+                DisbursementStatus::Submitted => &mut summary.submitted,
+                DisbursementStatus::Paid => &mut summary.paid,
+                DisbursementStatus::Failed => &mut summary.failed,
+                DisbursementStatus::Cancelled => &mut summary.cancelled,
+            } = bucket;
+        }
+        let rows: Vec<StatusCountRow> = sqlx::query_as(
+            "SELECT status, COUNT(*) AS n FROM claims WHERE status <> $1 GROUP BY status",
+        )
+        .bind(ClaimStatus::Approved.key())
+        .fetch_all(&mut *conn)
+        .await?;
+        for row in rows {
+            match ClaimStatus::from_key(&row.status) {
+                Some(ClaimStatus::PendingReview) => summary.pending_review_count = row.n,
+                Some(ClaimStatus::Rejected) => summary.rejected_count = row.n,
+                _ => return Err(unexpected(row.status)),
+            }
+        }
+        Ok(summary)
+    }
+}

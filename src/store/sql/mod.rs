@@ -1,0 +1,43 @@
+//! The SQL both databases share, written once as ordinary code and compiled once per
+//! database: `postgres.rs` and `sqlite.rs` each include this module tree with their own `Db`
+//! (the sqlx database), `SqlStore` (their store type, with `pool`, `cipher` and
+//! `begin_write`), `DB_SYSTEM` (as traces name the database) and `dialect` (the few whole
+//! statements whose row locks differ).
+//!
+//! One file per aggregate implements its store trait; rows are read into `FromRow` structs
+//! ([`rows`]) and turned into domain types outside the SQL; every mutating call takes its
+//! request id, runs, keeps its response and writes its audit entry the same way
+//! ([`idempotency`]).
+
+use super::{DB_SYSTEM, Db, SqlStore, dialect};
+use crate::store::rows::unexpected;
+use crate::store::{Micros, Page};
+
+mod audit;
+mod bulk;
+mod bulk_claims;
+mod bulk_partners;
+mod claims;
+mod disbursements;
+mod dispatch;
+mod idempotency;
+mod partners;
+mod settlement;
+
+type Conn = <Db as sqlx::Database>::Connection;
+type Tx = sqlx::Transaction<'static, Db>;
+type DbRow = <Db as sqlx::Database>::Row;
+
+fn after_key(page: &Page) -> String {
+    page.after.map(|id| id.to_string()).unwrap_or_default()
+}
+
+/// The lower end of an optional time window, as the statements compare it.
+fn since(time: Option<Micros>) -> Micros {
+    time.unwrap_or(i64::MIN)
+}
+
+/// The upper end of an optional time window, as the statements compare it.
+fn until(time: Option<Micros>) -> Micros {
+    time.unwrap_or(i64::MAX)
+}

@@ -1,0 +1,230 @@
+//! The store on both databases: a batch and its audit entries are stored together or not at
+//! all, on the batch path and on the row-by-row path a batch falls back to.
+
+use std::sync::Arc;
+
+use uuid::Uuid;
+
+use super::postgres::PgStore;
+use super::prelude::*;
+use super::sqlite::SqliteStore;
+use super::{
+    AuditEvent, AuditFilter, BatchAudit, ClaimSubmission, Idempotency, Page, PartnerFilter,
+    PartnerRef, Result, Stored,
+};
+use crate::sealing::PiiCipher;
+use crate::domain::{
+    AffectedService, BankAccount, BankCode, BusinessRegistrationNumber, ContactEmail,
+    DEFAULT_POLICY_TOML, LossItem, NewClaim, NewPartner, PartnerProfile, PersonOrBusinessName,
+    Policy,
+};
+
+fn cipher() -> Arc<PiiCipher> {
+    Arc::new(PiiCipher::new(&[7; 32]))
+}
+
+/// A fresh, migrated store of each database (the SQLite one in `dir`).
+async fn stores(dir: &tempfile::TempDir) -> Vec<(&'static str, Arc<dyn Store>)> {
+    use sqlx::Connection as _;
+    let url = format!("sqlite://{}", dir.path().join("store.db").display());
+    let sqlite = SqliteStore::connect(&url, cipher()).await.expect("sqlite");
+    sqlite.migrate().await.expect("migrate sqlite");
+    let admin = std::env::var("PAYOUTS_TEST_POSTGRES_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into());
+    let mut conn = sqlx::PgConnection::connect(&admin)
+        .await
+        .unwrap_or_else(|e| panic!("PostgreSQL is required and not reachable at {admin}: {e}"));
+    let name = format!("payouts_test_{}", Uuid::now_v7().simple());
+    sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
+        .execute(&mut conn)
+        .await
+        .expect("create test database");
+    let (base, _) = admin.rsplit_once('/').expect("URL has a database");
+    let postgres = PgStore::connect(&format!("{base}/{name}"), 4, cipher())
+        .await
+        .expect("postgres");
+    postgres.migrate().await.expect("migrate postgres");
+    vec![
+        ("sqlite", Arc::new(sqlite)),
+        ("postgres", Arc::new(postgres)),
+    ]
+}
+
+fn idem(method: &'static str) -> Idempotency {
+    Idempotency {
+        principal: "ops".into(),
+        request_id: Uuid::now_v7(),
+        method,
+        fingerprint: "f".into(),
+    }
+}
+
+/// A valid partner whose registration number ends in `n`.
+fn partner(n: u32) -> NewPartner {
+    // The check digit of a registration number makes only some numbers valid: find one.
+    let brn = (0..10)
+        .find_map(|d| BusinessRegistrationNumber::parse(&format!("11682{n:04}{d}")).ok())
+        .expect("a valid registration number");
+    let name = PersonOrBusinessName::parse("Kim Minji").expect("name");
+    NewPartner {
+        profile: PartnerProfile {
+            business_registration_number: brn,
+            legal_name: PersonOrBusinessName::parse("Haneul Bakery").expect("name"),
+            representative_name: name.clone(),
+            affected_services: vec![AffectedService::KakaotalkChannel],
+            contact_email: ContactEmail::parse("owner@haneul.example").expect("email"),
+        },
+        bank_account: BankAccount {
+            bank_code: BankCode::parse("004").expect("bank"),
+            account_number: crate::domain::AccountNumber::parse("110-123-456789").expect("no"),
+            holder_name: name,
+        },
+    }
+}
+
+fn entry(id: Uuid, resource_id: String, outcome_code: &str) -> AuditEvent {
+    AuditEvent {
+        audit_event_id: id,
+        time: 1,
+        principal: "ops".into(),
+        method: "/payouts.v1.PartnerService/RegisterPartner".into(),
+        resource_id,
+        request_id: String::new(),
+        outcome_code: outcome_code.into(),
+        peer_address: String::new(),
+        count: 1,
+        replayed: false,
+    }
+}
+
+async fn audit_log(store: &Arc<dyn Store>) -> Vec<AuditEvent> {
+    let page = Page {
+        after: None,
+        limit: 1000,
+    };
+    store
+        .list_audit(&AuditFilter::default(), &page)
+        .await
+        .expect("audit log")
+}
+
+#[tokio::test]
+async fn rows_written_one_by_one_after_a_failed_batch_each_have_their_entry() {
+    let dir = tempfile::tempdir().expect("dir");
+    for (db, store) in stores(&dir).await {
+        // Every stored row's entry has the same id: the batch's insert of its entries fails
+        // on the duplicate (as a concurrent writer's would), and the batch is written again
+        // row by row, where the second row's entry cannot be stored, nor so its row.
+        let shared = Uuid::now_v7();
+        let rows = vec![
+            (idem("RegisterPartner"), partner(1)),
+            (idem("RegisterPartner"), partner(2)),
+        ];
+        let row = |_: usize, answer: &Result<Stored<crate::domain::Partner>>| {
+            Some(match answer {
+                Ok(Stored::Fresh(p)) => entry(shared, p.partner_id.to_string(), "OK"),
+                _ => entry(Uuid::now_v7(), String::new(), "INTERNAL"),
+            })
+        };
+        let audit = BatchAudit {
+            row: &row,
+            refused: &[],
+        };
+        let answers = store
+            .register_partners(&rows, &|_| Vec::new(), audit)
+            .await
+            .unwrap_or_else(|e| panic!("{db}: the batch answers row by row: {e}"));
+        let Ok(Stored::Fresh(first)) = &answers[0] else {
+            panic!("{db}: the first row is stored: {:?}", answers[0]);
+        };
+        assert!(answers[1].is_err(), "{db}: {:?}", answers[1]);
+        let partners = store
+            .list_partners(
+                &PartnerFilter::default(),
+                &Page {
+                    after: None,
+                    limit: 10,
+                },
+            )
+            .await
+            .expect("partners");
+        assert_eq!(
+            partners.iter().map(|p| p.partner_id).collect::<Vec<_>>(),
+            vec![first.partner_id],
+            "{db}: only the first row is stored"
+        );
+        let log = audit_log(&store).await;
+        let stored_entry = log.iter().find(|e| e.audit_event_id == shared);
+        assert_eq!(
+            stored_entry.map(|e| e.resource_id.clone()),
+            Some(first.partner_id.to_string()),
+            "{db}: the stored row has its entry: {log:?}"
+        );
+        assert_eq!(log.len(), 2, "{db}: and the refused row its own: {log:?}");
+        assert_eq!(log[1].outcome_code, "INTERNAL", "{db}");
+    }
+}
+
+#[tokio::test]
+async fn a_batch_that_fails_stores_no_row_and_no_entry() {
+    let dir = tempfile::tempdir().expect("dir");
+    let policy = Policy::from_toml(DEFAULT_POLICY_TOML).expect("policy");
+    for (db, store) in stores(&dir).await {
+        let mut partners = Vec::new();
+        for n in [3, 4] {
+            let one = idem("RegisterPartner");
+            let call = super::Recorded::unaudited(&one, &|_| Vec::new());
+            match store.register_partner(call, &partner(n)).await {
+                Ok(Stored::Fresh(p)) => partners.push(p.partner_id),
+                other => panic!("{db}: register: {other:?}"),
+            }
+        }
+        let items =
+            vec![LossItem::parse(AffectedService::KakaotalkChannel, 400_000, 0).expect("item")];
+        let claim = |partner_id: Uuid, compensation_krw: i64| {
+            let mut decision = policy.decide(&items);
+            decision.compensation_krw = compensation_krw;
+            ClaimSubmission {
+                idem: idem("SubmitClaim"),
+                partner: PartnerRef::Id(partner_id),
+                claim: NewClaim {
+                    partner_id,
+                    items: items.clone(),
+                    evidence: Vec::new(),
+                    decision,
+                    submitted_by: "ops".into(),
+                    trace_context: None,
+                },
+            }
+        };
+        // The second row breaks a check of the database: the whole batch fails.
+        let rows = vec![claim(partners[0], 30_000), claim(partners[1], -1)];
+        let row = |_: usize, _: &Result<Stored<crate::domain::Claim>>| {
+            Some(entry(Uuid::now_v7(), String::new(), "OK"))
+        };
+        let audit = BatchAudit {
+            row: &row,
+            refused: &[],
+        };
+        let answer = store.submit_claims(&rows, &|_| Vec::new(), audit).await;
+        assert!(answer.is_err(), "{db}: {answer:?}");
+        for partner_id in &partners {
+            let filter = crate::store::ClaimFilter {
+                partner_id: Some(*partner_id),
+                ..Default::default()
+            };
+            let claims = store
+                .list_claims(
+                    &filter,
+                    &Page {
+                        after: None,
+                        limit: 10,
+                    },
+                )
+                .await
+                .expect("claims");
+            assert!(claims.is_empty(), "{db}: no claim is stored: {claims:?}");
+        }
+        assert_eq!(audit_log(&store).await, Vec::new(), "{db}: nor any entry");
+    }
+}
