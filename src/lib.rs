@@ -4,6 +4,7 @@
 //! - [`domain`]: pure types and rules (registration numbers, accounts, the policy, state machines).
 //! - [`store`]: persistence behind one trait, on PostgreSQL and SQLite.
 //! - [`api`]: the gRPC services, translating protos to domain types and errors to statuses.
+//! - [`auth`]: who may call what; [`audit`]: the audit log, the one place that writes it.
 //! - [`payments`]: the payments-backend client and the dispatcher.
 //! - [`sandbox`]: the sandbox bank, a fake payments backend (no money moves) that `serve`
 //!   starts only when no backend is configured.
@@ -11,6 +12,7 @@
 
 pub mod api;
 pub mod app;
+pub mod audit;
 pub mod auth;
 pub mod config;
 pub mod domain;

@@ -6,6 +6,7 @@ use super::{
     Context, Principal, Violations, convert, finance, idempotency, next_page_token, page,
     record_touched, respond,
 };
+use crate::audit::{CallRecord, Resource};
 use crate::domain::text::Reason;
 use crate::proto::payouts::v1::{self as pb, disbursement_service_server::DisbursementService};
 use crate::store::{Disbursement, DisbursementFilter, DispatchState, StoreError};
@@ -24,6 +25,7 @@ impl DisbursementService for Disbursements {
         &self,
         request: Request<pb::GetDisbursementRequest>,
     ) -> Result<Response<pb::GetDisbursementResponse>, Status> {
+        let call = CallRecord::of(&request);
         let mut v = Violations::default();
         let id = v.id("disbursement_id", &request.get_ref().disbursement_id);
         v.finish()?;
@@ -34,9 +36,12 @@ impl DisbursementService for Disbursements {
             .await?
             .ok_or(StoreError::NotFound("disbursement"))?;
         record_touched(
-            &d.partner_id.to_string(),
-            &d.claim_id.to_string(),
-            &d.disbursement_id.to_string(),
+            &call,
+            &[
+                (Resource::Partner, &d.partner_id.to_string()),
+                (Resource::Claim, &d.claim_id.to_string()),
+                (Resource::Disbursement, &d.disbursement_id.to_string()),
+            ],
         );
         Ok(Response::new(pb::GetDisbursementResponse {
             disbursement: Some(convert::disbursement(&d)),
@@ -82,9 +87,11 @@ impl DisbursementService for Disbursements {
         request: Request<pb::RetryDisbursementRequest>,
     ) -> Result<Response<pb::RetryDisbursementResponse>, Status> {
         let actor = Principal::of(&request);
+        let call = CallRecord::of(&request);
         let request = request.into_inner();
         let mut v = Violations::default();
         let request_id = v.request_id(&request.request_id);
+        call.note_request_id(&request.request_id);
         let id = v.id("disbursement_id", &request.disbursement_id);
         v.finish()?;
         let (Some(request_id), Some(id)) = (request_id, id) else {
@@ -94,7 +101,7 @@ impl DisbursementService for Disbursements {
             request_id: String::new(),
             ..request
         };
-        record_touched("", "", &body.disbursement_id);
+        record_touched(&call, &[(Resource::Disbursement, &body.disbursement_id)]);
         let idem = idempotency(&actor, request_id, "RetryDisbursement", &body);
         let render = |d: &Disbursement| {
             prost::Message::encode_to_vec(&pb::RetryDisbursementResponse {
@@ -106,7 +113,7 @@ impl DisbursementService for Disbursements {
             .store
             .retry_disbursement(&idem, id, &actor, &render)
             .await?;
-        respond(stored, |d| pb::RetryDisbursementResponse {
+        respond(&call, stored, |d| pb::RetryDisbursementResponse {
             disbursement: Some(convert::disbursement(d)),
         })
     }
@@ -116,9 +123,11 @@ impl DisbursementService for Disbursements {
         request: Request<pb::CancelDisbursementRequest>,
     ) -> Result<Response<pb::CancelDisbursementResponse>, Status> {
         let actor = Principal::of(&request);
+        let call = CallRecord::of(&request);
         let request = request.into_inner();
         let mut v = Violations::default();
         let request_id = v.request_id(&request.request_id);
+        call.note_request_id(&request.request_id);
         let id = v.id("disbursement_id", &request.disbursement_id);
         let reason = v.check("reason", Reason::parse(&request.reason));
         v.finish()?;
@@ -129,7 +138,7 @@ impl DisbursementService for Disbursements {
             request_id: String::new(),
             ..request
         };
-        record_touched("", "", &body.disbursement_id);
+        record_touched(&call, &[(Resource::Disbursement, &body.disbursement_id)]);
         let idem = idempotency(&actor, request_id, "CancelDisbursement", &body);
         let render = |d: &Disbursement| {
             prost::Message::encode_to_vec(&pb::CancelDisbursementResponse {
@@ -141,7 +150,7 @@ impl DisbursementService for Disbursements {
             .store
             .cancel_disbursement(&idem, id, &actor, reason.as_str(), &render)
             .await?;
-        respond(stored, |d| pb::CancelDisbursementResponse {
+        respond(&call, stored, |d| pb::CancelDisbursementResponse {
             disbursement: Some(convert::disbursement(d)),
         })
     }
@@ -151,9 +160,11 @@ impl DisbursementService for Disbursements {
         request: Request<pb::PauseDispatchRequest>,
     ) -> Result<Response<pb::PauseDispatchResponse>, Status> {
         let actor = Principal::of(&request);
+        let call = CallRecord::of(&request);
         let request = request.into_inner();
         let mut v = Violations::default();
         let request_id = v.request_id(&request.request_id);
+        call.note_request_id(&request.request_id);
         let reason = v.check("reason", Reason::parse(&request.reason));
         v.finish()?;
         let (Some(request_id), Some(reason)) = (request_id, reason) else {
@@ -174,7 +185,7 @@ impl DisbursementService for Disbursements {
             .store
             .set_dispatch_paused(&idem, true, &actor, reason.as_str(), &render)
             .await?;
-        respond(stored, |s| pb::PauseDispatchResponse {
+        respond(&call, stored, |s| pb::PauseDispatchResponse {
             state: Some(convert::dispatch_state(s)),
         })
     }
@@ -184,9 +195,11 @@ impl DisbursementService for Disbursements {
         request: Request<pb::ResumeDispatchRequest>,
     ) -> Result<Response<pb::ResumeDispatchResponse>, Status> {
         let actor = Principal::of(&request);
+        let call = CallRecord::of(&request);
         let request = request.into_inner();
         let mut v = Violations::default();
         let request_id = v.request_id(&request.request_id);
+        call.note_request_id(&request.request_id);
         v.finish()?;
         let request_id = request_id.ok_or_else(missing)?;
         let idem = idempotency(
@@ -205,7 +218,7 @@ impl DisbursementService for Disbursements {
             .store
             .set_dispatch_paused(&idem, false, &actor, "", &render)
             .await?;
-        respond(stored, |s| pb::ResumeDispatchResponse {
+        respond(&call, stored, |s| pb::ResumeDispatchResponse {
             state: Some(convert::dispatch_state(s)),
         })
     }

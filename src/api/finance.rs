@@ -17,6 +17,7 @@ use tracing::Instrument as _;
 use uuid::Uuid;
 
 use super::{Context, Principal, Violations, convert};
+use crate::audit::CallRecord;
 use crate::domain::{
     DisbursementStatus, Invalid, MismatchKind, SettlementLine, SettlementMismatch,
 };
@@ -240,11 +241,13 @@ pub async fn reconcile(
     request: Request<Streaming<pb::ReconcileSettlementsRequest>>,
 ) -> Result<Response<ResponseStream<pb::ReconcileSettlementsResponse>>, Status> {
     let actor = Principal::of(&request);
+    let call = CallRecord::of(&request);
     let mut inbound = request.into_inner();
     // An empty stream is a first message without request id and cut-off.
     let mut first = inbound.message().await?.unwrap_or_default();
     let mut v = Violations::default();
     let request_id = v.request_id(&first.request_id);
+    call.note_request_id(&first.request_id);
     let cutoff_time = match &first.cutoff_time {
         None => {
             v.add(
