@@ -13,7 +13,7 @@ use tokio::task::JoinHandle;
 use crate::api::{
     Context, audit::Audit, claims::Claims, disbursements::Disbursements, partners::Partners,
 };
-use crate::auth::audit::{AuditDenials, AuditLayer};
+use crate::audit::{AuditDenials, AuditLayer};
 use crate::auth::{AuthLayer, Authenticator};
 use crate::config::Settings;
 use crate::discovery;

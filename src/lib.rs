@@ -4,7 +4,7 @@
 //! - [`domain`]: pure types and rules (registration numbers, accounts, the policy, state machines).
 //! - [`store`]: persistence, on PostgreSQL and SQLite.
 //! - [`api`]: the gRPC services, translating protos to domain types and errors to statuses.
-//! - [`auth`]: who may call what, beside the services as a tower layer.
+//! - [`auth`]: who may call what; [`audit`]: the audit log, the one place that writes it.
 //! - [`payments`]: the payments-backend client and the dispatcher.
 //! - `sandbox` (cargo feature `sandbox`, on by default): the sandbox bank, a fake payments
 //!   backend (no money moves) that `serve` starts only when no backend is configured.
@@ -19,6 +19,7 @@
 
 pub mod api;
 pub mod app;
+pub mod audit;
 pub mod auth;
 pub mod config;
 pub mod discovery;

@@ -10,6 +10,7 @@ use super::{
     CallAudit, Context, Violations, convert, decode_replay, idempotency,
     next_page_token, page, record_touched, respond,
 };
+use crate::audit::{CallRecord, Resource};
 use crate::domain::text::Reason;
 use crate::domain::{
     self, BusinessRegistrationNumber, Claim, Evidence, LossItem, NewClaim, Policy, ReviewDecision,
@@ -73,9 +74,16 @@ fn render_claim<R: prost::Message>(wrap: fn(pb::Claim) -> R) -> impl Fn(&Claim) 
     move |c| wrap(convert::claim(c)).encode_to_vec()
 }
 
-fn touched_claim(claim: Option<&pb::Claim>) {
+fn touched_claim(call: &CallRecord, claim: Option<&pb::Claim>) {
     if let Some(c) = claim {
-        record_touched(&c.partner_id, &c.claim_id, &c.disbursement_id);
+        record_touched(
+            call,
+            &[
+                (Resource::Partner, &c.partner_id),
+                (Resource::Claim, &c.claim_id),
+                (Resource::Disbursement, &c.disbursement_id),
+            ],
+        );
     }
 }
 
@@ -201,10 +209,6 @@ impl Import for ClaimImport {
 
     const PATH: &'static str = "/payouts.v1.ClaimService/ImportClaims";
 
-    fn store(&self) -> &Arc<dyn Store> {
-        &self.store
-    }
-
     fn request_id(request: &Self::Request) -> &str {
         &request.request_id
     }
@@ -287,7 +291,7 @@ impl Import for ClaimImport {
 
 #[tonic::async_trait]
 impl ClaimService for Claims {
-    type ImportClaimsStream = imports::ResponseStream<pb::ImportClaimsResponse>;
+    type ImportClaimsStream = imports::ImportAnswers<pb::ImportClaimsResponse>;
 
     async fn import_claims(
         &self,
@@ -305,9 +309,12 @@ impl ClaimService for Claims {
         request: Request<pb::SubmitClaimRequest>,
     ) -> Result<Response<pb::SubmitClaimResponse>, Status> {
         let actor = Principal::of(&request);
+        let call = CallRecord::of(&request);
         let mut body = request.into_inner();
         // What is left is the body whose digest goes with the request id.
         let request_id = std::mem::take(&mut body.request_id);
+        // In the audit log even when refused.
+        call.note_request_id(&request_id);
         let fields = ClaimFields {
             request_id: &request_id,
             partner: PartnerField::Id(&body.partner_id),
@@ -316,11 +323,11 @@ impl ClaimService for Claims {
         };
         let row = prepare_submission(&self.ctx.policy, fields, &body, actor)?;
         // Shares a commit with whatever other submissions are in flight.
-        let stored = self.ctx.intake.claims.submit(row).await?;
-        let response = respond(stored, |c| pb::SubmitClaimResponse {
+        let stored = self.ctx.intake.claims.submit(row, &call).await?;
+        let response = respond(&call, stored, |c| pb::SubmitClaimResponse {
             claim: Some(convert::claim(c)),
         })?;
-        touched_claim(response.get_ref().claim.as_ref());
+        touched_claim(&call, response.get_ref().claim.as_ref());
         Ok(response)
     }
 
@@ -342,9 +349,11 @@ impl ClaimService for Claims {
         request: Request<pb::AttachEvidenceRequest>,
     ) -> Result<Response<pb::AttachEvidenceResponse>, Status> {
         let actor = Principal::of(&request);
+        let call = CallRecord::of(&request);
         let request = request.into_inner();
         let mut v = Violations::default();
         let request_id = v.request_id(&request.request_id);
+        call.note_request_id(&request.request_id);
         let claim_id = v.id("claim_id", &request.claim_id);
         let evidence = match &request.evidence {
             Some(e) => parse_evidence(&mut v, "evidence", e),
@@ -363,22 +372,22 @@ impl ClaimService for Claims {
             ..request
         };
         // Named before the call, so a refused attempt is found by its claim in the audit log.
-        record_touched("", &body.claim_id, "");
+        record_touched(&call, &[(Resource::Claim, &body.claim_id)]);
         let idem = idempotency(&actor, request_id, "AttachEvidence", &body);
         let render = render_claim(|c| pb::AttachEvidenceResponse { claim: Some(c) });
-        let audit = CallAudit::current();
+        let audit = CallAudit::of(&call);
         let entry = audit.entry(|c: &Claim| c.claim_id.to_string());
-        let call = Recorded::audited(&idem, &render, &entry);
+        let recorded = Recorded::audited(&idem, &render, &entry);
         let stored = self
             .ctx
             .store
-            .attach_evidence(call, claim_id, &evidence, &actor)
+            .attach_evidence(recorded, claim_id, &evidence, &actor)
             .await?;
         audit.stored(&stored);
-        let response = respond(stored, |c| pb::AttachEvidenceResponse {
+        let response = respond(&call, stored, |c| pb::AttachEvidenceResponse {
             claim: Some(convert::claim(c)),
         })?;
-        touched_claim(response.get_ref().claim.as_ref());
+        touched_claim(&call, response.get_ref().claim.as_ref());
         Ok(response)
     }
 
@@ -387,10 +396,12 @@ impl ClaimService for Claims {
         request: Request<pb::ReviewClaimRequest>,
     ) -> Result<Response<pb::ReviewClaimResponse>, Status> {
         let reviewer = Principal::of(&request);
+        let call = CallRecord::of(&request);
         let request = request.into_inner();
         let cap = self.ctx.policy.review_cap_krw;
         let mut v = Violations::default();
         let request_id = v.request_id(&request.request_id);
+        call.note_request_id(&request.request_id);
         let claim_id = v.id("claim_id", &request.claim_id);
         let decision = match pb::ReviewDecision::try_from(request.decision) {
             Ok(pb::ReviewDecision::Approve) => v.check(
@@ -421,17 +432,17 @@ impl ClaimService for Claims {
             ..request
         };
         // Named before the call, so a refused attempt is found by its claim in the audit log.
-        record_touched("", &body.claim_id, "");
+        record_touched(&call, &[(Resource::Claim, &body.claim_id)]);
         let idem = idempotency(&reviewer, request_id, "ReviewClaim", &body);
         let render = render_claim(|c| pb::ReviewClaimResponse { claim: Some(c) });
-        let audit = CallAudit::current();
+        let audit = CallAudit::of(&call);
         let entry = audit.entry(|c: &Claim| c.claim_id.to_string());
-        let call = Recorded::audited(&idem, &render, &entry);
+        let recorded = Recorded::audited(&idem, &render, &entry);
         let stored = self
             .ctx
             .store
             .review_claim(
-                call,
+                recorded,
                 claim_id,
                 &Review {
                     decision,
@@ -442,10 +453,10 @@ impl ClaimService for Claims {
             )
             .await?;
         audit.stored(&stored);
-        let response = respond(stored, |c| pb::ReviewClaimResponse {
+        let response = respond(&call, stored, |c| pb::ReviewClaimResponse {
             claim: Some(convert::claim(c)),
         })?;
-        touched_claim(response.get_ref().claim.as_ref());
+        touched_claim(&call, response.get_ref().claim.as_ref());
         Ok(response)
     }
 
@@ -453,6 +464,7 @@ impl ClaimService for Claims {
         &self,
         request: Request<pb::GetClaimRequest>,
     ) -> Result<Response<pb::GetClaimResponse>, Status> {
+        let call = CallRecord::of(&request);
         let mut v = Violations::default();
         let id = v.id("claim_id", &request.get_ref().claim_id);
         v.finish()?;
@@ -463,7 +475,7 @@ impl ClaimService for Claims {
             .await?
             .ok_or(StoreError::NotFound("claim"))?;
         let claim = convert::claim(&claim);
-        touched_claim(Some(&claim));
+        touched_claim(&call, Some(&claim));
         Ok(Response::new(pb::GetClaimResponse { claim: Some(claim) }))
     }
 

@@ -6,6 +6,7 @@ use super::{
     CallAudit, Context, Violations, convert, finance, idempotency, next_page_token,
     page, record_touched, respond,
 };
+use crate::audit::{CallRecord, Resource};
 use crate::domain::text::Reason;
 use crate::principal::Principal;
 use crate::proto::payouts::v1::{self as pb, disbursement_service_server::DisbursementService};
@@ -25,6 +26,7 @@ impl DisbursementService for Disbursements {
         &self,
         request: Request<pb::GetDisbursementRequest>,
     ) -> Result<Response<pb::GetDisbursementResponse>, Status> {
+        let call = CallRecord::of(&request);
         let mut v = Violations::default();
         let id = v.id("disbursement_id", &request.get_ref().disbursement_id);
         v.finish()?;
@@ -35,9 +37,12 @@ impl DisbursementService for Disbursements {
             .await?
             .ok_or(StoreError::NotFound("disbursement"))?;
         record_touched(
-            &d.partner_id.to_string(),
-            &d.claim_id.to_string(),
-            &d.disbursement_id.to_string(),
+            &call,
+            &[
+                (Resource::Partner, &d.partner_id.to_string()),
+                (Resource::Claim, &d.claim_id.to_string()),
+                (Resource::Disbursement, &d.disbursement_id.to_string()),
+            ],
         );
         Ok(Response::new(pb::GetDisbursementResponse {
             disbursement: Some(convert::disbursement(&d)),
@@ -83,9 +88,11 @@ impl DisbursementService for Disbursements {
         request: Request<pb::RetryDisbursementRequest>,
     ) -> Result<Response<pb::RetryDisbursementResponse>, Status> {
         let actor = Principal::of(&request);
+        let call = CallRecord::of(&request);
         let request = request.into_inner();
         let mut v = Violations::default();
         let request_id = v.request_id(&request.request_id);
+        call.note_request_id(&request.request_id);
         let id = v.id("disbursement_id", &request.disbursement_id);
         v.finish()?;
         let (Some(request_id), Some(id)) = (request_id, id) else {
@@ -95,19 +102,19 @@ impl DisbursementService for Disbursements {
             request_id: String::new(),
             ..request
         };
-        record_touched("", "", &body.disbursement_id);
+        record_touched(&call, &[(Resource::Disbursement, &body.disbursement_id)]);
         let idem = idempotency(&actor, request_id, "RetryDisbursement", &body);
         let render = |d: &Disbursement| {
             prost::Message::encode_to_vec(&pb::RetryDisbursementResponse {
                 disbursement: Some(convert::disbursement(d)),
             })
         };
-        let audit = CallAudit::current();
+        let audit = CallAudit::of(&call);
         let entry = audit.entry(|d: &Disbursement| d.disbursement_id.to_string());
-        let call = Recorded::audited(&idem, &render, &entry);
-        let stored = self.ctx.store.retry_disbursement(call, id, &actor).await?;
+        let recorded = Recorded::audited(&idem, &render, &entry);
+        let stored = self.ctx.store.retry_disbursement(recorded, id, &actor).await?;
         audit.stored(&stored);
-        respond(stored, |d| pb::RetryDisbursementResponse {
+        respond(&call, stored, |d| pb::RetryDisbursementResponse {
             disbursement: Some(convert::disbursement(d)),
         })
     }
@@ -117,9 +124,11 @@ impl DisbursementService for Disbursements {
         request: Request<pb::CancelDisbursementRequest>,
     ) -> Result<Response<pb::CancelDisbursementResponse>, Status> {
         let actor = Principal::of(&request);
+        let call = CallRecord::of(&request);
         let request = request.into_inner();
         let mut v = Violations::default();
         let request_id = v.request_id(&request.request_id);
+        call.note_request_id(&request.request_id);
         let id = v.id("disbursement_id", &request.disbursement_id);
         let reason = v.check("reason", Reason::parse(&request.reason));
         v.finish()?;
@@ -130,23 +139,23 @@ impl DisbursementService for Disbursements {
             request_id: String::new(),
             ..request
         };
-        record_touched("", "", &body.disbursement_id);
+        record_touched(&call, &[(Resource::Disbursement, &body.disbursement_id)]);
         let idem = idempotency(&actor, request_id, "CancelDisbursement", &body);
         let render = |d: &Disbursement| {
             prost::Message::encode_to_vec(&pb::CancelDisbursementResponse {
                 disbursement: Some(convert::disbursement(d)),
             })
         };
-        let audit = CallAudit::current();
+        let audit = CallAudit::of(&call);
         let entry = audit.entry(|d: &Disbursement| d.disbursement_id.to_string());
-        let call = Recorded::audited(&idem, &render, &entry);
+        let recorded = Recorded::audited(&idem, &render, &entry);
         let stored = self
             .ctx
             .store
-            .cancel_disbursement(call, id, &actor, reason.as_str())
+            .cancel_disbursement(recorded, id, &actor, reason.as_str())
             .await?;
         audit.stored(&stored);
-        respond(stored, |d| pb::CancelDisbursementResponse {
+        respond(&call, stored, |d| pb::CancelDisbursementResponse {
             disbursement: Some(convert::disbursement(d)),
         })
     }
@@ -156,9 +165,11 @@ impl DisbursementService for Disbursements {
         request: Request<pb::PauseDispatchRequest>,
     ) -> Result<Response<pb::PauseDispatchResponse>, Status> {
         let actor = Principal::of(&request);
+        let call = CallRecord::of(&request);
         let request = request.into_inner();
         let mut v = Violations::default();
         let request_id = v.request_id(&request.request_id);
+        call.note_request_id(&request.request_id);
         let reason = v.check("reason", Reason::parse(&request.reason));
         v.finish()?;
         let (Some(request_id), Some(reason)) = (request_id, reason) else {
@@ -174,16 +185,16 @@ impl DisbursementService for Disbursements {
                 state: Some(convert::dispatch_state(s)),
             })
         };
-        let audit = CallAudit::current();
+        let audit = CallAudit::of(&call);
         let entry = audit.entry(|_: &DispatchState| String::new());
-        let call = Recorded::audited(&idem, &render, &entry);
+        let recorded = Recorded::audited(&idem, &render, &entry);
         let stored = self
             .ctx
             .store
-            .set_dispatch_paused(call, true, &actor, reason.as_str())
+            .set_dispatch_paused(recorded, true, &actor, reason.as_str())
             .await?;
         audit.stored(&stored);
-        respond(stored, |s| pb::PauseDispatchResponse {
+        respond(&call, stored, |s| pb::PauseDispatchResponse {
             state: Some(convert::dispatch_state(s)),
         })
     }
@@ -193,9 +204,11 @@ impl DisbursementService for Disbursements {
         request: Request<pb::ResumeDispatchRequest>,
     ) -> Result<Response<pb::ResumeDispatchResponse>, Status> {
         let actor = Principal::of(&request);
+        let call = CallRecord::of(&request);
         let request = request.into_inner();
         let mut v = Violations::default();
         let request_id = v.request_id(&request.request_id);
+        call.note_request_id(&request.request_id);
         v.finish()?;
         let request_id = request_id.ok_or_else(missing)?;
         let idem = idempotency(
@@ -209,16 +222,16 @@ impl DisbursementService for Disbursements {
                 state: Some(convert::dispatch_state(s)),
             })
         };
-        let audit = CallAudit::current();
+        let audit = CallAudit::of(&call);
         let entry = audit.entry(|_: &DispatchState| String::new());
-        let call = Recorded::audited(&idem, &render, &entry);
+        let recorded = Recorded::audited(&idem, &render, &entry);
         let stored = self
             .ctx
             .store
-            .set_dispatch_paused(call, false, &actor, "")
+            .set_dispatch_paused(recorded, false, &actor, "")
             .await?;
         audit.stored(&stored);
-        respond(stored, |s| pb::ResumeDispatchResponse {
+        respond(&call, stored, |s| pb::ResumeDispatchResponse {
             state: Some(convert::dispatch_state(s)),
         })
     }

@@ -17,10 +17,11 @@ use tracing::Instrument as _;
 use uuid::Uuid;
 
 use super::{Context, Violations, convert};
+use crate::audit::CallRecord;
+use crate::principal::Principal;
 use crate::domain::{
     DisbursementStatus, Invalid, MismatchKind, SettlementLine, SettlementMismatch,
 };
-use crate::principal::Principal;
 use crate::proto::payouts::v1 as pb;
 use crate::store::isolate::{may_be_a_rows_fault, write_isolating};
 use crate::store::{ExportFilter, Micros, SettlementTotals, Store, StoreError, now_micros};
@@ -241,11 +242,13 @@ pub async fn reconcile(
     request: Request<Streaming<pb::ReconcileSettlementsRequest>>,
 ) -> Result<Response<ResponseStream<pb::ReconcileSettlementsResponse>>, Status> {
     let actor = Principal::of(&request);
+    let call = CallRecord::of(&request);
     let mut inbound = request.into_inner();
     // An empty stream is a first message without request id and cut-off.
     let mut first = inbound.message().await?.unwrap_or_default();
     let mut v = Violations::default();
     let request_id = v.request_id(&first.request_id);
+    call.note_request_id(&first.request_id);
     let cutoff_time = match &first.cutoff_time {
         None => {
             v.add(

@@ -19,7 +19,7 @@ use futures::future::BoxFuture;
 use tokio::sync::{Semaphore, mpsc, oneshot};
 use tracing::Instrument as _;
 
-use crate::auth::audit::{self, AuditDraft};
+use crate::audit::{AuditDraft, CallRecord};
 use crate::domain::{Claim, NewPartner, Partner};
 use crate::store::isolate::write_isolating;
 use crate::store::{
@@ -87,19 +87,19 @@ impl<R: Send + Sync + 'static, T: Send + 'static> Batcher<R, T> {
     }
 
     /// Writes `row` with whatever other rows are waiting, and returns its own answer. The
-    /// call's audit entry is written with the row (and the audit layer told so).
-    pub async fn submit(&self, row: R) -> Answer<T> {
+    /// entry of `call` is written with the row (and the record told so).
+    pub async fn submit(&self, row: R, call: &CallRecord) -> Answer<T> {
         let (reply, answer) = oneshot::channel();
         let job = Job {
             row,
-            audit: audit::draft(),
+            audit: call.draft(),
             span: tracing::Span::current(),
             reply,
         };
         self.tx.send(job).await.map_err(|_| stopped())?;
         let (answer, audited) = answer.await.map_err(|_| stopped())?;
         if audited {
-            audit::note_audited();
+            call.audited();
         }
         answer
     }
@@ -185,13 +185,7 @@ fn entry<T>(
     resource: impl Fn(&Stored<T>) -> String,
 ) -> Option<AuditEvent> {
     let draft = drafts.get(i)?.as_ref()?;
-    Some(match answer {
-        Ok(stored) => AuditEvent {
-            replayed: matches!(stored, Stored::Replayed(_)),
-            ..draft.event(resource(stored), tonic::Code::Ok)
-        },
-        Err(e) => draft.event(String::new(), super::code_of(e)),
-    })
+    Some(super::batch_entry(draft, answer, resource))
 }
 
 impl GroupCommit {

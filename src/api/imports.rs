@@ -20,7 +20,6 @@
 //! whole, so every row is either stored whole (and replayed when sent again) or not at all.
 
 use std::ops::Range;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
@@ -32,15 +31,15 @@ use tokio_stream::wrappers::ReceiverStream;
 use tokio_stream::{Stream, StreamExt as _};
 use tonic::{Request, Status, Streaming};
 use tracing::Instrument as _;
-use uuid::Uuid;
 
-use super::{code_of, decode_replay};
-use crate::domain::text;
+use super::{batch_entry, decode_replay};
+use crate::audit::{AuditDraft, CallRecord};
 use crate::principal::Principal;
-use crate::proto::google::rpc;
 use crate::status::status_message;
+use crate::domain::text;
+use crate::proto::google::rpc;
 use crate::store::isolate::write_isolating;
-use crate::store::{self, AuditEvent, BatchAudit, Store, Stored, now_micros};
+use crate::store::{self, AuditEvent, BatchAudit, Stored};
 
 /// Rows per batch (and per transaction) at most.
 pub const MAX_BATCH_ROWS: usize = 500;
@@ -52,8 +51,8 @@ const PAUSE: Duration = Duration::from_millis(2);
 /// ... or when its first row has waited this long for company.
 const MAX_WAIT: Duration = Duration::from_millis(50);
 
-/// The response stream of an import.
-pub type ResponseStream<T> = ReceiverStream<Result<T, Status>>;
+/// The answers of an import, one per row, as they stream back.
+pub type ImportAnswers<T> = ReceiverStream<Result<T, Status>>;
 
 /// A batch write's answers: one per row, in order; `Err` when nothing was stored.
 pub type Written<T> = store::Result<Vec<store::Result<Stored<T>>>>;
@@ -91,7 +90,6 @@ pub trait Import: Send + Sync + 'static {
     /// The method's path, as the audit log names it.
     const PATH: &'static str;
 
-    fn store(&self) -> &Arc<dyn Store>;
     fn request_id(request: &Self::Request) -> &str;
     /// Validates a row exactly as the unary call does; the error is what that call returns.
     fn prepare(&self, request: Self::Request, principal: &str) -> Result<Self::Row, Status>;
@@ -112,15 +110,17 @@ pub trait Import: Send + Sync + 'static {
 pub fn run<I: Import>(
     import: I,
     request: Request<Streaming<I::Request>>,
-) -> ResponseStream<I::Response> {
-    let principal = Principal::of(&request);
+) -> ImportAnswers<I::Response> {
+    let call = CallRecord::of(&request);
     let peer = request
         .remote_addr()
         .map(|a| a.to_string())
         .unwrap_or_default();
+    // Each row is audited as a call of its own by the stream's caller.
+    let rows_draft = AuditDraft::new(Principal::of(&request), I::PATH, peer);
     let (tx, rx) = mpsc::channel(MAX_BATCH_ROWS);
     // The work belongs to the call's span, which stays open until the last row is answered.
-    let work = drive(import, request.into_inner(), tx, principal, peer)
+    let work = drive(import, request.into_inner(), tx, call, rows_draft)
         .instrument(tracing::Span::current());
     tokio::spawn(work);
     ReceiverStream::new(rx)
@@ -130,8 +130,8 @@ async fn drive<I: Import, S>(
     import: I,
     inbound: S,
     tx: mpsc::Sender<Result<I::Response, Status>>,
-    principal: String,
-    peer: String,
+    call: CallRecord,
+    rows_draft: AuditDraft,
 ) where
     S: Stream<Item = Result<I::Request, Status>> + Unpin + Send + 'static,
 {
@@ -163,7 +163,8 @@ async fn drive<I: Import, S>(
                 };
                 let count = i64::try_from(batch.rows.len()).unwrap_or(i64::MAX);
                 if count > 0 {
-                    writing.push_back(import_batch(&import, batch.rows, next_row, &principal, &peer));
+                    let rows = import_batch(&import, &call, &rows_draft, batch.rows, next_row);
+                    writing.push_back(rows);
                     next_row += count;
                 }
                 if batch.failure.is_some() || batch.ended {
@@ -246,82 +247,22 @@ where
 /// Validates, writes, audits and answers one batch of rows.
 async fn import_batch<I: Import>(
     import: &I,
+    call: &CallRecord,
+    rows_draft: &AuditDraft,
     requests: Vec<I::Request>,
     first_row: i64,
-    principal: &str,
-    peer: &str,
 ) -> Vec<I::Response> {
-    let mut results: Vec<Option<RowResult<I::Proto>>> = Vec::with_capacity(requests.len());
-    let mut request_ids = Vec::with_capacity(requests.len());
-    let mut valid = Vec::new();
-    let mut positions = Vec::new();
-    let mut refused = Vec::new();
-    for (i, request) in requests.into_iter().enumerate() {
-        // Kept in the audit log even for a refused row, so escaped and cut short.
-        let request_id = text::shown(I::request_id(&request), text::MAX_SHOWN_CHARS);
-        match import.prepare(request, principal) {
-            Ok(row) => {
-                valid.push(row);
-                positions.push(i);
-                results.push(None);
-            }
-            Err(status) => {
-                refused.push(entry::<I>(
-                    principal,
-                    peer,
-                    &request_id,
-                    String::new(),
-                    status.code(),
-                ));
-                results.push(Some(RowResult::Rejected(status)));
-            }
-        }
-        request_ids.push(request_id);
-    }
-    let row_entry = |i: usize, answer: &store::Result<Stored<I::Value>>| {
-        let request_id = positions.get(i).and_then(|&p| request_ids.get(p))?;
-        Some(match answer {
-            Ok(stored) => AuditEvent {
-                replayed: matches!(stored, Stored::Replayed(_)),
-                ..entry::<I>(
-                    principal,
-                    peer,
-                    request_id,
-                    I::stored_id(stored),
-                    tonic::Code::Ok,
-                )
-            },
-            Err(e) => entry::<I>(principal, peer, request_id, String::new(), code_of(e)),
-        })
-    };
-    // The refused rows' entries go with the first write, which is of every valid row (or of
-    // none: then they are written alone). Should it fail, the valid rows are written again in
-    // parts, so that a row the database refuses fails alone (see `write_isolating`).
-    let refused_audited = AtomicBool::new(false);
-    let written = write_isolating(I::PATH, valid.len(), |range: Range<usize>| {
-        let first_write = range.len() == valid.len();
-        let (offset, rows) = (range.start, &valid[range]);
-        let (row_entry, refused, refused_audited) =
-            (&row_entry, refused.as_slice(), &refused_audited);
-        async move {
-            let row = move |i: usize, answer: &store::Result<Stored<I::Value>>| {
-                row_entry(offset + i, answer)
-            };
-            let audit = BatchAudit {
-                row: &row,
-                refused: if first_write { refused } else { &[] },
-            };
-            let written = import.write(rows, audit).await;
-            if first_write && written.is_ok() {
-                refused_audited.store(true, Ordering::Relaxed);
-            }
-            written
-        }
-    })
-    .await;
+    let prepared = prepare_batch(import, requests, rows_draft);
+    let (written, refused_audited) = write_valid(import, &prepared).await;
+    let Prepared {
+        drafts,
+        mut results,
+        positions,
+        ..
+    } = prepared;
     // Rows whose entry no write recorded: refused rows whose write failed, and valid rows
     // whose part of the batch failed.
-    let mut unaudited: Vec<usize> = if refused_audited.into_inner() {
+    let mut unaudited: Vec<usize> = if refused_audited {
         Vec::new()
     } else {
         (0..results.len())
@@ -354,7 +295,8 @@ async fn import_batch<I: Import>(
         .collect();
     if !unaudited.is_empty() {
         unaudited.sort_unstable();
-        audit_failed(import, &results, &request_ids, &unaudited, principal, peer).await;
+        call.write(failed_entries(&results, &drafts, &unaudited))
+            .await;
     }
     (first_row..)
         .zip(results)
@@ -362,51 +304,118 @@ async fn import_batch<I: Import>(
         .collect()
 }
 
-/// The audit entry of one row, recorded as its own mutating call: the stream as a whole is
-/// one entry (written by the audit layer), which names no request or resource.
-fn entry<I: Import>(
-    principal: &str,
-    peer: &str,
-    request_id: &str,
-    resource_id: String,
-    code: tonic::Code,
-) -> AuditEvent {
-    AuditEvent {
-        audit_event_id: Uuid::now_v7(),
-        time: now_micros(),
-        principal: principal.to_owned(),
-        method: I::PATH.to_owned(),
-        resource_id,
-        request_id: request_id.to_owned(),
-        outcome_code: crate::auth::audit::code_name(code),
-        peer_address: peer.to_owned(),
-        count: 1,
-        replayed: false,
-    }
+/// A batch's rows, validated: those to write, and those refused before.
+struct Prepared<I: Import> {
+    /// Each row's audit draft: the row is recorded as its own mutating call (the stream as a
+    /// whole is one more entry, written by the audit layer, which names no request or
+    /// resource).
+    drafts: Vec<AuditDraft>,
+    /// Each row's result so far: `None` for a row to be written.
+    results: Vec<Option<RowResult<I::Proto>>>,
+    /// The rows to write, and where each sits in the batch.
+    valid: Vec<I::Row>,
+    positions: Vec<usize>,
+    /// The audit entries of the rows refused before they reached the store.
+    refused: Vec<AuditEvent>,
 }
 
-/// Records the rows `rows` of a batch whose writes failed (so wrote no entries for them), each
-/// with the error its row was answered.
-async fn audit_failed<I: Import>(
+/// Validates each row of a batch as its unary call would; `rows_draft` is the draft of every
+/// row's entry, but for its request id.
+fn prepare_batch<I: Import>(
     import: &I,
-    results: &[RowResult<I::Proto>],
-    request_ids: &[String],
+    requests: Vec<I::Request>,
+    rows_draft: &AuditDraft,
+) -> Prepared<I> {
+    let mut prepared = Prepared {
+        drafts: Vec::with_capacity(requests.len()),
+        results: Vec::with_capacity(requests.len()),
+        valid: Vec::new(),
+        positions: Vec::new(),
+        refused: Vec::new(),
+    };
+    for (i, request) in requests.into_iter().enumerate() {
+        // Kept in the audit log even for a refused row, so escaped and cut short.
+        let request_id = text::shown(I::request_id(&request), text::MAX_SHOWN_CHARS);
+        let draft = rows_draft.clone().with_request_id(request_id);
+        match import.prepare(request, &rows_draft.principal) {
+            Ok(row) => {
+                prepared.valid.push(row);
+                prepared.positions.push(i);
+                prepared.results.push(None);
+            }
+            Err(status) => {
+                prepared
+                    .refused
+                    .push(draft.event(String::new(), status.code()));
+                prepared.results.push(Some(RowResult::Rejected(status)));
+            }
+        }
+        prepared.drafts.push(draft);
+    }
+    prepared
+}
+
+/// Writes the valid rows of a batch, each with its audit entry: one answer per valid row, and
+/// whether the entries of the refused rows were written too.
+///
+/// The refused rows' entries go with the first write, which is of every valid row (or of
+/// none: then they are written alone). Should it fail, the valid rows are written again in
+/// parts, so that a row the database refuses fails alone (see `write_isolating`).
+async fn write_valid<I: Import>(
+    import: &I,
+    prepared: &Prepared<I>,
+) -> (Vec<store::Result<store::Result<Stored<I::Value>>>>, bool) {
+    let Prepared {
+        drafts,
+        valid,
+        positions,
+        refused,
+        ..
+    } = prepared;
+    let row_entry = |i: usize, answer: &store::Result<Stored<I::Value>>| {
+        let draft = positions.get(i).and_then(|&p| drafts.get(p))?;
+        Some(batch_entry(draft, answer, I::stored_id))
+    };
+    let refused_audited = AtomicBool::new(false);
+    let written = write_isolating(I::PATH, valid.len(), |range: Range<usize>| {
+        let first_write = range.len() == valid.len();
+        let (offset, rows) = (range.start, &valid[range]);
+        let (row_entry, refused, refused_audited) =
+            (&row_entry, refused.as_slice(), &refused_audited);
+        async move {
+            let row = move |i: usize, answer: &store::Result<Stored<I::Value>>| {
+                row_entry(offset + i, answer)
+            };
+            let audit = BatchAudit {
+                row: &row,
+                refused: if first_write { refused } else { &[] },
+            };
+            let written = import.write(rows, audit).await;
+            if first_write && written.is_ok() {
+                refused_audited.store(true, Ordering::Relaxed);
+            }
+            written
+        }
+    })
+    .await;
+    (written, refused_audited.into_inner())
+}
+
+/// The entries of the rows `rows` of a batch whose writes failed (so wrote no entries for
+/// them), each with the error its row was answered.
+fn failed_entries<P>(
+    results: &[RowResult<P>],
+    drafts: &[AuditDraft],
     rows: &[usize],
-    principal: &str,
-    peer: &str,
-) {
-    let events: Vec<AuditEvent> = rows
-        .iter()
-        .filter_map(|&i| Some((results.get(i)?, request_ids.get(i)?)))
-        .map(|(result, request_id)| {
+) -> Vec<AuditEvent> {
+    rows.iter()
+        .filter_map(|&i| Some((results.get(i)?, drafts.get(i)?)))
+        .map(|(result, draft)| {
             let code = match result {
                 RowResult::Created(_) | RowResult::Replayed(_) => tonic::Code::Ok,
                 RowResult::Rejected(status) => status.code(),
             };
-            entry::<I>(principal, peer, request_id, String::new(), code)
+            draft.event(String::new(), code)
         })
-        .collect();
-    if let Err(e) = import.store().append_audit(&events).await {
-        tracing::error!(error = %e, method = I::PATH, lost = events.len(), "audit log write failed");
-    }
+        .collect()
 }

@@ -10,9 +10,10 @@ use tonic::{Code, Status};
 use tonic_types::{ErrorDetails, StatusExt};
 use uuid::Uuid;
 
+use crate::audit::{AuditDraft, CallRecord, Resource};
 use crate::domain::{Invalid, Policy};
 use crate::status::status_with_reason;
-use crate::store::{Idempotency, Page, Store, StoreError, Stored};
+use crate::store::{self, AuditEvent, Idempotency, Page, Store, StoreError, Stored};
 
 pub mod audit;
 pub mod claims;
@@ -59,11 +60,6 @@ impl Violations {
     }
 
     pub fn request_id(&mut self, raw: &str) -> Option<Uuid> {
-        // Shown in the audit log even when refused: escaped and cut short if it is no UUID.
-        crate::auth::audit::note_request_id(&crate::domain::text::shown(
-            raw,
-            crate::domain::text::MAX_SHOWN_CHARS,
-        ));
         self.check(
             "request_id",
             Uuid::parse_str(raw.trim())
@@ -179,18 +175,35 @@ impl From<StoreError> for Status {
     }
 }
 
-/// Names on the current RPC span the partner, claim and disbursement a call touched.
-pub fn record_touched(partner_id: &str, claim_id: &str, disbursement_id: &str) {
-    // The audit log names one resource: the most specific the call acted on.
-    for (rank, key, id) in [
-        (1, "payouts.partner_id", partner_id),
-        (2, "payouts.disbursement_id", disbursement_id),
-        (3, "payouts.claim_id", claim_id),
-    ] {
+/// Names on the current RPC span, and in the call's audit entry, what the call touched: ids
+/// left empty (a claim not yet paid has no disbursement) are skipped.
+pub fn record_touched(call: &CallRecord, touched: &[(Resource, &str)]) {
+    for &(resource, id) in touched {
         if !id.is_empty() {
+            let key = match resource {
+                Resource::Partner => "payouts.partner_id",
+                Resource::Disbursement => "payouts.disbursement_id",
+                Resource::Claim => "payouts.claim_id",
+            };
             crate::telemetry::record_resource(key, id);
-            crate::auth::audit::note_resource(rank, id);
+            call.touched(resource, id);
         }
+    }
+}
+
+/// The audit entry of a call written in a batch (a shared commit, an import), from its draft
+/// and what the batch answered it; `resource` names what a stored answer acted on.
+pub fn batch_entry<T>(
+    draft: &AuditDraft,
+    answer: &store::Result<Stored<T>>,
+    resource: impl Fn(&Stored<T>) -> String,
+) -> AuditEvent {
+    match answer {
+        Ok(stored) => draft
+            .opened(resource(stored))
+            .replayed(matches!(stored, Stored::Replayed(_)))
+            .close(Code::Ok),
+        Err(e) => draft.event(String::new(), code_of(e)),
     }
 }
 
@@ -218,13 +231,15 @@ pub fn idempotency(
 /// The audit entry of the call being served, for the store to write in the transaction of the
 /// rows it records (the audit layer writes the entries of calls that stored nothing).
 pub struct CallAudit {
-    draft: Option<crate::auth::audit::AuditDraft>,
+    call: CallRecord,
+    draft: Option<crate::audit::AuditDraft>,
 }
 
 impl CallAudit {
-    pub fn current() -> Self {
+    pub fn of(call: &CallRecord) -> Self {
         Self {
-            draft: crate::auth::audit::draft(),
+            call: call.clone(),
+            draft: call.draft(),
         }
     }
 
@@ -244,7 +259,7 @@ impl CallAudit {
     /// Tells the audit layer the call's entry was written with its rows, if it was.
     pub fn stored<T>(&self, stored: &Stored<T>) {
         if self.draft.is_some() && matches!(stored, Stored::Fresh(_)) {
-            crate::auth::audit::note_audited();
+            self.call.audited();
         }
     }
 }
@@ -252,13 +267,14 @@ impl CallAudit {
 /// The response of a mutating call: made now, or the first call's, replayed (which the
 /// call's audit entry then says).
 pub fn respond<T, R: Message + Default>(
+    call: &CallRecord,
     stored: Stored<T>,
     to_proto: impl Fn(&T) -> R,
 ) -> Result<tonic::Response<R>, Status> {
     match stored {
         Stored::Fresh(value) => Ok(tonic::Response::new(to_proto(&value))),
         Stored::Replayed(bytes) => {
-            crate::auth::audit::note_replayed();
+            call.replayed();
             decode_replay(&bytes).map(tonic::Response::new)
         }
     }

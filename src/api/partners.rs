@@ -10,6 +10,7 @@ use super::{
     CallAudit, Context, Violations, convert, decode_replay, idempotency,
     next_page_token, page, record_touched, respond,
 };
+use crate::audit::{CallRecord, Resource};
 use crate::domain::text;
 use crate::domain::{
     AccountNumber, BankAccount, BankCode, BusinessRegistrationNumber, ContactEmail, NewPartner,
@@ -182,10 +183,6 @@ impl Import for PartnerImport {
 
     const PATH: &'static str = "/payouts.v1.PartnerService/ImportPartners";
 
-    fn store(&self) -> &Arc<dyn Store> {
-        &self.store
-    }
-
     fn request_id(request: &Self::Request) -> &str {
         &request.request_id
     }
@@ -244,7 +241,7 @@ impl Import for PartnerImport {
 
 #[tonic::async_trait]
 impl PartnerService for Partners {
-    type ImportPartnersStream = imports::ResponseStream<pb::ImportPartnersResponse>;
+    type ImportPartnersStream = imports::ImportAnswers<pb::ImportPartnersResponse>;
 
     async fn import_partners(
         &self,
@@ -261,14 +258,17 @@ impl PartnerService for Partners {
         request: Request<pb::RegisterPartnerRequest>,
     ) -> Result<Response<pb::RegisterPartnerResponse>, Status> {
         let principal = Principal::of(&request);
+        let call = CallRecord::of(&request);
+        // In the audit log even when refused.
+        call.note_request_id(&request.get_ref().request_id);
         let row = prepare_registration(request.into_inner(), &principal)?;
         // Shares a commit with whatever other registrations are in flight.
-        let stored = self.ctx.intake.partners.submit(row).await?;
-        let response = respond(stored, |p| pb::RegisterPartnerResponse {
+        let stored = self.ctx.intake.partners.submit(row, &call).await?;
+        let response = respond(&call, stored, |p| pb::RegisterPartnerResponse {
             partner: Some(convert::partner(p)),
         })?;
         if let Some(p) = &response.get_ref().partner {
-            record_touched(&p.partner_id, "", "");
+            record_touched(&call, &[(Resource::Partner, &p.partner_id)]);
         }
         Ok(response)
     }
@@ -277,6 +277,7 @@ impl PartnerService for Partners {
         &self,
         request: Request<pb::GetPartnerRequest>,
     ) -> Result<Response<pb::GetPartnerResponse>, Status> {
+        let call = CallRecord::of(&request);
         let mut v = Violations::default();
         let id = v.id("partner_id", &request.get_ref().partner_id);
         v.finish()?;
@@ -287,7 +288,10 @@ impl PartnerService for Partners {
             .get_partner(id)
             .await?
             .ok_or(crate::store::StoreError::NotFound("partner"))?;
-        record_touched(&partner.partner_id.to_string(), "", "");
+        record_touched(
+            &call,
+            &[(Resource::Partner, &partner.partner_id.to_string())],
+        );
         Ok(Response::new(pb::GetPartnerResponse {
             partner: Some(convert::partner(&partner)),
         }))
@@ -332,9 +336,11 @@ impl PartnerService for Partners {
         request: Request<pb::UpdatePartnerBankAccountRequest>,
     ) -> Result<Response<pb::UpdatePartnerBankAccountResponse>, Status> {
         let actor = Principal::of(&request);
+        let call = CallRecord::of(&request);
         let request = request.into_inner();
         let mut v = Violations::default();
         let request_id = v.request_id(&request.request_id);
+        call.note_request_id(&request.request_id);
         let partner_id = v.id("partner_id", &request.partner_id);
         let account = parse_bank_account(&mut v, "bank_account", request.bank_account.as_ref());
         if request.etag.trim().is_empty() {
@@ -355,23 +361,23 @@ impl PartnerService for Partners {
             etag: request.etag.trim().to_owned(),
             ..request
         };
-        record_touched(&body.partner_id, "", "");
+        record_touched(&call, &[(Resource::Partner, &body.partner_id)]);
         let idem = idempotency(&actor, request_id, "UpdatePartnerBankAccount", &body);
         let render = |p: &crate::domain::Partner| {
             prost::Message::encode_to_vec(&pb::UpdatePartnerBankAccountResponse {
                 partner: Some(convert::partner(p)),
             })
         };
-        let audit = CallAudit::current();
+        let audit = CallAudit::of(&call);
         let entry = audit.entry(|p: &crate::domain::Partner| p.partner_id.to_string());
-        let call = Recorded::audited(&idem, &render, &entry);
+        let recorded = Recorded::audited(&idem, &render, &entry);
         let stored = self
             .ctx
             .store
-            .update_bank_account(call, partner_id, &account, &body.etag, &actor)
+            .update_bank_account(recorded, partner_id, &account, &body.etag, &actor)
             .await?;
         audit.stored(&stored);
-        respond(stored, |p| pb::UpdatePartnerBankAccountResponse {
+        respond(&call, stored, |p| pb::UpdatePartnerBankAccountResponse {
             partner: Some(convert::partner(p)),
         })
     }

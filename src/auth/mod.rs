@@ -14,7 +14,6 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-pub mod audit;
 mod authenticator;
 mod identity;
 mod layer;

@@ -1,0 +1,128 @@
+//! The tower layer that records every mutating call that passed authentication: its
+//! principal, method, peer, request id, resource and outcome.
+
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use tonic::Code;
+use tonic::transport::server::{TcpConnectInfo, TlsConnectInfo};
+
+use super::writer::GroupWriter;
+use super::{AuditDraft, CallRecord};
+use crate::auth::is_mutating;
+use crate::principal::Principal;
+use crate::status_body::{StatusBody, status_in, streams_responses};
+use crate::store::Store;
+
+/// Records every mutating call that passed authentication. Sits inside
+/// [`AuthLayer`](crate::auth::AuthLayer), which names the caller.
+#[derive(Clone)]
+pub struct AuditLayer {
+    writer: GroupWriter,
+}
+
+impl AuditLayer {
+    /// Starts the task that writes the entries, so it must run inside the Tokio runtime.
+    pub fn new(store: Arc<dyn Store>) -> Self {
+        Self {
+            writer: GroupWriter::spawn(store),
+        }
+    }
+}
+
+impl<S> tower::Layer<S> for AuditLayer {
+    type Service = AuditedService<S>;
+    fn layer(&self, inner: S) -> Self::Service {
+        AuditedService {
+            inner,
+            writer: self.writer.clone(),
+        }
+    }
+}
+
+/// The service [`AuditLayer`] wraps around the routes: it hands each mutating call a
+/// [`CallRecord`] in the request's extensions, and writes the call's entry before the caller
+/// sees its answer.
+#[derive(Clone)]
+pub struct AuditedService<S> {
+    inner: S,
+    writer: GroupWriter,
+}
+
+type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
+
+fn peer_of<B>(request: &http::Request<B>) -> Option<SocketAddr> {
+    let ext = request.extensions();
+    ext.get::<TcpConnectInfo>()
+        .and_then(TcpConnectInfo::remote_addr)
+        .or_else(|| {
+            ext.get::<TlsConnectInfo<TcpConnectInfo>>()
+                .and_then(|tls| tls.get_ref().remote_addr())
+        })
+}
+
+impl<S, B> tower::Service<http::Request<B>> for AuditedService<S>
+where
+    S: tower::Service<http::Request<B>, Response = http::Response<tonic::body::Body>> + Send,
+    S::Future: Send + 'static,
+    S::Error: Send + 'static,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = BoxFuture<Result<S::Response, S::Error>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, mut request: http::Request<B>) -> Self::Future {
+        let method = request.uri().path().to_owned();
+        if !is_mutating(&method) {
+            return Box::pin(self.inner.call(request));
+        }
+        let principal = request
+            .extensions()
+            .get::<Principal>()
+            .map(|p| p.0.clone())
+            .unwrap_or_default();
+        let peer = peer_of(&request).map(|p| p.to_string()).unwrap_or_default();
+        let call = CallRecord::new(
+            AuditDraft::new(principal, method, peer),
+            self.writer.clone(),
+        );
+        request.extensions_mut().insert(call.clone());
+        let writer = self.writer.clone();
+        let future = self.inner.call(request);
+        Box::pin(async move {
+            let result = future.await;
+            let Some(entry) = call.entry() else {
+                return result;
+            };
+            let response = match result {
+                Err(e) => {
+                    writer.record(vec![entry.close(Code::Unknown)]).await;
+                    return Err(e);
+                }
+                Ok(response) => response,
+            };
+            match status_in(response.headers()) {
+                // A stream's outcome is known when it ends: its entry is written then, before
+                // the trailers go out.
+                None if streams_responses(entry.method()) => Ok(response.map(|body| {
+                    tonic::body::Body::new(StatusBody::finishing(body, move |code| {
+                        Box::pin(async move { writer.record(vec![entry.close(code)]).await })
+                    }))
+                })),
+                // A unary call's entry is stored before the caller sees the answer.
+                status => {
+                    writer
+                        .record(vec![entry.close(status.unwrap_or(Code::Ok))])
+                        .await;
+                    Ok(response)
+                }
+            }
+        })
+    }
+}
