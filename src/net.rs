@@ -369,17 +369,28 @@ impl<S: AsyncRead + Unpin> AsyncRead for Connection<S> {
     }
 }
 
+impl<S: AsyncWrite + Unpin> Connection<S> {
+    /// One write to the connection, under its deadline, that counts as activity.
+    fn write_with(
+        &mut self,
+        cx: &mut Context<'_>,
+        write: impl FnOnce(Pin<&mut S>, &mut Context<'_>) -> Poll<io::Result<usize>>,
+    ) -> Poll<io::Result<usize>> {
+        self.check_deadline(cx)?;
+        let written = ready!(write(Pin::new(&mut self.io), cx))?;
+        self.on_written(written);
+        Poll::Ready(Ok(written))
+    }
+}
+
 impl<S: AsyncWrite + Unpin> AsyncWrite for Connection<S> {
     fn poll_write(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        let this = self.get_mut();
-        this.check_deadline(cx)?;
-        let written = ready!(Pin::new(&mut this.io).poll_write(cx, buf))?;
-        this.on_written(written);
-        Poll::Ready(Ok(written))
+        self.get_mut()
+            .write_with(cx, |io, cx| io.poll_write(cx, buf))
     }
 
     fn poll_write_vectored(
@@ -387,11 +398,8 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Connection<S> {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        let this = self.get_mut();
-        this.check_deadline(cx)?;
-        let written = ready!(Pin::new(&mut this.io).poll_write_vectored(cx, bufs))?;
-        this.on_written(written);
-        Poll::Ready(Ok(written))
+        self.get_mut()
+            .write_with(cx, |io, cx| io.poll_write_vectored(cx, bufs))
     }
 
     fn is_write_vectored(&self) -> bool {
