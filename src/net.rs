@@ -18,7 +18,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::time::{Instant, Sleep};
 use tokio_stream::Stream;
-use tonic::transport::server::{Connected, TcpIncoming};
+use tonic::transport::server::{Connected, TcpConnectInfo, TcpIncoming, TlsConnectInfo};
 
 /// The connections `listener` accepts, with Nagle's algorithm off. tonic does not apply its
 /// `tcp_nodelay` setting to a listener it is handed, and with Nagle on, a small answer written
@@ -413,6 +413,17 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Connection<S> {
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         Pin::new(&mut self.get_mut().io).poll_shutdown(cx)
     }
+}
+
+/// The remote address of the connection a request came on, plain or TLS.
+pub fn peer_addr<B>(request: &http::Request<B>) -> Option<SocketAddr> {
+    let ext = request.extensions();
+    ext.get::<TcpConnectInfo>()
+        .and_then(TcpConnectInfo::remote_addr)
+        .or_else(|| {
+            ext.get::<TlsConnectInfo<TcpConnectInfo>>()
+                .and_then(|tls| tls.get_ref().remote_addr())
+        })
 }
 
 /// The peer address reaches the auth and audit layers as it would from a bare `TcpStream`.

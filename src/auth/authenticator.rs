@@ -244,6 +244,18 @@ fn bearer_token(value: &[u8]) -> Option<&[u8]> {
 }
 
 #[cfg(test)]
+impl Authenticator {
+    /// An authenticator of `principals` under the default limits.
+    pub(crate) fn for_test(principals: Vec<crate::auth::settings::PrincipalSettings>) -> Self {
+        Self::from_settings(&AuthSettings {
+            principals,
+            ..AuthSettings::default()
+        })
+        .expect("valid")
+    }
+}
+
+#[cfg(test)]
 mod tests {
     use http::HeaderValue;
     use rcgen::{CertificateParams, DistinguishedName, DnType, KeyPair};
@@ -256,24 +268,20 @@ mod tests {
     }
 
     fn authenticator() -> Authenticator {
-        Authenticator::from_settings(&AuthSettings {
-            principals: vec![
-                PrincipalSettings::for_test(
-                    "claims-intake",
-                    &["registrar"],
-                    Some("intake-token"),
-                    Some("CN=claims-intake"),
-                ),
-                PrincipalSettings::for_test(
-                    "ops",
-                    &["viewer", "payments"],
-                    Some("ops-token"),
-                    Some("ops.payouts.internal"),
-                ),
-            ],
-            ..AuthSettings::default()
-        })
-        .expect("valid")
+        Authenticator::for_test(vec![
+            PrincipalSettings::for_test(
+                "claims-intake",
+                &["registrar"],
+                Some("intake-token"),
+                Some("CN=claims-intake"),
+            ),
+            PrincipalSettings::for_test(
+                "ops",
+                &["viewer", "payments"],
+                Some("ops-token"),
+                Some("ops.payouts.internal"),
+            ),
+        ])
     }
 
     fn bearer(value: &str) -> HeaderMap {
@@ -311,27 +319,21 @@ mod tests {
     #[test]
     fn bad_or_missing_tokens_are_refused() {
         let a = authenticator();
-        assert_eq!(
-            a.authenticate(&bearer("Bearer nope"), None),
-            Err(AuthError::UnknownToken)
-        );
-        assert_eq!(
-            a.authenticate(&bearer("Basic aW50YWtlLXRva2Vu"), None),
-            Err(AuthError::MalformedAuthorization)
-        );
-        assert_eq!(
-            a.authenticate(&bearer("intake-token"), None),
-            Err(AuthError::MalformedAuthorization)
-        );
-        assert_eq!(
-            a.authenticate(&bearer("Bearer "), None),
-            Err(AuthError::MalformedAuthorization)
-        );
         // The hash itself is not a token.
-        assert_eq!(
-            a.authenticate(&bearer(&format!("Bearer {}", sha("intake-token"))), None),
-            Err(AuthError::UnknownToken)
-        );
+        let hash = format!("Bearer {}", sha("intake-token"));
+        for (header, refused) in [
+            ("Bearer nope", AuthError::UnknownToken),
+            ("Basic aW50YWtlLXRva2Vu", AuthError::MalformedAuthorization),
+            ("intake-token", AuthError::MalformedAuthorization),
+            ("Bearer ", AuthError::MalformedAuthorization),
+            (hash.as_str(), AuthError::UnknownToken),
+        ] {
+            assert_eq!(
+                a.authenticate(&bearer(header), None),
+                Err(refused),
+                "{header}"
+            );
+        }
         let mut two = bearer("Bearer intake-token");
         two.append(AUTHORIZATION, HeaderValue::from_static("Bearer ops-token"));
         assert_eq!(

@@ -133,13 +133,11 @@ where
 impl Shared {
     fn admit<B>(&self, request: &mut http::Request<B>) -> Result<(), tonic::Status> {
         let path = request.uri().path().to_owned();
-        let extensions = request.extensions();
-        let tls = extensions.get::<TlsConnectInfo<TcpConnectInfo>>();
-        let peer = extensions
-            .get::<TcpConnectInfo>()
-            .or_else(|| tls.map(TlsConnectInfo::get_ref))
-            .and_then(TcpConnectInfo::remote_addr);
-        let certs = tls.and_then(TlsConnectInfo::peer_certs);
+        let peer = crate::net::peer_addr(request);
+        let certs = request
+            .extensions()
+            .get::<TlsConnectInfo<TcpConnectInfo>>()
+            .and_then(TlsConnectInfo::peer_certs);
         let leaf = certs.as_deref().and_then(|c| c.first()).map(AsRef::as_ref);
 
         let identified = self.authenticator.authenticate(request.headers(), leaf);
@@ -223,24 +221,27 @@ impl Shared {
     ) -> tonic::Status {
         let principal = caller.map(Caller::name);
         let ip = peer.map(|p| p.ip());
-        let status = match self.authenticator.check_refused_rate(ip) {
-            Ok(()) => {
-                tracing::info!(
+        macro_rules! refused {
+            ($level:ident, $message:literal) => {
+                tracing::event!(
+                    tracing::Level::$level,
                     principal,
                     method = path,
                     code = ?status.code(),
                     peer = peer.map(tracing::field::display),
-                    "call refused"
-                );
+                    $message
+                )
+            };
+        }
+        let status = match self.authenticator.check_refused_rate(ip) {
+            Ok(()) => {
+                refused!(INFO, "call refused");
                 status
             }
             // A flood is logged by its aggregated audit entries, not line by line.
             Err(wait) => {
-                tracing::debug!(
-                    principal,
-                    method = path,
-                    code = ?status.code(),
-                    peer = peer.map(tracing::field::display),
+                refused!(
+                    DEBUG,
                     "call refused: the peer is over its limit of refused calls"
                 );
                 rate_limited(Limited::Peer(ip), wait)
@@ -305,7 +306,7 @@ mod tests {
 
     use super::*;
     use crate::auth::ratelimit::RateLimit;
-    use crate::auth::settings::{AuthSettings, PrincipalSettings};
+    use crate::auth::settings::PrincipalSettings;
 
     /// Answers 200 with the principal it saw, and whether the token reached it.
     fn inner()
@@ -357,19 +358,15 @@ mod tests {
     }
 
     fn authenticator() -> Authenticator {
-        Authenticator::from_settings(&AuthSettings {
-            principals: vec![
-                PrincipalSettings::for_test(
-                    "claims-intake",
-                    &["registrar"],
-                    Some("intake-token"),
-                    None,
-                ),
-                PrincipalSettings::for_test("ops", &["viewer"], Some("ops-token"), None),
-            ],
-            ..AuthSettings::default()
-        })
-        .expect("valid")
+        Authenticator::for_test(vec![
+            PrincipalSettings::for_test(
+                "claims-intake",
+                &["registrar"],
+                Some("intake-token"),
+                None,
+            ),
+            PrincipalSettings::for_test("ops", &["viewer"], Some("ops-token"), None),
+        ])
     }
 
     async fn call(

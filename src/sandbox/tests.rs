@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 use tokio::net::TcpListener;
 use tokio::sync::oneshot;
 use tonic::transport::Channel;
-use tonic::{Code, Request, Status};
+use tonic::{Code, IntoRequest, Request, Status};
 
 use super::bank::TRACEPARENT;
 use super::{
@@ -80,7 +80,7 @@ fn verification(account_number: &str) -> VerifyAccountHolderRequest {
 
 async fn submit(
     running: &mut Running,
-    request: SubmitInstructionRequest,
+    request: impl IntoRequest<SubmitInstructionRequest>,
 ) -> Result<Instruction, Status> {
     Ok(running
         .backend
@@ -118,27 +118,21 @@ async fn ledger(running: &mut Running) -> Vec<AppliedInstruction> {
 async fn a_repeated_key_is_applied_once_and_answered_with_the_first_result() {
     let mut bank = start(SandboxConfig::default()).await;
 
-    let first = bank
-        .backend
-        .submit_instruction(with_traceparent(
-            submission("k-1", 30_000, "110-123-456789"),
-            TRACEPARENT_A,
-        ))
-        .await
-        .unwrap()
-        .into_inner();
-    let second = bank
-        .backend
-        .submit_instruction(with_traceparent(
-            submission("k-1", 30_000, "110123456789"),
-            TRACEPARENT_B,
-        ))
-        .await
-        .unwrap()
-        .into_inner();
+    let first = submit(
+        &mut bank,
+        with_traceparent(submission("k-1", 30_000, "110-123-456789"), TRACEPARENT_A),
+    )
+    .await
+    .unwrap();
+    let second = submit(
+        &mut bank,
+        with_traceparent(submission("k-1", 30_000, "110123456789"), TRACEPARENT_B),
+    )
+    .await
+    .unwrap();
 
     assert_eq!(first, second);
-    let instruction = first.instruction.unwrap();
+    let instruction = first;
     assert_eq!(instruction.status(), InstructionStatus::Paid);
     assert_eq!(instruction.account_last4, "6789");
     assert_eq!(instruction.amount_krw, 30_000);
