@@ -245,8 +245,25 @@ fn bearer_token(value: &[u8]) -> Option<&[u8]> {
 
 #[cfg(test)]
 impl Authenticator {
-    /// An authenticator of `principals` under the default limits.
-    pub(crate) fn for_test(principals: Vec<crate::auth::settings::PrincipalSettings>) -> Self {
+    /// Two principals under the default limits: `claims-intake` (registrar; token
+    /// `intake-token`, certificate `CN=claims-intake`) and `ops` (viewer and payments; token
+    /// `ops-token`, certificate `ops.payouts.internal`).
+    pub(crate) fn for_test() -> Self {
+        use crate::auth::settings::PrincipalSettings;
+        let principals = vec![
+            PrincipalSettings::for_test(
+                "claims-intake",
+                &["registrar"],
+                Some("intake-token"),
+                Some("CN=claims-intake"),
+            ),
+            PrincipalSettings::for_test(
+                "ops",
+                &["viewer", "payments"],
+                Some("ops-token"),
+                Some("ops.payouts.internal"),
+            ),
+        ];
         Self::from_settings(&AuthSettings {
             principals,
             ..AuthSettings::default()
@@ -261,27 +278,9 @@ mod tests {
     use rcgen::{CertificateParams, DistinguishedName, DnType, KeyPair};
 
     use super::*;
-    use crate::auth::settings::PrincipalSettings;
 
     fn sha(token: &str) -> String {
         hex::encode(Sha256::digest(token.as_bytes()))
-    }
-
-    fn authenticator() -> Authenticator {
-        Authenticator::for_test(vec![
-            PrincipalSettings::for_test(
-                "claims-intake",
-                &["registrar"],
-                Some("intake-token"),
-                Some("CN=claims-intake"),
-            ),
-            PrincipalSettings::for_test(
-                "ops",
-                &["viewer", "payments"],
-                Some("ops-token"),
-                Some("ops.payouts.internal"),
-            ),
-        ])
     }
 
     fn bearer(value: &str) -> HeaderMap {
@@ -302,7 +301,7 @@ mod tests {
 
     #[test]
     fn tokens_name_their_principal() {
-        let a = authenticator();
+        let a = Authenticator::for_test();
         let c = a
             .authenticate(&bearer("Bearer intake-token"), None)
             .expect("known");
@@ -318,7 +317,7 @@ mod tests {
 
     #[test]
     fn bad_or_missing_tokens_are_refused() {
-        let a = authenticator();
+        let a = Authenticator::for_test();
         // The hash itself is not a token.
         let hash = format!("Bearer {}", sha("intake-token"));
         for (header, refused) in [
@@ -348,7 +347,7 @@ mod tests {
 
     #[test]
     fn certificates_name_their_principal_by_subject_or_san() {
-        let a = authenticator();
+        let a = Authenticator::for_test();
         let c = a
             .authenticate(&HeaderMap::new(), Some(&cert_der("claims-intake", &[])))
             .expect("by subject");
@@ -379,7 +378,7 @@ mod tests {
 
     #[test]
     fn a_token_decides_over_a_certificate() {
-        let a = authenticator();
+        let a = Authenticator::for_test();
         let cert = cert_der("claims-intake", &[]);
         let c = a
             .authenticate(&bearer("Bearer ops-token"), Some(&cert))
@@ -405,7 +404,7 @@ mod tests {
 
     #[test]
     fn debug_shows_names_not_hashes() {
-        let shown = format!("{:?}", authenticator());
+        let shown = format!("{:?}", Authenticator::for_test());
         assert!(shown.contains("claims-intake"), "{shown}");
         assert!(!shown.contains(&sha("intake-token")), "{shown}");
     }

@@ -91,6 +91,17 @@ async fn submit(
         .unwrap())
 }
 
+async fn verify(
+    running: &mut Running,
+    request: VerifyAccountHolderRequest,
+) -> Result<VerifyAccountHolderResponse, Status> {
+    Ok(running
+        .backend
+        .verify_account_holder(request)
+        .await?
+        .into_inner())
+}
+
 async fn get(running: &mut Running, key: &str) -> Result<Instruction, Status> {
     let request = GetInstructionRequest {
         idempotency_key: key.to_owned(),
@@ -154,31 +165,16 @@ async fn a_repeated_key_is_applied_once_and_answered_with_the_first_result() {
 async fn closed_and_foreign_accounts_are_refused_and_nothing_is_paid() {
     let mut bank = start(SandboxConfig::default()).await;
 
-    let closed = bank
-        .backend
-        .verify_account_holder(verification("3333-0000"))
-        .await
-        .unwrap()
-        .into_inner();
+    let closed = verify(&mut bank, verification("3333-0000")).await.unwrap();
     assert!(closed.matches);
     assert_eq!(closed.failure_code, ACCOUNT_CLOSED);
 
-    let foreign = bank
-        .backend
-        .verify_account_holder(verification("3333-9999"))
-        .await
-        .unwrap()
-        .into_inner();
+    let foreign = verify(&mut bank, verification("3333-9999")).await.unwrap();
     assert!(!foreign.matches);
     assert_eq!(foreign.holder_name, UNKNOWN_HOLDER_NAME);
     assert!(foreign.failure_code.is_empty());
 
-    let fine = bank
-        .backend
-        .verify_account_holder(verification("3333-1234"))
-        .await
-        .unwrap()
-        .into_inner();
+    let fine = verify(&mut bank, verification("3333-1234")).await.unwrap();
     assert_eq!(
         fine,
         VerifyAccountHolderResponse {
@@ -299,21 +295,18 @@ async fn unknown_keys_and_bad_input_are_rejected() {
             status.message()
         );
     }
-    let status = bank
-        .backend
-        .verify_account_holder(verification(""))
-        .await
-        .unwrap_err();
+    let status = verify(&mut bank, verification("")).await.unwrap_err();
     assert_eq!(status.code(), Code::InvalidArgument);
     assert!(status.message().contains("account_number"));
-    let status = bank
-        .backend
-        .verify_account_holder(VerifyAccountHolderRequest {
+    let status = verify(
+        &mut bank,
+        VerifyAccountHolderRequest {
             bank_code: String::new(),
             ..verification("1234")
-        })
-        .await
-        .unwrap_err();
+        },
+    )
+    .await
+    .unwrap_err();
     assert!(status.message().contains("bank_code"));
     assert!(ledger(&mut bank).await.is_empty());
 }
