@@ -1,10 +1,10 @@
 //! The tower layer that records every mutating call that passed authentication: its
 //! principal, method, peer, request id, resource and outcome.
 
-use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
+use futures::future::BoxFuture;
 use tonic::Code;
 
 use super::writer::GroupWriter;
@@ -49,8 +49,6 @@ pub struct AuditedService<S> {
     writer: GroupWriter,
 }
 
-type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
-
 impl<S, B> tower::Service<http::Request<B>> for AuditedService<S>
 where
     S: tower::Service<http::Request<B>, Response = http::Response<tonic::body::Body>> + Send,
@@ -59,7 +57,7 @@ where
 {
     type Response = S::Response;
     type Error = S::Error;
-    type Future = BoxFuture<Result<S::Response, S::Error>>;
+    type Future = BoxFuture<'static, Result<S::Response, S::Error>>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
         self.inner.poll_ready(cx)
