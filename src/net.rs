@@ -18,7 +18,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::time::{Instant, Sleep};
 use tokio_stream::Stream;
-use tonic::transport::server::{Connected, TcpIncoming};
+use tonic::transport::server::{Connected, TcpConnectInfo, TcpIncoming, TlsConnectInfo};
 
 /// The connections `listener` accepts, with Nagle's algorithm off. tonic does not apply its
 /// `tcp_nodelay` setting to a listener it is handed, and with Nagle on, a small answer written
@@ -369,17 +369,28 @@ impl<S: AsyncRead + Unpin> AsyncRead for Connection<S> {
     }
 }
 
+impl<S: AsyncWrite + Unpin> Connection<S> {
+    /// One write to the connection, under its deadline, that counts as activity.
+    fn write_with(
+        &mut self,
+        cx: &mut Context<'_>,
+        write: impl FnOnce(Pin<&mut S>, &mut Context<'_>) -> Poll<io::Result<usize>>,
+    ) -> Poll<io::Result<usize>> {
+        self.check_deadline(cx)?;
+        let written = ready!(write(Pin::new(&mut self.io), cx))?;
+        self.on_written(written);
+        Poll::Ready(Ok(written))
+    }
+}
+
 impl<S: AsyncWrite + Unpin> AsyncWrite for Connection<S> {
     fn poll_write(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        let this = self.get_mut();
-        this.check_deadline(cx)?;
-        let written = ready!(Pin::new(&mut this.io).poll_write(cx, buf))?;
-        this.on_written(written);
-        Poll::Ready(Ok(written))
+        self.get_mut()
+            .write_with(cx, |io, cx| io.poll_write(cx, buf))
     }
 
     fn poll_write_vectored(
@@ -387,11 +398,8 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Connection<S> {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        let this = self.get_mut();
-        this.check_deadline(cx)?;
-        let written = ready!(Pin::new(&mut this.io).poll_write_vectored(cx, bufs))?;
-        this.on_written(written);
-        Poll::Ready(Ok(written))
+        self.get_mut()
+            .write_with(cx, |io, cx| io.poll_write_vectored(cx, bufs))
     }
 
     fn is_write_vectored(&self) -> bool {
@@ -405,6 +413,17 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Connection<S> {
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         Pin::new(&mut self.get_mut().io).poll_shutdown(cx)
     }
+}
+
+/// The remote address of the connection a request came on, plain or TLS.
+pub fn peer_addr<B>(request: &http::Request<B>) -> Option<SocketAddr> {
+    let ext = request.extensions();
+    ext.get::<TcpConnectInfo>()
+        .and_then(TcpConnectInfo::remote_addr)
+        .or_else(|| {
+            ext.get::<TlsConnectInfo<TcpConnectInfo>>()
+                .and_then(|tls| tls.get_ref().remote_addr())
+        })
 }
 
 /// The peer address reaches the auth and audit layers as it would from a bare `TcpStream`.

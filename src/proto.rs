@@ -35,35 +35,30 @@ pub fn mask_account_number(account_number: &str) -> String {
     format!("****{last4}")
 }
 
-impl fmt::Debug for payouts::v1::BankAccount {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("BankAccount")
-            .field("bank_code", &self.bank_code)
-            .field("account_number", &mask_account_number(&self.account_number))
-            .field("holder_name", &self.holder_name)
-            .finish()
-    }
+/// `Debug` for a message that carries an account number, which it shows masked; the other
+/// fields are listed in the message's order.
+macro_rules! debug_masking_account_number {
+    ($($message:path => $name:literal { $($before:ident,)* @account_number $(, $after:ident)* })+) => {$(
+        impl fmt::Debug for $message {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.debug_struct($name)
+                    $(.field(stringify!($before), &self.$before))*
+                    .field("account_number", &mask_account_number(&self.account_number))
+                    $(.field(stringify!($after), &self.$after))*
+                    .finish()
+            }
+        }
+    )+};
 }
 
-impl fmt::Debug for payments::v1::VerifyAccountHolderRequest {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("VerifyAccountHolderRequest")
-            .field("bank_code", &self.bank_code)
-            .field("account_number", &mask_account_number(&self.account_number))
-            .field("expected_holder_name", &self.expected_holder_name)
-            .finish()
+debug_masking_account_number! {
+    payouts::v1::BankAccount => "BankAccount" {
+        bank_code, @account_number, holder_name
     }
-}
-
-impl fmt::Debug for payments::v1::SubmitInstructionRequest {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("SubmitInstructionRequest")
-            .field("idempotency_key", &self.idempotency_key)
-            .field("amount_krw", &self.amount_krw)
-            .field("bank_code", &self.bank_code)
-            .field("account_number", &mask_account_number(&self.account_number))
-            .field("holder_name", &self.holder_name)
-            .field("memo", &self.memo)
-            .finish()
+    payments::v1::VerifyAccountHolderRequest => "VerifyAccountHolderRequest" {
+        bank_code, @account_number, expected_holder_name
+    }
+    payments::v1::SubmitInstructionRequest => "SubmitInstructionRequest" {
+        idempotency_key, amount_krw, bank_code, @account_number, holder_name, memo
     }
 }

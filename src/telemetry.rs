@@ -6,11 +6,11 @@
 //! endpoint nothing is exported, but spans still carry ids so traces propagate to the backend.
 
 use std::collections::HashMap;
-use std::pin::Pin;
 use std::sync::OnceLock;
 use std::task::{Context as TaskContext, Poll};
 use std::time::Instant;
 
+use futures::future::BoxFuture;
 use opentelemetry::propagation::{Extractor, Injector, TextMapCompositePropagator};
 use opentelemetry::trace::{TraceContextExt as _, TracerProvider as _};
 use opentelemetry::{KeyValue, global};
@@ -256,8 +256,6 @@ pub struct RpcTrace<S> {
     inner: S,
 }
 
-type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
-
 impl<S, B> tower::Service<http::Request<B>> for RpcTrace<S>
 where
     S: tower::Service<http::Request<B>, Response = http::Response<tonic::body::Body>> + Send,
@@ -265,7 +263,7 @@ where
 {
     type Response = S::Response;
     type Error = S::Error;
-    type Future = BoxFuture<Result<S::Response, S::Error>>;
+    type Future = BoxFuture<'static, Result<S::Response, S::Error>>;
 
     fn poll_ready(&mut self, cx: &mut TaskContext<'_>) -> Poll<Result<(), Self::Error>> {
         self.inner.poll_ready(cx)

@@ -2,10 +2,10 @@
 
 use tonic::{Request, Response, Status};
 
-use super::{Context, Violations, convert, next_page_token, page};
+use super::{Context, Violations, convert, listing, page};
 use crate::domain::text::{self, MAX_FILTER_CHARS};
 use crate::proto::payouts::v1::{self as pb, audit_service_server::AuditService};
-use crate::store::AuditFilter;
+use crate::store::{AuditEvent, AuditFilter};
 
 pub struct Audit {
     pub ctx: Context,
@@ -27,29 +27,13 @@ impl AuditService for Audit {
         } = request.into_inner();
         let mut v = Violations::default();
         let page = page(&mut v, page_size, &page_token);
-        let principal = v
-            .check(
-                "principal",
-                text::optional_line(&principal, MAX_FILTER_CHARS),
-            )
-            .flatten();
-        let resource_id = v
-            .check(
-                "resource_id",
-                text::optional_line(&resource_id, MAX_FILTER_CHARS),
-            )
-            .flatten();
-        let start = start_time
-            .as_ref()
-            .and_then(|t| v.check("start_time", convert::parse_timestamp(t)));
-        let end = end_time
-            .as_ref()
-            .and_then(|t| v.check("end_time", convert::parse_timestamp(t)));
-        if let (Some(start), Some(end)) = (start, end)
-            && end <= start
-        {
-            v.add("end_time", "must be after start_time");
-        }
+        let mut filter_text = |field, raw: &str| {
+            v.check(field, text::optional_line(raw, MAX_FILTER_CHARS))
+                .flatten()
+        };
+        let principal = filter_text("principal", &principal);
+        let resource_id = filter_text("resource_id", &resource_id);
+        let (start, end) = listing::time_range(&mut v, start_time.as_ref(), end_time.as_ref());
         v.finish()?;
         let filter = AuditFilter {
             principal,
@@ -58,27 +42,26 @@ impl AuditService for Audit {
             end_time: end,
         };
         let events = self.ctx.store.list_audit(&filter, &page).await?;
+        let (next_page_token, audit_events) =
+            listing::page_of(&page, &events, |e| e.audit_event_id, audit_event);
         Ok(Response::new(pb::ListAuditEventsResponse {
-            next_page_token: next_page_token(
-                &page,
-                events.len(),
-                events.last().map(|e| e.audit_event_id),
-            ),
-            audit_events: events
-                .iter()
-                .map(|e| pb::AuditEvent {
-                    audit_event_id: e.audit_event_id.to_string(),
-                    time: convert::timestamp(e.time),
-                    principal: e.principal.clone(),
-                    method: e.method.clone(),
-                    resource_id: e.resource_id.clone(),
-                    request_id: e.request_id.clone(),
-                    outcome_code: e.outcome_code.clone(),
-                    peer_address: e.peer_address.clone(),
-                    count: e.count,
-                    replayed: e.replayed,
-                })
-                .collect(),
+            next_page_token,
+            audit_events,
         }))
+    }
+}
+
+fn audit_event(e: &AuditEvent) -> pb::AuditEvent {
+    pb::AuditEvent {
+        audit_event_id: e.audit_event_id.to_string(),
+        time: convert::timestamp(e.time),
+        principal: e.principal.clone(),
+        method: e.method.clone(),
+        resource_id: e.resource_id.clone(),
+        request_id: e.request_id.clone(),
+        outcome_code: e.outcome_code.clone(),
+        peer_address: e.peer_address.clone(),
+        count: e.count,
+        replayed: e.replayed,
     }
 }

@@ -188,51 +188,59 @@ fn entry<T>(
     Some(super::batch_entry(draft, answer, resource))
 }
 
+/// One batch of calls written by a store method: each row with its audit entry.
+type StoreBatch<R, T> = for<'a> fn(
+    &'a dyn Store,
+    &'a [R],
+    BatchAudit<'a, T>,
+) -> BoxFuture<'a, store::Result<Vec<Answer<T>>>>;
+
+/// A batcher whose batches `write` stores, each call audited under its `resource` id.
+fn audited_batcher<R, T>(
+    name: &'static str,
+    store: Arc<dyn Store>,
+    resource: fn(&Stored<T>) -> String,
+    write: StoreBatch<R, T>,
+) -> Batcher<R, T>
+where
+    R: Send + Sync + 'static,
+    T: Send + Sync + 'static,
+{
+    Batcher::spawn(
+        name,
+        write_batch_with(move |rows: &[R], drafts: &[Option<AuditDraft>]| {
+            let store = store.clone();
+            Box::pin(async move {
+                let row = |i: usize, answer: &Answer<T>| entry(drafts, i, answer, resource);
+                let audit = BatchAudit {
+                    row: &row,
+                    refused: &[],
+                };
+                write(&*store, rows, audit).await
+            }) as BoxFuture<'_, _>
+        }),
+    )
+}
+
 impl GroupCommit {
     pub fn spawn(store: Arc<dyn Store>) -> Self {
-        let partners = {
-            let store = store.clone();
-            Batcher::spawn(
+        Self {
+            partners: audited_batcher(
                 "RegisterPartner",
-                write_batch_with(
-                    move |rows: &[(Idempotency, NewPartner)], drafts: &[Option<AuditDraft>]| {
-                        let store = store.clone();
-                        Box::pin(async move {
-                            let row = |i: usize, answer: &Answer<Partner>| {
-                                entry(drafts, i, answer, super::partners::registered_id)
-                            };
-                            let audit = BatchAudit {
-                                row: &row,
-                                refused: &[],
-                            };
-                            store
-                                .register_partners(rows, &super::partners::render_registered, audit)
-                                .await
-                        }) as BoxFuture<'_, _>
-                    },
-                ),
-            )
-        };
-        let claims = Batcher::spawn(
-            "SubmitClaim",
-            write_batch_with(
-                move |rows: &[ClaimSubmission], drafts: &[Option<AuditDraft>]| {
-                    let store = store.clone();
-                    Box::pin(async move {
-                        let row = |i: usize, answer: &Answer<Claim>| {
-                            entry(drafts, i, answer, super::claims::submitted_id)
-                        };
-                        let audit = BatchAudit {
-                            row: &row,
-                            refused: &[],
-                        };
-                        store
-                            .submit_claims(rows, &super::claims::render_submitted, audit)
-                            .await
-                    }) as BoxFuture<'_, _>
+                store.clone(),
+                super::partners::registered_id,
+                |store, rows, audit| {
+                    store.register_partners(rows, &super::partners::render_registered, audit)
                 },
             ),
-        );
-        Self { partners, claims }
+            claims: audited_batcher(
+                "SubmitClaim",
+                store,
+                super::claims::submitted_id,
+                |store, rows, audit| {
+                    store.submit_claims(rows, &super::claims::render_submitted, audit)
+                },
+            ),
+        }
     }
 }

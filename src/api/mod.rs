@@ -22,6 +22,7 @@ pub mod disbursements;
 pub mod finance;
 pub mod group_commit;
 pub mod imports;
+pub mod listing;
 pub mod partners;
 
 /// What every service handler needs.

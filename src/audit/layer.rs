@@ -1,13 +1,11 @@
 //! The tower layer that records every mutating call that passed authentication: its
 //! principal, method, peer, request id, resource and outcome.
 
-use std::net::SocketAddr;
-use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
+use futures::future::BoxFuture;
 use tonic::Code;
-use tonic::transport::server::{TcpConnectInfo, TlsConnectInfo};
 
 use super::writer::GroupWriter;
 use super::{AuditDraft, CallRecord};
@@ -51,18 +49,6 @@ pub struct AuditedService<S> {
     writer: GroupWriter,
 }
 
-type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
-
-fn peer_of<B>(request: &http::Request<B>) -> Option<SocketAddr> {
-    let ext = request.extensions();
-    ext.get::<TcpConnectInfo>()
-        .and_then(TcpConnectInfo::remote_addr)
-        .or_else(|| {
-            ext.get::<TlsConnectInfo<TcpConnectInfo>>()
-                .and_then(|tls| tls.get_ref().remote_addr())
-        })
-}
-
 impl<S, B> tower::Service<http::Request<B>> for AuditedService<S>
 where
     S: tower::Service<http::Request<B>, Response = http::Response<tonic::body::Body>> + Send,
@@ -71,7 +57,7 @@ where
 {
     type Response = S::Response;
     type Error = S::Error;
-    type Future = BoxFuture<Result<S::Response, S::Error>>;
+    type Future = BoxFuture<'static, Result<S::Response, S::Error>>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
         self.inner.poll_ready(cx)
@@ -87,7 +73,9 @@ where
             .get::<Principal>()
             .map(|p| p.0.clone())
             .unwrap_or_default();
-        let peer = peer_of(&request).map(|p| p.to_string()).unwrap_or_default();
+        let peer = crate::net::peer_addr(&request)
+            .map(|p| p.to_string())
+            .unwrap_or_default();
         let call = CallRecord::new(
             AuditDraft::new(principal, method, peer),
             self.writer.clone(),

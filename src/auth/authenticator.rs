@@ -244,36 +244,43 @@ fn bearer_token(value: &[u8]) -> Option<&[u8]> {
 }
 
 #[cfg(test)]
+impl Authenticator {
+    /// Two principals under the default limits: `claims-intake` (registrar; token
+    /// `intake-token`, certificate `CN=claims-intake`) and `ops` (viewer and payments; token
+    /// `ops-token`, certificate `ops.payouts.internal`).
+    pub(crate) fn for_test() -> Self {
+        use crate::auth::settings::PrincipalSettings;
+        let principals = vec![
+            PrincipalSettings::for_test(
+                "claims-intake",
+                &["registrar"],
+                Some("intake-token"),
+                Some("CN=claims-intake"),
+            ),
+            PrincipalSettings::for_test(
+                "ops",
+                &["viewer", "payments"],
+                Some("ops-token"),
+                Some("ops.payouts.internal"),
+            ),
+        ];
+        Self::from_settings(&AuthSettings {
+            principals,
+            ..AuthSettings::default()
+        })
+        .expect("valid")
+    }
+}
+
+#[cfg(test)]
 mod tests {
     use http::HeaderValue;
     use rcgen::{CertificateParams, DistinguishedName, DnType, KeyPair};
 
     use super::*;
-    use crate::auth::settings::PrincipalSettings;
 
     fn sha(token: &str) -> String {
         hex::encode(Sha256::digest(token.as_bytes()))
-    }
-
-    fn authenticator() -> Authenticator {
-        Authenticator::from_settings(&AuthSettings {
-            principals: vec![
-                PrincipalSettings::for_test(
-                    "claims-intake",
-                    &["registrar"],
-                    Some("intake-token"),
-                    Some("CN=claims-intake"),
-                ),
-                PrincipalSettings::for_test(
-                    "ops",
-                    &["viewer", "payments"],
-                    Some("ops-token"),
-                    Some("ops.payouts.internal"),
-                ),
-            ],
-            ..AuthSettings::default()
-        })
-        .expect("valid")
     }
 
     fn bearer(value: &str) -> HeaderMap {
@@ -294,7 +301,7 @@ mod tests {
 
     #[test]
     fn tokens_name_their_principal() {
-        let a = authenticator();
+        let a = Authenticator::for_test();
         let c = a
             .authenticate(&bearer("Bearer intake-token"), None)
             .expect("known");
@@ -310,28 +317,22 @@ mod tests {
 
     #[test]
     fn bad_or_missing_tokens_are_refused() {
-        let a = authenticator();
-        assert_eq!(
-            a.authenticate(&bearer("Bearer nope"), None),
-            Err(AuthError::UnknownToken)
-        );
-        assert_eq!(
-            a.authenticate(&bearer("Basic aW50YWtlLXRva2Vu"), None),
-            Err(AuthError::MalformedAuthorization)
-        );
-        assert_eq!(
-            a.authenticate(&bearer("intake-token"), None),
-            Err(AuthError::MalformedAuthorization)
-        );
-        assert_eq!(
-            a.authenticate(&bearer("Bearer "), None),
-            Err(AuthError::MalformedAuthorization)
-        );
+        let a = Authenticator::for_test();
         // The hash itself is not a token.
-        assert_eq!(
-            a.authenticate(&bearer(&format!("Bearer {}", sha("intake-token"))), None),
-            Err(AuthError::UnknownToken)
-        );
+        let hash = format!("Bearer {}", sha("intake-token"));
+        for (header, refused) in [
+            ("Bearer nope", AuthError::UnknownToken),
+            ("Basic aW50YWtlLXRva2Vu", AuthError::MalformedAuthorization),
+            ("intake-token", AuthError::MalformedAuthorization),
+            ("Bearer ", AuthError::MalformedAuthorization),
+            (hash.as_str(), AuthError::UnknownToken),
+        ] {
+            assert_eq!(
+                a.authenticate(&bearer(header), None),
+                Err(refused),
+                "{header}"
+            );
+        }
         let mut two = bearer("Bearer intake-token");
         two.append(AUTHORIZATION, HeaderValue::from_static("Bearer ops-token"));
         assert_eq!(
@@ -346,7 +347,7 @@ mod tests {
 
     #[test]
     fn certificates_name_their_principal_by_subject_or_san() {
-        let a = authenticator();
+        let a = Authenticator::for_test();
         let c = a
             .authenticate(&HeaderMap::new(), Some(&cert_der("claims-intake", &[])))
             .expect("by subject");
@@ -377,7 +378,7 @@ mod tests {
 
     #[test]
     fn a_token_decides_over_a_certificate() {
-        let a = authenticator();
+        let a = Authenticator::for_test();
         let cert = cert_der("claims-intake", &[]);
         let c = a
             .authenticate(&bearer("Bearer ops-token"), Some(&cert))
@@ -403,7 +404,7 @@ mod tests {
 
     #[test]
     fn debug_shows_names_not_hashes() {
-        let shown = format!("{:?}", authenticator());
+        let shown = format!("{:?}", Authenticator::for_test());
         assert!(shown.contains("claims-intake"), "{shown}");
         assert!(!shown.contains(&sha("intake-token")), "{shown}");
     }

@@ -133,13 +133,11 @@ where
 impl Shared {
     fn admit<B>(&self, request: &mut http::Request<B>) -> Result<(), tonic::Status> {
         let path = request.uri().path().to_owned();
-        let extensions = request.extensions();
-        let tls = extensions.get::<TlsConnectInfo<TcpConnectInfo>>();
-        let peer = extensions
-            .get::<TcpConnectInfo>()
-            .or_else(|| tls.map(TlsConnectInfo::get_ref))
-            .and_then(TcpConnectInfo::remote_addr);
-        let certs = tls.and_then(TlsConnectInfo::peer_certs);
+        let peer = crate::net::peer_addr(request);
+        let certs = request
+            .extensions()
+            .get::<TlsConnectInfo<TcpConnectInfo>>()
+            .and_then(TlsConnectInfo::peer_certs);
         let leaf = certs.as_deref().and_then(|c| c.first()).map(AsRef::as_ref);
 
         let identified = self.authenticator.authenticate(request.headers(), leaf);
@@ -223,24 +221,27 @@ impl Shared {
     ) -> tonic::Status {
         let principal = caller.map(Caller::name);
         let ip = peer.map(|p| p.ip());
-        let status = match self.authenticator.check_refused_rate(ip) {
-            Ok(()) => {
-                tracing::info!(
+        macro_rules! refused {
+            ($level:ident, $message:literal) => {
+                tracing::event!(
+                    tracing::Level::$level,
                     principal,
                     method = path,
                     code = ?status.code(),
                     peer = peer.map(tracing::field::display),
-                    "call refused"
-                );
+                    $message
+                )
+            };
+        }
+        let status = match self.authenticator.check_refused_rate(ip) {
+            Ok(()) => {
+                refused!(INFO, "call refused");
                 status
             }
             // A flood is logged by its aggregated audit entries, not line by line.
             Err(wait) => {
-                tracing::debug!(
-                    principal,
-                    method = path,
-                    code = ?status.code(),
-                    peer = peer.map(tracing::field::display),
+                refused!(
+                    DEBUG,
                     "call refused: the peer is over its limit of refused calls"
                 );
                 rate_limited(Limited::Peer(ip), wait)
@@ -305,7 +306,6 @@ mod tests {
 
     use super::*;
     use crate::auth::ratelimit::RateLimit;
-    use crate::auth::settings::{AuthSettings, PrincipalSettings};
 
     /// Answers 200 with the principal it saw, and whether the token reached it.
     fn inner()
@@ -356,22 +356,6 @@ mod tests {
         details
     }
 
-    fn authenticator() -> Authenticator {
-        Authenticator::from_settings(&AuthSettings {
-            principals: vec![
-                PrincipalSettings::for_test(
-                    "claims-intake",
-                    &["registrar"],
-                    Some("intake-token"),
-                    None,
-                ),
-                PrincipalSettings::for_test("ops", &["viewer"], Some("ops-token"), None),
-            ],
-            ..AuthSettings::default()
-        })
-        .expect("valid")
-    }
-
     async fn call(
         layer: &AuthLayer,
         path: &str,
@@ -416,7 +400,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_token_with_the_role_reaches_the_handler_as_its_principal() {
-        let layer = AuthLayer::new(Arc::new(authenticator()));
+        let layer = AuthLayer::new(Arc::new(Authenticator::for_test()));
         let (principal, status, saw_token) = call(&layer, REGISTER, Some("intake-token")).await;
         assert_eq!(principal.as_deref(), Some("claims-intake"));
         assert!(status.is_none(), "{status:?}");
@@ -426,7 +410,7 @@ mod tests {
     #[tokio::test]
     async fn missing_or_unknown_tokens_are_unauthenticated() {
         let sink = Arc::new(Recorded::default());
-        let layer = AuthLayer::with_denial_sink(Arc::new(authenticator()), sink.clone());
+        let layer = AuthLayer::with_denial_sink(Arc::new(Authenticator::for_test()), sink.clone());
         for token in [None, Some("wrong-token")] {
             let (principal, status, _) = call(&layer, REGISTER, token).await;
             assert_eq!(principal, None);
@@ -450,7 +434,7 @@ mod tests {
     #[tokio::test]
     async fn a_valid_token_without_the_role_is_permission_denied() {
         let sink = Arc::new(Recorded::default());
-        let layer = AuthLayer::with_denial_sink(Arc::new(authenticator()), sink.clone());
+        let layer = AuthLayer::with_denial_sink(Arc::new(Authenticator::for_test()), sink.clone());
         let (principal, status, _) = call(&layer, REGISTER, Some("ops-token")).await;
         assert_eq!(principal, None);
         let status = status.expect("refused");
@@ -501,7 +485,7 @@ mod tests {
 
     #[tokio::test]
     async fn health_and_reflection_need_no_credentials() {
-        let layer = AuthLayer::new(Arc::new(authenticator()));
+        let layer = AuthLayer::new(Arc::new(Authenticator::for_test()));
         for path in [
             "/grpc.health.v1.Health/Check",
             "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo",
@@ -520,7 +504,8 @@ mod tests {
 
     #[tokio::test]
     async fn over_the_rate_limit_is_resource_exhausted_with_a_retry_delay() {
-        let authenticator = authenticator().with_rate_limit(Some(RateLimit::new(1, Some(2))));
+        let authenticator =
+            Authenticator::for_test().with_rate_limit(Some(RateLimit::new(1, Some(2))));
         let sink = Arc::new(Recorded::default());
         let layer = AuthLayer::with_denial_sink(Arc::new(authenticator), sink.clone());
         for _ in 0..2 {
@@ -545,7 +530,8 @@ mod tests {
 
     #[tokio::test]
     async fn refused_calls_past_the_peer_budget_are_resource_exhausted() {
-        let authenticator = authenticator().with_denied_rate_limit(RateLimit::new(1, Some(3)));
+        let authenticator =
+            Authenticator::for_test().with_denied_rate_limit(RateLimit::new(1, Some(3)));
         let sink = Arc::new(Recorded::default());
         let layer = AuthLayer::with_denial_sink(Arc::new(authenticator), sink.clone());
         let flooder: SocketAddr = "192.0.2.10:40001".parse().expect("addr");
@@ -600,7 +586,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_principal_over_its_own_limit_also_spends_the_peer_budget() {
-        let authenticator = authenticator()
+        let authenticator = Authenticator::for_test()
             .with_rate_limit(Some(RateLimit::new(1, Some(1))))
             .with_denied_rate_limit(RateLimit::new(1, Some(2)));
         let layer = AuthLayer::new(Arc::new(authenticator));

@@ -4,6 +4,35 @@
 
 use super::Invalid;
 
+/// `ALL`, `as_str`, `parse` (exact) and `Display` for an enum stored as text: each variant and
+/// its stored name, once.
+macro_rules! stored_names {
+    ($name:ident, $what:literal, { $($variant:ident => $text:literal),+ $(,)? }) => {
+        impl $name {
+            pub const ALL: [$name; [$($text),+].len()] = [$(Self::$variant),+];
+
+            pub fn as_str(self) -> &'static str {
+                match self {
+                    $(Self::$variant => $text,)+
+                }
+            }
+
+            pub fn parse(input: &str) -> Result<Self, Invalid> {
+                Self::ALL
+                    .into_iter()
+                    .find(|value| value.as_str() == input)
+                    .ok_or_else(|| Invalid::new(format!(concat!("not ", $what, ": {:?}"), input)))
+            }
+        }
+
+        impl std::fmt::Display for $name {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str(self.as_str())
+            }
+        }
+    };
+}
+
 /// The backend call an attempt made.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum AttemptOperation {
@@ -15,34 +44,11 @@ pub enum AttemptOperation {
     GetInstruction,
 }
 
-impl AttemptOperation {
-    pub const ALL: [AttemptOperation; 3] = [
-        Self::VerifyHolder,
-        Self::SubmitInstruction,
-        Self::GetInstruction,
-    ];
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::VerifyHolder => "VERIFY_ACCOUNT_HOLDER",
-            Self::SubmitInstruction => "SUBMIT_INSTRUCTION",
-            Self::GetInstruction => "GET_INSTRUCTION",
-        }
-    }
-
-    pub fn parse(input: &str) -> Result<Self, Invalid> {
-        Self::ALL
-            .into_iter()
-            .find(|op| op.as_str() == input)
-            .ok_or_else(|| Invalid::new(format!("not a dispatch operation: {input:?}")))
-    }
-}
-
-impl std::fmt::Display for AttemptOperation {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
+stored_names!(AttemptOperation, "a dispatch operation", {
+    VerifyHolder => "VERIFY_ACCOUNT_HOLDER",
+    SubmitInstruction => "SUBMIT_INSTRUCTION",
+    GetInstruction => "GET_INSTRUCTION",
+});
 
 /// What came of an attempt. A failed call is `Error`, with the gRPC code beside it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -67,46 +73,17 @@ pub enum AttemptOutcome {
     Unspecified,
 }
 
-impl AttemptOutcome {
-    pub const ALL: [AttemptOutcome; 9] = [
-        Self::Match,
-        Self::Mismatch,
-        Self::AccountUnusable,
-        Self::Error,
-        Self::NotFound,
-        Self::Accepted,
-        Self::Paid,
-        Self::Failed,
-        Self::Unspecified,
-    ];
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Match => "MATCH",
-            Self::Mismatch => "MISMATCH",
-            Self::AccountUnusable => "ACCOUNT_UNUSABLE",
-            Self::Error => "ERROR",
-            Self::NotFound => "NOT_FOUND",
-            Self::Accepted => "ACCEPTED",
-            Self::Paid => "PAID",
-            Self::Failed => "FAILED",
-            Self::Unspecified => "UNSPECIFIED",
-        }
-    }
-
-    pub fn parse(input: &str) -> Result<Self, Invalid> {
-        Self::ALL
-            .into_iter()
-            .find(|outcome| outcome.as_str() == input)
-            .ok_or_else(|| Invalid::new(format!("not a dispatch outcome: {input:?}")))
-    }
-}
-
-impl std::fmt::Display for AttemptOutcome {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
+stored_names!(AttemptOutcome, "a dispatch outcome", {
+    Match => "MATCH",
+    Mismatch => "MISMATCH",
+    AccountUnusable => "ACCOUNT_UNUSABLE",
+    Error => "ERROR",
+    NotFound => "NOT_FOUND",
+    Accepted => "ACCEPTED",
+    Paid => "PAID",
+    Failed => "FAILED",
+    Unspecified => "UNSPECIFIED",
+});
 
 #[cfg(test)]
 mod tests {

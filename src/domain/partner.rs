@@ -6,6 +6,33 @@ use serde::{Deserialize, Serialize};
 
 use super::{Invalid, text};
 
+/// Serde reads each of these text types through its `parse` (`try_from = "String"`), so a
+/// stored or received value is checked as a caller's would be, and writes it as its text.
+macro_rules! string_conversions {
+    ($($name:ident),+ $(,)?) => {$(
+        impl TryFrom<String> for $name {
+            type Error = Invalid;
+            fn try_from(value: String) -> Result<Self, Invalid> {
+                Self::parse(&value)
+            }
+        }
+
+        impl From<$name> for String {
+            fn from(value: $name) -> Self {
+                value.0
+            }
+        }
+    )+};
+}
+
+string_conversions!(
+    BusinessRegistrationNumber,
+    BankCode,
+    AccountNumber,
+    PersonOrBusinessName,
+    ContactEmail,
+);
+
 /// 사업자등록번호: 10 digits, the last a check digit. Stored and shown without hyphens.
 #[derive(Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(try_from = "String", into = "String")]
@@ -79,19 +106,6 @@ impl fmt::Debug for BusinessRegistrationNumber {
     }
 }
 
-impl TryFrom<String> for BusinessRegistrationNumber {
-    type Error = Invalid;
-    fn try_from(value: String) -> Result<Self, Invalid> {
-        Self::parse(&value)
-    }
-}
-
-impl From<BusinessRegistrationNumber> for String {
-    fn from(value: BusinessRegistrationNumber) -> Self {
-        value.0
-    }
-}
-
 /// The KFTC codes of the banks that take payouts, with their names.
 pub const BANKS: &[(&str, &str)] = &[
     ("002", "KDB"),
@@ -141,19 +155,6 @@ impl BankCode {
     }
 }
 
-impl TryFrom<String> for BankCode {
-    type Error = Invalid;
-    fn try_from(value: String) -> Result<Self, Invalid> {
-        Self::parse(&value)
-    }
-}
-
-impl From<BankCode> for String {
-    fn from(value: BankCode) -> Self {
-        value.0
-    }
-}
-
 /// An account number: 10 to 16 digits. Debug shows only the last 4.
 #[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(try_from = "String", into = "String")]
@@ -192,19 +193,6 @@ impl AccountNumber {
 impl fmt::Debug for AccountNumber {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(&self.masked())
-    }
-}
-
-impl TryFrom<String> for AccountNumber {
-    type Error = Invalid;
-    fn try_from(value: String) -> Result<Self, Invalid> {
-        Self::parse(&value)
-    }
-}
-
-impl From<AccountNumber> for String {
-    fn from(value: AccountNumber) -> Self {
-        value.0
     }
 }
 
@@ -263,19 +251,6 @@ impl PersonOrBusinessName {
     }
 }
 
-impl TryFrom<String> for PersonOrBusinessName {
-    type Error = Invalid;
-    fn try_from(value: String) -> Result<Self, Invalid> {
-        Self::parse(&value)
-    }
-}
-
-impl From<PersonOrBusinessName> for String {
-    fn from(value: PersonOrBusinessName) -> Self {
-        value.0
-    }
-}
-
 /// A contact e-mail address.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(try_from = "String", into = "String")]
@@ -313,19 +288,6 @@ impl ContactEmail {
 
     pub fn as_str(&self) -> &str {
         &self.0
-    }
-}
-
-impl TryFrom<String> for ContactEmail {
-    type Error = Invalid;
-    fn try_from(value: String) -> Result<Self, Invalid> {
-        Self::parse(&value)
-    }
-}
-
-impl From<ContactEmail> for String {
-    fn from(value: ContactEmail) -> Self {
-        value.0
     }
 }
 

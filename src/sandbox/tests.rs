@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 use tokio::net::TcpListener;
 use tokio::sync::oneshot;
 use tonic::transport::Channel;
-use tonic::{Code, Request, Status};
+use tonic::{Code, IntoRequest, Request, Status};
 
 use super::bank::TRACEPARENT;
 use super::{
@@ -80,7 +80,7 @@ fn verification(account_number: &str) -> VerifyAccountHolderRequest {
 
 async fn submit(
     running: &mut Running,
-    request: SubmitInstructionRequest,
+    request: impl IntoRequest<SubmitInstructionRequest>,
 ) -> Result<Instruction, Status> {
     Ok(running
         .backend
@@ -89,6 +89,17 @@ async fn submit(
         .into_inner()
         .instruction
         .unwrap())
+}
+
+async fn verify(
+    running: &mut Running,
+    request: VerifyAccountHolderRequest,
+) -> Result<VerifyAccountHolderResponse, Status> {
+    Ok(running
+        .backend
+        .verify_account_holder(request)
+        .await?
+        .into_inner())
 }
 
 async fn get(running: &mut Running, key: &str) -> Result<Instruction, Status> {
@@ -118,27 +129,21 @@ async fn ledger(running: &mut Running) -> Vec<AppliedInstruction> {
 async fn a_repeated_key_is_applied_once_and_answered_with_the_first_result() {
     let mut bank = start(SandboxConfig::default()).await;
 
-    let first = bank
-        .backend
-        .submit_instruction(with_traceparent(
-            submission("k-1", 30_000, "110-123-456789"),
-            TRACEPARENT_A,
-        ))
-        .await
-        .unwrap()
-        .into_inner();
-    let second = bank
-        .backend
-        .submit_instruction(with_traceparent(
-            submission("k-1", 30_000, "110123456789"),
-            TRACEPARENT_B,
-        ))
-        .await
-        .unwrap()
-        .into_inner();
+    let first = submit(
+        &mut bank,
+        with_traceparent(submission("k-1", 30_000, "110-123-456789"), TRACEPARENT_A),
+    )
+    .await
+    .unwrap();
+    let second = submit(
+        &mut bank,
+        with_traceparent(submission("k-1", 30_000, "110123456789"), TRACEPARENT_B),
+    )
+    .await
+    .unwrap();
 
     assert_eq!(first, second);
-    let instruction = first.instruction.unwrap();
+    let instruction = first;
     assert_eq!(instruction.status(), InstructionStatus::Paid);
     assert_eq!(instruction.account_last4, "6789");
     assert_eq!(instruction.amount_krw, 30_000);
@@ -160,31 +165,16 @@ async fn a_repeated_key_is_applied_once_and_answered_with_the_first_result() {
 async fn closed_and_foreign_accounts_are_refused_and_nothing_is_paid() {
     let mut bank = start(SandboxConfig::default()).await;
 
-    let closed = bank
-        .backend
-        .verify_account_holder(verification("3333-0000"))
-        .await
-        .unwrap()
-        .into_inner();
+    let closed = verify(&mut bank, verification("3333-0000")).await.unwrap();
     assert!(closed.matches);
     assert_eq!(closed.failure_code, ACCOUNT_CLOSED);
 
-    let foreign = bank
-        .backend
-        .verify_account_holder(verification("3333-9999"))
-        .await
-        .unwrap()
-        .into_inner();
+    let foreign = verify(&mut bank, verification("3333-9999")).await.unwrap();
     assert!(!foreign.matches);
     assert_eq!(foreign.holder_name, UNKNOWN_HOLDER_NAME);
     assert!(foreign.failure_code.is_empty());
 
-    let fine = bank
-        .backend
-        .verify_account_holder(verification("3333-1234"))
-        .await
-        .unwrap()
-        .into_inner();
+    let fine = verify(&mut bank, verification("3333-1234")).await.unwrap();
     assert_eq!(
         fine,
         VerifyAccountHolderResponse {
@@ -305,21 +295,18 @@ async fn unknown_keys_and_bad_input_are_rejected() {
             status.message()
         );
     }
-    let status = bank
-        .backend
-        .verify_account_holder(verification(""))
-        .await
-        .unwrap_err();
+    let status = verify(&mut bank, verification("")).await.unwrap_err();
     assert_eq!(status.code(), Code::InvalidArgument);
     assert!(status.message().contains("account_number"));
-    let status = bank
-        .backend
-        .verify_account_holder(VerifyAccountHolderRequest {
+    let status = verify(
+        &mut bank,
+        VerifyAccountHolderRequest {
             bank_code: String::new(),
             ..verification("1234")
-        })
-        .await
-        .unwrap_err();
+        },
+    )
+    .await
+    .unwrap_err();
     assert!(status.message().contains("bank_code"));
     assert!(ledger(&mut bank).await.is_empty());
 }
