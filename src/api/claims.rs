@@ -7,8 +7,8 @@ use tonic::{Code, Request, Response, Status, Streaming};
 
 use super::imports::{self, Import, RowResult, Written};
 use super::{
-    CallAudit, Context, Violations, convert, decode_replay, idempotency,
-    next_page_token, page, record_touched, respond,
+    CallAudit, Context, Violations, convert, decode_replay, idempotency, next_page_token, page,
+    record_touched, respond,
 };
 use crate::audit::{CallRecord, Resource};
 use crate::domain::text::Reason;

@@ -297,9 +297,9 @@ pub fn disbursement(d: &store::Disbursement) -> pb::Disbursement {
             .attempts
             .iter()
             .map(|a| pb::DispatchAttempt {
-                operation: a.operation.clone(),
+                operation: a.operation.as_str().to_owned(),
                 idempotency_key: a.idempotency_key.clone(),
-                outcome: a.outcome.clone(),
+                outcome: a.outcome.as_str().to_owned(),
                 code: a.code.clone(),
                 message: a.message.clone(),
                 time: timestamp(a.time),

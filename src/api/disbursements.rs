@@ -3,8 +3,8 @@
 use tonic::{Request, Response, Status};
 
 use super::{
-    CallAudit, Context, Violations, convert, finance, idempotency, next_page_token,
-    page, record_touched, respond,
+    CallAudit, Context, Violations, convert, finance, idempotency, next_page_token, page,
+    record_touched, respond,
 };
 use crate::audit::{CallRecord, Resource};
 use crate::domain::text::Reason;
@@ -112,7 +112,11 @@ impl DisbursementService for Disbursements {
         let audit = CallAudit::of(&call);
         let entry = audit.entry(|d: &Disbursement| d.disbursement_id.to_string());
         let recorded = Recorded::audited(&idem, &render, &entry);
-        let stored = self.ctx.store.retry_disbursement(recorded, id, &actor).await?;
+        let stored = self
+            .ctx
+            .store
+            .retry_disbursement(recorded, id, &actor)
+            .await?;
         audit.stored(&stored);
         respond(&call, stored, |d| pb::RetryDisbursementResponse {
             disbursement: Some(convert::disbursement(d)),

@@ -18,10 +18,10 @@ use uuid::Uuid;
 
 use super::{Context, Violations, convert};
 use crate::audit::CallRecord;
-use crate::principal::Principal;
 use crate::domain::{
     DisbursementStatus, Invalid, MismatchKind, SettlementLine, SettlementMismatch,
 };
+use crate::principal::Principal;
 use crate::proto::payouts::v1 as pb;
 use crate::store::isolate::{may_be_a_rows_fault, write_isolating};
 use crate::store::{ExportFilter, Micros, SettlementTotals, Store, StoreError, now_micros};

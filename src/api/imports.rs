@@ -34,10 +34,10 @@ use tracing::Instrument as _;
 
 use super::{batch_entry, decode_replay};
 use crate::audit::{AuditDraft, CallRecord};
-use crate::principal::Principal;
-use crate::status::status_message;
 use crate::domain::text;
+use crate::principal::Principal;
 use crate::proto::google::rpc;
+use crate::status::status_message;
 use crate::store::isolate::write_isolating;
 use crate::store::{self, AuditEvent, BatchAudit, Stored};
 

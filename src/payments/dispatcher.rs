@@ -420,9 +420,9 @@ impl Dispatcher {
             ],
         );
         Attempt {
-            operation: operation.as_str().to_owned(),
+            operation,
             idempotency_key: key.to_owned(),
-            outcome: outcome.as_str().to_owned(),
+            outcome,
             code: code.to_owned(),
             message: message.to_owned(),
             time: now_micros(),
@@ -561,12 +561,20 @@ impl Dispatcher {
                 let r = response.into_inner();
                 if !r.failure_code.is_empty() {
                     let message = "the bank reports the account cannot take payouts";
-                    return Self::holder_refused(AttemptOutcome::AccountUnusable, &r.failure_code, message);
+                    return Self::holder_refused(
+                        AttemptOutcome::AccountUnusable,
+                        &r.failure_code,
+                        message,
+                    );
                 }
                 if !r.matches {
                     let message =
                         "the bank's account holder is not the partner or its representative";
-                    return Self::holder_refused(AttemptOutcome::Mismatch, failure::HOLDER_MISMATCH, message);
+                    return Self::holder_refused(
+                        AttemptOutcome::Mismatch,
+                        failure::HOLDER_MISMATCH,
+                        message,
+                    );
                 }
                 Step {
                     attempts: vec![Self::attempt(VERIFY, "", AttemptOutcome::Match, "", "")],

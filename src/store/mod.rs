@@ -12,8 +12,9 @@ use async_trait::async_trait;
 use uuid::Uuid;
 
 use crate::domain::{
-    AccountOnFile, BankAccount, BusinessRegistrationNumber, Claim, ClaimStatus, DisbursementStatus,
-    Evidence, NewClaim, NewPartner, Partner, Refusal, ReviewDecision, ReviewRefused, Tier,
+    AccountOnFile, AttemptOperation, AttemptOutcome, BankAccount, BusinessRegistrationNumber,
+    Claim, ClaimStatus, DisbursementStatus, Evidence, NewClaim, NewPartner, Partner, Refusal,
+    ReviewDecision, ReviewRefused, Tier,
 };
 // Finance: export and reconciliation.
 use crate::domain::{PersonOrBusinessName, SettlementLine, SettlementMismatch};
@@ -204,9 +205,9 @@ pub struct Review<'a> {
 /// One call to the payments backend, as recorded.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Attempt {
-    pub operation: String,
+    pub operation: AttemptOperation,
     pub idempotency_key: String,
-    pub outcome: String,
+    pub outcome: AttemptOutcome,
     pub code: String,
     pub message: String,
     pub time: Micros,

@@ -9,9 +9,10 @@ use super::{
     PaidPayout, Result, StatusChange, StoreError,
 };
 use crate::domain::{
-    AccountOnFile, AffectedService, AttachedEvidence, BankCode, BusinessRegistrationNumber, Claim,
-    ClaimStatus, ContactEmail, Decision, DisbursementStatus, Evidence, EvidenceKind, LossItem,
-    Partner, PartnerProfile, PersonOrBusinessName, SettlementLine, SettlementStatus,
+    AccountOnFile, AffectedService, AttachedEvidence, AttemptOperation, AttemptOutcome, BankCode,
+    BusinessRegistrationNumber, Claim, ClaimStatus, ContactEmail, Decision, DisbursementStatus,
+    Evidence, EvidenceKind, LossItem, Partner, PartnerProfile, PersonOrBusinessName,
+    SettlementLine, SettlementStatus,
 };
 
 pub(crate) fn unexpected(what: impl std::fmt::Display) -> StoreError {
@@ -273,16 +274,18 @@ pub(crate) struct AttemptRow {
     time: Micros,
 }
 
-impl From<AttemptRow> for Attempt {
-    fn from(row: AttemptRow) -> Self {
-        Attempt {
-            operation: row.operation,
+impl TryFrom<AttemptRow> for Attempt {
+    type Error = StoreError;
+
+    fn try_from(row: AttemptRow) -> Result<Self> {
+        Ok(Attempt {
+            operation: parsed("operation", AttemptOperation::parse(&row.operation))?,
             idempotency_key: row.idempotency_key,
-            outcome: row.outcome,
+            outcome: parsed("outcome", AttemptOutcome::parse(&row.outcome))?,
             code: row.code,
             message: row.message,
             time: row.time,
-        }
+        })
     }
 }
 

@@ -12,12 +12,12 @@ use super::{
     AuditEvent, AuditFilter, BatchAudit, ClaimSubmission, Idempotency, Page, PartnerFilter,
     PartnerRef, Result, Stored,
 };
-use crate::sealing::PiiCipher;
 use crate::domain::{
     AffectedService, BankAccount, BankCode, BusinessRegistrationNumber, ContactEmail,
     DEFAULT_POLICY_TOML, LossItem, NewClaim, NewPartner, PartnerProfile, PersonOrBusinessName,
     Policy,
 };
+use crate::sealing::PiiCipher;
 
 fn cipher() -> Arc<PiiCipher> {
     Arc::new(PiiCipher::new(&[7; 32]))

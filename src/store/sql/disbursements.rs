@@ -13,7 +13,7 @@ use crate::store::rows::{
     uuid,
 };
 use crate::store::{
-    Disbursement, DisbursementFilter, DisbursementStore, DispatchState, Micros, Page,
+    Attempt, Disbursement, DisbursementFilter, DisbursementStore, DispatchState, Micros, Page,
     ProgramSummary, Recorded, Result, StatusChange, StoreError, Stored, now_micros,
 };
 
@@ -124,7 +124,10 @@ async fn load_disbursement(conn: &mut Conn, disbursement_id: Uuid) -> Result<Opt
     .bind(&id)
     .fetch_all(&mut *conn)
     .await?;
-    d.attempts = attempts.into_iter().map(Into::into).collect();
+    d.attempts = attempts
+        .into_iter()
+        .map(Attempt::try_from)
+        .collect::<Result<_>>()?;
     let history: Vec<StatusChangeRow> =
         sqlx::query_as("SELECT * FROM disbursement_events WHERE disbursement_id = $1 ORDER BY id")
             .bind(&id)

@@ -118,9 +118,19 @@ async fn insert_attempts(tx: &mut Tx, attempts: &[(Uuid, Attempt)]) -> Result<()
          SELECT column1, column2, column3, column4, column5, column6, column7 FROM ",
         vec![
             ids(attempts.iter().map(|(id, _)| id)),
-            text(|a| &a.operation),
+            Col::Text(
+                attempts
+                    .iter()
+                    .map(|(_, a)| a.operation.as_str().to_owned())
+                    .collect(),
+            ),
             text(|a| &a.idempotency_key),
-            text(|a| &a.outcome),
+            Col::Text(
+                attempts
+                    .iter()
+                    .map(|(_, a)| a.outcome.as_str().to_owned())
+                    .collect(),
+            ),
             text(|a| &a.code),
             text(|a| &a.message),
             Col::BigInt(attempts.iter().map(|(_, a)| a.time).collect()),
