@@ -467,7 +467,7 @@ proptest! {
             failure_code: None,
             current_key,
         });
-        let id = ours.map(|_| uuid::Uuid::from_u128(1));
+        let id = ours.map(|_| partner_payouts::domain::DisbursementId::from_uuid(uuid::Uuid::from_u128(1)));
         let verdict = judge(&line, ours.as_ref());
         let reopens = their_status == SettlementStatus::Returned
             && ours.is_some_and(|o| o.current_key && o.status == DisbursementStatus::Paid);

@@ -178,7 +178,7 @@ pub fn prepare_submission(
         // Named by registration number, the partner is the store's to find.
         partner_id: match &partner {
             PartnerRef::Id(id) => *id,
-            PartnerRef::RegistrationNumber(_) => uuid::Uuid::nil(),
+            PartnerRef::RegistrationNumber(_) => uuid::Uuid::nil().into(),
         },
         items,
         evidence,

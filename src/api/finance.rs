@@ -19,7 +19,7 @@ use uuid::Uuid;
 use super::{Context, Violations, convert};
 use crate::audit::CallRecord;
 use crate::domain::{
-    DisbursementStatus, Invalid, MismatchKind, SettlementLine, SettlementMismatch,
+    DisbursementId, DisbursementStatus, Invalid, MismatchKind, SettlementLine, SettlementMismatch,
 };
 use crate::principal::Principal;
 use crate::proto::payouts::v1 as pb;
@@ -70,27 +70,28 @@ pub fn export(
     // The pages are read after the handler returned: keep their store spans in the call's trace.
     let span = tracing::Span::current();
     // State: the cursor of the next page (None before the first row), or None when done.
-    let pages = futures::stream::try_unfold(Some(None), move |after: Option<Option<Uuid>>| {
-        let (store, filter, span) = (store.clone(), filter.clone(), span.clone());
-        async move {
-            let Some(after) = after else {
-                return Ok::<_, Status>(None);
-            };
-            let rows = store
-                .export_disbursements(&filter, after, EXPORT_PAGE_SIZE)
-                .instrument(span)
-                .await?;
-            if rows.is_empty() {
-                return Ok(None);
+    let pages =
+        futures::stream::try_unfold(Some(None), move |after: Option<Option<DisbursementId>>| {
+            let (store, filter, span) = (store.clone(), filter.clone(), span.clone());
+            async move {
+                let Some(after) = after else {
+                    return Ok::<_, Status>(None);
+                };
+                let rows = store
+                    .export_disbursements(&filter, after, EXPORT_PAGE_SIZE)
+                    .instrument(span)
+                    .await?;
+                if rows.is_empty() {
+                    return Ok(None);
+                }
+                let next = (rows.len() == EXPORT_PAGE_SIZE as usize)
+                    .then(|| rows.last().map(|r| r.disbursement_id));
+                let page = pb::ExportDisbursementsResponse {
+                    disbursements: rows.iter().map(convert::exported_disbursement).collect(),
+                };
+                Ok(Some((page, next)))
             }
-            let next = (rows.len() == EXPORT_PAGE_SIZE as usize)
-                .then(|| rows.last().map(|r| r.disbursement_id));
-            let page = pb::ExportDisbursementsResponse {
-                disbursements: rows.iter().map(convert::exported_disbursement).collect(),
-            };
-            Ok(Some((page, next)))
-        }
-    });
+        });
     Ok(Box::pin(pages))
 }
 

@@ -3,7 +3,8 @@
 use serde::{Deserialize, Serialize};
 
 use super::{
-    ClaimStatus, Decision, FourEyes, Invalid, LossItem, Refusal, Tier, same_principal, text,
+    ClaimId, ClaimStatus, Decision, DisbursementId, FourEyes, Invalid, LossItem, PartnerId,
+    Refusal, Tier, same_principal, text,
 };
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -139,7 +140,7 @@ pub fn check_items(mut items: Vec<LossItem>) -> Result<Vec<LossItem>, Invalid> {
 /// A claim to store: the partner, the items and the decision made at submission.
 #[derive(Debug, Clone)]
 pub struct NewClaim {
-    pub partner_id: uuid::Uuid,
+    pub partner_id: PartnerId,
     pub items: Vec<LossItem>,
     pub evidence: Vec<Evidence>,
     pub decision: Decision,
@@ -150,8 +151,8 @@ pub struct NewClaim {
 
 #[derive(Debug, Clone)]
 pub struct Claim {
-    pub claim_id: uuid::Uuid,
-    pub partner_id: uuid::Uuid,
+    pub claim_id: ClaimId,
+    pub partner_id: PartnerId,
     pub status: ClaimStatus,
     pub items: Vec<LossItem>,
     pub decision: Decision,
@@ -163,7 +164,7 @@ pub struct Claim {
     pub review_reason: Option<String>,
     pub create_time: i64,
     pub update_time: i64,
-    pub disbursement_id: Option<uuid::Uuid>,
+    pub disbursement_id: Option<DisbursementId>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -5,7 +5,7 @@
 //! disagreement is reported; the only one acted on is a return, which reopens the payout as
 //! `FAILED{RETURNED}` so that it can be paid again under a new key.
 
-use super::{DisbursementStatus, Invalid, failure, text};
+use super::{DisbursementId, DisbursementStatus, Invalid, failure, text};
 
 /// The longest idempotency key a report line may carry (ours are 38 characters).
 pub const MAX_SETTLEMENT_KEY_LEN: usize = 200;
@@ -230,7 +230,7 @@ pub fn judge(line: &SettlementLine, ours: Option<&OurPayout<'_>>) -> Verdict {
 pub struct SettlementMismatch {
     pub idempotency_key: String,
     /// The disbursement that used the key, if any did.
-    pub disbursement_id: Option<uuid::Uuid>,
+    pub disbursement_id: Option<DisbursementId>,
     pub kind: MismatchKind,
     /// 0 when no disbursement of ours used the key.
     pub our_amount_krw: i64,
@@ -261,7 +261,7 @@ impl Verdict {
     pub fn into_mismatch(
         self,
         line: &SettlementLine,
-        disbursement_id: Option<uuid::Uuid>,
+        disbursement_id: Option<DisbursementId>,
         ours: Option<&OurPayout<'_>>,
         reopening: Reopening,
     ) -> Option<SettlementMismatch> {
@@ -368,7 +368,7 @@ mod tests {
 
     #[test]
     fn a_reported_mismatch_carries_both_sides_and_what_reconciling_did() {
-        let id = uuid::Uuid::from_u128(7);
+        let id = DisbursementId::from_uuid(uuid::Uuid::from_u128(7));
         let settled = line(SettlementStatus::Settled, 30_000);
         let paid = ours(Paid, None, true);
         let agrees = judge(&settled, Some(&paid));

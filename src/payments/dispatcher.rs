@@ -30,10 +30,11 @@ use tokio::sync::{Semaphore, watch};
 use tonic::Code;
 use tonic::transport::Channel;
 use tracing::Instrument as _;
-use uuid::Uuid;
 
 use super::QuietHours;
-use crate::domain::{AttemptOperation, AttemptOutcome, DisbursementStatus, failure};
+use crate::domain::{
+    AttemptOperation, AttemptOutcome, DisbursementId, DisbursementStatus, failure,
+};
 use crate::proto::payments::v1::{
     self as pb, InstructionStatus, payments_backend_client::PaymentsBackendClient,
 };
@@ -214,7 +215,7 @@ impl Dispatcher {
         if n == 0 {
             return Ok(0);
         }
-        let ids: Vec<Uuid> = leased.iter().map(|d| d.disbursement_id).collect();
+        let ids: Vec<DisbursementId> = leased.iter().map(|d| d.disbursement_id).collect();
         let rows = leased.into_iter().map(Self::leased).collect();
         tokio::select! {
             result = self.work(rows) => result?,
@@ -224,7 +225,7 @@ impl Dispatcher {
     }
 
     /// Renews the round's leases every third of the lease, for as long as the round runs.
-    async fn keep_leases(&self, ids: &[Uuid], mut held_until: Micros) {
+    async fn keep_leases(&self, ids: &[DisbursementId], mut held_until: Micros) {
         let every = (self.config.lease / 3).max(Duration::from_millis(10));
         loop {
             tokio::time::sleep(every).await;
@@ -309,7 +310,7 @@ impl Dispatcher {
     async fn send_or_look_up(
         &self,
         rows: &[Leased],
-        mut key_of: HashMap<Uuid, KeyAssignment>,
+        mut key_of: HashMap<DisbursementId, KeyAssignment>,
     ) -> Vec<Option<Step>> {
         futures::future::join_all(rows.iter().map(|row| {
             let key = key_of.remove(&row.d.disbursement_id);

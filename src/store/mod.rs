@@ -13,8 +13,8 @@ use uuid::Uuid;
 
 use crate::domain::{
     AccountOnFile, AttemptOperation, AttemptOutcome, BankAccount, BusinessRegistrationNumber,
-    Claim, ClaimStatus, DisbursementStatus, Evidence, NewClaim, NewPartner, Partner, Refusal,
-    ReviewDecision, ReviewRefused, Tier,
+    Claim, ClaimId, ClaimStatus, DisbursementId, DisbursementStatus, Evidence, NewClaim,
+    NewPartner, Partner, PartnerId, Refusal, ReviewDecision, ReviewRefused, Tier,
 };
 // Finance: export and reconciliation.
 use crate::domain::{PersonOrBusinessName, SettlementLine, SettlementMismatch};
@@ -85,9 +85,9 @@ pub enum StoreError {
     #[error("{0} not found")]
     NotFound(&'static str),
     #[error("a partner with this business registration number is already registered")]
-    PartnerAlreadyRegistered { partner_id: Uuid },
+    PartnerAlreadyRegistered { partner_id: PartnerId },
     #[error("this partner has already filed a claim")]
-    ClaimAlreadyFiled { claim_id: Uuid },
+    ClaimAlreadyFiled { claim_id: ClaimId },
     #[error("request_id was already used with a different request")]
     RequestIdReused,
     #[error("etag does not match the partner's current etag {current}")]
@@ -157,13 +157,13 @@ pub struct PartnerFilter {
 pub struct ClaimFilter {
     pub status: Option<ClaimStatus>,
     pub tier: Option<Tier>,
-    pub partner_id: Option<Uuid>,
+    pub partner_id: Option<PartnerId>,
 }
 
 #[derive(Debug, Clone, Default)]
 pub struct DisbursementFilter {
     pub status: Option<DisbursementStatus>,
-    pub partner_id: Option<Uuid>,
+    pub partner_id: Option<PartnerId>,
 }
 
 /// One entry of the audit log.
@@ -225,9 +225,9 @@ pub struct StatusChange {
 
 #[derive(Debug, Clone)]
 pub struct Disbursement {
-    pub disbursement_id: Uuid,
-    pub claim_id: Uuid,
-    pub partner_id: Uuid,
+    pub disbursement_id: DisbursementId,
+    pub claim_id: ClaimId,
+    pub partner_id: PartnerId,
     pub amount_krw: i64,
     pub status: DisbursementStatus,
     pub failure_code: Option<String>,
@@ -306,18 +306,18 @@ pub enum Requeue {
 #[derive(Debug, Clone, Default)]
 pub struct DispatchRecord {
     /// Backend calls, each disbursement's in the order they were made.
-    pub attempts: Vec<(Uuid, Attempt)>,
+    pub attempts: Vec<(DisbursementId, Attempt)>,
     /// Disbursements whose account holder the bank confirmed.
-    pub verified: Vec<Uuid>,
+    pub verified: Vec<DisbursementId>,
     /// Disbursements whose dispatch ends (`PAID`, or `FAILED` with a code); their outbox rows
     /// are removed.
-    pub finished: Vec<(Uuid, DispatchOutcome)>,
+    pub finished: Vec<(DisbursementId, DispatchOutcome)>,
     /// Outbox rows released and made due again.
-    pub requeued: Vec<(Uuid, Requeue)>,
+    pub requeued: Vec<(DisbursementId, Requeue)>,
     /// Disbursements to be given their instruction key and moved `QUEUED -> SUBMITTED`, in
     /// this order, while the programme budget allows. One [`KeyAssignment`] is answered for
     /// each.
-    pub assign_keys: Vec<Uuid>,
+    pub assign_keys: Vec<DisbursementId>,
 }
 
 /// What `ExportDisbursements` selects: a status (None: any) and a window on `update_time`.
@@ -333,9 +333,9 @@ pub struct ExportFilter {
 /// A disbursement with what the finance team needs to book it.
 #[derive(Debug, Clone)]
 pub struct ExportedDisbursement {
-    pub disbursement_id: Uuid,
-    pub claim_id: Uuid,
-    pub partner_id: Uuid,
+    pub disbursement_id: DisbursementId,
+    pub claim_id: ClaimId,
+    pub partner_id: PartnerId,
     pub business_registration_number: BusinessRegistrationNumber,
     pub legal_name: PersonOrBusinessName,
     pub representative_name: PersonOrBusinessName,
@@ -366,7 +366,7 @@ pub struct SettlementPage {
 /// A `PAID` disbursement, for reconciliation.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PaidPayout {
-    pub disbursement_id: Uuid,
+    pub disbursement_id: DisbursementId,
     pub idempotency_key: String,
     pub amount_krw: i64,
     pub paid_time: Micros,
@@ -385,7 +385,7 @@ pub struct SettlementTotals {
 /// The partner a claim is for: its id, or (in bulk intake) its business registration number.
 #[derive(Debug, Clone)]
 pub enum PartnerRef {
-    Id(Uuid),
+    Id(PartnerId),
     RegistrationNumber(BusinessRegistrationNumber),
 }
 
@@ -406,12 +406,12 @@ pub trait PartnerStore {
         call: Recorded<'_, Partner>,
         partner: &NewPartner,
     ) -> Result<Stored<Partner>>;
-    async fn get_partner(&self, partner_id: Uuid) -> Result<Option<Partner>>;
+    async fn get_partner(&self, partner_id: PartnerId) -> Result<Option<Partner>>;
     async fn list_partners(&self, filter: &PartnerFilter, page: &Page) -> Result<Vec<Partner>>;
     async fn update_bank_account(
         &self,
         call: Recorded<'_, Partner>,
-        partner_id: Uuid,
+        partner_id: PartnerId,
         account: &BankAccount,
         etag: &str,
         actor: &str,
@@ -440,17 +440,17 @@ pub trait ClaimStore {
     async fn attach_evidence(
         &self,
         call: Recorded<'_, Claim>,
-        claim_id: Uuid,
+        claim_id: ClaimId,
         evidence: &Evidence,
         actor: &str,
     ) -> Result<Stored<Claim>>;
     async fn review_claim(
         &self,
         call: Recorded<'_, Claim>,
-        claim_id: Uuid,
+        claim_id: ClaimId,
         review: &Review<'_>,
     ) -> Result<Stored<Claim>>;
-    async fn get_claim(&self, claim_id: Uuid) -> Result<Option<Claim>>;
+    async fn get_claim(&self, claim_id: ClaimId) -> Result<Option<Claim>>;
     async fn list_claims(&self, filter: &ClaimFilter, page: &Page) -> Result<Vec<Claim>>;
     /// Files a batch of claims in one transaction (each approved one with its disbursement).
     /// Each row is answered, in order, as [`ClaimStore::submit_claim`] would have answered it
@@ -467,7 +467,10 @@ pub trait ClaimStore {
 /// The disbursements as operators see them: read, retried, cancelled, dispatch paused.
 #[async_trait]
 pub trait DisbursementStore {
-    async fn get_disbursement(&self, disbursement_id: Uuid) -> Result<Option<Disbursement>>;
+    async fn get_disbursement(
+        &self,
+        disbursement_id: DisbursementId,
+    ) -> Result<Option<Disbursement>>;
     async fn list_disbursements(
         &self,
         filter: &DisbursementFilter,
@@ -476,13 +479,13 @@ pub trait DisbursementStore {
     async fn retry_disbursement(
         &self,
         call: Recorded<'_, Disbursement>,
-        disbursement_id: Uuid,
+        disbursement_id: DisbursementId,
         actor: &str,
     ) -> Result<Stored<Disbursement>>;
     async fn cancel_disbursement(
         &self,
         call: Recorded<'_, Disbursement>,
-        disbursement_id: Uuid,
+        disbursement_id: DisbursementId,
         actor: &str,
         reason: &str,
     ) -> Result<Stored<Disbursement>>;
@@ -513,7 +516,7 @@ pub trait DispatchStore {
     /// `held_until` (rows released or taken over meanwhile are left alone); returns how many.
     async fn renew_leases(
         &self,
-        disbursement_ids: &[Uuid],
+        disbursement_ids: &[DisbursementId],
         held_until: Micros,
         lease_until: Micros,
     ) -> Result<u64>;
@@ -538,7 +541,7 @@ pub trait SettlementStore {
     async fn export_disbursements(
         &self,
         filter: &ExportFilter,
-        after: Option<Uuid>,
+        after: Option<DisbursementId>,
         limit: u32,
     ) -> Result<Vec<ExportedDisbursement>>;
     /// Starts a reconciliation run named by the caller's `request_id`; returns its run id.
@@ -576,7 +579,7 @@ pub trait SettlementStore {
         &self,
         run_id: Uuid,
         cutoff_time: Micros,
-        after: Option<Uuid>,
+        after: Option<DisbursementId>,
         limit: u32,
     ) -> Result<Vec<PaidPayout>>;
     async fn finish_settlement_run(&self, run_id: Uuid, totals: &SettlementTotals) -> Result<()>;

@@ -10,9 +10,9 @@ use super::{
 };
 use crate::domain::{
     AccountOnFile, AffectedService, AttachedEvidence, AttemptOperation, AttemptOutcome, BankCode,
-    BusinessRegistrationNumber, Claim, ClaimStatus, ContactEmail, Decision, DisbursementStatus,
-    Evidence, EvidenceKind, LossItem, Partner, PartnerProfile, PersonOrBusinessName,
-    SettlementLine, SettlementStatus,
+    BusinessRegistrationNumber, Claim, ClaimStatus, ContactEmail, Decision, DisbursementId,
+    DisbursementStatus, Evidence, EvidenceKind, LossItem, Partner, PartnerProfile,
+    PersonOrBusinessName, SettlementLine, SettlementStatus,
 };
 
 pub(crate) fn unexpected(what: impl std::fmt::Display) -> StoreError {
@@ -26,8 +26,9 @@ pub(crate) fn parsed<T, E: std::fmt::Display>(
     value.map_err(|e| unexpected(format!("{col}: {e}")))
 }
 
-pub(crate) fn uuid(col: &str, text: &str) -> Result<Uuid> {
-    parsed(col, Uuid::parse_str(text))
+/// An id read from its stored text: a bare `Uuid`, or the typed id it names.
+pub(crate) fn uuid<T: From<Uuid>>(col: &str, text: &str) -> Result<T> {
+    parsed(col, Uuid::parse_str(text)).map(T::from)
 }
 
 fn disbursement_status(col: &str, key: &str) -> Result<DisbursementStatus> {
@@ -481,7 +482,7 @@ pub(crate) struct SettlementMatchRow {
 
 /// Our side of a settlement line, as stored: the disbursement that used the line's key.
 pub(crate) struct OurSide {
-    pub disbursement_id: Uuid,
+    pub disbursement_id: DisbursementId,
     pub status: DisbursementStatus,
     pub amount_krw: i64,
     pub failure_code: Option<String>,

@@ -1,11 +1,10 @@
 //! The claims in SQL.
 
 use async_trait::async_trait;
-use uuid::Uuid;
 
 use super::disbursements::create_disbursement;
 use super::{Conn, DB_SYSTEM, SqlStore, Tx, after_key, bulk_claims, dialect};
-use crate::domain::{Claim, ClaimStatus, Evidence, NewClaim, Reviewed, review};
+use crate::domain::{Claim, ClaimId, ClaimStatus, Evidence, NewClaim, Reviewed, review};
 use crate::store::rows::{ClaimRow, EvidenceRow, unexpected, uuid};
 use crate::store::{
     BatchAudit, ClaimFilter, ClaimStore, ClaimSubmission, Micros, Page, Recorded, Render, Result,
@@ -14,7 +13,7 @@ use crate::store::{
 
 const EVIDENCE_OF_CLAIM: &str = "SELECT * FROM evidence WHERE claim_id = $1 ORDER BY seq";
 
-async fn load_claim(conn: &mut Conn, claim_id: Uuid) -> Result<Option<Claim>> {
+async fn load_claim(conn: &mut Conn, claim_id: ClaimId) -> Result<Option<Claim>> {
     let row: Option<ClaimRow> = sqlx::query_as(
         "SELECT c.*, d.disbursement_id FROM claims c \
          LEFT JOIN disbursements d ON d.claim_id = c.claim_id WHERE c.claim_id = $1",
@@ -35,14 +34,14 @@ async fn load_evidence(conn: &mut Conn, claim: &ClaimRow) -> Result<Vec<Evidence
 }
 
 /// The claim just written in `tx`, as it now stands.
-async fn reload_claim(tx: &mut Tx, claim_id: Uuid) -> Result<Claim> {
+async fn reload_claim(tx: &mut Tx, claim_id: ClaimId) -> Result<Claim> {
     load_claim(tx, claim_id)
         .await?
         .ok_or(StoreError::NotFound("claim"))
 }
 
 /// Locks the claim so that concurrent changes to it see each other.
-async fn lock_claim(tx: &mut Tx, claim_id: Uuid) -> Result<()> {
+async fn lock_claim(tx: &mut Tx, claim_id: ClaimId) -> Result<()> {
     sqlx::query(dialect::LOCK_CLAIM)
         .bind(claim_id.to_string())
         .fetch_optional(&mut **tx)
@@ -53,7 +52,7 @@ async fn lock_claim(tx: &mut Tx, claim_id: Uuid) -> Result<()> {
 
 async fn insert_evidence(
     tx: &mut Tx,
-    claim_id: Uuid,
+    claim_id: ClaimId,
     evidence: &Evidence,
     actor: &str,
     now: Micros,
@@ -75,9 +74,9 @@ async fn insert_evidence(
 }
 
 /// Files `claim` in `tx` (for a partner it has locked, with no claim yet).
-async fn insert_claim(tx: &mut Tx, claim: &NewClaim) -> Result<Uuid> {
+async fn insert_claim(tx: &mut Tx, claim: &NewClaim) -> Result<ClaimId> {
     let now = now_micros();
-    let claim_id = Uuid::now_v7();
+    let claim_id = ClaimId::new();
     let d = &claim.decision;
     let json = |value: serde_json::Result<String>| value.map_err(anyhow::Error::from);
     sqlx::query(
@@ -157,7 +156,7 @@ impl ClaimStore for SqlStore {
     async fn attach_evidence(
         &self,
         call: Recorded<'_, Claim>,
-        claim_id: Uuid,
+        claim_id: ClaimId,
         evidence: &Evidence,
         actor: &str,
     ) -> Result<Stored<Claim>> {
@@ -185,7 +184,7 @@ impl ClaimStore for SqlStore {
     async fn review_claim(
         &self,
         call: Recorded<'_, Claim>,
-        claim_id: Uuid,
+        claim_id: ClaimId,
         review_of: &Review<'_>,
     ) -> Result<Stored<Claim>> {
         let Review {
@@ -230,7 +229,7 @@ impl ClaimStore for SqlStore {
         skip_all,
         fields(otel.kind = "client", db.system = DB_SYSTEM)
     )]
-    async fn get_claim(&self, claim_id: Uuid) -> Result<Option<Claim>> {
+    async fn get_claim(&self, claim_id: ClaimId) -> Result<Option<Claim>> {
         let mut conn = self.pool.acquire().await?;
         load_claim(&mut conn, claim_id).await
     }

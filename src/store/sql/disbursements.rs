@@ -2,11 +2,11 @@
 //! paused or resumed. Approval creates them ([`create_disbursement`]).
 
 use async_trait::async_trait;
-use uuid::Uuid;
 
 use super::{Conn, DB_SYSTEM, SqlStore, Tx, after_key, dialect, unexpected};
 use crate::domain::{
-    AccountChange, ClaimStatus, DisbursementStatus, Refusal, may_cancel, may_retry,
+    AccountChange, ClaimId, ClaimStatus, DisbursementId, DisbursementStatus, PartnerId, Refusal,
+    may_cancel, may_retry,
 };
 use crate::store::rows::{
     AttemptRow, DisbursementRow, DispatchStateRow, StatusChangeRow, StatusCountRow, StatusTotalRow,
@@ -23,12 +23,12 @@ use super::idempotency::Claimed;
 /// first history entry and its outbox row are written in the approving transaction.
 pub(super) async fn create_disbursement(
     tx: &mut Tx,
-    (claim_id, partner_id, amount_krw): (Uuid, Uuid, i64),
+    (claim_id, partner_id, amount_krw): (ClaimId, PartnerId, i64),
     actor: &str,
     trace_context: Option<&str>,
     now: Micros,
-) -> Result<Uuid> {
-    let disbursement_id = Uuid::now_v7();
+) -> Result<DisbursementId> {
+    let disbursement_id = DisbursementId::new();
     sqlx::query(
         "INSERT INTO disbursements (disbursement_id, claim_id, partner_id, amount_krw, \
          status, bank_code, account_sealed, account_last4, holder_name, trace_context, \
@@ -62,7 +62,11 @@ pub(super) async fn create_disbursement(
     Ok(disbursement_id)
 }
 
-async fn record_event(tx: &mut Tx, disbursement_id: Uuid, change: &StatusChange) -> Result<()> {
+async fn record_event(
+    tx: &mut Tx,
+    disbursement_id: DisbursementId,
+    change: &StatusChange,
+) -> Result<()> {
     sqlx::query(
         "INSERT INTO disbursement_events (disbursement_id, from_status, to_status, actor, \
          reason, time) VALUES ($1, $2, $3, $4, $5, $6)",
@@ -83,7 +87,7 @@ async fn record_event(tx: &mut Tx, disbursement_id: Uuid, change: &StatusChange)
 /// one the domain allows).
 pub(super) async fn transition(
     tx: &mut Tx,
-    disbursement_id: Uuid,
+    disbursement_id: DisbursementId,
     change: &StatusChange,
 ) -> Result<bool> {
     let (Some(from), to) = (change.from_status, change.to_status) else {
@@ -109,7 +113,10 @@ pub(super) async fn transition(
     Ok(moved == 1)
 }
 
-async fn load_disbursement(conn: &mut Conn, disbursement_id: Uuid) -> Result<Option<Disbursement>> {
+async fn load_disbursement(
+    conn: &mut Conn,
+    disbursement_id: DisbursementId,
+) -> Result<Option<Disbursement>> {
     let row: Option<DisbursementRow> =
         sqlx::query_as("SELECT * FROM disbursements WHERE disbursement_id = $1")
             .bind(disbursement_id.to_string())
@@ -141,7 +148,10 @@ async fn load_disbursement(conn: &mut Conn, disbursement_id: Uuid) -> Result<Opt
 }
 
 /// The disbursement, locked so that concurrent retries and cancels see each other.
-async fn require_disbursement(tx: &mut Tx, disbursement_id: Uuid) -> Result<Disbursement> {
+async fn require_disbursement(
+    tx: &mut Tx,
+    disbursement_id: DisbursementId,
+) -> Result<Disbursement> {
     sqlx::query(dialect::LOCK_DISBURSEMENT)
         .bind(disbursement_id.to_string())
         .fetch_optional(&mut **tx)
@@ -156,7 +166,7 @@ async fn require_disbursement(tx: &mut Tx, disbursement_id: Uuid) -> Result<Disb
 /// it is now, or (if it would allow the move still) an inconsistency.
 async fn changed_under(
     tx: &mut Tx,
-    disbursement_id: Uuid,
+    disbursement_id: DisbursementId,
     rule: impl Fn(&Disbursement) -> std::result::Result<(), Refusal>,
     what: &str,
 ) -> StoreError {
@@ -173,7 +183,7 @@ async fn changed_under(
 async fn finish_with(
     mut tx: Tx,
     call: Claimed<'_, Disbursement>,
-    disbursement_id: Uuid,
+    disbursement_id: DisbursementId,
 ) -> Result<Stored<Disbursement>> {
     let stored = load_disbursement(&mut tx, disbursement_id)
         .await?
@@ -211,7 +221,10 @@ impl DisbursementStore for SqlStore {
         skip_all,
         fields(otel.kind = "client", db.system = DB_SYSTEM)
     )]
-    async fn get_disbursement(&self, disbursement_id: Uuid) -> Result<Option<Disbursement>> {
+    async fn get_disbursement(
+        &self,
+        disbursement_id: DisbursementId,
+    ) -> Result<Option<Disbursement>> {
         let mut conn = self.pool.acquire().await?;
         load_disbursement(&mut conn, disbursement_id).await
     }
@@ -255,7 +268,7 @@ impl DisbursementStore for SqlStore {
     async fn retry_disbursement(
         &self,
         call: Recorded<'_, Disbursement>,
-        disbursement_id: Uuid,
+        disbursement_id: DisbursementId,
         actor: &str,
     ) -> Result<Stored<Disbursement>> {
         let (mut tx, call) = match self.begin_call(call).await? {
@@ -320,7 +333,7 @@ impl DisbursementStore for SqlStore {
     async fn cancel_disbursement(
         &self,
         call: Recorded<'_, Disbursement>,
-        disbursement_id: Uuid,
+        disbursement_id: DisbursementId,
         actor: &str,
         reason: &str,
     ) -> Result<Stored<Disbursement>> {

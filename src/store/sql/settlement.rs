@@ -10,7 +10,8 @@ use uuid::Uuid;
 use super::disbursements::transition;
 use super::{DB_SYSTEM, Db, SqlStore, Tx, since, until};
 use crate::domain::{
-    DisbursementStatus, OurPayout, Reopening, SettlementLine, SettlementMismatch, failure, judge,
+    DisbursementId, DisbursementStatus, OurPayout, Reopening, SettlementLine, SettlementMismatch,
+    failure, judge,
 };
 use crate::store::batch::{BatchSql, Column};
 use crate::store::rows::{ExportRow, OurSide, PaidRow, SettlementMatchRow};
@@ -63,7 +64,11 @@ async fn take_run_request_id(tx: &mut Tx, request_id: Uuid, actor: &str) -> Resu
 
 /// Moves a returned payout `PAID -> FAILED{RETURNED}`, conditional on its still being `PAID`
 /// (a concurrent run reopens it once).
-async fn reopen(tx: &mut Tx, disbursement_id: Uuid, change: &StatusChange) -> Result<Reopening> {
+async fn reopen(
+    tx: &mut Tx,
+    disbursement_id: DisbursementId,
+    change: &StatusChange,
+) -> Result<Reopening> {
     if !transition(tx, disbursement_id, change).await? {
         return Ok(Reopening::StatusChanged);
     }
@@ -115,7 +120,7 @@ impl SettlementStore for SqlStore {
     async fn export_disbursements(
         &self,
         filter: &ExportFilter,
-        after: Option<Uuid>,
+        after: Option<DisbursementId>,
         limit: u32,
     ) -> Result<Vec<ExportedDisbursement>> {
         // Keyset on the id, not on update_time: a row that changes while the export
@@ -328,7 +333,7 @@ impl SettlementStore for SqlStore {
         &self,
         run_id: Uuid,
         cutoff_time: Micros,
-        after: Option<Uuid>,
+        after: Option<DisbursementId>,
         limit: u32,
     ) -> Result<Vec<PaidPayout>> {
         // Paid before the cut-off: no PAID event at or after it (a payout paid, returned
