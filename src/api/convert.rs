@@ -224,7 +224,7 @@ pub fn claim(c: &Claim) -> pb::Claim {
         reported_loss_krw: c.decision.reported_loss_krw,
         recognized_loss_krw: c.decision.recognized_loss_krw,
         tier: tier(c.decision.tier) as i32,
-        compensation_krw: c.compensation_krw,
+        compensation_krw: c.compensation_krw.won(),
         policy_version: c.decision.policy_version.clone(),
         breakdown: c.decision.breakdown.iter().map(breakdown).collect(),
         evidence: c
@@ -291,7 +291,7 @@ pub fn disbursement(d: &store::Disbursement) -> pb::Disbursement {
         disbursement_id: d.disbursement_id.to_string(),
         claim_id: d.claim_id.to_string(),
         partner_id: d.partner_id.to_string(),
-        amount_krw: d.amount_krw,
+        amount_krw: d.amount_krw.won(),
         status: disbursement_status(d.status) as i32,
         attempts: d
             .attempts
@@ -340,7 +340,7 @@ pub fn exported_disbursement(d: &store::ExportedDisbursement) -> pb::ExportedDis
         business_registration_number: d.business_registration_number.as_str().to_owned(),
         legal_name: d.legal_name.as_str().to_owned(),
         representative_name: d.representative_name.as_str().to_owned(),
-        amount_krw: d.amount_krw,
+        amount_krw: d.amount_krw.won(),
         status: disbursement_status(d.status) as i32,
         bank_code: d.account.bank_code.as_str().to_owned(),
         account_number: d.account.masked(),

@@ -263,17 +263,22 @@ impl DisbursementService for Disbursements {
         _request: Request<pb::GetProgramSummaryRequest>,
     ) -> Result<Response<pb::GetProgramSummaryResponse>, Status> {
         let s = self.ctx.store.program_summary().await?;
+        let in_flight_krw = s
+            .queued
+            .krw
+            .checked_add(s.submitted.krw)
+            .ok_or_else(|| Status::internal("the in-flight total passes the range of KRW"))?;
         Ok(Response::new(pb::GetProgramSummaryResponse {
             approved_count: s.approved.count,
-            approved_krw: s.approved.krw,
+            approved_krw: s.approved.krw.won(),
             paid_count: s.paid.count,
-            paid_krw: s.paid.krw,
+            paid_krw: s.paid.krw.won(),
             in_flight_count: s.queued.count + s.submitted.count,
-            in_flight_krw: s.queued.krw + s.submitted.krw,
+            in_flight_krw: in_flight_krw.won(),
             failed_count: s.failed.count,
-            failed_krw: s.failed.krw,
+            failed_krw: s.failed.krw.won(),
             cancelled_count: s.cancelled.count,
-            cancelled_krw: s.cancelled.krw,
+            cancelled_krw: s.cancelled.krw.won(),
             pending_review_count: s.pending_review_count,
             rejected_count: s.rejected_count,
             queued_count: s.queued.count,

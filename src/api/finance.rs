@@ -417,7 +417,7 @@ impl Run {
                     idempotency_key: p.idempotency_key.clone(),
                     disbursement_id: Some(p.disbursement_id),
                     kind: MismatchKind::PaidHereNotThere,
-                    our_amount_krw: p.amount_krw,
+                    our_amount_krw: p.amount_krw.won(),
                     their_amount_krw: 0,
                     detail: format!(
                         "PAID here at {paid}, before the cut-off, but not in the report"

@@ -3,7 +3,7 @@
 use serde::{Deserialize, Serialize};
 
 use super::{
-    ClaimId, ClaimStatus, Decision, DisbursementId, FourEyes, Invalid, LossItem, PartnerId,
+    ClaimId, ClaimStatus, Decision, DisbursementId, FourEyes, Invalid, Krw, LossItem, PartnerId,
     Refusal, Tier, same_principal, text,
 };
 
@@ -157,7 +157,7 @@ pub struct Claim {
     pub items: Vec<LossItem>,
     pub decision: Decision,
     /// What is paid: the tier's amount, or the reviewer's.
-    pub compensation_krw: i64,
+    pub compensation_krw: Krw,
     pub evidence: Vec<AttachedEvidence>,
     pub submitted_by: String,
     pub reviewed_by: Option<String>,

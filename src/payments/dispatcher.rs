@@ -33,7 +33,7 @@ use tracing::Instrument as _;
 
 use super::QuietHours;
 use crate::domain::{
-    AttemptOperation, AttemptOutcome, DisbursementId, DisbursementStatus, failure,
+    AttemptOperation, AttemptOutcome, DisbursementId, DisbursementStatus, Krw, failure,
 };
 use crate::proto::payments::v1::{
     self as pb, InstructionStatus, payments_backend_client::PaymentsBackendClient,
@@ -62,7 +62,7 @@ pub struct DispatcherConfig {
     /// When an `ACCEPTED` instruction is looked up again.
     pub accepted_poll: Duration,
     pub quiet_hours: Option<QuietHours>,
-    pub budget_krw: Option<i64>,
+    pub budget_krw: Option<Krw>,
     /// Sent to the backend as `authorization: Bearer ...`.
     pub backend_token: Option<Secret>,
     /// The first back-off after a transient failure; doubles up to `max_backoff`.
@@ -335,7 +335,7 @@ impl Dispatcher {
             (_, Some(KeyAssignment::OverBudget)) => {
                 tracing::warn!(
                     disbursement_id = %d.disbursement_id,
-                    amount_krw = d.amount_krw,
+                    amount_krw = d.amount_krw.won(),
                     "held back: paying it would pass the programme budget"
                 );
                 self.later(self.config.max_backoff)
@@ -612,7 +612,7 @@ impl Dispatcher {
         };
         let request = pb::SubmitInstructionRequest {
             idempotency_key: key.to_owned(),
-            amount_krw: d.amount_krw,
+            amount_krw: d.amount_krw.won(),
             bank_code: d.account.bank_code.as_str().to_owned(),
             account_number,
             holder_name: d.account.holder_name.as_str().to_owned(),

@@ -15,7 +15,7 @@ use super::rows::{services_key, unexpected};
 use super::{AuditEvent, ClaimSubmission, Idempotency, Micros, Result, StoreError, Stored};
 use crate::domain::{
     AttachedEvidence, BankAccount, Claim, ClaimId, ClaimStatus, DisbursementId, DisbursementStatus,
-    NewPartner, Partner, PartnerId, PartnerProfile,
+    Krw, NewPartner, Partner, PartnerId, PartnerProfile,
 };
 
 /// Why a batch could not be written as a batch.
@@ -208,7 +208,7 @@ pub(crate) fn claim_if_new(row: &ClaimSubmission, partner_id: PartnerId, now: Mi
         status: d.status,
         items: row.claim.items.clone(),
         decision: d.clone(),
-        compensation_krw: d.compensation_krw,
+        compensation_krw: Krw::new(d.compensation_krw),
         evidence: row
             .claim
             .evidence
@@ -333,7 +333,7 @@ fn disbursement_inserts(
             Column::BigInt(
                 approved
                     .iter()
-                    .map(|(f, _, _)| f.claim.compensation_krw)
+                    .map(|(f, _, _)| f.claim.compensation_krw.won())
                     .collect(),
             ),
             queued(),

@@ -17,7 +17,7 @@ use crate::domain::{
     NewPartner, Partner, PartnerId, Refusal, ReviewDecision, ReviewRefused, Tier,
 };
 // Finance: export and reconciliation.
-use crate::domain::{PersonOrBusinessName, SettlementLine, SettlementMismatch};
+use crate::domain::{Krw, PersonOrBusinessName, SettlementLine, SettlementMismatch};
 
 pub mod batch;
 mod idempotency;
@@ -228,7 +228,7 @@ pub struct Disbursement {
     pub disbursement_id: DisbursementId,
     pub claim_id: ClaimId,
     pub partner_id: PartnerId,
-    pub amount_krw: i64,
+    pub amount_krw: Krw,
     pub status: DisbursementStatus,
     pub failure_code: Option<String>,
     pub failure_message: Option<String>,
@@ -257,7 +257,7 @@ pub struct DispatchState {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct CountKrw {
     pub count: i64,
-    pub krw: i64,
+    pub krw: Krw,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -339,7 +339,7 @@ pub struct ExportedDisbursement {
     pub business_registration_number: BusinessRegistrationNumber,
     pub legal_name: PersonOrBusinessName,
     pub representative_name: PersonOrBusinessName,
-    pub amount_krw: i64,
+    pub amount_krw: Krw,
     pub status: DisbursementStatus,
     /// The last 4 digits only: the export never opens the sealed number.
     pub account: AccountOnFile,
@@ -368,7 +368,7 @@ pub struct SettlementPage {
 pub struct PaidPayout {
     pub disbursement_id: DisbursementId,
     pub idempotency_key: String,
-    pub amount_krw: i64,
+    pub amount_krw: Krw,
     pub paid_time: Micros,
 }
 
@@ -528,7 +528,7 @@ pub trait DispatchStore {
     async fn record_dispatch(
         &self,
         record: &DispatchRecord,
-        budget_krw: Option<i64>,
+        budget_krw: Option<Krw>,
         back_off: &(dyn Fn(u32) -> Micros + Send + Sync),
         now: Micros,
     ) -> Result<Vec<KeyAssignment>>;

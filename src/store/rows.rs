@@ -11,7 +11,7 @@ use super::{
 use crate::domain::{
     AccountOnFile, AffectedService, AttachedEvidence, AttemptOperation, AttemptOutcome, BankCode,
     BusinessRegistrationNumber, Claim, ClaimStatus, ContactEmail, Decision, DisbursementId,
-    DisbursementStatus, Evidence, EvidenceKind, LossItem, Partner, PartnerProfile,
+    DisbursementStatus, Evidence, EvidenceKind, Krw, LossItem, Partner, PartnerProfile,
     PersonOrBusinessName, SettlementLine, SettlementStatus,
 };
 
@@ -200,7 +200,7 @@ impl ClaimRow {
             status: ClaimStatus::from_key(&self.status).ok_or_else(|| unexpected(&self.status))?,
             items: parsed("items", serde_json::from_str::<Vec<LossItem>>(&self.items))?,
             decision: parsed("decision", serde_json::from_str::<Decision>(&self.decision))?,
-            compensation_krw: self.compensation_krw,
+            compensation_krw: Krw::new(self.compensation_krw),
             evidence: evidence
                 .into_iter()
                 .map(AttachedEvidence::try_from)
@@ -247,7 +247,7 @@ impl TryFrom<DisbursementRow> for Disbursement {
             disbursement_id: uuid("disbursement_id", &row.disbursement_id)?,
             claim_id: uuid("claim_id", &row.claim_id)?,
             partner_id: uuid("partner_id", &row.partner_id)?,
-            amount_krw: row.amount_krw,
+            amount_krw: Krw::new(row.amount_krw),
             status: disbursement_status("status", &row.status)?,
             failure_code: row.failure_code,
             failure_message: row.failure_message,
@@ -349,7 +349,7 @@ impl StatusTotalRow {
             disbursement_status("status", &self.status)?,
             CountKrw {
                 count: self.n,
-                krw: self.krw,
+                krw: Krw::new(self.krw),
             },
         ))
     }
@@ -428,7 +428,7 @@ impl TryFrom<ExportRow> for ExportedDisbursement {
             business_registration_number,
             legal_name,
             representative_name,
-            amount_krw: row.amount_krw,
+            amount_krw: Krw::new(row.amount_krw),
             status: disbursement_status("status", &row.status)?,
             account: row.account.try_into()?,
             idempotency_key: row.idempotency_key,
@@ -458,7 +458,7 @@ impl TryFrom<PaidRow> for PaidPayout {
             idempotency_key: row
                 .idempotency_key
                 .ok_or_else(|| unexpected("a PAID disbursement without a key"))?,
-            amount_krw: row.amount_krw,
+            amount_krw: Krw::new(row.amount_krw),
             paid_time: row
                 .paid_time
                 .ok_or_else(|| unexpected("a PAID disbursement without a PAID event"))?,
@@ -484,7 +484,7 @@ pub(crate) struct SettlementMatchRow {
 pub(crate) struct OurSide {
     pub disbursement_id: DisbursementId,
     pub status: DisbursementStatus,
-    pub amount_krw: i64,
+    pub amount_krw: Krw,
     pub failure_code: Option<String>,
     /// The line's key is the disbursement's current key (not one a retry replaced).
     pub current_key: bool,
@@ -505,6 +505,7 @@ impl SettlementMatchRow {
                 )?,
                 amount_krw: self
                     .our_amount_krw
+                    .map(Krw::new)
                     .ok_or_else(|| unexpected("our_amount_krw"))?,
                 failure_code: self.failure_code,
                 current_key: self.current_key.as_deref() == Some(self.idempotency_key.as_str()),

@@ -411,7 +411,11 @@ impl DisbursementStore for SqlStore {
         for row in &rows {
             let (status, bucket) = row.bucket()?;
             summary.approved.count += bucket.count;
-            summary.approved.krw += bucket.krw;
+            summary.approved.krw = summary
+                .approved
+                .krw
+                .checked_add(bucket.krw)
+                .ok_or_else(|| unexpected("the approved total passes the range of KRW"))?;
             *match status {
                 DisbursementStatus::Queued => &mut summary.queued,
                 DisbursementStatus::Submitted => &mut summary.submitted,

@@ -25,7 +25,7 @@ use sqlx::FromRow as _;
 
 use super::disbursements::load_dispatch_state;
 use super::{DB_SYSTEM, Db, DbRow, SqlStore, Tx, dialect};
-use crate::domain::{DisbursementId, DisbursementStatus};
+use crate::domain::{DisbursementId, DisbursementStatus, Krw};
 use crate::store::batch::{BatchSql, Column as Col};
 use crate::store::rows::{DisbursementRow, unexpected, uuid};
 use crate::store::{
@@ -363,7 +363,7 @@ type KeysMade = (Vec<KeyAssignment>, Vec<(DisbursementId, String)>);
 fn decide_keys(
     ids: &[DisbursementId],
     found: &HashMap<DisbursementId, (DisbursementStatus, KeyRow)>,
-    budget_krw: Option<i64>,
+    budget_krw: Option<Krw>,
     mut committed: Option<i128>,
 ) -> Result<KeysMade> {
     let mut answers = Vec::with_capacity(ids.len());
@@ -384,7 +384,7 @@ fn decide_keys(
             }
         }
         if let (Some(budget), Some(sum)) = (budget_krw, committed.as_mut()) {
-            if *sum + i128::from(row.amount_krw) > i128::from(budget) {
+            if *sum + i128::from(row.amount_krw) > i128::from(budget.won()) {
                 answers.push(KeyAssignment::OverBudget);
                 continue;
             }
@@ -402,7 +402,7 @@ fn decide_keys(
 async fn key_rows(
     tx: &mut Tx,
     ids_to_key: &[DisbursementId],
-    budget_krw: Option<i64>,
+    budget_krw: Option<Krw>,
 ) -> Result<(
     HashMap<DisbursementId, (DisbursementStatus, KeyRow)>,
     Option<i128>,
@@ -446,7 +446,7 @@ async fn key_rows(
 async fn assign_keys(
     tx: &mut Tx,
     ids_to_key: &[DisbursementId],
-    budget_krw: Option<i64>,
+    budget_krw: Option<Krw>,
     now: Micros,
 ) -> Result<(Vec<KeyAssignment>, HashSet<DisbursementId>)> {
     if ids_to_key.is_empty() {
@@ -505,7 +505,7 @@ async fn assign_keys(
 async fn record_in(
     tx: &mut Tx,
     record: &DispatchRecord,
-    budget_krw: Option<i64>,
+    budget_krw: Option<Krw>,
     back_off: &(dyn Fn(u32) -> Micros + Send + Sync),
     now: Micros,
 ) -> Result<Vec<KeyAssignment>> {
@@ -599,7 +599,7 @@ impl DispatchStore for SqlStore {
     async fn record_dispatch(
         &self,
         record: &DispatchRecord,
-        budget_krw: Option<i64>,
+        budget_krw: Option<Krw>,
         back_off: &(dyn Fn(u32) -> Micros + Send + Sync),
         now: Micros,
     ) -> Result<Vec<KeyAssignment>> {

@@ -94,7 +94,7 @@ async fn reconcile_line(
 ) -> Result<(Option<SettlementMismatch>, bool)> {
     let payout = ours.map(|o| OurPayout {
         status: o.status,
-        amount_krw: o.amount_krw,
+        amount_krw: o.amount_krw.won(),
         failure_code: o.failure_code.as_deref(),
         current_key: o.current_key,
     });
