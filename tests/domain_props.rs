@@ -7,7 +7,7 @@ use partner_payouts::api::convert::{
 use partner_payouts::domain::text::{self, MAX_REASON_CHARS, Reason};
 use partner_payouts::domain::{
     AccountChange, AccountNumber, AffectedService, BusinessRegistrationNumber, ClaimStatus,
-    ContactEmail, DEFAULT_POLICY_TOML, DisbursementStatus, Evidence, EvidenceKind, FourEyes,
+    ContactEmail, DEFAULT_POLICY_TOML, DisbursementStatus, Evidence, EvidenceKind, FourEyes, Krw,
     LossItem, MAX_WEEK_SALES_KRW, OurPayout, PersonOrBusinessName, Policy, Refusal, Reopening,
     ReviewDecision, ReviewRefused, Reviewed, SettlementLine, SettlementStatus, Tier, UnderReview,
     judge, may_cancel, may_retry, review,
@@ -376,7 +376,9 @@ fn principal() -> impl Strategy<Value = &'static str> {
 
 fn review_decision() -> impl Strategy<Value = ReviewDecision> {
     prop_oneof![
-        (1i64..=50_000).prop_map(|compensation_krw| ReviewDecision::Approve { compensation_krw }),
+        (1i64..=50_000).prop_map(|won| ReviewDecision::Approve {
+            compensation_krw: Krw::new(won)
+        }),
         Just(ReviewDecision::Reject),
     ]
 }
@@ -406,7 +408,7 @@ proptest! {
                     status: ClaimStatus::Approved,
                     compensation_krw,
                 },
-                ReviewDecision::Reject => Reviewed { status: ClaimStatus::Rejected, compensation_krw: 0 },
+                ReviewDecision::Reject => Reviewed { status: ClaimStatus::Rejected, compensation_krw: Krw::ZERO },
             };
             prop_assert_eq!(got, Ok(expected));
         }
@@ -420,7 +422,7 @@ proptest! {
         let approved = ReviewDecision::approve(amount, cap);
         prop_assert_eq!(approved.is_ok(), amount >= 1 && amount <= cap);
         if let Ok(decision) = approved {
-            prop_assert_eq!(decision, ReviewDecision::Approve { compensation_krw: amount });
+            prop_assert_eq!(decision, ReviewDecision::Approve { compensation_krw: Krw::new(amount) });
         }
         prop_assert_eq!(ReviewDecision::reject(amount).is_ok(), amount == 0);
     }

@@ -169,7 +169,7 @@ pub struct Claim {
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ReviewDecision {
-    Approve { compensation_krw: i64 },
+    Approve { compensation_krw: Krw },
     Reject,
 }
 
@@ -177,7 +177,9 @@ impl ReviewDecision {
     /// An approval pays 1 KRW up to the policy's review cap.
     pub fn approve(compensation_krw: i64, review_cap_krw: i64) -> Result<Self, Invalid> {
         if (1..=review_cap_krw).contains(&compensation_krw) {
-            Ok(Self::Approve { compensation_krw })
+            Ok(Self::Approve {
+                compensation_krw: Krw::new(compensation_krw),
+            })
         } else {
             Err(Invalid::new(format!(
                 "must be between 1 and the review cap of {review_cap_krw} KRW"
@@ -217,7 +219,7 @@ pub struct UnderReview<'a> {
 pub struct Reviewed {
     pub status: ClaimStatus,
     /// The reviewer's amount when approved; 0 when rejected.
-    pub compensation_krw: i64,
+    pub compensation_krw: Krw,
 }
 
 /// The review rule, in the order a caller is told: another principal than the submitter (four
@@ -244,7 +246,7 @@ pub fn review(
         }),
         ReviewDecision::Reject => Ok(Reviewed {
             status: ClaimStatus::Rejected,
-            compensation_krw: 0,
+            compensation_krw: Krw::ZERO,
         }),
     }
 }
@@ -326,7 +328,7 @@ mod tests {
     }
 
     const APPROVE: ReviewDecision = ReviewDecision::Approve {
-        compensation_krw: 40_000,
+        compensation_krw: Krw::new(40_000),
     };
 
     #[test]
@@ -335,14 +337,14 @@ mod tests {
             review(pending("clerk", 1), "reviewer", APPROVE),
             Ok(Reviewed {
                 status: ClaimStatus::Approved,
-                compensation_krw: 40_000
+                compensation_krw: Krw::new(40_000)
             })
         );
         assert_eq!(
             review(pending("clerk", 0), "reviewer", ReviewDecision::Reject),
             Ok(Reviewed {
                 status: ClaimStatus::Rejected,
-                compensation_krw: 0
+                compensation_krw: Krw::ZERO
             })
         );
     }
@@ -391,7 +393,7 @@ mod tests {
         assert_eq!(
             ReviewDecision::approve(50_000, 50_000),
             Ok(ReviewDecision::Approve {
-                compensation_krw: 50_000
+                compensation_krw: Krw::new(50_000)
             })
         );
         assert!(ReviewDecision::approve(1, 50_000).is_ok());

@@ -4,7 +4,7 @@ use async_trait::async_trait;
 
 use super::disbursements::create_disbursement;
 use super::{Conn, DB_SYSTEM, SqlStore, Tx, after_key, bulk_claims, dialect};
-use crate::domain::{Claim, ClaimId, ClaimStatus, Evidence, NewClaim, Reviewed, review};
+use crate::domain::{Claim, ClaimId, ClaimStatus, Evidence, Krw, NewClaim, Reviewed, review};
 use crate::store::rows::{ClaimRow, EvidenceRow, unexpected, uuid};
 use crate::store::{
     BatchAudit, ClaimFilter, ClaimStore, ClaimSubmission, Micros, Page, Recorded, Render, Result,
@@ -103,7 +103,7 @@ async fn insert_claim(tx: &mut Tx, claim: &NewClaim) -> Result<ClaimId> {
         insert_evidence(tx, claim_id, evidence, &claim.submitted_by, now).await?;
     }
     if d.status == ClaimStatus::Approved {
-        let payee = (claim_id, claim.partner_id, d.compensation_krw);
+        let payee = (claim_id, claim.partner_id, Krw::new(d.compensation_krw));
         let trace_context = claim.trace_context.as_deref();
         create_disbursement(tx, payee, &claim.submitted_by, trace_context, now).await?;
     }
@@ -209,7 +209,7 @@ impl ClaimStore for SqlStore {
              review_reason = $4, update_time = $5 WHERE claim_id = $6",
         )
         .bind(status.key())
-        .bind(compensation_krw)
+        .bind(compensation_krw.won())
         .bind(reviewer)
         .bind(reason)
         .bind(now)

@@ -5,8 +5,8 @@ use async_trait::async_trait;
 
 use super::{Conn, DB_SYSTEM, SqlStore, Tx, after_key, dialect, unexpected};
 use crate::domain::{
-    AccountChange, ClaimId, ClaimStatus, DisbursementId, DisbursementStatus, PartnerId, Refusal,
-    may_cancel, may_retry,
+    AccountChange, ClaimId, ClaimStatus, DisbursementId, DisbursementStatus, Krw, PartnerId,
+    Refusal, may_cancel, may_retry,
 };
 use crate::store::rows::{
     AttemptRow, DisbursementRow, DispatchStateRow, StatusChangeRow, StatusCountRow, StatusTotalRow,
@@ -23,7 +23,7 @@ use super::idempotency::Claimed;
 /// first history entry and its outbox row are written in the approving transaction.
 pub(super) async fn create_disbursement(
     tx: &mut Tx,
-    (claim_id, partner_id, amount_krw): (ClaimId, PartnerId, i64),
+    (claim_id, partner_id, amount_krw): (ClaimId, PartnerId, Krw),
     actor: &str,
     trace_context: Option<&str>,
     now: Micros,
@@ -40,7 +40,7 @@ pub(super) async fn create_disbursement(
     .bind(disbursement_id.to_string())
     .bind(claim_id.to_string())
     .bind(partner_id.to_string())
-    .bind(amount_krw)
+    .bind(amount_krw.won())
     .bind(DisbursementStatus::Queued.key())
     .bind(now)
     .bind(trace_context)
