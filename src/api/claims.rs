@@ -19,8 +19,8 @@ use crate::principal::Principal;
 use crate::proto::payouts::v1::{self as pb, claim_service_server::ClaimService};
 use crate::status::status_with_reason;
 use crate::store::{
-    BatchAudit, ClaimFilter, ClaimSubmission, PartnerRef, Recorded, Review, Store, StoreError,
-    Stored,
+    Attachment, BatchAudit, ClaimFilter, ClaimSubmission, PartnerRef, Recorded, Review, Store,
+    StoreError, Stored,
 };
 
 pub struct Claims {
@@ -381,7 +381,14 @@ impl ClaimService for Claims {
         let stored = self
             .ctx
             .store
-            .attach_evidence(recorded, claim_id, &evidence, &actor)
+            .attach_evidence(
+                recorded,
+                claim_id,
+                &Attachment {
+                    evidence: &evidence,
+                    attached_by: &actor,
+                },
+            )
             .await?;
         audit.stored(&stored);
         let response = respond(&call, stored, |c| pb::AttachEvidenceResponse {

@@ -10,7 +10,9 @@ use crate::audit::{CallRecord, Resource};
 use crate::domain::text::Reason;
 use crate::principal::Principal;
 use crate::proto::payouts::v1::{self as pb, disbursement_service_server::DisbursementService};
-use crate::store::{Disbursement, DisbursementFilter, DispatchState, Recorded, StoreError};
+use crate::store::{
+    Disbursement, DisbursementFilter, DispatchState, OperatorRequest, Recorded, StoreError,
+};
 
 pub struct Disbursements {
     pub ctx: Context,
@@ -156,7 +158,14 @@ impl DisbursementService for Disbursements {
         let stored = self
             .ctx
             .store
-            .cancel_disbursement(recorded, id, &actor, reason.as_str())
+            .cancel_disbursement(
+                recorded,
+                id,
+                &OperatorRequest {
+                    actor: &actor,
+                    reason: reason.as_str(),
+                },
+            )
             .await?;
         audit.stored(&stored);
         respond(&call, stored, |d| pb::CancelDisbursementResponse {
@@ -195,7 +204,14 @@ impl DisbursementService for Disbursements {
         let stored = self
             .ctx
             .store
-            .set_dispatch_paused(recorded, true, &actor, reason.as_str())
+            .set_dispatch_paused(
+                recorded,
+                true,
+                &OperatorRequest {
+                    actor: &actor,
+                    reason: reason.as_str(),
+                },
+            )
             .await?;
         audit.stored(&stored);
         respond(&call, stored, |s| pb::PauseDispatchResponse {
@@ -232,7 +248,15 @@ impl DisbursementService for Disbursements {
         let stored = self
             .ctx
             .store
-            .set_dispatch_paused(recorded, false, &actor, "")
+            .set_dispatch_paused(
+                recorded,
+                false,
+                // Resuming clears the reason of the pause.
+                &OperatorRequest {
+                    actor: &actor,
+                    reason: "",
+                },
+            )
             .await?;
         audit.stored(&stored);
         respond(&call, stored, |s| pb::ResumeDispatchResponse {

@@ -24,7 +24,10 @@ use crate::domain::{
 use crate::principal::Principal;
 use crate::proto::payouts::v1 as pb;
 use crate::store::isolate::{may_be_a_rows_fault, write_isolating};
-use crate::store::{ExportFilter, Micros, SettlementTotals, Store, StoreError, now_micros};
+use crate::store::{
+    ExportFilter, LinePage, Micros, OperatorRequest, Page, SettlementTotals, Store, StoreError,
+    now_micros,
+};
 
 /// Rows per export message, and per store query.
 pub const EXPORT_PAGE_SIZE: u32 = 500;
@@ -78,7 +81,13 @@ pub fn export(
                     return Ok::<_, Status>(None);
                 };
                 let rows = store
-                    .export_disbursements(&filter, after, EXPORT_PAGE_SIZE)
+                    .export_disbursements(
+                        &filter,
+                        Page {
+                            after,
+                            limit: EXPORT_PAGE_SIZE,
+                        },
+                    )
                     .instrument(span)
                     .await?;
                 if rows.is_empty() {
@@ -386,10 +395,14 @@ impl Run {
             let page = store
                 .reconcile_settlement_page(
                     self.run_id,
-                    &after_key,
-                    RECONCILE_BATCH,
-                    &self.actor,
-                    &self.reason,
+                    LinePage {
+                        after_key: &after_key,
+                        limit: RECONCILE_BATCH,
+                    },
+                    &OperatorRequest {
+                        actor: &self.actor,
+                        reason: &self.reason,
+                    },
                 )
                 .await?;
             totals.matched_count += page.matched;
@@ -407,7 +420,14 @@ impl Run {
         let mut after = None;
         loop {
             let missing = store
-                .paid_missing_from_report(self.run_id, self.cutoff_time, after, RECONCILE_BATCH)
+                .paid_missing_from_report(
+                    self.run_id,
+                    self.cutoff_time,
+                    Page {
+                        after,
+                        limit: RECONCILE_BATCH,
+                    },
+                )
                 .await?;
             totals.mismatch_count += i64::try_from(missing.len()).unwrap_or(i64::MAX);
             for p in &missing {

@@ -41,8 +41,8 @@ use crate::proto::payments::v1::{
 use crate::sealing::{PiiCipher, Sealed};
 use crate::secret::Secret;
 use crate::store::{
-    Attempt, Disbursement, DispatchOutcome, DispatchRecord, KeyAssignment, Micros, Requeue, Store,
-    StoreError, now_micros,
+    Attempt, Disbursement, DispatchOutcome, DispatchRecord, DispatchTerms, KeyAssignment, Micros,
+    Requeue, Store, StoreError, now_micros,
 };
 
 #[derive(Debug, Clone)]
@@ -377,9 +377,11 @@ impl Dispatcher {
         self.store
             .record_dispatch(
                 record,
-                self.config.budget_krw,
-                &self.back_off(),
-                now_micros(),
+                &DispatchTerms {
+                    budget_krw: self.config.budget_krw,
+                    back_off: &self.back_off(),
+                    now: now_micros(),
+                },
             )
             .await
     }

@@ -141,10 +141,12 @@ impl From<sqlx::migrate::MigrateError> for StoreError {
 
 pub type Result<T, E = StoreError> = std::result::Result<T, E>;
 
-/// One page: rows after `after` (ids sort by creation time), at most `limit`.
+/// One page: rows after `after` (ids sort by creation time), at most `limit`. The api's
+/// page tokens name any kind of row, so a listing's page is over bare ids; a page over one
+/// kind of row names it (`Page<DisbursementId>`).
 #[derive(Debug, Clone, Default)]
-pub struct Page {
-    pub after: Option<Uuid>,
+pub struct Page<Id = Uuid> {
+    pub after: Option<Id>,
     pub limit: u32,
 }
 
@@ -190,6 +192,39 @@ pub struct AuditFilter {
     pub resource_id: Option<String>,
     pub start_time: Option<Micros>,
     pub end_time: Option<Micros>,
+}
+
+/// Who asks an operator's change (a cancel, a pause, the reopening of a returned payout),
+/// and why; both are kept with the change.
+#[derive(Debug, Clone, Copy)]
+pub struct OperatorRequest<'a> {
+    pub actor: &'a str,
+    pub reason: &'a str,
+}
+
+/// A partner's new bank account, by whom, against the etag the caller read.
+#[derive(Debug, Clone, Copy)]
+pub struct AccountUpdate<'a> {
+    pub account: &'a BankAccount,
+    pub etag: &'a str,
+    pub actor: &'a str,
+}
+
+/// Evidence attached to a claim, and who attached it.
+#[derive(Debug, Clone, Copy)]
+pub struct Attachment<'a> {
+    pub evidence: &'a Evidence,
+    pub attached_by: &'a str,
+}
+
+/// What a dispatcher's record is written under: the programme budget the new instruction keys
+/// must stay within, the back-off of a [`Requeue::BackOff`] (`back_off(failures so far)` gives
+/// the due time) and the time of writing.
+#[derive(Clone, Copy)]
+pub struct DispatchTerms<'a> {
+    pub budget_krw: Option<Krw>,
+    pub back_off: &'a (dyn Fn(u32) -> Micros + Send + Sync),
+    pub now: Micros,
 }
 
 /// A reviewer's decision on a claim.
@@ -352,6 +387,13 @@ pub struct ExportedDisbursement {
     pub update_time: Micros,
 }
 
+/// Up to `limit` staged lines of a settlement report after `after_key`, in key order.
+#[derive(Debug, Clone, Copy)]
+pub struct LinePage<'a> {
+    pub after_key: &'a str,
+    pub limit: u32,
+}
+
 /// What one page of a settlement report came to.
 #[derive(Debug, Clone, Default)]
 pub struct SettlementPage {
@@ -412,9 +454,7 @@ pub trait PartnerStore {
         &self,
         call: Recorded<'_, Partner>,
         partner_id: PartnerId,
-        account: &BankAccount,
-        etag: &str,
-        actor: &str,
+        update: &AccountUpdate<'_>,
     ) -> Result<Stored<Partner>>;
     /// Registers a batch of partners in one transaction. Each row is answered, in order, as
     /// [`PartnerStore::register_partner`] would have answered it had the rows come one at a
@@ -441,8 +481,7 @@ pub trait ClaimStore {
         &self,
         call: Recorded<'_, Claim>,
         claim_id: ClaimId,
-        evidence: &Evidence,
-        actor: &str,
+        attachment: &Attachment<'_>,
     ) -> Result<Stored<Claim>>;
     async fn review_claim(
         &self,
@@ -476,25 +515,26 @@ pub trait DisbursementStore {
         filter: &DisbursementFilter,
         page: &Page,
     ) -> Result<Vec<Disbursement>>;
+    /// Queues a `FAILED` disbursement again, under a new key.
     async fn retry_disbursement(
         &self,
         call: Recorded<'_, Disbursement>,
         disbursement_id: DisbursementId,
         actor: &str,
     ) -> Result<Stored<Disbursement>>;
+    /// Cancels a `QUEUED` disbursement: it leaves the outbox.
     async fn cancel_disbursement(
         &self,
         call: Recorded<'_, Disbursement>,
         disbursement_id: DisbursementId,
-        actor: &str,
-        reason: &str,
+        request: &OperatorRequest<'_>,
     ) -> Result<Stored<Disbursement>>;
+    /// Pauses or resumes dispatch for every replica.
     async fn set_dispatch_paused(
         &self,
         call: Recorded<'_, DispatchState>,
         paused: bool,
-        actor: &str,
-        reason: &str,
+        request: &OperatorRequest<'_>,
     ) -> Result<Stored<DispatchState>>;
     async fn program_summary(&self) -> Result<ProgramSummary>;
 }
@@ -520,29 +560,25 @@ pub trait DispatchStore {
         held_until: Micros,
         lease_until: Micros,
     ) -> Result<u64>;
-    /// Writes `record` in one transaction: attempts, verified holders, finished dispatches
-    /// (with their history), released rows (`back_off(failures so far)` gives the due time of
-    /// [`Requeue::BackOff`]) and instruction keys within `budget_krw`, made one batch at a time
-    /// across replicas (under the `dispatch_control` lock), the batch's keys adding up as they
-    /// are made.
+    /// Writes `record` in one transaction under `terms`: attempts, verified holders, finished
+    /// dispatches (with their history), released rows and instruction keys within the budget,
+    /// made one batch at a time across replicas (under the `dispatch_control` lock), the
+    /// batch's keys adding up as they are made.
     async fn record_dispatch(
         &self,
         record: &DispatchRecord,
-        budget_krw: Option<Krw>,
-        back_off: &(dyn Fn(u32) -> Micros + Send + Sync),
-        now: Micros,
+        terms: &DispatchTerms<'_>,
     ) -> Result<Vec<KeyAssignment>>;
 }
 
 /// Finance: the export of disbursements and the reconciliation of settlement reports.
 #[async_trait]
 pub trait SettlementStore {
-    /// Up to `limit` disbursements after `after` (in id order) that match `filter`.
+    /// A page of the disbursements that match `filter`, in id order.
     async fn export_disbursements(
         &self,
         filter: &ExportFilter,
-        after: Option<DisbursementId>,
-        limit: u32,
+        page: Page<DisbursementId>,
     ) -> Result<Vec<ExportedDisbursement>>;
     /// Starts a reconciliation run named by the caller's `request_id`; returns its run id.
     /// The request id is `actor`'s (the calling principal's): one that `actor` used with
@@ -563,24 +599,21 @@ pub trait SettlementStore {
         report_sha256: &str,
         line_count: i64,
     ) -> Result<()>;
-    /// Reconciles up to `limit` staged lines after `after_key` (in key order) in one
-    /// transaction, reopening returned payouts as `FAILED{RETURNED}` with `reason`.
+    /// Reconciles a page of staged lines in one transaction, reopening returned payouts as
+    /// `FAILED{RETURNED}` by `request`'s actor with its reason.
     async fn reconcile_settlement_page(
         &self,
         run_id: Uuid,
-        after_key: &str,
-        limit: u32,
-        actor: &str,
-        reason: &str,
+        page: LinePage<'_>,
+        request: &OperatorRequest<'_>,
     ) -> Result<SettlementPage>;
-    /// Up to `limit` disbursements after `after` (in id order) that are `PAID`, were paid before
+    /// A page (in id order) of the disbursements that are `PAID`, were paid before
     /// `cutoff_time`, and whose key is not in the run's report.
     async fn paid_missing_from_report(
         &self,
         run_id: Uuid,
         cutoff_time: Micros,
-        after: Option<DisbursementId>,
-        limit: u32,
+        page: Page<DisbursementId>,
     ) -> Result<Vec<PaidPayout>>;
     async fn finish_settlement_run(&self, run_id: Uuid, totals: &SettlementTotals) -> Result<()>;
 }

@@ -7,8 +7,8 @@ use super::{Conn, DB_SYSTEM, SqlStore, Tx, after_key, bulk_claims, dialect};
 use crate::domain::{Claim, ClaimId, ClaimStatus, Evidence, Krw, NewClaim, Reviewed, review};
 use crate::store::rows::{ClaimRow, EvidenceRow, unexpected, uuid};
 use crate::store::{
-    BatchAudit, ClaimFilter, ClaimStore, ClaimSubmission, Micros, Page, Recorded, Render, Result,
-    Review, StoreError, Stored, now_micros,
+    Attachment, BatchAudit, ClaimFilter, ClaimStore, ClaimSubmission, Micros, Page, Recorded,
+    Render, Result, Review, StoreError, Stored, now_micros,
 };
 
 const EVIDENCE_OF_CLAIM: &str = "SELECT * FROM evidence WHERE claim_id = $1 ORDER BY seq";
@@ -157,9 +157,12 @@ impl ClaimStore for SqlStore {
         &self,
         call: Recorded<'_, Claim>,
         claim_id: ClaimId,
-        evidence: &Evidence,
-        actor: &str,
+        attachment: &Attachment<'_>,
     ) -> Result<Stored<Claim>> {
+        let Attachment {
+            evidence,
+            attached_by: actor,
+        } = *attachment;
         let (mut tx, call) = match self.begin_call(call).await? {
             Ok(begun) => begun,
             Err(replayed) => return Ok(replayed),

@@ -13,8 +13,9 @@ use crate::store::rows::{
     uuid,
 };
 use crate::store::{
-    Attempt, Disbursement, DisbursementFilter, DisbursementStore, DispatchState, Micros, Page,
-    ProgramSummary, Recorded, Result, StatusChange, StoreError, Stored, now_micros,
+    Attempt, Disbursement, DisbursementFilter, DisbursementStore, DispatchState, Micros,
+    OperatorRequest, Page, ProgramSummary, Recorded, Result, StatusChange, StoreError, Stored,
+    now_micros,
 };
 
 use super::idempotency::Claimed;
@@ -334,9 +335,9 @@ impl DisbursementStore for SqlStore {
         &self,
         call: Recorded<'_, Disbursement>,
         disbursement_id: DisbursementId,
-        actor: &str,
-        reason: &str,
+        request: &OperatorRequest<'_>,
     ) -> Result<Stored<Disbursement>> {
+        let OperatorRequest { actor, reason } = *request;
         let (mut tx, call) = match self.begin_call(call).await? {
             Ok(begun) => begun,
             Err(replayed) => return Ok(replayed),
@@ -370,9 +371,9 @@ impl DisbursementStore for SqlStore {
         &self,
         call: Recorded<'_, DispatchState>,
         paused: bool,
-        actor: &str,
-        reason: &str,
+        request: &OperatorRequest<'_>,
     ) -> Result<Stored<DispatchState>> {
+        let OperatorRequest { actor, reason } = *request;
         let (mut tx, call) = match self.begin_call(call).await? {
             Ok(begun) => begun,
             Err(replayed) => return Ok(replayed),

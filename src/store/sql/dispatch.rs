@@ -29,8 +29,8 @@ use crate::domain::{DisbursementId, DisbursementStatus, Krw};
 use crate::store::batch::{BatchSql, Column as Col};
 use crate::store::rows::{DisbursementRow, unexpected, uuid};
 use crate::store::{
-    Attempt, Disbursement, DispatchOutcome, DispatchRecord, DispatchStore, KeyAssignment, Micros,
-    Requeue, Result, StoreError,
+    Attempt, Disbursement, DispatchOutcome, DispatchRecord, DispatchStore, DispatchTerms,
+    KeyAssignment, Micros, Requeue, Result, StoreError,
 };
 
 /// Runs `head v tail` with the batch's rows as the table `v`, in as many statements as
@@ -106,8 +106,8 @@ async fn lease_in(
 }
 
 async fn insert_attempts(tx: &mut Tx, attempts: &[(DisbursementId, Attempt)]) -> Result<()> {
-    let text = |f: fn(&Attempt) -> &String| {
-        Col::Text(attempts.iter().map(|(_, a)| f(a).clone()).collect())
+    let text = |f: fn(&Attempt) -> &str| {
+        Col::Text(attempts.iter().map(|(_, a)| f(a).to_owned()).collect())
     };
     // Rows go in in the order of the list, which is the order of their ids.
     rows(
@@ -117,19 +117,9 @@ async fn insert_attempts(tx: &mut Tx, attempts: &[(DisbursementId, Attempt)]) ->
          SELECT column1, column2, column3, column4, column5, column6, column7 FROM ",
         vec![
             ids(attempts.iter().map(|(id, _)| id)),
-            Col::Text(
-                attempts
-                    .iter()
-                    .map(|(_, a)| a.operation.as_str().to_owned())
-                    .collect(),
-            ),
+            text(|a| a.operation.as_str()),
             text(|a| &a.idempotency_key),
-            Col::Text(
-                attempts
-                    .iter()
-                    .map(|(_, a)| a.outcome.as_str().to_owned())
-                    .collect(),
-            ),
+            text(|a| a.outcome.as_str()),
             text(|a| &a.code),
             text(|a| &a.message),
             Col::BigInt(attempts.iter().map(|(_, a)| a.time).collect()),
@@ -599,10 +589,13 @@ impl DispatchStore for SqlStore {
     async fn record_dispatch(
         &self,
         record: &DispatchRecord,
-        budget_krw: Option<Krw>,
-        back_off: &(dyn Fn(u32) -> Micros + Send + Sync),
-        now: Micros,
+        terms: &DispatchTerms<'_>,
     ) -> Result<Vec<KeyAssignment>> {
+        let DispatchTerms {
+            budget_krw,
+            back_off,
+            now,
+        } = *terms;
         let mut tx = self.begin_write().await?;
         let keys = record_in(&mut tx, record, budget_krw, back_off, now).await?;
         tx.commit().await?;

@@ -3,11 +3,11 @@
 use async_trait::async_trait;
 
 use super::{Conn, DB_SYSTEM, SqlStore, after_key, bulk_partners, dialect};
-use crate::domain::{AccountOnFile, BankAccount, NewPartner, Partner, PartnerId};
+use crate::domain::{AccountOnFile, NewPartner, Partner, PartnerId};
 use crate::store::rows::{PartnerRow, services_key, uuid};
 use crate::store::{
-    BatchAudit, Idempotency, Page, PartnerFilter, PartnerStore, Recorded, Render, Result,
-    StoreError, Stored, now_micros,
+    AccountUpdate, BatchAudit, Idempotency, Page, PartnerFilter, PartnerStore, Recorded, Render,
+    Result, StoreError, Stored, now_micros,
 };
 
 const PARTNER_BY_NUMBER: &str =
@@ -142,10 +142,13 @@ impl PartnerStore for SqlStore {
         &self,
         call: Recorded<'_, Partner>,
         partner_id: PartnerId,
-        account: &BankAccount,
-        etag: &str,
-        actor: &str,
+        update: &AccountUpdate<'_>,
     ) -> Result<Stored<Partner>> {
+        let AccountUpdate {
+            account,
+            etag,
+            actor,
+        } = *update;
         let (mut tx, call) = match self.begin_call(call).await? {
             Ok(begun) => begun,
             Err(replayed) => return Ok(replayed),
