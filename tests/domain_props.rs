@@ -465,7 +465,7 @@ proptest! {
         let line = SettlementLine::parse("key-1", their_amount, their_status, 0).expect("valid line");
         let ours = ours.map(|(status, amount_krw, current_key)| OurPayout {
             status,
-            amount_krw,
+            amount_krw: Krw::new(amount_krw),
             failure_code: None,
             current_key,
         });
@@ -476,7 +476,7 @@ proptest! {
         prop_assert_eq!(verdict.reopen, reopens);
         let agrees = their_status == SettlementStatus::Settled
             && ours.is_some_and(|o| {
-                o.current_key && o.status == DisbursementStatus::Paid && o.amount_krw == their_amount
+                o.current_key && o.status == DisbursementStatus::Paid && o.amount_krw == Krw::new(their_amount)
             });
         let reopening = if reopens { Reopening::Done } else { Reopening::NotAsked };
         let mismatch = verdict.into_mismatch(&line, id, ours.as_ref(), reopening);
@@ -484,8 +484,8 @@ proptest! {
         if let Some(m) = mismatch {
             prop_assert_eq!(m.idempotency_key.as_str(), "key-1");
             prop_assert_eq!(m.disbursement_id, id);
-            prop_assert_eq!(m.their_amount_krw, their_amount);
-            prop_assert_eq!(m.our_amount_krw, ours.map_or(0, |o| o.amount_krw));
+            prop_assert_eq!(m.their_amount_krw, Krw::new(their_amount));
+            prop_assert_eq!(m.our_amount_krw, ours.map_or(Krw::ZERO, |o| o.amount_krw));
             prop_assert_eq!(m.reopened, reopens);
             let status_after = if reopens { Some(DisbursementStatus::Failed) } else { ours.map(|o| o.status) };
             prop_assert_eq!(m.status, status_after);

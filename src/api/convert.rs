@@ -381,8 +381,8 @@ pub fn settlement_mismatch(m: &domain::SettlementMismatch) -> pb::SettlementMism
             .map(|id| id.to_string())
             .unwrap_or_default(),
         kind: mismatch_kind(m.kind) as i32,
-        our_amount_krw: m.our_amount_krw,
-        their_amount_krw: m.their_amount_krw,
+        our_amount_krw: m.our_amount_krw.won(),
+        their_amount_krw: m.their_amount_krw.won(),
         detail: m.detail.clone(),
         reopened: m.reopened,
         status: m

@@ -19,7 +19,8 @@ use uuid::Uuid;
 use super::{Context, Violations, convert};
 use crate::audit::CallRecord;
 use crate::domain::{
-    DisbursementId, DisbursementStatus, Invalid, MismatchKind, SettlementLine, SettlementMismatch,
+    DisbursementId, DisbursementStatus, Invalid, Krw, MismatchKind, SettlementLine,
+    SettlementMismatch,
 };
 use crate::principal::Principal;
 use crate::proto::payouts::v1 as pb;
@@ -437,8 +438,8 @@ impl Run {
                     idempotency_key: p.idempotency_key.clone(),
                     disbursement_id: Some(p.disbursement_id),
                     kind: MismatchKind::PaidHereNotThere,
-                    our_amount_krw: p.amount_krw.won(),
-                    their_amount_krw: 0,
+                    our_amount_krw: p.amount_krw,
+                    their_amount_krw: Krw::ZERO,
                     detail: format!(
                         "PAID here at {paid}, before the cut-off, but not in the report"
                     ),

@@ -513,7 +513,7 @@ impl SettlementMatchRow {
         };
         let line = SettlementLine {
             idempotency_key: self.idempotency_key,
-            amount_krw: self.their_amount_krw,
+            amount_krw: Krw::new(self.their_amount_krw),
             status,
             settled_time: self.settled_time,
         };

@@ -95,7 +95,7 @@ async fn reconcile_line(
 ) -> Result<(Option<SettlementMismatch>, bool)> {
     let payout = ours.map(|o| OurPayout {
         status: o.status,
-        amount_krw: o.amount_krw.won(),
+        amount_krw: o.amount_krw,
         failure_code: o.failure_code.as_deref(),
         current_key: o.current_key,
     });
@@ -208,7 +208,7 @@ impl SettlementStore for SqlStore {
             vec![
                 Column::Text(vec![run_id.to_string(); lines.len()]),
                 Column::Text(lines.iter().map(|l| l.idempotency_key.clone()).collect()),
-                Column::BigInt(lines.iter().map(|l| l.amount_krw).collect()),
+                Column::BigInt(lines.iter().map(|l| l.amount_krw.won()).collect()),
                 Column::Text(lines.iter().map(|l| l.status.key().to_owned()).collect()),
                 Column::BigInt(lines.iter().map(|l| l.settled_time).collect()),
             ],
