@@ -113,7 +113,7 @@ proptest! {
     fn compensation_is_never_negative_nor_above_the_cap(items in items()) {
         let p = policy();
         let d = p.decide(&items);
-        prop_assert!(d.compensation_krw >= 0);
+        prop_assert!(d.compensation_krw >= Krw::ZERO);
         prop_assert!(d.compensation_krw <= p.review_cap_krw.max(p.tiers.upper_compensation_krw));
         prop_assert!(d.recognized_loss_krw >= 0);
         prop_assert!(d.recognized_loss_krw <= d.reported_loss_krw);

@@ -405,7 +405,7 @@ impl ClaimService for Claims {
         let reviewer = Principal::of(&request);
         let call = CallRecord::of(&request);
         let request = request.into_inner();
-        let cap = self.ctx.policy.review_cap_krw;
+        let cap = self.ctx.policy.review_cap_krw.won();
         let mut v = Violations::default();
         let request_id = v.request_id(&request.request_id);
         call.note_request_id(&request.request_id);

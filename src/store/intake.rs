@@ -15,7 +15,7 @@ use super::rows::{services_key, unexpected};
 use super::{AuditEvent, ClaimSubmission, Idempotency, Micros, Result, StoreError, Stored};
 use crate::domain::{
     AttachedEvidence, BankAccount, Claim, ClaimId, ClaimStatus, DisbursementId, DisbursementStatus,
-    Krw, NewPartner, Partner, PartnerId, PartnerProfile,
+    NewPartner, Partner, PartnerId, PartnerProfile,
 };
 
 /// Why a batch could not be written as a batch.
@@ -208,7 +208,7 @@ pub(crate) fn claim_if_new(row: &ClaimSubmission, partner_id: PartnerId, now: Mi
         status: d.status,
         items: row.claim.items.clone(),
         decision: d.clone(),
-        compensation_krw: Krw::new(d.compensation_krw),
+        compensation_krw: d.compensation_krw,
         evidence: row
             .claim
             .evidence
@@ -269,7 +269,7 @@ fn claim_insert(claims: &[&Claim], now: Micros) -> BulkResult<Insert<'static>> {
             text_column(claims, |c| c.decision.tier.key().to_owned()),
             krw(|c| c.decision.reported_loss_krw),
             krw(|c| c.decision.recognized_loss_krw),
-            krw(|c| c.decision.compensation_krw),
+            krw(|c| c.decision.compensation_krw.won()),
             text_column(claims, |c| c.decision.policy_version.clone()),
             Column::Text(items),
             Column::Text(decisions),

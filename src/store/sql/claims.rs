@@ -4,7 +4,7 @@ use async_trait::async_trait;
 
 use super::disbursements::create_disbursement;
 use super::{Conn, DB_SYSTEM, SqlStore, Tx, after_key, bulk_claims, dialect};
-use crate::domain::{Claim, ClaimId, ClaimStatus, Evidence, Krw, NewClaim, Reviewed, review};
+use crate::domain::{Claim, ClaimId, ClaimStatus, Evidence, NewClaim, Reviewed, review};
 use crate::store::rows::{ClaimRow, EvidenceRow, unexpected, uuid};
 use crate::store::{
     Attachment, BatchAudit, ClaimFilter, ClaimStore, ClaimSubmission, Micros, Page, Recorded,
@@ -91,7 +91,7 @@ async fn insert_claim(tx: &mut Tx, claim: &NewClaim) -> Result<ClaimId> {
     .bind(d.tier.key())
     .bind(d.reported_loss_krw)
     .bind(d.recognized_loss_krw)
-    .bind(d.compensation_krw)
+    .bind(d.compensation_krw.won())
     .bind(&d.policy_version)
     .bind(json(serde_json::to_string(&claim.items))?)
     .bind(json(serde_json::to_string(d))?)
@@ -103,7 +103,7 @@ async fn insert_claim(tx: &mut Tx, claim: &NewClaim) -> Result<ClaimId> {
         insert_evidence(tx, claim_id, evidence, &claim.submitted_by, now).await?;
     }
     if d.status == ClaimStatus::Approved {
-        let payee = (claim_id, claim.partner_id, Krw::new(d.compensation_krw));
+        let payee = (claim_id, claim.partner_id, d.compensation_krw);
         let trace_context = claim.trace_context.as_deref();
         create_disbursement(tx, payee, &claim.submitted_by, trace_context, now).await?;
     }
