@@ -374,16 +374,12 @@ impl Dispatcher {
         if record_is_empty(record) {
             return Ok(Vec::new());
         }
-        self.store
-            .record_dispatch(
-                record,
-                &DispatchTerms {
-                    budget_krw: self.config.budget_krw,
-                    back_off: &self.back_off(),
-                    now: now_micros(),
-                },
-            )
-            .await
+        let terms = DispatchTerms {
+            budget_krw: self.config.budget_krw,
+            back_off: &self.back_off(),
+            now: now_micros(),
+        };
+        self.store.record_dispatch(record, &terms).await
     }
 
     /// Records the outbox and disbursement gauges.
@@ -564,20 +560,14 @@ impl Dispatcher {
                 let r = response.into_inner();
                 if !r.failure_code.is_empty() {
                     let message = "the bank reports the account cannot take payouts";
-                    return Self::holder_refused(
-                        AttemptOutcome::AccountUnusable,
-                        &r.failure_code,
-                        message,
-                    );
+                    let unusable = AttemptOutcome::AccountUnusable;
+                    return Self::holder_refused(unusable, &r.failure_code, message);
                 }
                 if !r.matches {
                     let message =
                         "the bank's account holder is not the partner or its representative";
-                    return Self::holder_refused(
-                        AttemptOutcome::Mismatch,
-                        failure::HOLDER_MISMATCH,
-                        message,
-                    );
+                    let mismatch = AttemptOutcome::Mismatch;
+                    return Self::holder_refused(mismatch, failure::HOLDER_MISMATCH, message);
                 }
                 Step {
                     attempts: vec![Self::attempt(VERIFY, "", AttemptOutcome::Match, "", "")],
