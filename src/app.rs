@@ -138,7 +138,7 @@ impl Application {
                     .map(QuietHours::parse)
                     .transpose()
                     .map_err(anyhow::Error::msg)?,
-                budget_krw: settings.dispatch_budget_krw,
+                budget_krw: settings.dispatch_budget_krw.map(crate::domain::Krw::new),
                 backend_token: settings.payments_backend_token.clone(),
                 ..DispatcherConfig::default()
             },

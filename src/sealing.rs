@@ -11,13 +11,13 @@ use std::fmt;
 use std::io::Write as _;
 use std::path::{Path, PathBuf};
 
+use crate::domain::PartnerId;
 use aes_gcm::Aes256Gcm;
 use aes_gcm::aead::{Aead, KeyInit, Nonce, Payload};
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as BASE64;
 use rand::{RngCore as _, TryRngCore as _};
 use sha2::{Digest, Sha256};
-use uuid::Uuid;
 use zeroize::Zeroizing;
 
 /// Bytes of an AES-256 key.
@@ -188,7 +188,7 @@ impl PiiCipher {
     }
 
     /// Encrypts `plaintext` for `partner_id` under the current key, with a fresh random nonce.
-    pub fn seal(&self, partner_id: Uuid, plaintext: &str) -> Sealed {
+    pub fn seal(&self, partner_id: PartnerId, plaintext: &str) -> Sealed {
         let mut nonce = [0u8; NONCE_LEN];
         rand::rng().fill_bytes(&mut nonce);
         let aes = &self.keys[&self.current];
@@ -197,7 +197,7 @@ impl PiiCipher {
                 &Nonce::<Aes256Gcm>::from(nonce),
                 Payload {
                     msg: plaintext.as_bytes(),
-                    aad: partner_id.as_bytes(),
+                    aad: partner_id.as_uuid().as_bytes(),
                 },
             )
             // GCM refuses only messages longer than 64 GiB.
@@ -212,7 +212,7 @@ impl PiiCipher {
     }
 
     /// Decrypts a value sealed for `partner_id`; fails if it was sealed for anyone else.
-    pub fn open(&self, partner_id: Uuid, sealed: &Sealed) -> Result<String, CryptoError> {
+    pub fn open(&self, partner_id: PartnerId, sealed: &Sealed) -> Result<String, CryptoError> {
         let aes = self
             .keys
             .get(&sealed.key_id)
@@ -227,7 +227,7 @@ impl PiiCipher {
                 &Nonce::<Aes256Gcm>::from(nonce),
                 Payload {
                     msg: body,
-                    aad: partner_id.as_bytes(),
+                    aad: partner_id.as_uuid().as_bytes(),
                 },
             )
             .map_err(|_| CryptoError::Unauthentic)?,
@@ -350,7 +350,7 @@ mod tests {
     #[test]
     fn seal_then_open_round_trips() {
         let cipher = PiiCipher::new(&key(7));
-        let partner = Uuid::now_v7();
+        let partner = PartnerId::new();
         let sealed = cipher.seal(partner, "110-123-456789");
         assert_eq!(sealed.key_id, key_id(&key(7)));
         assert_eq!(sealed.key_id.len(), 8);
@@ -378,9 +378,9 @@ mod tests {
     #[test]
     fn another_partner_cannot_open_it() {
         let cipher = PiiCipher::new(&key(7));
-        let sealed = cipher.seal(Uuid::now_v7(), "110-123-456789");
+        let sealed = cipher.seal(PartnerId::new(), "110-123-456789");
         assert!(matches!(
-            cipher.open(Uuid::now_v7(), &sealed),
+            cipher.open(PartnerId::new(), &sealed),
             Err(CryptoError::Unauthentic)
         ));
     }
@@ -388,7 +388,7 @@ mod tests {
     #[test]
     fn altered_or_truncated_ciphertexts_do_not_open() {
         let cipher = PiiCipher::new(&key(7));
-        let partner = Uuid::now_v7();
+        let partner = PartnerId::new();
         let mut sealed = cipher.seal(partner, "110-123-456789");
         let last = sealed.ciphertext.len() - 1;
         sealed.ciphertext[last] ^= 1;
@@ -409,7 +409,7 @@ mod tests {
 
     #[test]
     fn rotation_seals_with_the_first_key_and_opens_with_any() {
-        let partner = Uuid::now_v7();
+        let partner = PartnerId::new();
         let old = PiiCipher::new(&key(1));
         let sealed_old = old.seal(partner, "12345678");
         let both = PiiCipher::from_base64(&format!(
@@ -494,7 +494,7 @@ mod tests {
             assert_eq!(mode & 0o777, 0o600, "owner-only, got {mode:o}");
         }
         // The next start reads the same key back, and values survive.
-        let partner = Uuid::now_v7();
+        let partner = PartnerId::new();
         let sealed = created.seal(partner, "987654321");
         let reread = PiiCipher::from_env_or_file(None, &file, true).expect("read back");
         assert_eq!(reread.current_key_id(), created.current_key_id());

@@ -7,7 +7,7 @@ use partner_payouts::api::convert::{
 use partner_payouts::domain::text::{self, MAX_REASON_CHARS, Reason};
 use partner_payouts::domain::{
     AccountChange, AccountNumber, AffectedService, BusinessRegistrationNumber, ClaimStatus,
-    ContactEmail, DEFAULT_POLICY_TOML, DisbursementStatus, Evidence, EvidenceKind, FourEyes,
+    ContactEmail, DEFAULT_POLICY_TOML, DisbursementStatus, Evidence, EvidenceKind, FourEyes, Krw,
     LossItem, MAX_WEEK_SALES_KRW, OurPayout, PersonOrBusinessName, Policy, Refusal, Reopening,
     ReviewDecision, ReviewRefused, Reviewed, SettlementLine, SettlementStatus, Tier, UnderReview,
     judge, may_cancel, may_retry, review,
@@ -113,7 +113,7 @@ proptest! {
     fn compensation_is_never_negative_nor_above_the_cap(items in items()) {
         let p = policy();
         let d = p.decide(&items);
-        prop_assert!(d.compensation_krw >= 0);
+        prop_assert!(d.compensation_krw >= Krw::ZERO);
         prop_assert!(d.compensation_krw <= p.review_cap_krw.max(p.tiers.upper_compensation_krw));
         prop_assert!(d.recognized_loss_krw >= 0);
         prop_assert!(d.recognized_loss_krw <= d.reported_loss_krw);
@@ -376,7 +376,9 @@ fn principal() -> impl Strategy<Value = &'static str> {
 
 fn review_decision() -> impl Strategy<Value = ReviewDecision> {
     prop_oneof![
-        (1i64..=50_000).prop_map(|compensation_krw| ReviewDecision::Approve { compensation_krw }),
+        (1i64..=50_000).prop_map(|won| ReviewDecision::Approve {
+            compensation_krw: Krw::new(won)
+        }),
         Just(ReviewDecision::Reject),
     ]
 }
@@ -406,7 +408,7 @@ proptest! {
                     status: ClaimStatus::Approved,
                     compensation_krw,
                 },
-                ReviewDecision::Reject => Reviewed { status: ClaimStatus::Rejected, compensation_krw: 0 },
+                ReviewDecision::Reject => Reviewed { status: ClaimStatus::Rejected, compensation_krw: Krw::ZERO },
             };
             prop_assert_eq!(got, Ok(expected));
         }
@@ -420,7 +422,7 @@ proptest! {
         let approved = ReviewDecision::approve(amount, cap);
         prop_assert_eq!(approved.is_ok(), amount >= 1 && amount <= cap);
         if let Ok(decision) = approved {
-            prop_assert_eq!(decision, ReviewDecision::Approve { compensation_krw: amount });
+            prop_assert_eq!(decision, ReviewDecision::Approve { compensation_krw: Krw::new(amount) });
         }
         prop_assert_eq!(ReviewDecision::reject(amount).is_ok(), amount == 0);
     }
@@ -463,18 +465,18 @@ proptest! {
         let line = SettlementLine::parse("key-1", their_amount, their_status, 0).expect("valid line");
         let ours = ours.map(|(status, amount_krw, current_key)| OurPayout {
             status,
-            amount_krw,
+            amount_krw: Krw::new(amount_krw),
             failure_code: None,
             current_key,
         });
-        let id = ours.map(|_| uuid::Uuid::from_u128(1));
+        let id = ours.map(|_| partner_payouts::domain::DisbursementId::from_uuid(uuid::Uuid::from_u128(1)));
         let verdict = judge(&line, ours.as_ref());
         let reopens = their_status == SettlementStatus::Returned
             && ours.is_some_and(|o| o.current_key && o.status == DisbursementStatus::Paid);
         prop_assert_eq!(verdict.reopen, reopens);
         let agrees = their_status == SettlementStatus::Settled
             && ours.is_some_and(|o| {
-                o.current_key && o.status == DisbursementStatus::Paid && o.amount_krw == their_amount
+                o.current_key && o.status == DisbursementStatus::Paid && o.amount_krw == Krw::new(their_amount)
             });
         let reopening = if reopens { Reopening::Done } else { Reopening::NotAsked };
         let mismatch = verdict.into_mismatch(&line, id, ours.as_ref(), reopening);
@@ -482,8 +484,8 @@ proptest! {
         if let Some(m) = mismatch {
             prop_assert_eq!(m.idempotency_key.as_str(), "key-1");
             prop_assert_eq!(m.disbursement_id, id);
-            prop_assert_eq!(m.their_amount_krw, their_amount);
-            prop_assert_eq!(m.our_amount_krw, ours.map_or(0, |o| o.amount_krw));
+            prop_assert_eq!(m.their_amount_krw, Krw::new(their_amount));
+            prop_assert_eq!(m.our_amount_krw, ours.map_or(Krw::ZERO, |o| o.amount_krw));
             prop_assert_eq!(m.reopened, reopens);
             let status_after = if reopens { Some(DisbursementStatus::Failed) } else { ours.map(|o| o.status) };
             prop_assert_eq!(m.status, status_after);

@@ -19,8 +19,8 @@ use crate::principal::Principal;
 use crate::proto::payouts::v1::{self as pb, claim_service_server::ClaimService};
 use crate::status::status_with_reason;
 use crate::store::{
-    BatchAudit, ClaimFilter, ClaimSubmission, PartnerRef, Recorded, Review, Store, StoreError,
-    Stored,
+    Attachment, BatchAudit, ClaimFilter, ClaimSubmission, PartnerRef, Recorded, Review, Store,
+    StoreError, Stored,
 };
 
 pub struct Claims {
@@ -178,7 +178,7 @@ pub fn prepare_submission(
         // Named by registration number, the partner is the store's to find.
         partner_id: match &partner {
             PartnerRef::Id(id) => *id,
-            PartnerRef::RegistrationNumber(_) => uuid::Uuid::nil(),
+            PartnerRef::RegistrationNumber(_) => uuid::Uuid::nil().into(),
         },
         items,
         evidence,
@@ -381,7 +381,14 @@ impl ClaimService for Claims {
         let stored = self
             .ctx
             .store
-            .attach_evidence(recorded, claim_id, &evidence, &actor)
+            .attach_evidence(
+                recorded,
+                claim_id,
+                &Attachment {
+                    evidence: &evidence,
+                    attached_by: &actor,
+                },
+            )
             .await?;
         audit.stored(&stored);
         let response = respond(&call, stored, |c| pb::AttachEvidenceResponse {
@@ -398,7 +405,7 @@ impl ClaimService for Claims {
         let reviewer = Principal::of(&request);
         let call = CallRecord::of(&request);
         let request = request.into_inner();
-        let cap = self.ctx.policy.review_cap_krw;
+        let cap = self.ctx.policy.review_cap_krw.won();
         let mut v = Violations::default();
         let request_id = v.request_id(&request.request_id);
         call.note_request_id(&request.request_id);

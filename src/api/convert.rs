@@ -208,7 +208,7 @@ pub fn decision(d: &Decision) -> pb::CompensationDecision {
         reported_loss_krw: d.reported_loss_krw,
         recognized_loss_krw: d.recognized_loss_krw,
         tier: tier(d.tier) as i32,
-        compensation_krw: d.compensation_krw,
+        compensation_krw: d.compensation_krw.won(),
         policy_version: d.policy_version.clone(),
         breakdown: d.breakdown.iter().map(breakdown).collect(),
         status: claim_status(d.status) as i32,
@@ -224,7 +224,7 @@ pub fn claim(c: &Claim) -> pb::Claim {
         reported_loss_krw: c.decision.reported_loss_krw,
         recognized_loss_krw: c.decision.recognized_loss_krw,
         tier: tier(c.decision.tier) as i32,
-        compensation_krw: c.compensation_krw,
+        compensation_krw: c.compensation_krw.won(),
         policy_version: c.decision.policy_version.clone(),
         breakdown: c.decision.breakdown.iter().map(breakdown).collect(),
         evidence: c
@@ -255,10 +255,10 @@ pub fn policy(p: &Policy) -> pb::Policy {
         version: p.version.clone(),
         description: p.description.clone(),
         lower_tier_max_recognized_loss_krw: p.tiers.lower_max_recognized_loss_krw,
-        lower_tier_compensation_krw: p.tiers.lower_compensation_krw,
+        lower_tier_compensation_krw: p.tiers.lower_compensation_krw.won(),
         upper_tier_max_recognized_loss_krw: p.tiers.upper_max_recognized_loss_krw,
-        upper_tier_compensation_krw: p.tiers.upper_compensation_krw,
-        review_cap_krw: p.review_cap_krw,
+        upper_tier_compensation_krw: p.tiers.upper_compensation_krw.won(),
+        review_cap_krw: p.review_cap_krw.won(),
         intake_open_time: jiff_timestamp(p.intake_open_time),
         intake_close_time: jiff_timestamp(p.intake_close_time),
         services: AffectedService::ALL
@@ -291,15 +291,15 @@ pub fn disbursement(d: &store::Disbursement) -> pb::Disbursement {
         disbursement_id: d.disbursement_id.to_string(),
         claim_id: d.claim_id.to_string(),
         partner_id: d.partner_id.to_string(),
-        amount_krw: d.amount_krw,
+        amount_krw: d.amount_krw.won(),
         status: disbursement_status(d.status) as i32,
         attempts: d
             .attempts
             .iter()
             .map(|a| pb::DispatchAttempt {
-                operation: a.operation.clone(),
+                operation: a.operation.as_str().to_owned(),
                 idempotency_key: a.idempotency_key.clone(),
-                outcome: a.outcome.clone(),
+                outcome: a.outcome.as_str().to_owned(),
                 code: a.code.clone(),
                 message: a.message.clone(),
                 time: timestamp(a.time),
@@ -340,7 +340,7 @@ pub fn exported_disbursement(d: &store::ExportedDisbursement) -> pb::ExportedDis
         business_registration_number: d.business_registration_number.as_str().to_owned(),
         legal_name: d.legal_name.as_str().to_owned(),
         representative_name: d.representative_name.as_str().to_owned(),
-        amount_krw: d.amount_krw,
+        amount_krw: d.amount_krw.won(),
         status: disbursement_status(d.status) as i32,
         bank_code: d.account.bank_code.as_str().to_owned(),
         account_number: d.account.masked(),
@@ -381,8 +381,8 @@ pub fn settlement_mismatch(m: &domain::SettlementMismatch) -> pb::SettlementMism
             .map(|id| id.to_string())
             .unwrap_or_default(),
         kind: mismatch_kind(m.kind) as i32,
-        our_amount_krw: m.our_amount_krw,
-        their_amount_krw: m.their_amount_krw,
+        our_amount_krw: m.our_amount_krw.won(),
+        their_amount_krw: m.their_amount_krw.won(),
         detail: m.detail.clone(),
         reopened: m.reopened,
         status: m

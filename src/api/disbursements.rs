@@ -10,7 +10,9 @@ use crate::audit::{CallRecord, Resource};
 use crate::domain::text::Reason;
 use crate::principal::Principal;
 use crate::proto::payouts::v1::{self as pb, disbursement_service_server::DisbursementService};
-use crate::store::{Disbursement, DisbursementFilter, DispatchState, Recorded, StoreError};
+use crate::store::{
+    Disbursement, DisbursementFilter, DispatchState, OperatorRequest, Recorded, StoreError,
+};
 
 pub struct Disbursements {
     pub ctx: Context,
@@ -156,7 +158,14 @@ impl DisbursementService for Disbursements {
         let stored = self
             .ctx
             .store
-            .cancel_disbursement(recorded, id, &actor, reason.as_str())
+            .cancel_disbursement(
+                recorded,
+                id,
+                &OperatorRequest {
+                    actor: &actor,
+                    reason: reason.as_str(),
+                },
+            )
             .await?;
         audit.stored(&stored);
         respond(&call, stored, |d| pb::CancelDisbursementResponse {
@@ -195,7 +204,14 @@ impl DisbursementService for Disbursements {
         let stored = self
             .ctx
             .store
-            .set_dispatch_paused(recorded, true, &actor, reason.as_str())
+            .set_dispatch_paused(
+                recorded,
+                true,
+                &OperatorRequest {
+                    actor: &actor,
+                    reason: reason.as_str(),
+                },
+            )
             .await?;
         audit.stored(&stored);
         respond(&call, stored, |s| pb::PauseDispatchResponse {
@@ -232,7 +248,15 @@ impl DisbursementService for Disbursements {
         let stored = self
             .ctx
             .store
-            .set_dispatch_paused(recorded, false, &actor, "")
+            .set_dispatch_paused(
+                recorded,
+                false,
+                // Resuming clears the reason of the pause.
+                &OperatorRequest {
+                    actor: &actor,
+                    reason: "",
+                },
+            )
             .await?;
         audit.stored(&stored);
         respond(&call, stored, |s| pb::ResumeDispatchResponse {
@@ -263,17 +287,22 @@ impl DisbursementService for Disbursements {
         _request: Request<pb::GetProgramSummaryRequest>,
     ) -> Result<Response<pb::GetProgramSummaryResponse>, Status> {
         let s = self.ctx.store.program_summary().await?;
+        let in_flight_krw = s
+            .queued
+            .krw
+            .checked_add(s.submitted.krw)
+            .ok_or_else(|| Status::internal("the in-flight total passes the range of KRW"))?;
         Ok(Response::new(pb::GetProgramSummaryResponse {
             approved_count: s.approved.count,
-            approved_krw: s.approved.krw,
+            approved_krw: s.approved.krw.won(),
             paid_count: s.paid.count,
-            paid_krw: s.paid.krw,
+            paid_krw: s.paid.krw.won(),
             in_flight_count: s.queued.count + s.submitted.count,
-            in_flight_krw: s.queued.krw + s.submitted.krw,
+            in_flight_krw: in_flight_krw.won(),
             failed_count: s.failed.count,
-            failed_krw: s.failed.krw,
+            failed_krw: s.failed.krw.won(),
             cancelled_count: s.cancelled.count,
-            cancelled_krw: s.cancelled.krw,
+            cancelled_krw: s.cancelled.krw.won(),
             pending_review_count: s.pending_review_count,
             rejected_count: s.rejected_count,
             queued_count: s.queued.count,

@@ -19,12 +19,16 @@ use uuid::Uuid;
 use super::{Context, Violations, convert};
 use crate::audit::CallRecord;
 use crate::domain::{
-    DisbursementStatus, Invalid, MismatchKind, SettlementLine, SettlementMismatch,
+    DisbursementId, DisbursementStatus, Invalid, Krw, MismatchKind, SettlementLine,
+    SettlementMismatch,
 };
 use crate::principal::Principal;
 use crate::proto::payouts::v1 as pb;
 use crate::store::isolate::{may_be_a_rows_fault, write_isolating};
-use crate::store::{ExportFilter, Micros, SettlementTotals, Store, StoreError, now_micros};
+use crate::store::{
+    ExportFilter, LinePage, Micros, OperatorRequest, Page, SettlementTotals, Store, StoreError,
+    now_micros,
+};
 
 /// Rows per export message, and per store query.
 pub const EXPORT_PAGE_SIZE: u32 = 500;
@@ -70,27 +74,34 @@ pub fn export(
     // The pages are read after the handler returned: keep their store spans in the call's trace.
     let span = tracing::Span::current();
     // State: the cursor of the next page (None before the first row), or None when done.
-    let pages = futures::stream::try_unfold(Some(None), move |after: Option<Option<Uuid>>| {
-        let (store, filter, span) = (store.clone(), filter.clone(), span.clone());
-        async move {
-            let Some(after) = after else {
-                return Ok::<_, Status>(None);
-            };
-            let rows = store
-                .export_disbursements(&filter, after, EXPORT_PAGE_SIZE)
-                .instrument(span)
-                .await?;
-            if rows.is_empty() {
-                return Ok(None);
+    let pages =
+        futures::stream::try_unfold(Some(None), move |after: Option<Option<DisbursementId>>| {
+            let (store, filter, span) = (store.clone(), filter.clone(), span.clone());
+            async move {
+                let Some(after) = after else {
+                    return Ok::<_, Status>(None);
+                };
+                let rows = store
+                    .export_disbursements(
+                        &filter,
+                        Page {
+                            after,
+                            limit: EXPORT_PAGE_SIZE,
+                        },
+                    )
+                    .instrument(span)
+                    .await?;
+                if rows.is_empty() {
+                    return Ok(None);
+                }
+                let next = (rows.len() == EXPORT_PAGE_SIZE as usize)
+                    .then(|| rows.last().map(|r| r.disbursement_id));
+                let page = pb::ExportDisbursementsResponse {
+                    disbursements: rows.iter().map(convert::exported_disbursement).collect(),
+                };
+                Ok(Some((page, next)))
             }
-            let next = (rows.len() == EXPORT_PAGE_SIZE as usize)
-                .then(|| rows.last().map(|r| r.disbursement_id));
-            let page = pb::ExportDisbursementsResponse {
-                disbursements: rows.iter().map(convert::exported_disbursement).collect(),
-            };
-            Ok(Some((page, next)))
-        }
-    });
+        });
     Ok(Box::pin(pages))
 }
 
@@ -385,10 +396,14 @@ impl Run {
             let page = store
                 .reconcile_settlement_page(
                     self.run_id,
-                    &after_key,
-                    RECONCILE_BATCH,
-                    &self.actor,
-                    &self.reason,
+                    LinePage {
+                        after_key: &after_key,
+                        limit: RECONCILE_BATCH,
+                    },
+                    &OperatorRequest {
+                        actor: &self.actor,
+                        reason: &self.reason,
+                    },
                 )
                 .await?;
             totals.matched_count += page.matched;
@@ -406,7 +421,14 @@ impl Run {
         let mut after = None;
         loop {
             let missing = store
-                .paid_missing_from_report(self.run_id, self.cutoff_time, after, RECONCILE_BATCH)
+                .paid_missing_from_report(
+                    self.run_id,
+                    self.cutoff_time,
+                    Page {
+                        after,
+                        limit: RECONCILE_BATCH,
+                    },
+                )
                 .await?;
             totals.mismatch_count += i64::try_from(missing.len()).unwrap_or(i64::MAX);
             for p in &missing {
@@ -417,7 +439,7 @@ impl Run {
                     disbursement_id: Some(p.disbursement_id),
                     kind: MismatchKind::PaidHereNotThere,
                     our_amount_krw: p.amount_krw,
-                    their_amount_krw: 0,
+                    their_amount_krw: Krw::ZERO,
                     detail: format!(
                         "PAID here at {paid}, before the cut-off, but not in the report"
                     ),

@@ -70,10 +70,14 @@ impl Violations {
         )
     }
 
-    pub fn id(&mut self, field: &str, raw: &str) -> Option<Uuid> {
+    /// The id in `raw` (a `PartnerId`, `ClaimId`, ... as the caller expects), or why not under
+    /// `field`.
+    pub fn id<T: From<Uuid>>(&mut self, field: &str, raw: &str) -> Option<T> {
         self.check(
             field,
-            Uuid::parse_str(raw.trim()).map_err(|_| Invalid::new("must be a UUID")),
+            Uuid::parse_str(raw.trim())
+                .map(T::from)
+                .map_err(|_| Invalid::new("must be a UUID")),
         )
     }
 
@@ -315,8 +319,8 @@ pub fn page(v: &mut Violations, page_size: i32, page_token: &str) -> Page {
 }
 
 /// The token for the page after `last`, if the page was full.
-pub fn next_page_token(page: &Page, returned: usize, last: Option<Uuid>) -> String {
-    match last {
+pub fn next_page_token(page: &Page, returned: usize, last: Option<impl Into<Uuid>>) -> String {
+    match last.map(Into::into) {
         Some(id) if returned == page.limit as usize => {
             base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(id.as_bytes())
         }
@@ -335,10 +339,10 @@ mod tests {
             vec![
                 StoreError::NotFound("partner"),
                 StoreError::PartnerAlreadyRegistered {
-                    partner_id: Uuid::nil(),
+                    partner_id: Uuid::nil().into(),
                 },
                 StoreError::ClaimAlreadyFiled {
-                    claim_id: Uuid::nil(),
+                    claim_id: Uuid::nil().into(),
                 },
                 StoreError::RequestIdReused,
                 StoreError::EtagMismatch {

@@ -18,7 +18,9 @@ use crate::domain::{
 };
 use crate::principal::Principal;
 use crate::proto::payouts::v1::{self as pb, partner_service_server::PartnerService};
-use crate::store::{BatchAudit, Idempotency, PartnerFilter, Recorded, Store, Stored};
+use crate::store::{
+    AccountUpdate, BatchAudit, Idempotency, PartnerFilter, Recorded, Store, Stored,
+};
 
 pub struct Partners {
     pub ctx: Context,
@@ -374,7 +376,15 @@ impl PartnerService for Partners {
         let stored = self
             .ctx
             .store
-            .update_bank_account(recorded, partner_id, &account, &body.etag, &actor)
+            .update_bank_account(
+                recorded,
+                partner_id,
+                &AccountUpdate {
+                    account: &account,
+                    etag: &body.etag,
+                    actor: &actor,
+                },
+            )
             .await?;
         audit.stored(&stored);
         respond(&call, stored, |p| pb::UpdatePartnerBankAccountResponse {

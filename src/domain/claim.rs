@@ -3,7 +3,8 @@
 use serde::{Deserialize, Serialize};
 
 use super::{
-    ClaimStatus, Decision, FourEyes, Invalid, LossItem, Refusal, Tier, same_principal, text,
+    ClaimId, ClaimStatus, Decision, DisbursementId, FourEyes, Invalid, Krw, LossItem, PartnerId,
+    Refusal, Tier, same_principal, text,
 };
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -139,7 +140,7 @@ pub fn check_items(mut items: Vec<LossItem>) -> Result<Vec<LossItem>, Invalid> {
 /// A claim to store: the partner, the items and the decision made at submission.
 #[derive(Debug, Clone)]
 pub struct NewClaim {
-    pub partner_id: uuid::Uuid,
+    pub partner_id: PartnerId,
     pub items: Vec<LossItem>,
     pub evidence: Vec<Evidence>,
     pub decision: Decision,
@@ -150,25 +151,25 @@ pub struct NewClaim {
 
 #[derive(Debug, Clone)]
 pub struct Claim {
-    pub claim_id: uuid::Uuid,
-    pub partner_id: uuid::Uuid,
+    pub claim_id: ClaimId,
+    pub partner_id: PartnerId,
     pub status: ClaimStatus,
     pub items: Vec<LossItem>,
     pub decision: Decision,
     /// What is paid: the tier's amount, or the reviewer's.
-    pub compensation_krw: i64,
+    pub compensation_krw: Krw,
     pub evidence: Vec<AttachedEvidence>,
     pub submitted_by: String,
     pub reviewed_by: Option<String>,
     pub review_reason: Option<String>,
     pub create_time: i64,
     pub update_time: i64,
-    pub disbursement_id: Option<uuid::Uuid>,
+    pub disbursement_id: Option<DisbursementId>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ReviewDecision {
-    Approve { compensation_krw: i64 },
+    Approve { compensation_krw: Krw },
     Reject,
 }
 
@@ -176,7 +177,9 @@ impl ReviewDecision {
     /// An approval pays 1 KRW up to the policy's review cap.
     pub fn approve(compensation_krw: i64, review_cap_krw: i64) -> Result<Self, Invalid> {
         if (1..=review_cap_krw).contains(&compensation_krw) {
-            Ok(Self::Approve { compensation_krw })
+            Ok(Self::Approve {
+                compensation_krw: Krw::new(compensation_krw),
+            })
         } else {
             Err(Invalid::new(format!(
                 "must be between 1 and the review cap of {review_cap_krw} KRW"
@@ -216,7 +219,7 @@ pub struct UnderReview<'a> {
 pub struct Reviewed {
     pub status: ClaimStatus,
     /// The reviewer's amount when approved; 0 when rejected.
-    pub compensation_krw: i64,
+    pub compensation_krw: Krw,
 }
 
 /// The review rule, in the order a caller is told: another principal than the submitter (four
@@ -243,7 +246,7 @@ pub fn review(
         }),
         ReviewDecision::Reject => Ok(Reviewed {
             status: ClaimStatus::Rejected,
-            compensation_krw: 0,
+            compensation_krw: Krw::ZERO,
         }),
     }
 }
@@ -325,7 +328,7 @@ mod tests {
     }
 
     const APPROVE: ReviewDecision = ReviewDecision::Approve {
-        compensation_krw: 40_000,
+        compensation_krw: Krw::new(40_000),
     };
 
     #[test]
@@ -334,14 +337,14 @@ mod tests {
             review(pending("clerk", 1), "reviewer", APPROVE),
             Ok(Reviewed {
                 status: ClaimStatus::Approved,
-                compensation_krw: 40_000
+                compensation_krw: Krw::new(40_000)
             })
         );
         assert_eq!(
             review(pending("clerk", 0), "reviewer", ReviewDecision::Reject),
             Ok(Reviewed {
                 status: ClaimStatus::Rejected,
-                compensation_krw: 0
+                compensation_krw: Krw::ZERO
             })
         );
     }
@@ -390,7 +393,7 @@ mod tests {
         assert_eq!(
             ReviewDecision::approve(50_000, 50_000),
             Ok(ReviewDecision::Approve {
-                compensation_krw: 50_000
+                compensation_krw: Krw::new(50_000)
             })
         );
         assert!(ReviewDecision::approve(1, 50_000).is_ok());

@@ -4,8 +4,14 @@
 
 use std::fmt;
 
-/// An amount of whole KRW (may be negative only where a difference is meant).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
+use serde::{Deserialize, Serialize};
+
+/// An amount of whole KRW (may be negative only where a difference is meant). Stored and read
+/// (policy files, a claim's decision) as the bare number of won.
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default, Serialize, Deserialize,
+)]
+#[serde(transparent)]
 pub struct Krw(i64);
 
 impl Krw {

@@ -407,7 +407,7 @@ pub struct NewPartner {
 
 impl NewPartner {
     /// The partner as first stored under `partner_id` at `now` (Unix microseconds).
-    pub fn registered(&self, partner_id: uuid::Uuid, now: i64) -> Partner {
+    pub fn registered(&self, partner_id: super::PartnerId, now: i64) -> Partner {
         Partner {
             partner_id,
             profile: self.profile.clone(),
@@ -422,7 +422,7 @@ impl NewPartner {
 /// A registered partner.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Partner {
-    pub partner_id: uuid::Uuid,
+    pub partner_id: super::PartnerId,
     pub profile: PartnerProfile,
     pub bank_account: AccountOnFile,
     /// Unix microseconds.

@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
-use super::{AffectedService, Invalid};
+use super::{AffectedService, Invalid, Krw};
 
 /// Basis points in one whole.
 pub const BPS: i64 = 10_000;
@@ -38,9 +38,9 @@ impl ServiceFactors {
 #[serde(deny_unknown_fields)]
 pub struct Tiers {
     pub lower_max_recognized_loss_krw: i64,
-    pub lower_compensation_krw: i64,
+    pub lower_compensation_krw: Krw,
     pub upper_max_recognized_loss_krw: i64,
-    pub upper_compensation_krw: i64,
+    pub upper_compensation_krw: Krw,
 }
 
 /// A policy file, as read. [`Policy::from_toml`] validates it.
@@ -52,7 +52,7 @@ pub struct Policy {
     pub description: String,
     pub tiers: Tiers,
     #[serde(default = "default_review_cap")]
-    pub review_cap_krw: i64,
+    pub review_cap_krw: Krw,
     /// RFC 3339; absent: open.
     #[serde(default)]
     pub intake_open_time: Option<jiff::Timestamp>,
@@ -62,8 +62,8 @@ pub struct Policy {
     pub services: BTreeMap<String, ServiceFactors>,
 }
 
-fn default_review_cap() -> i64 {
-    50_000
+fn default_review_cap() -> Krw {
+    Krw::new(50_000)
 }
 
 /// One reported item: the sales of one service in the baseline and the outage week.
@@ -172,7 +172,7 @@ pub struct Decision {
     pub reported_loss_krw: i64,
     pub recognized_loss_krw: i64,
     pub tier: Tier,
-    pub compensation_krw: i64,
+    pub compensation_krw: Krw,
     pub status: ClaimStatus,
     pub policy_version: String,
     pub breakdown: Vec<BreakdownLine>,
@@ -205,7 +205,7 @@ impl Policy {
                 "must be above tiers.lower_max_recognized_loss_krw",
             );
         }
-        if t.lower_compensation_krw < 1 {
+        if !t.lower_compensation_krw.is_positive() {
             return bad("tiers.lower_compensation_krw".into(), "must be at least 1");
         }
         if t.upper_compensation_krw < t.lower_compensation_krw {
@@ -214,7 +214,7 @@ impl Policy {
                 "must be at least tiers.lower_compensation_krw",
             );
         }
-        if self.review_cap_krw < 1 {
+        if !self.review_cap_krw.is_positive() {
             return bad("review_cap_krw".into(), "must be at least 1");
         }
         if let (Some(open), Some(close)) = (self.intake_open_time, self.intake_close_time)
@@ -286,13 +286,13 @@ impl Policy {
         let recognized = to_krw(weighted / scale);
         let t = &self.tiers;
         let (tier, compensation_krw, status) = if recognized == 0 {
-            (Tier::NotEligible, 0, ClaimStatus::Rejected)
+            (Tier::NotEligible, Krw::ZERO, ClaimStatus::Rejected)
         } else if recognized <= t.lower_max_recognized_loss_krw {
             (Tier::Lower, t.lower_compensation_krw, ClaimStatus::Approved)
         } else if recognized <= t.upper_max_recognized_loss_krw {
             (Tier::Upper, t.upper_compensation_krw, ClaimStatus::Approved)
         } else {
-            (Tier::Review, 0, ClaimStatus::PendingReview)
+            (Tier::Review, Krw::ZERO, ClaimStatus::PendingReview)
         };
         Decision {
             reported_loss_krw: to_krw(reported),
@@ -322,7 +322,7 @@ mod tests {
     #[test]
     fn default_policy_loads() {
         let policy = Policy::from_toml(DEFAULT_POLICY_TOML).expect("default policy is valid");
-        assert_eq!(policy.review_cap_krw, 50_000);
+        assert_eq!(policy.review_cap_krw, Krw::new(50_000));
     }
 
     #[test]

@@ -5,7 +5,7 @@
 //! disagreement is reported; the only one acted on is a return, which reopens the payout as
 //! `FAILED{RETURNED}` so that it can be paid again under a new key.
 
-use super::{DisbursementStatus, Invalid, failure, text};
+use super::{DisbursementId, DisbursementStatus, Invalid, Krw, failure, text};
 
 /// The longest idempotency key a report line may carry (ours are 38 characters).
 pub const MAX_SETTLEMENT_KEY_LEN: usize = 200;
@@ -38,7 +38,7 @@ impl SettlementStatus {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SettlementLine {
     pub idempotency_key: String,
-    pub amount_krw: i64,
+    pub amount_krw: Krw,
     pub status: SettlementStatus,
     /// Unix microseconds; 0 when the report gives no time.
     pub settled_time: i64,
@@ -86,7 +86,7 @@ impl SettlementLine {
         }
         Ok(Self {
             idempotency_key: key.to_owned(),
-            amount_krw,
+            amount_krw: Krw::new(amount_krw),
             status,
             settled_time,
         })
@@ -110,7 +110,7 @@ pub enum MismatchKind {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct OurPayout<'a> {
     pub status: DisbursementStatus,
-    pub amount_krw: i64,
+    pub amount_krw: Krw,
     pub failure_code: Option<&'a str>,
     /// The key is the disbursement's current instruction key, not one it used before a retry
     /// replaced it.
@@ -190,7 +190,8 @@ pub fn judge(line: &SettlementLine, ours: Option<&OurPayout<'_>>) -> Verdict {
                     AmountDiffers,
                     format!(
                         "paid {} KRW here, settled {} KRW there",
-                        ours.amount_krw, line.amount_krw
+                        ours.amount_krw.won(),
+                        line.amount_krw.won()
                     ),
                 )
             }
@@ -230,12 +231,12 @@ pub fn judge(line: &SettlementLine, ours: Option<&OurPayout<'_>>) -> Verdict {
 pub struct SettlementMismatch {
     pub idempotency_key: String,
     /// The disbursement that used the key, if any did.
-    pub disbursement_id: Option<uuid::Uuid>,
+    pub disbursement_id: Option<DisbursementId>,
     pub kind: MismatchKind,
     /// 0 when no disbursement of ours used the key.
-    pub our_amount_krw: i64,
+    pub our_amount_krw: Krw,
     /// 0 when the report does not have the key.
-    pub their_amount_krw: i64,
+    pub their_amount_krw: Krw,
     pub detail: String,
     /// This reconciliation moved the disbursement `PAID -> FAILED{RETURNED}`.
     pub reopened: bool,
@@ -261,7 +262,7 @@ impl Verdict {
     pub fn into_mismatch(
         self,
         line: &SettlementLine,
-        disbursement_id: Option<uuid::Uuid>,
+        disbursement_id: Option<DisbursementId>,
         ours: Option<&OurPayout<'_>>,
         reopening: Reopening,
     ) -> Option<SettlementMismatch> {
@@ -280,7 +281,7 @@ impl Verdict {
             idempotency_key: line.idempotency_key.clone(),
             disbursement_id,
             kind,
-            our_amount_krw: ours.map_or(0, |o| o.amount_krw),
+            our_amount_krw: ours.map_or(Krw::ZERO, |o| o.amount_krw),
             their_amount_krw: line.amount_krw,
             detail,
             reopened: reopening == Reopening::Done,
@@ -301,7 +302,7 @@ mod tests {
     fn ours(status: DisbursementStatus, code: Option<&str>, current_key: bool) -> OurPayout<'_> {
         OurPayout {
             status,
-            amount_krw: 30_000,
+            amount_krw: Krw::new(30_000),
             failure_code: code,
             current_key,
         }
@@ -368,7 +369,7 @@ mod tests {
 
     #[test]
     fn a_reported_mismatch_carries_both_sides_and_what_reconciling_did() {
-        let id = uuid::Uuid::from_u128(7);
+        let id = DisbursementId::from_uuid(uuid::Uuid::from_u128(7));
         let settled = line(SettlementStatus::Settled, 30_000);
         let paid = ours(Paid, None, true);
         let agrees = judge(&settled, Some(&paid));
@@ -382,7 +383,10 @@ mod tests {
             .into_mismatch(&other, Some(id), Some(&paid), Reopening::NotAsked)
             .expect("amounts differ");
         assert_eq!(m.kind, MismatchKind::AmountDiffers);
-        assert_eq!((m.our_amount_krw, m.their_amount_krw), (30_000, 50_000));
+        assert_eq!(
+            (m.our_amount_krw, m.their_amount_krw),
+            (Krw::new(30_000), Krw::new(50_000))
+        );
         assert_eq!(
             (m.disbursement_id, m.status, m.reopened),
             (Some(id), Some(Paid), false)
@@ -392,7 +396,7 @@ mod tests {
         let unknown = judge(&settled, None)
             .into_mismatch(&settled, None, None, Reopening::NotAsked)
             .expect("unknown key");
-        assert_eq!((unknown.our_amount_krw, unknown.status), (0, None));
+        assert_eq!((unknown.our_amount_krw, unknown.status), (Krw::ZERO, None));
 
         let returned = line(SettlementStatus::Returned, 30_000);
         let verdict = judge(&returned, Some(&paid));

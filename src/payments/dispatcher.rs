@@ -30,18 +30,19 @@ use tokio::sync::{Semaphore, watch};
 use tonic::Code;
 use tonic::transport::Channel;
 use tracing::Instrument as _;
-use uuid::Uuid;
 
 use super::QuietHours;
-use crate::domain::{AttemptOperation, AttemptOutcome, DisbursementStatus, failure};
+use crate::domain::{
+    AttemptOperation, AttemptOutcome, DisbursementId, DisbursementStatus, Krw, failure,
+};
 use crate::proto::payments::v1::{
     self as pb, InstructionStatus, payments_backend_client::PaymentsBackendClient,
 };
 use crate::sealing::{PiiCipher, Sealed};
 use crate::secret::Secret;
 use crate::store::{
-    Attempt, Disbursement, DispatchOutcome, DispatchRecord, KeyAssignment, Micros, Requeue, Store,
-    StoreError, now_micros,
+    Attempt, Disbursement, DispatchOutcome, DispatchRecord, DispatchTerms, KeyAssignment, Micros,
+    Requeue, Store, StoreError, now_micros,
 };
 
 #[derive(Debug, Clone)]
@@ -61,7 +62,7 @@ pub struct DispatcherConfig {
     /// When an `ACCEPTED` instruction is looked up again.
     pub accepted_poll: Duration,
     pub quiet_hours: Option<QuietHours>,
-    pub budget_krw: Option<i64>,
+    pub budget_krw: Option<Krw>,
     /// Sent to the backend as `authorization: Bearer ...`.
     pub backend_token: Option<Secret>,
     /// The first back-off after a transient failure; doubles up to `max_backoff`.
@@ -214,7 +215,7 @@ impl Dispatcher {
         if n == 0 {
             return Ok(0);
         }
-        let ids: Vec<Uuid> = leased.iter().map(|d| d.disbursement_id).collect();
+        let ids: Vec<DisbursementId> = leased.iter().map(|d| d.disbursement_id).collect();
         let rows = leased.into_iter().map(Self::leased).collect();
         tokio::select! {
             result = self.work(rows) => result?,
@@ -224,7 +225,7 @@ impl Dispatcher {
     }
 
     /// Renews the round's leases every third of the lease, for as long as the round runs.
-    async fn keep_leases(&self, ids: &[Uuid], mut held_until: Micros) {
+    async fn keep_leases(&self, ids: &[DisbursementId], mut held_until: Micros) {
         let every = (self.config.lease / 3).max(Duration::from_millis(10));
         loop {
             tokio::time::sleep(every).await;
@@ -309,7 +310,7 @@ impl Dispatcher {
     async fn send_or_look_up(
         &self,
         rows: &[Leased],
-        mut key_of: HashMap<Uuid, KeyAssignment>,
+        mut key_of: HashMap<DisbursementId, KeyAssignment>,
     ) -> Vec<Option<Step>> {
         futures::future::join_all(rows.iter().map(|row| {
             let key = key_of.remove(&row.d.disbursement_id);
@@ -334,7 +335,7 @@ impl Dispatcher {
             (_, Some(KeyAssignment::OverBudget)) => {
                 tracing::warn!(
                     disbursement_id = %d.disbursement_id,
-                    amount_krw = d.amount_krw,
+                    amount_krw = d.amount_krw.won(),
                     "held back: paying it would pass the programme budget"
                 );
                 self.later(self.config.max_backoff)
@@ -373,14 +374,12 @@ impl Dispatcher {
         if record_is_empty(record) {
             return Ok(Vec::new());
         }
-        self.store
-            .record_dispatch(
-                record,
-                self.config.budget_krw,
-                &self.back_off(),
-                now_micros(),
-            )
-            .await
+        let terms = DispatchTerms {
+            budget_krw: self.config.budget_krw,
+            back_off: &self.back_off(),
+            now: now_micros(),
+        };
+        self.store.record_dispatch(record, &terms).await
     }
 
     /// Records the outbox and disbursement gauges.
@@ -420,9 +419,9 @@ impl Dispatcher {
             ],
         );
         Attempt {
-            operation: operation.as_str().to_owned(),
+            operation,
             idempotency_key: key.to_owned(),
-            outcome: outcome.as_str().to_owned(),
+            outcome,
             code: code.to_owned(),
             message: message.to_owned(),
             time: now_micros(),
@@ -561,20 +560,14 @@ impl Dispatcher {
                 let r = response.into_inner();
                 if !r.failure_code.is_empty() {
                     let message = "the bank reports the account cannot take payouts";
-                    return Self::holder_refused(
-                        AttemptOutcome::AccountUnusable,
-                        &r.failure_code,
-                        message,
-                    );
+                    let unusable = AttemptOutcome::AccountUnusable;
+                    return Self::holder_refused(unusable, &r.failure_code, message);
                 }
                 if !r.matches {
                     let message =
                         "the bank's account holder is not the partner or its representative";
-                    return Self::holder_refused(
-                        AttemptOutcome::Mismatch,
-                        failure::HOLDER_MISMATCH,
-                        message,
-                    );
+                    let mismatch = AttemptOutcome::Mismatch;
+                    return Self::holder_refused(mismatch, failure::HOLDER_MISMATCH, message);
                 }
                 Step {
                     attempts: vec![Self::attempt(VERIFY, "", AttemptOutcome::Match, "", "")],
@@ -611,7 +604,7 @@ impl Dispatcher {
         };
         let request = pb::SubmitInstructionRequest {
             idempotency_key: key.to_owned(),
-            amount_krw: d.amount_krw,
+            amount_krw: d.amount_krw.won(),
             bank_code: d.account.bank_code.as_str().to_owned(),
             account_number,
             holder_name: d.account.holder_name.as_str().to_owned(),

@@ -10,14 +10,12 @@
 
 use std::collections::HashMap;
 
-use uuid::Uuid;
-
 use super::batch::{Column, Insert};
 use super::rows::{services_key, unexpected};
 use super::{AuditEvent, ClaimSubmission, Idempotency, Micros, Result, StoreError, Stored};
 use crate::domain::{
-    AttachedEvidence, BankAccount, Claim, ClaimStatus, DisbursementStatus, NewPartner, Partner,
-    PartnerProfile,
+    AttachedEvidence, BankAccount, Claim, ClaimId, ClaimStatus, DisbursementId, DisbursementStatus,
+    NewPartner, Partner, PartnerId, PartnerProfile,
 };
 
 /// Why a batch could not be written as a batch.
@@ -201,11 +199,11 @@ pub(crate) struct Filed {
 
 /// The claim a row files if it is new: what `load_claim` would read back after
 /// `submit_claim`.
-pub(crate) fn claim_if_new(row: &ClaimSubmission, partner_id: Uuid, now: Micros) -> Claim {
+pub(crate) fn claim_if_new(row: &ClaimSubmission, partner_id: PartnerId, now: Micros) -> Claim {
     let d = &row.claim.decision;
     let submitted_by = &row.claim.submitted_by;
     Claim {
-        claim_id: Uuid::now_v7(),
+        claim_id: ClaimId::new(),
         partner_id,
         status: d.status,
         items: row.claim.items.clone(),
@@ -226,7 +224,7 @@ pub(crate) fn claim_if_new(row: &ClaimSubmission, partner_id: Uuid, now: Micros)
         review_reason: None,
         create_time: now,
         update_time: now,
-        disbursement_id: (d.status == ClaimStatus::Approved).then(Uuid::now_v7),
+        disbursement_id: (d.status == ClaimStatus::Approved).then(DisbursementId::new),
     }
 }
 
@@ -236,7 +234,7 @@ pub(crate) fn claim_if_new(row: &ClaimSubmission, partner_id: Uuid, now: Micros)
 pub(crate) fn claims_inserts(
     rows: &[ClaimSubmission],
     filed: &[Filed],
-    payees: &HashMap<Uuid, Payee>,
+    payees: &HashMap<PartnerId, Payee>,
     now: Micros,
 ) -> BulkResult<Vec<Insert<'static>>> {
     if filed.is_empty() {
@@ -271,7 +269,7 @@ fn claim_insert(claims: &[&Claim], now: Micros) -> BulkResult<Insert<'static>> {
             text_column(claims, |c| c.decision.tier.key().to_owned()),
             krw(|c| c.decision.reported_loss_krw),
             krw(|c| c.decision.recognized_loss_krw),
-            krw(|c| c.decision.compensation_krw),
+            krw(|c| c.decision.compensation_krw.won()),
             text_column(claims, |c| c.decision.policy_version.clone()),
             Column::Text(items),
             Column::Text(decisions),
@@ -309,7 +307,7 @@ fn evidence_insert(claims: &[&Claim], now: Micros) -> Insert<'static> {
 fn disbursement_inserts(
     rows: &[ClaimSubmission],
     filed: &[Filed],
-    payees: &HashMap<Uuid, Payee>,
+    payees: &HashMap<PartnerId, Payee>,
     now: Micros,
 ) -> [Insert<'static>; 3] {
     let approved: Vec<(&Filed, String, &Payee)> = filed
@@ -335,7 +333,7 @@ fn disbursement_inserts(
             Column::BigInt(
                 approved
                     .iter()
-                    .map(|(f, _, _)| f.claim.compensation_krw)
+                    .map(|(f, _, _)| f.claim.compensation_krw.won())
                     .collect(),
             ),
             queued(),

@@ -12,11 +12,12 @@ use async_trait::async_trait;
 use uuid::Uuid;
 
 use crate::domain::{
-    AccountOnFile, BankAccount, BusinessRegistrationNumber, Claim, ClaimStatus, DisbursementStatus,
-    Evidence, NewClaim, NewPartner, Partner, Refusal, ReviewDecision, ReviewRefused, Tier,
+    AccountOnFile, AttemptOperation, AttemptOutcome, BankAccount, BusinessRegistrationNumber,
+    Claim, ClaimId, ClaimStatus, DisbursementId, DisbursementStatus, Evidence, NewClaim,
+    NewPartner, Partner, PartnerId, Refusal, ReviewDecision, ReviewRefused, Tier,
 };
 // Finance: export and reconciliation.
-use crate::domain::{PersonOrBusinessName, SettlementLine, SettlementMismatch};
+use crate::domain::{Krw, PersonOrBusinessName, SettlementLine, SettlementMismatch};
 
 pub mod batch;
 mod idempotency;
@@ -84,9 +85,9 @@ pub enum StoreError {
     #[error("{0} not found")]
     NotFound(&'static str),
     #[error("a partner with this business registration number is already registered")]
-    PartnerAlreadyRegistered { partner_id: Uuid },
+    PartnerAlreadyRegistered { partner_id: PartnerId },
     #[error("this partner has already filed a claim")]
-    ClaimAlreadyFiled { claim_id: Uuid },
+    ClaimAlreadyFiled { claim_id: ClaimId },
     #[error("request_id was already used with a different request")]
     RequestIdReused,
     #[error("etag does not match the partner's current etag {current}")]
@@ -140,10 +141,12 @@ impl From<sqlx::migrate::MigrateError> for StoreError {
 
 pub type Result<T, E = StoreError> = std::result::Result<T, E>;
 
-/// One page: rows after `after` (ids sort by creation time), at most `limit`.
+/// One page: rows after `after` (ids sort by creation time), at most `limit`. The api's
+/// page tokens name any kind of row, so a listing's page is over bare ids; a page over one
+/// kind of row names it (`Page<DisbursementId>`).
 #[derive(Debug, Clone, Default)]
-pub struct Page {
-    pub after: Option<Uuid>,
+pub struct Page<Id = Uuid> {
+    pub after: Option<Id>,
     pub limit: u32,
 }
 
@@ -156,13 +159,13 @@ pub struct PartnerFilter {
 pub struct ClaimFilter {
     pub status: Option<ClaimStatus>,
     pub tier: Option<Tier>,
-    pub partner_id: Option<Uuid>,
+    pub partner_id: Option<PartnerId>,
 }
 
 #[derive(Debug, Clone, Default)]
 pub struct DisbursementFilter {
     pub status: Option<DisbursementStatus>,
-    pub partner_id: Option<Uuid>,
+    pub partner_id: Option<PartnerId>,
 }
 
 /// One entry of the audit log.
@@ -191,6 +194,39 @@ pub struct AuditFilter {
     pub end_time: Option<Micros>,
 }
 
+/// Who asks an operator's change (a cancel, a pause, the reopening of a returned payout),
+/// and why; both are kept with the change.
+#[derive(Debug, Clone, Copy)]
+pub struct OperatorRequest<'a> {
+    pub actor: &'a str,
+    pub reason: &'a str,
+}
+
+/// A partner's new bank account, by whom, against the etag the caller read.
+#[derive(Debug, Clone, Copy)]
+pub struct AccountUpdate<'a> {
+    pub account: &'a BankAccount,
+    pub etag: &'a str,
+    pub actor: &'a str,
+}
+
+/// Evidence attached to a claim, and who attached it.
+#[derive(Debug, Clone, Copy)]
+pub struct Attachment<'a> {
+    pub evidence: &'a Evidence,
+    pub attached_by: &'a str,
+}
+
+/// What a dispatcher's record is written under: the programme budget the new instruction keys
+/// must stay within, the back-off of a [`Requeue::BackOff`] (`back_off(failures so far)` gives
+/// the due time) and the time of writing.
+#[derive(Clone, Copy)]
+pub struct DispatchTerms<'a> {
+    pub budget_krw: Option<Krw>,
+    pub back_off: &'a (dyn Fn(u32) -> Micros + Send + Sync),
+    pub now: Micros,
+}
+
 /// A reviewer's decision on a claim.
 #[derive(Debug, Clone)]
 pub struct Review<'a> {
@@ -204,9 +240,9 @@ pub struct Review<'a> {
 /// One call to the payments backend, as recorded.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Attempt {
-    pub operation: String,
+    pub operation: AttemptOperation,
     pub idempotency_key: String,
-    pub outcome: String,
+    pub outcome: AttemptOutcome,
     pub code: String,
     pub message: String,
     pub time: Micros,
@@ -224,10 +260,10 @@ pub struct StatusChange {
 
 #[derive(Debug, Clone)]
 pub struct Disbursement {
-    pub disbursement_id: Uuid,
-    pub claim_id: Uuid,
-    pub partner_id: Uuid,
-    pub amount_krw: i64,
+    pub disbursement_id: DisbursementId,
+    pub claim_id: ClaimId,
+    pub partner_id: PartnerId,
+    pub amount_krw: Krw,
     pub status: DisbursementStatus,
     pub failure_code: Option<String>,
     pub failure_message: Option<String>,
@@ -256,7 +292,7 @@ pub struct DispatchState {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct CountKrw {
     pub count: i64,
-    pub krw: i64,
+    pub krw: Krw,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -305,18 +341,18 @@ pub enum Requeue {
 #[derive(Debug, Clone, Default)]
 pub struct DispatchRecord {
     /// Backend calls, each disbursement's in the order they were made.
-    pub attempts: Vec<(Uuid, Attempt)>,
+    pub attempts: Vec<(DisbursementId, Attempt)>,
     /// Disbursements whose account holder the bank confirmed.
-    pub verified: Vec<Uuid>,
+    pub verified: Vec<DisbursementId>,
     /// Disbursements whose dispatch ends (`PAID`, or `FAILED` with a code); their outbox rows
     /// are removed.
-    pub finished: Vec<(Uuid, DispatchOutcome)>,
+    pub finished: Vec<(DisbursementId, DispatchOutcome)>,
     /// Outbox rows released and made due again.
-    pub requeued: Vec<(Uuid, Requeue)>,
+    pub requeued: Vec<(DisbursementId, Requeue)>,
     /// Disbursements to be given their instruction key and moved `QUEUED -> SUBMITTED`, in
     /// this order, while the programme budget allows. One [`KeyAssignment`] is answered for
     /// each.
-    pub assign_keys: Vec<Uuid>,
+    pub assign_keys: Vec<DisbursementId>,
 }
 
 /// What `ExportDisbursements` selects: a status (None: any) and a window on `update_time`.
@@ -332,13 +368,13 @@ pub struct ExportFilter {
 /// A disbursement with what the finance team needs to book it.
 #[derive(Debug, Clone)]
 pub struct ExportedDisbursement {
-    pub disbursement_id: Uuid,
-    pub claim_id: Uuid,
-    pub partner_id: Uuid,
+    pub disbursement_id: DisbursementId,
+    pub claim_id: ClaimId,
+    pub partner_id: PartnerId,
     pub business_registration_number: BusinessRegistrationNumber,
     pub legal_name: PersonOrBusinessName,
     pub representative_name: PersonOrBusinessName,
-    pub amount_krw: i64,
+    pub amount_krw: Krw,
     pub status: DisbursementStatus,
     /// The last 4 digits only: the export never opens the sealed number.
     pub account: AccountOnFile,
@@ -349,6 +385,13 @@ pub struct ExportedDisbursement {
     pub failure_code: Option<String>,
     pub create_time: Micros,
     pub update_time: Micros,
+}
+
+/// Up to `limit` staged lines of a settlement report after `after_key`, in key order.
+#[derive(Debug, Clone, Copy)]
+pub struct LinePage<'a> {
+    pub after_key: &'a str,
+    pub limit: u32,
 }
 
 /// What one page of a settlement report came to.
@@ -365,9 +408,9 @@ pub struct SettlementPage {
 /// A `PAID` disbursement, for reconciliation.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PaidPayout {
-    pub disbursement_id: Uuid,
+    pub disbursement_id: DisbursementId,
     pub idempotency_key: String,
-    pub amount_krw: i64,
+    pub amount_krw: Krw,
     pub paid_time: Micros,
 }
 
@@ -384,7 +427,7 @@ pub struct SettlementTotals {
 /// The partner a claim is for: its id, or (in bulk intake) its business registration number.
 #[derive(Debug, Clone)]
 pub enum PartnerRef {
-    Id(Uuid),
+    Id(PartnerId),
     RegistrationNumber(BusinessRegistrationNumber),
 }
 
@@ -405,15 +448,13 @@ pub trait PartnerStore {
         call: Recorded<'_, Partner>,
         partner: &NewPartner,
     ) -> Result<Stored<Partner>>;
-    async fn get_partner(&self, partner_id: Uuid) -> Result<Option<Partner>>;
+    async fn get_partner(&self, partner_id: PartnerId) -> Result<Option<Partner>>;
     async fn list_partners(&self, filter: &PartnerFilter, page: &Page) -> Result<Vec<Partner>>;
     async fn update_bank_account(
         &self,
         call: Recorded<'_, Partner>,
-        partner_id: Uuid,
-        account: &BankAccount,
-        etag: &str,
-        actor: &str,
+        partner_id: PartnerId,
+        update: &AccountUpdate<'_>,
     ) -> Result<Stored<Partner>>;
     /// Registers a batch of partners in one transaction. Each row is answered, in order, as
     /// [`PartnerStore::register_partner`] would have answered it had the rows come one at a
@@ -439,17 +480,16 @@ pub trait ClaimStore {
     async fn attach_evidence(
         &self,
         call: Recorded<'_, Claim>,
-        claim_id: Uuid,
-        evidence: &Evidence,
-        actor: &str,
+        claim_id: ClaimId,
+        attachment: &Attachment<'_>,
     ) -> Result<Stored<Claim>>;
     async fn review_claim(
         &self,
         call: Recorded<'_, Claim>,
-        claim_id: Uuid,
+        claim_id: ClaimId,
         review: &Review<'_>,
     ) -> Result<Stored<Claim>>;
-    async fn get_claim(&self, claim_id: Uuid) -> Result<Option<Claim>>;
+    async fn get_claim(&self, claim_id: ClaimId) -> Result<Option<Claim>>;
     async fn list_claims(&self, filter: &ClaimFilter, page: &Page) -> Result<Vec<Claim>>;
     /// Files a batch of claims in one transaction (each approved one with its disbursement).
     /// Each row is answered, in order, as [`ClaimStore::submit_claim`] would have answered it
@@ -466,31 +506,35 @@ pub trait ClaimStore {
 /// The disbursements as operators see them: read, retried, cancelled, dispatch paused.
 #[async_trait]
 pub trait DisbursementStore {
-    async fn get_disbursement(&self, disbursement_id: Uuid) -> Result<Option<Disbursement>>;
+    async fn get_disbursement(
+        &self,
+        disbursement_id: DisbursementId,
+    ) -> Result<Option<Disbursement>>;
     async fn list_disbursements(
         &self,
         filter: &DisbursementFilter,
         page: &Page,
     ) -> Result<Vec<Disbursement>>;
+    /// Queues a `FAILED` disbursement again, under a new key.
     async fn retry_disbursement(
         &self,
         call: Recorded<'_, Disbursement>,
-        disbursement_id: Uuid,
+        disbursement_id: DisbursementId,
         actor: &str,
     ) -> Result<Stored<Disbursement>>;
+    /// Cancels a `QUEUED` disbursement: it leaves the outbox.
     async fn cancel_disbursement(
         &self,
         call: Recorded<'_, Disbursement>,
-        disbursement_id: Uuid,
-        actor: &str,
-        reason: &str,
+        disbursement_id: DisbursementId,
+        request: &OperatorRequest<'_>,
     ) -> Result<Stored<Disbursement>>;
+    /// Pauses or resumes dispatch for every replica.
     async fn set_dispatch_paused(
         &self,
         call: Recorded<'_, DispatchState>,
         paused: bool,
-        actor: &str,
-        reason: &str,
+        request: &OperatorRequest<'_>,
     ) -> Result<Stored<DispatchState>>;
     async fn program_summary(&self) -> Result<ProgramSummary>;
 }
@@ -512,33 +556,29 @@ pub trait DispatchStore {
     /// `held_until` (rows released or taken over meanwhile are left alone); returns how many.
     async fn renew_leases(
         &self,
-        disbursement_ids: &[Uuid],
+        disbursement_ids: &[DisbursementId],
         held_until: Micros,
         lease_until: Micros,
     ) -> Result<u64>;
-    /// Writes `record` in one transaction: attempts, verified holders, finished dispatches
-    /// (with their history), released rows (`back_off(failures so far)` gives the due time of
-    /// [`Requeue::BackOff`]) and instruction keys within `budget_krw`, made one batch at a time
-    /// across replicas (under the `dispatch_control` lock), the batch's keys adding up as they
-    /// are made.
+    /// Writes `record` in one transaction under `terms`: attempts, verified holders, finished
+    /// dispatches (with their history), released rows and instruction keys within the budget,
+    /// made one batch at a time across replicas (under the `dispatch_control` lock), the
+    /// batch's keys adding up as they are made.
     async fn record_dispatch(
         &self,
         record: &DispatchRecord,
-        budget_krw: Option<i64>,
-        back_off: &(dyn Fn(u32) -> Micros + Send + Sync),
-        now: Micros,
+        terms: &DispatchTerms<'_>,
     ) -> Result<Vec<KeyAssignment>>;
 }
 
 /// Finance: the export of disbursements and the reconciliation of settlement reports.
 #[async_trait]
 pub trait SettlementStore {
-    /// Up to `limit` disbursements after `after` (in id order) that match `filter`.
+    /// A page of the disbursements that match `filter`, in id order.
     async fn export_disbursements(
         &self,
         filter: &ExportFilter,
-        after: Option<Uuid>,
-        limit: u32,
+        page: Page<DisbursementId>,
     ) -> Result<Vec<ExportedDisbursement>>;
     /// Starts a reconciliation run named by the caller's `request_id`; returns its run id.
     /// The request id is `actor`'s (the calling principal's): one that `actor` used with
@@ -559,24 +599,21 @@ pub trait SettlementStore {
         report_sha256: &str,
         line_count: i64,
     ) -> Result<()>;
-    /// Reconciles up to `limit` staged lines after `after_key` (in key order) in one
-    /// transaction, reopening returned payouts as `FAILED{RETURNED}` with `reason`.
+    /// Reconciles a page of staged lines in one transaction, reopening returned payouts as
+    /// `FAILED{RETURNED}` by `request`'s actor with its reason.
     async fn reconcile_settlement_page(
         &self,
         run_id: Uuid,
-        after_key: &str,
-        limit: u32,
-        actor: &str,
-        reason: &str,
+        page: LinePage<'_>,
+        request: &OperatorRequest<'_>,
     ) -> Result<SettlementPage>;
-    /// Up to `limit` disbursements after `after` (in id order) that are `PAID`, were paid before
+    /// A page (in id order) of the disbursements that are `PAID`, were paid before
     /// `cutoff_time`, and whose key is not in the run's report.
     async fn paid_missing_from_report(
         &self,
         run_id: Uuid,
         cutoff_time: Micros,
-        after: Option<Uuid>,
-        limit: u32,
+        page: Page<DisbursementId>,
     ) -> Result<Vec<PaidPayout>>;
     async fn finish_settlement_run(&self, run_id: Uuid, totals: &SettlementTotals) -> Result<()>;
 }

@@ -9,9 +9,10 @@ use super::{
     PaidPayout, Result, StatusChange, StoreError,
 };
 use crate::domain::{
-    AccountOnFile, AffectedService, AttachedEvidence, BankCode, BusinessRegistrationNumber, Claim,
-    ClaimStatus, ContactEmail, Decision, DisbursementStatus, Evidence, EvidenceKind, LossItem,
-    Partner, PartnerProfile, PersonOrBusinessName, SettlementLine, SettlementStatus,
+    AccountOnFile, AffectedService, AttachedEvidence, AttemptOperation, AttemptOutcome, BankCode,
+    BusinessRegistrationNumber, Claim, ClaimStatus, ContactEmail, Decision, DisbursementId,
+    DisbursementStatus, Evidence, EvidenceKind, Krw, LossItem, Partner, PartnerProfile,
+    PersonOrBusinessName, SettlementLine, SettlementStatus,
 };
 
 pub(crate) fn unexpected(what: impl std::fmt::Display) -> StoreError {
@@ -25,8 +26,9 @@ pub(crate) fn parsed<T, E: std::fmt::Display>(
     value.map_err(|e| unexpected(format!("{col}: {e}")))
 }
 
-pub(crate) fn uuid(col: &str, text: &str) -> Result<Uuid> {
-    parsed(col, Uuid::parse_str(text))
+/// An id read from its stored text: a bare `Uuid`, or the typed id it names.
+pub(crate) fn uuid<T: From<Uuid>>(col: &str, text: &str) -> Result<T> {
+    parsed(col, Uuid::parse_str(text)).map(T::from)
 }
 
 fn disbursement_status(col: &str, key: &str) -> Result<DisbursementStatus> {
@@ -198,7 +200,7 @@ impl ClaimRow {
             status: ClaimStatus::from_key(&self.status).ok_or_else(|| unexpected(&self.status))?,
             items: parsed("items", serde_json::from_str::<Vec<LossItem>>(&self.items))?,
             decision: parsed("decision", serde_json::from_str::<Decision>(&self.decision))?,
-            compensation_krw: self.compensation_krw,
+            compensation_krw: Krw::new(self.compensation_krw),
             evidence: evidence
                 .into_iter()
                 .map(AttachedEvidence::try_from)
@@ -245,7 +247,7 @@ impl TryFrom<DisbursementRow> for Disbursement {
             disbursement_id: uuid("disbursement_id", &row.disbursement_id)?,
             claim_id: uuid("claim_id", &row.claim_id)?,
             partner_id: uuid("partner_id", &row.partner_id)?,
-            amount_krw: row.amount_krw,
+            amount_krw: Krw::new(row.amount_krw),
             status: disbursement_status("status", &row.status)?,
             failure_code: row.failure_code,
             failure_message: row.failure_message,
@@ -273,16 +275,18 @@ pub(crate) struct AttemptRow {
     time: Micros,
 }
 
-impl From<AttemptRow> for Attempt {
-    fn from(row: AttemptRow) -> Self {
-        Attempt {
-            operation: row.operation,
+impl TryFrom<AttemptRow> for Attempt {
+    type Error = StoreError;
+
+    fn try_from(row: AttemptRow) -> Result<Self> {
+        Ok(Attempt {
+            operation: parsed("operation", AttemptOperation::parse(&row.operation))?,
             idempotency_key: row.idempotency_key,
-            outcome: row.outcome,
+            outcome: parsed("outcome", AttemptOutcome::parse(&row.outcome))?,
             code: row.code,
             message: row.message,
             time: row.time,
-        }
+        })
     }
 }
 
@@ -345,7 +349,7 @@ impl StatusTotalRow {
             disbursement_status("status", &self.status)?,
             CountKrw {
                 count: self.n,
-                krw: self.krw,
+                krw: Krw::new(self.krw),
             },
         ))
     }
@@ -424,7 +428,7 @@ impl TryFrom<ExportRow> for ExportedDisbursement {
             business_registration_number,
             legal_name,
             representative_name,
-            amount_krw: row.amount_krw,
+            amount_krw: Krw::new(row.amount_krw),
             status: disbursement_status("status", &row.status)?,
             account: row.account.try_into()?,
             idempotency_key: row.idempotency_key,
@@ -454,7 +458,7 @@ impl TryFrom<PaidRow> for PaidPayout {
             idempotency_key: row
                 .idempotency_key
                 .ok_or_else(|| unexpected("a PAID disbursement without a key"))?,
-            amount_krw: row.amount_krw,
+            amount_krw: Krw::new(row.amount_krw),
             paid_time: row
                 .paid_time
                 .ok_or_else(|| unexpected("a PAID disbursement without a PAID event"))?,
@@ -478,9 +482,9 @@ pub(crate) struct SettlementMatchRow {
 
 /// Our side of a settlement line, as stored: the disbursement that used the line's key.
 pub(crate) struct OurSide {
-    pub disbursement_id: Uuid,
+    pub disbursement_id: DisbursementId,
     pub status: DisbursementStatus,
-    pub amount_krw: i64,
+    pub amount_krw: Krw,
     pub failure_code: Option<String>,
     /// The line's key is the disbursement's current key (not one a retry replaced).
     pub current_key: bool,
@@ -501,6 +505,7 @@ impl SettlementMatchRow {
                 )?,
                 amount_krw: self
                     .our_amount_krw
+                    .map(Krw::new)
                     .ok_or_else(|| unexpected("our_amount_krw"))?,
                 failure_code: self.failure_code,
                 current_key: self.current_key.as_deref() == Some(self.idempotency_key.as_str()),
@@ -508,7 +513,7 @@ impl SettlementMatchRow {
         };
         let line = SettlementLine {
             idempotency_key: self.idempotency_key,
-            amount_krw: self.their_amount_krw,
+            amount_krw: Krw::new(self.their_amount_krw),
             status,
             settled_time: self.settled_time,
         };

@@ -14,8 +14,8 @@ use super::{
 };
 use crate::domain::{
     AffectedService, BankAccount, BankCode, BusinessRegistrationNumber, ContactEmail,
-    DEFAULT_POLICY_TOML, LossItem, NewClaim, NewPartner, PartnerProfile, PersonOrBusinessName,
-    Policy,
+    DEFAULT_POLICY_TOML, Krw, LossItem, NewClaim, NewPartner, PartnerId, PartnerProfile,
+    PersonOrBusinessName, Policy,
 };
 use crate::sealing::PiiCipher;
 
@@ -181,9 +181,9 @@ async fn a_batch_that_fails_stores_no_row_and_no_entry() {
         }
         let items =
             vec![LossItem::parse(AffectedService::KakaotalkChannel, 400_000, 0).expect("item")];
-        let claim = |partner_id: Uuid, compensation_krw: i64| {
+        let claim = |partner_id: PartnerId, compensation_krw: i64| {
             let mut decision = policy.decide(&items);
-            decision.compensation_krw = compensation_krw;
+            decision.compensation_krw = Krw::new(compensation_krw);
             ClaimSubmission {
                 idem: idem("SubmitClaim"),
                 partner: PartnerRef::Id(partner_id),

@@ -9,7 +9,7 @@ use super::bulk::{
     RowByRow, execute, fresh_entry, release_request_ids, replays, select_in, take_request_ids,
 };
 use super::{Db, SqlStore, Tx, dialect};
-use crate::domain::{Claim, NewClaim};
+use crate::domain::{Claim, ClaimId, NewClaim, PartnerId};
 use crate::store::batch::{BatchSql, Insert};
 use crate::store::intake::{
     Answers, BulkError, BulkResult, Filed, Payee, audit_insert, claim_if_new, claims_inserts,
@@ -68,7 +68,7 @@ async fn submit_one(
             // it has looked at the request id as it always does first.
             match found {
                 Some(id) => uuid("partner_id", &id)?,
-                None => Uuid::nil(),
+                None => PartnerId::from_uuid(Uuid::nil()),
             }
         }
     };
@@ -89,7 +89,10 @@ struct FoundRow {
 
 /// Resolves each row's partner to its id, if it exists. Partners are never deleted and
 /// their registration numbers never change, so this holds for the whole batch.
-async fn resolve_partners(tx: &mut Tx, rows: &[ClaimSubmission]) -> BulkResult<Vec<Option<Uuid>>> {
+async fn resolve_partners(
+    tx: &mut Tx,
+    rows: &[ClaimSubmission],
+) -> BulkResult<Vec<Option<PartnerId>>> {
     let mut ids = Vec::new();
     let mut brns = Vec::new();
     for row in rows {
@@ -104,7 +107,7 @@ async fn resolve_partners(tx: &mut Tx, rows: &[ClaimSubmission]) -> BulkResult<V
         let head = "SELECT partner_id FROM partners WHERE partner_id";
         for row in select_in(tx, head, ids, "").await? {
             let found = FoundRow::from_row(&row)?;
-            known_ids.insert(uuid("partner_id", &found.partner_id)?);
+            known_ids.insert(uuid::<PartnerId>("partner_id", &found.partner_id)?);
         }
     }
     if !brns.is_empty() {
@@ -194,7 +197,7 @@ struct FiledRow {
 struct Wave<'a> {
     rows: &'a [ClaimSubmission],
     /// Every row's partner, resolved.
-    partners: &'a [Option<Uuid>],
+    partners: &'a [Option<PartnerId>],
     wave: &'a [usize],
     render: Render<'a, Claim>,
     now: Micros,
@@ -275,7 +278,7 @@ impl Wave<'_> {
         &self,
         tx: &mut Tx,
         filing: &[usize],
-    ) -> BulkResult<(HashMap<Uuid, Payee>, HashMap<Uuid, Uuid>)> {
+    ) -> BulkResult<(HashMap<PartnerId, Payee>, HashMap<PartnerId, ClaimId>)> {
         let mut partner_ids: Vec<String> = filing
             .iter()
             .filter_map(|&i| self.partners[i].map(|p| p.to_string()))

@@ -6,7 +6,7 @@ use super::bulk::{
     RowByRow, execute, fresh_entry, release_request_ids, replays, take_request_ids_and_look_up,
 };
 use super::{Db, SqlStore, Tx};
-use crate::domain::{NewPartner, Partner};
+use crate::domain::{NewPartner, Partner, PartnerId};
 use crate::store::batch::{BatchSql, Insert, Lookup, NOT_WRITTEN_WHOLE};
 use crate::store::intake::{
     Answers, BulkError, BulkResult, audit_insert, finish, partners_insert, request_ids_insert,
@@ -71,7 +71,7 @@ async fn try_register_partners(
     let mut candidates: Vec<Candidate> = rows
         .iter()
         .map(|(_, partner)| {
-            let partner_id = Uuid::now_v7();
+            let partner_id = PartnerId::new();
             let sealed = store
                 .cipher
                 .seal(partner_id, partner.bank_account.account_number.expose())
@@ -169,6 +169,7 @@ impl Wave<'_> {
             let brn = partner.profile.business_registration_number.as_str();
             if let Some(partner_id) = registered.get(brn) {
                 let partner_id = Uuid::parse_str(partner_id)
+                    .map(PartnerId::from_uuid)
                     .map_err(|_| unexpected("a partner id is not a UUID"))?;
                 answers[i] = Some(Err(StoreError::PartnerAlreadyRegistered { partner_id }));
                 released.push(idem);

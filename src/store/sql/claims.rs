@@ -1,20 +1,19 @@
 //! The claims in SQL.
 
 use async_trait::async_trait;
-use uuid::Uuid;
 
 use super::disbursements::create_disbursement;
 use super::{Conn, DB_SYSTEM, SqlStore, Tx, after_key, bulk_claims, dialect};
-use crate::domain::{Claim, ClaimStatus, Evidence, NewClaim, Reviewed, review};
+use crate::domain::{Claim, ClaimId, ClaimStatus, Evidence, NewClaim, Reviewed, review};
 use crate::store::rows::{ClaimRow, EvidenceRow, unexpected, uuid};
 use crate::store::{
-    BatchAudit, ClaimFilter, ClaimStore, ClaimSubmission, Micros, Page, Recorded, Render, Result,
-    Review, StoreError, Stored, now_micros,
+    Attachment, BatchAudit, ClaimFilter, ClaimStore, ClaimSubmission, Micros, Page, Recorded,
+    Render, Result, Review, StoreError, Stored, now_micros,
 };
 
 const EVIDENCE_OF_CLAIM: &str = "SELECT * FROM evidence WHERE claim_id = $1 ORDER BY seq";
 
-async fn load_claim(conn: &mut Conn, claim_id: Uuid) -> Result<Option<Claim>> {
+async fn load_claim(conn: &mut Conn, claim_id: ClaimId) -> Result<Option<Claim>> {
     let row: Option<ClaimRow> = sqlx::query_as(
         "SELECT c.*, d.disbursement_id FROM claims c \
          LEFT JOIN disbursements d ON d.claim_id = c.claim_id WHERE c.claim_id = $1",
@@ -35,14 +34,14 @@ async fn load_evidence(conn: &mut Conn, claim: &ClaimRow) -> Result<Vec<Evidence
 }
 
 /// The claim just written in `tx`, as it now stands.
-async fn reload_claim(tx: &mut Tx, claim_id: Uuid) -> Result<Claim> {
+async fn reload_claim(tx: &mut Tx, claim_id: ClaimId) -> Result<Claim> {
     load_claim(tx, claim_id)
         .await?
         .ok_or(StoreError::NotFound("claim"))
 }
 
 /// Locks the claim so that concurrent changes to it see each other.
-async fn lock_claim(tx: &mut Tx, claim_id: Uuid) -> Result<()> {
+async fn lock_claim(tx: &mut Tx, claim_id: ClaimId) -> Result<()> {
     sqlx::query(dialect::LOCK_CLAIM)
         .bind(claim_id.to_string())
         .fetch_optional(&mut **tx)
@@ -53,7 +52,7 @@ async fn lock_claim(tx: &mut Tx, claim_id: Uuid) -> Result<()> {
 
 async fn insert_evidence(
     tx: &mut Tx,
-    claim_id: Uuid,
+    claim_id: ClaimId,
     evidence: &Evidence,
     actor: &str,
     now: Micros,
@@ -75,9 +74,9 @@ async fn insert_evidence(
 }
 
 /// Files `claim` in `tx` (for a partner it has locked, with no claim yet).
-async fn insert_claim(tx: &mut Tx, claim: &NewClaim) -> Result<Uuid> {
+async fn insert_claim(tx: &mut Tx, claim: &NewClaim) -> Result<ClaimId> {
     let now = now_micros();
-    let claim_id = Uuid::now_v7();
+    let claim_id = ClaimId::new();
     let d = &claim.decision;
     let json = |value: serde_json::Result<String>| value.map_err(anyhow::Error::from);
     sqlx::query(
@@ -92,7 +91,7 @@ async fn insert_claim(tx: &mut Tx, claim: &NewClaim) -> Result<Uuid> {
     .bind(d.tier.key())
     .bind(d.reported_loss_krw)
     .bind(d.recognized_loss_krw)
-    .bind(d.compensation_krw)
+    .bind(d.compensation_krw.won())
     .bind(&d.policy_version)
     .bind(json(serde_json::to_string(&claim.items))?)
     .bind(json(serde_json::to_string(d))?)
@@ -157,10 +156,13 @@ impl ClaimStore for SqlStore {
     async fn attach_evidence(
         &self,
         call: Recorded<'_, Claim>,
-        claim_id: Uuid,
-        evidence: &Evidence,
-        actor: &str,
+        claim_id: ClaimId,
+        attachment: &Attachment<'_>,
     ) -> Result<Stored<Claim>> {
+        let Attachment {
+            evidence,
+            attached_by: actor,
+        } = *attachment;
         let (mut tx, call) = match self.begin_call(call).await? {
             Ok(begun) => begun,
             Err(replayed) => return Ok(replayed),
@@ -185,7 +187,7 @@ impl ClaimStore for SqlStore {
     async fn review_claim(
         &self,
         call: Recorded<'_, Claim>,
-        claim_id: Uuid,
+        claim_id: ClaimId,
         review_of: &Review<'_>,
     ) -> Result<Stored<Claim>> {
         let Review {
@@ -210,7 +212,7 @@ impl ClaimStore for SqlStore {
              review_reason = $4, update_time = $5 WHERE claim_id = $6",
         )
         .bind(status.key())
-        .bind(compensation_krw)
+        .bind(compensation_krw.won())
         .bind(reviewer)
         .bind(reason)
         .bind(now)
@@ -230,7 +232,7 @@ impl ClaimStore for SqlStore {
         skip_all,
         fields(otel.kind = "client", db.system = DB_SYSTEM)
     )]
-    async fn get_claim(&self, claim_id: Uuid) -> Result<Option<Claim>> {
+    async fn get_claim(&self, claim_id: ClaimId) -> Result<Option<Claim>> {
         let mut conn = self.pool.acquire().await?;
         load_claim(&mut conn, claim_id).await
     }

@@ -2,19 +2,20 @@
 //! paused or resumed. Approval creates them ([`create_disbursement`]).
 
 use async_trait::async_trait;
-use uuid::Uuid;
 
 use super::{Conn, DB_SYSTEM, SqlStore, Tx, after_key, dialect, unexpected};
 use crate::domain::{
-    AccountChange, ClaimStatus, DisbursementStatus, Refusal, may_cancel, may_retry,
+    AccountChange, ClaimId, ClaimStatus, DisbursementId, DisbursementStatus, Krw, PartnerId,
+    Refusal, may_cancel, may_retry,
 };
 use crate::store::rows::{
     AttemptRow, DisbursementRow, DispatchStateRow, StatusChangeRow, StatusCountRow, StatusTotalRow,
     uuid,
 };
 use crate::store::{
-    Disbursement, DisbursementFilter, DisbursementStore, DispatchState, Micros, Page,
-    ProgramSummary, Recorded, Result, StatusChange, StoreError, Stored, now_micros,
+    Attempt, Disbursement, DisbursementFilter, DisbursementStore, DispatchState, Micros,
+    OperatorRequest, Page, ProgramSummary, Recorded, Result, StatusChange, StoreError, Stored,
+    now_micros,
 };
 
 use super::idempotency::Claimed;
@@ -23,12 +24,12 @@ use super::idempotency::Claimed;
 /// first history entry and its outbox row are written in the approving transaction.
 pub(super) async fn create_disbursement(
     tx: &mut Tx,
-    (claim_id, partner_id, amount_krw): (Uuid, Uuid, i64),
+    (claim_id, partner_id, amount_krw): (ClaimId, PartnerId, Krw),
     actor: &str,
     trace_context: Option<&str>,
     now: Micros,
-) -> Result<Uuid> {
-    let disbursement_id = Uuid::now_v7();
+) -> Result<DisbursementId> {
+    let disbursement_id = DisbursementId::new();
     sqlx::query(
         "INSERT INTO disbursements (disbursement_id, claim_id, partner_id, amount_krw, \
          status, bank_code, account_sealed, account_last4, holder_name, trace_context, \
@@ -40,7 +41,7 @@ pub(super) async fn create_disbursement(
     .bind(disbursement_id.to_string())
     .bind(claim_id.to_string())
     .bind(partner_id.to_string())
-    .bind(amount_krw)
+    .bind(amount_krw.won())
     .bind(DisbursementStatus::Queued.key())
     .bind(now)
     .bind(trace_context)
@@ -62,7 +63,11 @@ pub(super) async fn create_disbursement(
     Ok(disbursement_id)
 }
 
-async fn record_event(tx: &mut Tx, disbursement_id: Uuid, change: &StatusChange) -> Result<()> {
+async fn record_event(
+    tx: &mut Tx,
+    disbursement_id: DisbursementId,
+    change: &StatusChange,
+) -> Result<()> {
     sqlx::query(
         "INSERT INTO disbursement_events (disbursement_id, from_status, to_status, actor, \
          reason, time) VALUES ($1, $2, $3, $4, $5, $6)",
@@ -83,7 +88,7 @@ async fn record_event(tx: &mut Tx, disbursement_id: Uuid, change: &StatusChange)
 /// one the domain allows).
 pub(super) async fn transition(
     tx: &mut Tx,
-    disbursement_id: Uuid,
+    disbursement_id: DisbursementId,
     change: &StatusChange,
 ) -> Result<bool> {
     let (Some(from), to) = (change.from_status, change.to_status) else {
@@ -109,7 +114,10 @@ pub(super) async fn transition(
     Ok(moved == 1)
 }
 
-async fn load_disbursement(conn: &mut Conn, disbursement_id: Uuid) -> Result<Option<Disbursement>> {
+async fn load_disbursement(
+    conn: &mut Conn,
+    disbursement_id: DisbursementId,
+) -> Result<Option<Disbursement>> {
     let row: Option<DisbursementRow> =
         sqlx::query_as("SELECT * FROM disbursements WHERE disbursement_id = $1")
             .bind(disbursement_id.to_string())
@@ -124,7 +132,10 @@ async fn load_disbursement(conn: &mut Conn, disbursement_id: Uuid) -> Result<Opt
     .bind(&id)
     .fetch_all(&mut *conn)
     .await?;
-    d.attempts = attempts.into_iter().map(Into::into).collect();
+    d.attempts = attempts
+        .into_iter()
+        .map(Attempt::try_from)
+        .collect::<Result<_>>()?;
     let history: Vec<StatusChangeRow> =
         sqlx::query_as("SELECT * FROM disbursement_events WHERE disbursement_id = $1 ORDER BY id")
             .bind(&id)
@@ -138,7 +149,10 @@ async fn load_disbursement(conn: &mut Conn, disbursement_id: Uuid) -> Result<Opt
 }
 
 /// The disbursement, locked so that concurrent retries and cancels see each other.
-async fn require_disbursement(tx: &mut Tx, disbursement_id: Uuid) -> Result<Disbursement> {
+async fn require_disbursement(
+    tx: &mut Tx,
+    disbursement_id: DisbursementId,
+) -> Result<Disbursement> {
     sqlx::query(dialect::LOCK_DISBURSEMENT)
         .bind(disbursement_id.to_string())
         .fetch_optional(&mut **tx)
@@ -153,7 +167,7 @@ async fn require_disbursement(tx: &mut Tx, disbursement_id: Uuid) -> Result<Disb
 /// it is now, or (if it would allow the move still) an inconsistency.
 async fn changed_under(
     tx: &mut Tx,
-    disbursement_id: Uuid,
+    disbursement_id: DisbursementId,
     rule: impl Fn(&Disbursement) -> std::result::Result<(), Refusal>,
     what: &str,
 ) -> StoreError {
@@ -170,7 +184,7 @@ async fn changed_under(
 async fn finish_with(
     mut tx: Tx,
     call: Claimed<'_, Disbursement>,
-    disbursement_id: Uuid,
+    disbursement_id: DisbursementId,
 ) -> Result<Stored<Disbursement>> {
     let stored = load_disbursement(&mut tx, disbursement_id)
         .await?
@@ -208,7 +222,10 @@ impl DisbursementStore for SqlStore {
         skip_all,
         fields(otel.kind = "client", db.system = DB_SYSTEM)
     )]
-    async fn get_disbursement(&self, disbursement_id: Uuid) -> Result<Option<Disbursement>> {
+    async fn get_disbursement(
+        &self,
+        disbursement_id: DisbursementId,
+    ) -> Result<Option<Disbursement>> {
         let mut conn = self.pool.acquire().await?;
         load_disbursement(&mut conn, disbursement_id).await
     }
@@ -252,7 +269,7 @@ impl DisbursementStore for SqlStore {
     async fn retry_disbursement(
         &self,
         call: Recorded<'_, Disbursement>,
-        disbursement_id: Uuid,
+        disbursement_id: DisbursementId,
         actor: &str,
     ) -> Result<Stored<Disbursement>> {
         let (mut tx, call) = match self.begin_call(call).await? {
@@ -317,10 +334,10 @@ impl DisbursementStore for SqlStore {
     async fn cancel_disbursement(
         &self,
         call: Recorded<'_, Disbursement>,
-        disbursement_id: Uuid,
-        actor: &str,
-        reason: &str,
+        disbursement_id: DisbursementId,
+        request: &OperatorRequest<'_>,
     ) -> Result<Stored<Disbursement>> {
+        let OperatorRequest { actor, reason } = *request;
         let (mut tx, call) = match self.begin_call(call).await? {
             Ok(begun) => begun,
             Err(replayed) => return Ok(replayed),
@@ -354,9 +371,9 @@ impl DisbursementStore for SqlStore {
         &self,
         call: Recorded<'_, DispatchState>,
         paused: bool,
-        actor: &str,
-        reason: &str,
+        request: &OperatorRequest<'_>,
     ) -> Result<Stored<DispatchState>> {
+        let OperatorRequest { actor, reason } = *request;
         let (mut tx, call) = match self.begin_call(call).await? {
             Ok(begun) => begun,
             Err(replayed) => return Ok(replayed),
@@ -395,7 +412,11 @@ impl DisbursementStore for SqlStore {
         for row in &rows {
             let (status, bucket) = row.bucket()?;
             summary.approved.count += bucket.count;
-            summary.approved.krw += bucket.krw;
+            summary.approved.krw = summary
+                .approved
+                .krw
+                .checked_add(bucket.krw)
+                .ok_or_else(|| unexpected("the approved total passes the range of KRW"))?;
             *match status {
                 DisbursementStatus::Queued => &mut summary.queued,
                 DisbursementStatus::Submitted => &mut summary.submitted,

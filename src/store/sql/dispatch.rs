@@ -22,16 +22,15 @@ use std::collections::{HashMap, HashSet};
 
 use async_trait::async_trait;
 use sqlx::FromRow as _;
-use uuid::Uuid;
 
 use super::disbursements::load_dispatch_state;
 use super::{DB_SYSTEM, Db, DbRow, SqlStore, Tx, dialect};
-use crate::domain::DisbursementStatus;
+use crate::domain::{DisbursementId, DisbursementStatus, Krw};
 use crate::store::batch::{BatchSql, Column as Col};
 use crate::store::rows::{DisbursementRow, unexpected, uuid};
 use crate::store::{
-    Attempt, Disbursement, DispatchOutcome, DispatchRecord, DispatchStore, KeyAssignment, Micros,
-    Requeue, Result, StoreError,
+    Attempt, Disbursement, DispatchOutcome, DispatchRecord, DispatchStore, DispatchTerms,
+    KeyAssignment, Micros, Requeue, Result, StoreError,
 };
 
 /// Runs `head v tail` with the batch's rows as the table `v`, in as many statements as
@@ -49,8 +48,8 @@ async fn rows(tx: &mut Tx, head: &str, columns: Vec<Col>, tail: &str) -> Result<
     Ok(answered)
 }
 
-fn ids<'a>(ids: impl IntoIterator<Item = &'a Uuid>) -> Col {
-    Col::Text(ids.into_iter().map(Uuid::to_string).collect())
+fn ids<'a>(ids: impl IntoIterator<Item = &'a DisbursementId>) -> Col {
+    Col::Text(ids.into_iter().map(DisbursementId::to_string).collect())
 }
 
 /// A disbursement id a statement answered, with its status where it answers one.
@@ -62,7 +61,7 @@ struct IdRow {
 }
 
 impl IdRow {
-    fn read(row: &DbRow) -> Result<(Uuid, Self)> {
+    fn read(row: &DbRow) -> Result<(DisbursementId, Self)> {
         let id_row = Self::from_row(row)?;
         Ok((uuid("disbursement_id", &id_row.disbursement_id)?, id_row))
     }
@@ -74,7 +73,7 @@ impl IdRow {
 }
 
 /// The ids a statement answered in its `disbursement_id` column.
-fn answered_ids(rows: &[DbRow]) -> Result<HashSet<Uuid>> {
+fn answered_ids(rows: &[DbRow]) -> Result<HashSet<DisbursementId>> {
     rows.iter().map(|row| Ok(IdRow::read(row)?.0)).collect()
 }
 
@@ -106,9 +105,9 @@ async fn lease_in(
         .collect()
 }
 
-async fn insert_attempts(tx: &mut Tx, attempts: &[(Uuid, Attempt)]) -> Result<()> {
-    let text = |f: fn(&Attempt) -> &String| {
-        Col::Text(attempts.iter().map(|(_, a)| f(a).clone()).collect())
+async fn insert_attempts(tx: &mut Tx, attempts: &[(DisbursementId, Attempt)]) -> Result<()> {
+    let text = |f: fn(&Attempt) -> &str| {
+        Col::Text(attempts.iter().map(|(_, a)| f(a).to_owned()).collect())
     };
     // Rows go in in the order of the list, which is the order of their ids.
     rows(
@@ -118,9 +117,9 @@ async fn insert_attempts(tx: &mut Tx, attempts: &[(Uuid, Attempt)]) -> Result<()
          SELECT column1, column2, column3, column4, column5, column6, column7 FROM ",
         vec![
             ids(attempts.iter().map(|(id, _)| id)),
-            text(|a| &a.operation),
+            text(|a| a.operation.as_str()),
             text(|a| &a.idempotency_key),
-            text(|a| &a.outcome),
+            text(|a| a.outcome.as_str()),
             text(|a| &a.code),
             text(|a| &a.message),
             Col::BigInt(attempts.iter().map(|(_, a)| a.time).collect()),
@@ -133,7 +132,7 @@ async fn insert_attempts(tx: &mut Tx, attempts: &[(Uuid, Attempt)]) -> Result<()
 
 /// One status change of the history, by the dispatcher.
 struct Move<'a> {
-    disbursement_id: Uuid,
+    disbursement_id: DisbursementId,
     from: DisbursementStatus,
     to: DisbursementStatus,
     reason: &'a str,
@@ -161,7 +160,11 @@ async fn insert_events(tx: &mut Tx, events: &[&Move<'_>], now: Micros) -> Result
 
 /// Makes each of `moves` whose disbursement is still in its `from` status, with its history
 /// entry; returns the ids that moved.
-async fn transition_all(tx: &mut Tx, moves: &[Move<'_>], now: Micros) -> Result<HashSet<Uuid>> {
+async fn transition_all(
+    tx: &mut Tx,
+    moves: &[Move<'_>],
+    now: Micros,
+) -> Result<HashSet<DisbursementId>> {
     let moved = rows(
         tx,
         "UPDATE disbursements SET status = v.column3, update_time = v.column4 FROM ",
@@ -185,7 +188,10 @@ async fn transition_all(tx: &mut Tx, moves: &[Move<'_>], now: Micros) -> Result<
 }
 
 /// The statuses of `disbursements` now.
-async fn statuses(tx: &mut Tx, disbursements: Col) -> Result<HashMap<Uuid, DisbursementStatus>> {
+async fn statuses(
+    tx: &mut Tx,
+    disbursements: Col,
+) -> Result<HashMap<DisbursementId, DisbursementStatus>> {
     let found = rows(
         tx,
         "SELECT disbursement_id, status FROM disbursements \
@@ -205,7 +211,11 @@ async fn statuses(tx: &mut Tx, disbursements: Col) -> Result<HashMap<Uuid, Disbu
 /// Ends the dispatch of `finished`: each still in a status that may become `PAID` or
 /// `FAILED` moves there with its history (a failure with its code), and its outbox row
 /// is removed.
-async fn finish(tx: &mut Tx, finished: &[(Uuid, DispatchOutcome)], now: Micros) -> Result<()> {
+async fn finish(
+    tx: &mut Tx,
+    finished: &[(DisbursementId, DispatchOutcome)],
+    now: Micros,
+) -> Result<()> {
     if finished.is_empty() {
         return Ok(());
     }
@@ -229,7 +239,7 @@ async fn finish(tx: &mut Tx, finished: &[(Uuid, DispatchOutcome)], now: Micros) 
     let moved = transition_all(tx, &moves, now).await?;
     // Only a disbursement that really fails now (not one cancelled meanwhile) takes the
     // failure code.
-    let failures: Vec<(&Uuid, &String, &String)> = finished
+    let failures: Vec<(&DisbursementId, &String, &String)> = finished
         .iter()
         .filter(|(id, _)| moved.contains(id))
         .filter_map(|(id, outcome)| match outcome {
@@ -279,7 +289,7 @@ struct FailuresRow {
 /// the back-off for its failures so far after counting one more.
 async fn requeue(
     tx: &mut Tx,
-    requeued: &[(Uuid, Requeue)],
+    requeued: &[(DisbursementId, Requeue)],
     back_off: &(dyn Fn(u32) -> Micros + Send + Sync),
 ) -> Result<()> {
     let mut failures = HashMap::new();
@@ -298,9 +308,12 @@ async fn requeue(
     {
         let row = FailuresRow::from_row(&row)?;
         let n = row.failures.max(0).unsigned_abs();
-        failures.insert(uuid("disbursement_id", &row.disbursement_id)?, n);
+        failures.insert(
+            uuid::<DisbursementId>("disbursement_id", &row.disbursement_id)?,
+            n,
+        );
     }
-    let due: Vec<(&Uuid, Micros)> = requeued
+    let due: Vec<(&DisbursementId, Micros)> = requeued
         .iter()
         .filter_map(|(id, r)| match r {
             Requeue::At(at) => Some((id, *at)),
@@ -332,19 +345,19 @@ struct KeyRow {
 }
 
 /// What key assignment answers each disbursement, and the keys it makes (by disbursement).
-type KeysMade = (Vec<KeyAssignment>, Vec<(Uuid, String)>);
+type KeysMade = (Vec<KeyAssignment>, Vec<(DisbursementId, String)>);
 
 /// The answer for each of `ids` (in order) given their rows, the budget counting the keys
 /// made earlier in the batch on top of `committed` (what is sent or paid already); and the
 /// keys to make.
 fn decide_keys(
-    ids: &[Uuid],
-    found: &HashMap<Uuid, (DisbursementStatus, KeyRow)>,
-    budget_krw: Option<i64>,
+    ids: &[DisbursementId],
+    found: &HashMap<DisbursementId, (DisbursementStatus, KeyRow)>,
+    budget_krw: Option<Krw>,
     mut committed: Option<i128>,
 ) -> Result<KeysMade> {
     let mut answers = Vec::with_capacity(ids.len());
-    let mut making: Vec<(Uuid, String)> = Vec::new();
+    let mut making: Vec<(DisbursementId, String)> = Vec::new();
     for id in ids {
         let Some((status, row)) = found.get(id) else {
             return Err(StoreError::NotFound("disbursement"));
@@ -361,7 +374,7 @@ fn decide_keys(
             }
         }
         if let (Some(budget), Some(sum)) = (budget_krw, committed.as_mut()) {
-            if *sum + i128::from(row.amount_krw) > i128::from(budget) {
+            if *sum + i128::from(row.amount_krw) > i128::from(budget.won()) {
                 answers.push(KeyAssignment::OverBudget);
                 continue;
             }
@@ -378,9 +391,12 @@ fn decide_keys(
 /// The rows of `ids` key assignment looks at, and (with a budget) what is committed already.
 async fn key_rows(
     tx: &mut Tx,
-    ids_to_key: &[Uuid],
-    budget_krw: Option<i64>,
-) -> Result<(HashMap<Uuid, (DisbursementStatus, KeyRow)>, Option<i128>)> {
+    ids_to_key: &[DisbursementId],
+    budget_krw: Option<Krw>,
+) -> Result<(
+    HashMap<DisbursementId, (DisbursementStatus, KeyRow)>,
+    Option<i128>,
+)> {
     let mut found = HashMap::new();
     for row in rows(
         tx,
@@ -419,10 +435,10 @@ async fn key_rows(
 /// also returns the ids that moved to `SUBMITTED`.
 async fn assign_keys(
     tx: &mut Tx,
-    ids_to_key: &[Uuid],
-    budget_krw: Option<i64>,
+    ids_to_key: &[DisbursementId],
+    budget_krw: Option<Krw>,
     now: Micros,
-) -> Result<(Vec<KeyAssignment>, HashSet<Uuid>)> {
+) -> Result<(Vec<KeyAssignment>, HashSet<DisbursementId>)> {
     if ids_to_key.is_empty() {
         return Ok((Vec::new(), HashSet::new()));
     }
@@ -462,7 +478,7 @@ async fn assign_keys(
         .collect();
     insert_events(tx, &events.iter().collect::<Vec<_>>(), now).await?;
     // A row that left QUEUED meanwhile (cancelled) is not moved and gets no key.
-    let made: HashSet<&Uuid> = making.iter().map(|(id, _)| id).collect();
+    let made: HashSet<&DisbursementId> = making.iter().map(|(id, _)| id).collect();
     let answers = ids_to_key
         .iter()
         .zip(answers)
@@ -479,7 +495,7 @@ async fn assign_keys(
 async fn record_in(
     tx: &mut Tx,
     record: &DispatchRecord,
-    budget_krw: Option<i64>,
+    budget_krw: Option<Krw>,
     back_off: &(dyn Fn(u32) -> Micros + Send + Sync),
     now: Micros,
 ) -> Result<Vec<KeyAssignment>> {
@@ -538,7 +554,7 @@ impl DispatchStore for SqlStore {
     )]
     async fn renew_leases(
         &self,
-        disbursement_ids: &[Uuid],
+        disbursement_ids: &[DisbursementId],
         held_until: Micros,
         lease_until: Micros,
     ) -> Result<u64> {
@@ -573,10 +589,13 @@ impl DispatchStore for SqlStore {
     async fn record_dispatch(
         &self,
         record: &DispatchRecord,
-        budget_krw: Option<i64>,
-        back_off: &(dyn Fn(u32) -> Micros + Send + Sync),
-        now: Micros,
+        terms: &DispatchTerms<'_>,
     ) -> Result<Vec<KeyAssignment>> {
+        let DispatchTerms {
+            budget_krw,
+            back_off,
+            now,
+        } = *terms;
         let mut tx = self.begin_write().await?;
         let keys = record_in(&mut tx, record, budget_krw, back_off, now).await?;
         tx.commit().await?;

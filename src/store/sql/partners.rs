@@ -1,20 +1,22 @@
 //! The partners in SQL.
 
 use async_trait::async_trait;
-use uuid::Uuid;
 
 use super::{Conn, DB_SYSTEM, SqlStore, after_key, bulk_partners, dialect};
-use crate::domain::{AccountOnFile, BankAccount, NewPartner, Partner};
+use crate::domain::{AccountOnFile, NewPartner, Partner, PartnerId};
 use crate::store::rows::{PartnerRow, services_key, uuid};
 use crate::store::{
-    BatchAudit, Idempotency, Page, PartnerFilter, PartnerStore, Recorded, Render, Result,
-    StoreError, Stored, now_micros,
+    AccountUpdate, BatchAudit, Idempotency, Page, PartnerFilter, PartnerStore, Recorded, Render,
+    Result, StoreError, Stored, now_micros,
 };
 
 const PARTNER_BY_NUMBER: &str =
     "SELECT partner_id FROM partners WHERE business_registration_number = $1";
 
-pub(super) async fn load_partner(conn: &mut Conn, partner_id: Uuid) -> Result<Option<Partner>> {
+pub(super) async fn load_partner(
+    conn: &mut Conn,
+    partner_id: PartnerId,
+) -> Result<Option<Partner>> {
     let row: Option<PartnerRow> = sqlx::query_as("SELECT * FROM partners WHERE partner_id = $1")
         .bind(partner_id.to_string())
         .fetch_optional(&mut *conn)
@@ -54,7 +56,7 @@ impl PartnerStore for SqlStore {
             return Err(already_registered(&partner_id)?);
         }
         let now = now_micros();
-        let partner_id = Uuid::now_v7();
+        let partner_id = PartnerId::new();
         let created = partner.registered(partner_id, now);
         let account = &partner.bank_account;
         let profile = &partner.profile;
@@ -101,7 +103,7 @@ impl PartnerStore for SqlStore {
         skip_all,
         fields(otel.kind = "client", db.system = DB_SYSTEM)
     )]
-    async fn get_partner(&self, partner_id: Uuid) -> Result<Option<Partner>> {
+    async fn get_partner(&self, partner_id: PartnerId) -> Result<Option<Partner>> {
         let mut conn = self.pool.acquire().await?;
         load_partner(&mut conn, partner_id).await
     }
@@ -139,11 +141,14 @@ impl PartnerStore for SqlStore {
     async fn update_bank_account(
         &self,
         call: Recorded<'_, Partner>,
-        partner_id: Uuid,
-        account: &BankAccount,
-        etag: &str,
-        actor: &str,
+        partner_id: PartnerId,
+        update: &AccountUpdate<'_>,
     ) -> Result<Stored<Partner>> {
+        let AccountUpdate {
+            account,
+            etag,
+            actor,
+        } = *update;
         let (mut tx, call) = match self.begin_call(call).await? {
             Ok(begun) => begun,
             Err(replayed) => return Ok(replayed),

@@ -10,13 +10,15 @@ use uuid::Uuid;
 use super::disbursements::transition;
 use super::{DB_SYSTEM, Db, SqlStore, Tx, since, until};
 use crate::domain::{
-    DisbursementStatus, OurPayout, Reopening, SettlementLine, SettlementMismatch, failure, judge,
+    DisbursementId, DisbursementStatus, OurPayout, Reopening, SettlementLine, SettlementMismatch,
+    failure, judge,
 };
 use crate::store::batch::{BatchSql, Column};
 use crate::store::rows::{ExportRow, OurSide, PaidRow, SettlementMatchRow};
 use crate::store::{
-    ExportFilter, ExportedDisbursement, Micros, PaidPayout, Result, SettlementPage,
-    SettlementStore, SettlementTotals, StatusChange, StoreError, now_micros,
+    ExportFilter, ExportedDisbursement, LinePage, Micros, OperatorRequest, Page, PaidPayout,
+    Result, SettlementPage, SettlementStore, SettlementTotals, StatusChange, StoreError,
+    now_micros,
 };
 
 /// The method a reconciliation run's request id is taken for.
@@ -63,7 +65,11 @@ async fn take_run_request_id(tx: &mut Tx, request_id: Uuid, actor: &str) -> Resu
 
 /// Moves a returned payout `PAID -> FAILED{RETURNED}`, conditional on its still being `PAID`
 /// (a concurrent run reopens it once).
-async fn reopen(tx: &mut Tx, disbursement_id: Uuid, change: &StatusChange) -> Result<Reopening> {
+async fn reopen(
+    tx: &mut Tx,
+    disbursement_id: DisbursementId,
+    change: &StatusChange,
+) -> Result<Reopening> {
     if !transition(tx, disbursement_id, change).await? {
         return Ok(Reopening::StatusChanged);
     }
@@ -115,9 +121,9 @@ impl SettlementStore for SqlStore {
     async fn export_disbursements(
         &self,
         filter: &ExportFilter,
-        after: Option<Uuid>,
-        limit: u32,
+        page: Page<DisbursementId>,
     ) -> Result<Vec<ExportedDisbursement>> {
+        let Page { after, limit } = page;
         // Keyset on the id, not on update_time: a row that changes while the export
         // runs can move in time but never in id, so it is exported at most once.
         let rows: Vec<ExportRow> = sqlx::query_as(
@@ -202,7 +208,7 @@ impl SettlementStore for SqlStore {
             vec![
                 Column::Text(vec![run_id.to_string(); lines.len()]),
                 Column::Text(lines.iter().map(|l| l.idempotency_key.clone()).collect()),
-                Column::BigInt(lines.iter().map(|l| l.amount_krw).collect()),
+                Column::BigInt(lines.iter().map(|l| l.amount_krw.won()).collect()),
                 Column::Text(lines.iter().map(|l| l.status.key().to_owned()).collect()),
                 Column::BigInt(lines.iter().map(|l| l.settled_time).collect()),
             ],
@@ -269,11 +275,11 @@ impl SettlementStore for SqlStore {
     async fn reconcile_settlement_page(
         &self,
         run_id: Uuid,
-        after_key: &str,
-        limit: u32,
-        actor: &str,
-        reason: &str,
+        page: LinePage<'_>,
+        request: &OperatorRequest<'_>,
     ) -> Result<SettlementPage> {
+        let LinePage { after_key, limit } = page;
+        let OperatorRequest { actor, reason } = *request;
         let mut tx = self.begin_write().await?;
         // One statement finds, for every line of the page, the disbursement that used
         // its key: as its current key, or as an earlier one a retry has replaced.
@@ -328,9 +334,9 @@ impl SettlementStore for SqlStore {
         &self,
         run_id: Uuid,
         cutoff_time: Micros,
-        after: Option<Uuid>,
-        limit: u32,
+        page: Page<DisbursementId>,
     ) -> Result<Vec<PaidPayout>> {
+        let Page { after, limit } = page;
         // Paid before the cut-off: no PAID event at or after it (a payout paid, returned
         // and paid again after the cut-off is not expected in this report).
         let rows: Vec<PaidRow> = sqlx::query_as(
