@@ -7,7 +7,7 @@ use tonic::{Code, Request, Response, Status, Streaming};
 
 use super::imports::{self, Import, RowResult, Written};
 use super::{
-    CallAudit, Context, Violations, convert, decode_replay, idempotency, next_page_token, page,
+    Context, Mutation, Violations, convert, decode_replay, idempotency, listing, page,
     record_touched, respond,
 };
 use crate::audit::{CallRecord, Resource};
@@ -19,8 +19,8 @@ use crate::principal::Principal;
 use crate::proto::payouts::v1::{self as pb, claim_service_server::ClaimService};
 use crate::status::status_with_reason;
 use crate::store::{
-    Attachment, BatchAudit, ClaimFilter, ClaimSubmission, PartnerRef, Recorded, Review, Store,
-    StoreError, Stored,
+    Attachment, BatchAudit, ClaimFilter, ClaimSubmission, PartnerRef, Review, Store, StoreError,
+    Stored,
 };
 
 pub struct Claims {
@@ -374,15 +374,19 @@ impl ClaimService for Claims {
         // Named before the call, so a refused attempt is found by its claim in the audit log.
         record_touched(&call, &[(Resource::Claim, &body.claim_id)]);
         let idem = idempotency(&actor, request_id, "AttachEvidence", &body);
-        let render = render_claim(|c| pb::AttachEvidenceResponse { claim: Some(c) });
-        let audit = CallAudit::of(&call);
-        let entry = audit.entry(|c: &Claim| c.claim_id.to_string());
-        let recorded = Recorded::audited(&idem, &render, &entry);
+        let mutation = Mutation::new(
+            &call,
+            idem,
+            |c: &Claim| c.claim_id.to_string(),
+            |c| pb::AttachEvidenceResponse {
+                claim: Some(convert::claim(c)),
+            },
+        );
         let stored = self
             .ctx
             .store
             .attach_evidence(
-                recorded,
+                mutation.recorded(),
                 claim_id,
                 &Attachment {
                     evidence: &evidence,
@@ -390,10 +394,7 @@ impl ClaimService for Claims {
                 },
             )
             .await?;
-        audit.stored(&stored);
-        let response = respond(&call, stored, |c| pb::AttachEvidenceResponse {
-            claim: Some(convert::claim(c)),
-        })?;
+        let response = mutation.respond(stored)?;
         touched_claim(&call, response.get_ref().claim.as_ref());
         Ok(response)
     }
@@ -441,15 +442,19 @@ impl ClaimService for Claims {
         // Named before the call, so a refused attempt is found by its claim in the audit log.
         record_touched(&call, &[(Resource::Claim, &body.claim_id)]);
         let idem = idempotency(&reviewer, request_id, "ReviewClaim", &body);
-        let render = render_claim(|c| pb::ReviewClaimResponse { claim: Some(c) });
-        let audit = CallAudit::of(&call);
-        let entry = audit.entry(|c: &Claim| c.claim_id.to_string());
-        let recorded = Recorded::audited(&idem, &render, &entry);
+        let mutation = Mutation::new(
+            &call,
+            idem,
+            |c: &Claim| c.claim_id.to_string(),
+            |c| pb::ReviewClaimResponse {
+                claim: Some(convert::claim(c)),
+            },
+        );
         let stored = self
             .ctx
             .store
             .review_claim(
-                recorded,
+                mutation.recorded(),
                 claim_id,
                 &Review {
                     decision,
@@ -459,10 +464,7 @@ impl ClaimService for Claims {
                 },
             )
             .await?;
-        audit.stored(&stored);
-        let response = respond(&call, stored, |c| pb::ReviewClaimResponse {
-            claim: Some(convert::claim(c)),
-        })?;
+        let response = mutation.respond(stored)?;
         touched_claim(&call, response.get_ref().claim.as_ref());
         Ok(response)
     }
@@ -501,25 +503,19 @@ impl ClaimService for Claims {
         let page = page(&mut v, page_size, &page_token);
         let status = v.check("status", convert::parse_claim_status_filter(status));
         let tier = v.check("tier", convert::parse_tier_filter(tier));
-        let partner_id = if partner_id.is_empty() {
-            None
-        } else {
-            v.id("partner_id", &partner_id)
-        };
+        let partner_id = v.optional_id("partner_id", &partner_id);
         v.finish()?;
         let filter = ClaimFilter {
             status: status.flatten(),
             tier: tier.flatten(),
             partner_id,
         };
-        let claims = self.ctx.store.list_claims(&filter, &page).await?;
+        let found = self.ctx.store.list_claims(&filter, &page).await?;
+        let (next_page_token, claims) =
+            listing::page_of(&page, &found, |c| c.claim_id, convert::claim);
         Ok(Response::new(pb::ListClaimsResponse {
-            next_page_token: next_page_token(
-                &page,
-                claims.len(),
-                claims.last().map(|c| c.claim_id),
-            ),
-            claims: claims.iter().map(convert::claim).collect(),
+            next_page_token,
+            claims,
         }))
     }
 

@@ -3,16 +3,13 @@
 use tonic::{Request, Response, Status};
 
 use super::{
-    CallAudit, Context, Violations, convert, finance, idempotency, next_page_token, page,
-    record_touched, respond,
+    Context, Mutation, Violations, convert, finance, idempotency, listing, page, record_touched,
 };
 use crate::audit::{CallRecord, Resource};
 use crate::domain::text::Reason;
 use crate::principal::Principal;
 use crate::proto::payouts::v1::{self as pb, disbursement_service_server::DisbursementService};
-use crate::store::{
-    Disbursement, DisbursementFilter, DispatchState, OperatorRequest, Recorded, StoreError,
-};
+use crate::store::{Disbursement, DisbursementFilter, DispatchState, OperatorRequest, StoreError};
 
 pub struct Disbursements {
     pub ctx: Context,
@@ -64,24 +61,18 @@ impl DisbursementService for Disbursements {
         let mut v = Violations::default();
         let page = page(&mut v, page_size, &page_token);
         let status = v.check("status", convert::parse_disbursement_status_filter(status));
-        let partner_id = if partner_id.is_empty() {
-            None
-        } else {
-            v.id("partner_id", &partner_id)
-        };
+        let partner_id = v.optional_id("partner_id", &partner_id);
         v.finish()?;
         let filter = DisbursementFilter {
             status: status.flatten(),
             partner_id,
         };
         let found = self.ctx.store.list_disbursements(&filter, &page).await?;
+        let (next_page_token, disbursements) =
+            listing::page_of(&page, &found, |d| d.disbursement_id, convert::disbursement);
         Ok(Response::new(pb::ListDisbursementsResponse {
-            next_page_token: next_page_token(
-                &page,
-                found.len(),
-                found.last().map(|d| d.disbursement_id),
-            ),
-            disbursements: found.iter().map(convert::disbursement).collect(),
+            next_page_token,
+            disbursements,
         }))
     }
 
@@ -106,23 +97,20 @@ impl DisbursementService for Disbursements {
         };
         record_touched(&call, &[(Resource::Disbursement, &body.disbursement_id)]);
         let idem = idempotency(&actor, request_id, "RetryDisbursement", &body);
-        let render = |d: &Disbursement| {
-            prost::Message::encode_to_vec(&pb::RetryDisbursementResponse {
+        let mutation = Mutation::new(
+            &call,
+            idem,
+            |d: &Disbursement| d.disbursement_id.to_string(),
+            |d| pb::RetryDisbursementResponse {
                 disbursement: Some(convert::disbursement(d)),
-            })
-        };
-        let audit = CallAudit::of(&call);
-        let entry = audit.entry(|d: &Disbursement| d.disbursement_id.to_string());
-        let recorded = Recorded::audited(&idem, &render, &entry);
+            },
+        );
         let stored = self
             .ctx
             .store
-            .retry_disbursement(recorded, id, &actor)
+            .retry_disbursement(mutation.recorded(), id, &actor)
             .await?;
-        audit.stored(&stored);
-        respond(&call, stored, |d| pb::RetryDisbursementResponse {
-            disbursement: Some(convert::disbursement(d)),
-        })
+        mutation.respond(stored)
     }
 
     async fn cancel_disbursement(
@@ -147,19 +135,19 @@ impl DisbursementService for Disbursements {
         };
         record_touched(&call, &[(Resource::Disbursement, &body.disbursement_id)]);
         let idem = idempotency(&actor, request_id, "CancelDisbursement", &body);
-        let render = |d: &Disbursement| {
-            prost::Message::encode_to_vec(&pb::CancelDisbursementResponse {
+        let mutation = Mutation::new(
+            &call,
+            idem,
+            |d: &Disbursement| d.disbursement_id.to_string(),
+            |d| pb::CancelDisbursementResponse {
                 disbursement: Some(convert::disbursement(d)),
-            })
-        };
-        let audit = CallAudit::of(&call);
-        let entry = audit.entry(|d: &Disbursement| d.disbursement_id.to_string());
-        let recorded = Recorded::audited(&idem, &render, &entry);
+            },
+        );
         let stored = self
             .ctx
             .store
             .cancel_disbursement(
-                recorded,
+                mutation.recorded(),
                 id,
                 &OperatorRequest {
                     actor: &actor,
@@ -167,10 +155,7 @@ impl DisbursementService for Disbursements {
                 },
             )
             .await?;
-        audit.stored(&stored);
-        respond(&call, stored, |d| pb::CancelDisbursementResponse {
-            disbursement: Some(convert::disbursement(d)),
-        })
+        mutation.respond(stored)
     }
 
     async fn pause_dispatch(
@@ -193,19 +178,19 @@ impl DisbursementService for Disbursements {
             ..request
         };
         let idem = idempotency(&actor, request_id, "PauseDispatch", &body);
-        let render = |s: &DispatchState| {
-            prost::Message::encode_to_vec(&pb::PauseDispatchResponse {
+        let mutation = Mutation::new(
+            &call,
+            idem,
+            |_: &DispatchState| String::new(),
+            |s| pb::PauseDispatchResponse {
                 state: Some(convert::dispatch_state(s)),
-            })
-        };
-        let audit = CallAudit::of(&call);
-        let entry = audit.entry(|_: &DispatchState| String::new());
-        let recorded = Recorded::audited(&idem, &render, &entry);
+            },
+        );
         let stored = self
             .ctx
             .store
             .set_dispatch_paused(
-                recorded,
+                mutation.recorded(),
                 true,
                 &OperatorRequest {
                     actor: &actor,
@@ -213,10 +198,7 @@ impl DisbursementService for Disbursements {
                 },
             )
             .await?;
-        audit.stored(&stored);
-        respond(&call, stored, |s| pb::PauseDispatchResponse {
-            state: Some(convert::dispatch_state(s)),
-        })
+        mutation.respond(stored)
     }
 
     async fn resume_dispatch(
@@ -237,19 +219,19 @@ impl DisbursementService for Disbursements {
             "ResumeDispatch",
             &pb::ResumeDispatchRequest::default(),
         );
-        let render = |s: &DispatchState| {
-            prost::Message::encode_to_vec(&pb::ResumeDispatchResponse {
+        let mutation = Mutation::new(
+            &call,
+            idem,
+            |_: &DispatchState| String::new(),
+            |s| pb::ResumeDispatchResponse {
                 state: Some(convert::dispatch_state(s)),
-            })
-        };
-        let audit = CallAudit::of(&call);
-        let entry = audit.entry(|_: &DispatchState| String::new());
-        let recorded = Recorded::audited(&idem, &render, &entry);
+            },
+        );
         let stored = self
             .ctx
             .store
             .set_dispatch_paused(
-                recorded,
+                mutation.recorded(),
                 false,
                 // Resuming clears the reason of the pause.
                 &OperatorRequest {
@@ -258,10 +240,7 @@ impl DisbursementService for Disbursements {
                 },
             )
             .await?;
-        audit.stored(&stored);
-        respond(&call, stored, |s| pb::ResumeDispatchResponse {
-            state: Some(convert::dispatch_state(s)),
-        })
+        mutation.respond(stored)
     }
 
     type ExportDisbursementsStream = finance::ResponseStream<pb::ExportDisbursementsResponse>;

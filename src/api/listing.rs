@@ -25,10 +25,10 @@ pub fn time_range(
 
 /// The answer to a list call from the rows the store found for `page`: the token of the next
 /// page (after the `cursor` of the last row, if the page is full) and each row as `shown`.
-pub fn page_of<R, P>(
+pub fn page_of<R, P, Id: Into<Uuid>>(
     page: &Page,
     rows: &[R],
-    cursor: impl FnOnce(&R) -> Uuid,
+    cursor: impl FnOnce(&R) -> Id,
     shown: impl FnMut(&R) -> P,
 ) -> (String, Vec<P>) {
     let next = next_page_token(page, rows.len(), rows.last().map(cursor));

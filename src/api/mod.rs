@@ -81,6 +81,14 @@ impl Violations {
         )
     }
 
+    /// An optional id filter: empty means none.
+    pub fn optional_id<T: From<Uuid>>(&mut self, field: &str, raw: &str) -> Option<T> {
+        if raw.is_empty() {
+            return None;
+        }
+        self.id(field, raw)
+    }
+
     /// `INVALID_ARGUMENT` with a `BadRequest` naming every field, if any was bad.
     pub fn finish(self) -> Result<(), Status> {
         if self.0.is_empty() {
@@ -233,39 +241,50 @@ pub fn idempotency(
     }
 }
 
-/// The audit entry of the call being served, for the store to write in the transaction of the
-/// rows it records (the audit layer writes the entries of calls that stored nothing).
-pub struct CallAudit {
+/// One mutating call through the store, shaped once: its request id and its audit entry are
+/// recorded with its rows in one transaction ([`Mutation::recorded`]), and its answer is the
+/// fresh result or the first call's response replayed ([`Mutation::respond`]). The audit layer
+/// writes the entries of calls that stored nothing (refused, failed, replayed).
+pub struct Mutation<T, R> {
     call: CallRecord,
-    draft: Option<crate::audit::AuditDraft>,
+    idem: Idempotency,
+    audited: bool,
+    to_proto: fn(&T) -> R,
+    render: Box<store::RenderFn<'static, T>>,
+    entry: Box<store::AuditFn<'static, T>>,
 }
 
-impl CallAudit {
-    pub fn of(call: &CallRecord) -> Self {
+impl<T: 'static, R: Message + Default + 'static> Mutation<T, R> {
+    /// `resource` names what a fresh result acted on in its audit entry (the most specific
+    /// resource, as `record_touched` ranks them); `to_proto` makes the response.
+    pub fn new(
+        call: &CallRecord,
+        idem: Idempotency,
+        resource: fn(&T) -> String,
+        to_proto: fn(&T) -> R,
+    ) -> Self {
+        let draft = call.draft();
         Self {
             call: call.clone(),
-            draft: call.draft(),
+            idem,
+            audited: draft.is_some(),
+            to_proto,
+            render: Box::new(move |value| to_proto(value).encode_to_vec()),
+            entry: Box::new(move |value| Some(draft.as_ref()?.event(resource(value), Code::Ok))),
         }
     }
 
-    /// The entry of a fresh result, naming the resource `resource` picks from it (the most
-    /// specific the call acted on, as `record_touched` ranks them); `None` outside an
-    /// audited call.
-    pub fn entry<T>(
-        &self,
-        resource: impl Fn(&T) -> String + Send + Sync,
-    ) -> impl Fn(&T) -> Option<crate::store::AuditEvent> + Send + Sync {
-        move |value| {
-            let draft = self.draft.as_ref()?;
-            Some(draft.event(resource(value), Code::Ok))
-        }
+    /// What the store records beside the call's rows.
+    pub fn recorded(&self) -> store::Recorded<'_, T> {
+        store::Recorded::audited(&self.idem, &*self.render, &*self.entry)
     }
 
-    /// Tells the audit layer the call's entry was written with its rows, if it was.
-    pub fn stored<T>(&self, stored: &Stored<T>) {
-        if self.draft.is_some() && matches!(stored, Stored::Fresh(_)) {
+    /// The call's answer; tells the audit layer the entry was written with the rows, if it was.
+    pub fn respond(self, stored: Stored<T>) -> Result<tonic::Response<R>, Status> {
+        if self.audited && matches!(stored, Stored::Fresh(_)) {
             self.call.audited();
         }
+        respond(&self.call, stored, self.to_proto)
     }
 }
 

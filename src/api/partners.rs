@@ -7,7 +7,7 @@ use tonic::{Request, Response, Status, Streaming};
 
 use super::imports::{self, Import, RowResult, Written};
 use super::{
-    CallAudit, Context, Violations, convert, decode_replay, idempotency, next_page_token, page,
+    Context, Mutation, Violations, convert, decode_replay, idempotency, listing, page,
     record_touched, respond,
 };
 use crate::audit::{CallRecord, Resource};
@@ -18,9 +18,7 @@ use crate::domain::{
 };
 use crate::principal::Principal;
 use crate::proto::payouts::v1::{self as pb, partner_service_server::PartnerService};
-use crate::store::{
-    AccountUpdate, BatchAudit, Idempotency, PartnerFilter, Recorded, Store, Stored,
-};
+use crate::store::{AccountUpdate, BatchAudit, Idempotency, PartnerFilter, Store, Stored};
 
 pub struct Partners {
     pub ctx: Context,
@@ -322,14 +320,12 @@ impl PartnerService for Partners {
         let filter = PartnerFilter {
             business_registration_number: brn,
         };
-        let partners = self.ctx.store.list_partners(&filter, &page).await?;
+        let found = self.ctx.store.list_partners(&filter, &page).await?;
+        let (next_page_token, partners) =
+            listing::page_of(&page, &found, |p| p.partner_id, convert::partner);
         Ok(Response::new(pb::ListPartnersResponse {
-            next_page_token: next_page_token(
-                &page,
-                partners.len(),
-                partners.last().map(|p| p.partner_id),
-            ),
-            partners: partners.iter().map(convert::partner).collect(),
+            next_page_token,
+            partners,
         }))
     }
 
@@ -365,19 +361,19 @@ impl PartnerService for Partners {
         };
         record_touched(&call, &[(Resource::Partner, &body.partner_id)]);
         let idem = idempotency(&actor, request_id, "UpdatePartnerBankAccount", &body);
-        let render = |p: &crate::domain::Partner| {
-            prost::Message::encode_to_vec(&pb::UpdatePartnerBankAccountResponse {
+        let mutation = Mutation::new(
+            &call,
+            idem,
+            |p: &crate::domain::Partner| p.partner_id.to_string(),
+            |p| pb::UpdatePartnerBankAccountResponse {
                 partner: Some(convert::partner(p)),
-            })
-        };
-        let audit = CallAudit::of(&call);
-        let entry = audit.entry(|p: &crate::domain::Partner| p.partner_id.to_string());
-        let recorded = Recorded::audited(&idem, &render, &entry);
+            },
+        );
         let stored = self
             .ctx
             .store
             .update_bank_account(
-                recorded,
+                mutation.recorded(),
                 partner_id,
                 &AccountUpdate {
                     account: &account,
@@ -386,9 +382,6 @@ impl PartnerService for Partners {
                 },
             )
             .await?;
-        audit.stored(&stored);
-        respond(&call, stored, |p| pb::UpdatePartnerBankAccountResponse {
-            partner: Some(convert::partner(p)),
-        })
+        mutation.respond(stored)
     }
 }

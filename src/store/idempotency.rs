@@ -21,11 +21,13 @@ pub struct Idempotency {
 }
 
 /// Turns a fresh result into the response bytes kept for replays.
-pub type Render<'a, T> = &'a (dyn Fn(&T) -> Vec<u8> + Send + Sync);
+pub type RenderFn<'f, T> = dyn Fn(&T) -> Vec<u8> + Send + Sync + 'f;
+pub type Render<'a, T> = &'a RenderFn<'a, T>;
 
 /// Makes a call's audit entry from the result it stored (`None`: the call is not audited
 /// here).
-pub type AuditOf<'a, T> = &'a (dyn Fn(&T) -> Option<AuditEvent> + Send + Sync);
+pub type AuditFn<'f, T> = dyn Fn(&T) -> Option<AuditEvent> + Send + Sync + 'f;
+pub type AuditOf<'a, T> = &'a AuditFn<'a, T>;
 
 /// What a mutating call records beside its rows, in the same transaction: its request id with
 /// the response kept for replays, and (when the caller gives one) its audit entry. A replay or

@@ -27,7 +27,7 @@ pub mod postgres;
 mod rows;
 pub mod sqlite;
 
-pub use idempotency::{AuditOf, Idempotency, Recorded, Render};
+pub use idempotency::{AuditFn, AuditOf, Idempotency, Recorded, Render, RenderFn};
 
 /// Unix microseconds: how every time is stored.
 pub type Micros = i64;
