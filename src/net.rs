@@ -582,6 +582,18 @@ mod tests {
         assert!(after < EVERY * 24, "{after:?}");
     }
 
+    /// Writes `message` on one end and reads it on the other.
+    async fn pass(
+        from: &mut (impl AsyncWrite + Unpin),
+        to: &mut (impl AsyncRead + Unpin),
+        message: &[u8],
+    ) {
+        from.write_all(message).await.expect("write");
+        let mut got = vec![0; message.len()];
+        to.read_exact(&mut got).await.expect("read");
+        assert_eq!(got, message);
+    }
+
     #[tokio::test]
     async fn after_the_handshake_only_idleness_closes_the_connection() {
         let (mut client, mut connection) = pair(false);
@@ -595,17 +607,9 @@ mod tests {
         // Traffic one way, then the other, each well within the idle timeout, outlasts it.
         for _ in 0..3 {
             tokio::time::sleep(IDLE * 3 / 10).await;
-            client.write_all(b"ping").await.expect("client writes");
-            connection
-                .read_exact(&mut buf[..4])
-                .await
-                .expect("server reads");
+            pass(&mut client, &mut connection, b"ping").await;
             tokio::time::sleep(IDLE * 3 / 10).await;
-            connection.write_all(b"pong").await.expect("server writes");
-            client
-                .read_exact(&mut buf[..4])
-                .await
-                .expect("client reads");
+            pass(&mut connection, &mut client, b"pong").await;
         }
         let quiet_since = Instant::now();
         assert!(fails_after(&mut connection, quiet_since).await >= IDLE);
