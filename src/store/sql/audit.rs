@@ -2,6 +2,7 @@
 //! listed; [`insert_audit`] also writes a call's entry in the transaction of its rows.
 
 use async_trait::async_trait;
+use payouts_macros::store_span;
 
 use super::{DB_SYSTEM, Db, SqlStore, Tx, after_key, since, until};
 use crate::store::batch::BatchSql;
@@ -22,11 +23,7 @@ pub(super) async fn insert_audit(tx: &mut Tx, events: &[AuditEvent]) -> Result<(
 
 #[async_trait]
 impl AuditStore for SqlStore {
-    #[tracing::instrument(
-        name = "store.append_audit",
-        skip_all,
-        fields(otel.kind = "client", db.system = DB_SYSTEM)
-    )]
+    #[store_span]
     async fn append_audit(&self, events: &[AuditEvent]) -> Result<()> {
         let mut tx = self.pool.begin().await?;
         // Events come in batches (calls finishing together, refused calls).
@@ -35,11 +32,7 @@ impl AuditStore for SqlStore {
         Ok(())
     }
 
-    #[tracing::instrument(
-        name = "store.list_audit",
-        skip_all,
-        fields(otel.kind = "client", db.system = DB_SYSTEM)
-    )]
+    #[store_span]
     async fn list_audit(&self, filter: &AuditFilter, page: &Page) -> Result<Vec<AuditEvent>> {
         let rows: Vec<AuditRow> = sqlx::query_as(
             "SELECT * FROM audit_events WHERE audit_event_id > $1 \

@@ -1,6 +1,7 @@
 //! The claims in SQL.
 
 use async_trait::async_trait;
+use payouts_macros::store_span;
 
 use super::disbursements::create_disbursement;
 use super::{Conn, DB_SYSTEM, SqlStore, Tx, after_key, bulk_claims, dialect};
@@ -112,11 +113,7 @@ async fn insert_claim(tx: &mut Tx, claim: &NewClaim) -> Result<ClaimId> {
 
 #[async_trait]
 impl ClaimStore for SqlStore {
-    #[tracing::instrument(
-        name = "store.submit_claim",
-        skip_all,
-        fields(otel.kind = "client", db.system = DB_SYSTEM)
-    )]
+    #[store_span]
     async fn submit_claim(
         &self,
         call: Recorded<'_, Claim>,
@@ -148,11 +145,7 @@ impl ClaimStore for SqlStore {
         call.finish(tx, stored).await
     }
 
-    #[tracing::instrument(
-        name = "store.attach_evidence",
-        skip_all,
-        fields(otel.kind = "client", db.system = DB_SYSTEM)
-    )]
+    #[store_span]
     async fn attach_evidence(
         &self,
         call: Recorded<'_, Claim>,
@@ -179,11 +172,7 @@ impl ClaimStore for SqlStore {
         call.finish(tx, stored).await
     }
 
-    #[tracing::instrument(
-        name = "store.review_claim",
-        skip_all,
-        fields(otel.kind = "client", db.system = DB_SYSTEM)
-    )]
+    #[store_span]
     async fn review_claim(
         &self,
         call: Recorded<'_, Claim>,
@@ -227,21 +216,13 @@ impl ClaimStore for SqlStore {
         call.finish(tx, stored).await
     }
 
-    #[tracing::instrument(
-        name = "store.get_claim",
-        skip_all,
-        fields(otel.kind = "client", db.system = DB_SYSTEM)
-    )]
+    #[store_span]
     async fn get_claim(&self, claim_id: ClaimId) -> Result<Option<Claim>> {
         let mut conn = self.pool.acquire().await?;
         load_claim(&mut conn, claim_id).await
     }
 
-    #[tracing::instrument(
-        name = "store.list_claims",
-        skip_all,
-        fields(otel.kind = "client", db.system = DB_SYSTEM)
-    )]
+    #[store_span]
     async fn list_claims(&self, filter: &ClaimFilter, page: &Page) -> Result<Vec<Claim>> {
         let mut conn = self.pool.acquire().await?;
         let rows: Vec<ClaimRow> = sqlx::query_as(
@@ -266,11 +247,7 @@ impl ClaimStore for SqlStore {
         Ok(claims)
     }
 
-    #[tracing::instrument(
-        name = "store.submit_claims",
-        skip_all,
-        fields(otel.kind = "client", db.system = DB_SYSTEM, rows = rows.len())
-    )]
+    #[store_span(rows = rows.len())]
     async fn submit_claims(
         &self,
         rows: &[ClaimSubmission],

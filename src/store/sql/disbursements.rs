@@ -2,6 +2,7 @@
 //! paused or resumed. Approval creates them ([`create_disbursement`]).
 
 use async_trait::async_trait;
+use payouts_macros::store_span;
 
 use super::{Conn, DB_SYSTEM, SqlStore, Tx, after_key, dialect, unexpected};
 use crate::domain::{
@@ -217,11 +218,7 @@ fn operator_change(
 
 #[async_trait]
 impl DisbursementStore for SqlStore {
-    #[tracing::instrument(
-        name = "store.get_disbursement",
-        skip_all,
-        fields(otel.kind = "client", db.system = DB_SYSTEM)
-    )]
+    #[store_span]
     async fn get_disbursement(
         &self,
         disbursement_id: DisbursementId,
@@ -230,11 +227,7 @@ impl DisbursementStore for SqlStore {
         load_disbursement(&mut conn, disbursement_id).await
     }
 
-    #[tracing::instrument(
-        name = "store.list_disbursements",
-        skip_all,
-        fields(otel.kind = "client", db.system = DB_SYSTEM)
-    )]
+    #[store_span]
     async fn list_disbursements(
         &self,
         filter: &DisbursementFilter,
@@ -261,11 +254,7 @@ impl DisbursementStore for SqlStore {
         Ok(out)
     }
 
-    #[tracing::instrument(
-        name = "store.retry_disbursement",
-        skip_all,
-        fields(otel.kind = "client", db.system = DB_SYSTEM)
-    )]
+    #[store_span]
     async fn retry_disbursement(
         &self,
         call: Recorded<'_, Disbursement>,
@@ -326,11 +315,7 @@ impl DisbursementStore for SqlStore {
         finish_with(tx, call, disbursement_id).await
     }
 
-    #[tracing::instrument(
-        name = "store.cancel_disbursement",
-        skip_all,
-        fields(otel.kind = "client", db.system = DB_SYSTEM)
-    )]
+    #[store_span]
     async fn cancel_disbursement(
         &self,
         call: Recorded<'_, Disbursement>,
@@ -362,11 +347,7 @@ impl DisbursementStore for SqlStore {
         finish_with(tx, call, disbursement_id).await
     }
 
-    #[tracing::instrument(
-        name = "store.set_dispatch_paused",
-        skip_all,
-        fields(otel.kind = "client", db.system = DB_SYSTEM)
-    )]
+    #[store_span]
     async fn set_dispatch_paused(
         &self,
         call: Recorded<'_, DispatchState>,
@@ -392,11 +373,7 @@ impl DisbursementStore for SqlStore {
         call.finish(tx, state).await
     }
 
-    #[tracing::instrument(
-        name = "store.program_summary",
-        skip_all,
-        fields(otel.kind = "client", db.system = DB_SYSTEM)
-    )]
+    #[store_span]
     async fn program_summary(&self) -> Result<ProgramSummary> {
         let mut conn = self.pool.acquire().await?;
         let mut summary = ProgramSummary {

@@ -21,6 +21,7 @@
 use std::collections::{HashMap, HashSet};
 
 use async_trait::async_trait;
+use payouts_macros::store_span;
 use sqlx::FromRow as _;
 
 use super::disbursements::load_dispatch_state;
@@ -517,11 +518,7 @@ async fn record_in(
 
 #[async_trait]
 impl DispatchStore for SqlStore {
-    #[tracing::instrument(
-        name = "store.outbox_stats",
-        skip_all,
-        fields(otel.kind = "client", db.system = DB_SYSTEM)
-    )]
+    #[store_span]
     async fn outbox_stats(&self) -> Result<(i64, Option<Micros>)> {
         Ok(
             sqlx::query_as("SELECT COUNT(*) AS n, MIN(due_time) AS oldest FROM outbox")
@@ -530,11 +527,7 @@ impl DispatchStore for SqlStore {
         )
     }
 
-    #[tracing::instrument(
-        name = "store.lease_batch",
-        skip_all,
-        fields(otel.kind = "client", db.system = DB_SYSTEM, limit = limit)
-    )]
+    #[store_span(limit = limit)]
     async fn lease_batch(
         &self,
         now: Micros,
@@ -547,11 +540,7 @@ impl DispatchStore for SqlStore {
         Ok(leased)
     }
 
-    #[tracing::instrument(
-        name = "store.renew_leases",
-        skip_all,
-        fields(otel.kind = "client", db.system = DB_SYSTEM, rows = disbursement_ids.len())
-    )]
+    #[store_span(rows = disbursement_ids.len())]
     async fn renew_leases(
         &self,
         disbursement_ids: &[DisbursementId],
@@ -576,16 +565,7 @@ impl DispatchStore for SqlStore {
         Ok(u64::try_from(renewed.len()).unwrap_or(u64::MAX))
     }
 
-    #[tracing::instrument(
-        name = "store.record_dispatch",
-        skip_all,
-        fields(
-            otel.kind = "client",
-            db.system = DB_SYSTEM,
-            attempts = record.attempts.len(),
-            keys = record.assign_keys.len()
-        )
-    )]
+    #[store_span(attempts = record.attempts.len(), keys = record.assign_keys.len())]
     async fn record_dispatch(
         &self,
         record: &DispatchRecord,
