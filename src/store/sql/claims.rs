@@ -119,10 +119,7 @@ impl ClaimStore for SqlStore {
         call: Recorded<'_, Claim>,
         claim: &NewClaim,
     ) -> Result<Stored<Claim>> {
-        let (mut tx, call) = match self.begin_call(call).await? {
-            Ok(begun) => begun,
-            Err(replayed) => return Ok(replayed),
-        };
+        let (mut tx, call) = begin_or_replay!(self, call);
         sqlx::query(dialect::LOCK_PARTNER)
             .bind(claim.partner_id.to_string())
             .fetch_optional(&mut *tx)
@@ -156,10 +153,7 @@ impl ClaimStore for SqlStore {
             evidence,
             attached_by: actor,
         } = *attachment;
-        let (mut tx, call) = match self.begin_call(call).await? {
-            Ok(begun) => begun,
-            Err(replayed) => return Ok(replayed),
-        };
+        let (mut tx, call) = begin_or_replay!(self, call);
         lock_claim(&mut tx, claim_id).await?;
         let now = now_micros();
         insert_evidence(&mut tx, claim_id, evidence, actor, now).await?;
@@ -185,10 +179,7 @@ impl ClaimStore for SqlStore {
             reviewer,
             trace_context,
         } = *review_of;
-        let (mut tx, call) = match self.begin_call(call).await? {
-            Ok(begun) => begun,
-            Err(replayed) => return Ok(replayed),
-        };
+        let (mut tx, call) = begin_or_replay!(self, call);
         lock_claim(&mut tx, claim_id).await?;
         let claim = reload_claim(&mut tx, claim_id).await?;
         let Reviewed {

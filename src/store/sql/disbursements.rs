@@ -261,10 +261,7 @@ impl DisbursementStore for SqlStore {
         disbursement_id: DisbursementId,
         actor: &str,
     ) -> Result<Stored<Disbursement>> {
-        let (mut tx, call) = match self.begin_call(call).await? {
-            Ok(begun) => begun,
-            Err(replayed) => return Ok(replayed),
-        };
+        let (mut tx, call) = begin_or_replay!(self, call);
         let d = require_disbursement(&mut tx, disbursement_id).await?;
         let changed: Option<(String, i64)> = sqlx::query_as(
             "SELECT account_changed_by, account_change_time FROM partners WHERE partner_id = $1",
@@ -323,10 +320,7 @@ impl DisbursementStore for SqlStore {
         request: &OperatorRequest<'_>,
     ) -> Result<Stored<Disbursement>> {
         let OperatorRequest { actor, reason } = *request;
-        let (mut tx, call) = match self.begin_call(call).await? {
-            Ok(begun) => begun,
-            Err(replayed) => return Ok(replayed),
-        };
+        let (mut tx, call) = begin_or_replay!(self, call);
         let d = require_disbursement(&mut tx, disbursement_id).await?;
         may_cancel(d.status)?;
         let change = operator_change(
@@ -355,10 +349,7 @@ impl DisbursementStore for SqlStore {
         request: &OperatorRequest<'_>,
     ) -> Result<Stored<DispatchState>> {
         let OperatorRequest { actor, reason } = *request;
-        let (mut tx, call) = match self.begin_call(call).await? {
-            Ok(begun) => begun,
-            Err(replayed) => return Ok(replayed),
-        };
+        let (mut tx, call) = begin_or_replay!(self, call);
         sqlx::query(
             "UPDATE dispatch_control SET paused = $1, reason = $2, changed_by = $3, \
              change_time = $4 WHERE id = 1",

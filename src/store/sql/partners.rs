@@ -40,10 +40,7 @@ impl PartnerStore for SqlStore {
         call: Recorded<'_, Partner>,
         partner: &NewPartner,
     ) -> Result<Stored<Partner>> {
-        let (mut tx, call) = match self.begin_call(call).await? {
-            Ok(begun) => begun,
-            Err(replayed) => return Ok(replayed),
-        };
+        let (mut tx, call) = begin_or_replay!(self, call);
         let brn = partner.profile.business_registration_number.as_str();
         let existing: Option<String> = sqlx::query_scalar(PARTNER_BY_NUMBER)
             .bind(brn)
@@ -134,10 +131,7 @@ impl PartnerStore for SqlStore {
             etag,
             actor,
         } = *update;
-        let (mut tx, call) = match self.begin_call(call).await? {
-            Ok(begun) => begun,
-            Err(replayed) => return Ok(replayed),
-        };
+        let (mut tx, call) = begin_or_replay!(self, call);
         sqlx::query(dialect::LOCK_PARTNER)
             .bind(partner_id.to_string())
             .fetch_optional(&mut *tx)
