@@ -8,8 +8,8 @@ use tonic::{Code, Request, Response, Status, Streaming};
 use super::imports::{self, Import, RowResult, Written};
 use super::operation::Operation;
 use super::{
-    Context, Violations, convert, decode_replay, idempotency, listing, missing, page,
-    record_touched, respond,
+    Context, Violations, convert, decode_replay, idempotency, listing, missing, record_touched,
+    respond,
 };
 use crate::audit::{CallRecord, Resource};
 use crate::domain::text::Reason;
@@ -458,31 +458,22 @@ impl ClaimService for Claims {
         &self,
         request: Request<pb::ListClaimsRequest>,
     ) -> Result<Response<pb::ListClaimsResponse>, Status> {
-        let pb::ListClaimsRequest {
-            page_size,
-            page_token,
-            status,
-            tier,
-            partner_id,
-        } = request.into_inner();
-        let mut v = Violations::default();
-        let page = page(&mut v, page_size, &page_token);
-        let status = v.check("status", convert::parse_claim_status_filter(status));
-        let tier = v.check("tier", convert::parse_tier_filter(tier));
-        let partner_id = v.optional_id("partner_id", &partner_id);
-        v.finish()?;
-        let filter = ClaimFilter {
-            status: status.flatten(),
-            tier: tier.flatten(),
-            partner_id,
-        };
+        let (page, filter) = listing::parse(request.get_ref(), |v, r| ClaimFilter {
+            status: v
+                .check("status", convert::parse_claim_status_filter(r.status))
+                .flatten(),
+            tier: v
+                .check("tier", convert::parse_tier_filter(r.tier))
+                .flatten(),
+            partner_id: v.optional_id("partner_id", &r.partner_id),
+        })?;
         let found = self.ctx.store.list_claims(&filter, &page).await?;
-        let (next_page_token, claims) =
-            listing::page_of(&page, &found, |c| c.claim_id, convert::claim);
-        Ok(Response::new(pb::ListClaimsResponse {
-            next_page_token,
-            claims,
-        }))
+        Ok(listing::answer(
+            &page,
+            &found,
+            |c| c.claim_id,
+            convert::claim,
+        ))
     }
 
     async fn get_policy(

@@ -3,7 +3,7 @@
 use tonic::{Request, Response, Status};
 
 use super::operation::Operation;
-use super::{Context, Violations, convert, finance, listing, missing, page, record_touched};
+use super::{Context, Violations, convert, finance, listing, missing, record_touched};
 use crate::audit::{CallRecord, Resource};
 use crate::domain::text::Reason;
 use crate::proto::payouts::v1::{self as pb, disbursement_service_server::DisbursementService};
@@ -25,6 +25,9 @@ fn no_resource(_: &DispatchState) -> String {
 
 #[tonic::async_trait]
 impl DisbursementService for Disbursements {
+    type ExportDisbursementsStream = finance::ResponseStream<pb::ExportDisbursementsResponse>;
+    type ReconcileSettlementsStream = finance::ResponseStream<pb::ReconcileSettlementsResponse>;
+
     async fn get_disbursement(
         &self,
         request: Request<pb::GetDisbursementRequest>,
@@ -56,28 +59,22 @@ impl DisbursementService for Disbursements {
         &self,
         request: Request<pb::ListDisbursementsRequest>,
     ) -> Result<Response<pb::ListDisbursementsResponse>, Status> {
-        let pb::ListDisbursementsRequest {
-            page_size,
-            page_token,
-            status,
-            partner_id,
-        } = request.into_inner();
-        let mut v = Violations::default();
-        let page = page(&mut v, page_size, &page_token);
-        let status = v.check("status", convert::parse_disbursement_status_filter(status));
-        let partner_id = v.optional_id("partner_id", &partner_id);
-        v.finish()?;
-        let filter = DisbursementFilter {
-            status: status.flatten(),
-            partner_id,
-        };
+        let (page, filter) = listing::parse(request.get_ref(), |v, r| DisbursementFilter {
+            status: v
+                .check(
+                    "status",
+                    convert::parse_disbursement_status_filter(r.status),
+                )
+                .flatten(),
+            partner_id: v.optional_id("partner_id", &r.partner_id),
+        })?;
         let found = self.ctx.store.list_disbursements(&filter, &page).await?;
-        let (next_page_token, disbursements) =
-            listing::page_of(&page, &found, |d| d.disbursement_id, convert::disbursement);
-        Ok(Response::new(pb::ListDisbursementsResponse {
-            next_page_token,
-            disbursements,
-        }))
+        Ok(listing::answer(
+            &page,
+            &found,
+            |d| d.disbursement_id,
+            convert::disbursement,
+        ))
     }
 
     async fn retry_disbursement(
@@ -167,16 +164,12 @@ impl DisbursementService for Disbursements {
         mutation.respond(stored)
     }
 
-    type ExportDisbursementsStream = finance::ResponseStream<pb::ExportDisbursementsResponse>;
-
     async fn export_disbursements(
         &self,
         request: Request<pb::ExportDisbursementsRequest>,
     ) -> Result<Response<Self::ExportDisbursementsStream>, Status> {
         finance::export(&self.ctx, request.into_inner()).map(Response::new)
     }
-
-    type ReconcileSettlementsStream = finance::ResponseStream<pb::ReconcileSettlementsResponse>;
 
     async fn reconcile_settlements(
         &self,

@@ -8,8 +8,8 @@ use tonic::{Request, Response, Status, Streaming};
 use super::imports::{self, Import, RowResult, Written};
 use super::operation::Operation;
 use super::{
-    Context, Violations, convert, decode_replay, idempotency, listing, missing, page,
-    record_touched, respond,
+    Context, Violations, convert, decode_replay, idempotency, listing, missing, record_touched,
+    respond,
 };
 use crate::audit::{CallRecord, Resource};
 use crate::domain::text;
@@ -302,32 +302,26 @@ impl PartnerService for Partners {
         &self,
         request: Request<pb::ListPartnersRequest>,
     ) -> Result<Response<pb::ListPartnersResponse>, Status> {
-        let pb::ListPartnersRequest {
-            page_size,
-            page_token,
-            business_registration_number,
-        } = request.into_inner();
-        let mut v = Violations::default();
-        let page = page(&mut v, page_size, &page_token);
-        let brn = if business_registration_number.is_empty() {
-            None
-        } else {
-            v.check(
-                "business_registration_number",
-                BusinessRegistrationNumber::parse(&business_registration_number),
-            )
-        };
-        v.finish()?;
-        let filter = PartnerFilter {
-            business_registration_number: brn,
-        };
+        let (page, filter) = listing::parse(request.get_ref(), |v, r| {
+            let brn = &r.business_registration_number;
+            PartnerFilter {
+                business_registration_number: if brn.is_empty() {
+                    None
+                } else {
+                    v.check(
+                        "business_registration_number",
+                        BusinessRegistrationNumber::parse(brn),
+                    )
+                },
+            }
+        })?;
         let found = self.ctx.store.list_partners(&filter, &page).await?;
-        let (next_page_token, partners) =
-            listing::page_of(&page, &found, |p| p.partner_id, convert::partner);
-        Ok(Response::new(pb::ListPartnersResponse {
-            next_page_token,
-            partners,
-        }))
+        Ok(listing::answer(
+            &page,
+            &found,
+            |p| p.partner_id,
+            convert::partner,
+        ))
     }
 
     async fn update_partner_bank_account(

@@ -98,10 +98,7 @@ fn entry(id: Uuid, resource_id: String, outcome_code: &str) -> AuditEvent {
 }
 
 async fn audit_log(store: &Arc<dyn Store>) -> Vec<AuditEvent> {
-    let page = Page {
-        after: None,
-        limit: 1000,
-    };
+    let page = Page::first(1000);
     store
         .list_audit(&AuditFilter::default(), &page)
         .await
@@ -139,13 +136,7 @@ async fn rows_written_one_by_one_after_a_failed_batch_each_have_their_entry() {
         };
         assert!(answers[1].is_err(), "{db}: {:?}", answers[1]);
         let partners = store
-            .list_partners(
-                &PartnerFilter::default(),
-                &Page {
-                    after: None,
-                    limit: 10,
-                },
-            )
+            .list_partners(&PartnerFilter::default(), &Page::first(10))
             .await
             .expect("partners");
         assert_eq!(
@@ -214,13 +205,7 @@ async fn a_batch_that_fails_stores_no_row_and_no_entry() {
                 ..Default::default()
             };
             let claims = store
-                .list_claims(
-                    &filter,
-                    &Page {
-                        after: None,
-                        limit: 10,
-                    },
-                )
+                .list_claims(&filter, &Page::first(10))
                 .await
                 .expect("claims");
             assert!(claims.is_empty(), "{db}: no claim is stored: {claims:?}");

@@ -4,7 +4,7 @@
 use async_trait::async_trait;
 use payouts_macros::store_span;
 
-use super::{DB_SYSTEM, Db, SqlStore, Tx, after_key, since, until};
+use super::{DB_SYSTEM, Db, SqlStore, Tx, after_key, execute_pieces, since, until};
 use crate::store::batch::BatchSql;
 use crate::store::intake::audit_insert;
 use crate::store::rows::AuditRow;
@@ -12,13 +12,8 @@ use crate::store::{AuditEvent, AuditFilter, AuditStore, Page, Result};
 
 /// Appends audit log entries in the caller's transaction.
 pub(super) async fn insert_audit(tx: &mut Tx, events: &[AuditEvent]) -> Result<()> {
-    for mut qb in <Db as BatchSql>::insert_all(vec![audit_insert(events)]) {
-        qb.build()
-            .persistent(<Db as BatchSql>::PREPARED)
-            .execute(&mut **tx)
-            .await?;
-    }
-    Ok(())
+    let statements = <Db as BatchSql>::insert_all(vec![audit_insert(events)]);
+    Ok(execute_pieces(tx, statements).await?)
 }
 
 #[async_trait]

@@ -25,7 +25,7 @@ use payouts_macros::store_span;
 use sqlx::FromRow as _;
 
 use super::disbursements::load_dispatch_state;
-use super::{DB_SYSTEM, Db, DbRow, SqlStore, Tx, dialect};
+use super::{DB_SYSTEM, Db, DbRow, SqlStore, Tx, dialect, fetch_pieces};
 use crate::domain::{DisbursementId, DisbursementStatus, Krw};
 use crate::store::batch::{BatchSql, Column as Col};
 use crate::store::rows::{DisbursementRow, unexpected, uuid};
@@ -37,16 +37,8 @@ use crate::store::{
 /// Runs `head v tail` with the batch's rows as the table `v`, in as many statements as
 /// the database needs; returns the rows they answered.
 async fn rows(tx: &mut Tx, head: &str, columns: Vec<Col>, tail: &str) -> Result<Vec<DbRow>> {
-    let mut answered = Vec::new();
-    for mut qb in <Db as BatchSql>::table(head, columns, tail) {
-        answered.extend(
-            qb.build()
-                .persistent(<Db as BatchSql>::PREPARED)
-                .fetch_all(&mut **tx)
-                .await?,
-        );
-    }
-    Ok(answered)
+    let statements = <Db as BatchSql>::table(head, columns, tail);
+    Ok(fetch_pieces(tx, statements).await?)
 }
 
 fn ids<'a>(ids: impl IntoIterator<Item = &'a DisbursementId>) -> Col {
@@ -496,10 +488,13 @@ async fn assign_keys(
 async fn record_in(
     tx: &mut Tx,
     record: &DispatchRecord,
-    budget_krw: Option<Krw>,
-    back_off: &(dyn Fn(u32) -> Micros + Send + Sync),
-    now: Micros,
+    terms: &DispatchTerms<'_>,
 ) -> Result<Vec<KeyAssignment>> {
+    let DispatchTerms {
+        budget_krw,
+        back_off,
+        now,
+    } = *terms;
     insert_attempts(tx, &record.attempts).await?;
     finish(tx, &record.finished, now).await?;
     requeue(tx, &record.requeued, back_off).await?;
@@ -571,13 +566,8 @@ impl DispatchStore for SqlStore {
         record: &DispatchRecord,
         terms: &DispatchTerms<'_>,
     ) -> Result<Vec<KeyAssignment>> {
-        let DispatchTerms {
-            budget_krw,
-            back_off,
-            now,
-        } = *terms;
         let mut tx = self.begin_write().await?;
-        let keys = record_in(&mut tx, record, budget_krw, back_off, now).await?;
+        let keys = record_in(&mut tx, record, terms).await?;
         tx.commit().await?;
         Ok(keys)
     }
