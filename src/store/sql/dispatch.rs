@@ -490,15 +490,11 @@ async fn record_in(
     record: &DispatchRecord,
     terms: &DispatchTerms<'_>,
 ) -> Result<Vec<KeyAssignment>> {
-    let DispatchTerms {
-        budget_krw,
-        back_off,
-        now,
-    } = *terms;
+    let now = terms.now;
     insert_attempts(tx, &record.attempts).await?;
     finish(tx, &record.finished, now).await?;
-    requeue(tx, &record.requeued, back_off).await?;
-    let (keys, keyed) = assign_keys(tx, &record.assign_keys, budget_krw, now).await?;
+    requeue(tx, &record.requeued, terms.back_off).await?;
+    let (keys, keyed) = assign_keys(tx, &record.assign_keys, terms.budget_krw, now).await?;
     // A row given its key was marked verified with it, in the same statement.
     rows(
         tx,
