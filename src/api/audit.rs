@@ -2,7 +2,7 @@
 
 use tonic::{Request, Response, Status};
 
-use super::{Context, Violations, convert, listing, page};
+use super::{Context, convert, listing};
 use crate::domain::text::{self, MAX_FILTER_CHARS};
 use crate::proto::payouts::v1::{self as pb, audit_service_server::AuditService};
 use crate::store::{AuditEvent, AuditFilter};
@@ -17,37 +17,29 @@ impl AuditService for Audit {
         &self,
         request: Request<pb::ListAuditEventsRequest>,
     ) -> Result<Response<pb::ListAuditEventsResponse>, Status> {
-        let pb::ListAuditEventsRequest {
-            page_size,
-            page_token,
-            principal,
-            resource_id,
-            start_time,
-            end_time,
-        } = request.into_inner();
-        let mut v = Violations::default();
-        let page = page(&mut v, page_size, &page_token);
-        let mut filter_text = |field, raw: &str| {
-            v.check(field, text::optional_line(raw, MAX_FILTER_CHARS))
-                .flatten()
-        };
-        let principal = filter_text("principal", &principal);
-        let resource_id = filter_text("resource_id", &resource_id);
-        let (start, end) = listing::time_range(&mut v, start_time.as_ref(), end_time.as_ref());
-        v.finish()?;
-        let filter = AuditFilter {
-            principal,
-            resource_id,
-            start_time: start,
-            end_time: end,
-        };
+        let (page, filter) = listing::parse(request.get_ref(), |v, r| {
+            let mut filter_text = |field, raw: &str| {
+                v.check(field, text::optional_line(raw, MAX_FILTER_CHARS))
+                    .flatten()
+            };
+            let principal = filter_text("principal", &r.principal);
+            let resource_id = filter_text("resource_id", &r.resource_id);
+            let (start_time, end_time) =
+                listing::time_range(v, r.start_time.as_ref(), r.end_time.as_ref());
+            AuditFilter {
+                principal,
+                resource_id,
+                start_time,
+                end_time,
+            }
+        })?;
         let events = self.ctx.store.list_audit(&filter, &page).await?;
-        let (next_page_token, audit_events) =
-            listing::page_of(&page, &events, |e| e.audit_event_id, audit_event);
-        Ok(Response::new(pb::ListAuditEventsResponse {
-            next_page_token,
-            audit_events,
-        }))
+        Ok(listing::answer(
+            &page,
+            &events,
+            |e| e.audit_event_id,
+            audit_event,
+        ))
     }
 }
 

@@ -6,9 +6,10 @@ use futures::future::BoxFuture;
 use tonic::{Code, Request, Response, Status, Streaming};
 
 use super::imports::{self, Import, RowResult, Written};
+use super::operation::Operation;
 use super::{
-    Context, Mutation, Violations, convert, decode_replay, idempotency, listing, page,
-    record_touched, respond,
+    Context, Violations, convert, decode_replay, idempotency, listing, missing, record_touched,
+    respond,
 };
 use crate::audit::{CallRecord, Resource};
 use crate::domain::text::Reason;
@@ -87,8 +88,34 @@ fn touched_claim(call: &CallRecord, claim: Option<&pb::Claim>) {
     }
 }
 
-fn missing() -> Status {
-    Status::internal("validation passed without values")
+/// What a claim's change acted on, for its audit entry.
+fn claim_id_of(c: &Claim) -> String {
+    c.claim_id.to_string()
+}
+
+/// The decision of a review, with the compensation it sets (at most `cap`).
+fn review_decision(
+    v: &mut Violations,
+    r: &pb::ReviewClaimRequest,
+    cap: i64,
+) -> Option<ReviewDecision> {
+    match pb::ReviewDecision::try_from(r.decision) {
+        Ok(pb::ReviewDecision::Approve) => v.check(
+            "compensation_krw",
+            ReviewDecision::approve(r.compensation_krw, cap),
+        ),
+        Ok(pb::ReviewDecision::Reject) => v.check(
+            "compensation_krw",
+            ReviewDecision::reject(r.compensation_krw),
+        ),
+        Ok(pb::ReviewDecision::Unspecified) | Err(_) => {
+            v.add(
+                "decision",
+                "must be REVIEW_DECISION_APPROVE or REVIEW_DECISION_REJECT",
+            );
+            None
+        }
+    }
 }
 
 /// The `SubmitClaim` response kept for replays.
@@ -348,54 +375,32 @@ impl ClaimService for Claims {
         &self,
         request: Request<pb::AttachEvidenceRequest>,
     ) -> Result<Response<pb::AttachEvidenceResponse>, Status> {
-        let actor = Principal::of(&request);
-        let call = CallRecord::of(&request);
-        let request = request.into_inner();
-        let mut v = Violations::default();
-        let request_id = v.request_id(&request.request_id);
-        call.note_request_id(&request.request_id);
-        let claim_id = v.id("claim_id", &request.claim_id);
-        let evidence = match &request.evidence {
-            Some(e) => parse_evidence(&mut v, "evidence", e),
-            None => {
-                v.add("evidence", "is required");
-                None
-            }
-        };
-        v.finish()?;
-        let (Some(request_id), Some(claim_id), Some(evidence)) = (request_id, claim_id, evidence)
-        else {
-            return Err(missing());
-        };
-        let body = pb::AttachEvidenceRequest {
-            request_id: String::new(),
-            ..request
-        };
+        let (op, (claim_id, evidence)) = Operation::parse(request, |v, r| {
+            let claim_id = v.id("claim_id", &r.claim_id);
+            let evidence = match &r.evidence {
+                Some(e) => parse_evidence(v, "evidence", e),
+                None => {
+                    v.add("evidence", "is required");
+                    None
+                }
+            };
+            Some((claim_id?, evidence?))
+        })?;
         // Named before the call, so a refused attempt is found by its claim in the audit log.
-        record_touched(&call, &[(Resource::Claim, &body.claim_id)]);
-        let idem = idempotency(&actor, request_id, "AttachEvidence", &body);
-        let mutation = Mutation::new(
-            &call,
-            idem,
-            |c: &Claim| c.claim_id.to_string(),
-            |c| pb::AttachEvidenceResponse {
-                claim: Some(convert::claim(c)),
-            },
-        );
-        let stored = self
-            .ctx
-            .store
-            .attach_evidence(
-                mutation.recorded(),
-                claim_id,
-                &Attachment {
-                    evidence: &evidence,
-                    attached_by: &actor,
-                },
-            )
+        record_touched(&op.call, &[(Resource::Claim, &op.body.claim_id)]);
+        let mutation = op.mutation(claim_id_of, |c| pb::AttachEvidenceResponse {
+            claim: Some(convert::claim(c)),
+        });
+        let attachment = Attachment {
+            evidence: &evidence,
+            attached_by: &op.actor,
+        };
+        let store = &self.ctx.store;
+        let stored = store
+            .attach_evidence(mutation.recorded(), claim_id, &attachment)
             .await?;
         let response = mutation.respond(stored)?;
-        touched_claim(&call, response.get_ref().claim.as_ref());
+        touched_claim(&op.call, response.get_ref().claim.as_ref());
         Ok(response)
     }
 
@@ -403,69 +408,30 @@ impl ClaimService for Claims {
         &self,
         request: Request<pb::ReviewClaimRequest>,
     ) -> Result<Response<pb::ReviewClaimResponse>, Status> {
-        let reviewer = Principal::of(&request);
-        let call = CallRecord::of(&request);
-        let request = request.into_inner();
         let cap = self.ctx.policy.review_cap_krw.won();
-        let mut v = Violations::default();
-        let request_id = v.request_id(&request.request_id);
-        call.note_request_id(&request.request_id);
-        let claim_id = v.id("claim_id", &request.claim_id);
-        let decision = match pb::ReviewDecision::try_from(request.decision) {
-            Ok(pb::ReviewDecision::Approve) => v.check(
-                "compensation_krw",
-                ReviewDecision::approve(request.compensation_krw, cap),
-            ),
-            Ok(pb::ReviewDecision::Reject) => v.check(
-                "compensation_krw",
-                ReviewDecision::reject(request.compensation_krw),
-            ),
-            Ok(pb::ReviewDecision::Unspecified) | Err(_) => {
-                v.add(
-                    "decision",
-                    "must be REVIEW_DECISION_APPROVE or REVIEW_DECISION_REJECT",
-                );
-                None
-            }
+        let (op, (claim_id, decision, reason)) = Operation::parse(request, |v, r| {
+            let claim_id = v.id("claim_id", &r.claim_id);
+            let decision = review_decision(v, r, cap);
+            let reason = v.check("reason", Reason::parse(&r.reason));
+            Some((claim_id?, decision?, reason?))
+        })?;
+        record_touched(&op.call, &[(Resource::Claim, &op.body.claim_id)]);
+        let mutation = op.mutation(claim_id_of, |c| pb::ReviewClaimResponse {
+            claim: Some(convert::claim(c)),
+        });
+        let trace_context = crate::telemetry::current_context_headers();
+        let review = Review {
+            decision,
+            reason: reason.as_str(),
+            reviewer: &op.actor,
+            trace_context: trace_context.as_deref(),
         };
-        let reason = v.check("reason", Reason::parse(&request.reason));
-        v.finish()?;
-        let (Some(request_id), Some(claim_id), Some(decision), Some(reason)) =
-            (request_id, claim_id, decision, reason)
-        else {
-            return Err(missing());
-        };
-        let body = pb::ReviewClaimRequest {
-            request_id: String::new(),
-            ..request
-        };
-        // Named before the call, so a refused attempt is found by its claim in the audit log.
-        record_touched(&call, &[(Resource::Claim, &body.claim_id)]);
-        let idem = idempotency(&reviewer, request_id, "ReviewClaim", &body);
-        let mutation = Mutation::new(
-            &call,
-            idem,
-            |c: &Claim| c.claim_id.to_string(),
-            |c| pb::ReviewClaimResponse {
-                claim: Some(convert::claim(c)),
-            },
-        );
-        let stored = self
-            .ctx
-            .store
-            .review_claim(
-                mutation.recorded(),
-                claim_id,
-                &Review {
-                    decision,
-                    reason: reason.as_str(),
-                    reviewer: &reviewer,
-                    trace_context: crate::telemetry::current_context_headers().as_deref(),
-                },
-            )
+        let store = &self.ctx.store;
+        let stored = store
+            .review_claim(mutation.recorded(), claim_id, &review)
             .await?;
         let response = mutation.respond(stored)?;
-        touched_claim(&call, response.get_ref().claim.as_ref());
+        touched_claim(&op.call, response.get_ref().claim.as_ref());
         Ok(response)
     }
 
@@ -492,31 +458,22 @@ impl ClaimService for Claims {
         &self,
         request: Request<pb::ListClaimsRequest>,
     ) -> Result<Response<pb::ListClaimsResponse>, Status> {
-        let pb::ListClaimsRequest {
-            page_size,
-            page_token,
-            status,
-            tier,
-            partner_id,
-        } = request.into_inner();
-        let mut v = Violations::default();
-        let page = page(&mut v, page_size, &page_token);
-        let status = v.check("status", convert::parse_claim_status_filter(status));
-        let tier = v.check("tier", convert::parse_tier_filter(tier));
-        let partner_id = v.optional_id("partner_id", &partner_id);
-        v.finish()?;
-        let filter = ClaimFilter {
-            status: status.flatten(),
-            tier: tier.flatten(),
-            partner_id,
-        };
+        let (page, filter) = listing::parse(request.get_ref(), |v, r| ClaimFilter {
+            status: v
+                .check("status", convert::parse_claim_status_filter(r.status))
+                .flatten(),
+            tier: v
+                .check("tier", convert::parse_tier_filter(r.tier))
+                .flatten(),
+            partner_id: v.optional_id("partner_id", &r.partner_id),
+        })?;
         let found = self.ctx.store.list_claims(&filter, &page).await?;
-        let (next_page_token, claims) =
-            listing::page_of(&page, &found, |c| c.claim_id, convert::claim);
-        Ok(Response::new(pb::ListClaimsResponse {
-            next_page_token,
-            claims,
-        }))
+        Ok(listing::answer(
+            &page,
+            &found,
+            |c| c.claim_id,
+            convert::claim,
+        ))
     }
 
     async fn get_policy(

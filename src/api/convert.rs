@@ -77,15 +77,25 @@ pub fn claim_status(status: ClaimStatus) -> pb::ClaimStatus {
     }
 }
 
-/// A list filter: UNSPECIFIED means "any".
-pub fn parse_claim_status_filter(raw: i32) -> Result<Option<ClaimStatus>, domain::Invalid> {
-    match pb::ClaimStatus::try_from(raw) {
-        Ok(pb::ClaimStatus::Unspecified) => Ok(None),
-        Ok(pb::ClaimStatus::Approved) => Ok(Some(ClaimStatus::Approved)),
-        Ok(pb::ClaimStatus::PendingReview) => Ok(Some(ClaimStatus::PendingReview)),
-        Ok(pb::ClaimStatus::Rejected) => Ok(Some(ClaimStatus::Rejected)),
-        Err(_) => Err(domain::Invalid::new("is not a ClaimStatus")),
+/// A list filter on an enum whose every value (in `all`) `to_proto` shows: UNSPECIFIED (0)
+/// means "any", and a number that stands for none of them is not a `what`.
+fn parse_filter<T: Copy, P: Into<i32>>(
+    raw: i32,
+    all: &[T],
+    to_proto: fn(T) -> P,
+    what: &str,
+) -> Result<Option<T>, domain::Invalid> {
+    if raw == 0 {
+        return Ok(None);
     }
+    let found = all.iter().copied().find(|&v| to_proto(v).into() == raw);
+    found
+        .map(Some)
+        .ok_or_else(|| domain::Invalid::new(format!("is not a {what}")))
+}
+
+pub fn parse_claim_status_filter(raw: i32) -> Result<Option<ClaimStatus>, domain::Invalid> {
+    parse_filter(raw, &ClaimStatus::ALL, claim_status, "ClaimStatus")
 }
 
 pub fn tier(tier: Tier) -> pb::CompensationTier {
@@ -98,14 +108,7 @@ pub fn tier(tier: Tier) -> pb::CompensationTier {
 }
 
 pub fn parse_tier_filter(raw: i32) -> Result<Option<Tier>, domain::Invalid> {
-    match pb::CompensationTier::try_from(raw) {
-        Ok(pb::CompensationTier::Unspecified) => Ok(None),
-        Ok(pb::CompensationTier::NotEligible) => Ok(Some(Tier::NotEligible)),
-        Ok(pb::CompensationTier::Lower) => Ok(Some(Tier::Lower)),
-        Ok(pb::CompensationTier::Upper) => Ok(Some(Tier::Upper)),
-        Ok(pb::CompensationTier::Review) => Ok(Some(Tier::Review)),
-        Err(_) => Err(domain::Invalid::new("is not a CompensationTier")),
-    }
+    parse_filter(raw, &Tier::ALL, tier, "CompensationTier")
 }
 
 pub fn evidence_kind(kind: EvidenceKind) -> pb::EvidenceKind {
@@ -144,15 +147,8 @@ pub fn disbursement_status(status: DisbursementStatus) -> pb::DisbursementStatus
 pub fn parse_disbursement_status_filter(
     raw: i32,
 ) -> Result<Option<DisbursementStatus>, domain::Invalid> {
-    match pb::DisbursementStatus::try_from(raw) {
-        Ok(pb::DisbursementStatus::Unspecified) => Ok(None),
-        Ok(pb::DisbursementStatus::Queued) => Ok(Some(DisbursementStatus::Queued)),
-        Ok(pb::DisbursementStatus::Submitted) => Ok(Some(DisbursementStatus::Submitted)),
-        Ok(pb::DisbursementStatus::Paid) => Ok(Some(DisbursementStatus::Paid)),
-        Ok(pb::DisbursementStatus::Failed) => Ok(Some(DisbursementStatus::Failed)),
-        Ok(pb::DisbursementStatus::Cancelled) => Ok(Some(DisbursementStatus::Cancelled)),
-        Err(_) => Err(domain::Invalid::new("is not a DisbursementStatus")),
-    }
+    let all = &DisbursementStatus::ALL;
+    parse_filter(raw, all, disbursement_status, "DisbursementStatus")
 }
 
 pub fn partner(p: &Partner) -> pb::Partner {
@@ -440,5 +436,29 @@ mod tests {
             days_since_1970(jiff::civil::date(9999, 12, 31)) * 86_400 + 86_399,
             MAX_TIMESTAMP_SECONDS
         );
+    }
+}
+
+#[cfg(test)]
+mod filter_tests {
+    use super::*;
+
+    #[test]
+    fn a_list_filter_is_any_value_of_its_enum_or_none() {
+        assert_eq!(parse_claim_status_filter(0), Ok(None));
+        for status in ClaimStatus::ALL {
+            let raw = claim_status(status) as i32;
+            assert_eq!(parse_claim_status_filter(raw), Ok(Some(status)));
+        }
+        for t in Tier::ALL {
+            assert_eq!(parse_tier_filter(tier(t) as i32), Ok(Some(t)));
+        }
+        for status in DisbursementStatus::ALL {
+            let raw = disbursement_status(status) as i32;
+            assert_eq!(parse_disbursement_status_filter(raw), Ok(Some(status)));
+        }
+        let refused = parse_tier_filter(99).expect_err("no such tier");
+        assert_eq!(refused.0, "is not a CompensationTier");
+        assert!(parse_disbursement_status_filter(-1).is_err());
     }
 }

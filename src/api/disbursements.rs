@@ -2,12 +2,10 @@
 
 use tonic::{Request, Response, Status};
 
-use super::{
-    Context, Mutation, Violations, convert, finance, idempotency, listing, page, record_touched,
-};
+use super::operation::Operation;
+use super::{Context, Violations, convert, finance, listing, missing, record_touched};
 use crate::audit::{CallRecord, Resource};
 use crate::domain::text::Reason;
-use crate::principal::Principal;
 use crate::proto::payouts::v1::{self as pb, disbursement_service_server::DisbursementService};
 use crate::store::{Disbursement, DisbursementFilter, DispatchState, OperatorRequest, StoreError};
 
@@ -15,12 +13,21 @@ pub struct Disbursements {
     pub ctx: Context,
 }
 
-fn missing() -> Status {
-    Status::internal("validation passed without values")
+/// What a change of a disbursement acted on, for its audit entry.
+fn disbursement_id_of(d: &Disbursement) -> String {
+    d.disbursement_id.to_string()
+}
+
+/// Dispatch as a whole: a pause or resumption names no resource in the audit log.
+fn no_resource(_: &DispatchState) -> String {
+    String::new()
 }
 
 #[tonic::async_trait]
 impl DisbursementService for Disbursements {
+    type ExportDisbursementsStream = finance::ResponseStream<pb::ExportDisbursementsResponse>;
+    type ReconcileSettlementsStream = finance::ResponseStream<pb::ReconcileSettlementsResponse>;
+
     async fn get_disbursement(
         &self,
         request: Request<pb::GetDisbursementRequest>,
@@ -52,63 +59,40 @@ impl DisbursementService for Disbursements {
         &self,
         request: Request<pb::ListDisbursementsRequest>,
     ) -> Result<Response<pb::ListDisbursementsResponse>, Status> {
-        let pb::ListDisbursementsRequest {
-            page_size,
-            page_token,
-            status,
-            partner_id,
-        } = request.into_inner();
-        let mut v = Violations::default();
-        let page = page(&mut v, page_size, &page_token);
-        let status = v.check("status", convert::parse_disbursement_status_filter(status));
-        let partner_id = v.optional_id("partner_id", &partner_id);
-        v.finish()?;
-        let filter = DisbursementFilter {
-            status: status.flatten(),
-            partner_id,
-        };
+        let (page, filter) = listing::parse(request.get_ref(), |v, r| DisbursementFilter {
+            status: v
+                .check(
+                    "status",
+                    convert::parse_disbursement_status_filter(r.status),
+                )
+                .flatten(),
+            partner_id: v.optional_id("partner_id", &r.partner_id),
+        })?;
         let found = self.ctx.store.list_disbursements(&filter, &page).await?;
-        let (next_page_token, disbursements) =
-            listing::page_of(&page, &found, |d| d.disbursement_id, convert::disbursement);
-        Ok(Response::new(pb::ListDisbursementsResponse {
-            next_page_token,
-            disbursements,
-        }))
+        Ok(listing::answer(
+            &page,
+            &found,
+            |d| d.disbursement_id,
+            convert::disbursement,
+        ))
     }
 
     async fn retry_disbursement(
         &self,
         request: Request<pb::RetryDisbursementRequest>,
     ) -> Result<Response<pb::RetryDisbursementResponse>, Status> {
-        let actor = Principal::of(&request);
-        let call = CallRecord::of(&request);
-        let request = request.into_inner();
-        let mut v = Violations::default();
-        let request_id = v.request_id(&request.request_id);
-        call.note_request_id(&request.request_id);
-        let id = v.id("disbursement_id", &request.disbursement_id);
-        v.finish()?;
-        let (Some(request_id), Some(id)) = (request_id, id) else {
-            return Err(missing());
-        };
-        let body = pb::RetryDisbursementRequest {
-            request_id: String::new(),
-            ..request
-        };
-        record_touched(&call, &[(Resource::Disbursement, &body.disbursement_id)]);
-        let idem = idempotency(&actor, request_id, "RetryDisbursement", &body);
-        let mutation = Mutation::new(
-            &call,
-            idem,
-            |d: &Disbursement| d.disbursement_id.to_string(),
-            |d| pb::RetryDisbursementResponse {
-                disbursement: Some(convert::disbursement(d)),
-            },
+        let (op, id) =
+            Operation::parse(request, |v, r| v.id("disbursement_id", &r.disbursement_id))?;
+        record_touched(
+            &op.call,
+            &[(Resource::Disbursement, &op.body.disbursement_id)],
         );
-        let stored = self
-            .ctx
-            .store
-            .retry_disbursement(mutation.recorded(), id, &actor)
+        let mutation = op.mutation(disbursement_id_of, |d| pb::RetryDisbursementResponse {
+            disbursement: Some(convert::disbursement(d)),
+        });
+        let store = &self.ctx.store;
+        let stored = store
+            .retry_disbursement(mutation.recorded(), id, &op.actor)
             .await?;
         mutation.respond(stored)
     }
@@ -117,43 +101,25 @@ impl DisbursementService for Disbursements {
         &self,
         request: Request<pb::CancelDisbursementRequest>,
     ) -> Result<Response<pb::CancelDisbursementResponse>, Status> {
-        let actor = Principal::of(&request);
-        let call = CallRecord::of(&request);
-        let request = request.into_inner();
-        let mut v = Violations::default();
-        let request_id = v.request_id(&request.request_id);
-        call.note_request_id(&request.request_id);
-        let id = v.id("disbursement_id", &request.disbursement_id);
-        let reason = v.check("reason", Reason::parse(&request.reason));
-        v.finish()?;
-        let (Some(request_id), Some(id), Some(reason)) = (request_id, id, reason) else {
-            return Err(missing());
-        };
-        let body = pb::CancelDisbursementRequest {
-            request_id: String::new(),
-            ..request
-        };
-        record_touched(&call, &[(Resource::Disbursement, &body.disbursement_id)]);
-        let idem = idempotency(&actor, request_id, "CancelDisbursement", &body);
-        let mutation = Mutation::new(
-            &call,
-            idem,
-            |d: &Disbursement| d.disbursement_id.to_string(),
-            |d| pb::CancelDisbursementResponse {
-                disbursement: Some(convert::disbursement(d)),
-            },
+        let (op, (id, reason)) = Operation::parse(request, |v, r| {
+            let id = v.id("disbursement_id", &r.disbursement_id);
+            let reason = v.check("reason", Reason::parse(&r.reason));
+            Some((id?, reason?))
+        })?;
+        record_touched(
+            &op.call,
+            &[(Resource::Disbursement, &op.body.disbursement_id)],
         );
-        let stored = self
-            .ctx
-            .store
-            .cancel_disbursement(
-                mutation.recorded(),
-                id,
-                &OperatorRequest {
-                    actor: &actor,
-                    reason: reason.as_str(),
-                },
-            )
+        let mutation = op.mutation(disbursement_id_of, |d| pb::CancelDisbursementResponse {
+            disbursement: Some(convert::disbursement(d)),
+        });
+        let asked = OperatorRequest {
+            actor: &op.actor,
+            reason: reason.as_str(),
+        };
+        let store = &self.ctx.store;
+        let stored = store
+            .cancel_disbursement(mutation.recorded(), id, &asked)
             .await?;
         mutation.respond(stored)
     }
@@ -162,41 +128,18 @@ impl DisbursementService for Disbursements {
         &self,
         request: Request<pb::PauseDispatchRequest>,
     ) -> Result<Response<pb::PauseDispatchResponse>, Status> {
-        let actor = Principal::of(&request);
-        let call = CallRecord::of(&request);
-        let request = request.into_inner();
-        let mut v = Violations::default();
-        let request_id = v.request_id(&request.request_id);
-        call.note_request_id(&request.request_id);
-        let reason = v.check("reason", Reason::parse(&request.reason));
-        v.finish()?;
-        let (Some(request_id), Some(reason)) = (request_id, reason) else {
-            return Err(missing());
+        let (op, reason) =
+            Operation::parse(request, |v, r| v.check("reason", Reason::parse(&r.reason)))?;
+        let mutation = op.mutation(no_resource, |s| pb::PauseDispatchResponse {
+            state: Some(convert::dispatch_state(s)),
+        });
+        let asked = OperatorRequest {
+            actor: &op.actor,
+            reason: reason.as_str(),
         };
-        let body = pb::PauseDispatchRequest {
-            request_id: String::new(),
-            ..request
-        };
-        let idem = idempotency(&actor, request_id, "PauseDispatch", &body);
-        let mutation = Mutation::new(
-            &call,
-            idem,
-            |_: &DispatchState| String::new(),
-            |s| pb::PauseDispatchResponse {
-                state: Some(convert::dispatch_state(s)),
-            },
-        );
-        let stored = self
-            .ctx
-            .store
-            .set_dispatch_paused(
-                mutation.recorded(),
-                true,
-                &OperatorRequest {
-                    actor: &actor,
-                    reason: reason.as_str(),
-                },
-            )
+        let store = &self.ctx.store;
+        let stored = store
+            .set_dispatch_paused(mutation.recorded(), true, &asked)
             .await?;
         mutation.respond(stored)
     }
@@ -205,45 +148,21 @@ impl DisbursementService for Disbursements {
         &self,
         request: Request<pb::ResumeDispatchRequest>,
     ) -> Result<Response<pb::ResumeDispatchResponse>, Status> {
-        let actor = Principal::of(&request);
-        let call = CallRecord::of(&request);
-        let request = request.into_inner();
-        let mut v = Violations::default();
-        let request_id = v.request_id(&request.request_id);
-        call.note_request_id(&request.request_id);
-        v.finish()?;
-        let request_id = request_id.ok_or_else(missing)?;
-        let idem = idempotency(
-            &actor,
-            request_id,
-            "ResumeDispatch",
-            &pb::ResumeDispatchRequest::default(),
-        );
-        let mutation = Mutation::new(
-            &call,
-            idem,
-            |_: &DispatchState| String::new(),
-            |s| pb::ResumeDispatchResponse {
-                state: Some(convert::dispatch_state(s)),
-            },
-        );
-        let stored = self
-            .ctx
-            .store
-            .set_dispatch_paused(
-                mutation.recorded(),
-                false,
-                // Resuming clears the reason of the pause.
-                &OperatorRequest {
-                    actor: &actor,
-                    reason: "",
-                },
-            )
+        let (op, ()) = Operation::parse(request, |_, _| Some(()))?;
+        let mutation = op.mutation(no_resource, |s| pb::ResumeDispatchResponse {
+            state: Some(convert::dispatch_state(s)),
+        });
+        // Resuming clears the reason of the pause.
+        let asked = OperatorRequest {
+            actor: &op.actor,
+            reason: "",
+        };
+        let store = &self.ctx.store;
+        let stored = store
+            .set_dispatch_paused(mutation.recorded(), false, &asked)
             .await?;
         mutation.respond(stored)
     }
-
-    type ExportDisbursementsStream = finance::ResponseStream<pb::ExportDisbursementsResponse>;
 
     async fn export_disbursements(
         &self,
@@ -251,8 +170,6 @@ impl DisbursementService for Disbursements {
     ) -> Result<Response<Self::ExportDisbursementsStream>, Status> {
         finance::export(&self.ctx, request.into_inner()).map(Response::new)
     }
-
-    type ReconcileSettlementsStream = finance::ResponseStream<pb::ReconcileSettlementsResponse>;
 
     async fn reconcile_settlements(
         &self,

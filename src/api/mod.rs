@@ -23,6 +23,7 @@ pub mod finance;
 pub mod group_commit;
 pub mod imports;
 pub mod listing;
+pub mod operation;
 pub mod partners;
 
 /// What every service handler needs.
@@ -302,6 +303,11 @@ pub fn respond<T, R: Message + Default>(
             decode_replay(&bytes).map(tonic::Response::new)
         }
     }
+}
+
+/// The error of a handler whose checks passed without giving it every value (a bug).
+pub fn missing() -> Status {
+    Status::internal("validation passed without values")
 }
 
 /// A response kept for replays, read back.

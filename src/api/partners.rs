@@ -6,9 +6,10 @@ use futures::future::BoxFuture;
 use tonic::{Request, Response, Status, Streaming};
 
 use super::imports::{self, Import, RowResult, Written};
+use super::operation::Operation;
 use super::{
-    Context, Mutation, Violations, convert, decode_replay, idempotency, listing, page,
-    record_touched, respond,
+    Context, Violations, convert, decode_replay, idempotency, listing, missing, record_touched,
+    respond,
 };
 use crate::audit::{CallRecord, Resource};
 use crate::domain::text;
@@ -156,7 +157,7 @@ pub fn prepare_registration(
     let partner = parse_new_partner(&mut v, request.partner.as_ref());
     v.finish()?;
     let (Some(request_id), Some(partner)) = (request_id, partner) else {
-        return Err(Status::internal("validation passed without values"));
+        return Err(missing());
     };
     let body = pb::RegisterPartnerRequest {
         request_id: String::new(),
@@ -281,7 +282,7 @@ impl PartnerService for Partners {
         let mut v = Violations::default();
         let id = v.id("partner_id", &request.get_ref().partner_id);
         v.finish()?;
-        let id = id.ok_or_else(|| Status::internal("validation passed without values"))?;
+        let id = id.ok_or_else(missing)?;
         let partner = self
             .ctx
             .store
@@ -301,86 +302,61 @@ impl PartnerService for Partners {
         &self,
         request: Request<pb::ListPartnersRequest>,
     ) -> Result<Response<pb::ListPartnersResponse>, Status> {
-        let pb::ListPartnersRequest {
-            page_size,
-            page_token,
-            business_registration_number,
-        } = request.into_inner();
-        let mut v = Violations::default();
-        let page = page(&mut v, page_size, &page_token);
-        let brn = if business_registration_number.is_empty() {
-            None
-        } else {
-            v.check(
-                "business_registration_number",
-                BusinessRegistrationNumber::parse(&business_registration_number),
-            )
-        };
-        v.finish()?;
-        let filter = PartnerFilter {
-            business_registration_number: brn,
-        };
+        let (page, filter) = listing::parse(request.get_ref(), |v, r| {
+            let brn = &r.business_registration_number;
+            PartnerFilter {
+                business_registration_number: if brn.is_empty() {
+                    None
+                } else {
+                    v.check(
+                        "business_registration_number",
+                        BusinessRegistrationNumber::parse(brn),
+                    )
+                },
+            }
+        })?;
         let found = self.ctx.store.list_partners(&filter, &page).await?;
-        let (next_page_token, partners) =
-            listing::page_of(&page, &found, |p| p.partner_id, convert::partner);
-        Ok(Response::new(pb::ListPartnersResponse {
-            next_page_token,
-            partners,
-        }))
+        Ok(listing::answer(
+            &page,
+            &found,
+            |p| p.partner_id,
+            convert::partner,
+        ))
     }
 
     async fn update_partner_bank_account(
         &self,
         request: Request<pb::UpdatePartnerBankAccountRequest>,
     ) -> Result<Response<pb::UpdatePartnerBankAccountResponse>, Status> {
-        let actor = Principal::of(&request);
-        let call = CallRecord::of(&request);
-        let request = request.into_inner();
-        let mut v = Violations::default();
-        let request_id = v.request_id(&request.request_id);
-        call.note_request_id(&request.request_id);
-        let partner_id = v.id("partner_id", &request.partner_id);
-        let account = parse_bank_account(&mut v, "bank_account", request.bank_account.as_ref());
-        if request.etag.trim().is_empty() {
-            v.add(
-                "etag",
-                "is required: pass the etag of the partner as last read",
-            );
-        } else {
-            v.check("etag", text::required_line(&request.etag, MAX_ETAG_CHARS));
-        }
-        v.finish()?;
-        let (Some(request_id), Some(partner_id), Some(account)) = (request_id, partner_id, account)
-        else {
-            return Err(Status::internal("validation passed without values"));
-        };
-        let body = pb::UpdatePartnerBankAccountRequest {
-            request_id: String::new(),
-            etag: request.etag.trim().to_owned(),
-            ..request
-        };
-        record_touched(&call, &[(Resource::Partner, &body.partner_id)]);
-        let idem = idempotency(&actor, request_id, "UpdatePartnerBankAccount", &body);
-        let mutation = Mutation::new(
-            &call,
-            idem,
+        let (mut op, (partner_id, account)) = Operation::parse(request, |v, r| {
+            let partner_id = v.id("partner_id", &r.partner_id);
+            let account = parse_bank_account(v, "bank_account", r.bank_account.as_ref());
+            if r.etag.trim().is_empty() {
+                v.add(
+                    "etag",
+                    "is required: pass the etag of the partner as last read",
+                );
+            } else {
+                v.check("etag", text::required_line(&r.etag, MAX_ETAG_CHARS));
+            }
+            Some((partner_id?, account?))
+        })?;
+        op.body.etag = op.body.etag.trim().to_owned();
+        record_touched(&op.call, &[(Resource::Partner, &op.body.partner_id)]);
+        let mutation = op.mutation(
             |p: &crate::domain::Partner| p.partner_id.to_string(),
             |p| pb::UpdatePartnerBankAccountResponse {
                 partner: Some(convert::partner(p)),
             },
         );
-        let stored = self
-            .ctx
-            .store
-            .update_bank_account(
-                mutation.recorded(),
-                partner_id,
-                &AccountUpdate {
-                    account: &account,
-                    etag: &body.etag,
-                    actor: &actor,
-                },
-            )
+        let update = AccountUpdate {
+            account: &account,
+            etag: &op.body.etag,
+            actor: &op.actor,
+        };
+        let store = &self.ctx.store;
+        let stored = store
+            .update_bank_account(mutation.recorded(), partner_id, &update)
             .await?;
         mutation.respond(stored)
     }

@@ -360,13 +360,7 @@ mod tests {
 
     async fn stored(store: &Arc<dyn Store>) -> Vec<AuditEvent> {
         store
-            .list_audit(
-                &AuditFilter::default(),
-                &Page {
-                    after: None,
-                    limit: 1000,
-                },
-            )
+            .list_audit(&AuditFilter::default(), &Page::first(1000))
             .await
             .expect("list")
     }

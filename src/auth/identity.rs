@@ -200,14 +200,27 @@ mod tests {
         SubjectPattern::parse(s).expect("pattern")
     }
 
+    /// Which of `patterns` match `c`, in order.
+    fn matching<const N: usize>(c: &PeerCertificate, patterns: [&str; N]) -> [bool; N] {
+        patterns.map(|p| pattern(p).matches(c))
+    }
+
     #[test]
     fn common_name_matches_exactly() {
         let c = cert(&[(DnType::CommonName, "claims-intake")], &[]);
-        assert!(pattern("CN=claims-intake").matches(&c));
-        assert!(pattern("cn = claims-intake").matches(&c));
-        assert!(!pattern("CN=claims-intake2").matches(&c));
-        assert!(!pattern("CN=Claims-Intake").matches(&c));
-        assert!(!pattern("CN=claims-intake, O=Payouts").matches(&c));
+        assert_eq!(
+            matching(
+                &c,
+                [
+                    "CN=claims-intake",
+                    "cn = claims-intake",
+                    "CN=claims-intake2",
+                    "CN=Claims-Intake",
+                    "CN=claims-intake, O=Payouts",
+                ]
+            ),
+            [true, true, false, false, false]
+        );
     }
 
     #[test]
@@ -220,17 +233,33 @@ mod tests {
             ],
             &[],
         );
-        assert!(pattern("C=KR, O=Payouts, CN=claims-intake").matches(&c));
-        assert!(pattern("CN=claims-intake,O=Payouts,C=KR").matches(&c));
-        assert!(!pattern("CN=claims-intake").matches(&c));
-        assert!(!pattern("O=Payouts, C=KR, CN=claims-intake").matches(&c));
+        assert_eq!(
+            matching(
+                &c,
+                [
+                    "C=KR, O=Payouts, CN=claims-intake",
+                    "CN=claims-intake,O=Payouts,C=KR",
+                    "CN=claims-intake",
+                    "O=Payouts, C=KR, CN=claims-intake",
+                ]
+            ),
+            [true, true, false, false]
+        );
     }
 
     #[test]
     fn a_comma_inside_a_value_cannot_forge_another_name() {
         let c = cert(&[(DnType::CommonName, "claims-intake, O=Payouts")], &[]);
-        assert!(!pattern("CN=claims-intake, O=Payouts").matches(&c));
-        assert!(pattern(r"CN=claims-intake\, O=Payouts").matches(&c));
+        assert_eq!(
+            matching(
+                &c,
+                [
+                    "CN=claims-intake, O=Payouts",
+                    r"CN=claims-intake\, O=Payouts",
+                ]
+            ),
+            [false, true]
+        );
     }
 
     #[test]
@@ -239,11 +268,19 @@ mod tests {
             &[(DnType::CommonName, "whatever")],
             &["ops.payouts.internal", "other.example"],
         );
-        assert!(pattern("ops.payouts.internal").matches(&c));
-        assert!(pattern("OPS.payouts.internal").matches(&c));
-        assert!(!pattern("payouts.internal").matches(&c));
-        // The CN is not a SAN.
-        assert!(!pattern("whatever").matches(&c));
+        assert_eq!(
+            matching(
+                &c,
+                [
+                    "ops.payouts.internal",
+                    "OPS.payouts.internal",
+                    "payouts.internal",
+                    // The CN is not a SAN.
+                    "whatever",
+                ]
+            ),
+            [true, true, false, false]
+        );
     }
 
     #[test]

@@ -154,6 +154,8 @@ mod tests {
 
     #[tonic::async_trait]
     impl PartnerService for EchoPartners {
+        type ImportPartnersStream = tokio_stream::Empty<Result<pb::ImportPartnersResponse, Status>>;
+
         async fn register_partner(
             &self,
             _: Request<pb::RegisterPartnerRequest>,
@@ -186,8 +188,6 @@ mod tests {
         ) -> Result<Response<pb::UpdatePartnerBankAccountResponse>, Status> {
             Err(Status::unimplemented("test"))
         }
-
-        type ImportPartnersStream = tokio_stream::Empty<Result<pb::ImportPartnersResponse, Status>>;
 
         async fn import_partners(
             &self,

@@ -150,6 +150,13 @@ pub struct Page<Id = Uuid> {
     pub limit: u32,
 }
 
+impl<Id> Page<Id> {
+    /// The first page, of at most `limit` rows.
+    pub fn first(limit: u32) -> Self {
+        Self { after: None, limit }
+    }
+}
+
 #[derive(Debug, Clone, Default)]
 pub struct PartnerFilter {
     pub business_registration_number: Option<BusinessRegistrationNumber>,

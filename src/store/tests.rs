@@ -98,10 +98,7 @@ fn entry(id: Uuid, resource_id: String, outcome_code: &str) -> AuditEvent {
 }
 
 async fn audit_log(store: &Arc<dyn Store>) -> Vec<AuditEvent> {
-    let page = Page {
-        after: None,
-        limit: 1000,
-    };
+    let page = Page::first(1000);
     store
         .list_audit(&AuditFilter::default(), &page)
         .await
@@ -139,13 +136,7 @@ async fn rows_written_one_by_one_after_a_failed_batch_each_have_their_entry() {
         };
         assert!(answers[1].is_err(), "{db}: {:?}", answers[1]);
         let partners = store
-            .list_partners(
-                &PartnerFilter::default(),
-                &Page {
-                    after: None,
-                    limit: 10,
-                },
-            )
+            .list_partners(&PartnerFilter::default(), &Page::first(10))
             .await
             .expect("partners");
         assert_eq!(
@@ -214,17 +205,81 @@ async fn a_batch_that_fails_stores_no_row_and_no_entry() {
                 ..Default::default()
             };
             let claims = store
-                .list_claims(
-                    &filter,
-                    &Page {
-                        after: None,
-                        limit: 10,
-                    },
-                )
+                .list_claims(&filter, &Page::first(10))
                 .await
                 .expect("claims");
             assert!(claims.is_empty(), "{db}: no claim is stored: {claims:?}");
         }
         assert_eq!(audit_log(&store).await, Vec::new(), "{db}: nor any entry");
+    }
+}
+
+/// The spans opened while it is the default subscriber: each one's name and fields.
+#[derive(Clone, Default)]
+struct Opened(Arc<std::sync::Mutex<Vec<(String, Fields)>>>);
+
+#[derive(Debug, Default)]
+struct Fields(Vec<(String, String)>);
+
+impl tracing::field::Visit for Fields {
+    fn record_str(&mut self, field: &tracing::field::Field, value: &str) {
+        self.0.push((field.name().to_owned(), value.to_owned()));
+    }
+
+    fn record_debug(&mut self, field: &tracing::field::Field, value: &dyn std::fmt::Debug) {
+        self.0.push((field.name().to_owned(), format!("{value:?}")));
+    }
+}
+
+impl<S: tracing::Subscriber> tracing_subscriber::Layer<S> for Opened {
+    fn on_new_span(
+        &self,
+        attrs: &tracing::span::Attributes<'_>,
+        _: &tracing::span::Id,
+        _: tracing_subscriber::layer::Context<'_, S>,
+    ) {
+        let mut fields = Fields::default();
+        attrs.record(&mut fields);
+        let name = attrs.metadata().name().to_owned();
+        self.0.lock().expect("lock").push((name, fields));
+    }
+}
+
+#[tokio::test]
+async fn every_store_call_is_a_client_span_named_after_its_method() {
+    use tracing_subscriber::layer::SubscriberExt as _;
+    let dir = tempfile::tempdir().expect("dir");
+    for (db, store) in stores(&dir).await {
+        let opened = Opened::default();
+        let _default =
+            tracing::subscriber::set_default(tracing_subscriber::registry().with(opened.clone()));
+        let rows = vec![(idem("RegisterPartner"), partner(5))];
+        let row = |_: usize, _: &Result<Stored<crate::domain::Partner>>| None;
+        let audit = BatchAudit {
+            row: &row,
+            refused: &[],
+        };
+        let answers = store.register_partners(&rows, &|_| Vec::new(), audit);
+        answers.await.expect("registered");
+        store.get_partner(PartnerId::new()).await.expect("read");
+        let opened = opened.0.lock().expect("lock");
+        let fields = |name: &str| {
+            let found = opened.iter().find(|(n, _)| n == name);
+            let (_, fields) = found.unwrap_or_else(|| panic!("{db}: no span {name}: {opened:?}"));
+            fields.0.clone()
+        };
+        let system = if db == "postgres" { "postgresql" } else { db };
+        let client = |extra: &[(&str, &str)]| {
+            let mut expected = vec![("otel.kind", "client"), ("db.system", system)];
+            expected.extend(extra);
+            let owned = |(k, v): &(&str, &str)| (k.to_string(), v.to_string());
+            expected.iter().map(owned).collect::<Vec<_>>()
+        };
+        assert_eq!(fields("store.get_partner"), client(&[]), "{db}");
+        assert_eq!(
+            fields("store.register_partners"),
+            client(&[("rows", "1")]),
+            "{db}: with the fields the method adds"
+        );
     }
 }

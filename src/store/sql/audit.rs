@@ -2,8 +2,9 @@
 //! listed; [`insert_audit`] also writes a call's entry in the transaction of its rows.
 
 use async_trait::async_trait;
+use payouts_macros::store_span;
 
-use super::{DB_SYSTEM, Db, SqlStore, Tx, after_key, since, until};
+use super::{DB_SYSTEM, Db, SqlStore, Tx, after_key, execute_pieces, since, until};
 use crate::store::batch::BatchSql;
 use crate::store::intake::audit_insert;
 use crate::store::rows::AuditRow;
@@ -11,22 +12,13 @@ use crate::store::{AuditEvent, AuditFilter, AuditStore, Page, Result};
 
 /// Appends audit log entries in the caller's transaction.
 pub(super) async fn insert_audit(tx: &mut Tx, events: &[AuditEvent]) -> Result<()> {
-    for mut qb in <Db as BatchSql>::insert_all(vec![audit_insert(events)]) {
-        qb.build()
-            .persistent(<Db as BatchSql>::PREPARED)
-            .execute(&mut **tx)
-            .await?;
-    }
-    Ok(())
+    let statements = <Db as BatchSql>::insert_all(vec![audit_insert(events)]);
+    Ok(execute_pieces(tx, statements).await?)
 }
 
 #[async_trait]
 impl AuditStore for SqlStore {
-    #[tracing::instrument(
-        name = "store.append_audit",
-        skip_all,
-        fields(otel.kind = "client", db.system = DB_SYSTEM)
-    )]
+    #[store_span]
     async fn append_audit(&self, events: &[AuditEvent]) -> Result<()> {
         let mut tx = self.pool.begin().await?;
         // Events come in batches (calls finishing together, refused calls).
@@ -35,11 +27,7 @@ impl AuditStore for SqlStore {
         Ok(())
     }
 
-    #[tracing::instrument(
-        name = "store.list_audit",
-        skip_all,
-        fields(otel.kind = "client", db.system = DB_SYSTEM)
-    )]
+    #[store_span]
     async fn list_audit(&self, filter: &AuditFilter, page: &Page) -> Result<Vec<AuditEvent>> {
         let rows: Vec<AuditRow> = sqlx::query_as(
             "SELECT * FROM audit_events WHERE audit_event_id > $1 \

@@ -17,7 +17,7 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use sqlx::{FromRow as _, Row as _};
 
 use super::audit::insert_audit;
-use super::{Db, DbRow, SqlStore, Tx};
+use super::{Db, DbRow, SqlStore, Tx, execute_pieces, fetch_pieces};
 use crate::store::batch::{BatchSql, Lookup};
 use crate::store::idempotency::{KeyedEarlier, replay_of};
 use crate::store::intake::{Answers, BulkResult, REQUEST_KEY, request_ids_insert, request_key};
@@ -25,7 +25,7 @@ use crate::store::rows::unexpected;
 use crate::store::{AuditEvent, BatchAudit, Idempotency, Micros, Result, StoreError, Stored};
 
 /// The statements of a batch in this database's form.
-pub(super) type BatchStatements = Vec<sqlx::QueryBuilder<Db>>;
+pub(super) type BatchStatements = super::Pieces;
 
 /// Rows whose column (the last word of `head`) is one of `values`. Planned afresh
 /// each time (not kept prepared): a plan made while a table was small (a sequential
@@ -44,26 +44,7 @@ pub(super) async fn select_in(
 }
 
 pub(super) async fn execute(tx: &mut Tx, statements: BatchStatements) -> BulkResult<()> {
-    for mut qb in statements {
-        qb.build()
-            .persistent(<Db as BatchSql>::PREPARED)
-            .execute(&mut **tx)
-            .await?;
-    }
-    Ok(())
-}
-
-pub(super) async fn fetch(tx: &mut Tx, statements: BatchStatements) -> BulkResult<Vec<DbRow>> {
-    let mut rows = Vec::new();
-    for mut qb in statements {
-        rows.extend(
-            qb.build()
-                .persistent(<Db as BatchSql>::PREPARED)
-                .fetch_all(&mut **tx)
-                .await?,
-        );
-    }
-    Ok(rows)
+    Ok(execute_pieces(tx, statements).await?)
 }
 
 /// Takes the request ids that are new (see [`request_ids_insert`]) and, in the same
@@ -79,7 +60,7 @@ pub(super) async fn take_request_ids_and_look_up(
         <Db as BatchSql>::insert_and_lookup(request_ids_insert(idems, now), REQUEST_KEY, lookup);
     let mut taken = HashSet::new();
     let mut found = HashMap::new();
-    for row in fetch(tx, statements).await? {
+    for row in fetch_pieces(tx, statements).await? {
         let part: String = row.try_get("part")?;
         let a: String = row.try_get("a")?;
         if part == "inserted" {
@@ -103,7 +84,7 @@ pub(super) async fn take_request_ids(
         " ON CONFLICT (request_id, principal) DO NOTHING ",
         "RETURNING request_id || '/' || principal AS request_key"
     );
-    let rows = fetch(tx, <Db as BatchSql>::insert_all(vec![insert])).await?;
+    let rows = fetch_pieces(tx, <Db as BatchSql>::insert_all(vec![insert])).await?;
     let mut taken = HashSet::new();
     for row in &rows {
         taken.insert(row.try_get::<String, _>("request_key")?);

@@ -1,6 +1,7 @@
 //! The claims in SQL.
 
 use async_trait::async_trait;
+use payouts_macros::store_span;
 
 use super::disbursements::create_disbursement;
 use super::{Conn, DB_SYSTEM, SqlStore, Tx, after_key, bulk_claims, dialect};
@@ -112,20 +113,13 @@ async fn insert_claim(tx: &mut Tx, claim: &NewClaim) -> Result<ClaimId> {
 
 #[async_trait]
 impl ClaimStore for SqlStore {
-    #[tracing::instrument(
-        name = "store.submit_claim",
-        skip_all,
-        fields(otel.kind = "client", db.system = DB_SYSTEM)
-    )]
+    #[store_span]
     async fn submit_claim(
         &self,
         call: Recorded<'_, Claim>,
         claim: &NewClaim,
     ) -> Result<Stored<Claim>> {
-        let (mut tx, call) = match self.begin_call(call).await? {
-            Ok(begun) => begun,
-            Err(replayed) => return Ok(replayed),
-        };
+        let (mut tx, call) = begin_or_replay!(self, call);
         sqlx::query(dialect::LOCK_PARTNER)
             .bind(claim.partner_id.to_string())
             .fetch_optional(&mut *tx)
@@ -148,11 +142,7 @@ impl ClaimStore for SqlStore {
         call.finish(tx, stored).await
     }
 
-    #[tracing::instrument(
-        name = "store.attach_evidence",
-        skip_all,
-        fields(otel.kind = "client", db.system = DB_SYSTEM)
-    )]
+    #[store_span]
     async fn attach_evidence(
         &self,
         call: Recorded<'_, Claim>,
@@ -163,10 +153,7 @@ impl ClaimStore for SqlStore {
             evidence,
             attached_by: actor,
         } = *attachment;
-        let (mut tx, call) = match self.begin_call(call).await? {
-            Ok(begun) => begun,
-            Err(replayed) => return Ok(replayed),
-        };
+        let (mut tx, call) = begin_or_replay!(self, call);
         lock_claim(&mut tx, claim_id).await?;
         let now = now_micros();
         insert_evidence(&mut tx, claim_id, evidence, actor, now).await?;
@@ -179,11 +166,7 @@ impl ClaimStore for SqlStore {
         call.finish(tx, stored).await
     }
 
-    #[tracing::instrument(
-        name = "store.review_claim",
-        skip_all,
-        fields(otel.kind = "client", db.system = DB_SYSTEM)
-    )]
+    #[store_span]
     async fn review_claim(
         &self,
         call: Recorded<'_, Claim>,
@@ -196,10 +179,7 @@ impl ClaimStore for SqlStore {
             reviewer,
             trace_context,
         } = *review_of;
-        let (mut tx, call) = match self.begin_call(call).await? {
-            Ok(begun) => begun,
-            Err(replayed) => return Ok(replayed),
-        };
+        let (mut tx, call) = begin_or_replay!(self, call);
         lock_claim(&mut tx, claim_id).await?;
         let claim = reload_claim(&mut tx, claim_id).await?;
         let Reviewed {
@@ -227,21 +207,13 @@ impl ClaimStore for SqlStore {
         call.finish(tx, stored).await
     }
 
-    #[tracing::instrument(
-        name = "store.get_claim",
-        skip_all,
-        fields(otel.kind = "client", db.system = DB_SYSTEM)
-    )]
+    #[store_span]
     async fn get_claim(&self, claim_id: ClaimId) -> Result<Option<Claim>> {
         let mut conn = self.pool.acquire().await?;
         load_claim(&mut conn, claim_id).await
     }
 
-    #[tracing::instrument(
-        name = "store.list_claims",
-        skip_all,
-        fields(otel.kind = "client", db.system = DB_SYSTEM)
-    )]
+    #[store_span]
     async fn list_claims(&self, filter: &ClaimFilter, page: &Page) -> Result<Vec<Claim>> {
         let mut conn = self.pool.acquire().await?;
         let rows: Vec<ClaimRow> = sqlx::query_as(
@@ -266,11 +238,7 @@ impl ClaimStore for SqlStore {
         Ok(claims)
     }
 
-    #[tracing::instrument(
-        name = "store.submit_claims",
-        skip_all,
-        fields(otel.kind = "client", db.system = DB_SYSTEM, rows = rows.len())
-    )]
+    #[store_span(rows = rows.len())]
     async fn submit_claims(
         &self,
         rows: &[ClaimSubmission],

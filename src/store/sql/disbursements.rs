@@ -2,6 +2,7 @@
 //! paused or resumed. Approval creates them ([`create_disbursement`]).
 
 use async_trait::async_trait;
+use payouts_macros::store_span;
 
 use super::{Conn, DB_SYSTEM, SqlStore, Tx, after_key, dialect, unexpected};
 use crate::domain::{
@@ -217,11 +218,7 @@ fn operator_change(
 
 #[async_trait]
 impl DisbursementStore for SqlStore {
-    #[tracing::instrument(
-        name = "store.get_disbursement",
-        skip_all,
-        fields(otel.kind = "client", db.system = DB_SYSTEM)
-    )]
+    #[store_span]
     async fn get_disbursement(
         &self,
         disbursement_id: DisbursementId,
@@ -230,11 +227,7 @@ impl DisbursementStore for SqlStore {
         load_disbursement(&mut conn, disbursement_id).await
     }
 
-    #[tracing::instrument(
-        name = "store.list_disbursements",
-        skip_all,
-        fields(otel.kind = "client", db.system = DB_SYSTEM)
-    )]
+    #[store_span]
     async fn list_disbursements(
         &self,
         filter: &DisbursementFilter,
@@ -261,21 +254,14 @@ impl DisbursementStore for SqlStore {
         Ok(out)
     }
 
-    #[tracing::instrument(
-        name = "store.retry_disbursement",
-        skip_all,
-        fields(otel.kind = "client", db.system = DB_SYSTEM)
-    )]
+    #[store_span]
     async fn retry_disbursement(
         &self,
         call: Recorded<'_, Disbursement>,
         disbursement_id: DisbursementId,
         actor: &str,
     ) -> Result<Stored<Disbursement>> {
-        let (mut tx, call) = match self.begin_call(call).await? {
-            Ok(begun) => begun,
-            Err(replayed) => return Ok(replayed),
-        };
+        let (mut tx, call) = begin_or_replay!(self, call);
         let d = require_disbursement(&mut tx, disbursement_id).await?;
         let changed: Option<(String, i64)> = sqlx::query_as(
             "SELECT account_changed_by, account_change_time FROM partners WHERE partner_id = $1",
@@ -326,11 +312,7 @@ impl DisbursementStore for SqlStore {
         finish_with(tx, call, disbursement_id).await
     }
 
-    #[tracing::instrument(
-        name = "store.cancel_disbursement",
-        skip_all,
-        fields(otel.kind = "client", db.system = DB_SYSTEM)
-    )]
+    #[store_span]
     async fn cancel_disbursement(
         &self,
         call: Recorded<'_, Disbursement>,
@@ -338,10 +320,7 @@ impl DisbursementStore for SqlStore {
         request: &OperatorRequest<'_>,
     ) -> Result<Stored<Disbursement>> {
         let OperatorRequest { actor, reason } = *request;
-        let (mut tx, call) = match self.begin_call(call).await? {
-            Ok(begun) => begun,
-            Err(replayed) => return Ok(replayed),
-        };
+        let (mut tx, call) = begin_or_replay!(self, call);
         let d = require_disbursement(&mut tx, disbursement_id).await?;
         may_cancel(d.status)?;
         let change = operator_change(
@@ -362,11 +341,7 @@ impl DisbursementStore for SqlStore {
         finish_with(tx, call, disbursement_id).await
     }
 
-    #[tracing::instrument(
-        name = "store.set_dispatch_paused",
-        skip_all,
-        fields(otel.kind = "client", db.system = DB_SYSTEM)
-    )]
+    #[store_span]
     async fn set_dispatch_paused(
         &self,
         call: Recorded<'_, DispatchState>,
@@ -374,10 +349,7 @@ impl DisbursementStore for SqlStore {
         request: &OperatorRequest<'_>,
     ) -> Result<Stored<DispatchState>> {
         let OperatorRequest { actor, reason } = *request;
-        let (mut tx, call) = match self.begin_call(call).await? {
-            Ok(begun) => begun,
-            Err(replayed) => return Ok(replayed),
-        };
+        let (mut tx, call) = begin_or_replay!(self, call);
         sqlx::query(
             "UPDATE dispatch_control SET paused = $1, reason = $2, changed_by = $3, \
              change_time = $4 WHERE id = 1",
@@ -392,11 +364,7 @@ impl DisbursementStore for SqlStore {
         call.finish(tx, state).await
     }
 
-    #[tracing::instrument(
-        name = "store.program_summary",
-        skip_all,
-        fields(otel.kind = "client", db.system = DB_SYSTEM)
-    )]
+    #[store_span]
     async fn program_summary(&self) -> Result<ProgramSummary> {
         let mut conn = self.pool.acquire().await?;
         let mut summary = ProgramSummary {

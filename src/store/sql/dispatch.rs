@@ -21,10 +21,11 @@
 use std::collections::{HashMap, HashSet};
 
 use async_trait::async_trait;
+use payouts_macros::store_span;
 use sqlx::FromRow as _;
 
 use super::disbursements::load_dispatch_state;
-use super::{DB_SYSTEM, Db, DbRow, SqlStore, Tx, dialect};
+use super::{DB_SYSTEM, Db, DbRow, SqlStore, Tx, dialect, fetch_pieces};
 use crate::domain::{DisbursementId, DisbursementStatus, Krw};
 use crate::store::batch::{BatchSql, Column as Col};
 use crate::store::rows::{DisbursementRow, unexpected, uuid};
@@ -36,16 +37,8 @@ use crate::store::{
 /// Runs `head v tail` with the batch's rows as the table `v`, in as many statements as
 /// the database needs; returns the rows they answered.
 async fn rows(tx: &mut Tx, head: &str, columns: Vec<Col>, tail: &str) -> Result<Vec<DbRow>> {
-    let mut answered = Vec::new();
-    for mut qb in <Db as BatchSql>::table(head, columns, tail) {
-        answered.extend(
-            qb.build()
-                .persistent(<Db as BatchSql>::PREPARED)
-                .fetch_all(&mut **tx)
-                .await?,
-        );
-    }
-    Ok(answered)
+    let statements = <Db as BatchSql>::table(head, columns, tail);
+    Ok(fetch_pieces(tx, statements).await?)
 }
 
 fn ids<'a>(ids: impl IntoIterator<Item = &'a DisbursementId>) -> Col {
@@ -495,14 +488,13 @@ async fn assign_keys(
 async fn record_in(
     tx: &mut Tx,
     record: &DispatchRecord,
-    budget_krw: Option<Krw>,
-    back_off: &(dyn Fn(u32) -> Micros + Send + Sync),
-    now: Micros,
+    terms: &DispatchTerms<'_>,
 ) -> Result<Vec<KeyAssignment>> {
+    let now = terms.now;
     insert_attempts(tx, &record.attempts).await?;
     finish(tx, &record.finished, now).await?;
-    requeue(tx, &record.requeued, back_off).await?;
-    let (keys, keyed) = assign_keys(tx, &record.assign_keys, budget_krw, now).await?;
+    requeue(tx, &record.requeued, terms.back_off).await?;
+    let (keys, keyed) = assign_keys(tx, &record.assign_keys, terms.budget_krw, now).await?;
     // A row given its key was marked verified with it, in the same statement.
     rows(
         tx,
@@ -517,11 +509,7 @@ async fn record_in(
 
 #[async_trait]
 impl DispatchStore for SqlStore {
-    #[tracing::instrument(
-        name = "store.outbox_stats",
-        skip_all,
-        fields(otel.kind = "client", db.system = DB_SYSTEM)
-    )]
+    #[store_span]
     async fn outbox_stats(&self) -> Result<(i64, Option<Micros>)> {
         Ok(
             sqlx::query_as("SELECT COUNT(*) AS n, MIN(due_time) AS oldest FROM outbox")
@@ -530,11 +518,7 @@ impl DispatchStore for SqlStore {
         )
     }
 
-    #[tracing::instrument(
-        name = "store.lease_batch",
-        skip_all,
-        fields(otel.kind = "client", db.system = DB_SYSTEM, limit = limit)
-    )]
+    #[store_span(limit = limit)]
     async fn lease_batch(
         &self,
         now: Micros,
@@ -547,11 +531,7 @@ impl DispatchStore for SqlStore {
         Ok(leased)
     }
 
-    #[tracing::instrument(
-        name = "store.renew_leases",
-        skip_all,
-        fields(otel.kind = "client", db.system = DB_SYSTEM, rows = disbursement_ids.len())
-    )]
+    #[store_span(rows = disbursement_ids.len())]
     async fn renew_leases(
         &self,
         disbursement_ids: &[DisbursementId],
@@ -576,28 +556,14 @@ impl DispatchStore for SqlStore {
         Ok(u64::try_from(renewed.len()).unwrap_or(u64::MAX))
     }
 
-    #[tracing::instrument(
-        name = "store.record_dispatch",
-        skip_all,
-        fields(
-            otel.kind = "client",
-            db.system = DB_SYSTEM,
-            attempts = record.attempts.len(),
-            keys = record.assign_keys.len()
-        )
-    )]
+    #[store_span(attempts = record.attempts.len(), keys = record.assign_keys.len())]
     async fn record_dispatch(
         &self,
         record: &DispatchRecord,
         terms: &DispatchTerms<'_>,
     ) -> Result<Vec<KeyAssignment>> {
-        let DispatchTerms {
-            budget_krw,
-            back_off,
-            now,
-        } = *terms;
         let mut tx = self.begin_write().await?;
-        let keys = record_in(&mut tx, record, budget_krw, back_off, now).await?;
+        let keys = record_in(&mut tx, record, terms).await?;
         tx.commit().await?;
         Ok(keys)
     }

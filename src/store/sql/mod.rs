@@ -10,8 +10,21 @@
 //! ([`idempotency`]).
 
 use super::{DB_SYSTEM, Db, SqlStore, dialect};
+use crate::store::batch::BatchSql;
 use crate::store::rows::unexpected;
 use crate::store::{Micros, Page};
+
+/// Begins a mutating call on `store` ([`SqlStore::begin_call`]): evaluates to the writing
+/// transaction and the request id it took or, when the caller used the request id before,
+/// returns the first answer from the enclosing method (as `?` returns an error).
+macro_rules! begin_or_replay {
+    ($store:expr, $call:expr) => {
+        match $store.begin_call($call).await? {
+            Ok(begun) => begun,
+            Err(replayed) => return Ok(replayed),
+        }
+    };
+}
 
 mod audit;
 mod bulk;
@@ -27,6 +40,35 @@ mod settlement;
 type Conn = <Db as sqlx::Database>::Connection;
 type Tx = sqlx::Transaction<'static, Db>;
 type DbRow = <Db as sqlx::Database>::Row;
+
+/// The statements one batch statement is cut into ([`BatchSql`]), run in order.
+type Pieces = Vec<sqlx::QueryBuilder<Db>>;
+
+/// Runs `pieces` in `tx`, prepared where the database keeps them.
+async fn execute_pieces(tx: &mut Tx, pieces: Pieces) -> sqlx::Result<()> {
+    for mut qb in pieces {
+        qb.build()
+            .persistent(<Db as BatchSql>::PREPARED)
+            .execute(&mut **tx)
+            .await?;
+    }
+    Ok(())
+}
+
+/// Runs `pieces` in `tx`, prepared where the database keeps them; returns the rows they
+/// answered, in order.
+async fn fetch_pieces(tx: &mut Tx, pieces: Pieces) -> sqlx::Result<Vec<DbRow>> {
+    let mut rows = Vec::new();
+    for mut qb in pieces {
+        rows.extend(
+            qb.build()
+                .persistent(<Db as BatchSql>::PREPARED)
+                .fetch_all(&mut **tx)
+                .await?,
+        );
+    }
+    Ok(rows)
+}
 
 fn after_key(page: &Page) -> String {
     page.after.map(|id| id.to_string()).unwrap_or_default()

@@ -1,6 +1,7 @@
 //! The partners in SQL.
 
 use async_trait::async_trait;
+use payouts_macros::store_span;
 
 use super::{Conn, DB_SYSTEM, SqlStore, after_key, bulk_partners, dialect};
 use crate::domain::{AccountOnFile, NewPartner, Partner, PartnerId};
@@ -33,20 +34,13 @@ fn already_registered(partner_id: &str) -> Result<StoreError> {
 
 #[async_trait]
 impl PartnerStore for SqlStore {
-    #[tracing::instrument(
-        name = "store.register_partner",
-        skip_all,
-        fields(otel.kind = "client", db.system = DB_SYSTEM)
-    )]
+    #[store_span]
     async fn register_partner(
         &self,
         call: Recorded<'_, Partner>,
         partner: &NewPartner,
     ) -> Result<Stored<Partner>> {
-        let (mut tx, call) = match self.begin_call(call).await? {
-            Ok(begun) => begun,
-            Err(replayed) => return Ok(replayed),
-        };
+        let (mut tx, call) = begin_or_replay!(self, call);
         let brn = partner.profile.business_registration_number.as_str();
         let existing: Option<String> = sqlx::query_scalar(PARTNER_BY_NUMBER)
             .bind(brn)
@@ -98,21 +92,13 @@ impl PartnerStore for SqlStore {
         call.finish(tx, created).await
     }
 
-    #[tracing::instrument(
-        name = "store.get_partner",
-        skip_all,
-        fields(otel.kind = "client", db.system = DB_SYSTEM)
-    )]
+    #[store_span]
     async fn get_partner(&self, partner_id: PartnerId) -> Result<Option<Partner>> {
         let mut conn = self.pool.acquire().await?;
         load_partner(&mut conn, partner_id).await
     }
 
-    #[tracing::instrument(
-        name = "store.list_partners",
-        skip_all,
-        fields(otel.kind = "client", db.system = DB_SYSTEM)
-    )]
+    #[store_span]
     async fn list_partners(&self, filter: &PartnerFilter, page: &Page) -> Result<Vec<Partner>> {
         let rows: Vec<PartnerRow> = sqlx::query_as(
             "SELECT * FROM partners WHERE partner_id > $1 \
@@ -133,11 +119,7 @@ impl PartnerStore for SqlStore {
         rows.into_iter().map(Partner::try_from).collect()
     }
 
-    #[tracing::instrument(
-        name = "store.update_bank_account",
-        skip_all,
-        fields(otel.kind = "client", db.system = DB_SYSTEM)
-    )]
+    #[store_span]
     async fn update_bank_account(
         &self,
         call: Recorded<'_, Partner>,
@@ -149,10 +131,7 @@ impl PartnerStore for SqlStore {
             etag,
             actor,
         } = *update;
-        let (mut tx, call) = match self.begin_call(call).await? {
-            Ok(begun) => begun,
-            Err(replayed) => return Ok(replayed),
-        };
+        let (mut tx, call) = begin_or_replay!(self, call);
         sqlx::query(dialect::LOCK_PARTNER)
             .bind(partner_id.to_string())
             .fetch_optional(&mut *tx)
@@ -200,11 +179,7 @@ impl PartnerStore for SqlStore {
         call.finish(tx, partner).await
     }
 
-    #[tracing::instrument(
-        name = "store.register_partners",
-        skip_all,
-        fields(otel.kind = "client", db.system = DB_SYSTEM, rows = rows.len())
-    )]
+    #[store_span(rows = rows.len())]
     async fn register_partners(
         &self,
         rows: &[(Idempotency, NewPartner)],

@@ -5,6 +5,7 @@
 use std::collections::HashSet;
 
 use async_trait::async_trait;
+use payouts_macros::store_span;
 use uuid::Uuid;
 
 use super::disbursements::transition;
@@ -113,11 +114,7 @@ async fn reconcile_line(
 
 #[async_trait]
 impl SettlementStore for SqlStore {
-    #[tracing::instrument(
-        name = "store.export_disbursements",
-        skip_all,
-        fields(otel.kind = "client", db.system = DB_SYSTEM)
-    )]
+    #[store_span]
     async fn export_disbursements(
         &self,
         filter: &ExportFilter,
@@ -154,11 +151,7 @@ impl SettlementStore for SqlStore {
             .collect()
     }
 
-    #[tracing::instrument(
-        name = "store.start_settlement_run",
-        skip_all,
-        fields(otel.kind = "client", db.system = DB_SYSTEM)
-    )]
+    #[store_span]
     async fn start_settlement_run(
         &self,
         request_id: Uuid,
@@ -183,11 +176,7 @@ impl SettlementStore for SqlStore {
         Ok(run_id)
     }
 
-    #[tracing::instrument(
-        name = "store.stage_settlement_lines",
-        skip_all,
-        fields(otel.kind = "client", db.system = DB_SYSTEM)
-    )]
+    #[store_span]
     async fn stage_settlement_lines(&self, run_id: Uuid, lines: &[SettlementLine]) -> Result<()> {
         if lines.is_empty() {
             return Ok(());
@@ -230,11 +219,7 @@ impl SettlementStore for SqlStore {
         Ok(())
     }
 
-    #[tracing::instrument(
-        name = "store.seal_settlement_report",
-        skip_all,
-        fields(otel.kind = "client", db.system = DB_SYSTEM)
-    )]
+    #[store_span]
     async fn seal_settlement_report(
         &self,
         run_id: Uuid,
@@ -267,11 +252,7 @@ impl SettlementStore for SqlStore {
         Ok(())
     }
 
-    #[tracing::instrument(
-        name = "store.reconcile_settlement_page",
-        skip_all,
-        fields(otel.kind = "client", db.system = DB_SYSTEM)
-    )]
+    #[store_span]
     async fn reconcile_settlement_page(
         &self,
         run_id: Uuid,
@@ -325,11 +306,7 @@ impl SettlementStore for SqlStore {
         Ok(page)
     }
 
-    #[tracing::instrument(
-        name = "store.paid_missing_from_report",
-        skip_all,
-        fields(otel.kind = "client", db.system = DB_SYSTEM)
-    )]
+    #[store_span]
     async fn paid_missing_from_report(
         &self,
         run_id: Uuid,
@@ -362,11 +339,7 @@ impl SettlementStore for SqlStore {
         rows.into_iter().map(PaidPayout::try_from).collect()
     }
 
-    #[tracing::instrument(
-        name = "store.finish_settlement_run",
-        skip_all,
-        fields(otel.kind = "client", db.system = DB_SYSTEM)
-    )]
+    #[store_span]
     async fn finish_settlement_run(&self, run_id: Uuid, totals: &SettlementTotals) -> Result<()> {
         sqlx::query(
             "UPDATE settlement_runs SET line_count = $1, matched_count = $2, \
