@@ -9,9 +9,7 @@
 use std::num::NonZeroU32;
 use std::time::{Duration, Instant};
 
-use partner_payouts::proto::payments::v1::{
-    self as bank, sandbox_ledger_client::SandboxLedgerClient,
-};
+use partner_payouts::proto::payments::v1 as bank;
 use partner_payouts::proto::payouts::v1 as pb;
 use partner_payouts::sandbox::{Outage, SandboxConfig};
 
@@ -33,15 +31,8 @@ async fn own_bank(config: SandboxConfig) -> String {
     url
 }
 
-async fn ledger(bank_url: &str) -> SandboxLedgerClient<tonic::transport::Channel> {
-    SandboxLedgerClient::connect(bank_url.to_owned())
-        .await
-        .expect("bank ledger")
-        .max_decoding_message_size(64 * 1024 * 1024)
-}
-
 async fn stats(bank_url: &str) -> bank::GetStatsResponse {
-    ledger(bank_url)
+    bank_ledger(bank_url)
         .await
         .get_stats(bank::GetStatsRequest {})
         .await
@@ -52,22 +43,6 @@ async fn stats(bank_url: &str) -> bank::GetStatsResponse {
 /// Calls the bank took (answered), as opposed to those it throttled or refused as down.
 fn accepted(stats: &bank::GetStatsResponse) -> i64 {
     stats.calls_total - stats.throttled_total - stats.unavailable_total
-}
-
-async fn set_paused(app: &TestApp, paused: bool) {
-    let mut client = app.disbursements();
-    if paused {
-        let request = pb::PauseDispatchRequest {
-            request_id: request_id(),
-            reason: "queueing the payouts of a test".into(),
-        };
-        client.pause_dispatch(request).await.expect("pause");
-    } else {
-        let request = pb::ResumeDispatchRequest {
-            request_id: request_id(),
-        };
-        client.resume_dispatch(request).await.expect("resume");
-    }
 }
 
 /// `count` partners and their approved 30,000 KRW claims, imported while dispatch is paused.
@@ -105,14 +80,6 @@ async fn queue_payouts(app: &TestApp, count: u64) {
     }
 }
 
-async fn summary(app: &TestApp) -> pb::GetProgramSummaryResponse {
-    app.disbursements()
-        .get_program_summary(pb::GetProgramSummaryRequest {})
-        .await
-        .expect("summary")
-        .into_inner()
-}
-
 /// Resumes dispatch and waits (up to `secs`) until `count` payouts are PAID; the time taken.
 async fn pay_all(app: &TestApp, count: i64, secs: u64) -> Duration {
     set_paused(app, false).await;
@@ -130,13 +97,7 @@ async fn pay_all(app: &TestApp, count: i64, secs: u64) -> Duration {
 
 /// The bank applied exactly one instruction per payout, each submitted once.
 async fn applied_once_each(bank_url: &str, count: usize) {
-    let applied = ledger(bank_url)
-        .await
-        .list_applied(bank::ListAppliedRequest {})
-        .await
-        .expect("applied")
-        .into_inner()
-        .instructions;
+    let applied = applied(bank_url).await;
     assert_eq!(applied.len(), count);
     let repeated: Vec<_> = applied.iter().filter(|a| a.submissions != 1).collect();
     assert!(repeated.is_empty(), "applied more than once: {repeated:?}");
