@@ -5,6 +5,8 @@
 //! cargo bench --bench load -- SCENARIO [--count N] [--concurrency C | --rate PER_S]
 //!                                     [--streams S] [--connections K] [--database-url URL]
 //!                                     [--target http://HOST:PORT]
+//!                                     [--bank-rate N] [--bank-latency-ms MS]
+//!                                     [--outage-after-ms A] [--outage-ms B]
 //! ```
 //! Scenarios: `register` (unary RegisterPartner), `claims` (unary SubmitClaim, partners
 //! registered first), `import` (N partners through one ImportPartners stream), `e2e` (N partners
@@ -20,6 +22,9 @@
 //! omission. Without `--target` the service runs in this process, on `--database-url`
 //! (default: a fresh PostgreSQL database on PAYOUTS_TEST_POSTGRES_URL's server; `sqlite` for a
 //! temporary SQLite file), with a sandbox bank that settles at once.
+//!
+//! `throttled-bank` and `outage` pay N claims into a bank that throttles or goes down for a
+//! while (see `load/bank.rs`); they run the service in process.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -42,6 +47,9 @@ use partner_payouts::proto::payouts::v1::{
 use partner_payouts::sandbox;
 use tokio::sync::Mutex;
 
+#[path = "load/bank.rs"]
+mod bank;
+
 /// The service runs in this process: the same allocator as the `partner-payouts` binary.
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
@@ -56,6 +64,10 @@ struct Options {
     connections: usize,
     database_url: Option<String>,
     target: Option<String>,
+    bank_rate: Option<u32>,
+    bank_latency_ms: Option<u64>,
+    outage_after_ms: Option<u64>,
+    outage_ms: Option<u64>,
 }
 
 fn options() -> anyhow::Result<Options> {
@@ -69,6 +81,10 @@ fn options() -> anyhow::Result<Options> {
         connections: 8,
         database_url: None,
         target: None,
+        bank_rate: None,
+        bank_latency_ms: None,
+        outage_after_ms: None,
+        outage_ms: None,
     };
     while let Some(arg) = args.next() {
         let mut value = || {
@@ -83,12 +99,22 @@ fn options() -> anyhow::Result<Options> {
             "--connections" => o.connections = value()?.parse::<usize>()?.max(1),
             "--database-url" => o.database_url = Some(value()?),
             "--target" => o.target = Some(value()?),
+            "--bank-rate" => o.bank_rate = Some(value()?.parse()?),
+            "--bank-latency-ms" => o.bank_latency_ms = Some(value()?.parse()?),
+            "--outage-after-ms" => o.outage_after_ms = Some(value()?.parse()?),
+            "--outage-ms" => o.outage_ms = Some(value()?.parse()?),
             s if !s.starts_with('-') && o.scenario.is_empty() => o.scenario = s.to_owned(),
             other => anyhow::bail!("unknown argument {other}"),
         }
     }
-    if !["register", "claims", "import", "e2e"].contains(&o.scenario.as_str()) {
-        anyhow::bail!("scenario must be register, claims, import or e2e");
+    let scenario = o.scenario.as_str();
+    if !["register", "claims", "import", "e2e"].contains(&scenario)
+        && !bank::SCENARIOS.contains(&scenario)
+    {
+        anyhow::bail!("scenario must be register, claims, import, e2e, throttled-bank or outage");
+    }
+    if bank::SCENARIOS.contains(&scenario) && o.target.is_some() {
+        anyhow::bail!("{scenario} runs the service in process, with its own bank: no --target");
     }
     Ok(o)
 }
@@ -450,7 +476,7 @@ async fn main() -> anyhow::Result<()> {
             bank_addr = Some(addr);
             tokio::spawn(sandbox::serve(
                 bank_listener,
-                sandbox::SandboxBank::new(sandbox::SandboxConfig::default()),
+                sandbox::SandboxBank::new(bank::sandbox_config(&o)),
                 std::future::pending(),
             ));
             let app = Application::build(Settings {
@@ -489,7 +515,11 @@ async fn main() -> anyhow::Result<()> {
         .map_or(format!("closed loop, {} callers", o.concurrency), |r| {
             format!("open loop, {r}/s")
         });
-    println!("scenario {} with {} calls, {mode}", o.scenario, o.count);
+    if bank::SCENARIOS.contains(&o.scenario.as_str()) {
+        println!("scenario {} with {} payouts", o.scenario, o.count);
+    } else {
+        println!("scenario {} with {} calls, {mode}", o.scenario, o.count);
+    }
 
     match o.scenario.as_str() {
         "register" => {
@@ -552,6 +582,10 @@ async fn main() -> anyhow::Result<()> {
                 }
                 report_sandbox(bank_addr).await?;
             }
+        }
+        "throttled-bank" | "outage" => {
+            let bank_addr = bank_addr.expect("the bank runs in process");
+            bank::run(&o, &clients, bank_addr, base).await?;
         }
         "claims" => {
             let started = Instant::now();

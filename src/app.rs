@@ -140,6 +140,9 @@ impl Application {
                     .map_err(anyhow::Error::msg)?,
                 budget_krw: settings.dispatch_budget_krw.map(crate::domain::Krw::new),
                 backend_token: settings.payments_backend_token.clone(),
+                rate_limit_per_s: settings
+                    .dispatch_rate_limit_per_s
+                    .and_then(std::num::NonZeroU32::new),
                 ..DispatcherConfig::default()
             },
         );

@@ -56,6 +56,10 @@ pub struct Settings {
     pub dispatch_quiet_hours: Option<String>,
     /// The programme's budget: nothing is sent that would take paid-or-sent past it.
     pub dispatch_budget_krw: Option<i64>,
+    /// A contractual limit on calls to the payments backend per second, per replica, never
+    /// exceeded (no bursts). Unset: the dispatcher keeps to what the bank accepts, learning
+    /// its rate from its throttling.
+    pub dispatch_rate_limit_per_s: Option<u32>,
     /// Deadline of each call to the payments backend, in milliseconds.
     pub payments_timeout_ms: u64,
     /// How long the embedded sandbox bank takes to settle an accepted instruction.
@@ -97,6 +101,7 @@ impl Default for Settings {
             dispatch_lease_ms: 30_000,
             dispatch_quiet_hours: None,
             dispatch_budget_krw: None,
+            dispatch_rate_limit_per_s: None,
             payments_timeout_ms: 5_000,
             sandbox_settle_delay_ms: 0,
             log_format: "text".into(),
@@ -166,6 +171,9 @@ impl Settings {
         }
         if self.dispatch_batch == 0 || self.dispatch_rounds == 0 {
             anyhow::bail!("settings: dispatch_batch and dispatch_rounds must be at least 1");
+        }
+        if self.dispatch_rate_limit_per_s == Some(0) {
+            anyhow::bail!("settings: dispatch_rate_limit_per_s must be at least 1 (or unset)");
         }
         if self.dispatch_budget_krw.is_some_and(|budget| budget < 0) {
             anyhow::bail!("settings: dispatch_budget_krw must not be negative");

@@ -33,25 +33,66 @@ enum Command {
     Migrate,
     /// Run the sandbox bank (a fake payments backend; no money moves) on its own.
     #[cfg(feature = "sandbox")]
-    SandboxBank {
-        #[arg(long, default_value = "127.0.0.1:50061")]
-        listen: std::net::SocketAddr,
-        /// Milliseconds before an accepted instruction settles as paid.
-        #[arg(long, default_value_t = 0)]
-        settle_delay_ms: u64,
-        /// Share of calls answered UNAVAILABLE without being applied, per mille.
-        #[arg(long, default_value_t = 0)]
-        unavailable_per_mille: u32,
-        /// Share of instructions applied and then answered too late, per mille.
-        #[arg(long, default_value_t = 0)]
-        late_reply_per_mille: u32,
-        /// Milliseconds a late reply waits.
-        #[arg(long, default_value_t = 10_000)]
-        late_reply_delay_ms: u64,
-        /// Seed of the fault injection, for reproducible runs.
-        #[arg(long, default_value_t = 0)]
-        seed: u64,
-    },
+    SandboxBank(SandboxArgs),
+}
+
+/// The sandbox bank's address and behaviour.
+#[cfg(feature = "sandbox")]
+#[derive(clap::Args)]
+struct SandboxArgs {
+    #[arg(long, default_value = "127.0.0.1:50061")]
+    listen: std::net::SocketAddr,
+    /// Milliseconds before an accepted instruction settles as paid.
+    #[arg(long, default_value_t = 0)]
+    settle_delay_ms: u64,
+    /// Share of calls answered UNAVAILABLE without being applied, per mille.
+    #[arg(long, default_value_t = 0)]
+    unavailable_per_mille: u32,
+    /// Share of instructions applied and then answered too late, per mille.
+    #[arg(long, default_value_t = 0)]
+    late_reply_per_mille: u32,
+    /// Milliseconds a late reply waits.
+    #[arg(long, default_value_t = 10_000)]
+    late_reply_delay_ms: u64,
+    /// Seed of the fault injection, for reproducible runs.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Milliseconds every call takes to be answered.
+    #[arg(long, default_value_t = 0)]
+    latency_ms: u64,
+    /// Calls per second taken (bursts of a tenth of that); over it, calls are answered
+    /// RESOURCE_EXHAUSTED with a RetryInfo and nothing is applied.
+    #[arg(long)]
+    rate_limit_per_s: Option<std::num::NonZeroU32>,
+    /// Milliseconds from the first call to an outage (with --outage-ms).
+    #[arg(long, requires = "outage_ms")]
+    outage_after_ms: Option<u64>,
+    /// Milliseconds of the outage: every call is answered UNAVAILABLE.
+    #[arg(long, requires = "outage_after_ms")]
+    outage_ms: Option<u64>,
+}
+
+#[cfg(feature = "sandbox")]
+impl SandboxArgs {
+    fn config(&self) -> sandbox::SandboxConfig {
+        let ms = std::time::Duration::from_millis;
+        sandbox::SandboxConfig {
+            settle_delay: ms(self.settle_delay_ms),
+            unavailable_per_mille: self.unavailable_per_mille,
+            late_reply_per_mille: self.late_reply_per_mille,
+            late_reply_delay: ms(self.late_reply_delay_ms),
+            seed: self.seed,
+            latency: ms(self.latency_ms),
+            rate_limit_per_s: self.rate_limit_per_s,
+            outage: self
+                .outage_after_ms
+                .zip(self.outage_ms)
+                .map(|(after, lasting)| sandbox::Outage {
+                    after: ms(after),
+                    lasting: ms(lasting),
+                }),
+        }
+    }
 }
 
 #[tokio::main]
@@ -76,22 +117,9 @@ async fn run(command: Command, settings: Settings) -> anyhow::Result<()> {
             Ok(())
         }
         #[cfg(feature = "sandbox")]
-        Command::SandboxBank {
-            listen,
-            settle_delay_ms,
-            unavailable_per_mille,
-            late_reply_per_mille,
-            late_reply_delay_ms,
-            seed,
-        } => {
-            let bank = sandbox::SandboxBank::new(sandbox::SandboxConfig {
-                settle_delay: std::time::Duration::from_millis(settle_delay_ms),
-                unavailable_per_mille,
-                late_reply_per_mille,
-                late_reply_delay: std::time::Duration::from_millis(late_reply_delay_ms),
-                seed,
-            });
-            let listener = tokio::net::TcpListener::bind(listen).await?;
+        Command::SandboxBank(args) => {
+            let bank = sandbox::SandboxBank::new(args.config());
+            let listener = tokio::net::TcpListener::bind(args.listen).await?;
             sandbox::serve(listener, bank, app::shutdown_signal()).await
         }
     }

@@ -8,17 +8,24 @@
 //!
 //! A round works on a leased batch with three transactions, however large the batch:
 //! 1. lease up to `batch` due rows and read their disbursements;
-//! 2. verify the holders that need it (backend calls, `concurrency` at a time);
+//! 2. verify the holders that need it (backend calls, as many at a time as the flow allows);
 //! 3. record those checks, fail the accounts the bank refused, and store the instruction keys
 //!    of the rest (one transaction, committed before anything is sent);
 //! 4. send the instructions, or look up those already sent;
 //! 5. record the answers: `PAID` and `FAILED` rows end, the others are due again later.
+//!
+//! Every backend call first waits for the flow shared by the rounds (`payments/flow.rs`): room
+//! in the window of calls in flight, the circuit breaker, the rate learned from the bank's
+//! throttling, the contractual rate limit. A call the breaker holds back, or the bank
+//! throttles, fails nothing: the payout is due again when the bank may take it, under the same
+//! key, and no failure is counted towards its back-off.
 //!
 //! If a transaction fails, nothing is lost: the rows' leases lapse and they are taken again,
 //! keys already stored are reused. Each disbursement's backend calls happen in its own span,
 //! which continues the trace of the call that approved it.
 
 use std::collections::HashMap;
+use std::num::NonZeroU32;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -26,12 +33,15 @@ use futures::StreamExt as _;
 use futures::stream::FuturesUnordered;
 use opentelemetry::KeyValue;
 use rand::Rng as _;
-use tokio::sync::{Semaphore, watch};
+use tokio::sync::watch;
 use tonic::Code;
 use tonic::transport::Channel;
 use tracing::Instrument as _;
 
 use super::QuietHours;
+use super::backend::{Backend, CallError};
+use super::breaker::BreakerConfig;
+use super::flow::FlowConfig;
 use crate::domain::{
     AttemptOperation, AttemptOutcome, DisbursementId, DisbursementStatus, Krw, failure,
 };
@@ -68,6 +78,10 @@ pub struct DispatcherConfig {
     /// The first back-off after a transient failure; doubles up to `max_backoff`.
     pub base_backoff: Duration,
     pub max_backoff: Duration,
+    /// A contractual limit on backend calls per second, never exceeded.
+    pub rate_limit_per_s: Option<NonZeroU32>,
+    /// When the backend counts as down, and how it is probed.
+    pub breaker: BreakerConfig,
 }
 
 impl Default for DispatcherConfig {
@@ -84,18 +98,19 @@ impl Default for DispatcherConfig {
             backend_token: None,
             base_backoff: Duration::from_millis(200),
             max_backoff: Duration::from_secs(300),
+            rate_limit_per_s: None,
+            breaker: BreakerConfig::default(),
         }
     }
 }
 
 pub struct Dispatcher {
     store: Arc<dyn Store>,
-    backend: PaymentsBackendClient<Channel>,
+    /// Its calls, shared by the rounds in progress.
+    backend: Backend,
     /// Opens the sealed account number: the only place it is ever decrypted.
     cipher: Arc<PiiCipher>,
     config: DispatcherConfig,
-    /// Permits for backend calls, shared by the rounds in progress.
-    calls: Semaphore,
 }
 
 /// How often the outbox and status gauges are refreshed.
@@ -148,11 +163,15 @@ impl Dispatcher {
         cipher: Arc<PiiCipher>,
         config: DispatcherConfig,
     ) -> Self {
+        let flow = FlowConfig {
+            concurrency: config.concurrency,
+            rate_limit_per_s: config.rate_limit_per_s,
+            breaker: config.breaker,
+        };
         Self {
             store,
-            backend,
+            backend: Backend::new(backend, config.backend_token.clone(), flow),
             cipher,
-            calls: Semaphore::new(config.concurrency.max(1)),
             config,
         }
     }
@@ -428,24 +447,30 @@ impl Dispatcher {
         }
     }
 
-    /// A call the backend answered with an error status: recorded after `attempts`, and the
-    /// disbursement due again after a back-off.
+    /// A call that brought no answer: recorded after `attempts` if it was sent, and the
+    /// disbursement due again: after a back-off that counts a failure, or (held back by the
+    /// breaker, or throttled) when the bank may take it, counting none.
     fn call_failed(
         operation: AttemptOperation,
         key: &str,
-        status: &tonic::Status,
+        error: &CallError,
         mut attempts: Vec<Attempt>,
     ) -> Step {
-        attempts.push(Self::attempt(
-            operation,
-            key,
-            AttemptOutcome::Error,
-            &code_name(status.code()),
-            status.message(),
-        ));
+        if let Some(status) = error.status() {
+            attempts.push(Self::attempt(
+                operation,
+                key,
+                AttemptOutcome::Error,
+                &code_name(status.code()),
+                status.message(),
+            ));
+        }
+        let when = error.due_in().map_or(Requeue::BackOff, |delay| {
+            Requeue::At(now_micros() + micros(delay))
+        });
         Step {
             attempts,
-            next: Next::Requeue(Requeue::BackOff),
+            next: Next::Requeue(when),
         }
     }
 
@@ -459,52 +484,6 @@ impl Dispatcher {
                 .dispatch_failures
                 .add(1, &[KeyValue::new("code", code.clone())]);
         }
-    }
-
-    /// One call to the backend in a CLIENT span whose context travels with the request.
-    async fn call<Req, Resp, Fut>(
-        &self,
-        method: &'static str,
-        message: Req,
-        send: impl FnOnce(PaymentsBackendClient<Channel>, tonic::Request<Req>) -> Fut,
-    ) -> Result<tonic::Response<Resp>, tonic::Status>
-    where
-        Fut: Future<Output = Result<tonic::Response<Resp>, tonic::Status>>,
-    {
-        // The semaphore is never closed; should it be, the call goes ahead unbounded.
-        let _permit = self.calls.acquire().await.ok();
-        let span = tracing::info_span!(
-            "backend call",
-            otel.name = format!("payments.v1.PaymentsBackend/{method}"),
-            otel.kind = "client",
-            rpc.system = "grpc",
-            rpc.service = "payments.v1.PaymentsBackend",
-            rpc.method = method,
-            rpc.grpc.status_code = tracing::field::Empty,
-            otel.status_code = tracing::field::Empty,
-        );
-        async {
-            let mut request = tonic::Request::new(message);
-            crate::telemetry::inject_context(&mut request);
-            if let Some(token) = &self.config.backend_token {
-                match format!("Bearer {}", token.expose()).parse() {
-                    Ok(value) => {
-                        request.metadata_mut().insert("authorization", value);
-                    }
-                    Err(_) => tracing::warn!("payments_backend_token is not a valid header value"),
-                }
-            }
-            let result = send(self.backend.clone(), request).await;
-            let code = result.as_ref().map_or_else(|s| s.code(), |_| Code::Ok);
-            let span = tracing::Span::current();
-            span.record("rpc.grpc.status_code", code as i64);
-            if code != Code::Ok {
-                span.record("otel.status_code", "ERROR");
-            }
-            result
-        }
-        .instrument(span)
-        .await
     }
 
     /// The due time after a transient failure: exponential in the failures so far, with
@@ -551,6 +530,7 @@ impl Dispatcher {
             expected_holder_name: d.account.holder_name.as_str().to_owned(),
         };
         let result = self
+            .backend
             .call("VerifyAccountHolder", request, |mut c, r| async move {
                 c.verify_account_holder(r).await
             })
@@ -574,7 +554,7 @@ impl Dispatcher {
                     next: Next::Send,
                 }
             }
-            Err(status) => Self::call_failed(VERIFY, "", &status, Vec::new()),
+            Err(error) => Self::call_failed(VERIFY, "", &error, Vec::new()),
         }
     }
 
@@ -611,6 +591,7 @@ impl Dispatcher {
             memo: format!("outage compensation, claim {}", d.claim_id),
         };
         let result = self
+            .backend
             .call("SubmitInstruction", request, |mut c, r| async move {
                 c.submit_instruction(r).await
             })
@@ -622,7 +603,7 @@ impl Dispatcher {
             }
             // Unavailable: not applied. Timeout or anything else: maybe applied. Either way
             // the next round looks the key up before sending again under the same key.
-            Err(status) => Self::call_failed(SUBMIT, key, &status, attempts),
+            Err(error) => Self::call_failed(SUBMIT, key, &error, attempts),
         }
     }
 
@@ -632,6 +613,7 @@ impl Dispatcher {
             idempotency_key: key.to_owned(),
         };
         let result = self
+            .backend
             .call("GetInstruction", request, |mut c, r| async move {
                 c.get_instruction(r).await
             })
@@ -641,11 +623,11 @@ impl Dispatcher {
                 let instruction = response.into_inner().instruction.unwrap_or_default();
                 self.settle(LOOKUP, key, &instruction, Vec::new())
             }
-            Err(status) if status.code() == Code::NotFound => {
+            Err(CallError::Status(status)) if status.code() == Code::NotFound => {
                 let attempts = vec![Self::attempt(LOOKUP, key, AttemptOutcome::NotFound, "", "")];
                 self.submit_after(d, key, attempts).await
             }
-            Err(status) => Self::call_failed(LOOKUP, key, &status, Vec::new()),
+            Err(error) => Self::call_failed(LOOKUP, key, &error, Vec::new()),
         }
     }
 

@@ -1,7 +1,17 @@
 //! The payments backend: its client and the dispatcher that drives disbursements.
+//!
+//! - `dispatcher`: leases due payouts and drives each to `PAID` or `FAILED`.
+//! - `backend`: its calls to the bank, each let through by `flow` first: a window of calls in
+//!   flight, the circuit breaker (`breaker`), the rate learned from throttling (`pace`) and
+//!   the contractual rate limit.
 
+mod backend;
+mod breaker;
 pub mod dispatcher;
+mod flow;
+mod pace;
 
+pub use breaker::BreakerConfig;
 pub use dispatcher::{Dispatcher, DispatcherConfig};
 
 use crate::domain::AttemptOutcome;

@@ -14,6 +14,7 @@ use super::account::{
 };
 use super::faults::{Faults, unavailable};
 use super::ledger::{KeyReused, Ledger, Submission};
+use super::traffic::Traffic;
 use crate::proto::payments::v1::payments_backend_server::PaymentsBackend;
 use crate::proto::payments::v1::{
     GetInstructionRequest, GetInstructionResponse, SubmitInstructionRequest,
@@ -29,6 +30,7 @@ pub(super) const TRACEPARENT: &str = "traceparent";
 pub struct SandboxBank {
     config: Arc<SandboxConfig>,
     state: Arc<Mutex<State>>,
+    pub(super) traffic: Arc<Traffic>,
 }
 
 /// The fault draws and the ledger under one lock: a call's draws and what it applies happen
@@ -43,6 +45,7 @@ impl SandboxBank {
     pub fn new(config: SandboxConfig) -> Self {
         let faults = Faults::new(&config);
         Self {
+            traffic: Arc::new(Traffic::new(&config)),
             config: Arc::new(config),
             state: Arc::new(Mutex::new(State {
                 faults,
@@ -112,6 +115,7 @@ impl PaymentsBackend for SandboxBank {
         &self,
         request: Request<VerifyAccountHolderRequest>,
     ) -> Result<Response<VerifyAccountHolderResponse>, Status> {
+        self.traffic.admit().await?;
         let request = request.into_inner();
         validate_bank_code(&request.bank_code)?;
         let account = AccountNumber::parse(&request.account_number)?;
@@ -120,7 +124,7 @@ impl PaymentsBackend for SandboxBank {
         }
         if self.lock().faults.unavailable() {
             tracing::debug!(account = %account.masked(), "holder check refused: unavailable");
-            return Err(unavailable());
+            return Err(self.traffic.unavailable(unavailable()));
         }
 
         let response = holder_check(&account, request.expected_holder_name);
@@ -138,6 +142,7 @@ impl PaymentsBackend for SandboxBank {
         &self,
         request: Request<SubmitInstructionRequest>,
     ) -> Result<Response<SubmitInstructionResponse>, Status> {
+        self.traffic.admit().await?;
         let traceparent = traceparent(request.metadata());
         let request = request.into_inner();
         validate_idempotency_key(&request.idempotency_key)?;
@@ -159,7 +164,7 @@ impl PaymentsBackend for SandboxBank {
             if state.faults.unavailable() {
                 drop(state);
                 tracing::debug!(idempotency_key = %key, "submission refused: unavailable");
-                return Err(unavailable());
+                return Err(self.traffic.unavailable(unavailable()));
             }
             let late = state.faults.late_reply();
             let applied =
@@ -209,6 +214,7 @@ impl PaymentsBackend for SandboxBank {
         &self,
         request: Request<GetInstructionRequest>,
     ) -> Result<Response<GetInstructionResponse>, Status> {
+        self.traffic.admit().await?;
         let key = request.into_inner().idempotency_key;
         validate_idempotency_key(&key)?;
         let instruction = {
@@ -216,7 +222,7 @@ impl PaymentsBackend for SandboxBank {
             if state.faults.unavailable() {
                 drop(state);
                 tracing::debug!(idempotency_key = %key, "look-up refused: unavailable");
-                return Err(unavailable());
+                return Err(self.traffic.unavailable(unavailable()));
             }
             state.ledger.get(&key, Instant::now())
         };

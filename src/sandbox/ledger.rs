@@ -1,5 +1,6 @@
 //! What the sandbox bank applied, one entry per idempotency key, and the
-//! `payments.v1.SandboxLedger` service that lists it for tests and benchmarks.
+//! `payments.v1.SandboxLedger` service that lists it (and counts the calls) for tests and
+//! benchmarks.
 
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
@@ -10,7 +11,8 @@ use super::SandboxBank;
 use super::account::{ACCOUNT_CLOSED, AccountNumber, HOLDER_MISMATCH};
 use crate::proto::payments::v1::sandbox_ledger_server::SandboxLedger;
 use crate::proto::payments::v1::{
-    AppliedInstruction, Instruction, InstructionStatus, ListAppliedRequest, ListAppliedResponse,
+    AppliedInstruction, GetStatsRequest, GetStatsResponse, Instruction, InstructionStatus,
+    ListAppliedRequest, ListAppliedResponse,
 };
 
 /// The applied instructions by idempotency key. A BTreeMap so that the ledger lists in key
@@ -176,5 +178,12 @@ impl SandboxLedger for SandboxBank {
         let now = Instant::now();
         let instructions = self.lock().ledger.list(now);
         Ok(Response::new(ListAppliedResponse { instructions }))
+    }
+
+    async fn get_stats(
+        &self,
+        _request: Request<GetStatsRequest>,
+    ) -> Result<Response<GetStatsResponse>, Status> {
+        Ok(Response::new(self.traffic.stats()))
     }
 }

@@ -29,6 +29,8 @@
 //! - `ledger`: what it applied, and the `payments.v1.SandboxLedger` service that lists it.
 //! - `account`: account numbers and the failures their last digits trigger.
 //! - `faults`: the seeded draws of injected faults.
+//! - `traffic`: what every call goes through first (latency, the rate limit, an outage) and
+//!   the counts `payments.v1.SandboxLedger/GetStats` answers.
 
 mod account;
 mod bank;
@@ -36,7 +38,11 @@ mod faults;
 mod ledger;
 #[cfg(test)]
 mod tests;
+mod traffic;
+#[cfg(test)]
+mod traffic_tests;
 
+use std::num::NonZeroU32;
 use std::time::Duration;
 
 use anyhow::Context as _;
@@ -70,6 +76,30 @@ pub struct SandboxConfig {
     /// Seed of the fault generator; the same seed and the same sequence of calls give the
     /// same faults.
     pub seed: u64,
+    /// How long every `PaymentsBackend` call takes to be answered, whatever the answer.
+    pub latency: Duration,
+    /// `PaymentsBackend` calls per second the bank takes, all methods together (see
+    /// [`rate_limit_burst`]); a call over it is answered `RESOURCE_EXHAUSTED` with a
+    /// `RetryInfo` and nothing is applied. `None`: no limit.
+    pub rate_limit_per_s: Option<NonZeroU32>,
+    /// A time when the bank is down: every call is answered `UNAVAILABLE`.
+    pub outage: Option<Outage>,
+}
+
+/// A window of unavailability, timed from the bank's first `PaymentsBackend` call.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Outage {
+    /// From the first call to the start of the outage.
+    pub after: Duration,
+    /// How long the outage lasts.
+    pub lasting: Duration,
+}
+
+/// Calls the rate limit lets through back to back after a quiet spell: a tenth of a
+/// second's worth (at least one). A real bank's gateway allows some burst; a small one keeps
+/// a client that ignores the limit from hiding behind it for long.
+pub fn rate_limit_burst(per_second: NonZeroU32) -> NonZeroU32 {
+    NonZeroU32::new(per_second.get() / 10).unwrap_or(NonZeroU32::MIN)
 }
 
 impl Default for SandboxConfig {
@@ -80,6 +110,9 @@ impl Default for SandboxConfig {
             late_reply_per_mille: 0,
             late_reply_delay: Duration::from_secs(5),
             seed: 0,
+            latency: Duration::ZERO,
+            rate_limit_per_s: None,
+            outage: None,
         }
     }
 }

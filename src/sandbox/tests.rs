@@ -24,14 +24,14 @@ const TRACEPARENT_A: &str = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b
 const TRACEPARENT_B: &str = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01";
 
 /// A bank served on a real socket, shut down when dropped.
-struct Running {
+pub(super) struct Running {
     addr: SocketAddr,
-    backend: PaymentsBackendClient<Channel>,
-    ledger: SandboxLedgerClient<Channel>,
+    pub(super) backend: PaymentsBackendClient<Channel>,
+    pub(super) ledger: SandboxLedgerClient<Channel>,
     _shutdown: oneshot::Sender<()>,
 }
 
-async fn start(config: SandboxConfig) -> Running {
+pub(super) async fn start(config: SandboxConfig) -> Running {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let (shutdown, stopped) = oneshot::channel::<()>();
@@ -51,7 +51,11 @@ async fn start(config: SandboxConfig) -> Running {
     }
 }
 
-fn submission(key: &str, amount_krw: i64, account_number: &str) -> SubmitInstructionRequest {
+pub(super) fn submission(
+    key: &str,
+    amount_krw: i64,
+    account_number: &str,
+) -> SubmitInstructionRequest {
     SubmitInstructionRequest {
         idempotency_key: key.to_owned(),
         amount_krw,
@@ -70,7 +74,7 @@ fn with_traceparent<T>(message: T, traceparent: &'static str) -> Request<T> {
     request
 }
 
-fn verification(account_number: &str) -> VerifyAccountHolderRequest {
+pub(super) fn verification(account_number: &str) -> VerifyAccountHolderRequest {
     VerifyAccountHolderRequest {
         bank_code: "088".to_owned(),
         account_number: account_number.to_owned(),
@@ -78,7 +82,7 @@ fn verification(account_number: &str) -> VerifyAccountHolderRequest {
     }
 }
 
-async fn submit(
+pub(super) async fn submit(
     running: &mut Running,
     request: impl IntoRequest<SubmitInstructionRequest>,
 ) -> Result<Instruction, Status> {
@@ -91,7 +95,7 @@ async fn submit(
         .unwrap())
 }
 
-async fn verify(
+pub(super) async fn verify(
     running: &mut Running,
     request: VerifyAccountHolderRequest,
 ) -> Result<VerifyAccountHolderResponse, Status> {
@@ -102,7 +106,7 @@ async fn verify(
         .into_inner())
 }
 
-async fn get(running: &mut Running, key: &str) -> Result<Instruction, Status> {
+pub(super) async fn get(running: &mut Running, key: &str) -> Result<Instruction, Status> {
     let request = GetInstructionRequest {
         idempotency_key: key.to_owned(),
     };
@@ -115,7 +119,7 @@ async fn get(running: &mut Running, key: &str) -> Result<Instruction, Status> {
         .unwrap())
 }
 
-async fn ledger(running: &mut Running) -> Vec<AppliedInstruction> {
+pub(super) async fn ledger(running: &mut Running) -> Vec<AppliedInstruction> {
     running
         .ledger
         .list_applied(ListAppliedRequest {})

@@ -8,8 +8,7 @@ use std::sync::{Arc, Mutex};
 
 use partner_payouts::proto::payments::v1::{
     self as bank, payments_backend_server::PaymentsBackend,
-    payments_backend_server::PaymentsBackendServer, sandbox_ledger_client::SandboxLedgerClient,
-    sandbox_ledger_server::SandboxLedgerServer,
+    payments_backend_server::PaymentsBackendServer, sandbox_ledger_server::SandboxLedgerServer,
 };
 use partner_payouts::proto::payouts::v1 as pb;
 use partner_payouts::sandbox::{SandboxBank, SandboxConfig};
@@ -106,26 +105,6 @@ async fn flaky_bank() -> String {
     format!("http://{addr}")
 }
 
-async fn set_paused(app: &TestApp, paused: bool) {
-    let mut client = app.disbursements();
-    if paused {
-        client
-            .pause_dispatch(pb::PauseDispatchRequest {
-                request_id: request_id(),
-                reason: "filling a batch".into(),
-            })
-            .await
-            .expect("pause");
-    } else {
-        client
-            .resume_dispatch(pb::ResumeDispatchRequest {
-                request_id: request_id(),
-            })
-            .await
-            .expect("resume");
-    }
-}
-
 fn operations(d: &pb::Disbursement) -> Vec<(&str, &str)> {
     d.attempts
         .iter()
@@ -138,25 +117,6 @@ fn transitions(d: &pb::Disbursement) -> Vec<(pb::DisbursementStatus, pb::Disburs
         .iter()
         .map(|h| (h.from_status(), h.to_status()))
         .collect()
-}
-
-async fn summary(app: &TestApp) -> pb::GetProgramSummaryResponse {
-    app.disbursements()
-        .get_program_summary(pb::GetProgramSummaryRequest {})
-        .await
-        .expect("summary")
-        .into_inner()
-}
-
-async fn applied(bank_url: &str) -> Vec<bank::AppliedInstruction> {
-    SandboxLedgerClient::connect(bank_url.to_owned())
-        .await
-        .expect("ledger")
-        .list_applied(bank::ListAppliedRequest {})
-        .await
-        .expect("list applied")
-        .into_inner()
-        .instructions
 }
 
 /// Whether the store keeps the disbursement's holder as verified (not part of the API).

@@ -5,6 +5,9 @@ use std::time::Duration;
 use partner_payouts::app::Application;
 use partner_payouts::config::Settings;
 use partner_payouts::domain::BusinessRegistrationNumber;
+use partner_payouts::proto::payments::v1::{
+    self as bank, sandbox_ledger_client::SandboxLedgerClient,
+};
 use partner_payouts::proto::payouts::v1::{
     self as pb, claim_service_client::ClaimServiceClient,
     disbursement_service_client::DisbursementServiceClient,
@@ -358,4 +361,48 @@ pub async fn approved_claim(
     assert_eq!(claim.status(), pb::ClaimStatus::Approved, "{claim:?}");
     assert!(!claim.disbursement_id.is_empty(), "{claim:?}");
     claim
+}
+
+/// Pauses or resumes dispatch, e.g. to queue payouts that then go out together.
+pub async fn set_paused(app: &TestApp, paused: bool) {
+    let mut client = app.disbursements();
+    if paused {
+        let request = pb::PauseDispatchRequest {
+            request_id: request_id(),
+            reason: "queueing payouts".into(),
+        };
+        client.pause_dispatch(request).await.expect("pause");
+    } else {
+        let request = pb::ResumeDispatchRequest {
+            request_id: request_id(),
+        };
+        client.resume_dispatch(request).await.expect("resume");
+    }
+}
+
+pub async fn summary(app: &TestApp) -> pb::GetProgramSummaryResponse {
+    app.disbursements()
+        .get_program_summary(pb::GetProgramSummaryRequest {})
+        .await
+        .expect("summary")
+        .into_inner()
+}
+
+/// The sandbox bank at `bank_url`'s ledger.
+pub async fn bank_ledger(bank_url: &str) -> SandboxLedgerClient<Channel> {
+    SandboxLedgerClient::connect(bank_url.to_owned())
+        .await
+        .expect("bank ledger")
+        .max_decoding_message_size(64 * 1024 * 1024)
+}
+
+/// What the sandbox bank at `bank_url` applied.
+pub async fn applied(bank_url: &str) -> Vec<bank::AppliedInstruction> {
+    bank_ledger(bank_url)
+        .await
+        .list_applied(bank::ListAppliedRequest {})
+        .await
+        .expect("list applied")
+        .into_inner()
+        .instructions
 }

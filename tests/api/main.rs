@@ -5,6 +5,7 @@ mod access;
 mod claims;
 mod connections;
 mod disbursements;
+mod dispatch_bank;
 mod dispatch_batch;
 mod dispatch_limits;
 mod floods;
