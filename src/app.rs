@@ -110,7 +110,6 @@ impl Application {
                 Authenticator::local_dev()
             }
         });
-        let call_timeout = Duration::from_millis(settings.payments_timeout_ms);
         let (backend_url, sandbox) = match &settings.payments_backend_url {
             Some(url) => (url.clone(), None),
             None => {
@@ -120,11 +119,7 @@ impl Application {
         };
         let dispatcher = Dispatcher::new(
             store.clone(),
-            connect_backend(
-                &backend_url,
-                call_timeout,
-                settings.payments_backend_ca_file.as_deref(),
-            )?,
+            connect_backend(&settings.backend_connection(&backend_url))?,
             cipher,
             DispatcherConfig {
                 concurrency: settings.dispatch_concurrency,
@@ -189,7 +184,16 @@ impl Application {
         let (reflection_v1, reflection_v1alpha) = discovery::reflection(None)?;
 
         tracing::info!(addr = %listener.local_addr()?, database = %redact_url(&settings.database_url), "serving");
-        let mut builder = tonic::transport::Server::builder();
+        let (ping_interval, ping_timeout) = settings.http2_keepalive();
+        let mut builder = tonic::transport::Server::builder()
+            .http2_keepalive_interval(ping_interval)
+            .http2_keepalive_timeout(Some(ping_timeout));
+        if let Some(age) = settings.max_connection_age() {
+            // GOAWAY at this age. The grace after it is the connection's own deadline
+            // (`net::Connection`): tonic 0.14, given a grace, skips the GOAWAY and only cuts
+            // the connection once the grace is over.
+            builder = builder.max_connection_age(age);
+        }
         if let Some(tls) = &settings.tls {
             builder = builder.tls_config(crate::auth::tls::server_tls_config(tls)?)?;
         }

@@ -2,6 +2,8 @@
 //! [`on_both_databases!`]: as `name::sqlite` and `name::postgres`, each on a fresh database.
 
 mod access;
+mod backend;
+mod certs;
 mod claims;
 mod connections;
 mod disbursements;
@@ -12,6 +14,7 @@ mod helpers;
 mod imports;
 mod intake;
 mod isolation;
+mod lifetimes;
 mod partners;
 mod reconcile;
 mod replay;
