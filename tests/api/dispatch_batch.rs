@@ -106,7 +106,7 @@ async fn flaky_bank() -> String {
     format!("http://{addr}")
 }
 
-async fn set_paused(app: &TestApp, paused: bool) {
+pub(crate) async fn set_paused(app: &TestApp, paused: bool) {
     let mut client = app.disbursements();
     if paused {
         client

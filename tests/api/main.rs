@@ -14,6 +14,7 @@ mod helpers;
 mod imports;
 mod intake;
 mod isolation;
+mod keys;
 mod lifetimes;
 mod partners;
 mod reconcile;
