@@ -18,6 +18,7 @@ use crate::auth::{AuthLayer, Authenticator};
 use crate::config::Settings;
 use crate::discovery;
 use crate::domain::{DEFAULT_POLICY_TOML, Policy};
+use crate::keys;
 use crate::payments::{Dispatcher, DispatcherConfig, QuietHours, connect_backend};
 use crate::proto::payouts::v1::audit_service_server::{self, AuditServiceServer};
 use crate::proto::payouts::v1::claim_service_server::{self, ClaimServiceServer};
@@ -31,11 +32,17 @@ use crate::store::{Store, postgres::PgStore, sqlite::SqliteStore};
 /// The key that seals account numbers: `PAYOUTS_PII_KEY`, else the key file, which local
 /// development mode creates.
 pub fn pii_cipher(settings: &Settings) -> anyhow::Result<Arc<PiiCipher>> {
+    pii_cipher_made(settings, settings.auth.is_none())
+}
+
+/// The keys in `PAYOUTS_PII_KEY` or the key file; if `create_if_missing`, a new key file when
+/// there is neither.
+fn pii_cipher_made(settings: &Settings, create_if_missing: bool) -> anyhow::Result<Arc<PiiCipher>> {
     let from_env = std::env::var("PAYOUTS_PII_KEY").ok();
     let cipher = PiiCipher::from_env_or_file(
         from_env.as_deref(),
         &settings.pii_key_file,
-        settings.auth.is_none(),
+        create_if_missing,
     )
     .with_context(|| {
         format!(
@@ -71,6 +78,14 @@ async fn open_store_with(
     }
 }
 
+/// `partner-payouts reseal`: every stored account number sealed again under the first key
+/// (see [`keys::reseal`]), `batch` rows per transaction. Never creates a key.
+pub async fn reseal(settings: &Settings, batch: u32) -> anyhow::Result<keys::ResealReport> {
+    let cipher = pii_cipher_made(settings, false)?;
+    let store = open_store_with(settings, cipher.clone()).await?;
+    keys::reseal(&*store, &cipher, batch).await
+}
+
 /// The policy file named in the settings, or the one that ships.
 pub fn load_policy(settings: &Settings) -> anyhow::Result<Policy> {
     let policy = match &settings.policy_file {
@@ -100,6 +115,14 @@ impl Application {
         let policy = Arc::new(load_policy(&settings)?);
         let cipher = pii_cipher(&settings)?;
         let store = open_store_with(&settings, cipher.clone()).await?;
+        keys::check(&*store, &cipher)
+            .await
+            .context("refusing to start")?;
+        tracing::info!(
+            key_ids = ?cipher.key_ids(),
+            "account numbers are sealed under key {}",
+            cipher.current_key_id()
+        );
         let authenticator = Arc::new(match &settings.auth {
             Some(auth) => Authenticator::from_settings(auth).map_err(|e| anyhow::anyhow!("{e}"))?,
             None => {
@@ -110,7 +133,6 @@ impl Application {
                 Authenticator::local_dev()
             }
         });
-        let call_timeout = Duration::from_millis(settings.payments_timeout_ms);
         let (backend_url, sandbox) = match &settings.payments_backend_url {
             Some(url) => (url.clone(), None),
             None => {
@@ -120,11 +142,7 @@ impl Application {
         };
         let dispatcher = Dispatcher::new(
             store.clone(),
-            connect_backend(
-                &backend_url,
-                call_timeout,
-                settings.payments_backend_ca_file.as_deref(),
-            )?,
+            connect_backend(&settings.backend_connection(&backend_url))?,
             cipher,
             DispatcherConfig {
                 concurrency: settings.dispatch_concurrency,
@@ -192,7 +210,16 @@ impl Application {
         let (reflection_v1, reflection_v1alpha) = discovery::reflection(None)?;
 
         tracing::info!(addr = %listener.local_addr()?, database = %redact_url(&settings.database_url), "serving");
-        let mut builder = tonic::transport::Server::builder();
+        let (ping_interval, ping_timeout) = settings.http2_keepalive();
+        let mut builder = tonic::transport::Server::builder()
+            .http2_keepalive_interval(ping_interval)
+            .http2_keepalive_timeout(Some(ping_timeout));
+        if let Some(age) = settings.max_connection_age() {
+            // GOAWAY at this age. The grace after it is the connection's own deadline
+            // (`net::Connection`): tonic 0.14, given a grace, skips the GOAWAY and only cuts
+            // the connection once the grace is over.
+            builder = builder.max_connection_age(age);
+        }
         if let Some(tls) = &settings.tls {
             builder = builder.tls_config(crate::auth::tls::server_tls_config(tls)?)?;
         }

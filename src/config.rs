@@ -10,6 +10,7 @@ use figment::providers::{Env, Format, Serialized, Toml};
 use serde::{Deserialize, Serialize};
 
 use crate::net::ConnectionLimits;
+use crate::payments::BackendConnection;
 use crate::secret::Secret;
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -40,6 +41,21 @@ pub struct Settings {
     /// Client connections open at once; past it, new ones are closed as soon as they are
     /// accepted. Keep it well under the open-file limit (`ulimit -n`).
     pub max_connections: usize,
+    /// The server pings (HTTP/2 PING) a client connection it has read nothing from for this
+    /// long, in milliseconds; 0: never. Pings and their answers are traffic: a client that
+    /// answers is not idle.
+    pub http2_keepalive_interval_ms: u64,
+    /// How long a ping may go unanswered before the connection is closed, in milliseconds.
+    pub http2_keepalive_timeout_ms: u64,
+    /// TCP keepalive on client connections and on the connection to the payments backend: the
+    /// kernel probes a peer silent for this long, then as often, in milliseconds; 0: off.
+    pub tcp_keepalive_ms: u64,
+    /// How long a client connection may live, in milliseconds; then the server asks the client
+    /// to go (GOAWAY), and it reconnects, perhaps to another replica. 0 (the default): no limit.
+    pub max_connection_age_ms: u64,
+    /// After `max_connection_age_ms`, how long calls still running on the connection have to
+    /// finish before it is closed, in milliseconds.
+    pub max_connection_age_grace_ms: u64,
     /// Calls to the payments backend one replica has in flight at once.
     pub dispatch_concurrency: usize,
     /// Disbursements one dispatch round takes and records together.
@@ -78,6 +94,14 @@ pub struct Settings {
     pub payments_backend_token: Option<Secret>,
     /// A CA certificate (PEM) to verify the payments backend's TLS certificate (`https://` URLs).
     pub payments_backend_ca_file: Option<PathBuf>,
+    /// A client certificate (PEM) presented to a payments backend that requires mutual TLS,
+    /// with its private key in `payments_backend_client_key_file`.
+    pub payments_backend_client_cert_file: Option<PathBuf>,
+    pub payments_backend_client_key_file: Option<PathBuf>,
+    /// How often the client pings its connection to the payments backend (HTTP/2 PING), also
+    /// between dispatch rounds, in milliseconds; 0: never. A bank whose server forbids pings
+    /// that often answers with GOAWAY, and the client reconnects.
+    pub payments_backend_keepalive_ms: u64,
 }
 
 impl Default for Settings {
@@ -94,6 +118,11 @@ impl Default for Settings {
             handshake_timeout_ms: 10_000,
             idle_timeout_ms: 300_000,
             max_connections: 10_000,
+            http2_keepalive_interval_ms: 60_000,
+            http2_keepalive_timeout_ms: 20_000,
+            tcp_keepalive_ms: 60_000,
+            max_connection_age_ms: 0,
+            max_connection_age_grace_ms: 300_000,
             dispatch_concurrency: 16,
             dispatch_batch: 512,
             dispatch_rounds: 3,
@@ -110,6 +139,9 @@ impl Default for Settings {
             pii_key_file: PathBuf::from("./data/pii.key"),
             payments_backend_token: None,
             payments_backend_ca_file: None,
+            payments_backend_client_cert_file: None,
+            payments_backend_client_key_file: None,
+            payments_backend_keepalive_ms: 300_000,
         }
     }
 }
@@ -139,6 +171,39 @@ impl Settings {
             idle_timeout: Duration::from_millis(self.idle_timeout_ms),
             max_connections: self.max_connections,
             tls: self.tls.is_some(),
+            max_age: self
+                .max_connection_age()
+                .map(|age| age + Duration::from_millis(self.max_connection_age_grace_ms)),
+            tcp_keepalive: millis_unless_zero(self.tcp_keepalive_ms),
+        }
+    }
+
+    /// When the server sends a connection GOAWAY; None: never.
+    pub fn max_connection_age(&self) -> Option<Duration> {
+        millis_unless_zero(self.max_connection_age_ms)
+    }
+
+    /// How the server keeps its client connections alive: (ping interval, ping timeout).
+    pub fn http2_keepalive(&self) -> (Option<Duration>, Duration) {
+        (
+            millis_unless_zero(self.http2_keepalive_interval_ms),
+            Duration::from_millis(self.http2_keepalive_timeout_ms),
+        )
+    }
+
+    /// How to reach the payments backend at `url` (the configured one or the sandbox's).
+    pub fn backend_connection(&self, url: &str) -> BackendConnection {
+        BackendConnection {
+            url: url.to_owned(),
+            call_timeout: Duration::from_millis(self.payments_timeout_ms),
+            ca_file: self.payments_backend_ca_file.clone(),
+            client_identity: self
+                .payments_backend_client_cert_file
+                .clone()
+                .zip(self.payments_backend_client_key_file.clone()),
+            keepalive: millis_unless_zero(self.payments_backend_keepalive_ms),
+            keepalive_timeout: Duration::from_millis(self.http2_keepalive_timeout_ms),
+            tcp_keepalive: millis_unless_zero(self.tcp_keepalive_ms),
         }
     }
 
@@ -166,6 +231,10 @@ impl Settings {
                  least 1"
             );
         }
+        if self.http2_keepalive_timeout_ms == 0 {
+            anyhow::bail!("settings: http2_keepalive_timeout_ms must be at least 1");
+        }
+        self.validate_backend_identity()?;
         if self.dispatch_concurrency == 0 {
             anyhow::bail!("settings: dispatch_concurrency must be at least 1");
         }
@@ -183,5 +252,111 @@ impl Settings {
                 .map_err(|e| anyhow::anyhow!("settings: dispatch_quiet_hours: {e}"))?;
         }
         Ok(())
+    }
+
+    fn validate_backend_identity(&self) -> anyhow::Result<()> {
+        let cert = self.payments_backend_client_cert_file.is_some();
+        if cert != self.payments_backend_client_key_file.is_some() {
+            anyhow::bail!(
+                "settings: payments_backend_client_cert_file and payments_backend_client_key_file \
+                 go together: set both or neither"
+            );
+        }
+        if cert && self.payments_backend_ca_file.is_none() {
+            anyhow::bail!(
+                "settings: payments_backend_client_cert_file needs payments_backend_ca_file, the \
+                 CA that signed the backend's certificate"
+            );
+        }
+        if cert
+            && !self
+                .payments_backend_url
+                .as_deref()
+                .is_some_and(|url| url.starts_with("https://"))
+        {
+            anyhow::bail!(
+                "settings: payments_backend_client_cert_file needs an https:// \
+                 payments_backend_url"
+            );
+        }
+        Ok(())
+    }
+}
+
+/// `ms` milliseconds; None for 0, which these settings read as "off".
+fn millis_unless_zero(ms: u64) -> Option<Duration> {
+    (ms > 0).then(|| Duration::from_millis(ms))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn with_backend(tweak: impl FnOnce(&mut Settings)) -> anyhow::Result<()> {
+        let mut settings = Settings {
+            payments_backend_url: Some("https://bank.example:443".into()),
+            payments_backend_ca_file: Some("bank-ca.pem".into()),
+            payments_backend_client_cert_file: Some("client.pem".into()),
+            payments_backend_client_key_file: Some("client.key".into()),
+            ..Settings::default()
+        };
+        tweak(&mut settings);
+        settings.validate()
+    }
+
+    #[test]
+    fn a_backend_client_certificate_needs_its_key_its_ca_and_https() {
+        with_backend(|_| {}).expect("certificate, key, CA and https");
+        for (tweak, named) in [
+            (
+                (|s: &mut Settings| s.payments_backend_client_key_file = None) as fn(&mut _),
+                "payments_backend_client_key_file",
+            ),
+            (
+                |s: &mut Settings| s.payments_backend_client_cert_file = None,
+                "payments_backend_client_cert_file",
+            ),
+            (
+                |s: &mut Settings| s.payments_backend_ca_file = None,
+                "payments_backend_ca_file",
+            ),
+            (
+                |s: &mut Settings| s.payments_backend_url = Some("http://bank.example".into()),
+                "https://",
+            ),
+        ] {
+            let refused = with_backend(tweak).expect_err(named).to_string();
+            assert!(refused.contains(named), "{refused}");
+        }
+    }
+
+    #[test]
+    fn zero_turns_keepalive_and_the_maximum_age_off() {
+        let settings = Settings {
+            http2_keepalive_interval_ms: 0,
+            tcp_keepalive_ms: 0,
+            ..Settings::default()
+        };
+        assert_eq!(settings.http2_keepalive().0, None);
+        let limits = settings.connection_limits();
+        assert_eq!((limits.tcp_keepalive, limits.max_age), (None, None));
+        assert_eq!(Settings::default().connection_limits().max_age, None);
+        let aged = Settings {
+            max_connection_age_ms: 1_800_000,
+            ..Settings::default()
+        };
+        assert_eq!(
+            aged.connection_limits().max_age,
+            Some(Duration::from_millis(1_800_000 + 300_000)),
+            "closed at the maximum age and its grace"
+        );
+        assert!(
+            Settings {
+                http2_keepalive_timeout_ms: 0,
+                ..Settings::default()
+            }
+            .validate()
+            .is_err()
+        );
     }
 }

@@ -6,6 +6,8 @@
 //! - [`api`]: the gRPC services, translating protos to domain types and errors to statuses.
 //! - [`auth`]: who may call what; [`audit`]: the audit log, the one place that writes it.
 //! - [`payments`]: the payments-backend client and the dispatcher.
+//! - [`keys`]: the account-number keys against what is stored: the check before serving, and
+//!   the re-sealing of stored values under the first key.
 //! - `sandbox` (cargo feature `sandbox`, on by default): the sandbox bank, a fake payments
 //!   backend (no money moves) that `serve` starts only when no backend is configured.
 //! - [`app`]: wiring everything from [`config::Settings`] into a running server.
@@ -24,6 +26,7 @@ pub mod auth;
 pub mod config;
 pub mod discovery;
 pub mod domain;
+pub mod keys;
 pub mod net;
 pub mod payments;
 pub mod principal;

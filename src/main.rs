@@ -1,4 +1,4 @@
-//! The `partner-payouts` command: `serve` (default), `migrate`, `sandbox-bank`.
+//! The `partner-payouts` command: `serve` (default), `migrate`, `reseal`, `sandbox-bank`.
 
 use std::path::PathBuf;
 
@@ -31,6 +31,13 @@ enum Command {
     Serve,
     /// Apply the database migrations and exit.
     Migrate,
+    /// Re-seal every stored account number under the first key, then exit. Safe while
+    /// replicas serve, and to run again.
+    Reseal {
+        /// Rows re-sealed per transaction.
+        #[arg(long, default_value_t = 500, value_parser = clap::value_parser!(u32).range(1..=10_000))]
+        batch: u32,
+    },
     /// Run the sandbox bank (a fake payments backend; no money moves) on its own.
     #[cfg(feature = "sandbox")]
     SandboxBank(SandboxArgs),
@@ -114,6 +121,18 @@ async fn run(command: Command, settings: Settings) -> anyhow::Result<()> {
         Command::Migrate => {
             app::open_store(&settings).await?;
             tracing::info!("migrations applied");
+            Ok(())
+        }
+        Command::Reseal { batch } => {
+            let report = app::reseal(&settings, batch).await?;
+            tracing::info!(
+                resealed = report.resealed,
+                passes = report.passes,
+                retired_key_ids = ?report.retired_key_ids,
+                "every stored account number is sealed under key {}; keys no longer in use \
+                 may be removed",
+                report.key_id
+            );
             Ok(())
         }
         #[cfg(feature = "sandbox")]

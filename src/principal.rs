@@ -7,6 +7,8 @@ pub struct Principal(pub String);
 
 impl Principal {
     pub const LOCAL_DEV: &'static str = "local-dev";
+    /// Who the audit log names for `partner-payouts reseal`, which no caller runs.
+    pub const RESEAL: &'static str = "reseal";
 
     pub fn of<T>(request: &tonic::Request<T>) -> String {
         request

@@ -239,7 +239,48 @@ impl PiiCipher {
     pub fn needs_reseal(&self, sealed: &Sealed) -> bool {
         sealed.key_id != self.current
     }
+
+    /// `sealed` (for `partner_id`) opened and sealed again under the current key.
+    pub fn reseal(&self, partner_id: PartnerId, sealed: &Sealed) -> Result<Sealed, CryptoError> {
+        let plain = Zeroizing::new(self.open(partner_id, sealed)?);
+        Ok(self.seal(partner_id, &plain))
+    }
+
+    /// The key probe: a known value sealed under the current key. Stored once per database, it
+    /// lets a replica check before it serves that its keys open what is stored, even before
+    /// any account number is.
+    pub fn seal_probe(&self) -> Sealed {
+        self.seal(PROBE_PARTNER, PROBE_PLAINTEXT)
+    }
+
+    /// Opens a stored key probe: `Ok` if one of these keys sealed it.
+    pub fn open_probe(&self, sealed: &Sealed) -> Result<(), CryptoError> {
+        if self.open(PROBE_PARTNER, sealed)? == PROBE_PLAINTEXT {
+            Ok(())
+        } else {
+            Err(CryptoError::Unauthentic)
+        }
+    }
+
+    /// Which of `key_ids` (those stored values are sealed under) are not loaded: each once, in
+    /// order.
+    pub fn missing_keys<'a>(&self, key_ids: impl IntoIterator<Item = &'a str>) -> Vec<String> {
+        let mut missing: Vec<String> = Vec::new();
+        for id in key_ids {
+            if !self.keys.contains_key(id) && !missing.iter().any(|m| m == id) {
+                missing.push(id.to_owned());
+            }
+        }
+        missing
+    }
 }
+
+/// What the key probe seals. Not secret: it only has to open.
+const PROBE_PLAINTEXT: &str = "partner-payouts account-number key probe";
+
+/// The partner a probe is bound to: none (the nil id), so no partner's sealed account number
+/// opens as the probe, nor the probe as an account number.
+pub const PROBE_PARTNER: PartnerId = PartnerId::from_uuid(uuid::Uuid::nil());
 
 fn parse_keys(text: &str, source: Option<&Path>) -> Result<PiiCipher, CryptoError> {
     let bad = |problem: String| CryptoError::BadKey {
@@ -432,6 +473,45 @@ mod tests {
             old.open(partner, &sealed_new),
             Err(CryptoError::UnknownKey(_))
         ));
+    }
+
+    #[test]
+    fn the_probe_opens_with_the_key_that_sealed_it_and_no_other() {
+        let old = PiiCipher::new(&key(1));
+        let probe = old.seal_probe();
+        assert!(old.open_probe(&probe).is_ok());
+        let rotated = PiiCipher::from_base64(&format!(
+            "{},{}",
+            BASE64.encode(key(2)),
+            BASE64.encode(key(1))
+        ))
+        .expect("two keys");
+        assert!(rotated.open_probe(&probe).is_ok(), "an older key opens it");
+        let resealed = rotated.reseal(PROBE_PARTNER, &probe).expect("reseals");
+        assert_eq!(resealed.key_id, key_id(&key(2)));
+        assert!(rotated.open_probe(&resealed).is_ok());
+        assert!(matches!(
+            old.open_probe(&resealed),
+            Err(CryptoError::UnknownKey(id)) if id == key_id(&key(2))
+        ));
+        // An account number is not a probe, even under the right key.
+        let account = old.seal(PROBE_PARTNER, "110-123-456789");
+        assert!(matches!(
+            old.open_probe(&account),
+            Err(CryptoError::Unauthentic)
+        ));
+    }
+
+    #[test]
+    fn missing_keys_are_those_in_use_that_are_not_loaded() {
+        let cipher = PiiCipher::new(&key(1));
+        let loaded = key_id(&key(1));
+        let other = key_id(&key(2));
+        assert!(cipher.missing_keys([loaded.as_str()]).is_empty());
+        assert_eq!(
+            cipher.missing_keys([other.as_str(), loaded.as_str(), other.as_str()]),
+            [other.as_str()]
+        );
     }
 
     #[test]

@@ -308,10 +308,9 @@ fn name_problem(name: &str, earlier: &[PrincipalSettings]) -> Option<String> {
         Some("name must not be empty".to_owned())
     } else if name != name.trim() {
         Some("name must not start or end with whitespace".to_owned())
-    } else if name == Principal::LOCAL_DEV {
+    } else if [Principal::LOCAL_DEV, Principal::RESEAL].contains(&name) {
         Some(format!(
-            "name {:?} is reserved for local development mode",
-            Principal::LOCAL_DEV
+            "name {name:?} is reserved (local development mode, `partner-payouts reseal`)"
         ))
     } else if earlier.iter().any(|q| q.name == name) {
         Some("name is used by more than one principal".to_owned())
@@ -593,8 +592,10 @@ mod tests {
             msg.contains("auth.principals[0]: name must not be empty"),
             "{msg}"
         );
-        let msg = problems(&settings(vec![principal("local-dev", &["viewer"])]));
-        assert!(msg.contains("reserved"), "{msg}");
+        for reserved in ["local-dev", "reseal"] {
+            let msg = problems(&settings(vec![principal(reserved, &["viewer"])]));
+            assert!(msg.contains("reserved"), "{msg}");
+        }
         let msg = problems(&settings(vec![principal("x", &[])]));
         assert!(
             msg.contains(r#"auth.principals "x": roles must name"#),

@@ -14,31 +14,78 @@ mod pace;
 pub use breaker::BreakerConfig;
 pub use dispatcher::{Dispatcher, DispatcherConfig};
 
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity};
+
 use crate::domain::AttemptOutcome;
 use crate::proto::payments::v1::InstructionStatus;
 use crate::proto::payments::v1::payments_backend_client::PaymentsBackendClient;
 
-/// A client of the payments backend at `url`. Connects on first use, so a backend that is
-/// down at start-up only delays dispatch.
+/// How the client reaches the payments backend.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BackendConnection {
+    pub url: String,
+    /// Deadline of each call, and of connecting.
+    pub call_timeout: Duration,
+    /// The CA (PEM) that signed an `https://` backend's certificate.
+    pub ca_file: Option<PathBuf>,
+    /// The client certificate and its private key (PEM files), for a backend that requires
+    /// mutual TLS.
+    pub client_identity: Option<(PathBuf, PathBuf)>,
+    /// How often the connection is pinged, also while no call is in flight; None: never.
+    pub keepalive: Option<Duration>,
+    /// How long a ping may go unanswered before the connection is dropped and made anew.
+    pub keepalive_timeout: Duration,
+    /// TCP keepalive on the connection; None: off.
+    pub tcp_keepalive: Option<Duration>,
+}
+
+/// A client of the payments backend. Connects on first use, so a backend that is down at
+/// start-up only delays dispatch; files named in `backend` are read now, so a missing one
+/// stops the start.
 pub fn connect_backend(
-    url: &str,
-    call_timeout: std::time::Duration,
-    ca_file: Option<&std::path::Path>,
+    backend: &BackendConnection,
 ) -> anyhow::Result<PaymentsBackendClient<tonic::transport::Channel>> {
-    let mut endpoint = tonic::transport::Endpoint::from_shared(url.to_owned())
+    let url = &backend.url;
+    let mut endpoint = Endpoint::from_shared(url.clone())
         .map_err(|e| anyhow::anyhow!("payments_backend_url {url:?}: {e}"))?
-        .timeout(call_timeout)
-        .connect_timeout(call_timeout);
-    if let Some(ca_file) = ca_file {
-        let pem = std::fs::read(ca_file)
-            .map_err(|e| anyhow::anyhow!("payments_backend_ca_file {}: {e}", ca_file.display()))?;
-        endpoint = endpoint.tls_config(
-            tonic::transport::ClientTlsConfig::new()
-                .ca_certificate(tonic::transport::Certificate::from_pem(pem)),
-        )?;
+        .timeout(backend.call_timeout)
+        .connect_timeout(backend.call_timeout)
+        .tcp_keepalive(backend.tcp_keepalive)
+        // Between dispatch rounds too: a connection a firewall dropped while quiet would
+        // otherwise cost the next round's first calls their deadline.
+        .keep_alive_while_idle(true)
+        .keep_alive_timeout(backend.keepalive_timeout);
+    if let Some(interval) = backend.keepalive {
+        endpoint = endpoint.http2_keep_alive_interval(interval);
     }
-    let channel = endpoint.connect_lazy();
-    Ok(PaymentsBackendClient::new(channel))
+    if let Some(tls) = client_tls(backend)? {
+        endpoint = endpoint.tls_config(tls)?;
+    }
+    Ok(PaymentsBackendClient::new(endpoint.connect_lazy()))
+}
+
+/// TLS towards the backend: its CA, and our certificate where it requires one.
+fn client_tls(backend: &BackendConnection) -> anyhow::Result<Option<ClientTlsConfig>> {
+    let read = |setting: &str, path: &Path| {
+        std::fs::read(path).map_err(|e| anyhow::anyhow!("{setting} {}: {e}", path.display()))
+    };
+    let Some(ca_file) = &backend.ca_file else {
+        return Ok(None);
+    };
+    let mut tls = ClientTlsConfig::new().ca_certificate(Certificate::from_pem(read(
+        "payments_backend_ca_file",
+        ca_file,
+    )?));
+    if let Some((cert_file, key_file)) = &backend.client_identity {
+        tls = tls.identity(Identity::from_pem(
+            read("payments_backend_client_cert_file", cert_file)?,
+            read("payments_backend_client_key_file", key_file)?,
+        ));
+    }
+    Ok(Some(tls))
 }
 
 /// The outcome an attempt records for the instruction status the bank answered: the status's

@@ -1,5 +1,6 @@
 //! Persistence: one trait per aggregate ([`PartnerStore`], [`ClaimStore`],
-//! [`DisbursementStore`], [`DispatchStore`], [`SettlementStore`], [`AuditStore`]), together
+//! [`DisbursementStore`], [`DispatchStore`], [`SettlementStore`], [`AuditStore`]) and one for
+//! the sealed account numbers as a whole ([`SealingStore`]), together
 //! [`Store`], implemented for PostgreSQL ([`postgres`]) and SQLite ([`sqlite`]) by the same SQL
 //! code. Every mutating operation is one transaction that also records the caller's
 //! `request_id` under the caller's principal, so a repeated request from the same principal
@@ -25,9 +26,11 @@ mod intake;
 pub mod isolate;
 pub mod postgres;
 mod rows;
+mod sealed;
 pub mod sqlite;
 
 pub use idempotency::{AuditFn, AuditOf, Idempotency, Recorded, Render, RenderFn};
+pub use sealed::{ResealAudit, ResealBatch, ResealPage, SealedKeys, SealedPlace, SealingStore};
 
 /// Unix microseconds: how every time is stored.
 pub type Micros = i64;
@@ -640,6 +643,7 @@ pub trait Store:
     + DispatchStore
     + SettlementStore
     + AuditStore
+    + SealingStore
     + Send
     + Sync
     + 'static
@@ -653,6 +657,7 @@ impl<S> Store for S where
         + DispatchStore
         + SettlementStore
         + AuditStore
+        + SealingStore
         + Send
         + Sync
         + 'static
@@ -662,8 +667,8 @@ impl<S> Store for S where
 /// The aggregate traits, for callers of [`Store`]'s methods.
 pub mod prelude {
     pub use super::{
-        AuditStore, ClaimStore, DisbursementStore, DispatchStore, PartnerStore, SettlementStore,
-        Store,
+        AuditStore, ClaimStore, DisbursementStore, DispatchStore, PartnerStore, SealingStore,
+        SettlementStore, Store,
     };
 }
 

@@ -76,4 +76,13 @@ mod dialect {
     pub const LEASE_DUE: &str = "UPDATE outbox SET lease_until = $1 WHERE disbursement_id IN (\
          SELECT disbursement_id FROM outbox WHERE due_time <= $2 AND lease_until <= $2 \
          ORDER BY due_time LIMIT $3 FOR UPDATE SKIP LOCKED) RETURNING disbursement_id";
+    /// The key id of every sealed value (`<key id>:<ciphertext>`), each once.
+    pub const SEALED_KEY_IDS: &str = "SELECT DISTINCT split_part(account_sealed, ':', 1) \
+         FROM (SELECT account_sealed FROM partners UNION ALL \
+         SELECT account_sealed FROM disbursements UNION ALL \
+         SELECT account_sealed FROM pii_key_probe) AS sealed";
+    /// The tail of a select of rows to re-seal: rows another transaction holds are passed
+    /// over (a later pass finds them), so a re-sealing batch never waits for a lock it could
+    /// deadlock on.
+    pub const SKIP_LOCKED: &str = " FOR UPDATE SKIP LOCKED";
 }

@@ -72,4 +72,12 @@ mod dialect {
     pub const LEASE_DUE: &str = "UPDATE outbox SET lease_until = $1 WHERE disbursement_id IN (\
          SELECT disbursement_id FROM outbox WHERE due_time <= $2 AND lease_until <= $2 \
          ORDER BY due_time LIMIT $3) RETURNING disbursement_id";
+    /// The key id of every sealed value (`<key id>:<ciphertext>`), each once.
+    pub const SEALED_KEY_IDS: &str = "SELECT DISTINCT \
+         substr(account_sealed, 1, instr(account_sealed, ':') - 1) \
+         FROM (SELECT account_sealed FROM partners UNION ALL \
+         SELECT account_sealed FROM disbursements UNION ALL \
+         SELECT account_sealed FROM pii_key_probe)";
+    /// The tail of a select of rows to re-seal; the writing transaction holds the database.
+    pub const SKIP_LOCKED: &str = "";
 }

@@ -22,25 +22,26 @@ use tokio::task::JoinHandle;
 use tokio::time::{Instant, timeout};
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint};
 
+use crate::certs::TestCa;
 use crate::helpers::*;
 
 /// The longest any wait here may take before the test fails.
-const BOUND: Duration = Duration::from_secs(10);
+pub(crate) const BOUND: Duration = Duration::from_secs(10);
 /// Every HTTP/2 client's first 24 bytes.
-const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+pub(crate) const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 /// An empty SETTINGS frame: with the preface, a complete client handshake.
-const EMPTY_SETTINGS: [u8; 9] = [0, 0, 0, 0x4, 0, 0, 0, 0, 0];
+pub(crate) const EMPTY_SETTINGS: [u8; 9] = [0, 0, 0, 0x4, 0, 0, 0, 0, 0];
 
-async fn spawn(tweak: impl FnOnce(&mut Settings)) -> TestApp {
+pub(crate) async fn spawn(tweak: impl FnOnce(&mut Settings)) -> TestApp {
     spawn_app(Db::Sqlite, tweak).await
 }
 
-fn millis(ms: u64) -> Duration {
+pub(crate) fn millis(ms: u64) -> Duration {
     Duration::from_millis(ms)
 }
 
 /// Everything the service sends until it closes the connection.
-async fn read_until_closed(stream: &mut TcpStream) -> Vec<u8> {
+pub(crate) async fn read_until_closed(stream: &mut TcpStream) -> Vec<u8> {
     let mut received = Vec::new();
     let mut buf = [0; 4096];
     loop {
@@ -52,7 +53,10 @@ async fn read_until_closed(stream: &mut TcpStream) -> Vec<u8> {
 }
 
 /// Waits for the service to close `stream`; what it sent first, and how long after `since`.
-async fn closed_by_service(stream: &mut TcpStream, since: Instant) -> (Vec<u8>, Duration) {
+pub(crate) async fn closed_by_service(
+    stream: &mut TcpStream,
+    since: Instant,
+) -> (Vec<u8>, Duration) {
     let received = timeout(BOUND, read_until_closed(stream))
         .await
         .expect("the service closes the connection");
@@ -60,7 +64,7 @@ async fn closed_by_service(stream: &mut TcpStream, since: Instant) -> (Vec<u8>, 
 }
 
 /// Whether `received` begins with a SETTINGS frame: the service took the connection as HTTP/2.
-fn starts_with_settings(received: &[u8]) -> bool {
+pub(crate) fn starts_with_settings(received: &[u8]) -> bool {
     received.len() >= 9 && received[3] == 0x4
 }
 
@@ -76,7 +80,7 @@ async fn served_connection(addr: SocketAddr) -> TcpStream {
     stream
 }
 
-async fn get_policy(channel: &Channel) -> Result<(), tonic::Status> {
+pub(crate) async fn get_policy(channel: &Channel) -> Result<(), tonic::Status> {
     ClaimServiceClient::new(channel.clone())
         .get_policy(pb::GetPolicyRequest {})
         .await
@@ -84,7 +88,7 @@ async fn get_policy(channel: &Channel) -> Result<(), tonic::Status> {
 }
 
 /// A real client on a new connection: connects and makes a call.
-async fn answered(addr: SocketAddr) -> Result<(), String> {
+pub(crate) async fn answered(addr: SocketAddr) -> Result<(), String> {
     let channel = Endpoint::from_shared(format!("http://{addr}"))
         .expect("endpoint")
         .connect_timeout(Duration::from_secs(5))
@@ -104,16 +108,22 @@ async fn relay(target: SocketAddr) -> (SocketAddr, JoinHandle<bool>) {
         let (client, _) = listener.accept().await.expect("relay accept");
         drop(listener);
         let service = TcpStream::connect(target).await.expect("relay connect");
-        let (mut from_client, mut to_client) = client.into_split();
-        let (mut from_service, mut to_service) = service.into_split();
-        let upstream =
-            tokio::spawn(async move { tokio::io::copy(&mut from_client, &mut to_service).await });
-        let _ = tokio::io::copy(&mut from_service, &mut to_client).await;
-        let service_first = !upstream.is_finished();
-        upstream.abort();
-        service_first
+        pipe(client, service).await
     });
     (addr, task)
+}
+
+/// Copies between `client` and `service`, both ways, until the service's side ends: true if
+/// it ended first, while the client still held its end.
+pub(crate) async fn pipe(client: TcpStream, service: TcpStream) -> bool {
+    let (mut from_client, mut to_client) = client.into_split();
+    let (mut from_service, mut to_service) = service.into_split();
+    let upstream =
+        tokio::spawn(async move { tokio::io::copy(&mut from_client, &mut to_service).await });
+    let _ = tokio::io::copy(&mut from_service, &mut to_client).await;
+    let service_first = !upstream.is_finished();
+    upstream.abort();
+    service_first
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -309,43 +319,11 @@ async fn a_thousand_idle_connections_do_not_keep_a_real_client_waiting() {
     drop(idle);
 }
 
-/// (CA certificate, server certificate, server key) for `localhost`, as PEM.
-fn tls_certificates() -> (String, String, String) {
-    use rcgen::{
-        BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose,
-        IsCa, Issuer, KeyPair, KeyUsagePurpose,
-    };
-    let mut ca = CertificateParams::new(Vec::<String>::new()).expect("params");
-    ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    ca.distinguished_name = DistinguishedName::new();
-    ca.distinguished_name
-        .push(DnType::CommonName, "connections test CA");
-    ca.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
-    let ca_key = KeyPair::generate().expect("key");
-    let ca_pem = ca.self_signed(&ca_key).expect("CA").pem();
-    let issuer = Issuer::new(ca, ca_key);
-
-    let mut server = CertificateParams::new(vec!["localhost".to_owned()]).expect("params");
-    server.distinguished_name = DistinguishedName::new();
-    server
-        .distinguished_name
-        .push(DnType::CommonName, "localhost");
-    server.key_usages = vec![KeyUsagePurpose::DigitalSignature];
-    server.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
-    server.use_authority_key_identifier_extension = true;
-    let server_key = KeyPair::generate().expect("key");
-    let cert = server.signed_by(&server_key, &issuer).expect("certificate");
-    (ca_pem, cert.pem(), server_key.serialize_pem())
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn under_tls_silence_is_cut_at_the_handshake_timeout_and_a_client_is_not() {
     let dir = tempfile::tempdir().expect("temp dir");
-    let (ca_pem, cert_pem, key_pem) = tls_certificates();
-    let cert_file = dir.path().join("server.pem");
-    let key_file = dir.path().join("server.key");
-    std::fs::write(&cert_file, cert_pem).expect("write certificate");
-    std::fs::write(&key_file, key_pem).expect("write key");
+    let ca = TestCa::new("connections test CA");
+    let (cert_file, key_file) = ca.server().write(dir.path(), "server");
     let settings = Settings {
         listen_addr: "127.0.0.1:0".parse().expect("addr"),
         database_url: format!("sqlite://{}", dir.path().join("payouts.db").display()),
@@ -379,7 +357,7 @@ async fn under_tls_silence_is_cut_at_the_handshake_timeout_and_a_client_is_not()
         .expect("endpoint")
         .tls_config(
             ClientTlsConfig::new()
-                .ca_certificate(Certificate::from_pem(ca_pem))
+                .ca_certificate(Certificate::from_pem(&ca.pem))
                 .domain_name("localhost"),
         )
         .expect("client TLS")

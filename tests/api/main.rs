@@ -2,6 +2,8 @@
 //! [`on_both_databases!`]: as `name::sqlite` and `name::postgres`, each on a fresh database.
 
 mod access;
+mod backend;
+mod certs;
 mod claims;
 mod connections;
 mod disbursements;
@@ -13,6 +15,8 @@ mod helpers;
 mod imports;
 mod intake;
 mod isolation;
+mod keys;
+mod lifetimes;
 mod partners;
 mod reconcile;
 mod replay;

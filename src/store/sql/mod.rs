@@ -35,6 +35,7 @@ mod disbursements;
 mod dispatch;
 mod idempotency;
 mod partners;
+mod sealed;
 mod settlement;
 
 type Conn = <Db as sqlx::Database>::Connection;

@@ -1,215 +1,21 @@
-//! Accepting gRPC connections: Nagle off and, for the public server, at most `max_connections`
-//! open at once, each closed when its client does not complete the HTTP/2 handshake in time or
-//! then goes idle. Without these limits a client that opens connections and sends nothing holds
-//! a file descriptor each, forever, until the process can open no more and every new caller
-//! times out.
+//! One accepted connection under its deadlines: the handshake, idleness, and the end of its
+//! life past `max_connection_age` and its grace.
 
 use std::future::Future as _;
 use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, PoisonError};
 use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::sync::OwnedSemaphorePermit;
 use tokio::time::{Instant, Sleep};
-use tokio_stream::Stream;
-use tonic::transport::server::{Connected, TcpConnectInfo, TcpIncoming, TlsConnectInfo};
+use tonic::transport::server::Connected;
 
-/// The connections `listener` accepts, with Nagle's algorithm off. tonic does not apply its
-/// `tcp_nodelay` setting to a listener it is handed, and with Nagle on, a small answer written
-/// while the caller's acknowledgement of the previous one is delayed waits for it: about 40 ms.
-///
-/// No limits apply: for servers only this process calls (the sandbox bank, test doubles). The
-/// service itself accepts through [`Incoming`].
-pub fn incoming(listener: TcpListener) -> TcpIncoming {
-    TcpIncoming::from(listener).with_nodelay(Some(true))
-}
-
-/// How long a connection may take to start and to sit idle, and how many may be open.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct ConnectionLimits {
-    /// From accept until the client has completed the handshake (see [`Connection`]).
-    pub handshake_timeout: Duration,
-    /// After the handshake, the longest a connection may go without reading or writing a byte.
-    pub idle_timeout: Duration,
-    /// Connections open at once; past it, new ones are closed as soon as they are accepted.
-    pub max_connections: usize,
-    /// TLS is applied above these connections, so the HTTP/2 handshake is not visible in their
-    /// bytes; the TLS handshake stands for it.
-    pub tls: bool,
-}
-
-/// At most one log line per this interval for events that a flood repeats.
-const LOG_INTERVAL: Duration = Duration::from_secs(1);
-/// How long to stop accepting after the listener itself failed (e.g. no file descriptors
-/// left): the pending connection stays queued, so retrying at once would only spin.
-const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
-/// File descriptors the process needs besides client connections: database pool, the
-/// payments backend, logs, the listener.
-const FILE_HEADROOM: u64 = 256;
-
-/// The service's accepted connections, as a stream for tonic's `serve_with_incoming`.
-pub struct Incoming {
-    listener: TcpListener,
-    limits: ConnectionLimits,
-    open: Arc<Semaphore>,
-    reports: Arc<Reports>,
-    backoff: Option<Pin<Box<Sleep>>>,
-}
-
-impl Incoming {
-    pub fn new(listener: TcpListener, limits: ConnectionLimits) -> Self {
-        warn_if_over_open_file_limit(limits.max_connections);
-        Self {
-            listener,
-            limits,
-            open: Arc::new(Semaphore::new(
-                limits.max_connections.min(Semaphore::MAX_PERMITS),
-            )),
-            reports: Arc::new(Reports::default()),
-            backoff: None,
-        }
-    }
-}
-
-impl Stream for Incoming {
-    type Item = io::Result<Connection<TcpStream>>;
-
-    fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
-        let this = self.get_mut();
-        loop {
-            if let Some(backoff) = &mut this.backoff {
-                ready!(backoff.as_mut().poll(cx));
-                this.backoff = None;
-            }
-            match ready!(this.listener.poll_accept(cx)) {
-                Ok((stream, peer)) => {
-                    let Ok(permit) = this.open.clone().try_acquire_owned() else {
-                        // Closed at once, so the client fails fast instead of waiting for a
-                        // handshake that would never come.
-                        drop(stream);
-                        if let Some(refused) = this.reports.refused.hit() {
-                            tracing::warn!(
-                                max_connections = this.limits.max_connections,
-                                refused,
-                                %peer,
-                                "refusing connections: max_connections are open"
-                            );
-                        }
-                        continue;
-                    };
-                    if let Err(error) = stream.set_nodelay(true) {
-                        tracing::debug!(%peer, %error, "could not turn Nagle's algorithm off");
-                    }
-                    return Poll::Ready(Some(Ok(Connection::new(
-                        stream,
-                        Some(peer),
-                        &this.limits,
-                        Some(permit),
-                        this.reports.clone(),
-                    ))));
-                }
-                // The client gave up before it was accepted: nothing to do.
-                Err(error) if is_connection_error(&error) => {}
-                Err(error) => {
-                    if let Some(failures) = this.reports.accept_failed.hit() {
-                        tracing::error!(%error, failures, "accepting connections failed");
-                    }
-                    this.backoff = Some(Box::pin(tokio::time::sleep(ACCEPT_BACKOFF)));
-                }
-            }
-        }
-    }
-}
-
-fn is_connection_error(error: &io::Error) -> bool {
-    matches!(
-        error.kind(),
-        io::ErrorKind::ConnectionAborted
-            | io::ErrorKind::ConnectionReset
-            | io::ErrorKind::BrokenPipe
-            | io::ErrorKind::Interrupted
-            | io::ErrorKind::WouldBlock
-            | io::ErrorKind::TimedOut
-    )
-}
-
-/// Counters behind the log lines a flood would otherwise repeat once per connection.
-#[derive(Default)]
-struct Reports {
-    refused: Throttle,
-    accept_failed: Throttle,
-    handshake_timed_out: Throttle,
-}
-
-/// Counts events and lets one report through per [`LOG_INTERVAL`], with the count since the
-/// last one.
-#[derive(Default)]
-struct Throttle(Mutex<(Option<std::time::Instant>, u64)>);
-
-impl Throttle {
-    fn hit(&self) -> Option<u64> {
-        let mut state = self.0.lock().unwrap_or_else(PoisonError::into_inner);
-        let (last, count) = &mut *state;
-        *count += 1;
-        let now = std::time::Instant::now();
-        if last.is_some_and(|last| now.duration_since(last) < LOG_INTERVAL) {
-            return None;
-        }
-        *last = Some(now);
-        Some(std::mem::take(count))
-    }
-}
-
-/// Warns (once per process) when `max_connections` client connections could use up the
-/// process's open-file limit: past it, accepting fails and new callers wait for nothing.
-fn warn_if_over_open_file_limit(max_connections: usize) {
-    static CHECKED: std::sync::Once = std::sync::Once::new();
-    CHECKED.call_once(|| {
-        let Some(limit) = open_file_limit() else {
-            return;
-        };
-        let wanted = u64::try_from(max_connections)
-            .unwrap_or(u64::MAX)
-            .saturating_add(FILE_HEADROOM);
-        if wanted > limit {
-            tracing::warn!(
-                max_connections,
-                open_file_limit = limit,
-                "max_connections is too high for the open-file limit (RLIMIT_NOFILE): raise \
-                 the limit (ulimit -n) or lower max_connections, else connections fail once \
-                 the process runs out of file descriptors"
-            );
-        }
-    });
-}
-
-/// The soft limit on open files, if the platform has one.
-#[cfg(unix)]
-fn open_file_limit() -> Option<u64> {
-    let mut limit = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: getrlimit only writes the struct it is given, which lives for the call.
-    let rc = unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) };
-    if rc != 0 || limit.rlim_cur == libc::RLIM_INFINITY {
-        return None;
-    }
-    // `rlim_t` is `u64` on most targets, but not all.
-    #[allow(clippy::useless_conversion)]
-    u64::try_from(limit.rlim_cur).ok()
-}
-
-#[cfg(not(unix))]
-fn open_file_limit() -> Option<u64> {
-    None
-}
+use super::{ConnectionLimits, Reports};
 
 /// One accepted connection: the stream, with a deadline that closes it.
 ///
@@ -224,7 +30,12 @@ fn open_file_limit() -> Option<u64> {
 /// After the handshake the deadline is `idle_timeout` after the last byte read or written, so a
 /// client making calls, a stream still sending, or a response still being written keeps the
 /// connection open. At the deadline reads and writes fail, the HTTP/2 connection ends and the
-/// socket is closed. The permit it holds (see [`Incoming`]) is released when it is dropped.
+/// socket is closed. The permit it holds (see [`Incoming`](super::Incoming)) is released when it
+/// is dropped.
+///
+/// Whatever it does, a connection ends `max_age` after accept (see [`ConnectionLimits`]): by
+/// then the server has asked the client to go (GOAWAY at `max_connection_age`), and what is
+/// still open has had its grace.
 pub struct Connection<S> {
     io: S,
     peer: Option<SocketAddr>,
@@ -234,6 +45,8 @@ pub struct Connection<S> {
     last_activity: Instant,
     idle_timeout: Duration,
     handshake_timeout: Duration,
+    /// When the connection ends whatever it is doing: `max_age` after accept.
+    end_of_life: Option<Instant>,
     closed: bool,
     reports: Arc<Reports>,
     _permit: Option<OwnedSemaphorePermit>,
@@ -248,7 +61,7 @@ enum Phase {
 }
 
 impl<S> Connection<S> {
-    fn new(
+    pub(super) fn new(
         io: S,
         peer: Option<SocketAddr>,
         limits: &ConnectionLimits,
@@ -256,6 +69,8 @@ impl<S> Connection<S> {
         reports: Arc<Reports>,
     ) -> Self {
         let now = Instant::now();
+        let end_of_life = limits.max_age.map(|age| now + age);
+        let handshake_due = now + limits.handshake_timeout;
         Self {
             io,
             peer,
@@ -265,10 +80,11 @@ impl<S> Connection<S> {
                 Phase::Preface(Preface::default())
             },
             tls_handshake_done: AtomicBool::new(false),
-            deadline: Box::pin(tokio::time::sleep_until(now + limits.handshake_timeout)),
+            deadline: Box::pin(tokio::time::sleep_until(capped(handshake_due, end_of_life))),
             last_activity: now,
             idle_timeout: limits.idle_timeout,
             handshake_timeout: limits.handshake_timeout,
+            end_of_life,
             closed: false,
             reports,
             _permit: permit,
@@ -283,7 +99,7 @@ impl<S> Connection<S> {
     fn establish(&mut self) {
         self.phase = Phase::Established;
         self.last_activity = Instant::now();
-        let due = self.last_activity + self.idle_timeout;
+        let due = capped(self.last_activity + self.idle_timeout, self.end_of_life);
         self.deadline.as_mut().reset(due);
     }
 
@@ -300,11 +116,16 @@ impl<S> Connection<S> {
             if self.deadline.as_mut().poll(cx).is_pending() {
                 return Ok(());
             }
-            if matches!(self.phase, Phase::Established) {
+            if self.end_of_life.is_some_and(|end| end <= Instant::now()) {
+                tracing::debug!(
+                    peer = self.peer.map(tracing::field::display),
+                    "closing a connection past max_connection_age and its grace"
+                );
+            } else if matches!(self.phase, Phase::Established) {
                 // Activity moves the idle deadline lazily: only now is it looked at.
                 let due = self.last_activity + self.idle_timeout;
                 if due > Instant::now() {
-                    self.deadline.as_mut().reset(due);
+                    self.deadline.as_mut().reset(capped(due, self.end_of_life));
                     continue;
                 }
                 tracing::debug!(
@@ -344,10 +165,15 @@ impl<S> Connection<S> {
     }
 }
 
+/// `due`, or the end of the connection's life if that comes first.
+fn capped(due: Instant, end_of_life: Option<Instant>) -> Instant {
+    end_of_life.map_or(due, |end| due.min(end))
+}
+
 fn timed_out() -> io::Error {
     io::Error::new(
         io::ErrorKind::TimedOut,
-        "connection closed: handshake not completed in time, or idle",
+        "connection closed: handshake not completed in time, idle, or past its maximum age",
     )
 }
 
@@ -415,17 +241,6 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Connection<S> {
     }
 }
 
-/// The remote address of the connection a request came on, plain or TLS.
-pub fn peer_addr<B>(request: &http::Request<B>) -> Option<SocketAddr> {
-    let ext = request.extensions();
-    ext.get::<TcpConnectInfo>()
-        .and_then(TcpConnectInfo::remote_addr)
-        .or_else(|| {
-            ext.get::<TlsConnectInfo<TcpConnectInfo>>()
-                .and_then(|tls| tls.get_ref().remote_addr())
-        })
-}
-
 /// The peer address reaches the auth and audit layers as it would from a bare `TcpStream`.
 impl<S: Connected> Connected for Connection<S> {
     type ConnectInfo = S::ConnectInfo;
@@ -475,7 +290,6 @@ impl Preface {
 #[cfg(test)]
 mod tests {
     use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _, DuplexStream};
-    use tokio_stream::StreamExt as _;
 
     use super::*;
 
@@ -498,19 +312,19 @@ mod tests {
             idle_timeout: IDLE,
             max_connections: 10,
             tls,
+            max_age: None,
+            tcp_keepalive: None,
         }
     }
 
     /// (the client's end, the server's end wrapped)
     fn pair(tls: bool) -> (DuplexStream, Connection<DuplexStream>) {
+        pair_under(&limits(tls))
+    }
+
+    fn pair_under(limits: &ConnectionLimits) -> (DuplexStream, Connection<DuplexStream>) {
         let (client, server) = tokio::io::duplex(64 * 1024);
-        let connection = Connection::new(
-            server,
-            None,
-            &limits(tls),
-            None,
-            Arc::new(Reports::default()),
-        );
+        let connection = Connection::new(server, None, limits, None, Arc::new(Reports::default()));
         (client, connection)
     }
 
@@ -631,57 +445,26 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn accepted_connections_have_nagle_off() {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind");
-        let addr = listener.local_addr().expect("address");
-        let mut incoming = super::incoming(listener);
-        let _caller = tokio::net::TcpStream::connect(addr).await.expect("connect");
-        let accepted = incoming
-            .next()
-            .await
-            .expect("a connection")
-            .expect("accepted");
-        assert!(accepted.nodelay().expect("nodelay"));
-    }
-
-    #[tokio::test]
-    async fn past_max_connections_new_ones_are_closed_at_once() {
-        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-        let addr = listener.local_addr().expect("address");
-        let mut incoming = Incoming::new(
-            listener,
-            ConnectionLimits {
-                max_connections: 2,
-                ..limits(false)
-            },
+    async fn a_busy_connection_still_ends_at_its_maximum_age() {
+        const MAX_AGE: Duration = Duration::from_millis(1_500);
+        let start = Instant::now();
+        let (mut client, mut connection) = pair_under(&ConnectionLimits {
+            max_age: Some(MAX_AGE),
+            ..limits(false)
+        });
+        client.write_all(&client_handshake()).await.expect("write");
+        // Traffic every tenth of the idle timeout: never idle.
+        let talker = tokio::spawn(async move {
+            while client.write_all(b"ping").await.is_ok() {
+                tokio::time::sleep(IDLE / 10).await;
+            }
+        });
+        let after = fails_after(&mut connection, start).await;
+        assert!(after >= MAX_AGE, "cut at {after:?}, before its maximum age");
+        assert!(
+            after < MAX_AGE + IDLE,
+            "cut at {after:?}, long after its maximum age"
         );
-        let mut accepted = Vec::new();
-        let mut callers = Vec::new();
-        for _ in 0..2 {
-            callers.push(TcpStream::connect(addr).await.expect("connect"));
-            let connection = incoming.next().await.expect("a connection").expect("ok");
-            assert!(connection.get_ref().nodelay().expect("nodelay"));
-            assert_eq!(
-                connection.connect_info().remote_addr(),
-                Some(callers.last().expect("caller").local_addr().expect("addr"))
-            );
-            accepted.push(connection);
-        }
-
-        // The third is accepted and closed inside the stream, which yields nothing for it.
-        let mut refused = TcpStream::connect(addr).await.expect("connect");
-        let nothing = tokio::time::timeout(Duration::from_millis(200), incoming.next()).await;
-        assert!(nothing.is_err(), "a connection past the limit was yielded");
-        let mut buf = [0; 8];
-        let read = refused.read(&mut buf).await;
-        assert!(matches!(read, Ok(0) | Err(_)), "{read:?}");
-
-        // Closing one makes room.
-        drop(accepted.pop());
-        let _next = TcpStream::connect(addr).await.expect("connect");
-        let connection = incoming.next().await.expect("a connection").expect("ok");
-        assert!(connection.get_ref().nodelay().expect("nodelay"));
+        talker.abort();
     }
 }
