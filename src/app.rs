@@ -57,13 +57,13 @@ async fn open_store_with(
 ) -> anyhow::Result<Arc<dyn Store>> {
     let url = &settings.database_url;
     if url.starts_with("postgres") {
-        let store = PgStore::connect(url, settings.database_max_connections, cipher)
+        let store = PgStore::connect(url, &settings.pool_settings(), cipher)
             .await
             .context("connecting to PostgreSQL")?;
         store.migrate().await.context("migrating PostgreSQL")?;
         Ok(Arc::new(store))
     } else {
-        let store = SqliteStore::connect(url, cipher)
+        let store = SqliteStore::connect(url, &settings.pool_settings(), cipher)
             .await
             .with_context(|| format!("opening SQLite at {url}"))?;
         store.migrate().await.context("migrating SQLite")?;

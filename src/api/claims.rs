@@ -88,7 +88,7 @@ fn touched_claim(call: &CallRecord, claim: Option<&pb::Claim>) {
 }
 
 fn missing() -> Status {
-    Status::internal("validation passed without values")
+    crate::status::internal("validation passed without values")
 }
 
 /// The `SubmitClaim` response kept for replays.

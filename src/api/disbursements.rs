@@ -16,7 +16,7 @@ pub struct Disbursements {
 }
 
 fn missing() -> Status {
-    Status::internal("validation passed without values")
+    crate::status::internal("validation passed without values")
 }
 
 #[tonic::async_trait]
@@ -266,11 +266,9 @@ impl DisbursementService for Disbursements {
         _request: Request<pb::GetProgramSummaryRequest>,
     ) -> Result<Response<pb::GetProgramSummaryResponse>, Status> {
         let s = self.ctx.store.program_summary().await?;
-        let in_flight_krw = s
-            .queued
-            .krw
-            .checked_add(s.submitted.krw)
-            .ok_or_else(|| Status::internal("the in-flight total passes the range of KRW"))?;
+        let in_flight_krw = s.queued.krw.checked_add(s.submitted.krw).ok_or_else(|| {
+            crate::status::internal("the in-flight total passes the range of KRW")
+        })?;
         Ok(Response::new(pb::GetProgramSummaryResponse {
             approved_count: s.approved.count,
             approved_krw: s.approved.krw.won(),

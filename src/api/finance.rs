@@ -278,7 +278,7 @@ pub async fn reconcile(
     };
     v.finish()?;
     let (Some(request_id), Some(cutoff_time)) = (request_id, cutoff_time) else {
-        return Err(Status::internal("validation passed without values"));
+        return Err(crate::status::internal("validation passed without values"));
     };
     let mut report = Report {
         request_id: request_id.to_string(),

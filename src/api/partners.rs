@@ -156,7 +156,7 @@ pub fn prepare_registration(
     let partner = parse_new_partner(&mut v, request.partner.as_ref());
     v.finish()?;
     let (Some(request_id), Some(partner)) = (request_id, partner) else {
-        return Err(Status::internal("validation passed without values"));
+        return Err(crate::status::internal("validation passed without values"));
     };
     let body = pb::RegisterPartnerRequest {
         request_id: String::new(),
@@ -281,7 +281,7 @@ impl PartnerService for Partners {
         let mut v = Violations::default();
         let id = v.id("partner_id", &request.get_ref().partner_id);
         v.finish()?;
-        let id = id.ok_or_else(|| Status::internal("validation passed without values"))?;
+        let id = id.ok_or_else(|| crate::status::internal("validation passed without values"))?;
         let partner = self
             .ctx
             .store
@@ -352,7 +352,7 @@ impl PartnerService for Partners {
         v.finish()?;
         let (Some(request_id), Some(partner_id), Some(account)) = (request_id, partner_id, account)
         else {
-            return Err(Status::internal("validation passed without values"));
+            return Err(crate::status::internal("validation passed without values"));
         };
         let body = pb::UpdatePartnerBankAccountRequest {
             request_id: String::new(),

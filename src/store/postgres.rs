@@ -1,17 +1,26 @@
 //! The production store: PostgreSQL, shared by any number of replicas, which coordinate
 //! through row locks (`FOR UPDATE`, `SKIP LOCKED`) and never through each other.
 
+use std::str::FromStr as _;
+use std::sync::Arc;
+use std::time::Duration;
+
 use sqlx::Connection as _;
-use sqlx::postgres::PgPoolOptions;
+use sqlx::postgres::{PgConnectOptions, PgConnection, PgPoolOptions};
+
+use super::PoolSettings;
 
 /// A pooled connection idle this long is checked before it is used again.
-const IDLE_BEFORE_PING: std::time::Duration = std::time::Duration::from_secs(1);
+const IDLE_BEFORE_PING: Duration = Duration::from_secs(1);
 
 /// PostgreSQL behind the [`Store`](super::Store) trait.
 #[derive(Clone)]
 pub struct PgStore {
     pool: sqlx::PgPool,
-    cipher: std::sync::Arc<crate::sealing::PiiCipher>,
+    cipher: Arc<crate::sealing::PiiCipher>,
+    /// The health probe's own connection, made again after a failed probe.
+    probe: Arc<tokio::sync::Mutex<Option<PgConnection>>>,
+    options: PgConnectOptions,
 }
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/postgres");
@@ -19,11 +28,15 @@ static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/postgres
 impl PgStore {
     pub async fn connect(
         url: &str,
-        max_connections: u32,
-        cipher: std::sync::Arc<crate::sealing::PiiCipher>,
+        pool: &PoolSettings,
+        cipher: Arc<crate::sealing::PiiCipher>,
     ) -> super::Result<Self> {
+        let options = PgConnectOptions::from_str(url)?;
         let pool = PgPoolOptions::new()
-            .max_connections(max_connections)
+            .max_connections(pool.max_connections)
+            // Waiting longer for a connection than a caller would for an answer only holds
+            // the caller: past it the call is answered UNAVAILABLE, to be retried.
+            .acquire_timeout(pool.acquire_timeout)
             // A connection in steady use is not pinged before each transaction (a round
             // trip each, 0.3 ms under load); one idle for a while is, and is replaced if it
             // broke meanwhile.
@@ -36,9 +49,14 @@ impl PgStore {
                     Ok(true)
                 })
             })
-            .connect(url)
+            .connect_with(options.clone())
             .await?;
-        Ok(Self { pool, cipher })
+        Ok(Self {
+            pool,
+            cipher,
+            probe: Arc::default(),
+            options,
+        })
     }
 
     pub async fn migrate(&self) -> super::Result<()> {
@@ -48,6 +66,27 @@ impl PgStore {
 
     async fn begin_write(&self) -> super::Result<sqlx::Transaction<'static, sqlx::Postgres>> {
         Ok(self.pool.begin().await?)
+    }
+}
+
+#[async_trait::async_trait]
+impl super::ProbeStore for PgStore {
+    async fn probe(&self, within: Duration) -> super::Result<()> {
+        let mut held = self.probe.lock().await;
+        let probed = tokio::time::timeout(within, async {
+            let conn = match held.as_mut() {
+                Some(conn) => conn,
+                None => held.insert(PgConnection::connect_with(&self.options).await?),
+            };
+            conn.ping().await
+        })
+        .await
+        .unwrap_or_else(|_| Err(std::io::Error::from(std::io::ErrorKind::TimedOut).into()));
+        if probed.is_err() {
+            // Broken, or in the middle of a round trip that never came back.
+            *held = None;
+        }
+        Ok(probed?)
     }
 }
 
