@@ -195,8 +195,12 @@ impl Application {
         }
         let incoming = crate::net::Incoming::new(listener, settings.connection_limits());
         let server = builder
-            .timeout(Duration::from_millis(settings.request_timeout_ms))
             .concurrency_limit_per_connection(settings.max_concurrent_requests)
+            // Outermost, so that a call past its deadline is answered DEADLINE_EXCEEDED
+            // (before tonic's own timer would answer CANCELLED) and recorded as such within.
+            .layer(crate::deadline::DeadlineLayer {
+                request_timeout: Duration::from_millis(settings.request_timeout_ms),
+            })
             .layer(crate::telemetry::RpcTraceLayer)
             .layer(AuthLayer::with_denial_sink(
                 authenticator,

@@ -10,9 +10,10 @@
 //!   backend (no money moves) that `serve` starts only when no backend is configured.
 //! - [`app`]: wiring everything from [`config::Settings`] into a running server.
 //!
-//! Leaf modules, which import nothing of the crate but [`proto`]: [`principal`] (the caller),
-//! [`status`] and [`status_body`] (gRPC statuses), [`sealing`] (account numbers at rest),
-//! [`secret`] (settings that never print), [`discovery`] (health and reflection).
+//! Leaf modules, which import nothing of the crate but [`proto`] and each other:
+//! [`principal`] (the caller), [`status`] and [`status_body`] (gRPC statuses), [`deadline`]
+//! (every call ends by its deadline), [`sealing`] (account numbers at rest), [`secret`]
+//! (settings that never print), [`discovery`] (health and reflection).
 //!
 //! Imports run one way: `domain` <- `store` <- `api` and `payments`; `auth` stands beside
 //! `api`; everything may use the leaf modules; only `app` (and `main`) see all of it.
@@ -22,6 +23,7 @@ pub mod app;
 pub mod audit;
 pub mod auth;
 pub mod config;
+pub mod deadline;
 pub mod discovery;
 pub mod domain;
 pub mod net;
