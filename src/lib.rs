@@ -8,7 +8,8 @@
 //! - [`payments`]: the payments-backend client and the dispatcher.
 //! - `sandbox` (cargo feature `sandbox`, on by default): the sandbox bank, a fake payments
 //!   backend (no money moves) that `serve` starts only when no backend is configured.
-//! - [`app`]: wiring everything from [`config::Settings`] into a running server.
+//! - [`app`]: wiring everything from [`config::Settings`] into a running server;
+//!   [`readiness`]: gRPC health that follows the database.
 //!
 //! Leaf modules, which import nothing of the crate but [`proto`] and each other:
 //! [`principal`] (the caller), [`status`] and [`status_body`] (gRPC statuses), [`deadline`]
@@ -30,6 +31,7 @@ pub mod net;
 pub mod payments;
 pub mod principal;
 pub mod proto;
+pub mod readiness;
 #[cfg(feature = "sandbox")]
 pub mod sandbox;
 pub mod sealing;
