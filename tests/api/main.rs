@@ -4,6 +4,8 @@
 mod access;
 mod claims;
 mod connections;
+mod database_faults;
+mod deadlines;
 mod disbursements;
 mod dispatch_batch;
 mod dispatch_limits;
@@ -13,6 +15,7 @@ mod imports;
 mod intake;
 mod isolation;
 mod partners;
+mod proxy;
 mod reconcile;
 mod replay;
 mod validation;
