@@ -37,11 +37,14 @@ pub async fn follow_database(
     ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut serving = true;
     loop {
-        tokio::select! {
+        let next = async {
+            ticks.tick().await;
+            store.probe(probe.timeout).await
+        };
+        let probed = tokio::select! {
             () = &mut stop => return,
-            _ = ticks.tick() => {}
-        }
-        let probed = store.probe(probe.timeout).await;
+            probed = next => probed,
+        };
         if probed.is_ok() == serving {
             continue;
         }
