@@ -52,7 +52,7 @@ pub type Result<T, E = StoreError> = std::result::Result<T, E>;
 
 /// What a failure of the database means for the call that met it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Failure {
+enum Failure {
     /// The database is out of reach: the call may succeed later, unchanged.
     Unavailable,
     /// The database rolled the transaction back for contention: run it again.
@@ -71,7 +71,7 @@ const SQLITE_BUSY: i32 = 5;
 const SQLITE_LOCKED: i32 = 6;
 
 /// How the database failed, as far as the call is concerned.
-pub fn failure_of(e: &sqlx::Error) -> Failure {
+fn failure_of(e: &sqlx::Error) -> Failure {
     match e {
         sqlx::Error::PoolTimedOut
         | sqlx::Error::PoolClosed

@@ -30,7 +30,7 @@ pub mod postgres;
 mod rows;
 pub mod sqlite;
 
-pub use error::{CONTENTION_ATTEMPTS, Failure, Result, StoreError, failure_of, retry_contention};
+pub use error::{CONTENTION_ATTEMPTS, Result, StoreError, retry_contention};
 pub use idempotency::{AuditFn, AuditOf, Idempotency, Recorded, Render, RenderFn};
 
 /// How a store holds its connections to the database.

@@ -49,8 +49,8 @@ impl PgStore {
                     Ok(true)
                 })
             })
-            .connect_with(options.clone())
-            .await?;
+            .connect_lazy_with(options.clone());
+        wait_for_database(&pool).await?;
         Ok(Self {
             pool,
             cipher,
@@ -66,6 +66,26 @@ impl PgStore {
 
     async fn begin_write(&self) -> super::Result<sqlx::Transaction<'static, sqlx::Postgres>> {
         Ok(self.pool.begin().await?)
+    }
+}
+
+/// How long the service waits at start for PostgreSQL to take connections: the two are often
+/// started together. (Calls wait only the acquire timeout.)
+const STARTUP_WAIT: Duration = Duration::from_secs(30);
+
+/// Waits until `pool` has a connection, while PostgreSQL is unavailable and for at most
+/// [`STARTUP_WAIT`]; any other failure (a wrong password, no such database) at once.
+async fn wait_for_database(pool: &sqlx::PgPool) -> super::Result<()> {
+    let started = tokio::time::Instant::now();
+    loop {
+        match pool.acquire().await.map_err(super::StoreError::from) {
+            Ok(_) => return Ok(()),
+            Err(super::StoreError::Unavailable(e)) if started.elapsed() < STARTUP_WAIT => {
+                tracing::warn!(error = %e, "waiting for PostgreSQL to take connections");
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+            Err(e) => return Err(e),
+        }
     }
 }
 
