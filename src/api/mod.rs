@@ -190,7 +190,9 @@ impl From<StoreError> for Status {
                 status_with_reason(Code::FailedPrecondition, reason, message, &[])
             }
             StoreError::Unavailable(error) => {
-                tracing::warn!(error = format!("{error:#}"), "database unavailable");
+                // The health probe warns once of the outage; each call's own failure is
+                // logged with its span.
+                tracing::debug!(error = format!("{error:#}"), "database unavailable");
                 retryable(
                     Code::Unavailable,
                     "DATABASE_UNAVAILABLE",
