@@ -18,7 +18,7 @@ use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
 use tonic_types::StatusExt as _;
 
-use crate::deadlines::WriteLock;
+use crate::deadlines::{WriteLock, partners_numbered};
 use crate::helpers::*;
 use crate::proxy::DbProxy;
 
@@ -203,18 +203,10 @@ async fn a_slow_database_answers_late_calls_deadline_exceeded_and_runs_each_once
     .into_inner()
     .partner
     .expect("partner");
-    let stored: Vec<String> = sqlx::query_scalar(
-        "SELECT partner_id FROM partners WHERE business_registration_number = $1",
-    )
-    .bind(brn(1))
-    .fetch_all(
-        &mut sqlx::PgConnection::connect(&app.database_url)
-            .await
-            .expect("db"),
-    )
-    .await
-    .expect("partners");
-    assert_eq!(stored, [retried.partner_id]);
+    let mut db = sqlx::PgConnection::connect(&app.database_url)
+        .await
+        .expect("db");
+    assert_eq!(partner_ids(&mut db, 1).await, [retried.partner_id]);
 }
 
 /// Makes the database roll back, with SQLSTATE `code`, the first `times` statements that
@@ -367,16 +359,7 @@ async fn register_once(app: &TestApp, request: pb::RegisterPartnerRequest, seed:
         .into_inner()
         .partner
         .expect("partner");
-    let listed = app
-        .partners()
-        .list_partners(pb::ListPartnersRequest {
-            business_registration_number: brn(seed),
-            ..Default::default()
-        })
-        .await
-        .expect("list")
-        .into_inner()
-        .partners;
+    let listed = partners_numbered(app, &brn(seed)).await;
     let ids: Vec<&str> = listed.iter().map(|p| p.partner_id.as_str()).collect();
     assert_eq!(ids, [created.partner_id.as_str()]);
 }

@@ -75,7 +75,8 @@ async fn audited(app: &TestApp, request_id: &str, outcome: &str) -> Vec<pb::Audi
     .await
 }
 
-async fn partners_numbered(app: &TestApp, brn: &str) -> Vec<pb::Partner> {
+/// The partners registered under business registration number `brn`.
+pub(crate) async fn partners_numbered(app: &TestApp, brn: &str) -> Vec<pb::Partner> {
     app.partners()
         .list_partners(pb::ListPartnersRequest {
             business_registration_number: brn.into(),
