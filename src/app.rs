@@ -9,6 +9,7 @@ use anyhow::Context as _;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
+use tonic_health::server::HealthReporter;
 
 use crate::api::{
     Context, audit::Audit, claims::Claims, disbursements::Disbursements, partners::Partners,
@@ -24,6 +25,7 @@ use crate::proto::payouts::v1::audit_service_server::{self, AuditServiceServer};
 use crate::proto::payouts::v1::claim_service_server::{self, ClaimServiceServer};
 use crate::proto::payouts::v1::disbursement_service_server::{self, DisbursementServiceServer};
 use crate::proto::payouts::v1::partner_service_server::{self, PartnerServiceServer};
+use crate::readiness;
 #[cfg(feature = "sandbox")]
 use crate::sandbox;
 use crate::sealing::PiiCipher;
@@ -64,13 +66,13 @@ async fn open_store_with(
 ) -> anyhow::Result<Arc<dyn Store>> {
     let url = &settings.database_url;
     if url.starts_with("postgres") {
-        let store = PgStore::connect(url, settings.database_max_connections, cipher)
+        let store = PgStore::connect(url, &settings.pool_settings(), cipher)
             .await
             .context("connecting to PostgreSQL")?;
         store.migrate().await.context("migrating PostgreSQL")?;
         Ok(Arc::new(store))
     } else {
-        let store = SqliteStore::connect(url, cipher)
+        let store = SqliteStore::connect(url, &settings.pool_settings(), cipher)
             .await
             .with_context(|| format!("opening SQLite at {url}"))?;
         store.migrate().await.context("migrating SQLite")?;
@@ -197,16 +199,23 @@ impl Application {
             sandbox,
             authenticator,
         } = self;
-        let background = Background::start(&settings, &ctx, dispatcher, sandbox, &authenticator);
-
-        let max = settings.max_message_bytes;
-        let (_health_reporter, health_service) = discovery::health_serving(&[
+        let services = vec![
             partner_service_server::SERVICE_NAME,
             claim_service_server::SERVICE_NAME,
             disbursement_service_server::SERVICE_NAME,
             audit_service_server::SERVICE_NAME,
-        ])
-        .await;
+        ];
+        let (health, health_service) = discovery::health_serving(&services).await;
+        let background = Background::start(
+            &settings,
+            &ctx,
+            dispatcher,
+            sandbox,
+            &authenticator,
+            (health, services),
+        );
+
+        let max = settings.max_message_bytes;
         let (reflection_v1, reflection_v1alpha) = discovery::reflection(None)?;
 
         tracing::info!(addr = %listener.local_addr()?, database = %redact_url(&settings.database_url), "serving");
@@ -225,8 +234,12 @@ impl Application {
         }
         let incoming = crate::net::Incoming::new(listener, settings.connection_limits());
         let server = builder
-            .timeout(Duration::from_millis(settings.request_timeout_ms))
             .concurrency_limit_per_connection(settings.max_concurrent_requests)
+            // Outermost, so that a call past its deadline is answered DEADLINE_EXCEEDED
+            // (before tonic's own timer would answer CANCELLED) and recorded as such within.
+            .layer(crate::deadline::DeadlineLayer {
+                request_timeout: Duration::from_millis(settings.request_timeout_ms),
+            })
             .layer(crate::telemetry::RpcTraceLayer)
             .layer(AuthLayer::with_denial_sink(
                 authenticator,
@@ -257,11 +270,13 @@ impl Application {
 }
 
 /// What runs beside the gRPC server: the dispatcher, the sweep of refused peers, the writer
-/// of denials to the audit log and, without a configured backend, the sandbox bank.
+/// of denials to the audit log, the database probe that moves gRPC health and, without a
+/// configured backend, the sandbox bank.
 struct Background {
     stop: watch::Sender<bool>,
     dispatch: JoinHandle<()>,
     peers: JoinHandle<()>,
+    readiness: JoinHandle<()>,
     sandbox: Option<JoinHandle<anyhow::Result<()>>>,
     denials: Arc<AuditDenials>,
 }
@@ -273,6 +288,7 @@ impl Background {
         dispatcher: Dispatcher,
         sandbox: Option<EmbeddedBank>,
         authenticator: &Arc<Authenticator>,
+        (health, services): (HealthReporter, Vec<&'static str>),
     ) -> Self {
         let (stop, stop_rx) = watch::channel(false);
         let stopped = |mut rx: watch::Receiver<bool>| async move {
@@ -282,6 +298,16 @@ impl Background {
         let dispatch = tokio::spawn(dispatcher.run(stopped(stop_rx.clone())));
         let peers = tokio::spawn(crate::auth::forget_quiet_peers(
             authenticator.clone(),
+            stopped(stop_rx.clone()),
+        ));
+        let readiness = tokio::spawn(readiness::follow_database(
+            ctx.store.clone(),
+            health,
+            services,
+            readiness::Probe {
+                interval: settings.database_probe_interval(),
+                timeout: settings.pool_settings().acquire_timeout,
+            },
             stopped(stop_rx),
         ));
         let denials = Arc::new(AuditDenials::spawn(
@@ -296,6 +322,7 @@ impl Background {
             stop,
             dispatch,
             peers,
+            readiness,
             sandbox,
             denials,
         }
@@ -309,6 +336,7 @@ impl Background {
         let _ = self.stop.send(true);
         self.dispatch.await?;
         self.peers.await?;
+        self.readiness.await?;
         if let Some(task) = self.sandbox {
             task.await??;
         }

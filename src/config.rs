@@ -12,6 +12,7 @@ use serde::{Deserialize, Serialize};
 use crate::net::ConnectionLimits;
 use crate::payments::BackendConnection;
 use crate::secret::Secret;
+use crate::store::PoolSettings;
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default)]
@@ -22,6 +23,14 @@ pub struct Settings {
     pub database_url: String,
     /// PostgreSQL connections per replica.
     pub database_max_connections: u32,
+    /// How long a call waits for a database connection, in milliseconds; then it is answered
+    /// `UNAVAILABLE`. The health probe waits as long for its answer.
+    pub database_acquire_timeout_ms: u64,
+    /// How often the database is probed for the gRPC health status, in milliseconds.
+    pub database_probe_interval_ms: u64,
+    /// SQLite: how long a writer waits for another's lock, in milliseconds; then its call is
+    /// answered `UNAVAILABLE`.
+    pub sqlite_busy_timeout_ms: u64,
     /// The payments backend; unset: an embedded sandbox bank (no money moves).
     pub payments_backend_url: Option<String>,
     /// A compensation policy file; unset: the one that ships (`policy/default.toml`).
@@ -110,6 +119,9 @@ impl Default for Settings {
             listen_addr: SocketAddr::from(([127, 0, 0, 1], 50051)),
             database_url: "sqlite://./data/payouts.db".into(),
             database_max_connections: 16,
+            database_acquire_timeout_ms: 2_000,
+            database_probe_interval_ms: 2_000,
+            sqlite_busy_timeout_ms: 10_000,
             payments_backend_url: None,
             policy_file: None,
             max_message_bytes: 1024 * 1024,
@@ -207,6 +219,20 @@ impl Settings {
         }
     }
 
+    /// How the store holds its database connections.
+    pub fn pool_settings(&self) -> PoolSettings {
+        PoolSettings {
+            max_connections: self.database_max_connections,
+            acquire_timeout: Duration::from_millis(self.database_acquire_timeout_ms),
+            busy_timeout: Duration::from_millis(self.sqlite_busy_timeout_ms),
+        }
+    }
+
+    /// How often the health probe asks the database.
+    pub fn database_probe_interval(&self) -> Duration {
+        Duration::from_millis(self.database_probe_interval_ms)
+    }
+
     /// Checks the settings as a whole; [`Settings::load`] and the application both call it.
     pub fn validate(&self) -> anyhow::Result<()> {
         if !(self.database_url.starts_with("sqlite:") || self.database_url.starts_with("postgres"))
@@ -235,6 +261,25 @@ impl Settings {
             anyhow::bail!("settings: http2_keepalive_timeout_ms must be at least 1");
         }
         self.validate_backend_identity()?;
+        for (field, value) in [
+            (
+                "database_max_connections",
+                u64::from(self.database_max_connections),
+            ),
+            (
+                "database_acquire_timeout_ms",
+                self.database_acquire_timeout_ms,
+            ),
+            (
+                "database_probe_interval_ms",
+                self.database_probe_interval_ms,
+            ),
+            ("sqlite_busy_timeout_ms", self.sqlite_busy_timeout_ms),
+        ] {
+            if value == 0 {
+                anyhow::bail!("settings: {field} must be at least 1");
+            }
+        }
         if self.dispatch_concurrency == 0 {
             anyhow::bail!("settings: dispatch_concurrency must be at least 1");
         }

@@ -10,11 +10,13 @@
 //!   the re-sealing of stored values under the first key.
 //! - `sandbox` (cargo feature `sandbox`, on by default): the sandbox bank, a fake payments
 //!   backend (no money moves) that `serve` starts only when no backend is configured.
-//! - [`app`]: wiring everything from [`config::Settings`] into a running server.
+//! - [`app`]: wiring everything from [`config::Settings`] into a running server;
+//!   [`readiness`]: gRPC health that follows the database.
 //!
-//! Leaf modules, which import nothing of the crate but [`proto`]: [`principal`] (the caller),
-//! [`status`] and [`status_body`] (gRPC statuses), [`sealing`] (account numbers at rest),
-//! [`secret`] (settings that never print), [`discovery`] (health and reflection).
+//! Leaf modules, which import nothing of the crate but [`proto`] and each other:
+//! [`principal`] (the caller), [`status`] and [`status_body`] (gRPC statuses), [`deadline`]
+//! (every call ends by its deadline), [`sealing`] (account numbers at rest), [`secret`]
+//! (settings that never print), [`discovery`] (health and reflection).
 //!
 //! Imports run one way: `domain` <- `store` <- `api` and `payments`; `auth` stands beside
 //! `api`; everything may use the leaf modules; only `app` (and `main`) see all of it.
@@ -24,6 +26,7 @@ pub mod app;
 pub mod audit;
 pub mod auth;
 pub mod config;
+pub mod deadline;
 pub mod discovery;
 pub mod domain;
 pub mod keys;
@@ -31,6 +34,7 @@ pub mod net;
 pub mod payments;
 pub mod principal;
 pub mod proto;
+pub mod readiness;
 #[cfg(feature = "sandbox")]
 pub mod sandbox;
 pub mod sealing;

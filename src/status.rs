@@ -1,7 +1,9 @@
 //! The gRPC statuses this service answers with: canonical codes carrying a
-//! `google.rpc.ErrorInfo` of the `payouts` domain.
+//! `google.rpc.ErrorInfo` of the `payouts` domain, a `RetryInfo` where a retry may succeed,
+//! and on `INTERNAL` a `RequestInfo` naming the call's trace.
 
 use std::collections::HashMap;
+use std::time::Duration;
 
 use prost::Message;
 use tonic::{Code, Status};
@@ -25,6 +27,44 @@ pub fn status_with_reason(
         code,
         message,
         ErrorDetails::with_error_info(reason, ERROR_DOMAIN, metadata),
+    )
+}
+
+/// A status a caller may retry as it is: `ErrorInfo{reason, domain: payouts}` and
+/// `RetryInfo{retry_delay}`.
+pub fn retryable(
+    code: Code,
+    reason: &str,
+    message: impl Into<String>,
+    retry_delay: Duration,
+) -> Status {
+    let millis = retry_delay.as_millis().to_string();
+    let mut details = ErrorDetails::with_error_info(
+        reason,
+        ERROR_DOMAIN,
+        [("retry_delay_ms".to_owned(), millis)],
+    );
+    details.set_retry_info(Some(retry_delay));
+    Status::with_error_details(code, message, details)
+}
+
+/// `INTERNAL`: a fault of ours, never the caller's. It carries `RequestInfo` whose
+/// `request_id` is the call's trace id (when the call is traced), so that an operator finds
+/// the trace and the logged error from what the caller saw.
+pub fn internal(message: impl std::fmt::Display) -> Status {
+    use opentelemetry::trace::TraceContextExt as _;
+    use tracing_opentelemetry::OpenTelemetrySpanExt as _;
+    let context = tracing::Span::current().context();
+    let span = context.span();
+    let trace = span.span_context();
+    if !trace.is_valid() {
+        return Status::internal(message.to_string());
+    }
+    let trace_id = trace.trace_id().to_string();
+    Status::with_error_details(
+        Code::Internal,
+        format!("{message} (trace {trace_id})"),
+        ErrorDetails::with_request_info(trace_id, ""),
     )
 }
 

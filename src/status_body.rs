@@ -3,8 +3,9 @@
 //! A call that fails before answering carries its status in the response headers. Otherwise
 //! the status comes in the trailers, after the last message: for a streaming call that is when
 //! the stream ends, which can be long after the headers, and can be an error. [`StatusBody`]
-//! wraps such a response body and reports the status once the trailers pass (or `CANCELLED`
-//! if the body is dropped first, as when the caller goes away).
+//! wraps such a response body and reports the status once the trailers pass (or, if the body
+//! is dropped first, `DEADLINE_EXCEEDED` when the call's deadline had come and `CANCELLED`
+//! when the caller went away before it).
 
 use std::collections::HashSet;
 use std::pin::Pin;
@@ -14,6 +15,8 @@ use std::task::{Context, Poll, ready};
 use futures::future::BoxFuture;
 use http_body::{Body, Frame, SizeHint};
 use tonic::Code;
+
+use crate::deadline::Deadline;
 
 /// The status in a header map (`grpc-status`), if there is one.
 pub fn status_in(headers: &http::HeaderMap) -> Option<Code> {
@@ -66,6 +69,8 @@ pub struct StatusBody<B: Body> {
     inner: B,
     on_end: Option<OnEnd>,
     held: Option<Held<B>>,
+    /// Tells a body dropped past its deadline from one its caller left.
+    deadline: Deadline,
 }
 
 impl<B: Body> StatusBody<B> {
@@ -87,7 +92,14 @@ impl<B: Body> StatusBody<B> {
             inner,
             on_end: Some(Box::new(on_end)),
             held: None,
+            deadline: Deadline::default(),
         }
+    }
+
+    /// The body of a call with `deadline`: dropped past it, its status is `DEADLINE_EXCEEDED`.
+    pub fn within(mut self, deadline: Deadline) -> Self {
+        self.deadline = deadline;
+        self
     }
 }
 
@@ -138,9 +150,9 @@ where
 
 impl<B: Body> Drop for StatusBody<B> {
     fn drop(&mut self) {
-        // The body was not read to its end: the caller went away.
+        // The body was not read to its end: the caller went away, or its deadline came.
         let work = match (self.on_end.take(), self.held.take()) {
-            (Some(on_end), _) => on_end(Code::Cancelled),
+            (Some(on_end), _) => on_end(self.deadline.unfinished()),
             (None, Some((work, _))) => work,
             (None, None) => return,
         };

@@ -239,6 +239,52 @@ pub fn metrics() -> &'static Metrics {
     })
 }
 
+/// What became of a call, on its span and in `rpc.server.duration`: recorded once, when its
+/// status is known or, if the call is dropped unanswered first, as its deadline tells
+/// (`DEADLINE_EXCEEDED` once it has come, else `CANCELLED`: the caller went away).
+struct Outcome {
+    span: tracing::Span,
+    started: Instant,
+    method: KeyValue,
+    deadline: crate::deadline::Deadline,
+    recorded: bool,
+}
+
+impl Outcome {
+    fn record(mut self, code: tonic::Code) {
+        self.write(code);
+    }
+
+    fn write(&mut self, code: tonic::Code) {
+        if std::mem::replace(&mut self.recorded, true) {
+            return;
+        }
+        let code = code as i64;
+        self.span.record("rpc.grpc.status_code", code);
+        let elapsed_ms = self.started.elapsed().as_secs_f64() * 1000.0;
+        if code != 0 {
+            self.span.record("otel.status_code", "ERROR");
+            tracing::info!(parent: &self.span, code, elapsed_ms, "rpc failed");
+        } else {
+            tracing::debug!(parent: &self.span, elapsed_ms, "rpc finished");
+        }
+        metrics().rpc_duration.record(
+            elapsed_ms,
+            &[
+                self.method.clone(),
+                KeyValue::new("rpc.grpc.status_code", code),
+            ],
+        );
+    }
+}
+
+impl Drop for Outcome {
+    fn drop(&mut self) {
+        let code = self.deadline.unanswered();
+        self.write(code);
+    }
+}
+
 /// A tower layer giving every RPC (except health and reflection) a SERVER span named
 /// `package.Service/Method`, child of the caller's `traceparent`, and a duration metric.
 #[derive(Debug, Clone, Copy, Default)]
@@ -290,45 +336,43 @@ where
             global::get_text_map_propagator(|p| p.extract(&HeaderExtractor(request.headers())));
         let _ = span.set_parent(parent);
         span.record("trace_id", trace_id_of(&span));
-        let method_attr = KeyValue::new("rpc.method", path.clone());
+        let outcome = Outcome {
+            span: span.clone(),
+            started: Instant::now(),
+            method: KeyValue::new("rpc.method", path.clone()),
+            deadline: crate::deadline::Deadline::of(&request),
+            recorded: false,
+        };
         let future = {
             let _entered = span.enter();
             self.inner.call(request)
         };
-        let started = Instant::now();
         Box::pin(async move {
-            let result = future.instrument(span.clone()).await;
-            let finish = move |code: tonic::Code| {
-                let code = code as i64;
-                span.record("rpc.grpc.status_code", code);
-                let elapsed_ms = started.elapsed().as_secs_f64() * 1000.0;
-                if code != 0 {
-                    span.record("otel.status_code", "ERROR");
-                    tracing::info!(parent: &span, code, elapsed_ms, "rpc failed");
-                } else {
-                    tracing::debug!(parent: &span, elapsed_ms, "rpc finished");
-                }
-                metrics().rpc_duration.record(
-                    elapsed_ms,
-                    &[method_attr, KeyValue::new("rpc.grpc.status_code", code)],
-                );
-            };
+            let result = future.instrument(span).await;
             match result {
                 // Failed before answering, or answered with a status in the headers.
                 Err(e) => {
-                    finish(tonic::Code::Unknown);
+                    outcome.record(tonic::Code::Unknown);
                     Err(e)
                 }
                 Ok(response) => match crate::status_body::status_in(response.headers()) {
                     Some(code) => {
-                        finish(code);
+                        outcome.record(code);
                         Ok(response)
                     }
                     // The status comes with the trailers: the span lasts until then, so a
                     // stream's span covers the whole stream and ends with its real status.
-                    None => Ok(response.map(|body| {
-                        tonic::body::Body::new(crate::status_body::StatusBody::new(body, finish))
-                    })),
+                    None => {
+                        let deadline = outcome.deadline;
+                        Ok(response.map(|body| {
+                            tonic::body::Body::new(
+                                crate::status_body::StatusBody::new(body, move |code| {
+                                    outcome.record(code);
+                                })
+                                .within(deadline),
+                            )
+                        }))
+                    }
                 },
             }
         })

@@ -20,6 +20,7 @@ use opentelemetry_proto::tonic::collector::trace::v1::{
     trace_service_server::{TraceService, TraceServiceServer},
 };
 use opentelemetry_proto::tonic::common::v1::any_value::Value;
+use opentelemetry_proto::tonic::metrics::v1::metric::Data;
 use opentelemetry_proto::tonic::trace::v1::{Span, span::SpanKind, status::StatusCode};
 use partner_payouts::proto::payments::v1::sandbox_ledger_client::SandboxLedgerClient;
 use partner_payouts::proto::payouts::v1 as pb;
@@ -29,6 +30,8 @@ use partner_payouts::sandbox;
 struct Collector {
     spans: Arc<Mutex<Vec<Span>>>,
     metric_names: Arc<Mutex<HashSet<String>>>,
+    /// The method and status code of every `rpc.server.duration` point.
+    durations: Arc<Mutex<HashSet<(String, i64)>>>,
 }
 
 #[tonic::async_trait]
@@ -54,9 +57,33 @@ impl MetricsService for Collector {
         request: tonic::Request<ExportMetricsServiceRequest>,
     ) -> Result<tonic::Response<ExportMetricsServiceResponse>, tonic::Status> {
         let mut names = self.metric_names.lock().expect("lock");
+        let mut durations = self.durations.lock().expect("lock");
         for resource in request.into_inner().resource_metrics {
             for scope in resource.scope_metrics {
-                names.extend(scope.metrics.into_iter().map(|m| m.name));
+                for metric in scope.metrics {
+                    if let Some(Data::Histogram(histogram)) = &metric.data
+                        && metric.name == "rpc.server.duration"
+                    {
+                        durations.extend(histogram.data_points.iter().filter_map(|point| {
+                            let attr = |key: &str| {
+                                point
+                                    .attributes
+                                    .iter()
+                                    .find(|kv| kv.key == key)?
+                                    .value
+                                    .clone()?
+                                    .value
+                            };
+                            match (attr("rpc.method"), attr("rpc.grpc.status_code")) {
+                                (Some(Value::StringValue(m)), Some(Value::IntValue(c))) => {
+                                    Some((m, c))
+                                }
+                                _ => None,
+                            }
+                        }));
+                    }
+                    names.insert(metric.name);
+                }
             }
         }
         Ok(tonic::Response::new(ExportMetricsServiceResponse::default()))
@@ -412,6 +439,8 @@ async fn every_call_leaves_a_trace_and_no_account_number() {
         .await
         .expect("summary");
 
+    let (deadline_span, internal_span) = calls_that_fail_the_service_way(&app).await;
+
     // The sandbox received the approving call's trace with the instruction.
     let applied = SandboxLedgerClient::connect(format!("http://{bank_addr}"))
         .await
@@ -500,6 +529,7 @@ async fn every_call_leaves_a_trace_and_no_account_number() {
         );
     }
 
+    assert_failed_spans(&spans, &[(deadline_span, 4), (internal_span, 13)]);
     let exported = format!("{spans:?}");
     let logged = String::from_utf8(logs.0.lock().expect("lock").clone()).expect("utf-8");
     assert!(!logged.is_empty(), "logs were captured");
@@ -524,7 +554,93 @@ async fn every_call_leaves_a_trace_and_no_account_number() {
     })
     .await;
     assert!(names.contains("payouts.dispatch.attempts"), "{names:?}");
+    // The call past its deadline is counted as such in the duration metric.
+    eventually(10, || {
+        let collector = collector.clone();
+        async move {
+            let durations = collector.durations.lock().expect("lock");
+            let deadline = ("payouts.v1.PartnerService/RegisterPartner".to_owned(), 4);
+            durations.contains(&deadline).then_some(())
+        }
+    })
+    .await;
     let _ = std::io::stderr().flush();
+}
+
+/// Two calls that fail, traced under parents of their own (returned): a registration past its
+/// caller's deadline (the partners are locked meanwhile), and a read of a partner whose stored
+/// row is corrupt, which is answered INTERNAL with a RequestInfo naming the trace.
+async fn calls_that_fail_the_service_way(app: &TestApp) -> (&'static str, &'static str) {
+    use sqlx::Connection as _;
+    use tonic_types::StatusExt as _;
+    const DEADLINE_SPAN: &str = "00000000000000d1";
+    const INTERNAL_SPAN: &str = "00000000000000d2";
+    let mut db = sqlx::SqliteConnection::connect(&app.database_url)
+        .await
+        .expect("the service's database");
+    sqlx::raw_sql("BEGIN IMMEDIATE")
+        .execute(&mut db)
+        .await
+        .expect("lock");
+    let mut late = traced(
+        pb::RegisterPartnerRequest {
+            request_id: request_id(),
+            partner: Some(partner(3)),
+        },
+        DEADLINE_SPAN,
+    );
+    late.set_timeout(std::time::Duration::from_millis(300));
+    let status = app
+        .partners_leaving_deadlines()
+        .register_partner(late)
+        .await
+        .expect_err("past its deadline");
+    assert_eq!(status.code(), tonic::Code::DeadlineExceeded, "{status:?}");
+    sqlx::raw_sql("ROLLBACK")
+        .execute(&mut db)
+        .await
+        .expect("unlock");
+
+    let corrupt = register(app, partner(4)).await;
+    sqlx::query("UPDATE partners SET affected_services = 'NO_SUCH_SERVICE' WHERE partner_id = $1")
+        .bind(&corrupt.partner_id)
+        .execute(&mut db)
+        .await
+        .expect("corrupt a stored row");
+    let status = app
+        .partners()
+        .get_partner(traced(
+            pb::GetPartnerRequest {
+                partner_id: corrupt.partner_id,
+            },
+            INTERNAL_SPAN,
+        ))
+        .await
+        .expect_err("an unreadable row");
+    assert_eq!(status.code(), tonic::Code::Internal, "{status:?}");
+    let info = status.get_details_request_info().expect("RequestInfo");
+    assert_eq!(info.request_id, TRACE_ID, "INTERNAL names the call's trace");
+    (DEADLINE_SPAN, INTERNAL_SPAN)
+}
+
+/// The SERVER span under each parent span id has the gRPC status code given, and an error
+/// status.
+fn assert_failed_spans(spans: &[Span], failed: &[(&str, i64)]) {
+    for (parent_id, code) in failed {
+        let span = spans
+            .iter()
+            .find(|s| s.kind == SpanKind::Server as i32 && s.parent_span_id == hex(parent_id))
+            .expect("a span for the failed call");
+        assert_eq!(
+            int_attr(span, "rpc.grpc.status_code"),
+            Some(*code),
+            "{span:?}"
+        );
+        assert_eq!(
+            span.status.as_ref().map(|s| s.code),
+            Some(StatusCode::Error as i32)
+        );
+    }
 }
 
 fn hex(s: &str) -> Vec<u8> {

@@ -183,11 +183,9 @@ impl DisbursementService for Disbursements {
         _request: Request<pb::GetProgramSummaryRequest>,
     ) -> Result<Response<pb::GetProgramSummaryResponse>, Status> {
         let s = self.ctx.store.program_summary().await?;
-        let in_flight_krw = s
-            .queued
-            .krw
-            .checked_add(s.submitted.krw)
-            .ok_or_else(|| Status::internal("the in-flight total passes the range of KRW"))?;
+        let in_flight_krw = s.queued.krw.checked_add(s.submitted.krw).ok_or_else(|| {
+            crate::status::internal("the in-flight total passes the range of KRW")
+        })?;
         Ok(Response::new(pb::GetProgramSummaryResponse {
             approved_count: s.approved.count,
             approved_krw: s.approved.krw.won(),

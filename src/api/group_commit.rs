@@ -12,8 +12,13 @@
 //! A row the database refuses fails only its own call: a batch that fails as a whole is
 //! written again in halves down to the rows that fail alone ([`write_isolating`]), each part
 //! in its own transaction with its rows' audit entries.
+//!
+//! A batch that cannot reach the database fails every call in it `Unavailable`, and so are
+//! the calls that were waiting meanwhile, at once: they would otherwise each wait a turn of
+//! their own (as long again) to find the same.
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Instant;
 
 use futures::future::BoxFuture;
 use tokio::sync::{Semaphore, mpsc, oneshot};
@@ -71,6 +76,7 @@ struct Job<R, T> {
     span: tracing::Span,
     /// The answer, and whether the caller's audit entry was written with it.
     reply: oneshot::Sender<(Answer<T>, bool)>,
+    queued: Instant,
 }
 
 /// Queues rows of one kind and writes them in shared transactions.
@@ -95,6 +101,7 @@ impl<R: Send + Sync + 'static, T: Send + 'static> Batcher<R, T> {
             audit: call.draft(),
             span: tracing::Span::current(),
             reply,
+            queued: Instant::now(),
         };
         self.tx.send(job).await.map_err(|_| stopped())?;
         let (answer, audited) = answer.await.map_err(|_| stopped())?;
@@ -115,6 +122,8 @@ async fn run<R: Send + Sync + 'static, T: Send + 'static>(
     write: WriteBatch<R, T>,
 ) {
     let writers = Arc::new(Semaphore::new(IN_FLIGHT));
+    // When a batch last found the database out of reach.
+    let unreachable: Arc<Mutex<Option<Instant>>> = Arc::default();
     loop {
         // A free writer first, then every row waiting: while all writers are busy, rows
         // accumulate in the channel and the next batch takes them all.
@@ -125,15 +134,46 @@ async fn run<R: Send + Sync + 'static, T: Send + 'static>(
         if rx.recv_many(&mut jobs, MAX_ROWS).await == 0 {
             return;
         }
+        let found_unreachable = *unreachable.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(at) = found_unreachable {
+            jobs = answer_waiting(jobs, at);
+            if jobs.is_empty() {
+                continue;
+            }
+        }
         let write = write.clone();
+        let unreachable = unreachable.clone();
         tokio::spawn(async move {
-            write_batch(name, jobs, &write).await;
+            if write_batch(name, jobs, &write).await {
+                *unreachable.lock().unwrap_or_else(PoisonError::into_inner) = Some(Instant::now());
+            }
             drop(writer);
         });
     }
 }
 
-async fn write_batch<R, T>(name: &'static str, jobs: Vec<Job<R, T>>, write: &WriteBatch<R, T>) {
+/// Answers `Unavailable` the calls that were queued before a batch found the database out of
+/// reach at `unreachable_at`; returns the others.
+fn answer_waiting<R, T>(jobs: Vec<Job<R, T>>, unreachable_at: Instant) -> Vec<Job<R, T>> {
+    let (waited, fresh): (Vec<_>, Vec<_>) = jobs
+        .into_iter()
+        .partition(|job| job.queued <= unreachable_at);
+    for job in waited {
+        let answer = Err(StoreError::Unavailable(anyhow::anyhow!(
+            "the database was out of reach while the call waited for its turn"
+        )));
+        let _ = job.reply.send((answer, false));
+    }
+    fresh
+}
+
+/// Writes a batch and answers its calls; true when every call failed for want of the
+/// database.
+async fn write_batch<R, T>(
+    name: &'static str,
+    jobs: Vec<Job<R, T>>,
+    write: &WriteBatch<R, T>,
+) -> bool {
     let span = tracing::info_span!(
         parent: &jobs[0].span,
         "group_commit",
@@ -157,6 +197,10 @@ async fn write_batch<R, T>(name: &'static str, jobs: Vec<Job<R, T>>, write: &Wri
     })
     .instrument(span)
     .await;
+    let unreachable = !answers.is_empty()
+        && answers
+            .iter()
+            .all(|a| matches!(a, Err(StoreError::Unavailable(_))));
     for ((reply, audited), answer) in replies.into_iter().zip(answers) {
         let sent = match answer {
             // Written (or refused by the store) with the other rows of its part of the batch,
@@ -169,6 +213,7 @@ async fn write_batch<R, T>(name: &'static str, jobs: Vec<Job<R, T>>, write: &Wri
         // A caller that gave up no longer listens; its row is written all the same.
         let _ = reply.send(sent);
     }
+    unreachable
 }
 
 /// The batchers of the two unary intake calls.

@@ -277,7 +277,7 @@ async fn import_batch<I: Import>(
                 .and_then(I::replayed)
             {
                 Some(proto) => RowResult::Replayed(proto),
-                None => RowResult::Rejected(Status::internal("stored response unreadable")),
+                None => RowResult::Rejected(crate::status::internal("stored response unreadable")),
             },
             Ok(Err(e)) => RowResult::Rejected(Status::from(e)),
             // Nothing of the row was stored: it fails as its call would.
@@ -290,7 +290,9 @@ async fn import_batch<I: Import>(
     let results: Vec<RowResult<I::Proto>> = results
         .into_iter()
         .map(|r| {
-            r.unwrap_or_else(|| RowResult::Rejected(Status::internal("the row was not answered")))
+            r.unwrap_or_else(|| {
+                RowResult::Rejected(crate::status::internal("the row was not answered"))
+            })
         })
         .collect();
     if !unaudited.is_empty() {

@@ -12,7 +12,7 @@ use uuid::Uuid;
 
 use crate::audit::{AuditDraft, CallRecord, Resource};
 use crate::domain::{Invalid, Policy};
-use crate::status::status_with_reason;
+use crate::status::{internal, retryable, status_with_reason};
 use crate::store::{self, AuditEvent, Idempotency, Page, Store, StoreError, Stored};
 
 pub mod audit;
@@ -113,6 +113,13 @@ impl Violations {
     }
 }
 
+/// When a call the database could not take may be tried again: about when a pool that lost
+/// its connections has made new ones, or the health probe has looked again.
+pub const DATABASE_RETRY_DELAY: std::time::Duration = std::time::Duration::from_secs(1);
+/// When a call whose transaction lost to contention (after the service's own retries) may be
+/// tried again.
+pub const CONTENTION_RETRY_DELAY: std::time::Duration = std::time::Duration::from_millis(100);
+
 /// The code [`Status::from`] gives a store error, without making the status.
 pub fn code_of(e: &StoreError) -> Code {
     match e {
@@ -126,6 +133,8 @@ pub fn code_of(e: &StoreError) -> Code {
         StoreError::EtagMismatch { .. } => Code::Aborted,
         StoreError::InvalidField { .. } => Code::InvalidArgument,
         StoreError::SamePrincipal(_) => Code::PermissionDenied,
+        StoreError::Unavailable(_) => Code::Unavailable,
+        StoreError::Contention(_) => Code::Aborted,
         StoreError::Unexpected(_) => Code::Internal,
     }
 }
@@ -181,9 +190,31 @@ impl From<StoreError> for Status {
             StoreError::Precondition { reason, message } => {
                 status_with_reason(Code::FailedPrecondition, reason, message, &[])
             }
+            StoreError::Unavailable(error) => {
+                // The health probe warns once of the outage; each call's own failure is
+                // logged with its span.
+                tracing::debug!(error = format!("{error:#}"), "database unavailable");
+                retryable(
+                    Code::Unavailable,
+                    "DATABASE_UNAVAILABLE",
+                    "the database is unavailable; retry later (a mutating call with the same \
+                     request_id)",
+                    DATABASE_RETRY_DELAY,
+                )
+            }
+            StoreError::Contention(error) => {
+                tracing::warn!(error = format!("{error:#}"), "database contention");
+                retryable(
+                    Code::Aborted,
+                    "DATABASE_CONTENTION",
+                    "the database rolled the transaction back for contention, every time it \
+                     was tried; retry (a mutating call with the same request_id)",
+                    CONTENTION_RETRY_DELAY,
+                )
+            }
             StoreError::Unexpected(error) => {
                 tracing::error!(error = format!("{error:#}"), "store failure");
-                Status::internal("internal error; it has been logged")
+                internal("internal error; it has been logged")
             }
         }
     }
@@ -307,12 +338,12 @@ pub fn respond<T, R: Message + Default>(
 
 /// The error of a handler whose checks passed without giving it every value (a bug).
 pub fn missing() -> Status {
-    Status::internal("validation passed without values")
+    crate::status::internal("validation passed without values")
 }
 
 /// A response kept for replays, read back.
 pub fn decode_replay<R: Message + Default>(bytes: &[u8]) -> Result<R, Status> {
-    R::decode(bytes).map_err(|e| Status::internal(format!("stored response unreadable: {e}")))
+    R::decode(bytes).map_err(|e| internal(format!("stored response unreadable: {e}")))
 }
 
 pub const DEFAULT_PAGE_SIZE: u32 = 50;
@@ -384,6 +415,8 @@ mod tests {
                     reason: "R",
                     message: "m".into(),
                 },
+                StoreError::Unavailable(anyhow::anyhow!("connection refused")),
+                StoreError::Contention(anyhow::anyhow!("40P01")),
                 StoreError::Unexpected(anyhow::anyhow!("boom")),
             ]
         };

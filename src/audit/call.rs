@@ -138,9 +138,13 @@ mod tests {
     async fn record() -> (CallRecord, tempfile::TempDir) {
         let dir = tempfile::tempdir().expect("dir");
         let url = format!("sqlite://{}", dir.path().join("audit.db").display());
-        let store = SqliteStore::connect(&url, Arc::new(PiiCipher::new(&[7; 32])))
-            .await
-            .expect("open");
+        let store = SqliteStore::connect(
+            &url,
+            &Default::default(),
+            Arc::new(PiiCipher::new(&[7; 32])),
+        )
+        .await
+        .expect("open");
         store.migrate().await.expect("migrate");
         let writer = GroupWriter::spawn(Arc::new(store));
         let draft = AuditDraft::new("ops", "/payouts.v1.ClaimService/ReviewClaim", "192.0.2.1:9");

@@ -351,9 +351,13 @@ mod tests {
 
     async fn store(dir: &tempfile::TempDir) -> Arc<dyn Store> {
         let url = format!("sqlite://{}", dir.path().join("audit.db").display());
-        let store = SqliteStore::connect(&url, Arc::new(PiiCipher::new(&[7; 32])))
-            .await
-            .expect("open");
+        let store = SqliteStore::connect(
+            &url,
+            &Default::default(),
+            Arc::new(PiiCipher::new(&[7; 32])),
+        )
+        .await
+        .expect("open");
         store.migrate().await.expect("migrate");
         Arc::new(store)
     }

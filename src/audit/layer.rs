@@ -10,6 +10,7 @@ use tonic::Code;
 use super::writer::GroupWriter;
 use super::{AuditDraft, CallRecord};
 use crate::auth::is_mutating;
+use crate::deadline::Deadline;
 use crate::principal::Principal;
 use crate::status_body::{StatusBody, status_in, streams_responses};
 use crate::store::Store;
@@ -82,9 +83,16 @@ where
         );
         request.extensions_mut().insert(call.clone());
         let writer = self.writer.clone();
+        let deadline = Deadline::of(&request);
+        let unanswered = Unanswered {
+            call: Some(call.clone()),
+            writer: writer.clone(),
+            deadline,
+        };
         let future = self.inner.call(request);
         Box::pin(async move {
             let result = future.await;
+            unanswered.answered();
             let Some(entry) = call.entry() else {
                 return result;
             };
@@ -99,10 +107,22 @@ where
                 // A stream's outcome is known when it ends: its entry is written then, before
                 // the trailers go out.
                 None if streams_responses(entry.method()) => Ok(response.map(|body| {
-                    tonic::body::Body::new(StatusBody::finishing(body, move |code| {
-                        Box::pin(async move { writer.record(vec![entry.close(code)]).await })
-                    }))
+                    tonic::body::Body::new(
+                        StatusBody::finishing(body, move |code| {
+                            Box::pin(async move { writer.record(vec![entry.close(code)]).await })
+                        })
+                        .within(deadline),
+                    )
                 })),
+                // The database did not take the call: its entry would wait as long to be
+                // refused. It is written when it can be (or its loss logged), without holding
+                // the answer.
+                Some(Code::Unavailable) => {
+                    tokio::spawn(async move {
+                        writer.record(vec![entry.close(Code::Unavailable)]).await;
+                    });
+                    Ok(response)
+                }
                 // A unary call's entry is stored before the caller sees the answer.
                 status => {
                     writer
@@ -112,5 +132,33 @@ where
                 }
             }
         })
+    }
+}
+
+/// The entry of a call dropped before it was answered (its deadline came, or its caller went
+/// away): written on a task of its own, since nobody waits for the call any more.
+struct Unanswered {
+    /// `None` once the call was answered.
+    call: Option<CallRecord>,
+    writer: GroupWriter,
+    deadline: Deadline,
+}
+
+impl Unanswered {
+    fn answered(mut self) {
+        self.call = None;
+    }
+}
+
+impl Drop for Unanswered {
+    fn drop(&mut self) {
+        let Some(entry) = self.call.take().and_then(|call| call.entry()) else {
+            return;
+        };
+        let event = entry.close(self.deadline.unanswered());
+        let writer = self.writer.clone();
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            runtime.spawn(async move { writer.record(vec![event]).await });
+        }
     }
 }

@@ -40,7 +40,10 @@ impl From<sqlx::Error> for BulkError {
 
 impl From<StoreError> for BulkError {
     fn from(e: StoreError) -> Self {
-        Self::Store(e)
+        match e {
+            StoreError::Contention(_) => Self::Race,
+            e => Self::Store(e),
+        }
     }
 }
 

@@ -111,16 +111,14 @@ where
             isolated += 1;
         }
         // The first row gets the error itself; the others (nothing of theirs was written
-        // either) a copy of its message.
-        let message = format!("{error:#}");
+        // either) a copy of the same kind: a database out of reach is every row's answer.
+        let copies: Vec<StoreError> = (1..range.len()).map(|_| error.for_another_row()).collect();
         let mut slots = answers[range].iter_mut();
         if let Some(first) = slots.next() {
             *first = Some(Err(error));
         }
-        for slot in slots {
-            *slot = Some(Err(StoreError::Unexpected(anyhow::anyhow!(
-                "batch write failed: {message}"
-            ))));
+        for (slot, copy) in slots.zip(copies) {
+            *slot = Some(Err(copy));
         }
     }
     if writes > 1 {
@@ -213,7 +211,12 @@ mod tests {
         let (answers, writes) = write(50, &[7], database_down).await;
         assert_eq!(writes.len(), 1, "{writes:?}");
         assert_eq!(writes[0], 0..50);
-        assert!(answers.iter().all(Result::is_err));
+        assert!(
+            answers
+                .iter()
+                .all(|a| matches!(a, Err(StoreError::Unavailable(_)))),
+            "every row's caller hears the database is out of reach"
+        );
         assert!(!may_be_a_rows_fault(&database_down()));
     }
 

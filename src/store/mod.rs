@@ -9,18 +9,21 @@
 //! The store enforces atomicity (a conditional update that finds its row changed answers so);
 //! what may happen (who may review, which status may be retried) is decided in `domain`.
 
+use std::time::Duration;
+
 use async_trait::async_trait;
 use uuid::Uuid;
 
 use crate::domain::{
     AccountOnFile, AttemptOperation, AttemptOutcome, BankAccount, BusinessRegistrationNumber,
     Claim, ClaimId, ClaimStatus, DisbursementId, DisbursementStatus, Evidence, NewClaim,
-    NewPartner, Partner, PartnerId, Refusal, ReviewDecision, ReviewRefused, Tier,
+    NewPartner, Partner, PartnerId, ReviewDecision, Tier,
 };
 // Finance: export and reconciliation.
 use crate::domain::{Krw, PersonOrBusinessName, SettlementLine, SettlementMismatch};
 
 pub mod batch;
+mod error;
 mod idempotency;
 mod intake;
 pub mod isolate;
@@ -29,8 +32,30 @@ mod rows;
 mod sealed;
 pub mod sqlite;
 
+pub use error::{CONTENTION_ATTEMPTS, Result, StoreError, retry_contention};
 pub use idempotency::{AuditFn, AuditOf, Idempotency, Recorded, Render, RenderFn};
 pub use sealed::{ResealAudit, ResealBatch, ResealPage, SealedKeys, SealedPlace, SealingStore};
+
+/// How a store holds its connections to the database.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PoolSettings {
+    /// Connections at most (PostgreSQL; SQLite keeps 8).
+    pub max_connections: u32,
+    /// How long an operation waits for a connection before it fails `Unavailable`.
+    pub acquire_timeout: Duration,
+    /// SQLite: how long a writer waits for another's lock before it fails `Unavailable`.
+    pub busy_timeout: Duration,
+}
+
+impl Default for PoolSettings {
+    fn default() -> Self {
+        Self {
+            max_connections: 16,
+            acquire_timeout: Duration::from_secs(2),
+            busy_timeout: Duration::from_secs(10),
+        }
+    }
+}
 
 /// Unix microseconds: how every time is stored.
 pub type Micros = i64;
@@ -82,67 +107,6 @@ pub enum Stored<T> {
     Fresh(T),
     Replayed(Vec<u8>),
 }
-
-#[derive(Debug, thiserror::Error)]
-pub enum StoreError {
-    #[error("{0} not found")]
-    NotFound(&'static str),
-    #[error("a partner with this business registration number is already registered")]
-    PartnerAlreadyRegistered { partner_id: PartnerId },
-    #[error("this partner has already filed a claim")]
-    ClaimAlreadyFiled { claim_id: ClaimId },
-    #[error("request_id was already used with a different request")]
-    RequestIdReused,
-    #[error("etag does not match the partner's current etag {current}")]
-    EtagMismatch { current: String },
-    #[error(transparent)]
-    Review(#[from] ReviewRefused),
-    #[error("{field}: {description}")]
-    InvalidField {
-        field: &'static str,
-        description: String,
-    },
-    #[error("the same principal may not {0}")]
-    SamePrincipal(&'static str),
-    #[error("{message}")]
-    Precondition {
-        reason: &'static str,
-        message: String,
-    },
-    #[error(transparent)]
-    Unexpected(#[from] anyhow::Error),
-}
-
-impl From<Refusal> for StoreError {
-    fn from(refusal: Refusal) -> Self {
-        match refusal {
-            Refusal::SamePrincipal(rule) => Self::SamePrincipal(rule.action()),
-            Refusal::Review(refused) => Self::Review(refused),
-            Refusal::NotRetryable(_) => Self::Precondition {
-                reason: "DISBURSEMENT_NOT_FAILED",
-                message: refusal.to_string(),
-            },
-            Refusal::NotCancellable(_) => Self::Precondition {
-                reason: "DISBURSEMENT_NOT_CANCELLABLE",
-                message: refusal.to_string(),
-            },
-        }
-    }
-}
-
-impl From<sqlx::Error> for StoreError {
-    fn from(e: sqlx::Error) -> Self {
-        Self::Unexpected(e.into())
-    }
-}
-
-impl From<sqlx::migrate::MigrateError> for StoreError {
-    fn from(e: sqlx::migrate::MigrateError) -> Self {
-        Self::Unexpected(e.into())
-    }
-}
-
-pub type Result<T, E = StoreError> = std::result::Result<T, E>;
 
 /// One page: rows after `after` (ids sort by creation time), at most `limit`. The api's
 /// page tokens name any kind of row, so a listing's page is over bare ids; a page over one
@@ -635,6 +599,14 @@ pub trait AuditStore {
     async fn list_audit(&self, filter: &AuditFilter, page: &Page) -> Result<Vec<AuditEvent>>;
 }
 
+/// Whether the database answers, for the service's health.
+#[async_trait]
+pub trait ProbeStore {
+    /// One cheap round trip to the database, on a connection of its own (a probe never waits
+    /// behind the calls for the pool); `Err` when it fails or takes longer than `within`.
+    async fn probe(&self, within: Duration) -> Result<()>;
+}
+
 /// The whole store, as the service holds it (`Arc<dyn Store>`): every aggregate's trait.
 pub trait Store:
     PartnerStore
@@ -644,6 +616,7 @@ pub trait Store:
     + SettlementStore
     + AuditStore
     + SealingStore
+    + ProbeStore
     + Send
     + Sync
     + 'static
@@ -658,6 +631,7 @@ impl<S> Store for S where
         + SettlementStore
         + AuditStore
         + SealingStore
+        + ProbeStore
         + Send
         + Sync
         + 'static
@@ -667,8 +641,8 @@ impl<S> Store for S where
 /// The aggregate traits, for callers of [`Store`]'s methods.
 pub mod prelude {
     pub use super::{
-        AuditStore, ClaimStore, DisbursementStore, DispatchStore, PartnerStore, SealingStore,
-        SettlementStore, Store,
+        AuditStore, ClaimStore, DisbursementStore, DispatchStore, PartnerStore, ProbeStore,
+        SealingStore, SettlementStore, Store,
     };
 }
 

@@ -1,17 +1,26 @@
 //! The production store: PostgreSQL, shared by any number of replicas, which coordinate
 //! through row locks (`FOR UPDATE`, `SKIP LOCKED`) and never through each other.
 
+use std::str::FromStr as _;
+use std::sync::Arc;
+use std::time::Duration;
+
 use sqlx::Connection as _;
-use sqlx::postgres::PgPoolOptions;
+use sqlx::postgres::{PgConnectOptions, PgConnection, PgPoolOptions};
+
+use super::PoolSettings;
 
 /// A pooled connection idle this long is checked before it is used again.
-const IDLE_BEFORE_PING: std::time::Duration = std::time::Duration::from_secs(1);
+const IDLE_BEFORE_PING: Duration = Duration::from_secs(1);
 
 /// PostgreSQL behind the [`Store`](super::Store) trait.
 #[derive(Clone)]
 pub struct PgStore {
     pool: sqlx::PgPool,
-    cipher: std::sync::Arc<crate::sealing::PiiCipher>,
+    cipher: Arc<crate::sealing::PiiCipher>,
+    /// The health probe's own connection, made again after a failed probe.
+    probe: Arc<tokio::sync::Mutex<Option<PgConnection>>>,
+    options: PgConnectOptions,
 }
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/postgres");
@@ -19,11 +28,15 @@ static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/postgres
 impl PgStore {
     pub async fn connect(
         url: &str,
-        max_connections: u32,
-        cipher: std::sync::Arc<crate::sealing::PiiCipher>,
+        pool: &PoolSettings,
+        cipher: Arc<crate::sealing::PiiCipher>,
     ) -> super::Result<Self> {
+        let options = PgConnectOptions::from_str(url)?;
         let pool = PgPoolOptions::new()
-            .max_connections(max_connections)
+            .max_connections(pool.max_connections)
+            // Waiting longer for a connection than a caller would for an answer only holds
+            // the caller: past it the call is answered UNAVAILABLE, to be retried.
+            .acquire_timeout(pool.acquire_timeout)
             // A connection in steady use is not pinged before each transaction (a round
             // trip each, 0.3 ms under load); one idle for a while is, and is replaced if it
             // broke meanwhile.
@@ -36,9 +49,14 @@ impl PgStore {
                     Ok(true)
                 })
             })
-            .connect(url)
-            .await?;
-        Ok(Self { pool, cipher })
+            .connect_lazy_with(options.clone());
+        wait_for_database(&pool).await?;
+        Ok(Self {
+            pool,
+            cipher,
+            probe: Arc::default(),
+            options,
+        })
     }
 
     pub async fn migrate(&self) -> super::Result<()> {
@@ -48,6 +66,47 @@ impl PgStore {
 
     async fn begin_write(&self) -> super::Result<sqlx::Transaction<'static, sqlx::Postgres>> {
         Ok(self.pool.begin().await?)
+    }
+}
+
+/// How long the service waits at start for PostgreSQL to take connections: the two are often
+/// started together. (Calls wait only the acquire timeout.)
+const STARTUP_WAIT: Duration = Duration::from_secs(30);
+
+/// Waits until `pool` has a connection, while PostgreSQL is unavailable and for at most
+/// [`STARTUP_WAIT`]; any other failure (a wrong password, no such database) at once.
+async fn wait_for_database(pool: &sqlx::PgPool) -> super::Result<()> {
+    let started = tokio::time::Instant::now();
+    loop {
+        match pool.acquire().await.map_err(super::StoreError::from) {
+            Ok(_) => return Ok(()),
+            Err(super::StoreError::Unavailable(e)) if started.elapsed() < STARTUP_WAIT => {
+                tracing::warn!(error = %e, "waiting for PostgreSQL to take connections");
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+#[async_trait::async_trait]
+impl super::ProbeStore for PgStore {
+    async fn probe(&self, within: Duration) -> super::Result<()> {
+        let mut held = self.probe.lock().await;
+        let probed = tokio::time::timeout(within, async {
+            let conn = match held.as_mut() {
+                Some(conn) => conn,
+                None => held.insert(PgConnection::connect_with(&self.options).await?),
+            };
+            conn.ping().await
+        })
+        .await
+        .unwrap_or_else(|_| Err(std::io::Error::from(std::io::ErrorKind::TimedOut).into()));
+        if probed.is_err() {
+            // Broken, or in the middle of a round trip that never came back.
+            *held = None;
+        }
+        Ok(probed?)
     }
 }
 

@@ -1,8 +1,11 @@
 //! The embedded store: one SQLite file, one process.
 
 use std::str::FromStr;
+use std::time::Duration;
 
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
+
+use super::PoolSettings;
 
 /// SQLite behind the [`Store`](super::Store) trait.
 #[derive(Clone)]
@@ -17,6 +20,7 @@ impl SqliteStore {
     /// Opens (creating if missing) the database at `url`, e.g. `sqlite://./data/payouts.db`.
     pub async fn connect(
         url: &str,
+        pool: &PoolSettings,
         cipher: std::sync::Arc<crate::sealing::PiiCipher>,
     ) -> super::Result<Self> {
         let options = SqliteConnectOptions::from_str(url)?
@@ -24,7 +28,8 @@ impl SqliteStore {
             .journal_mode(SqliteJournalMode::Wal)
             .synchronous(SqliteSynchronous::Full)
             .foreign_keys(true)
-            .busy_timeout(std::time::Duration::from_secs(10));
+            // A writer waits this long for another's lock, then fails UNAVAILABLE.
+            .busy_timeout(pool.busy_timeout);
         if let Some(dir) = options.get_filename().parent()
             && !dir.as_os_str().is_empty()
         {
@@ -32,6 +37,9 @@ impl SqliteStore {
         }
         let pool = SqlitePoolOptions::new()
             .max_connections(8)
+            // Connections here are held while waiting for the write lock: waiting for one is
+            // waiting for the lock, as long as a writer would.
+            .acquire_timeout(pool.acquire_timeout.max(pool.busy_timeout))
             .connect_with(options)
             .await?;
         Ok(Self { pool, cipher })
@@ -46,6 +54,18 @@ impl SqliteStore {
     /// fail with SQLITE_BUSY when another writer got there first.
     async fn begin_write(&self) -> super::Result<sqlx::Transaction<'static, sqlx::Sqlite>> {
         Ok(self.pool.begin_with("BEGIN IMMEDIATE").await?)
+    }
+}
+
+#[async_trait::async_trait]
+impl super::ProbeStore for SqliteStore {
+    /// A file has no network to lose: a statement through the pool says whether it still
+    /// opens and reads.
+    async fn probe(&self, within: Duration) -> super::Result<()> {
+        tokio::time::timeout(within, sqlx::query("SELECT 1").execute(&self.pool))
+            .await
+            .unwrap_or_else(|_| Err(std::io::Error::from(std::io::ErrorKind::TimedOut).into()))?;
+        Ok(())
     }
 }
 

@@ -27,7 +27,9 @@ fn cipher() -> Arc<PiiCipher> {
 async fn stores(dir: &tempfile::TempDir) -> Vec<(&'static str, Arc<dyn Store>)> {
     use sqlx::Connection as _;
     let url = format!("sqlite://{}", dir.path().join("store.db").display());
-    let sqlite = SqliteStore::connect(&url, cipher()).await.expect("sqlite");
+    let sqlite = SqliteStore::connect(&url, &Default::default(), cipher())
+        .await
+        .expect("sqlite");
     sqlite.migrate().await.expect("migrate sqlite");
     let admin = std::env::var("PAYOUTS_TEST_POSTGRES_URL")
         .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into());
@@ -40,9 +42,16 @@ async fn stores(dir: &tempfile::TempDir) -> Vec<(&'static str, Arc<dyn Store>)> 
         .await
         .expect("create test database");
     let (base, _) = admin.rsplit_once('/').expect("URL has a database");
-    let postgres = PgStore::connect(&format!("{base}/{name}"), 4, cipher())
-        .await
-        .expect("postgres");
+    let postgres = PgStore::connect(
+        &format!("{base}/{name}"),
+        &super::PoolSettings {
+            max_connections: 4,
+            ..Default::default()
+        },
+        cipher(),
+    )
+    .await
+    .expect("postgres");
     postgres.migrate().await.expect("migrate postgres");
     vec![
         ("sqlite", Arc::new(sqlite)),

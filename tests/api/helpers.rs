@@ -56,6 +56,12 @@ macro_rules! on_both_databases {
     };
 }
 
+/// A channel that leaves deadlines to the server ([`TestApp::partners_leaving_deadlines`]).
+pub type Unhurried = hyper_util::client::legacy::Client<
+    hyper_util::client::legacy::connect::HttpConnector,
+    tonic::body::Body,
+>;
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Db {
     Sqlite,
@@ -83,6 +89,19 @@ impl TestApp {
     }
     pub fn disbursements(&self) -> DisbursementServiceClient<Channel> {
         DisbursementServiceClient::new(self.channel.clone())
+    }
+
+    /// A client of the partner service that sends each call's deadline (`grpc-timeout`, set
+    /// with [`tonic::Request::set_timeout`]) and leaves it to the service. tonic's own channel
+    /// keeps the deadline too and answers `CANCELLED` itself when it passes, so what the
+    /// service answered would never be seen.
+    pub fn partners_leaving_deadlines(&self) -> PartnerServiceClient<Unhurried> {
+        let channel =
+            hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+                .http2_only(true)
+                .build_http();
+        let origin = format!("http://{}", self.addr).parse().expect("origin");
+        PartnerServiceClient::with_origin(channel, origin)
     }
 
     /// Stops the server gracefully and waits for it.
@@ -136,6 +155,18 @@ pub async fn fresh_database(db: Db, dir: &std::path::Path) -> String {
 pub async fn spawn_app(db: Db, tweak: impl FnOnce(&mut Settings)) -> TestApp {
     let dir = tempfile::tempdir().expect("temp dir");
     let database_url = fresh_database(db, dir.path()).await;
+    spawn_app_in(db, dir, database_url, tweak).await
+}
+
+/// The service on 127.0.0.1:0 over `database_url` (of kind `db`), its files in `dir`;
+/// `tweak` may change the settings (the app's `database_url` stays the one given, for the
+/// test to reach the database directly).
+pub async fn spawn_app_in(
+    db: Db,
+    dir: tempfile::TempDir,
+    database_url: String,
+    tweak: impl FnOnce(&mut Settings),
+) -> TestApp {
     let mut settings = Settings {
         listen_addr: "127.0.0.1:0".parse().expect("addr"),
         database_url: database_url.clone(),

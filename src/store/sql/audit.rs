@@ -8,7 +8,7 @@ use super::{DB_SYSTEM, Db, SqlStore, Tx, after_key, execute_pieces, since, until
 use crate::store::batch::BatchSql;
 use crate::store::intake::audit_insert;
 use crate::store::rows::AuditRow;
-use crate::store::{AuditEvent, AuditFilter, AuditStore, Page, Result};
+use crate::store::{AuditEvent, AuditFilter, AuditStore, Page, Result, retry_contention};
 
 /// Appends audit log entries in the caller's transaction.
 pub(super) async fn insert_audit(tx: &mut Tx, events: &[AuditEvent]) -> Result<()> {
@@ -20,11 +20,14 @@ pub(super) async fn insert_audit(tx: &mut Tx, events: &[AuditEvent]) -> Result<(
 impl AuditStore for SqlStore {
     #[store_span]
     async fn append_audit(&self, events: &[AuditEvent]) -> Result<()> {
-        let mut tx = self.pool.begin().await?;
-        // Events come in batches (calls finishing together, refused calls).
-        insert_audit(&mut tx, events).await?;
-        tx.commit().await?;
-        Ok(())
+        retry_contention("append_audit", move || async move {
+            let mut tx = self.pool.begin().await?;
+            // Events come in batches (calls finishing together, refused calls).
+            insert_audit(&mut tx, events).await?;
+            tx.commit().await?;
+            Ok(())
+        })
+        .await
     }
 
     #[store_span]

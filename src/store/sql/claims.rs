@@ -9,7 +9,7 @@ use crate::domain::{Claim, ClaimId, ClaimStatus, Evidence, NewClaim, Reviewed, r
 use crate::store::rows::{ClaimRow, EvidenceRow, unexpected, uuid};
 use crate::store::{
     Attachment, BatchAudit, ClaimFilter, ClaimStore, ClaimSubmission, Micros, Page, Recorded,
-    Render, Result, Review, StoreError, Stored, now_micros,
+    Render, Result, Review, StoreError, Stored, now_micros, retry_contention,
 };
 
 const EVIDENCE_OF_CLAIM: &str = "SELECT * FROM evidence WHERE claim_id = $1 ORDER BY seq";
@@ -119,27 +119,30 @@ impl ClaimStore for SqlStore {
         call: Recorded<'_, Claim>,
         claim: &NewClaim,
     ) -> Result<Stored<Claim>> {
-        let (mut tx, call) = begin_or_replay!(self, call);
-        sqlx::query(dialect::LOCK_PARTNER)
-            .bind(claim.partner_id.to_string())
-            .fetch_optional(&mut *tx)
-            .await?
-            .ok_or(StoreError::NotFound("partner"))?;
-        let existing: Option<String> =
-            sqlx::query_scalar("SELECT claim_id FROM claims WHERE partner_id = $1")
+        retry_contention("submit_claim", move || async move {
+            let (mut tx, call) = begin_or_replay!(self, call);
+            sqlx::query(dialect::LOCK_PARTNER)
                 .bind(claim.partner_id.to_string())
                 .fetch_optional(&mut *tx)
-                .await?;
-        if let Some(claim_id) = existing {
-            return Err(StoreError::ClaimAlreadyFiled {
-                claim_id: uuid("claim_id", &claim_id)?,
-            });
-        }
-        let claim_id = insert_claim(&mut tx, claim).await?;
-        let stored = load_claim(&mut tx, claim_id)
-            .await?
-            .ok_or_else(|| unexpected("claim vanished"))?;
-        call.finish(tx, stored).await
+                .await?
+                .ok_or(StoreError::NotFound("partner"))?;
+            let existing: Option<String> =
+                sqlx::query_scalar("SELECT claim_id FROM claims WHERE partner_id = $1")
+                    .bind(claim.partner_id.to_string())
+                    .fetch_optional(&mut *tx)
+                    .await?;
+            if let Some(claim_id) = existing {
+                return Err(StoreError::ClaimAlreadyFiled {
+                    claim_id: uuid("claim_id", &claim_id)?,
+                });
+            }
+            let claim_id = insert_claim(&mut tx, claim).await?;
+            let stored = load_claim(&mut tx, claim_id)
+                .await?
+                .ok_or_else(|| unexpected("claim vanished"))?;
+            call.finish(tx, stored).await
+        })
+        .await
     }
 
     #[store_span]
@@ -153,17 +156,20 @@ impl ClaimStore for SqlStore {
             evidence,
             attached_by: actor,
         } = *attachment;
-        let (mut tx, call) = begin_or_replay!(self, call);
-        lock_claim(&mut tx, claim_id).await?;
-        let now = now_micros();
-        insert_evidence(&mut tx, claim_id, evidence, actor, now).await?;
-        sqlx::query("UPDATE claims SET update_time = $1 WHERE claim_id = $2")
-            .bind(now)
-            .bind(claim_id.to_string())
-            .execute(&mut *tx)
-            .await?;
-        let stored = reload_claim(&mut tx, claim_id).await?;
-        call.finish(tx, stored).await
+        retry_contention("attach_evidence", move || async move {
+            let (mut tx, call) = begin_or_replay!(self, call);
+            lock_claim(&mut tx, claim_id).await?;
+            let now = now_micros();
+            insert_evidence(&mut tx, claim_id, evidence, actor, now).await?;
+            sqlx::query("UPDATE claims SET update_time = $1 WHERE claim_id = $2")
+                .bind(now)
+                .bind(claim_id.to_string())
+                .execute(&mut *tx)
+                .await?;
+            let stored = reload_claim(&mut tx, claim_id).await?;
+            call.finish(tx, stored).await
+        })
+        .await
     }
 
     #[store_span]
@@ -179,32 +185,35 @@ impl ClaimStore for SqlStore {
             reviewer,
             trace_context,
         } = *review_of;
-        let (mut tx, call) = begin_or_replay!(self, call);
-        lock_claim(&mut tx, claim_id).await?;
-        let claim = reload_claim(&mut tx, claim_id).await?;
-        let Reviewed {
-            status,
-            compensation_krw,
-        } = review(claim.under_review(), reviewer, decision)?;
-        let now = now_micros();
-        sqlx::query(
-            "UPDATE claims SET status = $1, compensation_krw = $2, reviewed_by = $3, \
+        retry_contention("review_claim", move || async move {
+            let (mut tx, call) = begin_or_replay!(self, call);
+            lock_claim(&mut tx, claim_id).await?;
+            let claim = reload_claim(&mut tx, claim_id).await?;
+            let Reviewed {
+                status,
+                compensation_krw,
+            } = review(claim.under_review(), reviewer, decision)?;
+            let now = now_micros();
+            sqlx::query(
+                "UPDATE claims SET status = $1, compensation_krw = $2, reviewed_by = $3, \
              review_reason = $4, update_time = $5 WHERE claim_id = $6",
-        )
-        .bind(status.key())
-        .bind(compensation_krw.won())
-        .bind(reviewer)
-        .bind(reason)
-        .bind(now)
-        .bind(claim_id.to_string())
-        .execute(&mut *tx)
-        .await?;
-        if status == ClaimStatus::Approved {
-            let payee = (claim_id, claim.partner_id, compensation_krw);
-            create_disbursement(&mut tx, payee, reviewer, trace_context, now).await?;
-        }
-        let stored = reload_claim(&mut tx, claim_id).await?;
-        call.finish(tx, stored).await
+            )
+            .bind(status.key())
+            .bind(compensation_krw.won())
+            .bind(reviewer)
+            .bind(reason)
+            .bind(now)
+            .bind(claim_id.to_string())
+            .execute(&mut *tx)
+            .await?;
+            if status == ClaimStatus::Approved {
+                let payee = (claim_id, claim.partner_id, compensation_krw);
+                create_disbursement(&mut tx, payee, reviewer, trace_context, now).await?;
+            }
+            let stored = reload_claim(&mut tx, claim_id).await?;
+            call.finish(tx, stored).await
+        })
+        .await
     }
 
     #[store_span]

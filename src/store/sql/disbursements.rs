@@ -16,7 +16,7 @@ use crate::store::rows::{
 use crate::store::{
     Attempt, Disbursement, DisbursementFilter, DisbursementStore, DispatchState, Micros,
     OperatorRequest, Page, ProgramSummary, Recorded, Result, StatusChange, StoreError, Stored,
-    now_micros,
+    now_micros, retry_contention,
 };
 
 use super::idempotency::Claimed;
@@ -261,55 +261,58 @@ impl DisbursementStore for SqlStore {
         disbursement_id: DisbursementId,
         actor: &str,
     ) -> Result<Stored<Disbursement>> {
-        let (mut tx, call) = begin_or_replay!(self, call);
-        let d = require_disbursement(&mut tx, disbursement_id).await?;
-        let changed: Option<(String, i64)> = sqlx::query_as(
+        retry_contention("retry_disbursement", move || async move {
+            let (mut tx, call) = begin_or_replay!(self, call);
+            let d = require_disbursement(&mut tx, disbursement_id).await?;
+            let changed: Option<(String, i64)> = sqlx::query_as(
             "SELECT account_changed_by, account_change_time FROM partners WHERE partner_id = $1",
         )
         .bind(d.partner_id.to_string())
         .fetch_optional(&mut *tx)
         .await?;
-        let account_change = changed
-            .as_ref()
-            .map(|(changed_by, change_time)| AccountChange {
-                changed_by,
-                change_time: *change_time,
-            });
-        may_retry(d.status, d.create_time, account_change, actor)?;
-        // The failed instruction is final at the backend, so the next one gets a new key,
-        // and goes to the partner's account as it is now.
-        sqlx::query(
-            "UPDATE disbursements SET key_seq = key_seq + 1, idempotency_key = NULL, \
+            let account_change = changed
+                .as_ref()
+                .map(|(changed_by, change_time)| AccountChange {
+                    changed_by,
+                    change_time: *change_time,
+                });
+            may_retry(d.status, d.create_time, account_change, actor)?;
+            // The failed instruction is final at the backend, so the next one gets a new key,
+            // and goes to the partner's account as it is now.
+            sqlx::query(
+                "UPDATE disbursements SET key_seq = key_seq + 1, idempotency_key = NULL, \
              holder_verified = FALSE, failure_code = NULL, failure_message = NULL, \
              bank_code = p.bank_code, account_sealed = p.account_sealed, \
              account_last4 = p.account_last4, holder_name = p.holder_name \
              FROM partners p \
              WHERE disbursement_id = $1 AND p.partner_id = disbursements.partner_id",
-        )
-        .bind(disbursement_id.to_string())
-        .execute(&mut *tx)
-        .await?;
-        let change = operator_change(
-            DisbursementStatus::Failed,
-            DisbursementStatus::Queued,
-            actor,
-            "retry requested",
-        );
-        if !transition(&mut tx, disbursement_id, &change).await? {
-            let rule = |d: &Disbursement| may_retry(d.status, d.create_time, None, actor);
-            let what = "a FAILED disbursement could not be queued again";
-            return Err(changed_under(&mut tx, disbursement_id, rule, what).await);
-        }
-        sqlx::query(
-            "INSERT INTO outbox (disbursement_id, due_time) VALUES ($1, $2) \
+            )
+            .bind(disbursement_id.to_string())
+            .execute(&mut *tx)
+            .await?;
+            let change = operator_change(
+                DisbursementStatus::Failed,
+                DisbursementStatus::Queued,
+                actor,
+                "retry requested",
+            );
+            if !transition(&mut tx, disbursement_id, &change).await? {
+                let rule = |d: &Disbursement| may_retry(d.status, d.create_time, None, actor);
+                let what = "a FAILED disbursement could not be queued again";
+                return Err(changed_under(&mut tx, disbursement_id, rule, what).await);
+            }
+            sqlx::query(
+                "INSERT INTO outbox (disbursement_id, due_time) VALUES ($1, $2) \
              ON CONFLICT (disbursement_id) DO UPDATE \
              SET due_time = $2, lease_until = 0, failures = 0",
-        )
-        .bind(disbursement_id.to_string())
-        .bind(change.time)
-        .execute(&mut *tx)
-        .await?;
-        finish_with(tx, call, disbursement_id).await
+            )
+            .bind(disbursement_id.to_string())
+            .bind(change.time)
+            .execute(&mut *tx)
+            .await?;
+            finish_with(tx, call, disbursement_id).await
+        })
+        .await
     }
 
     #[store_span]
@@ -320,25 +323,28 @@ impl DisbursementStore for SqlStore {
         request: &OperatorRequest<'_>,
     ) -> Result<Stored<Disbursement>> {
         let OperatorRequest { actor, reason } = *request;
-        let (mut tx, call) = begin_or_replay!(self, call);
-        let d = require_disbursement(&mut tx, disbursement_id).await?;
-        may_cancel(d.status)?;
-        let change = operator_change(
-            DisbursementStatus::Queued,
-            DisbursementStatus::Cancelled,
-            actor,
-            reason,
-        );
-        if !transition(&mut tx, disbursement_id, &change).await? {
-            let rule = |d: &Disbursement| may_cancel(d.status);
-            let what = "a QUEUED disbursement could not be cancelled";
-            return Err(changed_under(&mut tx, disbursement_id, rule, what).await);
-        }
-        sqlx::query("DELETE FROM outbox WHERE disbursement_id = $1")
-            .bind(disbursement_id.to_string())
-            .execute(&mut *tx)
-            .await?;
-        finish_with(tx, call, disbursement_id).await
+        retry_contention("cancel_disbursement", move || async move {
+            let (mut tx, call) = begin_or_replay!(self, call);
+            let d = require_disbursement(&mut tx, disbursement_id).await?;
+            may_cancel(d.status)?;
+            let change = operator_change(
+                DisbursementStatus::Queued,
+                DisbursementStatus::Cancelled,
+                actor,
+                reason,
+            );
+            if !transition(&mut tx, disbursement_id, &change).await? {
+                let rule = |d: &Disbursement| may_cancel(d.status);
+                let what = "a QUEUED disbursement could not be cancelled";
+                return Err(changed_under(&mut tx, disbursement_id, rule, what).await);
+            }
+            sqlx::query("DELETE FROM outbox WHERE disbursement_id = $1")
+                .bind(disbursement_id.to_string())
+                .execute(&mut *tx)
+                .await?;
+            finish_with(tx, call, disbursement_id).await
+        })
+        .await
     }
 
     #[store_span]
@@ -349,19 +355,22 @@ impl DisbursementStore for SqlStore {
         request: &OperatorRequest<'_>,
     ) -> Result<Stored<DispatchState>> {
         let OperatorRequest { actor, reason } = *request;
-        let (mut tx, call) = begin_or_replay!(self, call);
-        sqlx::query(
-            "UPDATE dispatch_control SET paused = $1, reason = $2, changed_by = $3, \
+        retry_contention("set_dispatch_paused", move || async move {
+            let (mut tx, call) = begin_or_replay!(self, call);
+            sqlx::query(
+                "UPDATE dispatch_control SET paused = $1, reason = $2, changed_by = $3, \
              change_time = $4 WHERE id = 1",
-        )
-        .bind(paused)
-        .bind(reason)
-        .bind(actor)
-        .bind(now_micros())
-        .execute(&mut *tx)
-        .await?;
-        let state = load_dispatch_state(&mut tx).await?;
-        call.finish(tx, state).await
+            )
+            .bind(paused)
+            .bind(reason)
+            .bind(actor)
+            .bind(now_micros())
+            .execute(&mut *tx)
+            .await?;
+            let state = load_dispatch_state(&mut tx).await?;
+            call.finish(tx, state).await
+        })
+        .await
     }
 
     #[store_span]

@@ -31,7 +31,7 @@ use crate::store::batch::{BatchSql, Column as Col};
 use crate::store::rows::{DisbursementRow, unexpected, uuid};
 use crate::store::{
     Attempt, Disbursement, DispatchOutcome, DispatchRecord, DispatchStore, DispatchTerms,
-    KeyAssignment, Micros, Requeue, Result, StoreError,
+    KeyAssignment, Micros, Requeue, Result, StoreError, retry_contention,
 };
 
 /// Runs `head v tail` with the batch's rows as the table `v`, in as many statements as
@@ -525,10 +525,13 @@ impl DispatchStore for SqlStore {
         lease_until: Micros,
         limit: u32,
     ) -> Result<Vec<Disbursement>> {
-        let mut tx = self.begin_write().await?;
-        let leased = lease_in(&mut tx, now, lease_until, limit).await?;
-        tx.commit().await?;
-        Ok(leased)
+        retry_contention("lease_batch", move || async move {
+            let mut tx = self.begin_write().await?;
+            let leased = lease_in(&mut tx, now, lease_until, limit).await?;
+            tx.commit().await?;
+            Ok(leased)
+        })
+        .await
     }
 
     #[store_span(rows = disbursement_ids.len())]
@@ -539,21 +542,24 @@ impl DispatchStore for SqlStore {
         lease_until: Micros,
     ) -> Result<u64> {
         let n = disbursement_ids.len();
-        let mut tx = self.begin_write().await?;
-        let renewed = rows(
-            &mut tx,
-            "UPDATE outbox SET lease_until = v.column2 FROM ",
-            vec![
-                ids(disbursement_ids),
-                Col::BigInt(vec![lease_until; n]),
-                Col::BigInt(vec![held_until; n]),
-            ],
-            " WHERE outbox.disbursement_id = v.column1 AND outbox.lease_until = v.column3 \
+        retry_contention("renew_leases", move || async move {
+            let mut tx = self.begin_write().await?;
+            let renewed = rows(
+                &mut tx,
+                "UPDATE outbox SET lease_until = v.column2 FROM ",
+                vec![
+                    ids(disbursement_ids),
+                    Col::BigInt(vec![lease_until; n]),
+                    Col::BigInt(vec![held_until; n]),
+                ],
+                " WHERE outbox.disbursement_id = v.column1 AND outbox.lease_until = v.column3 \
              RETURNING disbursement_id",
-        )
-        .await?;
-        tx.commit().await?;
-        Ok(u64::try_from(renewed.len()).unwrap_or(u64::MAX))
+            )
+            .await?;
+            tx.commit().await?;
+            Ok(u64::try_from(renewed.len()).unwrap_or(u64::MAX))
+        })
+        .await
     }
 
     #[store_span(attempts = record.attempts.len(), keys = record.assign_keys.len())]
@@ -562,9 +568,12 @@ impl DispatchStore for SqlStore {
         record: &DispatchRecord,
         terms: &DispatchTerms<'_>,
     ) -> Result<Vec<KeyAssignment>> {
-        let mut tx = self.begin_write().await?;
-        let keys = record_in(&mut tx, record, terms).await?;
-        tx.commit().await?;
-        Ok(keys)
+        retry_contention("record_dispatch", move || async move {
+            let mut tx = self.begin_write().await?;
+            let keys = record_in(&mut tx, record, terms).await?;
+            tx.commit().await?;
+            Ok(keys)
+        })
+        .await
     }
 }

@@ -8,7 +8,7 @@ use crate::domain::{AccountOnFile, NewPartner, Partner, PartnerId};
 use crate::store::rows::{PartnerRow, services_key, uuid};
 use crate::store::{
     AccountUpdate, BatchAudit, Idempotency, Page, PartnerFilter, PartnerStore, Recorded, Render,
-    Result, StoreError, Stored, now_micros,
+    Result, StoreError, Stored, now_micros, retry_contention,
 };
 
 const PARTNER_BY_NUMBER: &str =
@@ -40,56 +40,59 @@ impl PartnerStore for SqlStore {
         call: Recorded<'_, Partner>,
         partner: &NewPartner,
     ) -> Result<Stored<Partner>> {
-        let (mut tx, call) = begin_or_replay!(self, call);
-        let brn = partner.profile.business_registration_number.as_str();
-        let existing: Option<String> = sqlx::query_scalar(PARTNER_BY_NUMBER)
-            .bind(brn)
-            .fetch_optional(&mut *tx)
-            .await?;
-        if let Some(partner_id) = existing {
-            return Err(already_registered(&partner_id)?);
-        }
-        let now = now_micros();
-        let partner_id = PartnerId::new();
-        let created = partner.registered(partner_id, now);
-        let account = &partner.bank_account;
-        let profile = &partner.profile;
-        let sealed = self
-            .cipher
-            .seal(partner_id, account.account_number.expose());
-        let inserted = sqlx::query(
-            "INSERT INTO partners (partner_id, business_registration_number, legal_name, \
+        retry_contention("register_partner", move || async move {
+            let (mut tx, call) = begin_or_replay!(self, call);
+            let brn = partner.profile.business_registration_number.as_str();
+            let existing: Option<String> = sqlx::query_scalar(PARTNER_BY_NUMBER)
+                .bind(brn)
+                .fetch_optional(&mut *tx)
+                .await?;
+            if let Some(partner_id) = existing {
+                return Err(already_registered(&partner_id)?);
+            }
+            let now = now_micros();
+            let partner_id = PartnerId::new();
+            let created = partner.registered(partner_id, now);
+            let account = &partner.bank_account;
+            let profile = &partner.profile;
+            let sealed = self
+                .cipher
+                .seal(partner_id, account.account_number.expose());
+            let inserted = sqlx::query(
+                "INSERT INTO partners (partner_id, business_registration_number, legal_name, \
              representative_name, affected_services, bank_code, account_sealed, \
              account_last4, holder_name, account_changed_by, account_change_time, \
              contact_email, create_time, update_time, version) \
              VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, '', 0, $10, $11, $11, 1)",
-        )
-        .bind(partner_id.to_string())
-        .bind(brn)
-        .bind(profile.legal_name.as_str())
-        .bind(profile.representative_name.as_str())
-        .bind(services_key(&profile.affected_services))
-        .bind(account.bank_code.as_str())
-        .bind(sealed.encode())
-        .bind(account.account_number.last4())
-        .bind(account.holder_name.as_str())
-        .bind(profile.contact_email.as_str())
-        .bind(now)
-        .execute(&mut *tx)
-        .await;
-        if let Err(sqlx::Error::Database(e)) = &inserted
-            && e.is_unique_violation()
-        {
-            // Another request registered the same number between our check and insert.
-            drop(tx);
-            let partner_id: String = sqlx::query_scalar(PARTNER_BY_NUMBER)
-                .bind(brn)
-                .fetch_one(&self.pool)
-                .await?;
-            return Err(already_registered(&partner_id)?);
-        }
-        inserted?;
-        call.finish(tx, created).await
+            )
+            .bind(partner_id.to_string())
+            .bind(brn)
+            .bind(profile.legal_name.as_str())
+            .bind(profile.representative_name.as_str())
+            .bind(services_key(&profile.affected_services))
+            .bind(account.bank_code.as_str())
+            .bind(sealed.encode())
+            .bind(account.account_number.last4())
+            .bind(account.holder_name.as_str())
+            .bind(profile.contact_email.as_str())
+            .bind(now)
+            .execute(&mut *tx)
+            .await;
+            if let Err(sqlx::Error::Database(e)) = &inserted
+                && e.is_unique_violation()
+            {
+                // Another request registered the same number between our check and insert.
+                drop(tx);
+                let partner_id: String = sqlx::query_scalar(PARTNER_BY_NUMBER)
+                    .bind(brn)
+                    .fetch_one(&self.pool)
+                    .await?;
+                return Err(already_registered(&partner_id)?);
+            }
+            inserted?;
+            call.finish(tx, created).await
+        })
+        .await
     }
 
     #[store_span]
@@ -131,52 +134,55 @@ impl PartnerStore for SqlStore {
             etag,
             actor,
         } = *update;
-        let (mut tx, call) = begin_or_replay!(self, call);
-        sqlx::query(dialect::LOCK_PARTNER)
-            .bind(partner_id.to_string())
-            .fetch_optional(&mut *tx)
-            .await?
-            .ok_or(StoreError::NotFound("partner"))?;
-        let mut partner = load_partner(&mut tx, partner_id)
-            .await?
-            .ok_or(StoreError::NotFound("partner"))?;
-        if partner.etag() != etag {
-            return Err(StoreError::EtagMismatch {
-                current: partner.etag(),
-            });
-        }
-        account
-            .check_holder(
-                &partner.profile.legal_name,
-                &partner.profile.representative_name,
-            )
-            .map_err(|e| StoreError::InvalidField {
-                field: "bank_account.holder_name",
-                description: e.to_string(),
-            })?;
-        let now = now_micros();
-        sqlx::query(
-            "UPDATE partners SET bank_code = $1, account_sealed = $2, account_last4 = $3, \
+        retry_contention("update_bank_account", move || async move {
+            let (mut tx, call) = begin_or_replay!(self, call);
+            sqlx::query(dialect::LOCK_PARTNER)
+                .bind(partner_id.to_string())
+                .fetch_optional(&mut *tx)
+                .await?
+                .ok_or(StoreError::NotFound("partner"))?;
+            let mut partner = load_partner(&mut tx, partner_id)
+                .await?
+                .ok_or(StoreError::NotFound("partner"))?;
+            if partner.etag() != etag {
+                return Err(StoreError::EtagMismatch {
+                    current: partner.etag(),
+                });
+            }
+            account
+                .check_holder(
+                    &partner.profile.legal_name,
+                    &partner.profile.representative_name,
+                )
+                .map_err(|e| StoreError::InvalidField {
+                    field: "bank_account.holder_name",
+                    description: e.to_string(),
+                })?;
+            let now = now_micros();
+            sqlx::query(
+                "UPDATE partners SET bank_code = $1, account_sealed = $2, account_last4 = $3, \
              holder_name = $4, account_changed_by = $5, account_change_time = $6, \
              update_time = $6, version = version + 1 WHERE partner_id = $7",
-        )
-        .bind(account.bank_code.as_str())
-        .bind(
-            self.cipher
-                .seal(partner_id, account.account_number.expose())
-                .encode(),
-        )
-        .bind(account.account_number.last4())
-        .bind(account.holder_name.as_str())
-        .bind(actor)
-        .bind(now)
-        .bind(partner_id.to_string())
-        .execute(&mut *tx)
-        .await?;
-        partner.bank_account = AccountOnFile::from(account);
-        partner.update_time = now;
-        partner.version += 1;
-        call.finish(tx, partner).await
+            )
+            .bind(account.bank_code.as_str())
+            .bind(
+                self.cipher
+                    .seal(partner_id, account.account_number.expose())
+                    .encode(),
+            )
+            .bind(account.account_number.last4())
+            .bind(account.holder_name.as_str())
+            .bind(actor)
+            .bind(now)
+            .bind(partner_id.to_string())
+            .execute(&mut *tx)
+            .await?;
+            partner.bank_account = AccountOnFile::from(account);
+            partner.update_time = now;
+            partner.version += 1;
+            call.finish(tx, partner).await
+        })
+        .await
     }
 
     #[store_span(rows = rows.len())]

@@ -1,6 +1,7 @@
 //! Sealed account numbers as a whole in SQL: the key probe, the keys in use, re-sealing.
 
 use async_trait::async_trait;
+use payouts_macros::store_span;
 use sqlx::QueryBuilder;
 
 use super::audit::insert_audit;
@@ -14,11 +15,7 @@ use crate::store::{
 
 #[async_trait]
 impl SealingStore for SqlStore {
-    #[tracing::instrument(
-        name = "store.sealed_keys",
-        skip_all,
-        fields(otel.kind = "client", db.system = DB_SYSTEM)
-    )]
+    #[store_span]
     async fn sealed_keys(&self) -> Result<SealedKeys> {
         // Two replicas starting at once on a new database: one probe is stored, and both
         // read that one.
@@ -40,11 +37,7 @@ impl SealingStore for SqlStore {
         Ok(SealedKeys { key_ids, probe })
     }
 
-    #[tracing::instrument(
-        name = "store.reseal_batch",
-        skip_all,
-        fields(otel.kind = "client", db.system = DB_SYSTEM, table = place.table())
-    )]
+    #[store_span(table = place.table())]
     async fn reseal_batch(
         &self,
         place: SealedPlace,

@@ -19,7 +19,7 @@ use crate::store::rows::{ExportRow, OurSide, PaidRow, SettlementMatchRow};
 use crate::store::{
     ExportFilter, ExportedDisbursement, LinePage, Micros, OperatorRequest, Page, PaidPayout,
     Result, SettlementPage, SettlementStore, SettlementTotals, StatusChange, StoreError,
-    now_micros,
+    now_micros, retry_contention,
 };
 
 /// The method a reconciliation run's request id is taken for.
@@ -158,22 +158,25 @@ impl SettlementStore for SqlStore {
         cutoff_time: Micros,
         actor: &str,
     ) -> Result<Uuid> {
-        let mut tx = self.begin_write().await?;
-        take_run_request_id(&mut tx, request_id, actor).await?;
-        let run_id = Uuid::now_v7();
-        sqlx::query(
-            "INSERT INTO settlement_runs (run_id, request_id, actor, cutoff_time, start_time) \
+        retry_contention("start_settlement_run", move || async move {
+            let mut tx = self.begin_write().await?;
+            take_run_request_id(&mut tx, request_id, actor).await?;
+            let run_id = Uuid::now_v7();
+            sqlx::query(
+                "INSERT INTO settlement_runs (run_id, request_id, actor, cutoff_time, start_time) \
              VALUES ($1, $2, $3, $4, $5)",
-        )
-        .bind(run_id.to_string())
-        .bind(request_id.to_string())
-        .bind(actor)
-        .bind(cutoff_time)
-        .bind(now_micros())
-        .execute(&mut *tx)
-        .await?;
-        tx.commit().await?;
-        Ok(run_id)
+            )
+            .bind(run_id.to_string())
+            .bind(request_id.to_string())
+            .bind(actor)
+            .bind(cutoff_time)
+            .bind(now_micros())
+            .execute(&mut *tx)
+            .await?;
+            tx.commit().await?;
+            Ok(run_id)
+        })
+        .await
     }
 
     #[store_span]
@@ -188,35 +191,38 @@ impl SettlementStore for SqlStore {
         {
             return Err(listed_twice(&twice.idempotency_key));
         }
-        let mut tx = self.begin_write().await?;
-        // A key already staged by an earlier batch is not returned, which is how a key
-        // listed twice across batches shows.
-        let statements = <Db as BatchSql>::insert(
-            "INSERT INTO settlement_lines \
+        retry_contention("stage_settlement_lines", move || async move {
+            let mut tx = self.begin_write().await?;
+            // A key already staged by an earlier batch is not returned, which is how a key
+            // listed twice across batches shows.
+            let statements = <Db as BatchSql>::insert(
+                "INSERT INTO settlement_lines \
              (run_id, idempotency_key, amount_krw, status, settled_time)",
-            vec![
-                Column::Text(vec![run_id.to_string(); lines.len()]),
-                Column::Text(lines.iter().map(|l| l.idempotency_key.clone()).collect()),
-                Column::BigInt(lines.iter().map(|l| l.amount_krw.won()).collect()),
-                Column::Text(lines.iter().map(|l| l.status.key().to_owned()).collect()),
-                Column::BigInt(lines.iter().map(|l| l.settled_time).collect()),
-            ],
-            " ON CONFLICT (run_id, idempotency_key) DO NOTHING RETURNING idempotency_key",
-        );
-        let mut staged = HashSet::with_capacity(lines.len());
-        for mut qb in statements {
-            let keys: Vec<String> = qb
-                .build_query_scalar()
-                .persistent(<Db as BatchSql>::PREPARED)
-                .fetch_all(&mut *tx)
-                .await?;
-            staged.extend(keys);
-        }
-        if let Some(twice) = lines.iter().find(|l| !staged.contains(&l.idempotency_key)) {
-            return Err(listed_twice(&twice.idempotency_key));
-        }
-        tx.commit().await?;
-        Ok(())
+                vec![
+                    Column::Text(vec![run_id.to_string(); lines.len()]),
+                    Column::Text(lines.iter().map(|l| l.idempotency_key.clone()).collect()),
+                    Column::BigInt(lines.iter().map(|l| l.amount_krw.won()).collect()),
+                    Column::Text(lines.iter().map(|l| l.status.key().to_owned()).collect()),
+                    Column::BigInt(lines.iter().map(|l| l.settled_time).collect()),
+                ],
+                " ON CONFLICT (run_id, idempotency_key) DO NOTHING RETURNING idempotency_key",
+            );
+            let mut staged = HashSet::with_capacity(lines.len());
+            for mut qb in statements {
+                let keys: Vec<String> = qb
+                    .build_query_scalar()
+                    .persistent(<Db as BatchSql>::PREPARED)
+                    .fetch_all(&mut *tx)
+                    .await?;
+                staged.extend(keys);
+            }
+            if let Some(twice) = lines.iter().find(|l| !staged.contains(&l.idempotency_key)) {
+                return Err(listed_twice(&twice.idempotency_key));
+            }
+            tx.commit().await?;
+            Ok(())
+        })
+        .await
     }
 
     #[store_span]
@@ -226,30 +232,33 @@ impl SettlementStore for SqlStore {
         report_sha256: &str,
         line_count: i64,
     ) -> Result<()> {
-        let mut tx = self.begin_write().await?;
-        let conflicting: Option<String> = sqlx::query_scalar(
-            "SELECT o.run_id FROM settlement_runs r JOIN settlement_runs o \
+        retry_contention("seal_settlement_report", move || async move {
+            let mut tx = self.begin_write().await?;
+            let conflicting: Option<String> = sqlx::query_scalar(
+                "SELECT o.run_id FROM settlement_runs r JOIN settlement_runs o \
              ON o.request_id = r.request_id AND o.actor = r.actor AND o.run_id <> r.run_id \
              WHERE r.run_id = $1 AND o.report_sha256 IS NOT NULL \
              AND (o.report_sha256 <> $2 OR o.cutoff_time <> r.cutoff_time) LIMIT 1",
-        )
-        .bind(run_id.to_string())
-        .bind(report_sha256)
-        .fetch_optional(&mut *tx)
-        .await?;
-        if conflicting.is_some() {
-            return Err(StoreError::RequestIdReused);
-        }
-        sqlx::query(
-            "UPDATE settlement_runs SET report_sha256 = $1, line_count = $2 WHERE run_id = $3",
-        )
-        .bind(report_sha256)
-        .bind(line_count)
-        .bind(run_id.to_string())
-        .execute(&mut *tx)
-        .await?;
-        tx.commit().await?;
-        Ok(())
+            )
+            .bind(run_id.to_string())
+            .bind(report_sha256)
+            .fetch_optional(&mut *tx)
+            .await?;
+            if conflicting.is_some() {
+                return Err(StoreError::RequestIdReused);
+            }
+            sqlx::query(
+                "UPDATE settlement_runs SET report_sha256 = $1, line_count = $2 WHERE run_id = $3",
+            )
+            .bind(report_sha256)
+            .bind(line_count)
+            .bind(run_id.to_string())
+            .execute(&mut *tx)
+            .await?;
+            tx.commit().await?;
+            Ok(())
+        })
+        .await
     }
 
     #[store_span]
@@ -261,11 +270,12 @@ impl SettlementStore for SqlStore {
     ) -> Result<SettlementPage> {
         let LinePage { after_key, limit } = page;
         let OperatorRequest { actor, reason } = *request;
-        let mut tx = self.begin_write().await?;
-        // One statement finds, for every line of the page, the disbursement that used
-        // its key: as its current key, or as an earlier one a retry has replaced.
-        let rows: Vec<SettlementMatchRow> = sqlx::query_as(
-            "SELECT s.idempotency_key, s.amount_krw AS their_amount_krw, \
+        retry_contention("reconcile_settlement_page", move || async move {
+            let mut tx = self.begin_write().await?;
+            // One statement finds, for every line of the page, the disbursement that used
+            // its key: as its current key, or as an earlier one a retry has replaced.
+            let rows: Vec<SettlementMatchRow> = sqlx::query_as(
+                "SELECT s.idempotency_key, s.amount_krw AS their_amount_krw, \
              s.status AS their_status, s.settled_time, d.disbursement_id, \
              d.status AS our_status, d.amount_krw AS our_amount_krw, d.failure_code, \
              d.idempotency_key AS current_key \
@@ -276,34 +286,36 @@ impl SettlementStore for SqlStore {
               WHERE a.idempotency_key = s.idempotency_key LIMIT 1)) \
              WHERE s.run_id = $1 AND s.idempotency_key > $2 \
              ORDER BY s.idempotency_key LIMIT $3",
-        )
-        .bind(run_id.to_string())
-        .bind(after_key)
-        .bind(i64::from(limit))
-        .fetch_all(&mut *tx)
-        .await?;
-        let reopening = StatusChange {
-            from_status: Some(DisbursementStatus::Paid),
-            to_status: DisbursementStatus::Failed,
-            actor: actor.to_owned(),
-            reason: reason.to_owned(),
-            time: now_micros(),
-        };
-        let mut page = SettlementPage::default();
-        for row in rows {
-            let (line, ours) = row.into_parts()?;
-            let (mismatch, reopened) =
-                reconcile_line(&mut tx, &line, ours.as_ref(), &reopening).await?;
-            page.lines += 1;
-            page.reopened += i64::from(reopened);
-            match mismatch {
-                None => page.matched += 1,
-                Some(mismatch) => page.mismatches.push(mismatch),
+            )
+            .bind(run_id.to_string())
+            .bind(after_key)
+            .bind(i64::from(limit))
+            .fetch_all(&mut *tx)
+            .await?;
+            let reopening = StatusChange {
+                from_status: Some(DisbursementStatus::Paid),
+                to_status: DisbursementStatus::Failed,
+                actor: actor.to_owned(),
+                reason: reason.to_owned(),
+                time: now_micros(),
+            };
+            let mut page = SettlementPage::default();
+            for row in rows {
+                let (line, ours) = row.into_parts()?;
+                let (mismatch, reopened) =
+                    reconcile_line(&mut tx, &line, ours.as_ref(), &reopening).await?;
+                page.lines += 1;
+                page.reopened += i64::from(reopened);
+                match mismatch {
+                    None => page.matched += 1,
+                    Some(mismatch) => page.mismatches.push(mismatch),
+                }
+                page.last_key = Some(line.idempotency_key);
             }
-            page.last_key = Some(line.idempotency_key);
-        }
-        tx.commit().await?;
-        Ok(page)
+            tx.commit().await?;
+            Ok(page)
+        })
+        .await
     }
 
     #[store_span]
