@@ -7,14 +7,20 @@ use sqlx::postgres::PgPoolOptions;
 /// A pooled connection idle this long is checked before it is used again.
 const IDLE_BEFORE_PING: std::time::Duration = std::time::Duration::from_secs(1);
 
-/// PostgreSQL behind the [`Store`](super::Store) trait.
-#[derive(Clone)]
-pub struct PgStore {
-    pool: sqlx::PgPool,
-    cipher: std::sync::Arc<crate::sealing::PiiCipher>,
-}
+// The SQL both databases share, compiled here for this one (and in the other store for
+// the other): the same module tree on purpose.
+#[allow(clippy::duplicate_mod)]
+#[path = "sql/mod.rs"]
+#[macro_use]
+mod sql;
 
-static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/postgres");
+store! {
+    /// PostgreSQL behind the [`Store`](super::Store) trait.
+    PgStore: sqlx::Postgres, "postgresql", "./migrations/postgres";
+    /// The statements that lock rows: `FOR UPDATE` holds a selected row until commit, and `SKIP
+    /// LOCKED` passes over rows another replica holds.
+    row_locks: " FOR UPDATE", " SKIP LOCKED";
+}
 
 impl PgStore {
     pub async fn connect(
@@ -41,39 +47,7 @@ impl PgStore {
         Ok(Self { pool, cipher })
     }
 
-    pub async fn migrate(&self) -> super::Result<()> {
-        MIGRATOR.run(&self.pool).await?;
-        Ok(())
-    }
-
     async fn begin_write(&self) -> super::Result<sqlx::Transaction<'static, sqlx::Postgres>> {
         Ok(self.pool.begin().await?)
     }
-}
-
-// The SQL both databases share, compiled here for this one (and in the other store for
-// the other): the same module tree on purpose.
-#[allow(clippy::duplicate_mod)]
-#[path = "sql/mod.rs"]
-mod sql;
-
-type Db = sqlx::Postgres;
-type SqlStore = PgStore;
-const DB_SYSTEM: &str = "postgresql";
-
-/// The statements that lock rows: `FOR UPDATE` holds a selected row until commit, and `SKIP
-/// LOCKED` passes over rows another replica holds.
-mod dialect {
-    pub const LOCK_PARTNER: &str =
-        "SELECT partner_id FROM partners WHERE partner_id = $1 FOR UPDATE";
-    pub const LOCK_CLAIM: &str = "SELECT claim_id FROM claims WHERE claim_id = $1 FOR UPDATE";
-    pub const LOCK_DISBURSEMENT: &str =
-        "SELECT disbursement_id FROM disbursements WHERE disbursement_id = $1 FOR UPDATE";
-    pub const LOCK_DISPATCH_CONTROL: &str =
-        "SELECT id FROM dispatch_control WHERE id = 1 FOR UPDATE";
-    /// The tail of a select of partners by id that locks them, in id order.
-    pub const IN_PARTNER_ORDER_LOCKED: &str = " ORDER BY partner_id FOR UPDATE";
-    pub const LEASE_DUE: &str = "UPDATE outbox SET lease_until = $1 WHERE disbursement_id IN (\
-         SELECT disbursement_id FROM outbox WHERE due_time <= $2 AND lease_until <= $2 \
-         ORDER BY due_time LIMIT $3 FOR UPDATE SKIP LOCKED) RETURNING disbursement_id";
 }

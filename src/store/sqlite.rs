@@ -4,14 +4,20 @@ use std::str::FromStr;
 
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
 
-/// SQLite behind the [`Store`](super::Store) trait.
-#[derive(Clone)]
-pub struct SqliteStore {
-    pool: sqlx::SqlitePool,
-    cipher: std::sync::Arc<crate::sealing::PiiCipher>,
-}
+// The SQL both databases share, compiled here for this one (and in the other store for
+// the other): the same module tree on purpose.
+#[allow(clippy::duplicate_mod)]
+#[path = "sql/mod.rs"]
+#[macro_use]
+mod sql;
 
-static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/sqlite");
+store! {
+    /// SQLite behind the [`Store`](super::Store) trait.
+    SqliteStore: sqlx::Sqlite, "sqlite", "./migrations/sqlite";
+    /// The statements that lock rows elsewhere, without locks: a writing transaction here holds
+    /// the whole database (`BEGIN IMMEDIATE`).
+    no_row_locks;
+}
 
 impl SqliteStore {
     /// Opens (creating if missing) the database at `url`, e.g. `sqlite://./data/payouts.db`.
@@ -37,39 +43,9 @@ impl SqliteStore {
         Ok(Self { pool, cipher })
     }
 
-    pub async fn migrate(&self) -> super::Result<()> {
-        MIGRATOR.run(&self.pool).await?;
-        Ok(())
-    }
-
     /// Writers take the lock up front: a deferred transaction that reads and then writes can
     /// fail with SQLITE_BUSY when another writer got there first.
     async fn begin_write(&self) -> super::Result<sqlx::Transaction<'static, sqlx::Sqlite>> {
         Ok(self.pool.begin_with("BEGIN IMMEDIATE").await?)
     }
-}
-
-// The SQL both databases share, compiled here for this one (and in the other store for
-// the other): the same module tree on purpose.
-#[allow(clippy::duplicate_mod)]
-#[path = "sql/mod.rs"]
-mod sql;
-
-type Db = sqlx::Sqlite;
-type SqlStore = SqliteStore;
-const DB_SYSTEM: &str = "sqlite";
-
-/// The statements that lock rows elsewhere, without locks: a writing transaction here holds
-/// the whole database (`BEGIN IMMEDIATE`).
-mod dialect {
-    pub const LOCK_PARTNER: &str = "SELECT partner_id FROM partners WHERE partner_id = $1";
-    pub const LOCK_CLAIM: &str = "SELECT claim_id FROM claims WHERE claim_id = $1";
-    pub const LOCK_DISBURSEMENT: &str =
-        "SELECT disbursement_id FROM disbursements WHERE disbursement_id = $1";
-    pub const LOCK_DISPATCH_CONTROL: &str = "SELECT id FROM dispatch_control WHERE id = 1";
-    /// The tail of a select of partners by id, in id order.
-    pub const IN_PARTNER_ORDER_LOCKED: &str = " ORDER BY partner_id";
-    pub const LEASE_DUE: &str = "UPDATE outbox SET lease_until = $1 WHERE disbursement_id IN (\
-         SELECT disbursement_id FROM outbox WHERE due_time <= $2 AND lease_until <= $2 \
-         ORDER BY due_time LIMIT $3) RETURNING disbursement_id";
 }

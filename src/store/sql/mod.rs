@@ -1,18 +1,18 @@
 //! The SQL both databases share, written once as ordinary code and compiled once per
-//! database: `postgres.rs` and `sqlite.rs` each include this module tree with their own `Db`
-//! (the sqlx database), `SqlStore` (their store type, with `pool`, `cipher` and
-//! `begin_write`), `DB_SYSTEM` (as traces name the database) and `dialect` (the few whole
-//! statements whose row locks differ).
+//! database: `postgres.rs` and `sqlite.rs` each include this module tree and declare with
+//! [`store!`] their own `Db` (the sqlx database), `SqlStore` (their store type, with `pool`
+//! and `cipher`; they add `begin_write`), `MIGRATOR` (their migrations), `DB_SYSTEM` (as
+//! traces name the database) and `dialect` (the few statements whose row locks differ).
 //!
 //! One file per aggregate implements its store trait; rows are read into `FromRow` structs
 //! ([`rows`]) and turned into domain types outside the SQL; every mutating call takes its
 //! request id, runs, keeps its response and writes its audit entry the same way
 //! ([`idempotency`]).
 
-use super::{DB_SYSTEM, Db, SqlStore, dialect};
+use super::{DB_SYSTEM, Db, MIGRATOR, SqlStore, dialect};
 use crate::store::batch::BatchSql;
 use crate::store::rows::unexpected;
-use crate::store::{Micros, Page};
+use crate::store::{Micros, Page, Result};
 
 /// Begins a mutating call on `store` ([`SqlStore::begin_call`]): evaluates to the writing
 /// transaction and the request id it took or, when the caller used the request id before,
@@ -26,6 +26,9 @@ macro_rules! begin_or_replay {
     };
 }
 
+#[macro_use]
+mod database;
+
 mod audit;
 mod bulk;
 mod bulk_claims;
@@ -36,6 +39,14 @@ mod dispatch;
 mod idempotency;
 mod partners;
 mod settlement;
+
+impl SqlStore {
+    /// Applies the migrations not applied yet.
+    pub async fn migrate(&self) -> Result<()> {
+        MIGRATOR.run(&self.pool).await?;
+        Ok(())
+    }
+}
 
 type Conn = <Db as sqlx::Database>::Connection;
 type Tx = sqlx::Transaction<'static, Db>;
