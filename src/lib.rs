@@ -12,7 +12,8 @@
 //!
 //! Leaf modules, which import nothing of the crate but [`proto`]: [`principal`] (the caller),
 //! [`status`] and [`status_body`] (gRPC statuses), [`sealing`] (account numbers at rest),
-//! [`secret`] (settings that never print), [`discovery`] (health and reflection).
+//! [`secret`] (settings that never print), [`discovery`] (health and reflection),
+//! [`middleware`] (what the tower layers around every call share).
 //!
 //! Imports run one way: `domain` <- `store` <- `api` and `payments`; `auth` stands beside
 //! `api`; everything may use the leaf modules; only `app` (and `main`) see all of it.
@@ -24,6 +25,7 @@ pub mod auth;
 pub mod config;
 pub mod discovery;
 pub mod domain;
+pub mod middleware;
 pub mod net;
 pub mod payments;
 pub mod principal;
