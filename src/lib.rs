@@ -16,7 +16,8 @@
 //! Leaf modules, which import nothing of the crate but [`proto`] and each other:
 //! [`principal`] (the caller), [`status`] and [`status_body`] (gRPC statuses), [`deadline`]
 //! (every call ends by its deadline), [`sealing`] (account numbers at rest), [`secret`]
-//! (settings that never print), [`discovery`] (health and reflection).
+//! (settings that never print), [`discovery`] (health and reflection), [`middleware`] (what
+//! the tower layers around every call share).
 //!
 //! Imports run one way: `domain` <- `store` <- `api` and `payments`; `auth` stands beside
 //! `api`; everything may use the leaf modules; only `app` (and `main`) see all of it.
@@ -30,6 +31,7 @@ pub mod deadline;
 pub mod discovery;
 pub mod domain;
 pub mod keys;
+pub mod middleware;
 pub mod net;
 pub mod payments;
 pub mod principal;

@@ -7,7 +7,6 @@
 
 use std::collections::HashMap;
 use std::sync::OnceLock;
-use std::task::{Context as TaskContext, Poll};
 use std::time::Instant;
 
 use futures::future::BoxFuture;
@@ -24,6 +23,8 @@ use tracing_subscriber::EnvFilter;
 use tracing_subscriber::fmt::MakeWriter;
 use tracing_subscriber::layer::SubscriberExt as _;
 use tracing_subscriber::util::SubscriberInitExt as _;
+
+use crate::middleware::{Around, Middleware};
 
 /// The installed providers; [`Telemetry::shutdown`] flushes what is still buffered.
 pub struct Telemetry {
@@ -293,32 +294,26 @@ pub struct RpcTraceLayer;
 impl<S> tower::Layer<S> for RpcTraceLayer {
     type Service = RpcTrace<S>;
     fn layer(&self, inner: S) -> Self::Service {
-        RpcTrace { inner }
+        Around::new(inner, *self)
     }
 }
 
-#[derive(Debug, Clone)]
-pub struct RpcTrace<S> {
-    inner: S,
-}
+/// The routes with their calls traced.
+pub type RpcTrace<S> = Around<S, RpcTraceLayer>;
 
-impl<S, B> tower::Service<http::Request<B>> for RpcTrace<S>
+impl<S, B> Middleware<S, B> for RpcTraceLayer
 where
     S: tower::Service<http::Request<B>, Response = http::Response<tonic::body::Body>> + Send,
     S::Future: Send + 'static,
 {
-    type Response = S::Response;
-    type Error = S::Error;
-    type Future = BoxFuture<'static, Result<S::Response, S::Error>>;
-
-    fn poll_ready(&mut self, cx: &mut TaskContext<'_>) -> Poll<Result<(), Self::Error>> {
-        self.inner.poll_ready(cx)
-    }
-
-    fn call(&mut self, request: http::Request<B>) -> Self::Future {
+    fn call(
+        &self,
+        inner: &mut S,
+        request: http::Request<B>,
+    ) -> BoxFuture<'static, Result<S::Response, S::Error>> {
         let path = request.uri().path().trim_start_matches('/').to_owned();
         if path.starts_with("grpc.health.") || path.starts_with("grpc.reflection.") {
-            return Box::pin(self.inner.call(request));
+            return Box::pin(inner.call(request));
         }
         let (service, method) = path.split_once('/').unwrap_or((path.as_str(), ""));
         let span = tracing::info_span!(
@@ -345,7 +340,7 @@ where
         };
         let future = {
             let _entered = span.enter();
-            self.inner.call(request)
+            inner.call(request)
         };
         Box::pin(async move {
             let result = future.instrument(span).await;

@@ -88,11 +88,6 @@ fn touched_claim(call: &CallRecord, claim: Option<&pb::Claim>) {
     }
 }
 
-/// What a claim's change acted on, for its audit entry.
-fn claim_id_of(c: &Claim) -> String {
-    c.claim_id.to_string()
-}
-
 /// The decision of a review, with the compensation it sets (at most `cap`).
 fn review_decision(
     v: &mut Violations,
@@ -386,20 +381,14 @@ impl ClaimService for Claims {
             };
             Some((claim_id?, evidence?))
         })?;
-        // Named before the call, so a refused attempt is found by its claim in the audit log.
-        record_touched(&op.call, &[(Resource::Claim, &op.body.claim_id)]);
-        let mutation = op.mutation(claim_id_of, |c| pb::AttachEvidenceResponse {
-            claim: Some(convert::claim(c)),
-        });
         let attachment = Attachment {
             evidence: &evidence,
             attached_by: &op.actor,
         };
         let store = &self.ctx.store;
-        let stored = store
-            .attach_evidence(mutation.recorded(), claim_id, &attachment)
+        let response = op
+            .answer(|rec| store.attach_evidence(rec, claim_id, &attachment))
             .await?;
-        let response = mutation.respond(stored)?;
         touched_claim(&op.call, response.get_ref().claim.as_ref());
         Ok(response)
     }
@@ -415,10 +404,6 @@ impl ClaimService for Claims {
             let reason = v.check("reason", Reason::parse(&r.reason));
             Some((claim_id?, decision?, reason?))
         })?;
-        record_touched(&op.call, &[(Resource::Claim, &op.body.claim_id)]);
-        let mutation = op.mutation(claim_id_of, |c| pb::ReviewClaimResponse {
-            claim: Some(convert::claim(c)),
-        });
         let trace_context = crate::telemetry::current_context_headers();
         let review = Review {
             decision,
@@ -427,10 +412,9 @@ impl ClaimService for Claims {
             trace_context: trace_context.as_deref(),
         };
         let store = &self.ctx.store;
-        let stored = store
-            .review_claim(mutation.recorded(), claim_id, &review)
+        let response = op
+            .answer(|rec| store.review_claim(rec, claim_id, &review))
             .await?;
-        let response = mutation.respond(stored)?;
         touched_claim(&op.call, response.get_ref().claim.as_ref());
         Ok(response)
     }

@@ -2,25 +2,29 @@
 
 use tonic::{Request, Response, Status};
 
-use super::operation::Operation;
+use super::operation::{Change, Operation};
 use super::{Context, Violations, convert, finance, listing, missing, record_touched};
 use crate::audit::{CallRecord, Resource};
 use crate::domain::text::Reason;
 use crate::proto::payouts::v1::{self as pb, disbursement_service_server::DisbursementService};
-use crate::store::{Disbursement, DisbursementFilter, DispatchState, OperatorRequest, StoreError};
+use crate::store::{DisbursementFilter, DispatchState, StoreError};
 
 pub struct Disbursements {
     pub ctx: Context,
 }
 
-/// What a change of a disbursement acted on, for its audit entry.
-fn disbursement_id_of(d: &Disbursement) -> String {
-    d.disbursement_id.to_string()
-}
-
-/// Dispatch as a whole: a pause or resumption names no resource in the audit log.
-fn no_resource(_: &DispatchState) -> String {
-    String::new()
+impl Disbursements {
+    /// Pauses dispatch (`paused`) or resumes it, for `reason`.
+    async fn set_paused<B: Change<Value = DispatchState>>(
+        &self,
+        op: &Operation<B>,
+        paused: bool,
+        reason: &str,
+    ) -> Result<Response<B::Response>, Status> {
+        let asked = op.asked(reason);
+        op.answer(|rec| self.ctx.store.set_dispatch_paused(rec, paused, &asked))
+            .await
+    }
 }
 
 #[tonic::async_trait]
@@ -83,18 +87,8 @@ impl DisbursementService for Disbursements {
     ) -> Result<Response<pb::RetryDisbursementResponse>, Status> {
         let (op, id) =
             Operation::parse(request, |v, r| v.id("disbursement_id", &r.disbursement_id))?;
-        record_touched(
-            &op.call,
-            &[(Resource::Disbursement, &op.body.disbursement_id)],
-        );
-        let mutation = op.mutation(disbursement_id_of, |d| pb::RetryDisbursementResponse {
-            disbursement: Some(convert::disbursement(d)),
-        });
-        let store = &self.ctx.store;
-        let stored = store
-            .retry_disbursement(mutation.recorded(), id, &op.actor)
-            .await?;
-        mutation.respond(stored)
+        op.answer(|rec| self.ctx.store.retry_disbursement(rec, id, &op.actor))
+            .await
     }
 
     async fn cancel_disbursement(
@@ -106,22 +100,9 @@ impl DisbursementService for Disbursements {
             let reason = v.check("reason", Reason::parse(&r.reason));
             Some((id?, reason?))
         })?;
-        record_touched(
-            &op.call,
-            &[(Resource::Disbursement, &op.body.disbursement_id)],
-        );
-        let mutation = op.mutation(disbursement_id_of, |d| pb::CancelDisbursementResponse {
-            disbursement: Some(convert::disbursement(d)),
-        });
-        let asked = OperatorRequest {
-            actor: &op.actor,
-            reason: reason.as_str(),
-        };
-        let store = &self.ctx.store;
-        let stored = store
-            .cancel_disbursement(mutation.recorded(), id, &asked)
-            .await?;
-        mutation.respond(stored)
+        let asked = op.asked(reason.as_str());
+        op.answer(|rec| self.ctx.store.cancel_disbursement(rec, id, &asked))
+            .await
     }
 
     async fn pause_dispatch(
@@ -130,18 +111,7 @@ impl DisbursementService for Disbursements {
     ) -> Result<Response<pb::PauseDispatchResponse>, Status> {
         let (op, reason) =
             Operation::parse(request, |v, r| v.check("reason", Reason::parse(&r.reason)))?;
-        let mutation = op.mutation(no_resource, |s| pb::PauseDispatchResponse {
-            state: Some(convert::dispatch_state(s)),
-        });
-        let asked = OperatorRequest {
-            actor: &op.actor,
-            reason: reason.as_str(),
-        };
-        let store = &self.ctx.store;
-        let stored = store
-            .set_dispatch_paused(mutation.recorded(), true, &asked)
-            .await?;
-        mutation.respond(stored)
+        self.set_paused(&op, true, reason.as_str()).await
     }
 
     async fn resume_dispatch(
@@ -149,19 +119,8 @@ impl DisbursementService for Disbursements {
         request: Request<pb::ResumeDispatchRequest>,
     ) -> Result<Response<pb::ResumeDispatchResponse>, Status> {
         let (op, ()) = Operation::parse(request, |_, _| Some(()))?;
-        let mutation = op.mutation(no_resource, |s| pb::ResumeDispatchResponse {
-            state: Some(convert::dispatch_state(s)),
-        });
         // Resuming clears the reason of the pause.
-        let asked = OperatorRequest {
-            actor: &op.actor,
-            reason: "",
-        };
-        let store = &self.ctx.store;
-        let stored = store
-            .set_dispatch_paused(mutation.recorded(), false, &asked)
-            .await?;
-        mutation.respond(stored)
+        self.set_paused(&op, false, "").await
     }
 
     async fn export_disbursements(

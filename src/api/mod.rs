@@ -275,7 +275,7 @@ pub fn idempotency(
 
 /// One mutating call through the store, shaped once: its request id and its audit entry are
 /// recorded with its rows in one transaction ([`Mutation::recorded`]), and its answer is the
-/// fresh result or the first call's response replayed ([`Mutation::respond`]). The audit layer
+/// fresh result or the first call's response replayed ([`Mutation::answer`]). The audit layer
 /// writes the entries of calls that stored nothing (refused, failed, replayed).
 pub struct Mutation<T, R> {
     call: CallRecord,
@@ -311,8 +311,13 @@ impl<T: 'static, R: Message + Default + 'static> Mutation<T, R> {
         store::Recorded::audited(&self.idem, &*self.render, &*self.entry)
     }
 
-    /// The call's answer; tells the audit layer the entry was written with the rows, if it was.
-    pub fn respond(self, stored: Stored<T>) -> Result<tonic::Response<R>, Status> {
+    /// The call's answer once `write` (the store call, given [`Mutation::recorded`]) is done;
+    /// tells the audit layer the entry was written with the rows, if it was.
+    pub async fn answer(
+        &self,
+        write: impl Future<Output = store::Result<Stored<T>>>,
+    ) -> Result<tonic::Response<R>, Status> {
+        let stored = write.await?;
         if self.audited && matches!(stored, Stored::Fresh(_)) {
             self.call.audited();
         }

@@ -1,63 +1,129 @@
 //! What every operator's change (evidence attached, a review, a retry, a cancel, a pause or
 //! resumption, a new bank account) does around its own checks and its store call: the request
 //! id is checked and noted in the call's audit record (even when the call is refused), every
-//! bad field is named at once, and the call's [`Mutation`] is recorded under the digest of the
-//! request without its id.
+//! bad field is named at once, what the change names is noted, and the call's [`Mutation`] is
+//! recorded under the digest of the request without its id and answered with the change's
+//! response.
 
 use prost::Message;
-use tonic::{Request, Status};
-use uuid::Uuid;
+use tonic::{Request, Response, Status};
 
-use super::{Mutation, Violations, idempotency, missing};
-use crate::audit::CallRecord;
+use super::{Mutation, Violations, convert, idempotency, missing, record_touched};
+use crate::audit::{CallRecord, Resource};
+use crate::domain::{Claim, Partner};
 use crate::principal::Principal;
 use crate::proto::payouts::v1 as pb;
+use crate::store::{self, Disbursement, DispatchState, OperatorRequest, Recorded, Stored};
 
-/// A request that changes something: its request id, and the method the id is taken for.
+/// A request that changes something: its request id, the method the id is taken for, what
+/// it names before the change (for the audit log), and the response the changed value gives.
 pub trait Change: Message + Sized {
     const METHOD: &'static str;
+    /// What the store answers a change with.
+    type Value: Changed;
+    type Response: Message + Default + 'static;
 
     fn request_id(&mut self) -> &mut String;
+    /// The resource the request names, if any: named before the change is tried, so that a
+    /// refused attempt is found by it in the audit log.
+    fn names(&self) -> Option<(Resource, &str)>;
+    fn response(value: &Self::Value) -> Self::Response;
+}
+
+/// What a change's request names: nothing, or `resource` by its field `id`.
+macro_rules! named {
+    ($request:ident) => {
+        None
+    };
+    ($request:ident, $resource:ident($id:ident)) => {
+        Some((Resource::$resource, $request.$id.as_str()))
+    };
 }
 
 macro_rules! changes {
-    ($($request:ident => $method:literal,)*) => {
+    ($(
+        $request:ident => $method:literal $(, naming $resource:ident($id:ident))?
+            -> $response:ident { $field:ident: $value:ty = $shown:path },
+    )*) => {
         $(impl Change for pb::$request {
             const METHOD: &'static str = $method;
+            type Value = $value;
+            type Response = pb::$response;
 
             fn request_id(&mut self) -> &mut String {
                 &mut self.request_id
+            }
+
+            fn names(&self) -> Option<(Resource, &str)> {
+                named!(self $(, $resource($id))?)
+            }
+
+            fn response(value: &$value) -> pb::$response {
+                pb::$response { $field: Some($shown(value)) }
             }
         })*
     };
 }
 
 changes! {
-    AttachEvidenceRequest => "AttachEvidence",
-    ReviewClaimRequest => "ReviewClaim",
-    RetryDisbursementRequest => "RetryDisbursement",
-    CancelDisbursementRequest => "CancelDisbursement",
-    PauseDispatchRequest => "PauseDispatch",
-    ResumeDispatchRequest => "ResumeDispatch",
-    UpdatePartnerBankAccountRequest => "UpdatePartnerBankAccount",
+    AttachEvidenceRequest => "AttachEvidence", naming Claim(claim_id)
+        -> AttachEvidenceResponse { claim: Claim = convert::claim },
+    ReviewClaimRequest => "ReviewClaim", naming Claim(claim_id)
+        -> ReviewClaimResponse { claim: Claim = convert::claim },
+    RetryDisbursementRequest => "RetryDisbursement", naming Disbursement(disbursement_id)
+        -> RetryDisbursementResponse { disbursement: Disbursement = convert::disbursement },
+    CancelDisbursementRequest => "CancelDisbursement", naming Disbursement(disbursement_id)
+        -> CancelDisbursementResponse { disbursement: Disbursement = convert::disbursement },
+    PauseDispatchRequest => "PauseDispatch"
+        -> PauseDispatchResponse { state: DispatchState = convert::dispatch_state },
+    ResumeDispatchRequest => "ResumeDispatch"
+        -> ResumeDispatchResponse { state: DispatchState = convert::dispatch_state },
+    UpdatePartnerBankAccountRequest => "UpdatePartnerBankAccount", naming Partner(partner_id)
+        -> UpdatePartnerBankAccountResponse { partner: Partner = convert::partner },
+}
+
+/// A value a change stores, and what it acted on as the change's audit entry names it.
+pub trait Changed: 'static {
+    fn resource_id(&self) -> String;
+}
+
+macro_rules! changed {
+    ($($value:ty: |$v:ident| $id:expr,)*) => {
+        $(impl Changed for $value {
+            fn resource_id(&self) -> String {
+                let $v = self;
+                $id
+            }
+        })*
+    };
+}
+
+changed! {
+    Claim: |c| c.claim_id.to_string(),
+    Disbursement: |d| d.disbursement_id.to_string(),
+    Partner: |p| p.partner_id.to_string(),
+    // Dispatch as a whole: a pause or resumption names no resource in the audit log.
+    DispatchState: |_s| String::new(),
 }
 
 /// An operator's change whose request passed its checks.
-pub struct Operation<B> {
+pub struct Operation<B: Change> {
     /// Who asks, as the audit log names them.
     pub actor: String,
     pub call: CallRecord,
     /// The request without its request id: the body whose digest goes with the id.
     pub body: B,
-    request_id: Uuid,
+    mutation: Mutation<B::Value, B::Response>,
 }
 
 impl<B: Change> Operation<B> {
     /// Checks `request`: its request id, then the rest with `parse`, which records every bad
-    /// field in the violations and gives what the change needs when there was none.
+    /// field in the violations and gives what the change needs when there was none (it may
+    /// put the body in the form its digest is taken of). What the request names is then noted
+    /// for the call.
     pub fn parse<P>(
         request: Request<B>,
-        parse: impl FnOnce(&mut Violations, &B) -> Option<P>,
+        parse: impl FnOnce(&mut Violations, &mut B) -> Option<P>,
     ) -> Result<(Self, P), Status> {
         let actor = Principal::of(&request);
         let call = CallRecord::of(&request);
@@ -67,27 +133,42 @@ impl<B: Change> Operation<B> {
         let request_id = v.request_id(&raw);
         // In the audit log even when refused.
         call.note_request_id(&raw);
-        let parsed = parse(&mut v, &body);
+        let parsed = parse(&mut v, &mut body);
         v.finish()?;
         let (Some(request_id), Some(parsed)) = (request_id, parsed) else {
             return Err(missing());
         };
+        if let Some(named) = body.names() {
+            record_touched(&call, &[named]);
+        }
+        let idem = idempotency(&actor, request_id, B::METHOD, &body);
+        let mutation = Mutation::new(&call, idem, B::Value::resource_id, B::response);
         let operation = Self {
             actor,
             call,
             body,
-            request_id,
+            mutation,
         };
         Ok((operation, parsed))
     }
 
-    /// The change's [`Mutation`] (see [`Mutation::new`]).
-    pub fn mutation<T: 'static, R: Message + Default + 'static>(
-        &self,
-        resource: fn(&T) -> String,
-        to_proto: fn(&T) -> R,
-    ) -> Mutation<T, R> {
-        let idem = idempotency(&self.actor, self.request_id, B::METHOD, &self.body);
-        Mutation::new(&self.call, idem, resource, to_proto)
+    /// The change's answer (see [`Mutation::answer`]) once `write` has made it, recorded as
+    /// [`Mutation::recorded`] says.
+    pub async fn answer<'m, F>(
+        &'m self,
+        write: impl FnOnce(Recorded<'m, B::Value>) -> F,
+    ) -> Result<Response<B::Response>, Status>
+    where
+        F: Future<Output = store::Result<Stored<B::Value>>>,
+    {
+        self.mutation.answer(write(self.mutation.recorded())).await
+    }
+
+    /// The operator's request: who asks, and why.
+    pub fn asked<'a>(&'a self, reason: &'a str) -> OperatorRequest<'a> {
+        OperatorRequest {
+            actor: &self.actor,
+            reason,
+        }
     }
 }

@@ -328,7 +328,7 @@ impl PartnerService for Partners {
         &self,
         request: Request<pb::UpdatePartnerBankAccountRequest>,
     ) -> Result<Response<pb::UpdatePartnerBankAccountResponse>, Status> {
-        let (mut op, (partner_id, account)) = Operation::parse(request, |v, r| {
+        let (op, (partner_id, account)) = Operation::parse(request, |v, r| {
             let partner_id = v.id("partner_id", &r.partner_id);
             let account = parse_bank_account(v, "bank_account", r.bank_account.as_ref());
             if r.etag.trim().is_empty() {
@@ -339,25 +339,17 @@ impl PartnerService for Partners {
             } else {
                 v.check("etag", text::required_line(&r.etag, MAX_ETAG_CHARS));
             }
+            // The digest the request id goes with is of the etag as it is compared.
+            r.etag = r.etag.trim().to_owned();
             Some((partner_id?, account?))
         })?;
-        op.body.etag = op.body.etag.trim().to_owned();
-        record_touched(&op.call, &[(Resource::Partner, &op.body.partner_id)]);
-        let mutation = op.mutation(
-            |p: &crate::domain::Partner| p.partner_id.to_string(),
-            |p| pb::UpdatePartnerBankAccountResponse {
-                partner: Some(convert::partner(p)),
-            },
-        );
         let update = AccountUpdate {
             account: &account,
             etag: &op.body.etag,
             actor: &op.actor,
         };
         let store = &self.ctx.store;
-        let stored = store
-            .update_bank_account(mutation.recorded(), partner_id, &update)
-            .await?;
-        mutation.respond(stored)
+        op.answer(|rec| store.update_bank_account(rec, partner_id, &update))
+            .await
     }
 }

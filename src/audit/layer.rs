@@ -2,7 +2,6 @@
 //! principal, method, peer, request id, resource and outcome.
 
 use std::sync::Arc;
-use std::task::{Context, Poll};
 
 use futures::future::BoxFuture;
 use tonic::Code;
@@ -11,6 +10,7 @@ use super::writer::GroupWriter;
 use super::{AuditDraft, CallRecord};
 use crate::auth::is_mutating;
 use crate::deadline::Deadline;
+use crate::middleware::{Around, Middleware};
 use crate::principal::Principal;
 use crate::status_body::{StatusBody, status_in, streams_responses};
 use crate::store::Store;
@@ -34,40 +34,29 @@ impl AuditLayer {
 impl<S> tower::Layer<S> for AuditLayer {
     type Service = AuditedService<S>;
     fn layer(&self, inner: S) -> Self::Service {
-        AuditedService {
-            inner,
-            writer: self.writer.clone(),
-        }
+        Around::new(inner, self.clone())
     }
 }
 
-/// The service [`AuditLayer`] wraps around the routes: it hands each mutating call a
-/// [`CallRecord`] in the request's extensions, and writes the call's entry before the caller
-/// sees its answer.
-#[derive(Clone)]
-pub struct AuditedService<S> {
-    inner: S,
-    writer: GroupWriter,
-}
+/// The routes with [`AuditLayer`] around them: each mutating call is handed a [`CallRecord`]
+/// in the request's extensions, and the call's entry is written before the caller sees its
+/// answer.
+pub type AuditedService<S> = Around<S, AuditLayer>;
 
-impl<S, B> tower::Service<http::Request<B>> for AuditedService<S>
+impl<S, B> Middleware<S, B> for AuditLayer
 where
     S: tower::Service<http::Request<B>, Response = http::Response<tonic::body::Body>> + Send,
     S::Future: Send + 'static,
     S::Error: Send + 'static,
 {
-    type Response = S::Response;
-    type Error = S::Error;
-    type Future = BoxFuture<'static, Result<S::Response, S::Error>>;
-
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-        self.inner.poll_ready(cx)
-    }
-
-    fn call(&mut self, mut request: http::Request<B>) -> Self::Future {
+    fn call(
+        &self,
+        inner: &mut S,
+        mut request: http::Request<B>,
+    ) -> BoxFuture<'static, Result<S::Response, S::Error>> {
         let method = request.uri().path().to_owned();
         if !is_mutating(&method) {
-            return Box::pin(self.inner.call(request));
+            return Box::pin(inner.call(request));
         }
         let principal = request
             .extensions()
@@ -89,7 +78,7 @@ where
             writer: writer.clone(),
             deadline,
         };
-        let future = self.inner.call(request);
+        let future = inner.call(request);
         Box::pin(async move {
             let result = future.await;
             unanswered.answered();

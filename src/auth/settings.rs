@@ -504,17 +504,17 @@ mod tests {
         assert_eq!(valid[1].roles, vec![Role::Viewer, Role::Payments]);
     }
 
+    /// An `[auth]` table as a settings file has it: the keys `top`, then one principal, "x", a
+    /// viewer, whose credential is the line `credential`.
+    fn auth_file(top: &str, credential: &str) -> Result<AuthSettings, toml::de::Error> {
+        toml::from_str(&format!(
+            "{top}\n[[principals]]\nname = \"x\"\nroles = [\"viewer\"]\n{credential}\n"
+        ))
+    }
+
     #[test]
     fn unknown_keys_are_refused() {
-        let err = toml::from_str::<AuthSettings>(
-            r#"
-            [[principals]]
-            name = "x"
-            roles = ["viewer"]
-            token_sha265 = "00"
-            "#,
-        )
-        .expect_err("typo");
+        let err = auth_file("", r#"token_sha265 = "00""#).expect_err("typo");
         assert!(err.to_string().contains("token_sha265"), "{err}");
     }
 
@@ -623,19 +623,10 @@ mod tests {
 
     #[test]
     fn the_denied_rate_limit_and_audit_interval_are_read_from_the_file() {
-        let auth: AuthSettings = toml::from_str(
-            r#"
-            denied_rate_limit_per_second = 5
-            denied_rate_limit_burst = 7
-            denial_audit_interval_ms = 250
-
-            [[principals]]
-            name = "x"
-            roles = ["viewer"]
-            token_sha256 = "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08"
-            "#,
-        )
-        .expect("parses");
+        let top = "denied_rate_limit_per_second = 5\n\
+                   denied_rate_limit_burst = 7\n\
+                   denial_audit_interval_ms = 250";
+        let auth = auth_file(top, &format!("token_sha256 = \"{HASH_OF_TEST}\"")).expect("parses");
         auth.validate().expect("valid");
         assert_eq!(auth.denied_rate_limit(), RateLimit::new(5, Some(7)));
         assert_eq!(auth.denial_audit_interval(), Duration::from_millis(250));

@@ -149,51 +149,59 @@ mod tests {
         (cert.pem(), key.serialize_pem())
     }
 
+    /// (certificate PEM, key PEM) of a server at `localhost` named `cn`, signed by `ca`.
+    fn server(ca: &Ca, cn: &str) -> (String, String) {
+        leaf(ca, cn, &["localhost"], ExtendedKeyUsagePurpose::ServerAuth)
+    }
+
+    /// A `PartnerService` of the methods `answered`; the methods listed after `unimplemented`
+    /// (each with its request and response) answer UNIMPLEMENTED.
+    macro_rules! partner_service {
+        (
+            $service:ty { $($answered:tt)* }
+            unimplemented { $($method:ident($request:ty) -> $response:ty;)* }
+        ) => {
+            #[tonic::async_trait]
+            impl PartnerService for $service {
+                $($answered)*
+
+                $(async fn $method(
+                    &self,
+                    _: Request<$request>,
+                ) -> Result<Response<$response>, Status> {
+                    Err(Status::unimplemented("test"))
+                })*
+            }
+        };
+    }
+
     /// Only `GetPartner` answers, with the principal it saw as the legal name.
     struct EchoPartners;
 
-    #[tonic::async_trait]
-    impl PartnerService for EchoPartners {
-        type ImportPartnersStream = tokio_stream::Empty<Result<pb::ImportPartnersResponse, Status>>;
+    partner_service! {
+        EchoPartners {
+            type ImportPartnersStream =
+                tokio_stream::Empty<Result<pb::ImportPartnersResponse, Status>>;
 
-        async fn register_partner(
-            &self,
-            _: Request<pb::RegisterPartnerRequest>,
-        ) -> Result<Response<pb::RegisterPartnerResponse>, Status> {
-            Err(Status::unimplemented("test"))
+            async fn get_partner(
+                &self,
+                request: Request<pb::GetPartnerRequest>,
+            ) -> Result<Response<pb::GetPartnerResponse>, Status> {
+                Ok(Response::new(pb::GetPartnerResponse {
+                    partner: Some(pb::Partner {
+                        legal_name: Principal::of(&request),
+                        ..Default::default()
+                    }),
+                }))
+            }
         }
-
-        async fn get_partner(
-            &self,
-            request: Request<pb::GetPartnerRequest>,
-        ) -> Result<Response<pb::GetPartnerResponse>, Status> {
-            Ok(Response::new(pb::GetPartnerResponse {
-                partner: Some(pb::Partner {
-                    legal_name: Principal::of(&request),
-                    ..Default::default()
-                }),
-            }))
-        }
-
-        async fn list_partners(
-            &self,
-            _: Request<pb::ListPartnersRequest>,
-        ) -> Result<Response<pb::ListPartnersResponse>, Status> {
-            Err(Status::unimplemented("test"))
-        }
-
-        async fn update_partner_bank_account(
-            &self,
-            _: Request<pb::UpdatePartnerBankAccountRequest>,
-        ) -> Result<Response<pb::UpdatePartnerBankAccountResponse>, Status> {
-            Err(Status::unimplemented("test"))
-        }
-
-        async fn import_partners(
-            &self,
-            _: Request<tonic::Streaming<pb::ImportPartnersRequest>>,
-        ) -> Result<Response<Self::ImportPartnersStream>, Status> {
-            Err(Status::unimplemented("test"))
+        unimplemented {
+            register_partner(pb::RegisterPartnerRequest) -> pb::RegisterPartnerResponse;
+            list_partners(pb::ListPartnersRequest) -> pb::ListPartnersResponse;
+            update_partner_bank_account(pb::UpdatePartnerBankAccountRequest)
+                -> pb::UpdatePartnerBankAccountResponse;
+            import_partners(tonic::Streaming<pb::ImportPartnersRequest>)
+                -> Self::ImportPartnersStream;
         }
     }
 
@@ -212,12 +220,7 @@ mod tests {
             path
         };
         let ca = ca("payouts clients CA");
-        let (server_cert, server_key) = leaf(
-            &ca,
-            "payouts server",
-            &["localhost"],
-            ExtendedKeyUsagePurpose::ServerAuth,
-        );
+        let (server_cert, server_key) = server(&ca, "payouts server");
         let settings = TlsSettings {
             cert_file: write("server.pem", &server_cert),
             key_file: write("server.key", &server_key),
@@ -292,6 +295,17 @@ mod tests {
         leaf(&f.ca, cn, sans, ExtendedKeyUsagePurpose::ClientAuth)
     }
 
+    /// `GetPartner` on a fresh server, by a client whose certificate (from the server's
+    /// client CA) names `cn`: refused with `code`.
+    async fn refused_as(cn: &str, code: Code) -> Status {
+        let f = serve().await;
+        let err = get_partner(&f, Some(client(&f, cn, &[])))
+            .await
+            .expect_err(cn);
+        assert_eq!(err.code(), code, "{err:?}");
+        err
+    }
+
     #[tokio::test]
     async fn without_a_client_certificate_the_handshake_is_refused() {
         let f = serve().await;
@@ -321,11 +335,8 @@ mod tests {
 
     #[tokio::test]
     async fn a_valid_certificate_without_the_role_is_permission_denied() {
-        let f = serve().await;
-        let err = get_partner(&f, Some(client(&f, "claims-intake", &[])))
-            .await
-            .expect_err("registrar cannot read");
-        assert_eq!(err.code(), Code::PermissionDenied, "{err:?}");
+        // A registrar cannot read.
+        let err = refused_as("claims-intake", Code::PermissionDenied).await;
         assert_eq!(
             err.get_details_error_info().expect("error info").reason,
             "ROLE_REQUIRED"
@@ -334,11 +345,8 @@ mod tests {
 
     #[tokio::test]
     async fn a_valid_certificate_unknown_to_the_settings_is_unauthenticated() {
-        let f = serve().await;
-        let err = get_partner(&f, Some(client(&f, "intruder", &[])))
-            .await
-            .expect_err("no such principal");
-        assert_eq!(err.code(), Code::Unauthenticated, "{err:?}");
+        // No such principal.
+        refused_as("intruder", Code::Unauthenticated).await;
     }
 
     #[tokio::test]
@@ -390,18 +398,8 @@ mod tests {
         assert!(err.contains("no PEM certificate"), "{err}");
 
         let ca = ca("ca");
-        let (cert, _) = leaf(
-            &ca,
-            "server",
-            &["localhost"],
-            ExtendedKeyUsagePurpose::ServerAuth,
-        );
-        let (_, other_key) = leaf(
-            &ca,
-            "other",
-            &["localhost"],
-            ExtendedKeyUsagePurpose::ServerAuth,
-        );
+        let (cert, _) = server(&ca, "server");
+        let (_, other_key) = server(&ca, "other");
         let cert_file = dir.path().join("server.pem");
         let key_file = dir.path().join("server.key");
         std::fs::write(&cert_file, cert).expect("write");

@@ -15,6 +15,20 @@ use crate::domain::{
     PersonOrBusinessName, SettlementLine, SettlementStatus,
 };
 
+/// `impl TryFrom<$row> for $value`: the value `$read` makes of a row read from the database,
+/// or a [`StoreError`] when the stored data is inconsistent.
+macro_rules! stored {
+    ($row:ident, $value:ident, |$r:ident| $read:expr) => {
+        impl TryFrom<$row> for $value {
+            type Error = StoreError;
+
+            fn try_from($r: $row) -> Result<Self> {
+                $read
+            }
+        }
+    };
+}
+
 pub(crate) fn unexpected(what: impl std::fmt::Display) -> StoreError {
     StoreError::Unexpected(anyhow::anyhow!("stored data is inconsistent: {what}"))
 }
@@ -59,26 +73,20 @@ type Identity = (
     PersonOrBusinessName,
 );
 
-impl TryFrom<IdentityRow> for Identity {
-    type Error = StoreError;
-
-    fn try_from(row: IdentityRow) -> Result<Self> {
-        Ok((
-            parsed(
-                "business_registration_number",
-                BusinessRegistrationNumber::parse(&row.business_registration_number),
-            )?,
-            parsed(
-                "legal_name",
-                PersonOrBusinessName::from_stored(&row.legal_name),
-            )?,
-            parsed(
-                "representative_name",
-                PersonOrBusinessName::from_stored(&row.representative_name),
-            )?,
-        ))
-    }
-}
+stored!(IdentityRow, Identity, |row| Ok((
+    parsed(
+        "business_registration_number",
+        BusinessRegistrationNumber::parse(&row.business_registration_number),
+    )?,
+    parsed(
+        "legal_name",
+        PersonOrBusinessName::from_stored(&row.legal_name),
+    )?,
+    parsed(
+        "representative_name",
+        PersonOrBusinessName::from_stored(&row.representative_name),
+    )?,
+)));
 
 /// Where a payout goes, but for the sealed number: the bank, the last 4 digits, the holder.
 #[derive(sqlx::FromRow)]
@@ -88,20 +96,14 @@ pub(crate) struct AccountRow {
     holder_name: String,
 }
 
-impl TryFrom<AccountRow> for AccountOnFile {
-    type Error = StoreError;
-
-    fn try_from(row: AccountRow) -> Result<Self> {
-        Ok(AccountOnFile {
-            bank_code: parsed("bank_code", BankCode::parse(&row.bank_code))?,
-            account_last4: row.account_last4,
-            holder_name: parsed(
-                "holder_name",
-                PersonOrBusinessName::from_stored(&row.holder_name),
-            )?,
-        })
-    }
-}
+stored!(AccountRow, AccountOnFile, |row| Ok(AccountOnFile {
+    bank_code: parsed("bank_code", BankCode::parse(&row.bank_code))?,
+    account_last4: row.account_last4,
+    holder_name: parsed(
+        "holder_name",
+        PersonOrBusinessName::from_stored(&row.holder_name),
+    )?,
+}));
 
 #[derive(sqlx::FromRow)]
 pub(crate) struct PartnerRow {
@@ -117,37 +119,33 @@ pub(crate) struct PartnerRow {
     version: i64,
 }
 
-impl TryFrom<PartnerRow> for Partner {
-    type Error = StoreError;
-
-    fn try_from(row: PartnerRow) -> Result<Self> {
-        let affected_services = row
-            .affected_services
-            .split(',')
-            .filter(|s| !s.is_empty())
-            .map(|s| AffectedService::from_key(s).ok_or_else(|| unexpected(s)))
-            .collect::<Result<Vec<_>>>()?;
-        let (business_registration_number, legal_name, representative_name) =
-            row.identity.try_into()?;
-        Ok(Partner {
-            partner_id: uuid("partner_id", &row.partner_id)?,
-            profile: PartnerProfile {
-                business_registration_number,
-                legal_name,
-                representative_name,
-                affected_services,
-                contact_email: parsed(
-                    "contact_email",
-                    ContactEmail::from_stored(&row.contact_email),
-                )?,
-            },
-            bank_account: row.account.try_into()?,
-            create_time: row.create_time,
-            update_time: row.update_time,
-            version: row.version,
-        })
-    }
-}
+stored!(PartnerRow, Partner, |row| {
+    let affected_services = row
+        .affected_services
+        .split(',')
+        .filter(|s| !s.is_empty())
+        .map(|s| AffectedService::from_key(s).ok_or_else(|| unexpected(s)))
+        .collect::<Result<Vec<_>>>()?;
+    let (business_registration_number, legal_name, representative_name) =
+        row.identity.try_into()?;
+    Ok(Partner {
+        partner_id: uuid("partner_id", &row.partner_id)?,
+        profile: PartnerProfile {
+            business_registration_number,
+            legal_name,
+            representative_name,
+            affected_services,
+            contact_email: parsed(
+                "contact_email",
+                ContactEmail::from_stored(&row.contact_email),
+            )?,
+        },
+        bank_account: row.account.try_into()?,
+        create_time: row.create_time,
+        update_time: row.update_time,
+        version: row.version,
+    })
+});
 
 #[derive(sqlx::FromRow)]
 pub(crate) struct EvidenceRow {
@@ -158,21 +156,15 @@ pub(crate) struct EvidenceRow {
     attached_by: String,
 }
 
-impl TryFrom<EvidenceRow> for AttachedEvidence {
-    type Error = StoreError;
-
-    fn try_from(row: EvidenceRow) -> Result<Self> {
-        Ok(AttachedEvidence {
-            evidence: Evidence {
-                kind: EvidenceKind::from_key(&row.kind).ok_or_else(|| unexpected(&row.kind))?,
-                uri: row.uri,
-                sha256: row.sha256,
-            },
-            attach_time: row.attach_time,
-            attached_by: row.attached_by,
-        })
-    }
-}
+stored!(EvidenceRow, AttachedEvidence, |row| Ok(AttachedEvidence {
+    evidence: Evidence {
+        kind: EvidenceKind::from_key(&row.kind).ok_or_else(|| unexpected(&row.kind))?,
+        uri: row.uri,
+        sha256: row.sha256,
+    },
+    attach_time: row.attach_time,
+    attached_by: row.attached_by,
+}));
 
 /// A claim with the id of its disbursement, if it has one.
 #[derive(sqlx::FromRow)]
@@ -239,31 +231,25 @@ pub(crate) struct DisbursementRow {
     trace_context: Option<String>,
 }
 
-impl TryFrom<DisbursementRow> for Disbursement {
-    type Error = StoreError;
-
-    fn try_from(row: DisbursementRow) -> Result<Self> {
-        Ok(Disbursement {
-            disbursement_id: uuid("disbursement_id", &row.disbursement_id)?,
-            claim_id: uuid("claim_id", &row.claim_id)?,
-            partner_id: uuid("partner_id", &row.partner_id)?,
-            amount_krw: Krw::new(row.amount_krw),
-            status: disbursement_status("status", &row.status)?,
-            failure_code: row.failure_code,
-            failure_message: row.failure_message,
-            idempotency_key: row.idempotency_key,
-            key_seq: row.key_seq,
-            holder_verified: row.holder_verified,
-            account: row.account.try_into()?,
-            sealed_account: row.account_sealed,
-            create_time: row.create_time,
-            update_time: row.update_time,
-            attempts: Vec::new(),
-            history: Vec::new(),
-            trace_context: row.trace_context,
-        })
-    }
-}
+stored!(DisbursementRow, Disbursement, |row| Ok(Disbursement {
+    disbursement_id: uuid("disbursement_id", &row.disbursement_id)?,
+    claim_id: uuid("claim_id", &row.claim_id)?,
+    partner_id: uuid("partner_id", &row.partner_id)?,
+    amount_krw: Krw::new(row.amount_krw),
+    status: disbursement_status("status", &row.status)?,
+    failure_code: row.failure_code,
+    failure_message: row.failure_message,
+    idempotency_key: row.idempotency_key,
+    key_seq: row.key_seq,
+    holder_verified: row.holder_verified,
+    account: row.account.try_into()?,
+    sealed_account: row.account_sealed,
+    create_time: row.create_time,
+    update_time: row.update_time,
+    attempts: Vec::new(),
+    history: Vec::new(),
+    trace_context: row.trace_context,
+}));
 
 #[derive(sqlx::FromRow)]
 pub(crate) struct AttemptRow {
@@ -275,20 +261,14 @@ pub(crate) struct AttemptRow {
     time: Micros,
 }
 
-impl TryFrom<AttemptRow> for Attempt {
-    type Error = StoreError;
-
-    fn try_from(row: AttemptRow) -> Result<Self> {
-        Ok(Attempt {
-            operation: parsed("operation", AttemptOperation::parse(&row.operation))?,
-            idempotency_key: row.idempotency_key,
-            outcome: parsed("outcome", AttemptOutcome::parse(&row.outcome))?,
-            code: row.code,
-            message: row.message,
-            time: row.time,
-        })
-    }
-}
+stored!(AttemptRow, Attempt, |row| Ok(Attempt {
+    operation: parsed("operation", AttemptOperation::parse(&row.operation))?,
+    idempotency_key: row.idempotency_key,
+    outcome: parsed("outcome", AttemptOutcome::parse(&row.outcome))?,
+    code: row.code,
+    message: row.message,
+    time: row.time,
+}));
 
 #[derive(sqlx::FromRow)]
 pub(crate) struct StatusChangeRow {
@@ -299,22 +279,16 @@ pub(crate) struct StatusChangeRow {
     time: Micros,
 }
 
-impl TryFrom<StatusChangeRow> for StatusChange {
-    type Error = StoreError;
-
-    fn try_from(row: StatusChangeRow) -> Result<Self> {
-        Ok(StatusChange {
-            from_status: row
-                .from_status
-                .map(|f| disbursement_status("from_status", &f))
-                .transpose()?,
-            to_status: disbursement_status("to_status", &row.to_status)?,
-            actor: row.actor,
-            reason: row.reason,
-            time: row.time,
-        })
-    }
-}
+stored!(StatusChangeRow, StatusChange, |row| Ok(StatusChange {
+    from_status: row
+        .from_status
+        .map(|f| disbursement_status("from_status", &f))
+        .transpose()?,
+    to_status: disbursement_status("to_status", &row.to_status)?,
+    actor: row.actor,
+    reason: row.reason,
+    time: row.time,
+}));
 
 #[derive(sqlx::FromRow)]
 pub(crate) struct DispatchStateRow {
@@ -376,24 +350,18 @@ pub(crate) struct AuditRow {
     replayed: bool,
 }
 
-impl TryFrom<AuditRow> for AuditEvent {
-    type Error = StoreError;
-
-    fn try_from(row: AuditRow) -> Result<Self> {
-        Ok(AuditEvent {
-            audit_event_id: uuid("audit_event_id", &row.audit_event_id)?,
-            time: row.time,
-            principal: row.principal,
-            method: row.method,
-            resource_id: row.resource_id,
-            request_id: row.request_id,
-            outcome_code: row.outcome_code,
-            peer_address: row.peer_address,
-            count: row.count,
-            replayed: row.replayed,
-        })
-    }
-}
+stored!(AuditRow, AuditEvent, |row| Ok(AuditEvent {
+    audit_event_id: uuid("audit_event_id", &row.audit_event_id)?,
+    time: row.time,
+    principal: row.principal,
+    method: row.method,
+    resource_id: row.resource_id,
+    request_id: row.request_id,
+    outcome_code: row.outcome_code,
+    peer_address: row.peer_address,
+    count: row.count,
+    replayed: row.replayed,
+}));
 
 /// A disbursement joined with its partner and claim, for the finance export.
 #[derive(sqlx::FromRow)]
@@ -415,31 +383,27 @@ pub(crate) struct ExportRow {
     paid_time: Option<Micros>,
 }
 
-impl TryFrom<ExportRow> for ExportedDisbursement {
-    type Error = StoreError;
-
-    fn try_from(row: ExportRow) -> Result<Self> {
-        let (business_registration_number, legal_name, representative_name) =
-            row.identity.try_into()?;
-        Ok(ExportedDisbursement {
-            disbursement_id: uuid("disbursement_id", &row.disbursement_id)?,
-            claim_id: uuid("claim_id", &row.claim_id)?,
-            partner_id: uuid("partner_id", &row.partner_id)?,
-            business_registration_number,
-            legal_name,
-            representative_name,
-            amount_krw: Krw::new(row.amount_krw),
-            status: disbursement_status("status", &row.status)?,
-            account: row.account.try_into()?,
-            idempotency_key: row.idempotency_key,
-            paid_time: row.paid_time,
-            policy_version: row.policy_version,
-            failure_code: row.failure_code,
-            create_time: row.create_time,
-            update_time: row.update_time,
-        })
-    }
-}
+stored!(ExportRow, ExportedDisbursement, |row| {
+    let (business_registration_number, legal_name, representative_name) =
+        row.identity.try_into()?;
+    Ok(ExportedDisbursement {
+        disbursement_id: uuid("disbursement_id", &row.disbursement_id)?,
+        claim_id: uuid("claim_id", &row.claim_id)?,
+        partner_id: uuid("partner_id", &row.partner_id)?,
+        business_registration_number,
+        legal_name,
+        representative_name,
+        amount_krw: Krw::new(row.amount_krw),
+        status: disbursement_status("status", &row.status)?,
+        account: row.account.try_into()?,
+        idempotency_key: row.idempotency_key,
+        paid_time: row.paid_time,
+        policy_version: row.policy_version,
+        failure_code: row.failure_code,
+        create_time: row.create_time,
+        update_time: row.update_time,
+    })
+});
 
 #[derive(sqlx::FromRow)]
 pub(crate) struct PaidRow {
@@ -449,22 +413,16 @@ pub(crate) struct PaidRow {
     paid_time: Option<Micros>,
 }
 
-impl TryFrom<PaidRow> for PaidPayout {
-    type Error = StoreError;
-
-    fn try_from(row: PaidRow) -> Result<Self> {
-        Ok(PaidPayout {
-            disbursement_id: uuid("disbursement_id", &row.disbursement_id)?,
-            idempotency_key: row
-                .idempotency_key
-                .ok_or_else(|| unexpected("a PAID disbursement without a key"))?,
-            amount_krw: Krw::new(row.amount_krw),
-            paid_time: row
-                .paid_time
-                .ok_or_else(|| unexpected("a PAID disbursement without a PAID event"))?,
-        })
-    }
-}
+stored!(PaidRow, PaidPayout, |row| Ok(PaidPayout {
+    disbursement_id: uuid("disbursement_id", &row.disbursement_id)?,
+    idempotency_key: row
+        .idempotency_key
+        .ok_or_else(|| unexpected("a PAID disbursement without a key"))?,
+    amount_krw: Krw::new(row.amount_krw),
+    paid_time: row
+        .paid_time
+        .ok_or_else(|| unexpected("a PAID disbursement without a PAID event"))?,
+}));
 
 /// A staged settlement line with the disbursement that used its key, if any.
 #[derive(sqlx::FromRow)]

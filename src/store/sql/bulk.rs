@@ -20,9 +20,13 @@ use super::audit::insert_audit;
 use super::{Db, DbRow, SqlStore, Tx, execute_pieces, fetch_pieces};
 use crate::store::batch::{BatchSql, Lookup};
 use crate::store::idempotency::{KeyedEarlier, replay_of};
-use crate::store::intake::{Answers, BulkResult, REQUEST_KEY, request_ids_insert, request_key};
+use crate::store::intake::{
+    Answers, BulkError, BulkResult, REQUEST_KEY, request_ids_insert, request_key,
+};
 use crate::store::rows::unexpected;
-use crate::store::{AuditEvent, BatchAudit, Idempotency, Micros, Result, StoreError, Stored};
+use crate::store::{
+    AuditEvent, BatchAudit, Idempotency, Micros, Recorded, Render, Result, StoreError, Stored,
+};
 
 /// The statements of a batch in this database's form.
 pub(super) type BatchStatements = super::Pieces;
@@ -92,6 +96,46 @@ pub(super) async fn take_request_ids(
     Ok(taken)
 }
 
+/// Rows of a batch that share no key (their request, and whatever else two rows of the kind
+/// may not share), written together: `wave` are their places in `rows`.
+pub(super) struct Wave<'a, R, T> {
+    pub rows: &'a [R],
+    pub wave: &'a [usize],
+    pub render: Render<'a, T>,
+    pub now: Micros,
+}
+
+impl<'a, R: OneRow<T>, T> Wave<'a, R, T> {
+    /// The request ids of the wave's rows, each with the response its row keeps if it is
+    /// new: that of its candidate value (`None`: the row is refused anyway).
+    pub(super) fn idems<'c>(
+        &self,
+        candidate: impl Fn(usize) -> Option<&'c T>,
+    ) -> Vec<(&'a Idempotency, Option<Vec<u8>>)>
+    where
+        T: 'c,
+    {
+        self.wave
+            .iter()
+            .map(|&i| (self.rows[i].idem(), candidate(i).map(self.render)))
+            .collect()
+    }
+
+    /// The wave's rows whose request id was `taken` (new), and those whose request id their
+    /// principal used before, each with it.
+    pub(super) fn split(
+        &self,
+        taken: &HashSet<String>,
+    ) -> (Vec<usize>, Vec<(usize, &'a Idempotency)>) {
+        let (fresh, used): (Vec<usize>, Vec<usize>) = self
+            .wave
+            .iter()
+            .partition(|&&i| taken.contains(&request_key(self.rows[i].idem())));
+        let used = used.into_iter().map(|i| (i, self.rows[i].idem())).collect();
+        (fresh, used)
+    }
+}
+
 /// The answers to rows whose request id their principal used before, as [`replay_of`]
 /// decides for a single call. Other principals' uses of the same ids are not looked at.
 pub(super) async fn replays<T>(
@@ -156,26 +200,62 @@ pub(super) async fn release_request_ids(tx: &mut Tx, idems: &[&Idempotency]) -> 
     Ok(())
 }
 
-/// The audit entry row `i` of a batch writes with its row when the row is stored.
-pub(super) fn fresh_entry<T: Clone>(
+/// A row of a batch, as its one-row method writes it alone: after a race a batch is redone
+/// row by row, and the one-row answers are the reference ([`batch_or_row_by_row`]).
+pub(super) trait OneRow<T>: Sync {
+    fn idem(&self) -> &Idempotency;
+
+    /// Writes the row alone through its one-row method, recorded as `call` says.
+    fn alone(
+        &self,
+        store: &SqlStore,
+        call: Recorded<'_, T>,
+    ) -> impl Future<Output = Result<Stored<T>>> + Send;
+}
+
+/// The answers to `rows`: those of `batch`, which writes them as one batch or, when a
+/// concurrent writer raced it, of each row written alone ([`OneRow::alone`]; `writing` says
+/// how in the log), each stored row committed with its audit entry.
+pub(super) async fn batch_or_row_by_row<R: OneRow<T>, T: Clone + Send + Sync>(
+    batch: impl Future<Output = BulkResult<Vec<Result<Stored<T>>>>>,
+    store: &SqlStore,
+    rows: &[R],
+    render: Render<'_, T>,
     audit: BatchAudit<'_, T>,
-    i: usize,
-    value: &T,
-) -> Option<AuditEvent> {
+    writing: &str,
+) -> Result<Vec<Result<Stored<T>>>> {
+    match batch.await {
+        Ok(answers) => Ok(answers),
+        Err(BulkError::Store(e)) => Err(e),
+        Err(BulkError::Race) => {
+            tracing::debug!(rows = rows.len(), "concurrent writer: {writing} row by row");
+            let mut done = RowByRow::new(rows.len(), audit);
+            for (i, row) in rows.iter().enumerate() {
+                let entry = |value: &T| fresh_entry(audit, i, value);
+                let call = Recorded::audited(row.idem(), render, &entry);
+                done.answered(i, row.alone(store, call).await);
+            }
+            Ok(done.finish(store).await)
+        }
+    }
+}
+
+/// The audit entry row `i` of a batch writes with its row when the row is stored.
+fn fresh_entry<T: Clone>(audit: BatchAudit<'_, T>, i: usize, value: &T) -> Option<AuditEvent> {
     (audit.row)(i, &Ok(Stored::Fresh(value.clone())))
 }
 
 /// A batch answered row by row: each row stored commits with its audit entry (see
 /// [`fresh_entry`]); the entries of rows that stored nothing (replayed, refused, or refused
 /// before the store) are kept for [`RowByRow::finish`].
-pub(super) struct RowByRow<'a, T> {
+struct RowByRow<'a, T> {
     audit: BatchAudit<'a, T>,
     answers: Vec<Result<Stored<T>>>,
     unstored: Vec<AuditEvent>,
 }
 
 impl<'a, T: Clone> RowByRow<'a, T> {
-    pub(super) fn new(rows: usize, audit: BatchAudit<'a, T>) -> Self {
+    fn new(rows: usize, audit: BatchAudit<'a, T>) -> Self {
         Self {
             audit,
             answers: Vec::with_capacity(rows),
@@ -184,7 +264,7 @@ impl<'a, T: Clone> RowByRow<'a, T> {
     }
 
     /// How row `i` was answered.
-    pub(super) fn answered(&mut self, i: usize, answer: Result<Stored<T>>) {
+    fn answered(&mut self, i: usize, answer: Result<Stored<T>>) {
         if !matches!(answer, Ok(Stored::Fresh(_))) {
             self.unstored.extend((self.audit.row)(i, &answer));
         }
@@ -194,7 +274,7 @@ impl<'a, T: Clone> RowByRow<'a, T> {
     /// Writes the entries of the rows that stored nothing, and answers every row. Never fails:
     /// rows already stored stay so (a failed write of these entries is logged, as the audit
     /// layer logs one).
-    pub(super) async fn finish(self, store: &SqlStore) -> Vec<Result<Stored<T>>> {
+    async fn finish(self, store: &SqlStore) -> Vec<Result<Stored<T>>> {
         if !self.unstored.is_empty() {
             let written = async {
                 let mut tx = store.begin_write().await?;

@@ -6,77 +6,52 @@ use sqlx::FromRow as _;
 use uuid::Uuid;
 
 use super::bulk::{
-    RowByRow, execute, fresh_entry, release_request_ids, replays, select_in, take_request_ids,
+    OneRow, Wave, execute, release_request_ids, replays, select_in, take_request_ids,
 };
 use super::{Db, SqlStore, Tx, dialect};
 use crate::domain::{Claim, ClaimId, NewClaim, PartnerId};
 use crate::store::batch::{BatchSql, Insert};
 use crate::store::intake::{
-    Answers, BulkError, BulkResult, Filed, Payee, audit_insert, claim_if_new, claims_inserts,
-    finish, request_key, waves,
+    Answers, BulkResult, Filed, Payee, audit_insert, claim_if_new, claims_inserts, finish,
+    request_key, waves,
 };
 use crate::store::prelude::*;
 use crate::store::rows::{unexpected, uuid};
 use crate::store::{
-    BatchAudit, ClaimSubmission, Idempotency, Micros, PartnerRef, Recorded, Render, Result,
-    StoreError, Stored, now_micros,
+    BatchAudit, ClaimSubmission, Idempotency, PartnerRef, Recorded, Render, Result, StoreError,
+    Stored, now_micros,
 };
 
-/// Runs `rows` as a batch, or row by row through the one-row method after a race.
-pub(super) async fn submit_claims(
-    store: &SqlStore,
-    rows: &[ClaimSubmission],
-    render: Render<'_, Claim>,
-    audit: BatchAudit<'_, Claim>,
-) -> Result<Vec<Result<Stored<Claim>>>> {
-    match try_submit_claims(store, rows, render, audit).await {
-        Ok(answers) => Ok(answers),
-        Err(BulkError::Store(e)) => Err(e),
-        Err(BulkError::Race) => {
-            tracing::debug!(
-                rows = rows.len(),
-                "concurrent writer: submitting row by row"
-            );
-            let mut done = RowByRow::new(rows.len(), audit);
-            for (i, row) in rows.iter().enumerate() {
-                let entry = |c: &Claim| fresh_entry(audit, i, c);
-                let answer =
-                    submit_one(store, row, Recorded::audited(&row.idem, render, &entry)).await;
-                done.answered(i, answer);
-            }
-            Ok(done.finish(store).await)
-        }
+impl OneRow<Claim> for ClaimSubmission {
+    fn idem(&self) -> &Idempotency {
+        &self.idem
     }
-}
 
-/// One row of a batch through [`ClaimStore::submit_claim`], its partner resolved first.
-async fn submit_one(
-    store: &SqlStore,
-    row: &ClaimSubmission,
-    call: Recorded<'_, Claim>,
-) -> Result<Stored<Claim>> {
-    let partner_id = match &row.partner {
-        PartnerRef::Id(id) => *id,
-        PartnerRef::RegistrationNumber(brn) => {
-            let found: Option<String> = sqlx::query_scalar(
-                "SELECT partner_id FROM partners WHERE business_registration_number = $1",
-            )
-            .bind(brn.as_str())
-            .fetch_optional(&store.pool)
-            .await?;
-            // No such partner: the nil id makes `submit_claim` answer NOT_FOUND, after
-            // it has looked at the request id as it always does first.
-            match found {
-                Some(id) => uuid("partner_id", &id)?,
-                None => PartnerId::from_uuid(Uuid::nil()),
+    /// Through [`ClaimStore::submit_claim`], the partner resolved first.
+    async fn alone(&self, store: &SqlStore, call: Recorded<'_, Claim>) -> Result<Stored<Claim>> {
+        let partner_id = match &self.partner {
+            PartnerRef::Id(id) => *id,
+            PartnerRef::RegistrationNumber(brn) => {
+                let found: Option<String> = sqlx::query_scalar(
+                    "SELECT partner_id FROM partners WHERE business_registration_number = $1",
+                )
+                .bind(brn.as_str())
+                .fetch_optional(&store.pool)
+                .await?;
+                // No such partner: the nil id makes `submit_claim` answer NOT_FOUND, after
+                // it has looked at the request id as it always does first.
+                match found {
+                    Some(id) => uuid("partner_id", &id)?,
+                    None => PartnerId::from_uuid(Uuid::nil()),
+                }
             }
-        }
-    };
-    let claim = NewClaim {
-        partner_id,
-        ..row.claim.clone()
-    };
-    store.submit_claim(call, &claim).await
+        };
+        let claim = NewClaim {
+            partner_id,
+            ..self.claim.clone()
+        };
+        store.submit_claim(call, &claim).await
+    }
 }
 
 /// A partner found by id or registration number.
@@ -128,7 +103,9 @@ async fn resolve_partners(
         .collect())
 }
 
-async fn try_submit_claims(
+/// Writes `rows` as one batch; `BulkError::Race` when a concurrent writer got in the way (see
+/// [`super::bulk::batch_or_row_by_row`]).
+pub(super) async fn submit_claims(
     store: &SqlStore,
     rows: &[ClaimSubmission],
     render: Render<'_, Claim>,
@@ -164,12 +141,13 @@ async fn try_submit_claims(
         }
         let wave = Wave {
             rows,
-            partners: &partners,
             wave: &wave,
             render,
             now,
         };
-        pending = wave.file(&mut tx, &mut candidates, &mut answers).await?;
+        pending = wave
+            .file(&mut tx, &partners, &mut candidates, &mut answers)
+            .await?;
     }
     let answers = finish(answers);
     pending.push(audit_insert(&audit.events(&answers)));
@@ -194,41 +172,21 @@ struct FiledRow {
 }
 
 /// Rows of a batch that share no key (request, partner), written together.
-struct Wave<'a> {
-    rows: &'a [ClaimSubmission],
-    /// Every row's partner, resolved.
-    partners: &'a [Option<PartnerId>],
-    wave: &'a [usize],
-    render: Render<'a, Claim>,
-    now: Micros,
-}
-
-impl Wave<'_> {
+impl Wave<'_, ClaimSubmission, Claim> {
     /// Takes the wave's request ids, answers its rows that replay or are refused, and
-    /// returns the inserts of its new claims (answered as stored).
+    /// returns the inserts of its new claims (answered as stored). `partners` are every
+    /// row's partner, resolved.
     async fn file(
         &self,
         tx: &mut Tx,
+        partners: &[Option<PartnerId>],
         candidates: &mut [Option<Claim>],
         answers: &mut Answers<Claim>,
     ) -> BulkResult<Vec<Insert<'static>>> {
-        let Self {
-            rows,
-            partners,
-            wave,
-            render,
-            now,
-        } = *self;
-        let idems = wave
-            .iter()
-            .map(|&i| (&rows[i].idem, candidates[i].as_ref().map(render)))
-            .collect();
+        let (rows, now) = (self.rows, self.now);
+        let idems = self.idems(|i| candidates[i].as_ref());
         let taken = take_request_ids(tx, idems, now).await?;
-        let (fresh, used): (Vec<usize>, Vec<usize>) = wave
-            .iter()
-            .partition(|&&i| taken.contains(&request_key(&rows[i].idem)));
-        let used: Vec<(usize, &Idempotency)> =
-            used.into_iter().map(|i| (i, &rows[i].idem)).collect();
+        let (fresh, used) = self.split(&taken);
         replays(tx, &used, answers).await?;
 
         let mut released = Vec::new();
@@ -241,7 +199,7 @@ impl Wave<'_> {
                 released.push(&rows[i].idem);
             }
         }
-        let (payees, filed_before) = self.partners_of(tx, &filing).await?;
+        let (payees, filed_before) = partners_of(tx, partners, &filing).await?;
         let mut filed: Vec<Filed> = Vec::new();
         for i in filing {
             let row = &rows[i];
@@ -270,40 +228,40 @@ impl Wave<'_> {
         }
         Ok(inserts)
     }
+}
 
-    /// The payout details of the partners of rows `filing`, locked (in id order, as every
-    /// batch does) so that concurrent claims for the same partner wait for this one, as in
-    /// `submit_claim`; and the claims they filed before.
-    async fn partners_of(
-        &self,
-        tx: &mut Tx,
-        filing: &[usize],
-    ) -> BulkResult<(HashMap<PartnerId, Payee>, HashMap<PartnerId, ClaimId>)> {
-        let mut partner_ids: Vec<String> = filing
-            .iter()
-            .filter_map(|&i| self.partners[i].map(|p| p.to_string()))
-            .collect();
-        partner_ids.sort();
-        let mut payees = HashMap::new();
-        let mut filed_before = HashMap::new();
-        let head = "SELECT partner_id, bank_code, account_sealed, account_last4, holder_name \
+/// The payout details of the `partners` of rows `filing`, locked (in id order, as every
+/// batch does) so that concurrent claims for the same partner wait for this one, as in
+/// `submit_claim`; and the claims they filed before.
+async fn partners_of(
+    tx: &mut Tx,
+    partners: &[Option<PartnerId>],
+    filing: &[usize],
+) -> BulkResult<(HashMap<PartnerId, Payee>, HashMap<PartnerId, ClaimId>)> {
+    let mut partner_ids: Vec<String> = filing
+        .iter()
+        .filter_map(|&i| partners[i].map(|p| p.to_string()))
+        .collect();
+    partner_ids.sort();
+    let mut payees = HashMap::new();
+    let mut filed_before = HashMap::new();
+    let head = "SELECT partner_id, bank_code, account_sealed, account_last4, holder_name \
                     FROM partners WHERE partner_id";
-        let locked = dialect::IN_PARTNER_ORDER_LOCKED;
-        for row in select_in(tx, head, partner_ids.clone(), locked).await? {
-            let PayeeRow { partner_id, payee } = PayeeRow::from_row(&row)?;
-            payees.insert(uuid("partner_id", &partner_id)?, payee);
-        }
-        let head = "SELECT partner_id, claim_id FROM claims WHERE partner_id";
-        for row in select_in(tx, head, partner_ids, "").await? {
-            let FiledRow {
-                partner_id,
-                claim_id,
-            } = FiledRow::from_row(&row)?;
-            filed_before.insert(
-                uuid("partner_id", &partner_id)?,
-                uuid("claim_id", &claim_id)?,
-            );
-        }
-        Ok((payees, filed_before))
+    let locked = dialect::IN_PARTNER_ORDER_LOCKED;
+    for row in select_in(tx, head, partner_ids.clone(), locked).await? {
+        let PayeeRow { partner_id, payee } = PayeeRow::from_row(&row)?;
+        payees.insert(uuid("partner_id", &partner_id)?, payee);
     }
+    let head = "SELECT partner_id, claim_id FROM claims WHERE partner_id";
+    for row in select_in(tx, head, partner_ids, "").await? {
+        let FiledRow {
+            partner_id,
+            claim_id,
+        } = FiledRow::from_row(&row)?;
+        filed_before.insert(
+            uuid("partner_id", &partner_id)?,
+            uuid("claim_id", &claim_id)?,
+        );
+    }
+    Ok((payees, filed_before))
 }

@@ -3,14 +3,14 @@
 use uuid::Uuid;
 
 use super::bulk::{
-    RowByRow, execute, fresh_entry, release_request_ids, replays, take_request_ids_and_look_up,
+    OneRow, Wave, execute, release_request_ids, replays, take_request_ids_and_look_up,
 };
 use super::{Db, SqlStore, Tx};
 use crate::domain::{NewPartner, Partner, PartnerId};
 use crate::store::batch::{BatchSql, Insert, Lookup, NOT_WRITTEN_WHOLE};
 use crate::store::intake::{
-    Answers, BulkError, BulkResult, audit_insert, finish, partners_insert, request_ids_insert,
-    request_key, waves,
+    Answers, BulkResult, audit_insert, finish, partners_insert, request_ids_insert, request_key,
+    waves,
 };
 use crate::store::prelude::*;
 use crate::store::rows::unexpected;
@@ -21,35 +21,24 @@ use crate::store::{
 /// A row as it will be stored if it is new: the partner and its sealed account number.
 type Candidate = Option<(Partner, String)>;
 
-/// Runs `rows` as a batch, or row by row through the one-row method after a race.
-pub(super) async fn register_partners(
-    store: &SqlStore,
-    rows: &[(Idempotency, NewPartner)],
-    render: Render<'_, Partner>,
-    audit: BatchAudit<'_, Partner>,
-) -> Result<Vec<Result<Stored<Partner>>>> {
-    match try_register_partners(store, rows, render, audit).await {
-        Ok(answers) => Ok(answers),
-        Err(BulkError::Store(e)) => Err(e),
-        Err(BulkError::Race) => {
-            tracing::debug!(
-                rows = rows.len(),
-                "concurrent writer: registering row by row"
-            );
-            let mut done = RowByRow::new(rows.len(), audit);
-            for (i, (idem, partner)) in rows.iter().enumerate() {
-                let entry = |p: &Partner| fresh_entry(audit, i, p);
-                let answer = store
-                    .register_partner(Recorded::audited(idem, render, &entry), partner)
-                    .await;
-                done.answered(i, answer);
-            }
-            Ok(done.finish(store).await)
-        }
+impl OneRow<Partner> for (Idempotency, NewPartner) {
+    fn idem(&self) -> &Idempotency {
+        &self.0
+    }
+
+    /// Through [`PartnerStore::register_partner`].
+    async fn alone(
+        &self,
+        store: &SqlStore,
+        call: Recorded<'_, Partner>,
+    ) -> Result<Stored<Partner>> {
+        store.register_partner(call, &self.1).await
     }
 }
 
-async fn try_register_partners(
+/// Writes `rows` as one batch; `BulkError::Race` when a concurrent writer got in the way (see
+/// [`super::bulk::batch_or_row_by_row`]).
+pub(super) async fn register_partners(
     store: &SqlStore,
     rows: &[(Idempotency, NewPartner)],
     render: Render<'_, Partner>,
@@ -112,15 +101,8 @@ async fn try_register_partners(
     Ok(answers)
 }
 
-/// Rows of a batch that share no key, written together.
-struct Wave<'a> {
-    rows: &'a [(Idempotency, NewPartner)],
-    wave: &'a [usize],
-    render: Render<'a, Partner>,
-    now: Micros,
-}
-
-impl Wave<'_> {
+/// Rows of a batch that share no key (request, registration number), written together.
+impl Wave<'_, (Idempotency, NewPartner), Partner> {
     /// Takes the wave's request ids, answers its rows that replay or whose number is taken,
     /// and returns the insert of its new partners (answered as stored).
     async fn register(
@@ -129,16 +111,8 @@ impl Wave<'_> {
         candidates: &mut [Candidate],
         answers: &mut Answers<Partner>,
     ) -> BulkResult<Insert<'static>> {
-        let Self {
-            rows,
-            wave,
-            render,
-            now,
-        } = *self;
-        let idems = wave
-            .iter()
-            .map(|&i| (&rows[i].0, candidates[i].as_ref().map(|(p, _)| render(p))))
-            .collect();
+        let (rows, wave, now) = (self.rows, self.wave, self.now);
+        let idems = self.idems(|i| candidates[i].as_ref().map(|(p, _)| p));
         let lookup = Lookup {
             table: "partners",
             key: "business_registration_number",
@@ -156,10 +130,7 @@ impl Wave<'_> {
                 .collect(),
         };
         let (taken, registered) = take_request_ids_and_look_up(tx, idems, now, lookup).await?;
-        let (fresh, used): (Vec<usize>, Vec<usize>) = wave
-            .iter()
-            .partition(|&&i| taken.contains(&request_key(&rows[i].0)));
-        let used: Vec<(usize, &Idempotency)> = used.into_iter().map(|i| (i, &rows[i].0)).collect();
+        let (fresh, used) = self.split(&taken);
         replays(tx, &used, answers).await?;
 
         let mut released = Vec::new();

@@ -3,6 +3,7 @@
 use async_trait::async_trait;
 use payouts_macros::store_span;
 
+use super::bulk::batch_or_row_by_row;
 use super::disbursements::create_disbursement;
 use super::{Conn, DB_SYSTEM, SqlStore, Tx, after_key, bulk_claims, dialect};
 use crate::domain::{Claim, ClaimId, ClaimStatus, Evidence, NewClaim, Reviewed, review};
@@ -254,6 +255,7 @@ impl ClaimStore for SqlStore {
         render: Render<'_, Claim>,
         audit: BatchAudit<'_, Claim>,
     ) -> Result<Vec<Result<Stored<Claim>>>> {
-        bulk_claims::submit_claims(self, rows, render, audit).await
+        let batch = bulk_claims::submit_claims(self, rows, render, audit);
+        batch_or_row_by_row(batch, self, rows, render, audit, "submitting").await
     }
 }

@@ -3,6 +3,7 @@
 use async_trait::async_trait;
 use payouts_macros::store_span;
 
+use super::bulk::batch_or_row_by_row;
 use super::{Conn, DB_SYSTEM, SqlStore, after_key, bulk_partners, dialect};
 use crate::domain::{AccountOnFile, NewPartner, Partner, PartnerId};
 use crate::store::rows::{PartnerRow, services_key, uuid};
@@ -192,6 +193,7 @@ impl PartnerStore for SqlStore {
         render: Render<'_, Partner>,
         audit: BatchAudit<'_, Partner>,
     ) -> Result<Vec<Result<Stored<Partner>>>> {
-        bulk_partners::register_partners(self, rows, render, audit).await
+        let batch = bulk_partners::register_partners(self, rows, render, audit);
+        batch_or_row_by_row(batch, self, rows, render, audit, "registering").await
     }
 }
