@@ -1,8 +1,8 @@
 //! The SQL both databases share, written once as ordinary code and compiled once per
-//! database: `postgres.rs` and `sqlite.rs` each include this module tree with their own `Db`
-//! (the sqlx database), `SqlStore` (their store type, with `pool`, `cipher` and
-//! `begin_write`), `DB_SYSTEM` (as traces name the database) and `dialect` (the few whole
-//! statements whose row locks differ).
+//! database: `postgres.rs` and `sqlite.rs` each include this module tree (`store_sql!`) with
+//! their own `Db` (the sqlx database), `SqlStore` (their store type, with `pool`, `cipher`
+//! and `begin_write`), `DB_SYSTEM` (as traces name the database) and `dialect` (the few
+//! whole statements whose row locks differ).
 //!
 //! One file per aggregate implements its store trait; rows are read into `FromRow` structs
 //! ([`rows`]) and turned into domain types outside the SQL; every mutating call takes its
