@@ -50,6 +50,18 @@ impl SqliteStore {
         Ok(())
     }
 
+    /// A fresh, migrated store in `dir`, its account numbers sealed under a fixed test key.
+    #[cfg(test)]
+    pub(crate) async fn migrated_in(dir: &tempfile::TempDir) -> Self {
+        let url = format!("sqlite://{}", dir.path().join("payouts.db").display());
+        let cipher = std::sync::Arc::new(crate::sealing::PiiCipher::new(&[7; 32]));
+        let store = Self::connect(&url, &Default::default(), cipher)
+            .await
+            .expect("open");
+        store.migrate().await.expect("migrate");
+        store
+    }
+
     /// Writers take the lock up front: a deferred transaction that reads and then writes can
     /// fail with SQLITE_BUSY when another writer got there first.
     async fn begin_write(&self) -> super::Result<sqlx::Transaction<'static, sqlx::Sqlite>> {

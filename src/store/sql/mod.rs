@@ -14,18 +14,6 @@ use crate::store::batch::BatchSql;
 use crate::store::rows::unexpected;
 use crate::store::{Micros, Page};
 
-/// Begins a mutating call on `store` ([`SqlStore::begin_call`]): evaluates to the writing
-/// transaction and the request id it took or, when the caller used the request id before,
-/// returns the first answer from the enclosing method (as `?` returns an error).
-macro_rules! begin_or_replay {
-    ($store:expr, $call:expr) => {
-        match $store.begin_call($call).await? {
-            Ok(begun) => begun,
-            Err(replayed) => return Ok(replayed),
-        }
-    };
-}
-
 mod audit;
 mod bulk;
 mod bulk_claims;
