@@ -26,6 +26,23 @@ impl SqlStore {
         }
     }
 
+    /// `body` in a writing transaction of its own, committed with what `body` gives back;
+    /// all of it again while the database rolls it back for contention
+    /// ([`retry_contention`]).
+    pub(super) async fn in_transaction<T, F, Fut>(&self, what: &'static str, body: F) -> Result<T>
+    where
+        F: Fn(Tx) -> Fut,
+        Fut: Future<Output = Result<(Tx, T)>>,
+    {
+        let body = &body;
+        retry_contention(what, move || async move {
+            let (tx, value) = body(self.begin_write().await?).await?;
+            tx.commit().await?;
+            Ok(value)
+        })
+        .await
+    }
+
     /// The whole of a mutating call named `what`: begins it ([`SqlStore::begin_call`]; a
     /// replay answers at once), runs `body` in its transaction and finishes it with the
     /// transaction and value `body` gives back ([`Claimed::finish`]); all of it again while
