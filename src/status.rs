@@ -78,3 +78,20 @@ pub fn status_message(status: &Status) -> crate::proto::google::rpc::Status {
     message.message = status.message().to_owned();
     message
 }
+
+/// The details of a `RESOURCE_EXHAUSTED` status and the retry delay they ask for, checked to
+/// be within a second.
+#[cfg(test)]
+pub(crate) fn exhausted_retry_within_a_second(status: &Status) -> (ErrorDetails, Duration) {
+    assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
+    let details = status.get_error_details();
+    let retry = details
+        .retry_info()
+        .and_then(|r| r.retry_delay)
+        .expect("retry delay");
+    assert!(
+        retry > Duration::ZERO && retry <= Duration::from_secs(1),
+        "{retry:?}"
+    );
+    (details, retry)
+}

@@ -132,20 +132,11 @@ impl CallRecord {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::sealing::PiiCipher;
     use crate::store::sqlite::SqliteStore;
 
     async fn record() -> (CallRecord, tempfile::TempDir) {
         let dir = tempfile::tempdir().expect("dir");
-        let url = format!("sqlite://{}", dir.path().join("audit.db").display());
-        let store = SqliteStore::connect(
-            &url,
-            &Default::default(),
-            Arc::new(PiiCipher::new(&[7; 32])),
-        )
-        .await
-        .expect("open");
-        store.migrate().await.expect("migrate");
+        let store = SqliteStore::migrated_in(&dir).await;
         let writer = GroupWriter::spawn(Arc::new(store));
         let draft = AuditDraft::new("ops", "/payouts.v1.ClaimService/ReviewClaim", "192.0.2.1:9");
         (CallRecord::new(draft, writer), dir)

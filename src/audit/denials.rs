@@ -208,7 +208,6 @@ impl DenialTally {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::sealing::PiiCipher;
     use crate::store::{AuditFilter, Page, sqlite::SqliteStore};
 
     const REGISTER: &str = "/payouts.v1.PartnerService/RegisterPartner";
@@ -350,16 +349,7 @@ mod tests {
     }
 
     async fn store(dir: &tempfile::TempDir) -> Arc<dyn Store> {
-        let url = format!("sqlite://{}", dir.path().join("audit.db").display());
-        let store = SqliteStore::connect(
-            &url,
-            &Default::default(),
-            Arc::new(PiiCipher::new(&[7; 32])),
-        )
-        .await
-        .expect("open");
-        store.migrate().await.expect("migrate");
-        Arc::new(store)
+        Arc::new(SqliteStore::migrated_in(dir).await)
     }
 
     async fn stored(store: &Arc<dyn Store>) -> Vec<AuditEvent> {

@@ -306,6 +306,7 @@ mod tests {
 
     use super::*;
     use crate::auth::ratelimit::RateLimit;
+    use crate::status::exhausted_retry_within_a_second;
 
     /// Answers 200 with the principal it saw, and whether the token reached it.
     fn inner()
@@ -341,17 +342,7 @@ mod tests {
     /// The details of a `RESOURCE_EXHAUSTED` status of reason `RATE_LIMITED`, checked to ask
     /// for a retry within a second.
     fn rate_limited(status: Option<tonic::Status>) -> ErrorDetails {
-        let status = status.expect("limited");
-        assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
-        let details = status.get_error_details();
-        let retry = details
-            .retry_info()
-            .and_then(|r| r.retry_delay)
-            .expect("retry delay");
-        assert!(
-            retry > Duration::ZERO && retry <= Duration::from_secs(1),
-            "{retry:?}"
-        );
+        let (details, _) = exhausted_retry_within_a_second(&status.expect("limited"));
         assert_eq!(details.error_info().expect("info").reason, "RATE_LIMITED");
         details
     }

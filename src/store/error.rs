@@ -171,6 +171,17 @@ impl From<Refusal> for StoreError {
     }
 }
 
+/// `work`'s answer, or a timed-out I/O error (a database out of reach) when it takes longer
+/// than `limit`.
+pub(crate) async fn within<T, E: From<std::io::Error>>(
+    limit: Duration,
+    work: impl Future<Output = Result<T, E>>,
+) -> Result<T, E> {
+    tokio::time::timeout(limit, work)
+        .await
+        .unwrap_or_else(|_| Err(std::io::Error::from(std::io::ErrorKind::TimedOut).into()))
+}
+
 /// Runs of a transaction the database rolls back for contention, the first included. Two
 /// transactions that deadlock are both run again, after pauses of their own; three retries
 /// see them apart in all but pathological contention.

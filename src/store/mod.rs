@@ -23,6 +23,8 @@ use crate::domain::{
 use crate::domain::{Krw, PersonOrBusinessName, SettlementLine, SettlementMismatch};
 
 pub mod batch;
+#[macro_use]
+mod dialect;
 mod error;
 mod idempotency;
 mod intake;
@@ -32,6 +34,7 @@ mod rows;
 mod sealed;
 pub mod sqlite;
 
+use error::within;
 pub use error::{CONTENTION_ATTEMPTS, Result, StoreError, retry_contention};
 pub use idempotency::{AuditFn, AuditOf, Idempotency, Recorded, Render, RenderFn};
 pub use sealed::{ResealAudit, ResealBatch, ResealPage, SealedKeys, SealedPlace, SealingStore};

@@ -93,15 +93,14 @@ async fn wait_for_database(pool: &sqlx::PgPool) -> super::Result<()> {
 impl super::ProbeStore for PgStore {
     async fn probe(&self, within: Duration) -> super::Result<()> {
         let mut held = self.probe.lock().await;
-        let probed = tokio::time::timeout(within, async {
+        let probed = super::within(within, async {
             let conn = match held.as_mut() {
                 Some(conn) => conn,
                 None => held.insert(PgConnection::connect_with(&self.options).await?),
             };
             conn.ping().await
         })
-        .await
-        .unwrap_or_else(|_| Err(std::io::Error::from(std::io::ErrorKind::TimedOut).into()));
+        .await;
         if probed.is_err() {
             // Broken, or in the middle of a round trip that never came back.
             *held = None;
@@ -110,38 +109,17 @@ impl super::ProbeStore for PgStore {
     }
 }
 
-// The SQL both databases share, compiled here for this one (and in the other store for
-// the other): the same module tree on purpose.
-#[allow(clippy::duplicate_mod)]
-#[path = "sql/mod.rs"]
-mod sql;
-
-type Db = sqlx::Postgres;
-type SqlStore = PgStore;
-const DB_SYSTEM: &str = "postgresql";
-
-/// The statements that lock rows: `FOR UPDATE` holds a selected row until commit, and `SKIP
-/// LOCKED` passes over rows another replica holds.
-mod dialect {
-    pub const LOCK_PARTNER: &str =
-        "SELECT partner_id FROM partners WHERE partner_id = $1 FOR UPDATE";
-    pub const LOCK_CLAIM: &str = "SELECT claim_id FROM claims WHERE claim_id = $1 FOR UPDATE";
-    pub const LOCK_DISBURSEMENT: &str =
-        "SELECT disbursement_id FROM disbursements WHERE disbursement_id = $1 FOR UPDATE";
-    pub const LOCK_DISPATCH_CONTROL: &str =
-        "SELECT id FROM dispatch_control WHERE id = 1 FOR UPDATE";
-    /// The tail of a select of partners by id that locks them, in id order.
-    pub const IN_PARTNER_ORDER_LOCKED: &str = " ORDER BY partner_id FOR UPDATE";
-    pub const LEASE_DUE: &str = "UPDATE outbox SET lease_until = $1 WHERE disbursement_id IN (\
-         SELECT disbursement_id FROM outbox WHERE due_time <= $2 AND lease_until <= $2 \
-         ORDER BY due_time LIMIT $3 FOR UPDATE SKIP LOCKED) RETURNING disbursement_id";
+// Rows are locked with `FOR UPDATE` until commit; `SKIP LOCKED` passes over rows another
+// replica holds.
+store_sql! {
+    db: sqlx::Postgres,
+    store: PgStore,
+    system: "postgresql",
+    for_update: " FOR UPDATE",
+    skip_locked: " FOR UPDATE SKIP LOCKED",
     /// The key id of every sealed value (`<key id>:<ciphertext>`), each once.
     pub const SEALED_KEY_IDS: &str = "SELECT DISTINCT split_part(account_sealed, ':', 1) \
          FROM (SELECT account_sealed FROM partners UNION ALL \
          SELECT account_sealed FROM disbursements UNION ALL \
          SELECT account_sealed FROM pii_key_probe) AS sealed";
-    /// The tail of a select of rows to re-seal: rows another transaction holds are passed
-    /// over (a later pass finds them), so a re-sealing batch never waits for a lock it could
-    /// deadlock on.
-    pub const SKIP_LOCKED: &str = " FOR UPDATE SKIP LOCKED";
 }

@@ -50,6 +50,18 @@ impl SqliteStore {
         Ok(())
     }
 
+    /// A fresh, migrated store in `dir`, its account numbers sealed under a fixed test key.
+    #[cfg(test)]
+    pub(crate) async fn migrated_in(dir: &tempfile::TempDir) -> Self {
+        let url = format!("sqlite://{}", dir.path().join("payouts.db").display());
+        let cipher = std::sync::Arc::new(crate::sealing::PiiCipher::new(&[7; 32]));
+        let store = Self::connect(&url, &Default::default(), cipher)
+            .await
+            .expect("open");
+        store.migrate().await.expect("migrate");
+        store
+    }
+
     /// Writers take the lock up front: a deferred transaction that reads and then writes can
     /// fail with SQLITE_BUSY when another writer got there first.
     async fn begin_write(&self) -> super::Result<sqlx::Transaction<'static, sqlx::Sqlite>> {
@@ -62,42 +74,23 @@ impl super::ProbeStore for SqliteStore {
     /// A file has no network to lose: a statement through the pool says whether it still
     /// opens and reads.
     async fn probe(&self, within: Duration) -> super::Result<()> {
-        tokio::time::timeout(within, sqlx::query("SELECT 1").execute(&self.pool))
-            .await
-            .unwrap_or_else(|_| Err(std::io::Error::from(std::io::ErrorKind::TimedOut).into()))?;
+        super::within(within, sqlx::query("SELECT 1").execute(&self.pool)).await?;
         Ok(())
     }
 }
 
-// The SQL both databases share, compiled here for this one (and in the other store for
-// the other): the same module tree on purpose.
-#[allow(clippy::duplicate_mod)]
-#[path = "sql/mod.rs"]
-mod sql;
-
-type Db = sqlx::Sqlite;
-type SqlStore = SqliteStore;
-const DB_SYSTEM: &str = "sqlite";
-
-/// The statements that lock rows elsewhere, without locks: a writing transaction here holds
-/// the whole database (`BEGIN IMMEDIATE`).
-mod dialect {
-    pub const LOCK_PARTNER: &str = "SELECT partner_id FROM partners WHERE partner_id = $1";
-    pub const LOCK_CLAIM: &str = "SELECT claim_id FROM claims WHERE claim_id = $1";
-    pub const LOCK_DISBURSEMENT: &str =
-        "SELECT disbursement_id FROM disbursements WHERE disbursement_id = $1";
-    pub const LOCK_DISPATCH_CONTROL: &str = "SELECT id FROM dispatch_control WHERE id = 1";
-    /// The tail of a select of partners by id, in id order.
-    pub const IN_PARTNER_ORDER_LOCKED: &str = " ORDER BY partner_id";
-    pub const LEASE_DUE: &str = "UPDATE outbox SET lease_until = $1 WHERE disbursement_id IN (\
-         SELECT disbursement_id FROM outbox WHERE due_time <= $2 AND lease_until <= $2 \
-         ORDER BY due_time LIMIT $3) RETURNING disbursement_id";
+// Nothing is locked row by row: a writing transaction here holds the whole database
+// (`BEGIN IMMEDIATE`).
+store_sql! {
+    db: sqlx::Sqlite,
+    store: SqliteStore,
+    system: "sqlite",
+    for_update: "",
+    skip_locked: "",
     /// The key id of every sealed value (`<key id>:<ciphertext>`), each once.
     pub const SEALED_KEY_IDS: &str = "SELECT DISTINCT \
          substr(account_sealed, 1, instr(account_sealed, ':') - 1) \
          FROM (SELECT account_sealed FROM partners UNION ALL \
          SELECT account_sealed FROM disbursements UNION ALL \
          SELECT account_sealed FROM pii_key_probe)";
-    /// The tail of a select of rows to re-seal; the writing transaction holds the database.
-    pub const SKIP_LOCKED: &str = "";
 }

@@ -26,11 +26,7 @@ fn cipher() -> Arc<PiiCipher> {
 /// A fresh, migrated store of each database (the SQLite one in `dir`).
 async fn stores(dir: &tempfile::TempDir) -> Vec<(&'static str, Arc<dyn Store>)> {
     use sqlx::Connection as _;
-    let url = format!("sqlite://{}", dir.path().join("store.db").display());
-    let sqlite = SqliteStore::connect(&url, &Default::default(), cipher())
-        .await
-        .expect("sqlite");
-    sqlite.migrate().await.expect("migrate sqlite");
+    let sqlite = SqliteStore::migrated_in(dir).await;
     let admin = std::env::var("PAYOUTS_TEST_POSTGRES_URL")
         .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into());
     let mut conn = sqlx::PgConnection::connect(&admin)

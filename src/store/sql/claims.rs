@@ -10,7 +10,7 @@ use crate::domain::{Claim, ClaimId, ClaimStatus, Evidence, NewClaim, Reviewed, r
 use crate::store::rows::{ClaimRow, EvidenceRow, unexpected, uuid};
 use crate::store::{
     Attachment, BatchAudit, ClaimFilter, ClaimStore, ClaimSubmission, Micros, Page, Recorded,
-    Render, Result, Review, StoreError, Stored, now_micros, retry_contention,
+    Render, Result, Review, StoreError, Stored, now_micros,
 };
 
 const EVIDENCE_OF_CLAIM: &str = "SELECT * FROM evidence WHERE claim_id = $1 ORDER BY seq";
@@ -120,8 +120,7 @@ impl ClaimStore for SqlStore {
         call: Recorded<'_, Claim>,
         claim: &NewClaim,
     ) -> Result<Stored<Claim>> {
-        retry_contention("submit_claim", move || async move {
-            let (mut tx, call) = begin_or_replay!(self, call);
+        self.mutate("submit_claim", call, move |mut tx| async move {
             sqlx::query(dialect::LOCK_PARTNER)
                 .bind(claim.partner_id.to_string())
                 .fetch_optional(&mut *tx)
@@ -141,7 +140,7 @@ impl ClaimStore for SqlStore {
             let stored = load_claim(&mut tx, claim_id)
                 .await?
                 .ok_or_else(|| unexpected("claim vanished"))?;
-            call.finish(tx, stored).await
+            Ok((tx, stored))
         })
         .await
     }
@@ -157,8 +156,7 @@ impl ClaimStore for SqlStore {
             evidence,
             attached_by: actor,
         } = *attachment;
-        retry_contention("attach_evidence", move || async move {
-            let (mut tx, call) = begin_or_replay!(self, call);
+        self.mutate("attach_evidence", call, move |mut tx| async move {
             lock_claim(&mut tx, claim_id).await?;
             let now = now_micros();
             insert_evidence(&mut tx, claim_id, evidence, actor, now).await?;
@@ -168,7 +166,7 @@ impl ClaimStore for SqlStore {
                 .execute(&mut *tx)
                 .await?;
             let stored = reload_claim(&mut tx, claim_id).await?;
-            call.finish(tx, stored).await
+            Ok((tx, stored))
         })
         .await
     }
@@ -186,8 +184,7 @@ impl ClaimStore for SqlStore {
             reviewer,
             trace_context,
         } = *review_of;
-        retry_contention("review_claim", move || async move {
-            let (mut tx, call) = begin_or_replay!(self, call);
+        self.mutate("review_claim", call, move |mut tx| async move {
             lock_claim(&mut tx, claim_id).await?;
             let claim = reload_claim(&mut tx, claim_id).await?;
             let Reviewed {
@@ -212,7 +209,7 @@ impl ClaimStore for SqlStore {
                 create_disbursement(&mut tx, payee, reviewer, trace_context, now).await?;
             }
             let stored = reload_claim(&mut tx, claim_id).await?;
-            call.finish(tx, stored).await
+            Ok((tx, stored))
         })
         .await
     }

@@ -16,10 +16,9 @@ use crate::store::rows::{
 use crate::store::{
     Attempt, Disbursement, DisbursementFilter, DisbursementStore, DispatchState, Micros,
     OperatorRequest, Page, ProgramSummary, Recorded, Result, StatusChange, StoreError, Stored,
-    now_micros, retry_contention,
+    now_micros,
 };
 
-use super::idempotency::Claimed;
 
 /// Approval and disbursement are one: the disbursement of `(claim, partner, amount)`, its
 /// first history entry and its outbox row are written in the approving transaction.
@@ -182,15 +181,11 @@ async fn changed_under(
 }
 
 /// Ends a call on a disbursement with the disbursement as it now is.
-async fn finish_with(
-    mut tx: Tx,
-    call: Claimed<'_, Disbursement>,
-    disbursement_id: DisbursementId,
-) -> Result<Stored<Disbursement>> {
+async fn reloaded(mut tx: Tx, disbursement_id: DisbursementId) -> Result<(Tx, Disbursement)> {
     let stored = load_disbursement(&mut tx, disbursement_id)
         .await?
         .ok_or(StoreError::NotFound("disbursement"))?;
-    call.finish(tx, stored).await
+    Ok((tx, stored))
 }
 
 pub(super) async fn load_dispatch_state(conn: &mut Conn) -> Result<DispatchState> {
@@ -261,8 +256,7 @@ impl DisbursementStore for SqlStore {
         disbursement_id: DisbursementId,
         actor: &str,
     ) -> Result<Stored<Disbursement>> {
-        retry_contention("retry_disbursement", move || async move {
-            let (mut tx, call) = begin_or_replay!(self, call);
+        self.mutate("retry_disbursement", call, move |mut tx| async move {
             let d = require_disbursement(&mut tx, disbursement_id).await?;
             let changed: Option<(String, i64)> = sqlx::query_as(
             "SELECT account_changed_by, account_change_time FROM partners WHERE partner_id = $1",
@@ -310,7 +304,7 @@ impl DisbursementStore for SqlStore {
             .bind(change.time)
             .execute(&mut *tx)
             .await?;
-            finish_with(tx, call, disbursement_id).await
+            reloaded(tx, disbursement_id).await
         })
         .await
     }
@@ -323,8 +317,7 @@ impl DisbursementStore for SqlStore {
         request: &OperatorRequest<'_>,
     ) -> Result<Stored<Disbursement>> {
         let OperatorRequest { actor, reason } = *request;
-        retry_contention("cancel_disbursement", move || async move {
-            let (mut tx, call) = begin_or_replay!(self, call);
+        self.mutate("cancel_disbursement", call, move |mut tx| async move {
             let d = require_disbursement(&mut tx, disbursement_id).await?;
             may_cancel(d.status)?;
             let change = operator_change(
@@ -342,7 +335,7 @@ impl DisbursementStore for SqlStore {
                 .bind(disbursement_id.to_string())
                 .execute(&mut *tx)
                 .await?;
-            finish_with(tx, call, disbursement_id).await
+            reloaded(tx, disbursement_id).await
         })
         .await
     }
@@ -355,8 +348,7 @@ impl DisbursementStore for SqlStore {
         request: &OperatorRequest<'_>,
     ) -> Result<Stored<DispatchState>> {
         let OperatorRequest { actor, reason } = *request;
-        retry_contention("set_dispatch_paused", move || async move {
-            let (mut tx, call) = begin_or_replay!(self, call);
+        self.mutate("set_dispatch_paused", call, move |mut tx| async move {
             sqlx::query(
                 "UPDATE dispatch_control SET paused = $1, reason = $2, changed_by = $3, \
              change_time = $4 WHERE id = 1",
@@ -368,7 +360,7 @@ impl DisbursementStore for SqlStore {
             .execute(&mut *tx)
             .await?;
             let state = load_dispatch_state(&mut tx).await?;
-            call.finish(tx, state).await
+            Ok((tx, state))
         })
         .await
     }

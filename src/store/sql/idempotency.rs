@@ -5,7 +5,7 @@
 use super::audit::insert_audit;
 use super::{SqlStore, Tx};
 use crate::store::idempotency::{Earlier, replay_of};
-use crate::store::{Idempotency, Recorded, Result, Stored, now_micros};
+use crate::store::{Idempotency, Recorded, Result, Stored, now_micros, retry_contention};
 
 /// A request id taken by a transaction still open: [`Claimed::finish`] ends the call.
 pub(super) struct Claimed<'r, T> {
@@ -24,6 +24,49 @@ impl SqlStore {
             Some(first) => Ok(Err(Stored::Replayed(first))),
             None => Ok(Ok((tx, Claimed { call }))),
         }
+    }
+
+    /// `body` in a writing transaction of its own, committed with what `body` gives back;
+    /// all of it again while the database rolls it back for contention
+    /// ([`retry_contention`]).
+    pub(super) async fn in_transaction<T, F, Fut>(&self, what: &'static str, body: F) -> Result<T>
+    where
+        F: Fn(Tx) -> Fut,
+        Fut: Future<Output = Result<(Tx, T)>>,
+    {
+        let body = &body;
+        retry_contention(what, move || async move {
+            let (tx, value) = body(self.begin_write().await?).await?;
+            tx.commit().await?;
+            Ok(value)
+        })
+        .await
+    }
+
+    /// The whole of a mutating call named `what`: begins it ([`SqlStore::begin_call`]; a
+    /// replay answers at once), runs `body` in its transaction and finishes it with the
+    /// transaction and value `body` gives back ([`Claimed::finish`]); all of it again while
+    /// the database rolls it back for contention ([`retry_contention`]).
+    pub(super) async fn mutate<T, F, Fut>(
+        &self,
+        what: &'static str,
+        call: Recorded<'_, T>,
+        body: F,
+    ) -> Result<Stored<T>>
+    where
+        F: Fn(Tx) -> Fut,
+        Fut: Future<Output = Result<(Tx, T)>>,
+    {
+        let body = &body;
+        retry_contention(what, move || async move {
+            let (tx, call) = match self.begin_call(call).await? {
+                Ok(begun) => begun,
+                Err(replayed) => return Ok(replayed),
+            };
+            let (tx, value) = body(tx).await?;
+            call.finish(tx, value).await
+        })
+        .await
     }
 }
 

@@ -1,8 +1,8 @@
 //! The SQL both databases share, written once as ordinary code and compiled once per
-//! database: `postgres.rs` and `sqlite.rs` each include this module tree with their own `Db`
-//! (the sqlx database), `SqlStore` (their store type, with `pool`, `cipher` and
-//! `begin_write`), `DB_SYSTEM` (as traces name the database) and `dialect` (the few whole
-//! statements whose row locks differ).
+//! database: `postgres.rs` and `sqlite.rs` each include this module tree (`store_sql!`) with
+//! their own `Db` (the sqlx database), `SqlStore` (their store type, with `pool`, `cipher`
+//! and `begin_write`), `DB_SYSTEM` (as traces name the database) and `dialect` (the few
+//! whole statements whose row locks differ).
 //!
 //! One file per aggregate implements its store trait; rows are read into `FromRow` structs
 //! ([`rows`]) and turned into domain types outside the SQL; every mutating call takes its
@@ -13,18 +13,6 @@ use super::{DB_SYSTEM, Db, SqlStore, dialect};
 use crate::store::batch::BatchSql;
 use crate::store::rows::unexpected;
 use crate::store::{Micros, Page};
-
-/// Begins a mutating call on `store` ([`SqlStore::begin_call`]): evaluates to the writing
-/// transaction and the request id it took or, when the caller used the request id before,
-/// returns the first answer from the enclosing method (as `?` returns an error).
-macro_rules! begin_or_replay {
-    ($store:expr, $call:expr) => {
-        match $store.begin_call($call).await? {
-            Ok(begun) => begun,
-            Err(replayed) => return Ok(replayed),
-        }
-    };
-}
 
 mod audit;
 mod bulk;

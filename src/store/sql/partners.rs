@@ -9,7 +9,7 @@ use crate::domain::{AccountOnFile, NewPartner, Partner, PartnerId};
 use crate::store::rows::{PartnerRow, services_key, uuid};
 use crate::store::{
     AccountUpdate, BatchAudit, Idempotency, Page, PartnerFilter, PartnerStore, Recorded, Render,
-    Result, StoreError, Stored, now_micros, retry_contention,
+    Result, StoreError, Stored, now_micros,
 };
 
 const PARTNER_BY_NUMBER: &str =
@@ -41,8 +41,7 @@ impl PartnerStore for SqlStore {
         call: Recorded<'_, Partner>,
         partner: &NewPartner,
     ) -> Result<Stored<Partner>> {
-        retry_contention("register_partner", move || async move {
-            let (mut tx, call) = begin_or_replay!(self, call);
+        self.mutate("register_partner", call, move |mut tx| async move {
             let brn = partner.profile.business_registration_number.as_str();
             let existing: Option<String> = sqlx::query_scalar(PARTNER_BY_NUMBER)
                 .bind(brn)
@@ -91,7 +90,7 @@ impl PartnerStore for SqlStore {
                 return Err(already_registered(&partner_id)?);
             }
             inserted?;
-            call.finish(tx, created).await
+            Ok((tx, created))
         })
         .await
     }
@@ -135,8 +134,7 @@ impl PartnerStore for SqlStore {
             etag,
             actor,
         } = *update;
-        retry_contention("update_bank_account", move || async move {
-            let (mut tx, call) = begin_or_replay!(self, call);
+        self.mutate("update_bank_account", call, move |mut tx| async move {
             sqlx::query(dialect::LOCK_PARTNER)
                 .bind(partner_id.to_string())
                 .fetch_optional(&mut *tx)
@@ -181,7 +179,7 @@ impl PartnerStore for SqlStore {
             partner.bank_account = AccountOnFile::from(account);
             partner.update_time = now;
             partner.version += 1;
-            call.finish(tx, partner).await
+            Ok((tx, partner))
         })
         .await
     }

@@ -19,7 +19,7 @@ use crate::store::rows::{ExportRow, OurSide, PaidRow, SettlementMatchRow};
 use crate::store::{
     ExportFilter, ExportedDisbursement, LinePage, Micros, OperatorRequest, Page, PaidPayout,
     Result, SettlementPage, SettlementStore, SettlementTotals, StatusChange, StoreError,
-    now_micros, retry_contention,
+    now_micros,
 };
 
 /// The method a reconciliation run's request id is taken for.
@@ -158,8 +158,7 @@ impl SettlementStore for SqlStore {
         cutoff_time: Micros,
         actor: &str,
     ) -> Result<Uuid> {
-        retry_contention("start_settlement_run", move || async move {
-            let mut tx = self.begin_write().await?;
+        self.in_transaction("start_settlement_run", move |mut tx| async move {
             take_run_request_id(&mut tx, request_id, actor).await?;
             let run_id = Uuid::now_v7();
             sqlx::query(
@@ -173,8 +172,7 @@ impl SettlementStore for SqlStore {
             .bind(now_micros())
             .execute(&mut *tx)
             .await?;
-            tx.commit().await?;
-            Ok(run_id)
+            Ok((tx, run_id))
         })
         .await
     }
@@ -191,8 +189,7 @@ impl SettlementStore for SqlStore {
         {
             return Err(listed_twice(&twice.idempotency_key));
         }
-        retry_contention("stage_settlement_lines", move || async move {
-            let mut tx = self.begin_write().await?;
+        self.in_transaction("stage_settlement_lines", move |mut tx| async move {
             // A key already staged by an earlier batch is not returned, which is how a key
             // listed twice across batches shows.
             let statements = <Db as BatchSql>::insert(
@@ -219,8 +216,7 @@ impl SettlementStore for SqlStore {
             if let Some(twice) = lines.iter().find(|l| !staged.contains(&l.idempotency_key)) {
                 return Err(listed_twice(&twice.idempotency_key));
             }
-            tx.commit().await?;
-            Ok(())
+            Ok((tx, ()))
         })
         .await
     }
@@ -232,8 +228,7 @@ impl SettlementStore for SqlStore {
         report_sha256: &str,
         line_count: i64,
     ) -> Result<()> {
-        retry_contention("seal_settlement_report", move || async move {
-            let mut tx = self.begin_write().await?;
+        self.in_transaction("seal_settlement_report", move |mut tx| async move {
             let conflicting: Option<String> = sqlx::query_scalar(
                 "SELECT o.run_id FROM settlement_runs r JOIN settlement_runs o \
              ON o.request_id = r.request_id AND o.actor = r.actor AND o.run_id <> r.run_id \
@@ -255,8 +250,7 @@ impl SettlementStore for SqlStore {
             .bind(run_id.to_string())
             .execute(&mut *tx)
             .await?;
-            tx.commit().await?;
-            Ok(())
+            Ok((tx, ()))
         })
         .await
     }
@@ -270,8 +264,7 @@ impl SettlementStore for SqlStore {
     ) -> Result<SettlementPage> {
         let LinePage { after_key, limit } = page;
         let OperatorRequest { actor, reason } = *request;
-        retry_contention("reconcile_settlement_page", move || async move {
-            let mut tx = self.begin_write().await?;
+        self.in_transaction("reconcile_settlement_page", move |mut tx| async move {
             // One statement finds, for every line of the page, the disbursement that used
             // its key: as its current key, or as an earlier one a retry has replaced.
             let rows: Vec<SettlementMatchRow> = sqlx::query_as(
@@ -312,8 +305,7 @@ impl SettlementStore for SqlStore {
                 }
                 page.last_key = Some(line.idempotency_key);
             }
-            tx.commit().await?;
-            Ok(page)
+            Ok((tx, page))
         })
         .await
     }
