@@ -341,6 +341,25 @@ pub fn respond<T, R: Message + Default>(
     }
 }
 
+/// What a get call asks for: the id in the request's `field` (`INVALID_ARGUMENT` naming the
+/// field when it is not one), and what `get` finds under it in the store (`NOT_FOUND` naming
+/// `what` when there is nothing).
+pub async fn found<Id: From<Uuid>, T, F>(
+    field: &str,
+    raw: &str,
+    what: &'static str,
+    get: impl FnOnce(Id) -> F,
+) -> Result<T, Status>
+where
+    F: Future<Output = store::Result<Option<T>>>,
+{
+    let mut v = Violations::default();
+    let id = v.id(field, raw);
+    v.finish()?;
+    let found = get(id.ok_or_else(missing)?).await?;
+    found.ok_or_else(|| StoreError::NotFound(what).into())
+}
+
 /// The error of a handler whose checks passed without giving it every value (a bug).
 pub fn missing() -> Status {
     crate::status::internal("validation passed without values")
