@@ -378,10 +378,11 @@ impl ClaimService for Claims {
             }
         })?;
         let attachment = Attachment {
+            claim_id: op.id,
             evidence: &evidence,
             attached_by: &op.actor,
         };
-        op.answer(|rec| self.ctx.store.attach_evidence(rec, op.id, &attachment))
+        op.answer(|rec| self.ctx.store.attach_evidence(rec, &attachment))
             .await
     }
 
@@ -397,12 +398,13 @@ impl ClaimService for Claims {
         })?;
         let trace_context = crate::telemetry::current_context_headers();
         let review = Review {
+            claim_id: op.id,
             decision,
             reason: reason.as_str(),
             reviewer: &op.actor,
             trace_context: trace_context.as_deref(),
         };
-        op.answer(|rec| self.ctx.store.review_claim(rec, op.id, &review))
+        op.answer(|rec| self.ctx.store.review_claim(rec, &review))
             .await
     }
 

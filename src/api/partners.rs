@@ -335,12 +335,13 @@ impl PartnerService for Partners {
             account
         })?;
         let update = AccountUpdate {
+            partner_id: op.id,
             account: &account,
             etag: &op.body.etag,
             actor: &op.actor,
         };
         let store = &self.ctx.store;
-        op.answer(|rec| store.update_bank_account(rec, op.id, &update))
+        op.answer(|rec| store.update_bank_account(rec, &update))
             .await
     }
 }
