@@ -10,9 +10,9 @@ use super::{
 };
 use crate::domain::{
     AccountOnFile, AffectedService, AttachedEvidence, AttemptOperation, AttemptOutcome, BankCode,
-    BusinessRegistrationNumber, Claim, ClaimStatus, ContactEmail, Decision, DisbursementId,
-    DisbursementStatus, Evidence, EvidenceKind, Krw, LossItem, Partner, PartnerProfile,
-    PersonOrBusinessName, SettlementLine, SettlementStatus,
+    BusinessRegistrationNumber, Claim, ClaimReview, ClaimStatus, ContactEmail, Decision,
+    DisbursementId, DisbursementStatus, Evidence, EvidenceKind, Krw, LossItem, Partner,
+    PartnerProfile, PersonOrBusinessName, SettlementLine, SettlementStatus,
 };
 
 /// `impl TryFrom<$row> for $value`: the value `$read` makes of a row read from the database,
@@ -198,8 +198,11 @@ impl ClaimRow {
                 .map(AttachedEvidence::try_from)
                 .collect::<Result<_>>()?,
             submitted_by: self.submitted_by,
-            reviewed_by: self.reviewed_by,
-            review_reason: self.review_reason,
+            review: match (self.reviewed_by, self.review_reason) {
+                (Some(reviewer), Some(reason)) => Some(ClaimReview { reviewer, reason }),
+                (None, None) => None,
+                _ => return Err(unexpected("reviewed_by and review_reason are set apart")),
+            },
             create_time: self.create_time,
             update_time: self.update_time,
             disbursement_id: self
