@@ -8,8 +8,8 @@ use tonic::{Code, Request, Response, Status, Streaming};
 use super::imports::{self, Import, RowResult, Written};
 use super::operation::Operation;
 use super::{
-    Context, Violations, convert, decode_replay, found, idempotency, listing, missing,
-    record_touched, respond,
+    Context, Violations, convert, found, idempotency, listing, missing, record_touched, respond,
+    stored_id,
 };
 use crate::audit::{CallRecord, Resource};
 use crate::domain::text::Reason;
@@ -121,14 +121,9 @@ pub fn render_submitted(c: &Claim) -> Vec<u8> {
 /// The claim a submission's answer names, for the audit log (the most specific resource, as
 /// `record_touched` ranks them).
 pub fn submitted_id(stored: &Stored<Claim>) -> String {
-    match stored {
-        Stored::Fresh(c) => c.claim_id.to_string(),
-        Stored::Replayed(bytes) => decode_replay::<pb::SubmitClaimResponse>(bytes)
-            .ok()
-            .and_then(|r| r.claim)
-            .map(|c| c.claim_id)
-            .unwrap_or_default(),
-    }
+    stored_id(stored, |r: pb::SubmitClaimResponse| {
+        r.claim.map(|c| c.claim_id)
+    })
 }
 
 /// How a claim names its partner: `SubmitClaim` by id, an `ImportClaims` row either way.

@@ -14,6 +14,7 @@ use crate::audit::{AuditDraft, CallRecord, Resource};
 use crate::domain::{Invalid, Policy};
 use crate::status::{internal, retryable, status_with_reason};
 use crate::store::{self, AuditEvent, Idempotency, Page, Store, StoreError, Stored};
+use operation::Changed;
 
 pub mod audit;
 pub mod claims;
@@ -249,6 +250,21 @@ pub fn batch_entry<T>(
             .replayed(matches!(stored, Stored::Replayed(_)))
             .close(Code::Ok),
         Err(e) => draft.event(String::new(), code_of(e)),
+    }
+}
+
+/// The id the audit log names for an answer a batch stored: the fresh value's (see
+/// [`Changed`]), or the one `named` reads from the first call's response, replayed.
+pub fn stored_id<T: Changed, R: Message + Default>(
+    stored: &Stored<T>,
+    named: impl FnOnce(R) -> Option<String>,
+) -> String {
+    match stored {
+        Stored::Fresh(value) => value.resource_id(),
+        Stored::Replayed(bytes) => decode_replay(bytes)
+            .ok()
+            .and_then(named)
+            .unwrap_or_default(),
     }
 }
 

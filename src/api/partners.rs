@@ -8,8 +8,8 @@ use tonic::{Request, Response, Status, Streaming};
 use super::imports::{self, Import, RowResult, Written};
 use super::operation::Operation;
 use super::{
-    Context, Violations, convert, decode_replay, found, idempotency, listing, missing,
-    record_touched, respond,
+    Context, Violations, convert, found, idempotency, listing, missing, record_touched, respond,
+    stored_id,
 };
 use crate::audit::{CallRecord, Resource};
 use crate::domain::text;
@@ -135,14 +135,9 @@ pub fn render_registered(p: &crate::domain::Partner) -> Vec<u8> {
 
 /// The partner a registration's answer names, for the audit log.
 pub fn registered_id(stored: &Stored<crate::domain::Partner>) -> String {
-    match stored {
-        Stored::Fresh(p) => p.partner_id.to_string(),
-        Stored::Replayed(bytes) => decode_replay::<pb::RegisterPartnerResponse>(bytes)
-            .ok()
-            .and_then(|r| r.partner)
-            .map(|p| p.partner_id)
-            .unwrap_or_default(),
-    }
+    stored_id(stored, |r: pb::RegisterPartnerResponse| {
+        r.partner.map(|p| p.partner_id)
+    })
 }
 
 /// A `RegisterPartner` request (or an `ImportPartners` row, which is one) as the store takes
