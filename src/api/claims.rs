@@ -8,8 +8,8 @@ use tonic::{Code, Request, Response, Status, Streaming};
 use super::imports::{self, Import, RowResult, Written};
 use super::operation::Operation;
 use super::{
-    Context, Violations, convert, decode_replay, idempotency, listing, missing, record_touched,
-    respond,
+    Context, Violations, convert, found, idempotency, listing, missing, record_touched, respond,
+    stored_id,
 };
 use crate::audit::{CallRecord, Resource};
 use crate::domain::text::Reason;
@@ -20,8 +20,7 @@ use crate::principal::Principal;
 use crate::proto::payouts::v1::{self as pb, claim_service_server::ClaimService};
 use crate::status::status_with_reason;
 use crate::store::{
-    Attachment, BatchAudit, ClaimFilter, ClaimSubmission, PartnerRef, Review, Store, StoreError,
-    Stored,
+    Attachment, BatchAudit, ClaimFilter, ClaimSubmission, PartnerRef, Review, Store, Stored,
 };
 
 pub struct Claims {
@@ -75,7 +74,8 @@ fn render_claim<R: prost::Message>(wrap: fn(pb::Claim) -> R) -> impl Fn(&Claim) 
     move |c| wrap(convert::claim(c)).encode_to_vec()
 }
 
-fn touched_claim(call: &CallRecord, claim: Option<&pb::Claim>) {
+/// Notes for the call the claim, its partner and its disbursement (if it has one yet).
+pub fn touched_claim(call: &CallRecord, claim: Option<&pb::Claim>) {
     if let Some(c) = claim {
         record_touched(
             call,
@@ -121,14 +121,9 @@ pub fn render_submitted(c: &Claim) -> Vec<u8> {
 /// The claim a submission's answer names, for the audit log (the most specific resource, as
 /// `record_touched` ranks them).
 pub fn submitted_id(stored: &Stored<Claim>) -> String {
-    match stored {
-        Stored::Fresh(c) => c.claim_id.to_string(),
-        Stored::Replayed(bytes) => decode_replay::<pb::SubmitClaimResponse>(bytes)
-            .ok()
-            .and_then(|r| r.claim)
-            .map(|c| c.claim_id)
-            .unwrap_or_default(),
-    }
+    stored_id(stored, |r: pb::SubmitClaimResponse| {
+        r.claim.map(|c| c.claim_id)
+    })
 }
 
 /// How a claim names its partner: `SubmitClaim` by id, an `ImportClaims` row either way.
@@ -370,27 +365,20 @@ impl ClaimService for Claims {
         &self,
         request: Request<pb::AttachEvidenceRequest>,
     ) -> Result<Response<pb::AttachEvidenceResponse>, Status> {
-        let (op, (claim_id, evidence)) = Operation::parse(request, |v, r| {
-            let claim_id = v.id("claim_id", &r.claim_id);
-            let evidence = match &r.evidence {
-                Some(e) => parse_evidence(v, "evidence", e),
-                None => {
-                    v.add("evidence", "is required");
-                    None
-                }
-            };
-            Some((claim_id?, evidence?))
+        let (op, evidence) = Operation::parse(request, |v, r| match &r.evidence {
+            Some(e) => parse_evidence(v, "evidence", e),
+            None => {
+                v.add("evidence", "is required");
+                None
+            }
         })?;
         let attachment = Attachment {
+            claim_id: op.id,
             evidence: &evidence,
             attached_by: &op.actor,
         };
-        let store = &self.ctx.store;
-        let response = op
-            .answer(|rec| store.attach_evidence(rec, claim_id, &attachment))
-            .await?;
-        touched_claim(&op.call, response.get_ref().claim.as_ref());
-        Ok(response)
+        op.answer(|rec| self.ctx.store.attach_evidence(rec, &attachment))
+            .await
     }
 
     async fn review_claim(
@@ -398,25 +386,21 @@ impl ClaimService for Claims {
         request: Request<pb::ReviewClaimRequest>,
     ) -> Result<Response<pb::ReviewClaimResponse>, Status> {
         let cap = self.ctx.policy.review_cap_krw.won();
-        let (op, (claim_id, decision, reason)) = Operation::parse(request, |v, r| {
-            let claim_id = v.id("claim_id", &r.claim_id);
+        let (op, (decision, reason)) = Operation::parse(request, |v, r| {
             let decision = review_decision(v, r, cap);
             let reason = v.check("reason", Reason::parse(&r.reason));
-            Some((claim_id?, decision?, reason?))
+            Some((decision?, reason?))
         })?;
         let trace_context = crate::telemetry::current_context_headers();
         let review = Review {
+            claim_id: op.id,
             decision,
             reason: reason.as_str(),
             reviewer: &op.actor,
             trace_context: trace_context.as_deref(),
         };
-        let store = &self.ctx.store;
-        let response = op
-            .answer(|rec| store.review_claim(rec, claim_id, &review))
-            .await?;
-        touched_claim(&op.call, response.get_ref().claim.as_ref());
-        Ok(response)
+        op.answer(|rec| self.ctx.store.review_claim(rec, &review))
+            .await
     }
 
     async fn get_claim(
@@ -424,15 +408,8 @@ impl ClaimService for Claims {
         request: Request<pb::GetClaimRequest>,
     ) -> Result<Response<pb::GetClaimResponse>, Status> {
         let call = CallRecord::of(&request);
-        let mut v = Violations::default();
-        let id = v.id("claim_id", &request.get_ref().claim_id);
-        v.finish()?;
-        let claim = self
-            .ctx
-            .store
-            .get_claim(id.ok_or_else(missing)?)
-            .await?
-            .ok_or(StoreError::NotFound("claim"))?;
+        let get = |id| self.ctx.store.get_claim(id);
+        let claim = found("claim_id", &request.get_ref().claim_id, "claim", get).await?;
         let claim = convert::claim(&claim);
         touched_claim(&call, Some(&claim));
         Ok(Response::new(pb::GetClaimResponse { claim: Some(claim) }))

@@ -234,8 +234,16 @@ pub fn claim(c: &Claim) -> pb::Claim {
             })
             .collect(),
         submitted_by: c.submitted_by.clone(),
-        reviewed_by: c.reviewed_by.clone().unwrap_or_default(),
-        review_reason: c.review_reason.clone().unwrap_or_default(),
+        reviewed_by: c
+            .review
+            .as_ref()
+            .map(|r| r.reviewer.clone())
+            .unwrap_or_default(),
+        review_reason: c
+            .review
+            .as_ref()
+            .map(|r| r.reason.clone())
+            .unwrap_or_default(),
         create_time: timestamp(c.create_time),
         update_time: timestamp(c.update_time),
         disbursement_id: c.disbursement_id.map(|d| d.to_string()).unwrap_or_default(),

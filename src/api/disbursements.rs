@@ -3,25 +3,31 @@
 use tonic::{Request, Response, Status};
 
 use super::operation::{Change, Operation};
-use super::{Context, Violations, convert, finance, listing, missing, record_touched};
+use super::{Context, Violations, convert, finance, found, listing, record_touched};
 use crate::audit::{CallRecord, Resource};
 use crate::domain::text::Reason;
 use crate::proto::payouts::v1::{self as pb, disbursement_service_server::DisbursementService};
-use crate::store::{DisbursementFilter, DispatchState, StoreError};
+use crate::store::{DisbursementFilter, DispatchState};
 
 pub struct Disbursements {
     pub ctx: Context,
 }
 
 impl Disbursements {
-    /// Pauses dispatch (`paused`) or resumes it, for `reason`.
-    async fn set_paused<B: Change<Value = DispatchState>>(
+    /// Pauses dispatch (`paused`) or resumes it, as `request` asks, for the reason `reason`
+    /// reads from it (recording why it is bad, if it is).
+    async fn set_paused<B, R>(
         &self,
-        op: &Operation<B>,
+        request: Request<B>,
         paused: bool,
-        reason: &str,
-    ) -> Result<Response<B::Response>, Status> {
-        let asked = op.asked(reason);
+        reason: impl FnOnce(&mut Violations, &mut B) -> Option<R>,
+    ) -> Result<Response<B::Response>, Status>
+    where
+        B: Change<Value = DispatchState>,
+        R: AsRef<str>,
+    {
+        let (op, reason) = Operation::parse(request, reason)?;
+        let asked = op.asked(reason.as_ref());
         op.answer(|rec| self.ctx.store.set_dispatch_paused(rec, paused, &asked))
             .await
     }
@@ -37,15 +43,9 @@ impl DisbursementService for Disbursements {
         request: Request<pb::GetDisbursementRequest>,
     ) -> Result<Response<pb::GetDisbursementResponse>, Status> {
         let call = CallRecord::of(&request);
-        let mut v = Violations::default();
-        let id = v.id("disbursement_id", &request.get_ref().disbursement_id);
-        v.finish()?;
-        let d = self
-            .ctx
-            .store
-            .get_disbursement(id.ok_or_else(missing)?)
-            .await?
-            .ok_or(StoreError::NotFound("disbursement"))?;
+        let get = |id| self.ctx.store.get_disbursement(id);
+        let raw = &request.get_ref().disbursement_id;
+        let d = found("disbursement_id", raw, "disbursement", get).await?;
         record_touched(
             &call,
             &[
@@ -85,9 +85,8 @@ impl DisbursementService for Disbursements {
         &self,
         request: Request<pb::RetryDisbursementRequest>,
     ) -> Result<Response<pb::RetryDisbursementResponse>, Status> {
-        let (op, id) =
-            Operation::parse(request, |v, r| v.id("disbursement_id", &r.disbursement_id))?;
-        op.answer(|rec| self.ctx.store.retry_disbursement(rec, id, &op.actor))
+        let (op, ()) = Operation::parse(request, |_, _| Some(()))?;
+        op.answer(|rec| self.ctx.store.retry_disbursement(rec, op.id, &op.actor))
             .await
     }
 
@@ -95,13 +94,10 @@ impl DisbursementService for Disbursements {
         &self,
         request: Request<pb::CancelDisbursementRequest>,
     ) -> Result<Response<pb::CancelDisbursementResponse>, Status> {
-        let (op, (id, reason)) = Operation::parse(request, |v, r| {
-            let id = v.id("disbursement_id", &r.disbursement_id);
-            let reason = v.check("reason", Reason::parse(&r.reason));
-            Some((id?, reason?))
-        })?;
+        let (op, reason) =
+            Operation::parse(request, |v, r| v.check("reason", Reason::parse(&r.reason)))?;
         let asked = op.asked(reason.as_str());
-        op.answer(|rec| self.ctx.store.cancel_disbursement(rec, id, &asked))
+        op.answer(|rec| self.ctx.store.cancel_disbursement(rec, op.id, &asked))
             .await
     }
 
@@ -109,18 +105,18 @@ impl DisbursementService for Disbursements {
         &self,
         request: Request<pb::PauseDispatchRequest>,
     ) -> Result<Response<pb::PauseDispatchResponse>, Status> {
-        let (op, reason) =
-            Operation::parse(request, |v, r| v.check("reason", Reason::parse(&r.reason)))?;
-        self.set_paused(&op, true, reason.as_str()).await
+        let reason = |v: &mut Violations, r: &mut pb::PauseDispatchRequest| {
+            v.check("reason", Reason::parse(&r.reason))
+        };
+        self.set_paused(request, true, reason).await
     }
 
     async fn resume_dispatch(
         &self,
         request: Request<pb::ResumeDispatchRequest>,
     ) -> Result<Response<pb::ResumeDispatchResponse>, Status> {
-        let (op, ()) = Operation::parse(request, |_, _| Some(()))?;
         // Resuming clears the reason of the pause.
-        self.set_paused(&op, false, "").await
+        self.set_paused(request, false, |_, _| Some("")).await
     }
 
     async fn export_disbursements(

@@ -14,6 +14,7 @@ use crate::audit::{AuditDraft, CallRecord, Resource};
 use crate::domain::{Invalid, Policy};
 use crate::status::{internal, retryable, status_with_reason};
 use crate::store::{self, AuditEvent, Idempotency, Page, Store, StoreError, Stored};
+use operation::Changed;
 
 pub mod audit;
 pub mod claims;
@@ -252,6 +253,21 @@ pub fn batch_entry<T>(
     }
 }
 
+/// The id the audit log names for an answer a batch stored: the fresh value's (see
+/// [`Changed`]), or the one `named` reads from the first call's response, replayed.
+pub fn stored_id<T: Changed, R: Message + Default>(
+    stored: &Stored<T>,
+    named: impl FnOnce(R) -> Option<String>,
+) -> String {
+    match stored {
+        Stored::Fresh(value) => value.resource_id(),
+        Stored::Replayed(bytes) => decode_replay(bytes)
+            .ok()
+            .and_then(named)
+            .unwrap_or_default(),
+    }
+}
+
 /// A digest of the request without its `request_id`: the same id must come with the same body.
 pub fn fingerprint<M: Message>(request: &M) -> String {
     hex::encode(Sha256::digest(request.encode_to_vec()))
@@ -339,6 +355,25 @@ pub fn respond<T, R: Message + Default>(
             decode_replay(&bytes).map(tonic::Response::new)
         }
     }
+}
+
+/// What a get call asks for: the id in the request's `field` (`INVALID_ARGUMENT` naming the
+/// field when it is not one), and what `get` finds under it in the store (`NOT_FOUND` naming
+/// `what` when there is nothing).
+pub async fn found<Id: From<Uuid>, T, F>(
+    field: &str,
+    raw: &str,
+    what: &'static str,
+    get: impl FnOnce(Id) -> F,
+) -> Result<T, Status>
+where
+    F: Future<Output = store::Result<Option<T>>>,
+{
+    let mut v = Violations::default();
+    let id = v.id(field, raw);
+    v.finish()?;
+    let found = get(id.ok_or_else(missing)?).await?;
+    found.ok_or_else(|| StoreError::NotFound(what).into())
 }
 
 /// The error of a handler whose checks passed without giving it every value (a bug).

@@ -8,8 +8,8 @@ use tonic::{Request, Response, Status, Streaming};
 use super::imports::{self, Import, RowResult, Written};
 use super::operation::Operation;
 use super::{
-    Context, Violations, convert, decode_replay, idempotency, listing, missing, record_touched,
-    respond,
+    Context, Violations, convert, found, idempotency, listing, missing, record_touched, respond,
+    stored_id,
 };
 use crate::audit::{CallRecord, Resource};
 use crate::domain::text;
@@ -135,14 +135,9 @@ pub fn render_registered(p: &crate::domain::Partner) -> Vec<u8> {
 
 /// The partner a registration's answer names, for the audit log.
 pub fn registered_id(stored: &Stored<crate::domain::Partner>) -> String {
-    match stored {
-        Stored::Fresh(p) => p.partner_id.to_string(),
-        Stored::Replayed(bytes) => decode_replay::<pb::RegisterPartnerResponse>(bytes)
-            .ok()
-            .and_then(|r| r.partner)
-            .map(|p| p.partner_id)
-            .unwrap_or_default(),
-    }
+    stored_id(stored, |r: pb::RegisterPartnerResponse| {
+        r.partner.map(|p| p.partner_id)
+    })
 }
 
 /// A `RegisterPartner` request (or an `ImportPartners` row, which is one) as the store takes
@@ -279,16 +274,8 @@ impl PartnerService for Partners {
         request: Request<pb::GetPartnerRequest>,
     ) -> Result<Response<pb::GetPartnerResponse>, Status> {
         let call = CallRecord::of(&request);
-        let mut v = Violations::default();
-        let id = v.id("partner_id", &request.get_ref().partner_id);
-        v.finish()?;
-        let id = id.ok_or_else(missing)?;
-        let partner = self
-            .ctx
-            .store
-            .get_partner(id)
-            .await?
-            .ok_or(crate::store::StoreError::NotFound("partner"))?;
+        let get = |id| self.ctx.store.get_partner(id);
+        let partner = found("partner_id", &request.get_ref().partner_id, "partner", get).await?;
         record_touched(
             &call,
             &[(Resource::Partner, &partner.partner_id.to_string())],
@@ -328,8 +315,7 @@ impl PartnerService for Partners {
         &self,
         request: Request<pb::UpdatePartnerBankAccountRequest>,
     ) -> Result<Response<pb::UpdatePartnerBankAccountResponse>, Status> {
-        let (op, (partner_id, account)) = Operation::parse(request, |v, r| {
-            let partner_id = v.id("partner_id", &r.partner_id);
+        let (op, account) = Operation::parse(request, |v, r| {
             let account = parse_bank_account(v, "bank_account", r.bank_account.as_ref());
             if r.etag.trim().is_empty() {
                 v.add(
@@ -341,15 +327,16 @@ impl PartnerService for Partners {
             }
             // The digest the request id goes with is of the etag as it is compared.
             r.etag = r.etag.trim().to_owned();
-            Some((partner_id?, account?))
+            account
         })?;
         let update = AccountUpdate {
+            partner_id: op.id,
             account: &account,
             etag: &op.body.etag,
             actor: &op.actor,
         };
         let store = &self.ctx.store;
-        op.answer(|rec| store.update_bank_account(rec, partner_id, &update))
+        op.answer(|rec| store.update_bank_account(rec, &update))
             .await
     }
 }

@@ -160,11 +160,18 @@ pub struct Claim {
     pub compensation_krw: Krw,
     pub evidence: Vec<AttachedEvidence>,
     pub submitted_by: String,
-    pub reviewed_by: Option<String>,
-    pub review_reason: Option<String>,
+    /// None until a reviewer decides the claim.
+    pub review: Option<ClaimReview>,
     pub create_time: i64,
     pub update_time: i64,
     pub disbursement_id: Option<DisbursementId>,
+}
+
+/// Who reviewed a claim, and the reason they gave.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClaimReview {
+    pub reviewer: String,
+    pub reason: String,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -142,6 +142,12 @@ impl Reason {
     }
 }
 
+impl AsRef<str> for Reason {
+    fn as_ref(&self) -> &str {
+        &self.0
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -590,21 +590,20 @@ impl Dispatcher {
             holder_name: d.account.holder_name.as_str().to_owned(),
             memo: format!("outage compensation, claim {}", d.claim_id),
         };
-        let result = self
+        let sent = self
             .backend
             .call("SubmitInstruction", request, |mut c, r| async move {
                 c.submit_instruction(r).await
             })
             .await;
-        match result {
-            Ok(response) => {
-                let instruction = response.into_inner().instruction.unwrap_or_default();
-                self.settle(SUBMIT, key, &instruction, attempts)
-            }
-            // Unavailable: not applied. Timeout or anything else: maybe applied. Either way
-            // the next round looks the key up before sending again under the same key.
-            Err(error) => Self::call_failed(SUBMIT, key, &error, attempts),
-        }
+        // A failed call: unavailable, not applied; a timeout or anything else, maybe applied.
+        // Either way the next round looks the key up before sending again under the same key.
+        self.settle(
+            SUBMIT,
+            key,
+            sent.map(|r| r.into_inner().instruction),
+            attempts,
+        )
     }
 
     /// Asks what became of the instruction sent under `key`; sends it if the bank has none.
@@ -612,33 +611,34 @@ impl Dispatcher {
         let request = pb::GetInstructionRequest {
             idempotency_key: key.to_owned(),
         };
-        let result = self
+        let found = self
             .backend
             .call("GetInstruction", request, |mut c, r| async move {
                 c.get_instruction(r).await
             })
             .await;
-        match result {
-            Ok(response) => {
-                let instruction = response.into_inner().instruction.unwrap_or_default();
-                self.settle(LOOKUP, key, &instruction, Vec::new())
-            }
+        match found.map(|r| r.into_inner().instruction) {
             Err(CallError::Status(status)) if status.code() == Code::NotFound => {
                 let attempts = vec![Self::attempt(LOOKUP, key, AttemptOutcome::NotFound, "", "")];
                 self.submit_after(d, key, attempts).await
             }
-            Err(error) => Self::call_failed(LOOKUP, key, &error, Vec::new()),
+            answer => self.settle(LOOKUP, key, answer, Vec::new()),
         }
     }
 
-    /// What the instruction's status means for the disbursement.
+    /// What the bank's answer about the instruction under `key` means for the disbursement:
+    /// the instruction's status, or (the call failed) a retry as [`Self::call_failed`] says.
     fn settle(
         &self,
         operation: AttemptOperation,
         key: &str,
-        instruction: &pb::Instruction,
+        answer: Result<Option<pb::Instruction>, CallError>,
         mut attempts: Vec<Attempt>,
     ) -> Step {
+        let instruction = match answer {
+            Ok(instruction) => instruction.unwrap_or_default(),
+            Err(error) => return Self::call_failed(operation, key, &error, attempts),
+        };
         let status = InstructionStatus::try_from(instruction.status)
             .unwrap_or(InstructionStatus::Unspecified);
         attempts.push(Self::attempt(

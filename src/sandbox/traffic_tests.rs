@@ -12,6 +12,9 @@ use crate::proto::payments::v1::{GetStatsRequest, GetStatsResponse};
 use crate::status::exhausted_retry_within_a_second;
 
 const ACCOUNT: &str = "110123456789";
+/// One call a second, bursts of one: whatever the method, the second call within the second
+/// is over the limit.
+const ONE_CALL_A_SECOND: Option<NonZeroU32> = NonZeroU32::new(1);
 
 async fn stats(bank: &mut Running) -> GetStatsResponse {
     bank.ledger
@@ -31,10 +34,8 @@ fn counts(stats: &GetStatsResponse) -> (i64, i64, i64) {
 
 #[tokio::test]
 async fn over_the_rate_limit_a_call_is_throttled_with_a_retry_delay_and_nothing_applied() {
-    // One call a second, bursts of one: whatever the method, the second call within the
-    // second is over the limit.
     let mut bank = start(SandboxConfig {
-        rate_limit_per_s: NonZeroU32::new(1),
+        rate_limit_per_s: ONE_CALL_A_SECOND,
         ..SandboxConfig::default()
     })
     .await;
@@ -66,7 +67,7 @@ async fn every_call_takes_the_latency_refused_or_not() {
     let latency = Duration::from_millis(150);
     let mut bank = start(SandboxConfig {
         latency,
-        rate_limit_per_s: NonZeroU32::new(1),
+        rate_limit_per_s: ONE_CALL_A_SECOND,
         ..SandboxConfig::default()
     })
     .await;

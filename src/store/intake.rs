@@ -223,8 +223,7 @@ pub(crate) fn claim_if_new(row: &ClaimSubmission, partner_id: PartnerId, now: Mi
             })
             .collect(),
         submitted_by: submitted_by.clone(),
-        reviewed_by: None,
-        review_reason: None,
+        review: None,
         create_time: now,
         update_time: now,
         disbursement_id: (d.status == ClaimStatus::Approved).then(DisbursementId::new),

@@ -182,6 +182,7 @@ pub struct OperatorRequest<'a> {
 /// A partner's new bank account, by whom, against the etag the caller read.
 #[derive(Debug, Clone, Copy)]
 pub struct AccountUpdate<'a> {
+    pub partner_id: PartnerId,
     pub account: &'a BankAccount,
     pub etag: &'a str,
     pub actor: &'a str,
@@ -190,6 +191,7 @@ pub struct AccountUpdate<'a> {
 /// Evidence attached to a claim, and who attached it.
 #[derive(Debug, Clone, Copy)]
 pub struct Attachment<'a> {
+    pub claim_id: ClaimId,
     pub evidence: &'a Evidence,
     pub attached_by: &'a str,
 }
@@ -207,6 +209,7 @@ pub struct DispatchTerms<'a> {
 /// A reviewer's decision on a claim.
 #[derive(Debug, Clone)]
 pub struct Review<'a> {
+    pub claim_id: ClaimId,
     pub decision: ReviewDecision,
     pub reason: &'a str,
     pub reviewer: &'a str,
@@ -430,7 +433,6 @@ pub trait PartnerStore {
     async fn update_bank_account(
         &self,
         call: Recorded<'_, Partner>,
-        partner_id: PartnerId,
         update: &AccountUpdate<'_>,
     ) -> Result<Stored<Partner>>;
     /// Registers a batch of partners in one transaction. Each row is answered, in order, as
@@ -457,13 +459,11 @@ pub trait ClaimStore {
     async fn attach_evidence(
         &self,
         call: Recorded<'_, Claim>,
-        claim_id: ClaimId,
         attachment: &Attachment<'_>,
     ) -> Result<Stored<Claim>>;
     async fn review_claim(
         &self,
         call: Recorded<'_, Claim>,
-        claim_id: ClaimId,
         review: &Review<'_>,
     ) -> Result<Stored<Claim>>;
     async fn get_claim(&self, claim_id: ClaimId) -> Result<Option<Claim>>;

@@ -10,9 +10,9 @@ use super::{
 };
 use crate::domain::{
     AccountOnFile, AffectedService, AttachedEvidence, AttemptOperation, AttemptOutcome, BankCode,
-    BusinessRegistrationNumber, Claim, ClaimStatus, ContactEmail, Decision, DisbursementId,
-    DisbursementStatus, Evidence, EvidenceKind, Krw, LossItem, Partner, PartnerProfile,
-    PersonOrBusinessName, SettlementLine, SettlementStatus,
+    BusinessRegistrationNumber, Claim, ClaimReview, ClaimStatus, ContactEmail, Decision,
+    DisbursementId, DisbursementStatus, Evidence, EvidenceKind, Krw, LossItem, Partner,
+    PartnerProfile, PersonOrBusinessName, SettlementLine, SettlementStatus,
 };
 
 /// `impl TryFrom<$row> for $value`: the value `$read` makes of a row read from the database,
@@ -198,8 +198,11 @@ impl ClaimRow {
                 .map(AttachedEvidence::try_from)
                 .collect::<Result<_>>()?,
             submitted_by: self.submitted_by,
-            reviewed_by: self.reviewed_by,
-            review_reason: self.review_reason,
+            review: match (self.reviewed_by, self.review_reason) {
+                (Some(reviewer), Some(reason)) => Some(ClaimReview { reviewer, reason }),
+                (None, None) => None,
+                _ => return Err(unexpected("reviewed_by and review_reason are set apart")),
+            },
             create_time: self.create_time,
             update_time: self.update_time,
             disbursement_id: self
@@ -476,5 +479,50 @@ impl SettlementMatchRow {
             settled_time: self.settled_time,
         };
         Ok((line, ours))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::domain::{DEFAULT_POLICY_TOML, Policy};
+
+    fn claim_row(reviewed_by: Option<&str>, review_reason: Option<&str>) -> ClaimRow {
+        let policy = Policy::from_toml(DEFAULT_POLICY_TOML).expect("policy");
+        ClaimRow {
+            claim_id: Uuid::now_v7().to_string(),
+            partner_id: Uuid::now_v7().to_string(),
+            status: ClaimStatus::PendingReview.key().to_owned(),
+            items: "[]".to_owned(),
+            decision: serde_json::to_string(&policy.decide(&[])).expect("decision"),
+            compensation_krw: 0,
+            submitted_by: "submitter".to_owned(),
+            reviewed_by: reviewed_by.map(str::to_owned),
+            review_reason: review_reason.map(str::to_owned),
+            create_time: 1,
+            update_time: 1,
+            disbursement_id: None,
+        }
+    }
+
+    #[test]
+    fn a_claims_review_is_read_whole_or_not_at_all() {
+        let unreviewed = claim_row(None, None).with_evidence(Vec::new());
+        assert_eq!(unreviewed.expect("claim").review, None);
+        let reviewed = claim_row(Some("reviewer"), Some("ledger checked"));
+        assert_eq!(
+            reviewed.with_evidence(Vec::new()).expect("claim").review,
+            Some(ClaimReview {
+                reviewer: "reviewer".to_owned(),
+                reason: "ledger checked".to_owned(),
+            })
+        );
+        for (by, reason) in [(Some("reviewer"), None), (None, Some("ledger checked"))] {
+            let half = claim_row(by, reason).with_evidence(Vec::new());
+            assert!(
+                matches!(half, Err(StoreError::Unexpected(_))),
+                "{by:?} {reason:?}"
+            );
+        }
     }
 }

@@ -149,10 +149,10 @@ impl ClaimStore for SqlStore {
     async fn attach_evidence(
         &self,
         call: Recorded<'_, Claim>,
-        claim_id: ClaimId,
         attachment: &Attachment<'_>,
     ) -> Result<Stored<Claim>> {
         let Attachment {
+            claim_id,
             evidence,
             attached_by: actor,
         } = *attachment;
@@ -175,10 +175,10 @@ impl ClaimStore for SqlStore {
     async fn review_claim(
         &self,
         call: Recorded<'_, Claim>,
-        claim_id: ClaimId,
         review_of: &Review<'_>,
     ) -> Result<Stored<Claim>> {
         let Review {
+            claim_id,
             decision,
             reason,
             reviewer,

@@ -4,7 +4,7 @@
 use async_trait::async_trait;
 use payouts_macros::store_span;
 
-use super::{Conn, DB_SYSTEM, SqlStore, Tx, after_key, dialect, unexpected};
+use super::{Conn, DB_SYSTEM, DbRow, SqlStore, Tx, after_key, dialect, unexpected};
 use crate::domain::{
     AccountChange, ClaimId, ClaimStatus, DisbursementId, DisbursementStatus, Krw, PartnerId,
     Refusal, may_cancel, may_retry,
@@ -14,11 +14,9 @@ use crate::store::rows::{
     uuid,
 };
 use crate::store::{
-    Attempt, Disbursement, DisbursementFilter, DisbursementStore, DispatchState, Micros,
-    OperatorRequest, Page, ProgramSummary, Recorded, Result, StatusChange, StoreError, Stored,
-    now_micros,
+    Disbursement, DisbursementFilter, DisbursementStore, DispatchState, Micros, OperatorRequest,
+    Page, ProgramSummary, Recorded, Result, StatusChange, StoreError, Stored, now_micros,
 };
-
 
 /// Approval and disbursement are one: the disbursement of `(claim, partner, amount)`, its
 /// first history entry and its outbox row are written in the approving transaction.
@@ -126,26 +124,27 @@ async fn load_disbursement(
     let Some(row) = row else { return Ok(None) };
     let mut d = Disbursement::try_from(row)?;
     let id = disbursement_id.to_string();
-    let attempts: Vec<AttemptRow> = sqlx::query_as(
-        "SELECT * FROM disbursement_attempts WHERE disbursement_id = $1 ORDER BY id",
-    )
-    .bind(&id)
-    .fetch_all(&mut *conn)
-    .await?;
-    d.attempts = attempts
-        .into_iter()
-        .map(Attempt::try_from)
-        .collect::<Result<_>>()?;
-    let history: Vec<StatusChangeRow> =
-        sqlx::query_as("SELECT * FROM disbursement_events WHERE disbursement_id = $1 ORDER BY id")
-            .bind(&id)
-            .fetch_all(&mut *conn)
-            .await?;
-    d.history = history
-        .into_iter()
-        .map(StatusChange::try_from)
-        .collect::<Result<_>>()?;
+    d.attempts = rows_of::<AttemptRow, _>(conn, ATTEMPTS_OF, &id).await?;
+    d.history = rows_of::<StatusChangeRow, _>(conn, HISTORY_OF, &id).await?;
     Ok(Some(d))
+}
+
+const ATTEMPTS_OF: &str =
+    "SELECT * FROM disbursement_attempts WHERE disbursement_id = $1 ORDER BY id";
+const HISTORY_OF: &str = "SELECT * FROM disbursement_events WHERE disbursement_id = $1 ORDER BY id";
+
+/// What `statement` (of the disbursement `id`) reads: its attempts or its history, in the
+/// order they were written.
+async fn rows_of<R, T>(conn: &mut Conn, statement: &'static str, id: &str) -> Result<Vec<T>>
+where
+    R: for<'r> sqlx::FromRow<'r, DbRow> + Send + Unpin,
+    T: TryFrom<R, Error = StoreError>,
+{
+    let rows: Vec<R> = sqlx::query_as(statement)
+        .bind(id)
+        .fetch_all(&mut *conn)
+        .await?;
+    rows.into_iter().map(T::try_from).collect()
 }
 
 /// The disbursement, locked so that concurrent retries and cancels see each other.

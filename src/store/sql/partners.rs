@@ -126,10 +126,10 @@ impl PartnerStore for SqlStore {
     async fn update_bank_account(
         &self,
         call: Recorded<'_, Partner>,
-        partner_id: PartnerId,
         update: &AccountUpdate<'_>,
     ) -> Result<Stored<Partner>> {
         let AccountUpdate {
+            partner_id,
             account,
             etag,
             actor,

@@ -25,10 +25,21 @@ use crate::store::{
 /// The method a reconciliation run's request id is taken for.
 const RECONCILE: &str = "ReconcileSettlements";
 
-fn listed_twice(key: &str) -> StoreError {
-    StoreError::InvalidField {
-        field: "lines",
-        description: format!("idempotency_key {key} appears more than once in the report"),
+/// `Err` naming the first of `lines` whose key `seen` has seen already: the report lists it
+/// more than once.
+fn each_key_once<'a>(
+    lines: &'a [SettlementLine],
+    mut seen: impl FnMut(&'a str) -> bool,
+) -> Result<()> {
+    match lines.iter().find(|l| seen(&l.idempotency_key)) {
+        Some(twice) => Err(StoreError::InvalidField {
+            field: "lines",
+            description: format!(
+                "idempotency_key {} appears more than once in the report",
+                twice.idempotency_key
+            ),
+        }),
+        None => Ok(()),
     }
 }
 
@@ -183,12 +194,7 @@ impl SettlementStore for SqlStore {
             return Ok(());
         }
         let mut in_batch = HashSet::with_capacity(lines.len());
-        if let Some(twice) = lines
-            .iter()
-            .find(|l| !in_batch.insert(l.idempotency_key.as_str()))
-        {
-            return Err(listed_twice(&twice.idempotency_key));
-        }
+        each_key_once(lines, |key| !in_batch.insert(key))?;
         self.in_transaction("stage_settlement_lines", move |mut tx| async move {
             // A key already staged by an earlier batch is not returned, which is how a key
             // listed twice across batches shows.
@@ -213,10 +219,7 @@ impl SettlementStore for SqlStore {
                     .await?;
                 staged.extend(keys);
             }
-            if let Some(twice) = lines.iter().find(|l| !staged.contains(&l.idempotency_key)) {
-                return Err(listed_twice(&twice.idempotency_key));
-            }
-            Ok((tx, ()))
+            each_key_once(lines, |key| !staged.contains(key)).map(|()| (tx, ()))
         })
         .await
     }
