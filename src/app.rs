@@ -101,6 +101,16 @@ pub fn load_policy(settings: &Settings) -> anyhow::Result<Policy> {
     Ok(policy)
 }
 
+/// The services the gRPC server answers, beside health and reflection: what health reports
+/// and reflection describes (not the payments backend's contract, which the same descriptor
+/// set holds).
+const SERVED: [&str; 4] = [
+    partner_service_server::SERVICE_NAME,
+    claim_service_server::SERVICE_NAME,
+    disbursement_service_server::SERVICE_NAME,
+    audit_service_server::SERVICE_NAME,
+];
+
 /// A built application: bound, not yet serving.
 pub struct Application {
     listener: TcpListener,
@@ -199,13 +209,9 @@ impl Application {
             sandbox,
             authenticator,
         } = self;
-        let services = vec![
-            partner_service_server::SERVICE_NAME,
-            claim_service_server::SERVICE_NAME,
-            disbursement_service_server::SERVICE_NAME,
-            audit_service_server::SERVICE_NAME,
-        ];
+        let services = SERVED.to_vec();
         let (health, health_service) = discovery::health_serving(&services).await;
+        let (reflection_v1, reflection_v1alpha) = discovery::reflection(&services)?;
         let background = Background::start(
             &settings,
             &ctx,
@@ -216,7 +222,6 @@ impl Application {
         );
 
         let max = settings.max_message_bytes;
-        let (reflection_v1, reflection_v1alpha) = discovery::reflection(None)?;
 
         tracing::info!(addr = %listener.local_addr()?, database = %redact_url(&settings.database_url), "serving");
         let (ping_interval, ping_timeout) = settings.http2_keepalive();

@@ -59,7 +59,7 @@ async fn spawn_behind_proxy(tweak: impl FnOnce(&mut Settings)) -> (TestApp, DbPr
 }
 
 /// How health reports each of [`SERVICES`].
-async fn health(app: &TestApp) -> Vec<ServingStatus> {
+pub(crate) async fn health(app: &TestApp) -> Vec<ServingStatus> {
     let mut client = HealthClient::new(app.channel.clone());
     let mut statuses = Vec::new();
     for service in SERVICES {

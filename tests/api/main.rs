@@ -22,5 +22,6 @@ mod lifetimes;
 mod partners;
 mod proxy;
 mod reconcile;
+mod reflection;
 mod replay;
 mod validation;
