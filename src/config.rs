@@ -21,6 +21,10 @@ pub struct Settings {
     pub listen_addr: SocketAddr,
     /// `sqlite://...` (embedded) or `postgres://...`.
     pub database_url: String,
+    /// Whether `serve` applies the database migrations at start. Replicas that serve as a
+    /// role that may not change the schema turn it off: they check instead that the role
+    /// owning the schema ran `partner-payouts migrate`.
+    pub migrate: bool,
     /// PostgreSQL connections per replica.
     pub database_max_connections: u32,
     /// How long a call waits for a database connection, in milliseconds; then it is answered
@@ -118,6 +122,7 @@ impl Default for Settings {
         Self {
             listen_addr: SocketAddr::from(([127, 0, 0, 1], 50051)),
             database_url: "sqlite://./data/payouts.db".into(),
+            migrate: true,
             database_max_connections: 16,
             database_acquire_timeout_ms: 2_000,
             database_probe_interval_ms: 2_000,

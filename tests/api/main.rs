@@ -24,4 +24,5 @@ mod proxy;
 mod reconcile;
 mod reflection;
 mod replay;
+mod roles;
 mod validation;
