@@ -1,5 +1,6 @@
 //! One `Settings` struct: defaults that run out of the box, then a TOML file
-//! (`--config FILE` or `PAYOUTS_CONFIG`), then `PAYOUTS_*` environment variables.
+//! (`--config FILE` or `PAYOUTS_CONFIG`), then `PAYOUTS_*` environment variables, `__`
+//! separating the keys of a table (`PAYOUTS_AUTH__RATE_LIMIT_PER_SECOND`).
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -164,7 +165,8 @@ impl Default for Settings {
 }
 
 impl Settings {
-    /// Defaults, then `file` (if given), then `PAYOUTS_*` variables.
+    /// Defaults, then `file` (if given), then `PAYOUTS_*` variables; `__` in a variable's
+    /// name reaches into a table (`PAYOUTS_AUTH__RATE_LIMIT_PER_SECOND`, `PAYOUTS_TLS__CERT_FILE`).
     pub fn load(file: Option<&std::path::Path>) -> anyhow::Result<Self> {
         let mut figment = Figment::from(Serialized::defaults(Settings::default()));
         if let Some(file) = file {
@@ -174,7 +176,11 @@ impl Settings {
             figment = figment.merge(Toml::file(file));
         }
         let settings: Settings = figment
-            .merge(Env::prefixed("PAYOUTS_").ignore(&["CONFIG", "PII_KEY"]))
+            .merge(
+                Env::prefixed("PAYOUTS_")
+                    .ignore(&["CONFIG", "PII_KEY"])
+                    .split("__"),
+            )
             .extract()
             .map_err(|e| anyhow::anyhow!("settings: {e}"))?;
         settings.validate()?;

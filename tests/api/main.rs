@@ -12,6 +12,7 @@ mod disbursements;
 mod dispatch_bank;
 mod dispatch_batch;
 mod dispatch_limits;
+mod environment;
 mod floods;
 mod helpers;
 mod imports;
