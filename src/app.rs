@@ -29,7 +29,8 @@ use crate::readiness;
 #[cfg(feature = "sandbox")]
 use crate::sandbox;
 use crate::sealing::PiiCipher;
-use crate::store::{Store, postgres::PgStore, sqlite::SqliteStore};
+use crate::store::roles::AppRole;
+use crate::store::{Store, postgres, postgres::PgStore, sqlite, sqlite::SqliteStore};
 
 /// The key that seals account numbers: `PAYOUTS_PII_KEY`, else the key file, which local
 /// development mode creates.
@@ -55,11 +56,8 @@ fn pii_cipher_made(settings: &Settings, create_if_missing: bool) -> anyhow::Resu
     Ok(Arc::new(cipher))
 }
 
-/// Opens the database that `database_url` names and applies the migrations.
-pub async fn open_store(settings: &Settings) -> anyhow::Result<Arc<dyn Store>> {
-    open_store_with(settings, pii_cipher(settings)?).await
-}
-
+/// Opens the database that `database_url` names, and applies the migrations (or, with
+/// `migrate` off, checks that they were applied).
 async fn open_store_with(
     settings: &Settings,
     cipher: Arc<PiiCipher>,
@@ -69,14 +67,47 @@ async fn open_store_with(
         let store = PgStore::connect(url, &settings.pool_settings(), cipher)
             .await
             .context("connecting to PostgreSQL")?;
-        store.migrate().await.context("migrating PostgreSQL")?;
+        if settings.migrate {
+            store.migrate().await.context(
+                "migrating PostgreSQL (a role that may not change the schema serves with \
+                 PAYOUTS_MIGRATE=false, once the owner ran `partner-payouts migrate`)",
+            )?;
+        } else {
+            store.check_migrated().await.context("refusing to start")?;
+        }
         Ok(Arc::new(store))
     } else {
         let store = SqliteStore::connect(url, &settings.pool_settings(), cipher)
             .await
             .with_context(|| format!("opening SQLite at {url}"))?;
-        store.migrate().await.context("migrating SQLite")?;
+        if settings.migrate {
+            store.migrate().await.context("migrating SQLite")?;
+        } else {
+            store.check_migrated().await.context("refusing to start")?;
+        }
         Ok(Arc::new(store))
+    }
+}
+
+/// `partner-payouts migrate`: applies the migrations to the database that `database_url`
+/// names and, given `app_role` (PostgreSQL only), grants that role what `serve` needs and no
+/// more. Needs no account-number key.
+pub async fn migrate(settings: &Settings, app_role: Option<&str>) -> anyhow::Result<()> {
+    let url = &settings.database_url;
+    let app_role = app_role
+        .map(AppRole::parse)
+        .transpose()
+        .map_err(anyhow::Error::msg)?;
+    if url.starts_with("postgres") {
+        postgres::migrate(url, &settings.pool_settings(), app_role.as_ref())
+            .await
+            .context("migrating PostgreSQL")
+    } else if app_role.is_some() {
+        anyhow::bail!("--app-role: SQLite has no database roles; it applies to PostgreSQL only")
+    } else {
+        sqlite::migrate(url, &settings.pool_settings())
+            .await
+            .with_context(|| format!("migrating SQLite at {url}"))
     }
 }
 
@@ -100,6 +131,16 @@ pub fn load_policy(settings: &Settings) -> anyhow::Result<Policy> {
     };
     Ok(policy)
 }
+
+/// The services the gRPC server answers, beside health and reflection: what health reports
+/// and reflection describes (not the payments backend's contract, which the same descriptor
+/// set holds).
+const SERVED: [&str; 4] = [
+    partner_service_server::SERVICE_NAME,
+    claim_service_server::SERVICE_NAME,
+    disbursement_service_server::SERVICE_NAME,
+    audit_service_server::SERVICE_NAME,
+];
 
 /// A built application: bound, not yet serving.
 pub struct Application {
@@ -199,13 +240,9 @@ impl Application {
             sandbox,
             authenticator,
         } = self;
-        let services = vec![
-            partner_service_server::SERVICE_NAME,
-            claim_service_server::SERVICE_NAME,
-            disbursement_service_server::SERVICE_NAME,
-            audit_service_server::SERVICE_NAME,
-        ];
+        let services = SERVED.to_vec();
         let (health, health_service) = discovery::health_serving(&services).await;
+        let (reflection_v1, reflection_v1alpha) = discovery::reflection(&services)?;
         let background = Background::start(
             &settings,
             &ctx,
@@ -216,7 +253,6 @@ impl Application {
         );
 
         let max = settings.max_message_bytes;
-        let (reflection_v1, reflection_v1alpha) = discovery::reflection(None)?;
 
         tracing::info!(addr = %listener.local_addr()?, database = %redact_url(&settings.database_url), "serving");
         let (ping_interval, ping_timeout) = settings.http2_keepalive();

@@ -1,5 +1,6 @@
 //! One `Settings` struct: defaults that run out of the box, then a TOML file
-//! (`--config FILE` or `PAYOUTS_CONFIG`), then `PAYOUTS_*` environment variables.
+//! (`--config FILE` or `PAYOUTS_CONFIG`), then `PAYOUTS_*` environment variables, `__`
+//! separating the keys of a table (`PAYOUTS_AUTH__RATE_LIMIT_PER_SECOND`).
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -21,6 +22,10 @@ pub struct Settings {
     pub listen_addr: SocketAddr,
     /// `sqlite://...` (embedded) or `postgres://...`.
     pub database_url: String,
+    /// Whether `serve` applies the database migrations at start. Replicas that serve as a
+    /// role that may not change the schema turn it off: they check instead that the role
+    /// owning the schema ran `partner-payouts migrate`.
+    pub migrate: bool,
     /// PostgreSQL connections per replica.
     pub database_max_connections: u32,
     /// How long a call waits for a database connection, in milliseconds; then it is answered
@@ -118,6 +123,7 @@ impl Default for Settings {
         Self {
             listen_addr: SocketAddr::from(([127, 0, 0, 1], 50051)),
             database_url: "sqlite://./data/payouts.db".into(),
+            migrate: true,
             database_max_connections: 16,
             database_acquire_timeout_ms: 2_000,
             database_probe_interval_ms: 2_000,
@@ -159,7 +165,8 @@ impl Default for Settings {
 }
 
 impl Settings {
-    /// Defaults, then `file` (if given), then `PAYOUTS_*` variables.
+    /// Defaults, then `file` (if given), then `PAYOUTS_*` variables; `__` in a variable's
+    /// name reaches into a table (`PAYOUTS_AUTH__RATE_LIMIT_PER_SECOND`, `PAYOUTS_TLS__CERT_FILE`).
     pub fn load(file: Option<&std::path::Path>) -> anyhow::Result<Self> {
         let mut figment = Figment::from(Serialized::defaults(Settings::default()));
         if let Some(file) = file {
@@ -169,7 +176,11 @@ impl Settings {
             figment = figment.merge(Toml::file(file));
         }
         let settings: Settings = figment
-            .merge(Env::prefixed("PAYOUTS_").ignore(&["CONFIG", "PII_KEY"]))
+            .merge(
+                Env::prefixed("PAYOUTS_")
+                    .ignore(&["CONFIG", "PII_KEY"])
+                    .split("__"),
+            )
             .extract()
             .map_err(|e| anyhow::anyhow!("settings: {e}"))?;
         settings.validate()?;

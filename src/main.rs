@@ -29,8 +29,15 @@ struct Cli {
 enum Command {
     /// Serve the gRPC API and dispatch payouts (the default).
     Serve,
-    /// Apply the database migrations and exit.
-    Migrate,
+    /// Apply the database migrations and exit (as the role that owns the schema; no
+    /// account-number key is needed).
+    Migrate {
+        /// Also grant this PostgreSQL role what `serve` needs and no more (created, LOGIN
+        /// without a password, if missing). Run again after an upgrade: tables a new
+        /// migration adds are granted then.
+        #[arg(long, value_name = "ROLE")]
+        app_role: Option<String>,
+    },
     /// Re-seal every stored account number under the first key, then exit. Safe while
     /// replicas serve, and to run again.
     Reseal {
@@ -118,8 +125,8 @@ async fn run(command: Command, settings: Settings) -> anyhow::Result<()> {
             let application = app::Application::build(settings).await?;
             application.run_until(app::shutdown_signal()).await
         }
-        Command::Migrate => {
-            app::open_store(&settings).await?;
+        Command::Migrate { app_role } => {
+            app::migrate(&settings, app_role.as_deref()).await?;
             tracing::info!("migrations applied");
             Ok(())
         }

@@ -131,7 +131,7 @@ pub async fn serve(
     let (_health_reporter, health_service) = crate::discovery::health_serving(&own_services).await;
     // Reflection advertises only what this server answers; the descriptor set also holds the
     // `payouts.v1` services, which the sandbox does not serve.
-    let (reflection_v1, reflection_v1alpha) = crate::discovery::reflection(Some(&own_services))?;
+    let (reflection_v1, reflection_v1alpha) = crate::discovery::reflection(&own_services)?;
 
     let addr = listener
         .local_addr()

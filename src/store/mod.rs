@@ -30,7 +30,9 @@ mod idempotency;
 mod intake;
 pub mod isolate;
 pub mod postgres;
+pub mod roles;
 mod rows;
+mod schema;
 mod sealed;
 pub mod sqlite;
 

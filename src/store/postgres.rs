@@ -31,26 +31,7 @@ impl PgStore {
         pool: &PoolSettings,
         cipher: Arc<crate::sealing::PiiCipher>,
     ) -> super::Result<Self> {
-        let options = PgConnectOptions::from_str(url)?;
-        let pool = PgPoolOptions::new()
-            .max_connections(pool.max_connections)
-            // Waiting longer for a connection than a caller would for an answer only holds
-            // the caller: past it the call is answered UNAVAILABLE, to be retried.
-            .acquire_timeout(pool.acquire_timeout)
-            // A connection in steady use is not pinged before each transaction (a round
-            // trip each, 0.3 ms under load); one idle for a while is, and is replaced if it
-            // broke meanwhile.
-            .test_before_acquire(false)
-            .before_acquire(|conn, meta| {
-                Box::pin(async move {
-                    if meta.idle_for >= IDLE_BEFORE_PING {
-                        conn.ping().await?;
-                    }
-                    Ok(true)
-                })
-            })
-            .connect_lazy_with(options.clone());
-        wait_for_database(&pool).await?;
+        let (pool, options) = connect_pool(url, pool).await?;
         Ok(Self {
             pool,
             cipher,
@@ -64,9 +45,59 @@ impl PgStore {
         Ok(())
     }
 
+    /// Fails unless this release's migrations were all applied (by `partner-payouts migrate`).
+    pub async fn check_migrated(&self) -> anyhow::Result<()> {
+        let mut conn = self.pool.acquire().await?;
+        super::schema::check_applied(&MIGRATOR, &mut *conn).await
+    }
+
     async fn begin_write(&self) -> super::Result<sqlx::Transaction<'static, sqlx::Postgres>> {
         Ok(self.pool.begin().await?)
     }
+}
+
+/// Applies the migrations to the database at `url` and, given `app_role`, grants that role
+/// what `serve` needs and no more ([`super::roles`]). Needs no account-number key.
+pub async fn migrate(
+    url: &str,
+    pool: &PoolSettings,
+    app_role: Option<&super::roles::AppRole>,
+) -> anyhow::Result<()> {
+    let (pool, _) = connect_pool(url, pool).await?;
+    MIGRATOR.run(&pool).await.map_err(super::StoreError::from)?;
+    if let Some(role) = app_role {
+        super::roles::grant(&pool, role).await?;
+    }
+    pool.close().await;
+    Ok(())
+}
+
+/// A pool of connections to `url`, once PostgreSQL takes them.
+async fn connect_pool(
+    url: &str,
+    pool: &PoolSettings,
+) -> super::Result<(sqlx::PgPool, PgConnectOptions)> {
+    let options = PgConnectOptions::from_str(url)?;
+    let pool = PgPoolOptions::new()
+        .max_connections(pool.max_connections)
+        // Waiting longer for a connection than a caller would for an answer only holds
+        // the caller: past it the call is answered UNAVAILABLE, to be retried.
+        .acquire_timeout(pool.acquire_timeout)
+        // A connection in steady use is not pinged before each transaction (a round
+        // trip each, 0.3 ms under load); one idle for a while is, and is replaced if it
+        // broke meanwhile.
+        .test_before_acquire(false)
+        .before_acquire(|conn, meta| {
+            Box::pin(async move {
+                if meta.idle_for >= IDLE_BEFORE_PING {
+                    conn.ping().await?;
+                }
+                Ok(true)
+            })
+        })
+        .connect_lazy_with(options.clone());
+    wait_for_database(&pool).await?;
+    Ok((pool, options))
 }
 
 /// How long the service waits at start for PostgreSQL to take connections: the two are often

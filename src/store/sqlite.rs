@@ -23,31 +23,19 @@ impl SqliteStore {
         pool: &PoolSettings,
         cipher: std::sync::Arc<crate::sealing::PiiCipher>,
     ) -> super::Result<Self> {
-        let options = SqliteConnectOptions::from_str(url)?
-            .create_if_missing(true)
-            .journal_mode(SqliteJournalMode::Wal)
-            .synchronous(SqliteSynchronous::Full)
-            .foreign_keys(true)
-            // A writer waits this long for another's lock, then fails UNAVAILABLE.
-            .busy_timeout(pool.busy_timeout);
-        if let Some(dir) = options.get_filename().parent()
-            && !dir.as_os_str().is_empty()
-        {
-            std::fs::create_dir_all(dir).map_err(anyhow::Error::from)?;
-        }
-        let pool = SqlitePoolOptions::new()
-            .max_connections(8)
-            // Connections here are held while waiting for the write lock: waiting for one is
-            // waiting for the lock, as long as a writer would.
-            .acquire_timeout(pool.acquire_timeout.max(pool.busy_timeout))
-            .connect_with(options)
-            .await?;
+        let pool = open_pool(url, pool).await?;
         Ok(Self { pool, cipher })
     }
 
     pub async fn migrate(&self) -> super::Result<()> {
         MIGRATOR.run(&self.pool).await?;
         Ok(())
+    }
+
+    /// Fails unless this release's migrations were all applied (by `partner-payouts migrate`).
+    pub async fn check_migrated(&self) -> anyhow::Result<()> {
+        let mut conn = self.pool.acquire().await?;
+        super::schema::check_applied(&MIGRATOR, &mut *conn).await
     }
 
     /// A fresh, migrated store in `dir`, its account numbers sealed under a fixed test key.
@@ -67,6 +55,38 @@ impl SqliteStore {
     async fn begin_write(&self) -> super::Result<sqlx::Transaction<'static, sqlx::Sqlite>> {
         Ok(self.pool.begin_with("BEGIN IMMEDIATE").await?)
     }
+}
+
+/// Applies the migrations to the database at `url` (created if missing). Needs no
+/// account-number key.
+pub async fn migrate(url: &str, pool: &PoolSettings) -> anyhow::Result<()> {
+    let pool = open_pool(url, pool).await?;
+    MIGRATOR.run(&pool).await.map_err(super::StoreError::from)?;
+    pool.close().await;
+    Ok(())
+}
+
+/// A pool of connections to the database at `url`, created (with its folder) if missing.
+async fn open_pool(url: &str, pool: &PoolSettings) -> super::Result<sqlx::SqlitePool> {
+    let options = SqliteConnectOptions::from_str(url)?
+        .create_if_missing(true)
+        .journal_mode(SqliteJournalMode::Wal)
+        .synchronous(SqliteSynchronous::Full)
+        .foreign_keys(true)
+        // A writer waits this long for another's lock, then fails UNAVAILABLE.
+        .busy_timeout(pool.busy_timeout);
+    if let Some(dir) = options.get_filename().parent()
+        && !dir.as_os_str().is_empty()
+    {
+        std::fs::create_dir_all(dir).map_err(anyhow::Error::from)?;
+    }
+    Ok(SqlitePoolOptions::new()
+        .max_connections(8)
+        // Connections here are held while waiting for the write lock: waiting for one is
+        // waiting for the lock, as long as a writer would.
+        .acquire_timeout(pool.acquire_timeout.max(pool.busy_timeout))
+        .connect_with(options)
+        .await?)
 }
 
 #[async_trait::async_trait]

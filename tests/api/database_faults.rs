@@ -59,7 +59,7 @@ async fn spawn_behind_proxy(tweak: impl FnOnce(&mut Settings)) -> (TestApp, DbPr
 }
 
 /// How health reports each of [`SERVICES`].
-async fn health(app: &TestApp) -> Vec<ServingStatus> {
+pub(crate) async fn health(app: &TestApp) -> Vec<ServingStatus> {
     let mut client = HealthClient::new(app.channel.clone());
     let mut statuses = Vec::new();
     for service in SERVICES {
@@ -212,14 +212,16 @@ async fn a_slow_database_answers_late_calls_deadline_exceeded_and_runs_each_once
 /// Makes the database roll back, with SQLSTATE `code`, the first `times` statements that
 /// `event` (`INSERT` or `UPDATE`) a partner row, as PostgreSQL does to a transaction it picks
 /// to break a deadlock or a serialization conflict. Returns a connection to count the runs
-/// ([`runs`]).
+/// ([`runs`]). The trigger counts as the test's owner role (SECURITY DEFINER), whichever role
+/// the service writes as.
 async fn contend(app: &TestApp, event: &str, code: &str, times: i64) -> sqlx::PgConnection {
     let mut conn = sqlx::PgConnection::connect(&app.database_url)
         .await
         .expect("db");
     let ddl = format!(
         "CREATE SEQUENCE partner_writes; \
-         CREATE OR REPLACE FUNCTION contend() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN \
+         CREATE OR REPLACE FUNCTION contend() RETURNS trigger LANGUAGE plpgsql \
+           SECURITY DEFINER AS $$ BEGIN \
            IF nextval('partner_writes') <= {times} THEN \
              RAISE EXCEPTION 'made to contend' USING ERRCODE = '{code}'; \
            END IF; RETURN NEW; END $$; \

@@ -17,7 +17,7 @@ use crate::helpers::*;
 use crate::on_both_databases;
 
 /// A sandbox bank served on 127.0.0.1 for the rest of the test; its URL.
-async fn own_bank(config: SandboxConfig) -> String {
+pub(crate) async fn own_bank(config: SandboxConfig) -> String {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await
         .expect("bind");

@@ -160,7 +160,8 @@ pub async fn spawn_app(db: Db, tweak: impl FnOnce(&mut Settings)) -> TestApp {
 
 /// The service on 127.0.0.1:0 over `database_url` (of kind `db`), its files in `dir`;
 /// `tweak` may change the settings (the app's `database_url` stays the one given, for the
-/// test to reach the database directly).
+/// test to reach the database directly). On PostgreSQL the service serves as [`APP_ROLE`],
+/// as production replicas do, unless `tweak` leaves migrating to the service.
 pub async fn spawn_app_in(
     db: Db,
     dir: tempfile::TempDir,
@@ -177,6 +178,9 @@ pub async fn spawn_app_in(
         ..Settings::default()
     };
     tweak(&mut settings);
+    if db == Db::Postgres && settings.migrate {
+        serve_as_app_role(&mut settings).await;
+    }
     let pii_key_file = settings.pii_key_file.clone();
     let application = Application::build(settings).await.expect("app builds");
     let addr = application.local_addr();
@@ -200,6 +204,50 @@ pub async fn spawn_app_in(
         shutdown: Some(tx),
         server: Some(server),
     }
+}
+
+/// The role the service serves as in the PostgreSQL half of the tests: what
+/// `partner-payouts migrate --app-role` grants it, and nothing more, is all it may do.
+pub const APP_ROLE: &str = "payouts_test_app";
+
+/// Migrates the database of `settings.database_url` as its owner, granting [`APP_ROLE`] what
+/// `serve` needs, and has the service connect as that role, checking the schema rather than
+/// migrating it.
+async fn serve_as_app_role(settings: &mut Settings) {
+    static ROLE: tokio::sync::OnceCell<()> = tokio::sync::OnceCell::const_new();
+    ROLE.get_or_init(|| create_role(APP_ROLE)).await;
+    partner_payouts::app::migrate(settings, Some(APP_ROLE))
+        .await
+        .expect("migrate, granting the app role");
+    settings.database_url = as_role(&settings.database_url, APP_ROLE);
+    settings.migrate = false;
+}
+
+/// Creates the login role `role` on the test server, its password its name (the URLs of
+/// [`as_role`] carry it), unless it exists.
+pub async fn create_role(role: &str) {
+    use sqlx::Connection as _;
+    let mut conn = sqlx::PgConnection::connect(&postgres_admin_url())
+        .await
+        .expect("connect to the test server");
+    let create = format!("CREATE ROLE {role} LOGIN PASSWORD '{role}'");
+    match sqlx::query(sqlx::AssertSqlSafe(create))
+        .execute(&mut conn)
+        .await
+    {
+        Ok(_) => {}
+        // It exists: made by an earlier run, or by another test meanwhile.
+        Err(sqlx::Error::Database(e)) if matches!(e.code().as_deref(), Some("42710" | "23505")) => {
+        }
+        Err(e) => panic!("create role {role}: {e}"),
+    }
+}
+
+/// A PostgreSQL URL with `role` (its password its name) as the user.
+pub fn as_role(url: &str, role: &str) -> String {
+    let (scheme, rest) = url.split_once("://").expect("a URL");
+    let host = rest.split_once('@').map_or(rest, |(_, host)| host);
+    format!("{scheme}://{role}:{role}@{host}")
 }
 
 /// A second service over an existing database (as after a restart).

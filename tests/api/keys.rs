@@ -19,10 +19,10 @@ use crate::on_both_databases;
 
 use pb::DisbursementStatus::Paid;
 
-type Key = [u8; 32];
+pub(crate) type Key = [u8; 32];
 
 /// A fresh random key.
-fn new_key() -> Key {
+pub(crate) fn new_key() -> Key {
     use sha2::Digest as _;
     sha2::Sha256::digest(uuid::Uuid::now_v7().as_bytes()).into()
 }
@@ -154,13 +154,19 @@ on_both_databases!(
     db = without_the_key_in_use_a_replica_refuses_to_start
 );
 
-/// `partner-payouts reseal` as an operator runs it, with `keys` in `PAYOUTS_PII_KEY`.
-async fn reseal_command(database_url: &str, keys: &[Key]) -> Output {
+/// `partner-payouts reseal` as an operator runs it, with `keys` in `PAYOUTS_PII_KEY` and any
+/// other settings in `env`.
+pub(crate) async fn reseal_command(
+    database_url: &str,
+    keys: &[Key],
+    env: &[(&str, &str)],
+) -> Output {
     let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_partner-payouts"));
     command
         .args(["reseal", "--batch", "2"])
         .env("PAYOUTS_DATABASE_URL", database_url)
         .env("PAYOUTS_PII_KEY", key_list(keys))
+        .envs(env.iter().copied())
         .env("RUST_LOG", "info")
         .env("NO_COLOR", "1");
     let output = tokio::task::spawn_blocking(move || command.output())
@@ -204,14 +210,14 @@ async fn reseal_then_the_new_key_alone(db: Db) {
     let database_url = app.database_url.clone();
     app.stop().await;
 
-    let run = reseal_command(&database_url, &[new, old]).await;
+    let run = reseal_command(&database_url, &[new, old], &[]).await;
     let log = String::from_utf8_lossy(&run.stderr);
     assert!(
         log.contains(&format!("sealed under key {}", key_id(&new))),
         "{log}"
     );
     // Safe to run twice: the second run finds nothing to do.
-    let again = reseal_command(&database_url, &[new, old]).await;
+    let again = reseal_command(&database_url, &[new, old], &[]).await;
     let log = String::from_utf8_lossy(&again.stderr);
     assert!(log.contains("resealed=0"), "{log}");
 
