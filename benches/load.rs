@@ -4,7 +4,7 @@
 //! ```text
 //! cargo bench --bench load -- SCENARIO [--count N] [--concurrency C | --rate PER_S]
 //!                                     [--streams S] [--connections K] [--database-url URL]
-//!                                     [--target http://HOST:PORT]
+//!                                     [--target http://HOST:PORT | --in-process]
 //!                                     [--bank-rate N] [--bank-latency-ms MS]
 //!                                     [--outage-after-ms A] [--outage-ms B]
 //! ```
@@ -19,9 +19,14 @@
 //! Closed loop (`--concurrency`, default 64): C callers, each sending as soon as its last call
 //! returned. Open loop (`--rate`): calls start on a fixed schedule whatever the service does,
 //! and each latency is measured from its scheduled start, which corrects for coordinated
-//! omission. Without `--target` the service runs in this process, on `--database-url`
-//! (default: a fresh PostgreSQL database on PAYOUTS_TEST_POSTGRES_URL's server; `sqlite` for a
-//! temporary SQLite file), with a sandbox bank that settles at once.
+//! omission. Without `--target` the generator starts the service as its clients meet it: the
+//! `partner-payouts` binary of the same build, `serve` in a process of its own, paying into
+//! `partner-payouts sandbox-bank` (settling at once) in a third; `--in-process` runs both in
+//! this process instead. The database is `--database-url` (default: a fresh PostgreSQL
+//! database on PAYOUTS_TEST_POSTGRES_URL's server; `sqlite` for a temporary SQLite file).
+//! Each measured phase ends with the CPU each side spent per call: the service, PostgreSQL
+//! (every `postgres` process), the generator, the bank, the rest, and the idle time of all
+//! cores.
 //!
 //! `throttled-bank` and `outage` pay N claims into a bank that throttles or goes down for a
 //! while (see `load/bank.rs`); they run the service in process.
@@ -49,6 +54,10 @@ use tokio::sync::Mutex;
 
 #[path = "load/bank.rs"]
 mod bank;
+#[path = "load/process.rs"]
+mod process;
+
+use process::CpuSample;
 
 /// The service runs in this process: the same allocator as the `partner-payouts` binary.
 #[global_allocator]
@@ -64,6 +73,7 @@ struct Options {
     connections: usize,
     database_url: Option<String>,
     target: Option<String>,
+    in_process: bool,
     bank_rate: Option<u32>,
     bank_latency_ms: Option<u64>,
     outage_after_ms: Option<u64>,
@@ -81,6 +91,7 @@ fn options() -> anyhow::Result<Options> {
         connections: 8,
         database_url: None,
         target: None,
+        in_process: false,
         bank_rate: None,
         bank_latency_ms: None,
         outage_after_ms: None,
@@ -99,6 +110,7 @@ fn options() -> anyhow::Result<Options> {
             "--connections" => o.connections = value()?.parse::<usize>()?.max(1),
             "--database-url" => o.database_url = Some(value()?),
             "--target" => o.target = Some(value()?),
+            "--in-process" => o.in_process = true,
             "--bank-rate" => o.bank_rate = Some(value()?.parse()?),
             "--bank-latency-ms" => o.bank_latency_ms = Some(value()?.parse()?),
             "--outage-after-ms" => o.outage_after_ms = Some(value()?.parse()?),
@@ -116,6 +128,10 @@ fn options() -> anyhow::Result<Options> {
     if bank::SCENARIOS.contains(&scenario) && o.target.is_some() {
         anyhow::bail!("{scenario} runs the service in process, with its own bank: no --target");
     }
+    if o.in_process && o.target.is_some() {
+        anyhow::bail!("--in-process and --target exclude each other");
+    }
+    o.in_process |= bank::SCENARIOS.contains(&scenario);
     Ok(o)
 }
 
@@ -440,9 +456,15 @@ async fn report_sandbox(bank_addr: Option<std::net::SocketAddr>) -> anyhow::Resu
     Ok(())
 }
 
-/// Peak resident memory of this process (service and load generator together), in MiB.
+/// Peak resident memory of this process (service and load generator together, when the
+/// service runs in process), in MiB.
 fn peak_rss_mib() -> Option<f64> {
-    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    peak_rss_mib_of("self")
+}
+
+/// Peak resident memory of process `pid` (a number, or `self`), in MiB.
+fn peak_rss_mib_of(pid: &str) -> Option<f64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
     let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
     let kib: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
     Some(kib / 1024.0)
@@ -459,6 +481,7 @@ async fn main() -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
     let mut bank_addr = None;
     let mut made_database = None;
+    let mut spawned = None;
     let (clients, server) = match &o.target {
         Some(target) => (connect(target, o.connections).await?, None),
         None => {
@@ -471,43 +494,65 @@ async fn main() -> anyhow::Result<()> {
                 Some("sqlite") => format!("sqlite://{}", dir.path().join("load.db").display()),
                 Some(url) => url.to_owned(),
             };
-            let bank_listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-            let addr = bank_listener.local_addr()?;
-            bank_addr = Some(addr);
-            tokio::spawn(sandbox::serve(
-                bank_listener,
-                sandbox::SandboxBank::new(bank::sandbox_config(&o)),
-                std::future::pending(),
-            ));
-            let app = Application::build(Settings {
-                listen_addr: "127.0.0.1:0".parse()?,
-                database_url: database_url.clone(),
-                database_max_connections: 32,
-                pii_key_file: dir.path().join("pii.key"),
-                payments_backend_url: Some(format!("http://{addr}")),
-                max_concurrent_requests: 1024,
-                dispatch_concurrency: std::env::var("PAYOUTS_DISPATCH_CONCURRENCY")
-                    .ok()
-                    .and_then(|v| v.parse().ok())
-                    .unwrap_or(Settings::default().dispatch_concurrency),
-                ..Settings::default()
-            })
-            .await?;
-            let listen = app.local_addr();
-            let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-            let server = tokio::spawn(app.run_until(async {
-                let _ = stopped.await;
-            }));
-            println!(
-                "service in process on {listen}, database {}",
-                database_url.split(':').next().unwrap_or("")
-            );
-            (
-                connect(&format!("http://{listen}"), o.connections).await?,
-                Some((stop, server)),
-            )
+            if !o.in_process {
+                let s =
+                    process::spawn(&database_url, dir.path(), &bank::sandbox_config(&o)).await?;
+                println!(
+                    "service in a process of its own (pid {}) on {}, bank in another (pid {}), \
+                     database {}",
+                    s.service_pid(),
+                    s.target,
+                    s.bank_pid(),
+                    database_url.split(':').next().unwrap_or("")
+                );
+                bank_addr = Some(s.bank_addr);
+                let clients = connect(&s.target, o.connections).await?;
+                spawned = Some(s);
+                (clients, None)
+            } else {
+                let bank_listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+                let addr = bank_listener.local_addr()?;
+                bank_addr = Some(addr);
+                tokio::spawn(sandbox::serve(
+                    bank_listener,
+                    sandbox::SandboxBank::new(bank::sandbox_config(&o)),
+                    std::future::pending(),
+                ));
+                let app = Application::build(Settings {
+                    listen_addr: "127.0.0.1:0".parse()?,
+                    database_url: database_url.clone(),
+                    database_max_connections: 32,
+                    pii_key_file: dir.path().join("pii.key"),
+                    payments_backend_url: Some(format!("http://{addr}")),
+                    max_concurrent_requests: 1024,
+                    dispatch_concurrency: std::env::var("PAYOUTS_DISPATCH_CONCURRENCY")
+                        .ok()
+                        .and_then(|v| v.parse().ok())
+                        .unwrap_or(Settings::default().dispatch_concurrency),
+                    ..Settings::default()
+                })
+                .await?;
+                let listen = app.local_addr();
+                let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+                let server = tokio::spawn(app.run_until(async {
+                    let _ = stopped.await;
+                }));
+                println!(
+                    "service in process on {listen}, database {}",
+                    database_url.split(':').next().unwrap_or("")
+                );
+                (
+                    connect(&format!("http://{listen}"), o.connections).await?,
+                    Some((stop, server)),
+                )
+            }
         }
     };
+    let pids = spawned
+        .as_ref()
+        .map(|s: &process::Spawned| (s.service_pid(), s.bank_pid()));
+    let sample = move || CpuSample::take(pids.map(|p| p.0), pids.map(|p| p.1));
+    let separate = o.target.is_some() || !o.in_process;
     // Fresh registration numbers per run, so a reused database takes them too.
     let base = (u64::from(std::process::id()) % 900) * 1_000_000;
     let mode = o
@@ -524,6 +569,7 @@ async fn main() -> anyhow::Result<()> {
     match o.scenario.as_str() {
         "register" => {
             let clients = clients.clone();
+            let before = sample();
             let report = drive(&o, move |i| {
                 let mut client = PartnerServiceClient::new(clients.pick(i));
                 async move {
@@ -538,8 +584,10 @@ async fn main() -> anyhow::Result<()> {
             })
             .await;
             report.print("register");
+            before.report(&sample(), o.count, separate);
         }
         "import" | "e2e" => {
+            let before = sample();
             let started = Instant::now();
             let outcomes = import_partners(&clients, base, o.count, o.streams).await?;
             let elapsed = started.elapsed();
@@ -551,6 +599,9 @@ async fn main() -> anyhow::Result<()> {
                 elapsed.as_secs_f64(),
                 o.count as f64 / elapsed.as_secs_f64()
             );
+            if o.scenario == "import" {
+                before.report(&sample(), o.count, separate);
+            }
             if o.scenario == "e2e" {
                 let claims_started = Instant::now();
                 let outcomes = import_claims(&clients, base, o.count, o.streams).await?;
@@ -573,8 +624,10 @@ async fn main() -> anyhow::Result<()> {
                     paid.paid_krw,
                     paid.failed_count
                 );
+                print!("per claim paid: ");
+                before.report(&sample(), o.count, separate);
                 // Before the check below downloads the sandbox's whole ledger in one message.
-                if let Some(mib) = peak_rss_mib() {
+                if let Some(mib) = peak_rss_mib().filter(|_| !separate) {
                     println!(
                         "peak resident memory until every payout was PAID (service, load \
                          generator and sandbox): {mib:.1} MiB"
@@ -615,6 +668,7 @@ async fn main() -> anyhow::Result<()> {
             );
             let ids = Arc::new(ids);
             let clients = clients.clone();
+            let before = sample();
             let report = drive(&o, move |i| {
                 let mut client = ClaimServiceClient::new(clients.pick(i));
                 let partner_id = ids[usize::try_from(i).expect("index")].clone();
@@ -622,18 +676,27 @@ async fn main() -> anyhow::Result<()> {
             })
             .await;
             report.print("claims");
+            before.report(&sample(), o.count, separate);
         }
         _ => unreachable!("checked in options()"),
     }
+    if let Some(mib) = pids.and_then(|(service, _)| peak_rss_mib_of(&service.to_string())) {
+        println!("peak resident memory of the service process: {mib:.1} MiB");
+    }
     if let Some(mib) = peak_rss_mib() {
-        println!(
-            "peak resident memory (service and load generator, with the sandbox ledger check): \
-             {mib:.1} MiB"
-        );
+        let what = if separate {
+            "the load generator"
+        } else {
+            "service and load generator"
+        };
+        println!("peak resident memory ({what}, with the sandbox ledger check): {mib:.1} MiB");
     }
     if let Some((stop, server)) = server {
         let _ = stop.send(());
         server.await??;
+    }
+    if let Some(spawned) = spawned {
+        spawned.stop()?;
     }
     if let Some(name) = made_database {
         drop_postgres_database(&name).await?;
