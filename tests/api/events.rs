@@ -1,0 +1,384 @@
+//! The change feed (`payouts.v1.EventService`): every change's event, in commit order, listed
+//! and watched; a reader that resumes from its last sequence misses nothing and sees nothing
+//! twice, whichever replica it reads and whatever order concurrent writers commit in.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use partner_payouts::proto::payouts::v1::{
+    self as pb, event_service_client::EventServiceClient,
+    partner_service_client::PartnerServiceClient, watch_events_response::Kind,
+};
+use tokio::task::JoinHandle;
+use tonic::transport::Channel;
+
+use crate::helpers::*;
+use crate::on_both_databases;
+
+fn events(app: &TestApp) -> EventServiceClient<Channel> {
+    EventServiceClient::new(app.channel.clone())
+}
+
+/// Every event after `after` that `filter` keeps, read page by page.
+async fn list_all(app: &TestApp, filter: pb::ListEventsRequest) -> Vec<pb::Event> {
+    let mut all: Vec<pb::Event> = Vec::new();
+    loop {
+        let after_sequence = all.last().map_or(filter.after_sequence, |e| e.sequence);
+        let page = events(app)
+            .list_events(pb::ListEventsRequest {
+                after_sequence,
+                page_size: 1000,
+                ..filter.clone()
+            })
+            .await
+            .expect("list events")
+            .into_inner()
+            .events;
+        if page.is_empty() {
+            return all;
+        }
+        all.extend(page);
+    }
+}
+
+fn of_partner(partner_id: &str) -> pb::ListEventsRequest {
+    pb::ListEventsRequest {
+        partner_id: partner_id.to_owned(),
+        ..Default::default()
+    }
+}
+
+fn status_change(e: &pb::Event) -> &pb::DisbursementStatusChange {
+    match &e.detail {
+        Some(pb::event::Detail::Disbursement(d)) => d,
+        other => panic!("not a disbursement event: {other:?}"),
+    }
+}
+
+on_both_databases!(
+    a_claims_whole_life_is_told_in_order,
+    |app: TestApp| async move {
+        let partner = register(&app, partner(7)).await;
+        let mut changed = partner.clone();
+        changed.bank_account = Some(pb::BankAccount {
+            bank_code: "090".into(),
+            account_number: "3333-01-2345678".into(),
+            holder_name: "Kim Minji".into(),
+        });
+        app.partners()
+            .update_partner_bank_account(pb::UpdatePartnerBankAccountRequest {
+                request_id: request_id(),
+                partner_id: partner.partner_id.clone(),
+                bank_account: changed.bank_account,
+                etag: partner.etag.clone(),
+            })
+            .await
+            .expect("change account");
+        let claim = submit(&app, &partner.partner_id, vec![full_weight_item(200_000)]).await;
+        wait_for(&app, &claim.disbursement_id, pb::DisbursementStatus::Paid).await;
+
+        let life = list_all(&app, of_partner(&partner.partner_id)).await;
+        use pb::EventType as T;
+        let types: Vec<T> = life.iter().map(|e| e.r#type()).collect();
+        assert_eq!(
+            types,
+            [
+                T::PartnerRegistered,
+                T::PartnerBankAccountChanged,
+                T::ClaimDecided,
+                T::DisbursementStatusChanged,
+                T::DisbursementStatusChanged,
+                T::DisbursementStatusChanged,
+            ],
+            "{life:#?}"
+        );
+        assert!(life.windows(2).all(|w| w[0].sequence < w[1].sequence));
+        for e in &life {
+            assert_eq!(e.partner_id, partner.partner_id);
+            assert!(e.occur_time.is_some() && !e.event_id.is_empty() && !e.actor.is_empty());
+            let shown = format!("{e:?}");
+            assert!(
+                !shown.contains("456789") && !shown.contains("2345678"),
+                "{shown}"
+            );
+        }
+        let Some(pb::event::Detail::Partner(account)) = &life[1].detail else {
+            panic!("{:?}", life[1]);
+        };
+        assert_eq!(
+            (
+                account.bank_code.as_str(),
+                account.masked_account_number.as_str()
+            ),
+            ("090", "****5678")
+        );
+        let Some(pb::event::Detail::Claim(decided)) = &life[2].detail else {
+            panic!("{:?}", life[2]);
+        };
+        assert_eq!(decided.status(), pb::ClaimStatus::Approved);
+        assert_eq!(decided.compensation_krw, 30_000);
+        assert_eq!(decided.recognized_loss_krw, 200_000);
+        assert_eq!(life[2].claim_id, claim.claim_id);
+        assert_eq!(life[2].disbursement_id, claim.disbursement_id);
+        use pb::DisbursementStatus as S;
+        let moves: Vec<(S, S, i64)> = life[3..]
+            .iter()
+            .map(|e| {
+                assert_eq!(e.disbursement_id, claim.disbursement_id);
+                let d = status_change(e);
+                (d.from_status(), d.to_status(), d.amount_krw)
+            })
+            .collect();
+        assert_eq!(
+            moves,
+            [
+                (S::Unspecified, S::Queued, 30_000),
+                (S::Queued, S::Submitted, 30_000),
+                (S::Submitted, S::Paid, 30_000),
+            ]
+        );
+        assert_eq!(life[5].actor, "dispatcher");
+    }
+);
+
+on_both_databases!(
+    events_are_listed_in_pages_filtered_and_checked,
+    |app: TestApp| async move {
+        set_paused(&app, true).await;
+        let mut partners = Vec::new();
+        for seed in 0..5 {
+            partners.push(register(&app, partner(100 + seed)).await);
+        }
+        submit(&app, &partners[0].partner_id, vec![full_weight_item(0)]).await;
+        let all = list_all(&app, pb::ListEventsRequest::default()).await;
+        assert_eq!(all.len(), 6, "{all:#?}");
+
+        let mut client = events(&app);
+        let page = |after_sequence, page_size| pb::ListEventsRequest {
+            after_sequence,
+            page_size,
+            ..Default::default()
+        };
+        let first = client
+            .list_events(page(0, 2))
+            .await
+            .expect("page")
+            .into_inner();
+        assert_eq!(first.events, all[..2]);
+        let next = client
+            .list_events(page(first.events[1].sequence, 0))
+            .await
+            .expect("page")
+            .into_inner();
+        assert_eq!(next.events, all[2..]);
+        let last = all.last().expect("events").sequence;
+        let empty = client.list_events(page(last, 0)).await.expect("page");
+        assert!(empty.into_inner().events.is_empty(), "nothing newer yet");
+
+        let decided = list_all(
+            &app,
+            pb::ListEventsRequest {
+                types: vec![pb::EventType::ClaimDecided as i32],
+                ..Default::default()
+            },
+        )
+        .await;
+        assert_eq!(decided.len(), 1);
+        assert_eq!(decided[0].partner_id, partners[0].partner_id);
+        let rejected = match &decided[0].detail {
+            Some(pb::event::Detail::Claim(c)) => c.status(),
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(rejected, pb::ClaimStatus::Rejected);
+        let one = list_all(&app, of_partner(&partners[3].partner_id)).await;
+        assert_eq!(one.len(), 1);
+        assert_eq!(one[0].r#type(), pb::EventType::PartnerRegistered);
+
+        let refused = client
+            .list_events(pb::ListEventsRequest {
+                after_sequence: -1,
+                page_size: -5,
+                types: vec![0, 99],
+                partner_id: "not-a-uuid".into(),
+            })
+            .await
+            .expect_err("bad fields");
+        let mut fields = bad_fields(&refused);
+        fields.sort();
+        assert_eq!(
+            fields,
+            [
+                "after_sequence",
+                "page_size",
+                "partner_id",
+                "types[0]",
+                "types[1]"
+            ]
+        );
+        let refused = events(&app)
+            .watch_events(pb::WatchEventsRequest {
+                after_sequence: -3,
+                ..Default::default()
+            })
+            .await
+            .expect_err("bad cursor");
+        assert_eq!(bad_fields(&refused), ["after_sequence"]);
+    }
+);
+
+/// The sequences a watcher has received, shared with the test.
+type Seen = Arc<Mutex<Vec<i64>>>;
+
+/// Watches `app`'s feed after `after`, recording each event's sequence in `seen`, until the
+/// stream ends or the task is aborted.
+fn watcher(app: &TestApp, after: i64, seen: Seen) -> JoinHandle<()> {
+    let mut client = events(app);
+    tokio::spawn(async move {
+        let mut stream = client
+            .watch_events(pb::WatchEventsRequest {
+                after_sequence: after,
+                ..Default::default()
+            })
+            .await
+            .expect("watch")
+            .into_inner();
+        while let Some(message) = stream.message().await.expect("watch stream") {
+            if let Some(Kind::Event(e)) = message.kind {
+                seen.lock().expect("seen").push(e.sequence);
+            }
+        }
+    })
+}
+
+fn last_seen(seen: &Seen) -> i64 {
+    seen.lock().expect("seen").last().copied().unwrap_or(0)
+}
+
+/// A transaction that has written an event holds the feed (on PostgreSQL, the feed's lock; on
+/// SQLite, the database) until it commits: the changes committed meanwhile wait behind it, and
+/// a reader gets its event first, then theirs, with nothing skipped.
+async fn a_reader_waits_for_a_transaction_still_open(db: Db) {
+    use sqlx::Connection as _;
+    let app = spawn_app(db, |_| {}).await;
+    register(&app, partner(1)).await;
+    let before = list_all(&app, pb::ListEventsRequest::default()).await;
+    assert_eq!(before.len(), 1);
+    let seen = Seen::default();
+    let watching = watcher(&app, 0, seen.clone());
+    eventually(5, || async {
+        (last_seen(&seen) == before[0].sequence).then_some(())
+    })
+    .await;
+
+    let held_partner = uuid::Uuid::now_v7().to_string();
+    let insert = "INSERT INTO change_events (event_id, event_type, time, actor, partner_id, \
+                  detail) VALUES ($1, 'partner_registered', 1, 'held', $2, \
+                  '{\"kind\":\"partner\",\"bank_code\":\"004\",\"account_last4\":\"0000\"}')";
+    let event_id = uuid::Uuid::now_v7().to_string();
+    let held = match db {
+        Db::Postgres => {
+            let mut conn = sqlx::PgConnection::connect(&app.database_url)
+                .await
+                .expect("connect");
+            sqlx::query("BEGIN")
+                .execute(&mut conn)
+                .await
+                .expect("begin");
+            sqlx::query("SELECT pg_advisory_xact_lock($1)")
+                .bind(partner_payouts::store::events::FEED_LOCK)
+                .execute(&mut conn)
+                .await
+                .expect("the feed's lock");
+            sqlx::query(insert)
+                .bind(&event_id)
+                .bind(&held_partner)
+                .execute(&mut conn)
+                .await
+                .expect("held event");
+            HeldOpen::Postgres(conn)
+        }
+        Db::Sqlite => {
+            let mut conn = sqlx::SqliteConnection::connect(&app.database_url)
+                .await
+                .expect("connect");
+            sqlx::query("BEGIN IMMEDIATE")
+                .execute(&mut conn)
+                .await
+                .expect("begin");
+            sqlx::query(insert)
+                .bind(&event_id)
+                .bind(&held_partner)
+                .execute(&mut conn)
+                .await
+                .expect("held event");
+            HeldOpen::Sqlite(conn)
+        }
+    };
+    let mut later = Vec::new();
+    for seed in 2..5 {
+        let app_channel = app.channel.clone();
+        later.push(tokio::spawn(async move {
+            PartnerServiceClient::new(app_channel)
+                .register_partner(pb::RegisterPartnerRequest {
+                    request_id: request_id(),
+                    partner: Some(partner(seed)),
+                })
+                .await
+                .expect("register")
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    assert_eq!(
+        *seen.lock().expect("seen"),
+        [before[0].sequence],
+        "nothing is passed on while an earlier transaction is open"
+    );
+    assert!(
+        later.iter().all(|t| !t.is_finished()),
+        "the later writers wait"
+    );
+    held.commit().await;
+    for task in later {
+        task.await.expect("writer");
+    }
+    let after = list_all(&app, pb::ListEventsRequest::default()).await;
+    assert_eq!(after.len(), 5);
+    assert_eq!(after[1].event_id, event_id, "the held event comes first");
+    let sequences: Vec<i64> = after.iter().map(|e| e.sequence).collect();
+    eventually(5, || async {
+        (*seen.lock().expect("seen") == sequences).then_some(())
+    })
+    .await;
+    watching.abort();
+    app.stop().await;
+}
+
+on_both_databases!(
+    a_reader_waits_for_a_transaction_still_open,
+    db = a_reader_waits_for_a_transaction_still_open
+);
+
+/// A transaction the test holds open on a connection of its own, committed when it says.
+enum HeldOpen {
+    Postgres(sqlx::PgConnection),
+    Sqlite(sqlx::SqliteConnection),
+}
+
+impl HeldOpen {
+    async fn commit(self) {
+        match self {
+            Self::Postgres(mut conn) => {
+                sqlx::query("COMMIT")
+                    .execute(&mut conn)
+                    .await
+                    .expect("commit");
+            }
+            Self::Sqlite(mut conn) => {
+                sqlx::query("COMMIT")
+                    .execute(&mut conn)
+                    .await
+                    .expect("commit");
+            }
+        }
+    }
+}
