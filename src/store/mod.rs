@@ -1,5 +1,6 @@
 //! Persistence: one trait per aggregate ([`PartnerStore`], [`ClaimStore`],
-//! [`DisbursementStore`], [`DispatchStore`], [`SettlementStore`], [`AuditStore`]) and one for
+//! [`DisbursementStore`], [`DispatchStore`], [`SettlementStore`], [`AuditStore`],
+//! [`EventStore`]: the change feed, written last by every transaction that changes state) and one for
 //! the sealed account numbers as a whole ([`SealingStore`]), together
 //! [`Store`], implemented for PostgreSQL ([`postgres`]) and SQLite ([`sqlite`]) by the same SQL
 //! code. Every mutating operation is one transaction that also records the caller's
