@@ -448,9 +448,9 @@ async fn every_watcher_sees_exactly_the_feed(db: Db) {
         w.await.expect("writer");
     }
     // Replica b dies, cutting its watchers' streams; they resume on a.
-    for i in 2..4 {
-        watching[i].abort();
-        let _ = (&mut watching[i]).await;
+    for cut in &mut watching[2..] {
+        cut.abort();
+        let _ = cut.await;
     }
     b.kill();
     for i in 2..4 {
