@@ -23,6 +23,9 @@
 //! (default: a fresh PostgreSQL database on PAYOUTS_TEST_POSTGRES_URL's server; `sqlite` for a
 //! temporary SQLite file), with a sandbox bank that settles at once.
 //!
+//! The `e2e` run has a watcher of the change feed attached from the start (`load/feed.rs`): it
+//! reports the events per second one watcher receives and each event's lag from its change.
+//!
 //! `throttled-bank` and `outage` pay N claims into a bank that throttles or goes down for a
 //! while (see `load/bank.rs`); they run the service in process.
 
@@ -49,6 +52,8 @@ use tokio::sync::Mutex;
 
 #[path = "load/bank.rs"]
 mod bank;
+#[path = "load/feed.rs"]
+mod feed;
 
 /// The service runs in this process: the same allocator as the `partner-payouts` binary.
 #[global_allocator]
@@ -540,6 +545,8 @@ async fn main() -> anyhow::Result<()> {
             report.print("register");
         }
         "import" | "e2e" => {
+            // Per row: partner registered, claim decided, payout queued, submitted, paid.
+            let watcher = (o.scenario == "e2e").then(|| feed::spawn(clients.pick(0), 5 * o.count));
             let started = Instant::now();
             let outcomes = import_partners(&clients, base, o.count, o.streams).await?;
             let elapsed = started.elapsed();
@@ -581,6 +588,12 @@ async fn main() -> anyhow::Result<()> {
                     );
                 }
                 report_sandbox(bank_addr).await?;
+            }
+            if let Some(watcher) = watcher {
+                match tokio::time::timeout(Duration::from_secs(120), watcher).await {
+                    Ok(watched) => watched??.print(),
+                    Err(_) => println!("feed watcher: not every event arrived within 120 s"),
+                }
             }
         }
         "throttled-bank" | "outage" => {
