@@ -504,3 +504,90 @@ on_both_databases!(
     every_watcher_sees_exactly_the_feed,
     db = every_watcher_sees_exactly_the_feed
 );
+
+on_both_databases!(
+    reviews_and_cancellations_are_told_too,
+    |app: TestApp| async move {
+        set_paused(&app, true).await;
+        let partner = register(&app, partner(31)).await;
+        let claim = submit(&app, &partner.partner_id, vec![full_weight_item(600_000)]).await;
+        assert_eq!(claim.status(), pb::ClaimStatus::PendingReview);
+        app.claims()
+            .attach_evidence(pb::AttachEvidenceRequest {
+                request_id: request_id(),
+                claim_id: claim.claim_id.clone(),
+                evidence: Some(pb::Evidence {
+                    kind: pb::EvidenceKind::SalesLossProof as i32,
+                    uri: "s3://payouts-evidence/claims/ledger.pdf".into(),
+                    sha256: "ab".repeat(32),
+                    attach_time: None,
+                }),
+            })
+            .await
+            .expect("evidence");
+        let reviewed = app
+            .claims()
+            .review_claim(pb::ReviewClaimRequest {
+                request_id: request_id(),
+                claim_id: claim.claim_id.clone(),
+                decision: pb::ReviewDecision::Approve as i32,
+                compensation_krw: 40_000,
+                reason: "ledger checked".into(),
+            })
+            .await
+            .expect("review")
+            .into_inner()
+            .claim
+            .expect("claim");
+        app.disbursements()
+            .cancel_disbursement(pb::CancelDisbursementRequest {
+                request_id: request_id(),
+                disbursement_id: reviewed.disbursement_id.clone(),
+                reason: "duplicate business".into(),
+            })
+            .await
+            .expect("cancel");
+
+        let life = list_all(&app, of_partner(&partner.partner_id)).await;
+        use pb::EventType as T;
+        let types: Vec<T> = life.iter().map(|e| e.r#type()).collect();
+        assert_eq!(
+            types,
+            [
+                T::PartnerRegistered,
+                T::ClaimDecided,
+                T::ClaimReviewed,
+                T::DisbursementStatusChanged,
+                T::DisbursementStatusChanged,
+            ],
+            "{life:#?}"
+        );
+        let Some(pb::event::Detail::Claim(decided)) = &life[1].detail else {
+            panic!("{:?}", life[1]);
+        };
+        assert_eq!(decided.status(), pb::ClaimStatus::PendingReview);
+        assert_eq!(
+            (decided.compensation_krw, life[1].disbursement_id.as_str()),
+            (0, "")
+        );
+        let Some(pb::event::Detail::Claim(review)) = &life[2].detail else {
+            panic!("{:?}", life[2]);
+        };
+        assert_eq!(review.status(), pb::ClaimStatus::Approved);
+        assert_eq!(review.compensation_krw, 40_000);
+        assert_eq!(review.reason, "ledger checked");
+        assert_eq!(life[2].disbursement_id, reviewed.disbursement_id);
+        use pb::DisbursementStatus as S;
+        let cancelled = status_change(&life[4]);
+        assert_eq!(
+            (
+                cancelled.from_status(),
+                cancelled.to_status(),
+                cancelled.amount_krw
+            ),
+            (S::Queued, S::Cancelled, 40_000)
+        );
+        assert_eq!(cancelled.reason, "duplicate business");
+        assert_eq!(status_change(&life[3]).to_status(), S::Queued);
+    }
+);
