@@ -591,3 +591,42 @@ on_both_databases!(
         assert_eq!(status_change(&life[3]).to_status(), S::Queued);
     }
 );
+
+/// The feed tells a disbursement's life as its status history does: the same moves, by the
+/// same actors, for the same reasons, in the same order.
+pub(crate) async fn feed_tells_the_history_of(app: &TestApp, d: &pb::Disbursement) {
+    let feed: Vec<(
+        pb::DisbursementStatus,
+        pb::DisbursementStatus,
+        String,
+        String,
+    )> = list_all(app, of_partner(&d.partner_id))
+        .await
+        .iter()
+        .filter(|e| e.disbursement_id == d.disbursement_id)
+        .filter(|e| e.r#type() == pb::EventType::DisbursementStatusChanged)
+        .map(|e| {
+            let c = status_change(e);
+            assert_eq!(c.amount_krw, d.amount_krw);
+            (
+                c.from_status(),
+                c.to_status(),
+                e.actor.clone(),
+                c.reason.clone(),
+            )
+        })
+        .collect();
+    let history: Vec<_> = d
+        .history
+        .iter()
+        .map(|h| {
+            (
+                h.from_status(),
+                h.to_status(),
+                h.actor.clone(),
+                h.reason.clone(),
+            )
+        })
+        .collect();
+    assert_eq!(feed, history);
+}
