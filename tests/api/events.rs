@@ -193,6 +193,57 @@ on_both_databases!(
         let one = list_all(&app, of_partner(&partners[3].partner_id)).await;
         assert_eq!(one.len(), 1);
         assert_eq!(one[0].r#type(), pb::EventType::PartnerRegistered);
+        // A filtered watch sends only what its filter keeps, then follows new events.
+        let mut watched = events(&app)
+            .watch_events(pb::WatchEventsRequest {
+                after_sequence: 0,
+                types: vec![
+                    pb::EventType::PartnerRegistered as i32,
+                    pb::EventType::PartnerBankAccountChanged as i32,
+                ],
+                partner_id: partners[3].partner_id.clone(),
+            })
+            .await
+            .expect("watch")
+            .into_inner();
+        let mut next = async || {
+            let message = tokio::time::timeout(Duration::from_secs(5), watched.message())
+                .await
+                .expect("a message in time")
+                .expect("stream")
+                .expect("open");
+            match message.kind {
+                Some(Kind::Event(e)) => e,
+                other => panic!("{other:?}"),
+            }
+        };
+        assert_eq!(next().await, one[0]);
+        let mut changed = partners[3].clone();
+        changed.bank_account = Some(pb::BankAccount {
+            bank_code: "090".into(),
+            account_number: "3333-01-2345678".into(),
+            holder_name: "Kim Minji".into(),
+        });
+        app.partners()
+            .update_partner_bank_account(pb::UpdatePartnerBankAccountRequest {
+                request_id: request_id(),
+                partner_id: partners[3].partner_id.clone(),
+                bank_account: changed.bank_account,
+                etag: partners[3].etag.clone(),
+            })
+            .await
+            .expect("change account");
+        let account_changed = next().await;
+        assert_eq!(
+            account_changed.r#type(),
+            pb::EventType::PartnerBankAccountChanged
+        );
+        assert!(account_changed.sequence > last);
+        // Another partner's events are left out.
+        let later = register(&app, partner(200)).await;
+        submit(&app, &later.partner_id, vec![full_weight_item(0)]).await;
+        let quiet = tokio::time::timeout(Duration::from_millis(600), watched.message()).await;
+        assert!(quiet.is_err(), "nothing kept by the filter: {quiet:?}");
 
         let refused = client
             .list_events(pb::ListEventsRequest {
