@@ -244,13 +244,7 @@ impl Application {
             authenticator,
         } = self;
         let services = SERVED.to_vec();
-        // Shutdown first drains the change feed's watch streams, which would otherwise keep
-        // the server waiting for them.
-        let (draining, drain) = watch::channel(false);
-        let shutdown = async move {
-            shutdown.await;
-            let _ = draining.send(true);
-        };
+        let (shutdown, drain) = draining_first(shutdown);
         let (feed, feed_task) = crate::feed::Feed::spawn(ctx.store.clone(), drain);
         let (health, health_service) = discovery::health_serving(&services).await;
         let (reflection_v1, reflection_v1alpha) = discovery::reflection(&services)?;
@@ -266,19 +260,7 @@ impl Application {
         let max = settings.max_message_bytes;
 
         tracing::info!(addr = %listener.local_addr()?, database = %redact_url(&settings.database_url), "serving");
-        let (ping_interval, ping_timeout) = settings.http2_keepalive();
-        let mut builder = tonic::transport::Server::builder()
-            .http2_keepalive_interval(ping_interval)
-            .http2_keepalive_timeout(Some(ping_timeout));
-        if let Some(age) = settings.max_connection_age() {
-            // GOAWAY at this age. The grace after it is the connection's own deadline
-            // (`net::Connection`): tonic 0.14, given a grace, skips the GOAWAY and only cuts
-            // the connection once the grace is over.
-            builder = builder.max_connection_age(age);
-        }
-        if let Some(tls) = &settings.tls {
-            builder = builder.tls_config(crate::auth::tls::server_tls_config(tls)?)?;
-        }
+        let builder = server_builder(&settings)?;
         let incoming = crate::net::Incoming::new(listener, settings.connection_limits());
         let server = builder
             .concurrency_limit_per_connection(settings.max_concurrent_requests)
@@ -322,6 +304,40 @@ impl Application {
         served?;
         Ok(())
     }
+}
+
+/// The server's connection settings: keepalive, maximum age, TLS.
+fn server_builder(settings: &Settings) -> anyhow::Result<tonic::transport::Server> {
+    let (ping_interval, ping_timeout) = settings.http2_keepalive();
+    let mut builder = tonic::transport::Server::builder()
+        .http2_keepalive_interval(ping_interval)
+        .http2_keepalive_timeout(Some(ping_timeout));
+    if let Some(age) = settings.max_connection_age() {
+        // GOAWAY at this age. The grace after it is the connection's own deadline
+        // (`net::Connection`): tonic 0.14, given a grace, skips the GOAWAY and only cuts
+        // the connection once the grace is over.
+        builder = builder.max_connection_age(age);
+    }
+    if let Some(tls) = &settings.tls {
+        builder = builder.tls_config(crate::auth::tls::server_tls_config(tls)?)?;
+    }
+    Ok(builder)
+}
+
+/// `shutdown`, which first tells the receiver it drains: the change feed's watch streams end
+/// then, rather than keep the server waiting for them.
+fn draining_first(
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> (
+    impl Future<Output = ()> + Send + 'static,
+    watch::Receiver<bool>,
+) {
+    let (draining, drain) = watch::channel(false);
+    let shutdown = async move {
+        shutdown.await;
+        let _ = draining.send(true);
+    };
+    (shutdown, drain)
 }
 
 /// What runs beside the gRPC server: the dispatcher, the sweep of refused peers, the writer
