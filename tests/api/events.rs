@@ -681,3 +681,22 @@ pub(crate) async fn feed_tells_the_history_of(app: &TestApp, d: &pb::Disbursemen
         .collect();
     assert_eq!(feed, history);
 }
+
+on_both_databases!(
+    a_watch_outlives_the_request_timeout,
+    settings = |s: &mut partner_payouts::config::Settings| s.request_timeout_ms = 300,
+    |app: TestApp| async move {
+        let seen = Seen::default();
+        let watching = watcher(&app, 0, seen.clone());
+        tokio::time::sleep(Duration::from_millis(900)).await;
+        register(&app, partner(5)).await;
+        let feed = list_all(&app, pb::ListEventsRequest::default()).await;
+        assert_eq!(feed.len(), 1);
+        eventually(5, || async {
+            (*seen.lock().expect("seen") == [feed[0].sequence]).then_some(())
+        })
+        .await;
+        assert!(!watching.is_finished(), "the stream is still open");
+        watching.abort();
+    }
+);
