@@ -10,6 +10,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "proto/payouts/v1/claim.proto",
         "proto/payouts/v1/disbursement.proto",
         "proto/payouts/v1/audit.proto",
+        "proto/payouts/v1/events.proto",
         "proto/payments/v1/payments.proto",
         "proto/google/rpc/error_details.proto",
         "proto/google/rpc/status.proto",

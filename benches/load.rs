@@ -28,6 +28,10 @@
 //! (every `postgres` process), the generator, the bank, the rest, and the idle time of all
 //! cores.
 //!
+//! The `e2e` run has a watcher of the change feed attached from the start (`load/feed.rs`): it
+//! reports the events per second one watcher receives and each event's lag from its change;
+//! `--watchers N` adds N more watchers (one reader of the database serves them all).
+//!
 //! `throttled-bank` and `outage` pay N claims into a bank that throttles or goes down for a
 //! while (see `load/bank.rs`); they run the service in process.
 
@@ -54,6 +58,8 @@ use tokio::sync::Mutex;
 
 #[path = "load/bank.rs"]
 mod bank;
+#[path = "load/feed.rs"]
+mod feed;
 #[path = "load/process.rs"]
 mod process;
 
@@ -78,6 +84,8 @@ struct Options {
     bank_latency_ms: Option<u64>,
     outage_after_ms: Option<u64>,
     outage_ms: Option<u64>,
+    /// e2e: watchers of the change feed besides the one measured.
+    watchers: u64,
 }
 
 fn options() -> anyhow::Result<Options> {
@@ -96,6 +104,7 @@ fn options() -> anyhow::Result<Options> {
         bank_latency_ms: None,
         outage_after_ms: None,
         outage_ms: None,
+        watchers: 0,
     };
     while let Some(arg) = args.next() {
         let mut value = || {
@@ -115,6 +124,7 @@ fn options() -> anyhow::Result<Options> {
             "--bank-latency-ms" => o.bank_latency_ms = Some(value()?.parse()?),
             "--outage-after-ms" => o.outage_after_ms = Some(value()?.parse()?),
             "--outage-ms" => o.outage_ms = Some(value()?.parse()?),
+            "--watchers" => o.watchers = value()?.parse()?,
             s if !s.starts_with('-') && o.scenario.is_empty() => o.scenario = s.to_owned(),
             other => anyhow::bail!("unknown argument {other}"),
         }
@@ -588,6 +598,12 @@ async fn main() -> anyhow::Result<()> {
         }
         "import" | "e2e" => {
             let before = sample();
+            // Per row: partner registered, claim decided, payout queued, submitted, paid.
+            let watcher = (o.scenario == "e2e").then(|| feed::spawn(clients.pick(0), 5 * o.count));
+            // Others following the feed all along (`--watchers N`), over the same connections.
+            let others: Vec<_> = (0..o.watchers)
+                .map(|i| feed::spawn(clients.pick(i + 1), 5 * o.count))
+                .collect();
             let started = Instant::now();
             let outcomes = import_partners(&clients, base, o.count, o.streams).await?;
             let elapsed = started.elapsed();
@@ -634,6 +650,24 @@ async fn main() -> anyhow::Result<()> {
                     );
                 }
                 report_sandbox(bank_addr).await?;
+            }
+            if let Some(watcher) = watcher {
+                match tokio::time::timeout(Duration::from_secs(120), watcher).await {
+                    Ok(watched) => watched??.print(),
+                    Err(_) => println!("feed watcher: not every event arrived within 120 s"),
+                }
+            }
+            let mut complete = 0;
+            for other in others {
+                if let Ok(Ok(Ok(w))) = tokio::time::timeout(Duration::from_secs(60), other).await {
+                    complete += u64::from(w.in_order && w.events == 5 * o.count);
+                }
+            }
+            if o.watchers > 0 {
+                println!(
+                    "other feed watchers: {complete} of {} received every event in order",
+                    o.watchers
+                );
             }
         }
         "throttled-bank" | "outage" => {

@@ -12,7 +12,8 @@ use tokio::task::JoinHandle;
 use tonic_health::server::HealthReporter;
 
 use crate::api::{
-    Context, audit::Audit, claims::Claims, disbursements::Disbursements, partners::Partners,
+    Context, audit::Audit, claims::Claims, disbursements::Disbursements, events::Events,
+    partners::Partners,
 };
 use crate::audit::{AuditDenials, AuditLayer};
 use crate::auth::{AuthLayer, Authenticator};
@@ -24,6 +25,7 @@ use crate::payments::{Dispatcher, DispatcherConfig, QuietHours, connect_backend}
 use crate::proto::payouts::v1::audit_service_server::{self, AuditServiceServer};
 use crate::proto::payouts::v1::claim_service_server::{self, ClaimServiceServer};
 use crate::proto::payouts::v1::disbursement_service_server::{self, DisbursementServiceServer};
+use crate::proto::payouts::v1::event_service_server::{self, EventServiceServer};
 use crate::proto::payouts::v1::partner_service_server::{self, PartnerServiceServer};
 use crate::readiness;
 #[cfg(feature = "sandbox")]
@@ -135,11 +137,12 @@ pub fn load_policy(settings: &Settings) -> anyhow::Result<Policy> {
 /// The services the gRPC server answers, beside health and reflection: what health reports
 /// and reflection describes (not the payments backend's contract, which the same descriptor
 /// set holds).
-const SERVED: [&str; 4] = [
+const SERVED: [&str; 5] = [
     partner_service_server::SERVICE_NAME,
     claim_service_server::SERVICE_NAME,
     disbursement_service_server::SERVICE_NAME,
     audit_service_server::SERVICE_NAME,
+    event_service_server::SERVICE_NAME,
 ];
 
 /// A built application: bound, not yet serving.
@@ -241,6 +244,8 @@ impl Application {
             authenticator,
         } = self;
         let services = SERVED.to_vec();
+        let (shutdown, drain) = draining_first(shutdown);
+        let (feed, feed_task) = crate::feed::Feed::spawn(ctx.store.clone(), drain);
         let (health, health_service) = discovery::health_serving(&services).await;
         let (reflection_v1, reflection_v1alpha) = discovery::reflection(&services)?;
         let background = Background::start(
@@ -255,19 +260,7 @@ impl Application {
         let max = settings.max_message_bytes;
 
         tracing::info!(addr = %listener.local_addr()?, database = %redact_url(&settings.database_url), "serving");
-        let (ping_interval, ping_timeout) = settings.http2_keepalive();
-        let mut builder = tonic::transport::Server::builder()
-            .http2_keepalive_interval(ping_interval)
-            .http2_keepalive_timeout(Some(ping_timeout));
-        if let Some(age) = settings.max_connection_age() {
-            // GOAWAY at this age. The grace after it is the connection's own deadline
-            // (`net::Connection`): tonic 0.14, given a grace, skips the GOAWAY and only cuts
-            // the connection once the grace is over.
-            builder = builder.max_connection_age(age);
-        }
-        if let Some(tls) = &settings.tls {
-            builder = builder.tls_config(crate::auth::tls::server_tls_config(tls)?)?;
-        }
+        let builder = server_builder(&settings)?;
         let incoming = crate::net::Incoming::new(listener, settings.connection_limits());
         let server = builder
             .concurrency_limit_per_connection(settings.max_concurrent_requests)
@@ -296,13 +289,55 @@ impl Application {
                 DisbursementServiceServer::new(Disbursements { ctx: ctx.clone() })
                     .max_decoding_message_size(max),
             )
-            .add_service(AuditServiceServer::new(Audit { ctx }).max_decoding_message_size(max))
+            .add_service(
+                AuditServiceServer::new(Audit { ctx: ctx.clone() }).max_decoding_message_size(max),
+            )
+            .add_service(
+                EventServiceServer::new(Events { ctx, feed }).max_decoding_message_size(max),
+            )
             .serve_with_incoming_shutdown(incoming, shutdown);
         let served = server.await;
+        // A reader only: nothing is lost by stopping it where it is (it stopped already
+        // unless the server failed).
+        feed_task.abort();
         background.stop().await?;
         served?;
         Ok(())
     }
+}
+
+/// The server's connection settings: keepalive, maximum age, TLS.
+fn server_builder(settings: &Settings) -> anyhow::Result<tonic::transport::Server> {
+    let (ping_interval, ping_timeout) = settings.http2_keepalive();
+    let mut builder = tonic::transport::Server::builder()
+        .http2_keepalive_interval(ping_interval)
+        .http2_keepalive_timeout(Some(ping_timeout));
+    if let Some(age) = settings.max_connection_age() {
+        // GOAWAY at this age. The grace after it is the connection's own deadline
+        // (`net::Connection`): tonic 0.14, given a grace, skips the GOAWAY and only cuts
+        // the connection once the grace is over.
+        builder = builder.max_connection_age(age);
+    }
+    if let Some(tls) = &settings.tls {
+        builder = builder.tls_config(crate::auth::tls::server_tls_config(tls)?)?;
+    }
+    Ok(builder)
+}
+
+/// `shutdown`, which first tells the receiver it drains: the change feed's watch streams end
+/// then, rather than keep the server waiting for them.
+fn draining_first(
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> (
+    impl Future<Output = ()> + Send + 'static,
+    watch::Receiver<bool>,
+) {
+    let (draining, drain) = watch::channel(false);
+    let shutdown = async move {
+        shutdown.await;
+        let _ = draining.send(true);
+    };
+    (shutdown, drain)
 }
 
 /// What runs beside the gRPC server: the dispatcher, the sweep of refused peers, the writer

@@ -6,6 +6,7 @@
 //! - [`api`]: the gRPC services, translating protos to domain types and errors to statuses.
 //! - [`auth`]: who may call what; [`audit`]: the audit log, the one place that writes it.
 //! - [`payments`]: the payments-backend client and the dispatcher.
+//! - [`feed`]: the change feed on one replica: one reader of the database for every watcher.
 //! - [`keys`]: the account-number keys against what is stored: the check before serving, and
 //!   the re-sealing of stored values under the first key.
 //! - `sandbox` (cargo feature `sandbox`, on by default): the sandbox bank, a fake payments
@@ -30,6 +31,7 @@ pub mod config;
 pub mod deadline;
 pub mod discovery;
 pub mod domain;
+pub mod feed;
 pub mod keys;
 pub mod middleware;
 pub mod net;

@@ -20,6 +20,7 @@ pub mod audit;
 pub mod claims;
 pub mod convert;
 pub mod disbursements;
+pub mod events;
 pub mod finance;
 pub mod group_commit;
 pub mod imports;

@@ -203,6 +203,9 @@ pub const METHOD_RULES: &[MethodRule] = &[
         Role::Auditor,
         false,
     ),
+    // EventService: the change feed, for automation that reacts to changes.
+    rule("/payouts.v1.EventService/ListEvents", Role::Viewer, false),
+    rule("/payouts.v1.EventService/WatchEvents", Role::Viewer, false),
 ];
 
 /// Path prefixes anyone may call.

@@ -5,6 +5,7 @@
 pub mod attempt;
 pub mod claim;
 pub mod disbursement;
+pub mod event;
 pub mod ids;
 pub mod money;
 pub mod partner;
@@ -16,6 +17,7 @@ pub mod text;
 pub use attempt::*;
 pub use claim::*;
 pub use disbursement::*;
+pub use event::*;
 pub use ids::{ClaimId, DisbursementId, PartnerId};
 pub use money::Krw;
 pub use partner::*;

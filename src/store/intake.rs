@@ -230,6 +230,9 @@ pub(crate) fn claim_if_new(row: &ClaimSubmission, partner_id: PartnerId, now: Mi
     }
 }
 
+/// The reason of a payout's first history entry.
+pub(crate) const CLAIM_APPROVED: &str = "claim approved";
+
 /// The rows `submit_claim` writes, for every claim of a wave: the claims, their
 /// evidence, and for approved ones the disbursement, its first history entry and its
 /// outbox row (the inserts, in that order).
@@ -362,7 +365,7 @@ fn disbursement_inserts(
             Column::NullableText(vec![None; na]),
             queued(),
             text_column(&approved, |(f, _, _)| f.claim.submitted_by.clone()),
-            Column::Text(vec!["claim approved".to_owned(); na]),
+            Column::Text(vec![CLAIM_APPROVED.to_owned(); na]),
             Column::BigInt(vec![now; na]),
         ],
         tail: "",

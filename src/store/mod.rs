@@ -1,5 +1,6 @@
 //! Persistence: one trait per aggregate ([`PartnerStore`], [`ClaimStore`],
-//! [`DisbursementStore`], [`DispatchStore`], [`SettlementStore`], [`AuditStore`]) and one for
+//! [`DisbursementStore`], [`DispatchStore`], [`SettlementStore`], [`AuditStore`],
+//! [`EventStore`]: the change feed, written last by every transaction that changes state) and one for
 //! the sealed account numbers as a whole ([`SealingStore`]), together
 //! [`Store`], implemented for PostgreSQL ([`postgres`]) and SQLite ([`sqlite`]) by the same SQL
 //! code. Every mutating operation is one transaction that also records the caller's
@@ -26,6 +27,7 @@ pub mod batch;
 #[macro_use]
 mod dialect;
 mod error;
+pub mod events;
 mod idempotency;
 mod intake;
 pub mod isolate;
@@ -38,6 +40,7 @@ pub mod sqlite;
 
 use error::within;
 pub use error::{CONTENTION_ATTEMPTS, Result, StoreError, retry_contention};
+pub use events::EventStore;
 pub use idempotency::{AuditFn, AuditOf, Idempotency, Recorded, Render, RenderFn};
 pub use sealed::{ResealAudit, ResealBatch, ResealPage, SealedKeys, SealedPlace, SealingStore};
 
@@ -620,6 +623,7 @@ pub trait Store:
     + DispatchStore
     + SettlementStore
     + AuditStore
+    + EventStore
     + SealingStore
     + ProbeStore
     + Send
@@ -635,6 +639,7 @@ impl<S> Store for S where
         + DispatchStore
         + SettlementStore
         + AuditStore
+        + EventStore
         + SealingStore
         + ProbeStore
         + Send
@@ -646,8 +651,8 @@ impl<S> Store for S where
 /// The aggregate traits, for callers of [`Store`]'s methods.
 pub mod prelude {
     pub use super::{
-        AuditStore, ClaimStore, DisbursementStore, DispatchStore, PartnerStore, ProbeStore,
-        SealingStore, SettlementStore, Store,
+        AuditStore, ClaimStore, DisbursementStore, DispatchStore, EventStore, PartnerStore,
+        ProbeStore, SealingStore, SettlementStore, Store,
     };
 }
 

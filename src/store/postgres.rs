@@ -5,6 +5,8 @@ use std::str::FromStr as _;
 use std::sync::Arc;
 use std::time::Duration;
 
+use futures::StreamExt as _;
+use futures::stream::BoxStream;
 use sqlx::Connection as _;
 use sqlx::postgres::{PgConnectOptions, PgConnection, PgPoolOptions};
 
@@ -21,6 +23,8 @@ pub struct PgStore {
     /// The health probe's own connection, made again after a failed probe.
     probe: Arc<tokio::sync::Mutex<Option<PgConnection>>>,
     options: PgConnectOptions,
+    /// Told of every commit with feed events (`sql/events.rs`), to wake this replica's feed.
+    committed: Arc<tokio::sync::watch::Sender<u64>>,
 }
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/postgres");
@@ -37,6 +41,7 @@ impl PgStore {
             cipher,
             probe: Arc::default(),
             options,
+            committed: Arc::new(tokio::sync::watch::Sender::new(0)),
         })
     }
 
@@ -51,8 +56,23 @@ impl PgStore {
         super::schema::check_applied(&MIGRATOR, &mut *conn).await
     }
 
-    async fn begin_write(&self) -> super::Result<sqlx::Transaction<'static, sqlx::Postgres>> {
+    async fn begin_transaction(&self) -> super::Result<sqlx::Transaction<'static, sqlx::Postgres>> {
         Ok(self.pool.begin().await?)
+    }
+
+    /// Yields on every local commit with feed events and on every `NOTIFY` of the feed's
+    /// channel from any replica; the listening connection is made again when lost.
+    async fn listen_commits(&self) -> super::Result<BoxStream<'static, ()>> {
+        let mut listener = sqlx::postgres::PgListener::connect_with(&self.pool).await?;
+        listener.listen(super::events::FEED_CHANNEL).await?;
+        let remote = futures::stream::unfold(listener, |mut listener| async move {
+            if let Err(e) = listener.recv().await {
+                tracing::warn!(error = %e, "the change feed's listening connection failed; polling until it is back");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+            Some(((), listener))
+        });
+        Ok(futures::stream::select(super::events::local_commits(&self.committed), remote).boxed())
     }
 }
 
@@ -148,6 +168,8 @@ store_sql! {
     system: "postgresql",
     for_update: " FOR UPDATE",
     skip_locked: " FOR UPDATE SKIP LOCKED",
+    /// Feed events are inserted under the feed's advisory lock, and notified.
+    pub const FEED_LOCKED: bool = true;
     /// The key id of every sealed value (`<key id>:<ciphertext>`), each once.
     pub const SEALED_KEY_IDS: &str = "SELECT DISTINCT split_part(account_sealed, ':', 1) \
          FROM (SELECT account_sealed FROM partners UNION ALL \

@@ -37,15 +37,18 @@ pub const APP_GRANTS: &[(&str, &[Privilege])] = {
         ("settlement_lines", &[Select, Insert]),
         // `reseal` seals the probe again under the first key.
         ("pii_key_probe", &[Select, Insert, Update]),
+        // The change feed: appended to with each change, read by the watchers.
+        ("change_events", &[Select, Insert]),
     ]
 };
 
-/// The tables whose rows, once written, stand: the audit log and each payout's status history
-/// and attempts.
+/// The tables whose rows, once written, stand: the audit log, each payout's status history
+/// and attempts, and the change feed.
 pub const APPEND_ONLY: &[&str] = &[
     "audit_events",
     "disbursement_events",
     "disbursement_attempts",
+    "change_events",
 ];
 
 /// A table privilege of PostgreSQL's.

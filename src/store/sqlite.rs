@@ -12,6 +12,8 @@ use super::PoolSettings;
 pub struct SqliteStore {
     pool: sqlx::SqlitePool,
     cipher: std::sync::Arc<crate::sealing::PiiCipher>,
+    /// Told of every commit with feed events (`sql/events.rs`), to wake the feed.
+    committed: std::sync::Arc<tokio::sync::watch::Sender<u64>>,
 }
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/sqlite");
@@ -24,7 +26,11 @@ impl SqliteStore {
         cipher: std::sync::Arc<crate::sealing::PiiCipher>,
     ) -> super::Result<Self> {
         let pool = open_pool(url, pool).await?;
-        Ok(Self { pool, cipher })
+        Ok(Self {
+            pool,
+            cipher,
+            committed: std::sync::Arc::new(tokio::sync::watch::Sender::new(0)),
+        })
     }
 
     pub async fn migrate(&self) -> super::Result<()> {
@@ -52,8 +58,13 @@ impl SqliteStore {
 
     /// Writers take the lock up front: a deferred transaction that reads and then writes can
     /// fail with SQLITE_BUSY when another writer got there first.
-    async fn begin_write(&self) -> super::Result<sqlx::Transaction<'static, sqlx::Sqlite>> {
+    async fn begin_transaction(&self) -> super::Result<sqlx::Transaction<'static, sqlx::Sqlite>> {
         Ok(self.pool.begin_with("BEGIN IMMEDIATE").await?)
+    }
+
+    /// Yields on every commit with feed events: one process writes the file.
+    async fn listen_commits(&self) -> super::Result<futures::stream::BoxStream<'static, ()>> {
+        Ok(super::events::local_commits(&self.committed))
     }
 }
 
@@ -107,6 +118,8 @@ store_sql! {
     system: "sqlite",
     for_update: "",
     skip_locked: "",
+    /// One writer at a time: feed events need no lock of their own.
+    pub const FEED_LOCKED: bool = false;
     /// The key id of every sealed value (`<key id>:<ciphertext>`), each once.
     pub const SEALED_KEY_IDS: &str = "SELECT DISTINCT \
          substr(account_sealed, 1, instr(account_sealed, ':') - 1) \

@@ -14,7 +14,9 @@ use base64::Engine as _;
 use partner_payouts::app::Application;
 use partner_payouts::auth::{AuthSettings, METHOD_RULES, MethodRule, PrincipalSettings, Role};
 use partner_payouts::config::Settings;
-use partner_payouts::proto::payouts::v1::{self as pb, audit_service_client::AuditServiceClient};
+use partner_payouts::proto::payouts::v1::{
+    self as pb, audit_service_client::AuditServiceClient, event_service_client::EventServiceClient,
+};
 use prost::Message as _;
 use sha2::{Digest as _, Sha256};
 use sqlx::Connection as _;
@@ -124,6 +126,10 @@ pub(crate) fn r#as<T>(principal: &str, message: T) -> Request<T> {
 
 fn audit_client(app: &TestApp) -> AuditServiceClient<tonic::transport::Channel> {
     AuditServiceClient::new(app.channel.clone())
+}
+
+fn events_client(app: &TestApp) -> EventServiceClient<tonic::transport::Channel> {
+    EventServiceClient::new(app.channel.clone())
 }
 
 fn evidence() -> pb::Evidence {
@@ -705,6 +711,14 @@ async fn call(
             ))
             .await
             .map(|_| ()),
+        "/payouts.v1.EventService/ListEvents" => events_client(app)
+            .list_events(authed(token, pb::ListEventsRequest::default()))
+            .await
+            .map(|_| ()),
+        "/payouts.v1.EventService/WatchEvents" => events_client(app)
+            .watch_events(authed(token, pb::WatchEventsRequest::default()))
+            .await
+            .map(|_| ()),
         "/payouts.v1.DisbursementService/ExportDisbursements" => app
             .disbursements()
             .export_disbursements(authed(token, pb::ExportDisbursementsRequest::default()))
@@ -873,6 +887,8 @@ const ISSUE_ROLES: &[(&str, Role)] = &[
         Role::Viewer,
     ),
     ("/payouts.v1.AuditService/ListAuditEvents", Role::Auditor),
+    ("/payouts.v1.EventService/ListEvents", Role::Viewer),
+    ("/payouts.v1.EventService/WatchEvents", Role::Viewer),
 ];
 
 /// Every `payouts.v1` method the protos declare, as HTTP/2 paths.

@@ -23,12 +23,13 @@ use crate::helpers::*;
 use crate::proxy::DbProxy;
 
 /// The services health reports on: the whole server, and each of ours.
-const SERVICES: [&str; 5] = [
+const SERVICES: [&str; 6] = [
     "",
     "payouts.v1.PartnerService",
     "payouts.v1.ClaimService",
     "payouts.v1.DisbursementService",
     "payouts.v1.AuditService",
+    "payouts.v1.EventService",
 ];
 
 /// A way for PostgreSQL to go, and what to call it.

@@ -432,6 +432,7 @@ on_both_databases!(
             ]
         );
         assert_eq!(paid.history[2].actor, "local-dev");
+        crate::events::feed_tells_the_history_of(&app, &paid).await;
 
         let status = retry(&app, &id).await.expect_err("retry once paid");
         assert_eq!(reason(&status), "DISBURSEMENT_NOT_FAILED");

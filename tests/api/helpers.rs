@@ -104,6 +104,14 @@ impl TestApp {
         PartnerServiceClient::with_origin(channel, origin)
     }
 
+    /// Stops serving at once, without draining, as a replica that dies: the server's task is
+    /// aborted (the tasks it started beside the server may run on a little).
+    pub fn kill(mut self) {
+        if let Some(server) = self.server.take() {
+            server.abort();
+        }
+    }
+
     /// Stops the server gracefully and waits for it.
     pub async fn stop(mut self) {
         if let Some(tx) = self.shutdown.take() {

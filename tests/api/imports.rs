@@ -664,6 +664,7 @@ on_both_databases!(imported_claims_are_paid, |app: TestApp| async move {
         assert_eq!(first.to_status(), pb::DisbursementStatus::Queued);
         assert_eq!(first.actor, "local-dev");
         assert_eq!(first.reason, "claim approved");
+        crate::events::feed_tells_the_history_of(&app, &paid).await;
     }
 });
 

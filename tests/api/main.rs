@@ -13,6 +13,7 @@ mod dispatch_bank;
 mod dispatch_batch;
 mod dispatch_limits;
 mod environment;
+mod events;
 mod floods;
 mod helpers;
 mod imports;

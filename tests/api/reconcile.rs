@@ -512,6 +512,7 @@ on_both_databases!(
         assert_eq!((last.from_status(), last.to_status()), (Paid, Failed));
         assert_eq!(last.actor, "local-dev");
         assert!(last.reason.contains(&first_run), "{last:?}");
+        crate::events::feed_tells_the_history_of(&app, &reopened).await;
         for other in [&matched, &missing, &differs, &late] {
             assert_eq!(&get(&app, &other.disbursement_id).await, other);
         }

@@ -18,11 +18,12 @@ use crate::dispatch_bank::own_bank;
 use crate::helpers::*;
 use crate::on_both_databases;
 
-const PAYOUTS_SERVICES: [&str; 4] = [
+const PAYOUTS_SERVICES: [&str; 5] = [
     "payouts.v1.PartnerService",
     "payouts.v1.ClaimService",
     "payouts.v1.DisbursementService",
     "payouts.v1.AuditService",
+    "payouts.v1.EventService",
 ];
 const BANK_SERVICES: [&str; 2] = ["payments.v1.PaymentsBackend", "payments.v1.SandboxLedger"];
 /// What every server of ours answers beside its own services.

@@ -21,7 +21,7 @@ impl AuditStore for SqlStore {
     #[store_span]
     async fn append_audit(&self, events: &[AuditEvent]) -> Result<()> {
         retry_contention("append_audit", move || async move {
-            let mut tx = self.pool.begin().await?;
+            let mut tx = Tx::plain(self.pool.begin().await?);
             // Events come in batches (calls finishing together, refused calls).
             insert_audit(&mut tx, events).await?;
             tx.commit().await?;

@@ -9,11 +9,11 @@ use super::bulk::{
     OneRow, Wave, execute, release_request_ids, replays, select_in, take_request_ids,
 };
 use super::{Db, SqlStore, Tx, dialect};
-use crate::domain::{Claim, ClaimId, NewClaim, PartnerId};
+use crate::domain::{Claim, ClaimId, ClaimOutcome, NewClaim, PartnerId};
 use crate::store::batch::{BatchSql, Insert};
 use crate::store::intake::{
-    Answers, BulkResult, Filed, Payee, audit_insert, claim_if_new, claims_inserts, finish,
-    request_key, waves,
+    Answers, BulkResult, CLAIM_APPROVED, Filed, Payee, audit_insert, claim_if_new, claims_inserts,
+    finish, request_key, waves,
 };
 use crate::store::prelude::*;
 use crate::store::rows::{unexpected, uuid};
@@ -223,6 +223,11 @@ impl Wave<'_, ClaimSubmission, Claim> {
         }
         release_request_ids(tx, &released).await?;
         let inserts = claims_inserts(rows, &filed, &payees, now)?;
+        for f in &filed {
+            let events =
+                ClaimOutcome::of(&f.claim).filed(&f.claim.submitted_by, CLAIM_APPROVED, now);
+            events.into_iter().for_each(|e| tx.emit(e));
+        }
         for f in filed {
             answers[f.row] = Some(Ok(Stored::Fresh(f.claim)));
         }

@@ -6,7 +6,7 @@ use super::bulk::{
     OneRow, Wave, execute, release_request_ids, replays, take_request_ids_and_look_up,
 };
 use super::{Db, SqlStore, Tx};
-use crate::domain::{NewPartner, Partner, PartnerId};
+use crate::domain::{NewEvent, NewPartner, Partner, PartnerId};
 use crate::store::batch::{BatchSql, Insert, Lookup, NOT_WRITTEN_WHOLE};
 use crate::store::intake::{
     Answers, BulkResult, audit_insert, finish, partners_insert, request_ids_insert, request_key,
@@ -153,6 +153,9 @@ impl Wave<'_, (Idempotency, NewPartner), Partner> {
         }
         release_request_ids(tx, &released).await?;
         let insert = partners_insert(rows, &created, now);
+        for (i, partner, _) in &created {
+            tx.emit(registered_event(&rows[*i].0, partner, now));
+        }
         for (i, partner, _) in created {
             answers[i] = Some(Ok(Stored::Fresh(partner)));
         }
@@ -199,14 +202,28 @@ async fn register_whole(
     ]) else {
         return Ok(None);
     };
-    match statement
-        .build()
-        .persistent(true)
-        .execute(&store.pool)
-        .await
-    {
-        Ok(_) => Ok(Some(answers)),
+    // In a transaction of its own: the partners' feed events follow the statement, last.
+    let mut tx = store.begin_write().await?;
+    match statement.build().persistent(true).execute(&mut *tx).await {
+        Ok(_) => {
+            for (i, partner, _) in &created {
+                tx.emit(registered_event(&rows[*i].0, partner, now));
+            }
+            tx.commit().await?;
+            Ok(Some(answers))
+        }
         Err(sqlx::Error::Database(e)) if e.code().as_deref() == Some(NOT_WRITTEN_WHOLE) => Ok(None),
         Err(e) => Err(e.into()),
     }
+}
+
+/// The feed event of `partner`, registered by the caller of `idem`.
+fn registered_event(idem: &Idempotency, partner: &Partner, now: Micros) -> NewEvent {
+    NewEvent::partner(
+        partner.partner_id,
+        &partner.bank_account,
+        false,
+        &idem.principal,
+        now,
+    )
 }

@@ -6,7 +6,10 @@ use payouts_macros::store_span;
 use super::bulk::batch_or_row_by_row;
 use super::disbursements::create_disbursement;
 use super::{Conn, DB_SYSTEM, SqlStore, Tx, after_key, bulk_claims, dialect};
-use crate::domain::{Claim, ClaimId, ClaimStatus, Evidence, NewClaim, Reviewed, review};
+use crate::domain::{
+    Claim, ClaimId, ClaimOutcome, ClaimStatus, DisbursementId, Evidence, NewClaim, NewEvent,
+    Reviewed, review,
+};
 use crate::store::rows::{ClaimRow, EvidenceRow, unexpected, uuid};
 use crate::store::{
     Attachment, BatchAudit, ClaimFilter, ClaimStore, ClaimSubmission, Micros, Page, Recorded,
@@ -104,10 +107,18 @@ async fn insert_claim(tx: &mut Tx, claim: &NewClaim) -> Result<ClaimId> {
     for evidence in &claim.evidence {
         insert_evidence(tx, claim_id, evidence, &claim.submitted_by, now).await?;
     }
-    if d.status == ClaimStatus::Approved {
-        let payee = (claim_id, claim.partner_id, d.compensation_krw);
+    let outcome = ClaimOutcome {
+        claim_id,
+        partner_id: claim.partner_id,
+        status: d.status,
+        decision: d,
+        compensation_krw: d.compensation_krw,
+        disbursement_id: (d.status == ClaimStatus::Approved).then(DisbursementId::new),
+    };
+    tx.emit(NewEvent::claim(&outcome, None, &claim.submitted_by, now));
+    if let Some(payout) = outcome.payout() {
         let trace_context = claim.trace_context.as_deref();
-        create_disbursement(tx, payee, &claim.submitted_by, trace_context, now).await?;
+        create_disbursement(tx, &payout, &claim.submitted_by, trace_context, now).await?;
     }
     Ok(claim_id)
 }
@@ -204,9 +215,17 @@ impl ClaimStore for SqlStore {
             .bind(claim_id.to_string())
             .execute(&mut *tx)
             .await?;
-            if status == ClaimStatus::Approved {
-                let payee = (claim_id, claim.partner_id, compensation_krw);
-                create_disbursement(&mut tx, payee, reviewer, trace_context, now).await?;
+            let outcome = ClaimOutcome {
+                claim_id,
+                partner_id: claim.partner_id,
+                status,
+                decision: &claim.decision,
+                compensation_krw,
+                disbursement_id: (status == ClaimStatus::Approved).then(DisbursementId::new),
+            };
+            tx.emit(NewEvent::claim(&outcome, Some(reason), reviewer, now));
+            if let Some(payout) = outcome.payout() {
+                create_disbursement(&mut tx, &payout, reviewer, trace_context, now).await?;
             }
             let stored = reload_claim(&mut tx, claim_id).await?;
             Ok((tx, stored))

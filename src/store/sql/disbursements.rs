@@ -6,9 +6,10 @@ use payouts_macros::store_span;
 
 use super::{Conn, DB_SYSTEM, DbRow, SqlStore, Tx, after_key, dialect, unexpected};
 use crate::domain::{
-    AccountChange, ClaimId, ClaimStatus, DisbursementId, DisbursementStatus, Krw, PartnerId,
-    Refusal, may_cancel, may_retry,
+    AccountChange, ClaimStatus, DisbursementId, DisbursementStatus, Krw, PayoutRef, Refusal,
+    StatusMove, may_cancel, may_retry,
 };
+use crate::store::intake::CLAIM_APPROVED;
 use crate::store::rows::{
     AttemptRow, DisbursementRow, DispatchStateRow, StatusChangeRow, StatusCountRow, StatusTotalRow,
     uuid,
@@ -18,16 +19,16 @@ use crate::store::{
     Page, ProgramSummary, Recorded, Result, StatusChange, StoreError, Stored, now_micros,
 };
 
-/// Approval and disbursement are one: the disbursement of `(claim, partner, amount)`, its
-/// first history entry and its outbox row are written in the approving transaction.
+/// Approval and disbursement are one: the disbursement `payout`, its first history entry (and
+/// feed event) and its outbox row are written in the approving transaction.
 pub(super) async fn create_disbursement(
     tx: &mut Tx,
-    (claim_id, partner_id, amount_krw): (ClaimId, PartnerId, Krw),
+    payout: &PayoutRef,
     actor: &str,
     trace_context: Option<&str>,
     now: Micros,
-) -> Result<DisbursementId> {
-    let disbursement_id = DisbursementId::new();
+) -> Result<()> {
+    let disbursement_id = payout.disbursement_id;
     sqlx::query(
         "INSERT INTO disbursements (disbursement_id, claim_id, partner_id, amount_krw, \
          status, bank_code, account_sealed, account_last4, holder_name, trace_context, \
@@ -37,9 +38,9 @@ pub(super) async fn create_disbursement(
          FROM partners WHERE partner_id = $3",
     )
     .bind(disbursement_id.to_string())
-    .bind(claim_id.to_string())
-    .bind(partner_id.to_string())
-    .bind(amount_krw.won())
+    .bind(payout.claim_id.to_string())
+    .bind(payout.partner_id.to_string())
+    .bind(payout.amount_krw.won())
     .bind(DisbursementStatus::Queued.key())
     .bind(now)
     .bind(trace_context)
@@ -49,16 +50,32 @@ pub(super) async fn create_disbursement(
         from_status: None,
         to_status: DisbursementStatus::Queued,
         actor: actor.to_owned(),
-        reason: "claim approved".to_owned(),
+        reason: CLAIM_APPROVED.to_owned(),
         time: now,
     };
     record_event(tx, disbursement_id, &first).await?;
+    tx.emit(payout.status_changed(status_move(&first, None)));
     sqlx::query("INSERT INTO outbox (disbursement_id, due_time) VALUES ($1, $2)")
         .bind(disbursement_id.to_string())
         .bind(now)
         .execute(&mut **tx)
         .await?;
-    Ok(disbursement_id)
+    Ok(())
+}
+
+/// `change` as its feed event tells it, with the failure code it leaves (if any).
+pub(super) fn status_move<'a>(
+    change: &'a StatusChange,
+    failure_code: Option<&'a str>,
+) -> StatusMove<'a> {
+    StatusMove {
+        from: change.from_status,
+        to: change.to_status,
+        failure_code,
+        actor: &change.actor,
+        reason: &change.reason,
+        time: change.time,
+    }
 }
 
 async fn record_event(
@@ -82,12 +99,14 @@ async fn record_event(
 }
 
 /// Moves a disbursement from `change.from_status` to `change.to_status` if it is still in the
-/// former, with its history entry; false otherwise (it changed meanwhile, or the move is not
-/// one the domain allows).
+/// former, with its history entry and feed event (which tells `failure_code`, the code the
+/// move leaves); false otherwise (it changed meanwhile, or the move is not one the domain
+/// allows).
 pub(super) async fn transition(
     tx: &mut Tx,
     disbursement_id: DisbursementId,
     change: &StatusChange,
+    failure_code: Option<&str>,
 ) -> Result<bool> {
     let (Some(from), to) = (change.from_status, change.to_status) else {
         return Ok(false);
@@ -95,21 +114,29 @@ pub(super) async fn transition(
     if !from.can_become(to) {
         return Ok(false);
     }
-    let moved = sqlx::query(
+    let moved: Option<(String, String, i64)> = sqlx::query_as(
         "UPDATE disbursements SET status = $1, update_time = $2 \
-         WHERE disbursement_id = $3 AND status = $4",
+         WHERE disbursement_id = $3 AND status = $4 \
+         RETURNING claim_id, partner_id, amount_krw",
     )
     .bind(to.key())
     .bind(change.time)
     .bind(disbursement_id.to_string())
     .bind(from.key())
-    .execute(&mut **tx)
-    .await?
-    .rows_affected();
-    if moved == 1 {
-        record_event(tx, disbursement_id, change).await?;
-    }
-    Ok(moved == 1)
+    .fetch_optional(&mut **tx)
+    .await?;
+    let Some((claim_id, partner_id, amount_krw)) = moved else {
+        return Ok(false);
+    };
+    record_event(tx, disbursement_id, change).await?;
+    let payout = PayoutRef {
+        disbursement_id,
+        claim_id: uuid("claim_id", &claim_id)?,
+        partner_id: uuid("partner_id", &partner_id)?,
+        amount_krw: Krw::new(amount_krw),
+    };
+    tx.emit(payout.status_changed(status_move(change, failure_code)));
+    Ok(true)
 }
 
 async fn load_disbursement(
@@ -289,7 +316,7 @@ impl DisbursementStore for SqlStore {
                 actor,
                 "retry requested",
             );
-            if !transition(&mut tx, disbursement_id, &change).await? {
+            if !transition(&mut tx, disbursement_id, &change, None).await? {
                 let rule = |d: &Disbursement| may_retry(d.status, d.create_time, None, actor);
                 let what = "a FAILED disbursement could not be queued again";
                 return Err(changed_under(&mut tx, disbursement_id, rule, what).await);
@@ -325,7 +352,7 @@ impl DisbursementStore for SqlStore {
                 actor,
                 reason,
             );
-            if !transition(&mut tx, disbursement_id, &change).await? {
+            if !transition(&mut tx, disbursement_id, &change, None).await? {
                 let rule = |d: &Disbursement| may_cancel(d.status);
                 let what = "a QUEUED disbursement could not be cancelled";
                 return Err(changed_under(&mut tx, disbursement_id, rule, what).await);

@@ -26,13 +26,16 @@ use sqlx::FromRow as _;
 
 use super::disbursements::load_dispatch_state;
 use super::{DB_SYSTEM, Db, DbRow, SqlStore, Tx, dialect, fetch_pieces};
-use crate::domain::{DisbursementId, DisbursementStatus, Krw};
+use crate::domain::{DisbursementId, DisbursementStatus, Krw, PayoutRef, StatusMove};
 use crate::store::batch::{BatchSql, Column as Col};
 use crate::store::rows::{DisbursementRow, unexpected, uuid};
 use crate::store::{
     Attempt, Disbursement, DispatchOutcome, DispatchRecord, DispatchStore, DispatchTerms,
     KeyAssignment, Micros, Requeue, Result, StoreError, retry_contention,
 };
+
+/// The actor of the dispatcher's status changes, in the history and the feed.
+const DISPATCHER: &str = "dispatcher";
 
 /// Runs `head v tail` with the batch's rows as the table `v`, in as many statements as
 /// the database needs; returns the rows they answered.
@@ -63,11 +66,6 @@ impl IdRow {
         DisbursementStatus::from_key(&self.status)
             .ok_or_else(|| unexpected(format!("status: {}", self.status)))
     }
-}
-
-/// The ids a statement answered in its `disbursement_id` column.
-fn answered_ids(rows: &[DbRow]) -> Result<HashSet<DisbursementId>> {
-    rows.iter().map(|row| Ok(IdRow::read(row)?.0)).collect()
 }
 
 async fn lease_in(
@@ -129,9 +127,60 @@ struct Move<'a> {
     from: DisbursementStatus,
     to: DisbursementStatus,
     reason: &'a str,
+    /// The code a failure leaves.
+    failure_code: Option<&'a str>,
 }
 
-async fn insert_events(tx: &mut Tx, events: &[&Move<'_>], now: Micros) -> Result<()> {
+/// What a status update answers of each disbursement it moved, for the feed.
+const RETURNING_PAYOUT: &str = " RETURNING disbursement_id, claim_id, partner_id, amount_krw";
+
+#[derive(sqlx::FromRow)]
+struct PayoutRow {
+    disbursement_id: String,
+    claim_id: String,
+    partner_id: String,
+    amount_krw: i64,
+}
+
+/// The payouts a status update moved ([`RETURNING_PAYOUT`]), by id.
+fn moved_payouts(rows: &[DbRow]) -> Result<HashMap<DisbursementId, PayoutRef>> {
+    rows.iter()
+        .map(|row| {
+            let r = PayoutRow::from_row(row)?;
+            let disbursement_id = uuid("disbursement_id", &r.disbursement_id)?;
+            let payout = PayoutRef {
+                disbursement_id,
+                claim_id: uuid("claim_id", &r.claim_id)?,
+                partner_id: uuid("partner_id", &r.partner_id)?,
+                amount_krw: Krw::new(r.amount_krw),
+            };
+            Ok((disbursement_id, payout))
+        })
+        .collect()
+}
+
+/// The history entries of the `moved` among `moves`, with their feed events.
+async fn insert_events(
+    tx: &mut Tx,
+    moves: &[Move<'_>],
+    moved: &HashMap<DisbursementId, PayoutRef>,
+    now: Micros,
+) -> Result<()> {
+    let events: Vec<(&Move<'_>, &PayoutRef)> = moves
+        .iter()
+        .filter_map(|m| Some((m, moved.get(&m.disbursement_id)?)))
+        .collect();
+    for (m, payout) in &events {
+        tx.emit(payout.status_changed(StatusMove {
+            from: Some(m.from),
+            to: m.to,
+            failure_code: m.failure_code,
+            actor: DISPATCHER,
+            reason: m.reason,
+            time: now,
+        }));
+    }
+    let events: Vec<&Move<'_>> = events.into_iter().map(|(m, _)| m).collect();
     let text = |f: &dyn Fn(&Move<'_>) -> String| Col::Text(events.iter().map(|e| f(e)).collect());
     rows(
         tx,
@@ -141,7 +190,7 @@ async fn insert_events(tx: &mut Tx, events: &[&Move<'_>], now: Micros) -> Result
             ids(events.iter().map(|e| &e.disbursement_id)),
             text(&|e| e.from.key().to_owned()),
             text(&|e| e.to.key().to_owned()),
-            text(&|_| "dispatcher".to_owned()),
+            text(&|_| DISPATCHER.to_owned()),
             text(&|e| e.reason.to_owned()),
             Col::BigInt(vec![now; events.len()]),
         ],
@@ -167,17 +216,15 @@ async fn transition_all(
             Col::Text(moves.iter().map(|m| m.to.key().to_owned()).collect()),
             Col::BigInt(vec![now; moves.len()]),
         ],
-        " WHERE disbursements.disbursement_id = v.column1 \
-         AND disbursements.status = v.column2 RETURNING disbursement_id",
+        &format!(
+            " WHERE disbursements.disbursement_id = v.column1 \
+             AND disbursements.status = v.column2{RETURNING_PAYOUT}"
+        ),
     )
     .await?;
-    let moved = answered_ids(&moved)?;
-    let events: Vec<&Move<'_>> = moves
-        .iter()
-        .filter(|m| moved.contains(&m.disbursement_id))
-        .collect();
-    insert_events(tx, &events, now).await?;
-    Ok(moved)
+    let moved = moved_payouts(&moved)?;
+    insert_events(tx, moves, &moved, now).await?;
+    Ok(moved.into_keys().collect())
 }
 
 /// The statuses of `disbursements` now.
@@ -216,9 +263,13 @@ async fn finish(
     let mut moves = Vec::with_capacity(finished.len());
     for (id, outcome) in finished {
         let from = *status.get(id).ok_or(StoreError::NotFound("disbursement"))?;
-        let (to, reason) = match outcome {
-            DispatchOutcome::Paid => (DisbursementStatus::Paid, "backend reports paid"),
-            DispatchOutcome::Failed { code, .. } => (DisbursementStatus::Failed, code.as_str()),
+        let (to, reason, failure_code) = match outcome {
+            DispatchOutcome::Paid => (DisbursementStatus::Paid, "backend reports paid", None),
+            DispatchOutcome::Failed { code, .. } => (
+                DisbursementStatus::Failed,
+                code.as_str(),
+                Some(code.as_str()),
+            ),
         };
         if from.can_become(to) {
             moves.push(Move {
@@ -226,6 +277,7 @@ async fn finish(
                 from,
                 to,
                 reason,
+                failure_code,
             });
         }
     }
@@ -454,22 +506,25 @@ async fn assign_keys(
             Col::Text(vec![DisbursementStatus::Submitted.key().to_owned(); n]),
             Col::BigInt(vec![now; n]),
         ],
-        " WHERE disbursements.disbursement_id = v.column1 \
-         AND disbursements.status = v.column3 RETURNING disbursement_id",
+        &format!(
+            " WHERE disbursements.disbursement_id = v.column1 \
+             AND disbursements.status = v.column3{RETURNING_PAYOUT}"
+        ),
     )
     .await?;
-    let moved = answered_ids(&moved)?;
+    let moved = moved_payouts(&moved)?;
     let events: Vec<Move<'_>> = making
         .iter()
-        .filter(|(id, _)| moved.contains(id))
         .map(|(id, _)| Move {
             disbursement_id: *id,
             from: DisbursementStatus::Queued,
             to: DisbursementStatus::Submitted,
             reason: "instruction key stored before sending",
+            failure_code: None,
         })
         .collect();
-    insert_events(tx, &events.iter().collect::<Vec<_>>(), now).await?;
+    insert_events(tx, &events, &moved, now).await?;
+    let moved: HashSet<DisbursementId> = moved.into_keys().collect();
     // A row that left QUEUED meanwhile (cancelled) is not moved and gets no key.
     let made: HashSet<&DisbursementId> = making.iter().map(|(id, _)| id).collect();
     let answers = ids_to_key

@@ -21,13 +21,14 @@ mod bulk_partners;
 mod claims;
 mod disbursements;
 mod dispatch;
+mod events;
 mod idempotency;
 mod partners;
 mod sealed;
 mod settlement;
 
 type Conn = <Db as sqlx::Database>::Connection;
-type Tx = sqlx::Transaction<'static, Db>;
+pub(super) use events::Tx;
 type DbRow = <Db as sqlx::Database>::Row;
 
 /// The statements one batch statement is cut into ([`BatchSql`]), run in order.

@@ -5,7 +5,7 @@ use payouts_macros::store_span;
 
 use super::bulk::batch_or_row_by_row;
 use super::{Conn, DB_SYSTEM, SqlStore, after_key, bulk_partners, dialect};
-use crate::domain::{AccountOnFile, NewPartner, Partner, PartnerId};
+use crate::domain::{AccountOnFile, NewEvent, NewPartner, Partner, PartnerId};
 use crate::store::rows::{PartnerRow, services_key, uuid};
 use crate::store::{
     AccountUpdate, BatchAudit, Idempotency, Page, PartnerFilter, PartnerStore, Recorded, Render,
@@ -41,6 +41,7 @@ impl PartnerStore for SqlStore {
         call: Recorded<'_, Partner>,
         partner: &NewPartner,
     ) -> Result<Stored<Partner>> {
+        let actor = call.idem.principal.as_str();
         self.mutate("register_partner", call, move |mut tx| async move {
             let brn = partner.profile.business_registration_number.as_str();
             let existing: Option<String> = sqlx::query_scalar(PARTNER_BY_NUMBER)
@@ -90,6 +91,13 @@ impl PartnerStore for SqlStore {
                 return Err(already_registered(&partner_id)?);
             }
             inserted?;
+            tx.emit(NewEvent::partner(
+                partner_id,
+                &created.bank_account,
+                false,
+                actor,
+                now,
+            ));
             Ok((tx, created))
         })
         .await
@@ -179,6 +187,13 @@ impl PartnerStore for SqlStore {
             partner.bank_account = AccountOnFile::from(account);
             partner.update_time = now;
             partner.version += 1;
+            tx.emit(NewEvent::partner(
+                partner_id,
+                &partner.bank_account,
+                true,
+                actor,
+                now,
+            ));
             Ok((tx, partner))
         })
         .await

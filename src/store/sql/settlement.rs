@@ -82,7 +82,7 @@ async fn reopen(
     disbursement_id: DisbursementId,
     change: &StatusChange,
 ) -> Result<Reopening> {
-    if !transition(tx, disbursement_id, change).await? {
+    if !transition(tx, disbursement_id, change, Some(failure::RETURNED)).await? {
         return Ok(Reopening::StatusChanged);
     }
     sqlx::query(
