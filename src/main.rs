@@ -113,7 +113,11 @@ impl SandboxArgs {
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     let settings = Settings::load(cli.config.as_deref())?;
-    let telemetry = telemetry::init(&settings.log_format)?;
+    // `/metrics` is served by the admin port: its instruments are kept only when it is on.
+    let exposition = telemetry::Exposition {
+        prometheus: settings.admin_listen_addr.is_some(),
+    };
+    let telemetry = telemetry::init(&settings.log_format, exposition)?;
     let result = run(cli.command.unwrap_or(Command::Serve), settings).await;
     telemetry.shutdown();
     result

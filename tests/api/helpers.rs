@@ -170,6 +170,9 @@ pub async fn spawn_app_in(
 ) -> TestApp {
     let mut settings = Settings {
         listen_addr: "127.0.0.1:0".parse().expect("addr"),
+        // Tests of the admin port and the drain run the binary (tests/operations.rs).
+        admin_listen_addr: None,
+        shutdown_grace_ms: 0,
         database_url: database_url.clone(),
         database_max_connections: 5,
         policy_file: Some(write_test_policy(dir.path())),
