@@ -346,11 +346,14 @@ async fn a_drain_stops_readiness_first_and_answers_through_the_grace(db: Db) {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     for service in ["", "payouts.v1.PartnerService", "payouts.v1.ClaimService"] {
-        assert_eq!(
-            health(&channel, service).await,
-            ServingStatus::NotServing as i32,
-            "health of {service:?} while draining"
-        );
+        while health(&channel, service).await != ServingStatus::NotServing as i32 {
+            assert!(
+                signalled.elapsed() < Duration::from_millis(500),
+                "health of {service:?} still SERVING {:?} after SIGTERM",
+                signalled.elapsed()
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
     }
     // Still answered: on the open connection, and on a new one.
     register(&channel, 2)
