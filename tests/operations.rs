@@ -55,6 +55,7 @@ impl Proc {
         let file = std::fs::File::create(&log).expect("child log");
         let child = command
             .args(args)
+            .env_remove("OTEL_RESOURCE_ATTRIBUTES")
             .envs(env.iter().map(|(k, v)| (k, v)))
             .env("RUST_LOG", "info")
             .env("NO_COLOR", "1")
@@ -252,12 +253,30 @@ async fn register(channel: &Channel, seed: u64) -> Result<pb::Partner, tonic::St
 
 // ---------------------------------------------------------------------------------------------
 
+/// `/metrics` parsed as the Prometheus text format.
+async fn scrape(admin: SocketAddr) -> (prometheus_parse::Scrape, String) {
+    let (code, text) = get_ok(admin, "/metrics").await;
+    assert_eq!(code, 200, "{text}");
+    let scrape = prometheus_parse::Scrape::parse(text.lines().map(|l| Ok(l.to_owned())))
+        .expect("the Prometheus text format");
+    (scrape, text)
+}
+
+/// The process's `service.instance.id`, as `/metrics` names its resource.
+fn instance_id(scrape: &prometheus_parse::Scrape) -> Option<String> {
+    let target = scrape.samples.iter().find(|s| s.metric == "target_info")?;
+    target.labels.get("service_instance_id").map(str::to_owned)
+}
+
 /// `/metrics`, parsed by a Prometheus text parser, has `rpc.server.call.duration` of the
-/// calls made, by service, bare method name and status code, and the outbox and disbursement
-/// gauges.
+/// calls made, by service, bare method name and status code, the outbox and disbursement
+/// gauges, and the resource's `service.instance.id` as `OTEL_RESOURCE_ATTRIBUTES` set it.
 async fn metrics_are_the_prometheus_text_of_the_calls(db: Db) {
     let cluster = Cluster::new(db).await;
-    let replica = cluster.replica("replica", &[]).await;
+    let named = "service.instance.id=replica-7".to_owned();
+    let replica = cluster
+        .replica("replica", &[("OTEL_RESOURCE_ATTRIBUTES", named)])
+        .await;
     let channel = replica.channel().await;
     register(&channel, 1).await.expect("registered");
     let mut bad = partner(2);
@@ -271,10 +290,8 @@ async fn metrics_are_the_prometheus_text_of_the_calls(db: Db) {
         .expect_err("a bad registration number");
     assert_eq!(refused.code(), tonic::Code::InvalidArgument);
 
-    let (code, text) = get_ok(replica.admin, "/metrics").await;
-    assert_eq!(code, 200, "{text}");
-    let scrape = prometheus_parse::Scrape::parse(text.lines().map(|l| Ok(l.to_owned())))
-        .expect("the Prometheus text format");
+    let (scrape, text) = scrape(replica.admin).await;
+    assert_eq!(instance_id(&scrape).as_deref(), Some("replica-7"), "{text}");
     let calls = |status: &str| -> f64 {
         scrape
             .samples
@@ -328,6 +345,10 @@ async fn a_drain_stops_readiness_first_and_answers_through_the_grace(db: Db) {
     let channel = replica.channel().await;
     register(&channel, 1).await.expect("registered");
     assert_eq!(health(&channel, "").await, ServingStatus::Serving as i32);
+    // Without OTEL_RESOURCE_ATTRIBUTES, the process names itself.
+    let (scrape, text) = scrape(replica.admin).await;
+    let instance = instance_id(&scrape).unwrap_or_else(|| panic!("no instance id:\n{text}"));
+    uuid::Uuid::parse_str(&instance).expect("a UUID");
 
     replica.proc.sigterm();
     let signalled = Instant::now();
