@@ -11,13 +11,14 @@ use std::path::PathBuf;
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
-use helpers::{Db, fresh_database, full_weight_item, partner, request_id, test_policy_toml};
+use helpers::{
+    Db, fresh_database, full_weight_item, http_get, partner, request_id, test_policy_toml,
+};
 use partner_payouts::proto::payouts::v1::{
     self as pb, claim_service_client::ClaimServiceClient,
     disbursement_service_client::DisbursementServiceClient,
     partner_service_client::PartnerServiceClient,
 };
-use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tonic::transport::Channel;
 use tonic_health::pb::{
     HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient,
@@ -181,7 +182,7 @@ impl Replica {
                     self.proc.log()
                 );
             }
-            if get(self.admin, "/readyz")
+            if http_get(self.admin, "/readyz")
                 .await
                 .is_ok_and(|(code, _)| code == 200)
             {
@@ -206,26 +207,8 @@ impl Replica {
     }
 }
 
-/// `GET path` over HTTP/1.1 on a connection of its own: the status code and the body.
-async fn get(addr: SocketAddr, path: &str) -> std::io::Result<(u16, String)> {
-    let mut stream = tokio::net::TcpStream::connect(addr).await?;
-    let request = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
-    stream.write_all(request.as_bytes()).await?;
-    let mut response = String::new();
-    stream.read_to_string(&mut response).await?;
-    let (head, body) = response
-        .split_once("\r\n\r\n")
-        .ok_or_else(|| std::io::Error::other(format!("no header end: {response:?}")))?;
-    let code = head
-        .split(' ')
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .ok_or_else(|| std::io::Error::other(format!("no status: {head:?}")))?;
-    Ok((code, body.to_owned()))
-}
-
 async fn get_ok(addr: SocketAddr, path: &str) -> (u16, String) {
-    get(addr, path)
+    http_get(addr, path)
         .await
         .unwrap_or_else(|e| panic!("GET {path}: {e}"))
 }
