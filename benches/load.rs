@@ -530,6 +530,7 @@ async fn main() -> anyhow::Result<()> {
                 ));
                 let app = Application::build(Settings {
                     listen_addr: "127.0.0.1:0".parse()?,
+                    admin_listen_addr: None,
                     database_url: database_url.clone(),
                     database_max_connections: 32,
                     pii_key_file: dir.path().join("pii.key"),

@@ -85,13 +85,16 @@ async fn main() -> anyhow::Result<()> {
     }
     // SAFETY: as above; only warnings, so logging does not dominate the measurement.
     unsafe { std::env::set_var("RUST_LOG", "warn") };
-    let telemetry = partner_payouts::telemetry::init("text")?;
+    // As `serve` runs by default: every instrument also kept for the admin port's /metrics.
+    let exposition = partner_payouts::telemetry::Exposition { prometheus: true };
+    let telemetry = partner_payouts::telemetry::init("text", exposition)?;
 
     let dir = tempfile::tempdir()?;
     let database_url = std::env::var("PAYOUTS_BENCH_DATABASE_URL")
         .unwrap_or_else(|_| format!("sqlite://{}", dir.path().join("bench.db").display()));
     let app = Application::build(Settings {
         listen_addr: "127.0.0.1:0".parse()?,
+        admin_listen_addr: None,
         database_url: database_url.clone(),
         pii_key_file: dir.path().join("pii.key"),
         ..Settings::default()

@@ -9,7 +9,6 @@ use anyhow::Context as _;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
-use tonic_health::server::HealthReporter;
 
 use crate::api::{
     Context, audit::Audit, claims::Claims, disbursements::Disbursements, events::Events,
@@ -27,7 +26,7 @@ use crate::proto::payouts::v1::claim_service_server::{self, ClaimServiceServer};
 use crate::proto::payouts::v1::disbursement_service_server::{self, DisbursementServiceServer};
 use crate::proto::payouts::v1::event_service_server::{self, EventServiceServer};
 use crate::proto::payouts::v1::partner_service_server::{self, PartnerServiceServer};
-use crate::readiness;
+use crate::readiness::{self, Readiness};
 #[cfg(feature = "sandbox")]
 use crate::sandbox;
 use crate::sealing::PiiCipher;
@@ -148,6 +147,8 @@ const SERVED: [&str; 5] = [
 /// A built application: bound, not yet serving.
 pub struct Application {
     listener: TcpListener,
+    /// The admin HTTP port, unless `admin_listen_addr` is empty.
+    admin_listener: Option<TcpListener>,
     settings: Settings,
     ctx: Context,
     dispatcher: Dispatcher,
@@ -213,8 +214,17 @@ impl Application {
         let listener = TcpListener::bind(settings.listen_addr)
             .await
             .with_context(|| format!("binding {}", settings.listen_addr))?;
+        let admin_listener = match settings.admin_listen_addr {
+            Some(addr) => Some(
+                TcpListener::bind(addr)
+                    .await
+                    .with_context(|| format!("binding the admin port {addr}"))?,
+            ),
+            None => None,
+        };
         Ok(Self {
             listener,
+            admin_listener,
             settings,
             ctx: Context::new(store, policy),
             dispatcher,
@@ -229,14 +239,24 @@ impl Application {
             .expect("a bound listener has an address")
     }
 
-    /// Serves until `shutdown` resolves, then stops accepting, lets calls in flight finish,
-    /// and stops the dispatcher after its current work.
+    /// Where the admin HTTP port listens, if it does.
+    pub fn admin_addr(&self) -> Option<SocketAddr> {
+        self.admin_listener
+            .as_ref()
+            .and_then(|l| l.local_addr().ok())
+    }
+
+    /// Serves until `shutdown` resolves, then drains: gRPC health and `/readyz` turn
+    /// not-serving at once, calls are still answered for `shutdown_grace_ms` (so load
+    /// balancers move away first), then the server stops accepting, lets calls in flight
+    /// finish, and the dispatcher hands back what it holds.
     pub async fn run_until(
         self,
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> anyhow::Result<()> {
         let Self {
             listener,
+            admin_listener,
             settings,
             ctx,
             dispatcher,
@@ -244,18 +264,22 @@ impl Application {
             authenticator,
         } = self;
         let services = SERVED.to_vec();
-        let (shutdown, drain) = draining_first(shutdown);
-        let (feed, feed_task) = crate::feed::Feed::spawn(ctx.store.clone(), drain);
         let (health, health_service) = discovery::health_serving(&services).await;
         let (reflection_v1, reflection_v1alpha) = discovery::reflection(&services)?;
+        let readiness = Readiness::new(health, services);
         let background = Background::start(
             &settings,
             &ctx,
-            dispatcher,
-            sandbox,
+            (dispatcher, sandbox),
             &authenticator,
-            (health, services),
+            (readiness.clone(), admin_listener),
         );
+        // On the signal: not ready at once, calls answered through the grace; then the watch
+        // streams of the change feed end (their callers resume on another replica) and the
+        // server stops accepting.
+        let (shutdown, feed_drain) =
+            draining_first(drain(shutdown, readiness, settings.shutdown_grace()));
+        let (feed, feed_task) = crate::feed::Feed::spawn(ctx.store.clone(), feed_drain);
 
         let max = settings.max_message_bytes;
 
@@ -340,14 +364,28 @@ fn draining_first(
     (shutdown, drain)
 }
 
+/// Resolves `grace` after `shutdown` did, readiness off from the start of the wait: the
+/// server is told to stop only once load balancers have had the time to move away.
+async fn drain(shutdown: impl Future<Output = ()>, readiness: Readiness, grace: Duration) {
+    shutdown.await;
+    readiness.drain().await;
+    tracing::info!(
+        grace_ms = grace.as_millis(),
+        "draining: not ready; calls are answered until the grace is over"
+    );
+    tokio::time::sleep(grace).await;
+    tracing::info!("grace over: no new connections; finishing the calls in flight");
+}
+
 /// What runs beside the gRPC server: the dispatcher, the sweep of refused peers, the writer
-/// of denials to the audit log, the database probe that moves gRPC health and, without a
-/// configured backend, the sandbox bank.
+/// of denials to the audit log, the database probe that moves readiness, the admin HTTP port
+/// and, without a configured backend, the sandbox bank.
 struct Background {
     stop: watch::Sender<bool>,
     dispatch: JoinHandle<()>,
     peers: JoinHandle<()>,
     readiness: JoinHandle<()>,
+    admin: Option<JoinHandle<std::io::Result<()>>>,
     sandbox: Option<JoinHandle<anyhow::Result<()>>>,
     denials: Arc<AuditDenials>,
 }
@@ -356,10 +394,9 @@ impl Background {
     fn start(
         settings: &Settings,
         ctx: &Context,
-        dispatcher: Dispatcher,
-        sandbox: Option<EmbeddedBank>,
+        (dispatcher, sandbox): (Dispatcher, Option<EmbeddedBank>),
         authenticator: &Arc<Authenticator>,
-        (health, services): (HealthReporter, Vec<&'static str>),
+        (readiness, admin_listener): (Readiness, Option<TcpListener>),
     ) -> Self {
         let (stop, stop_rx) = watch::channel(false);
         let stopped = |mut rx: watch::Receiver<bool>| async move {
@@ -371,10 +408,19 @@ impl Background {
             authenticator.clone(),
             stopped(stop_rx.clone()),
         ));
+        let admin = admin_listener.map(|listener| {
+            if let Ok(addr) = listener.local_addr() {
+                tracing::info!(%addr, "admin HTTP port: /healthz, /readyz, /metrics");
+            }
+            tokio::spawn(crate::admin::serve(
+                listener,
+                readiness.clone(),
+                stopped(stop_rx.clone()),
+            ))
+        });
         let readiness = tokio::spawn(readiness::follow_database(
             ctx.store.clone(),
-            health,
-            services,
+            readiness,
             readiness::Probe {
                 interval: settings.database_probe_interval(),
                 timeout: settings.pool_settings().acquire_timeout,
@@ -394,6 +440,7 @@ impl Background {
             dispatch,
             peers,
             readiness,
+            admin,
             sandbox,
             denials,
         }
@@ -408,6 +455,9 @@ impl Background {
         self.dispatch.await?;
         self.peers.await?;
         self.readiness.await?;
+        if let Some(admin) = self.admin {
+            admin.await?.context("the admin HTTP port")?;
+        }
         if let Some(task) = self.sandbox {
             task.await??;
         }

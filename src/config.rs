@@ -20,6 +20,14 @@ use crate::store::PoolSettings;
 pub struct Settings {
     /// Where the gRPC server listens.
     pub listen_addr: SocketAddr,
+    /// The admin HTTP port (`/healthz`, `/readyz`, `/metrics`), plain HTTP even when gRPC
+    /// uses TLS; empty (`PAYOUTS_ADMIN_LISTEN_ADDR=`): none.
+    #[serde(with = "optional_addr")]
+    pub admin_listen_addr: Option<SocketAddr>,
+    /// On SIGTERM, how long calls are still answered after health and `/readyz` turned
+    /// not-serving (so load balancers move away first), in milliseconds; then the server stops
+    /// accepting and finishes the calls in flight.
+    pub shutdown_grace_ms: u64,
     /// `sqlite://...` (embedded) or `postgres://...`.
     pub database_url: String,
     /// Whether `serve` applies the database migrations at start. Replicas that serve as a
@@ -122,6 +130,8 @@ impl Default for Settings {
     fn default() -> Self {
         Self {
             listen_addr: SocketAddr::from(([127, 0, 0, 1], 50051)),
+            admin_listen_addr: Some(SocketAddr::from(([127, 0, 0, 1], 9464))),
+            shutdown_grace_ms: 5_000,
             database_url: "sqlite://./data/payouts.db".into(),
             migrate: true,
             database_max_connections: 16,
@@ -239,6 +249,11 @@ impl Settings {
         }
     }
 
+    /// How long calls are still answered after SIGTERM turned readiness off.
+    pub fn shutdown_grace(&self) -> Duration {
+        Duration::from_millis(self.shutdown_grace_ms)
+    }
+
     /// How often the health probe asks the database.
     pub fn database_probe_interval(&self) -> Duration {
         Duration::from_millis(self.database_probe_interval_ms)
@@ -339,6 +354,31 @@ impl Settings {
     }
 }
 
+/// An address that may be empty: `""` (or no value) is none.
+mod optional_addr {
+    use std::net::SocketAddr;
+
+    use serde::{Deserialize as _, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(addr: &Option<SocketAddr>, s: S) -> Result<S::Ok, S::Error> {
+        match addr {
+            Some(addr) => s.collect_str(addr),
+            None => s.serialize_str(""),
+        }
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<SocketAddr>, D::Error> {
+        let text = Option::<String>::deserialize(d)?.unwrap_or_default();
+        let text = text.trim();
+        if text.is_empty() {
+            return Ok(None);
+        }
+        text.parse().map(Some).map_err(|e| {
+            serde::de::Error::custom(format!("admin_listen_addr: {e}: {text:?} (empty: none)"))
+        })
+    }
+}
+
 /// `ms` milliseconds; None for 0, which these settings read as "off".
 fn millis_unless_zero(ms: u64) -> Option<Duration> {
     (ms > 0).then(|| Duration::from_millis(ms))
@@ -384,6 +424,35 @@ mod tests {
             let refused = with_backend(tweak).expect_err(named).to_string();
             assert!(refused.contains(named), "{refused}");
         }
+    }
+
+    #[test]
+    // figment's `Jail` decides the closure's error type.
+    #[allow(clippy::result_large_err)]
+    fn the_admin_port_defaults_to_9464_and_an_empty_address_turns_it_off() {
+        figment::Jail::expect_with(|jail| {
+            let settings = Settings::load(None).expect("defaults");
+            assert_eq!(
+                settings.admin_listen_addr,
+                Some(SocketAddr::from(([127, 0, 0, 1], 9464)))
+            );
+            assert_eq!(settings.shutdown_grace(), Duration::from_millis(5_000));
+            jail.set_env("PAYOUTS_ADMIN_LISTEN_ADDR", "");
+            jail.set_env("PAYOUTS_SHUTDOWN_GRACE_MS", "1500");
+            let settings = Settings::load(None).expect("from the environment");
+            assert_eq!(settings.admin_listen_addr, None);
+            assert_eq!(settings.shutdown_grace_ms, 1_500);
+            jail.set_env("PAYOUTS_ADMIN_LISTEN_ADDR", "0.0.0.0:9000");
+            let settings = Settings::load(None).expect("an address");
+            assert_eq!(
+                settings.admin_listen_addr,
+                Some("0.0.0.0:9000".parse().unwrap())
+            );
+            jail.set_env("PAYOUTS_ADMIN_LISTEN_ADDR", "not-an-address");
+            let refused = Settings::load(None).expect_err("a bad address").to_string();
+            assert!(refused.contains("admin_listen_addr"), "{refused}");
+            Ok(())
+        });
     }
 
     #[test]

@@ -12,7 +12,8 @@
 //! - `sandbox` (cargo feature `sandbox`, on by default): the sandbox bank, a fake payments
 //!   backend (no money moves) that `serve` starts only when no backend is configured.
 //! - [`app`]: wiring everything from [`config::Settings`] into a running server;
-//!   [`readiness`]: gRPC health that follows the database.
+//!   [`readiness`]: whether the replica is ready (the database answers, it is not draining),
+//!   which gRPC health and [`admin`] (the admin HTTP port: probes and `/metrics`) report.
 //!
 //! Leaf modules, which import nothing of the crate but [`proto`] and each other:
 //! [`principal`] (the caller), [`status`] and [`status_body`] (gRPC statuses), [`deadline`]
@@ -23,6 +24,7 @@
 //! Imports run one way: `domain` <- `store` <- `api` and `payments`; `auth` stands beside
 //! `api`; everything may use the leaf modules; only `app` (and `main`) see all of it.
 
+pub mod admin;
 pub mod api;
 pub mod app;
 pub mod audit;

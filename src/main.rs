@@ -113,8 +113,13 @@ impl SandboxArgs {
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     let settings = Settings::load(cli.config.as_deref())?;
-    let telemetry = telemetry::init(&settings.log_format)?;
-    let result = run(cli.command.unwrap_or(Command::Serve), settings).await;
+    let command = cli.command.unwrap_or(Command::Serve);
+    // `/metrics` is served by `serve`'s admin port: instruments are kept only when it is on.
+    let exposition = telemetry::Exposition {
+        prometheus: matches!(command, Command::Serve) && settings.admin_listen_addr.is_some(),
+    };
+    let telemetry = telemetry::init(&settings.log_format, exposition)?;
+    let result = run(command, settings).await;
     telemetry.shutdown();
     result
 }

@@ -1,12 +1,18 @@
-//! Whether this replica can serve: every `database_probe_interval_ms` the database is asked
-//! for one cheap round trip ([`ProbeStore::probe`]), and gRPC health follows the answer. The
-//! overall service (`""`) and each of `services` turn `NOT_SERVING` on the first probe that
-//! fails (or gets no answer within `database_acquire_timeout_ms`, as long as a call would
-//! wait) and `SERVING` again on the first that succeeds: a load balancer stops sending calls
-//! that could only fail `UNAVAILABLE`, and sends them again without a restart.
+//! Whether this replica can serve: [`Readiness`], which gRPC health and the admin port's
+//! `/readyz` both report. It is ready while the database answers and the replica is not
+//! draining.
+//!
+//! Every `database_probe_interval_ms` the database is asked for one cheap round trip
+//! ([`ProbeStore::probe`]). The overall service (`""`) and each served service turn
+//! `NOT_SERVING` on the first probe that fails (or gets no answer within
+//! `database_acquire_timeout_ms`, as long as a call would wait) and `SERVING` again on the
+//! first that succeeds: a load balancer stops sending calls that could only fail
+//! `UNAVAILABLE`, and sends them again without a restart. Once draining (SIGTERM), they stay
+//! `NOT_SERVING`.
 
 use std::future::Future;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use tonic_health::ServingStatus;
@@ -23,12 +29,78 @@ pub struct Probe {
     pub timeout: Duration,
 }
 
-/// Probes `store` until `stop` resolves, setting the health of `""` and of each of `services`
-/// on every change. The service starts `SERVING`: it has just opened and migrated the store.
+/// Whether the replica is ready, shared by gRPC health and `/readyz`. It starts ready: the
+/// store has just been opened and migrated.
+#[derive(Clone)]
+pub struct Readiness {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    database_answers: AtomicBool,
+    draining: AtomicBool,
+    health: HealthReporter,
+    services: Vec<&'static str>,
+    /// Held while the health statuses are written, so that the last change is the one shown.
+    publishing: tokio::sync::Mutex<()>,
+}
+
+impl Readiness {
+    /// Readiness that sets the gRPC health of `""` and of each of `services` through `health`.
+    pub fn new(health: HealthReporter, services: Vec<&'static str>) -> Self {
+        Self {
+            inner: Arc::new(Inner {
+                database_answers: AtomicBool::new(true),
+                draining: AtomicBool::new(false),
+                health,
+                services,
+                publishing: tokio::sync::Mutex::new(()),
+            }),
+        }
+    }
+
+    /// The database answers and the replica is not draining.
+    pub fn is_ready(&self) -> bool {
+        self.inner.database_answers.load(Ordering::Acquire)
+            && !self.inner.draining.load(Ordering::Acquire)
+    }
+
+    /// Whether the replica is draining (shutting down).
+    pub fn is_draining(&self) -> bool {
+        self.inner.draining.load(Ordering::Acquire)
+    }
+
+    /// The replica is shutting down: not ready from now on, whatever the database does.
+    pub async fn drain(&self) {
+        self.inner.draining.store(true, Ordering::Release);
+        self.publish().await;
+    }
+
+    async fn set_database_answers(&self, answers: bool) {
+        self.inner
+            .database_answers
+            .store(answers, Ordering::Release);
+        self.publish().await;
+    }
+
+    /// Writes the gRPC health of every service as readiness now is.
+    async fn publish(&self) {
+        let _one_at_a_time = self.inner.publishing.lock().await;
+        let status = if self.is_ready() {
+            ServingStatus::Serving
+        } else {
+            ServingStatus::NotServing
+        };
+        for name in std::iter::once("").chain(self.inner.services.iter().copied()) {
+            self.inner.health.set_service_status(name, status).await;
+        }
+    }
+}
+
+/// Probes `store` until `stop` resolves, telling `readiness` on every change.
 pub async fn follow_database(
     store: Arc<dyn Store>,
-    reporter: HealthReporter,
-    services: Vec<&'static str>,
+    readiness: Readiness,
     probe: Probe,
     stop: impl Future<Output = ()>,
 ) {
@@ -49,18 +121,10 @@ pub async fn follow_database(
             continue;
         }
         serving = probed.is_ok();
-        let status = match probed {
-            Ok(()) => {
-                tracing::info!("the database answers again: serving");
-                ServingStatus::Serving
-            }
-            Err(e) => {
-                tracing::warn!(error = %e, "the database does not answer: not serving");
-                ServingStatus::NotServing
-            }
-        };
-        for name in std::iter::once("").chain(services.iter().copied()) {
-            reporter.set_service_status(name, status).await;
+        match probed {
+            Ok(()) => tracing::info!("the database answers again: serving"),
+            Err(e) => tracing::warn!(error = %e, "the database does not answer: not serving"),
         }
+        readiness.set_database_answers(serving).await;
     }
 }

@@ -165,7 +165,11 @@ impl Proc {
                 command.arg("sandbox-bank").arg("--listen").arg(self.addr());
             }
             Kind::Service => {
-                command.arg("serve").env("PAYOUTS_LISTEN_ADDR", self.addr());
+                command
+                    .arg("serve")
+                    .env("PAYOUTS_LISTEN_ADDR", self.addr())
+                    // Replicas side by side: no admin port each.
+                    .env("PAYOUTS_ADMIN_LISTEN_ADDR", "");
             }
         }
         command

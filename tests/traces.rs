@@ -26,12 +26,17 @@ use partner_payouts::proto::payments::v1::sandbox_ledger_client::SandboxLedgerCl
 use partner_payouts::proto::payouts::v1 as pb;
 use partner_payouts::sandbox;
 
+/// A resource's string attributes.
+type Attributes = Vec<(String, String)>;
+
 #[derive(Clone, Default)]
 struct Collector {
     spans: Arc<Mutex<Vec<Span>>>,
     metric_names: Arc<Mutex<HashSet<String>>>,
-    /// The method and status code of every `rpc.server.duration` point.
-    durations: Arc<Mutex<HashSet<(String, i64)>>>,
+    /// The service, method and status code of every `rpc.server.call.duration` point.
+    durations: Arc<Mutex<HashSet<(String, String, i64)>>>,
+    /// The attributes of every exporting resource.
+    resources: Arc<Mutex<Vec<Attributes>>>,
 }
 
 #[tonic::async_trait]
@@ -42,6 +47,15 @@ impl TraceService for Collector {
     ) -> Result<tonic::Response<ExportTraceServiceResponse>, tonic::Status> {
         let mut spans = self.spans.lock().expect("lock");
         for resource in request.into_inner().resource_spans {
+            let attributes = resource.resource.iter().flat_map(|r| &r.attributes);
+            self.resources.lock().expect("lock").push(
+                attributes
+                    .filter_map(|kv| match kv.value.as_ref()?.value.as_ref()? {
+                        Value::StringValue(v) => Some((kv.key.clone(), v.clone())),
+                        _ => None,
+                    })
+                    .collect(),
+            );
             for scope in resource.scope_spans {
                 spans.extend(scope.spans);
             }
@@ -62,8 +76,9 @@ impl MetricsService for Collector {
             for scope in resource.scope_metrics {
                 for metric in scope.metrics {
                     if let Some(Data::Histogram(histogram)) = &metric.data
-                        && metric.name == "rpc.server.duration"
+                        && metric.name == "rpc.server.call.duration"
                     {
+                        assert_eq!(metric.unit, "s", "durations in seconds");
                         durations.extend(histogram.data_points.iter().filter_map(|point| {
                             let attr = |key: &str| {
                                 point
@@ -74,10 +89,18 @@ impl MetricsService for Collector {
                                     .clone()?
                                     .value
                             };
-                            match (attr("rpc.method"), attr("rpc.grpc.status_code")) {
-                                (Some(Value::StringValue(m)), Some(Value::IntValue(c))) => {
-                                    Some((m, c))
-                                }
+                            match (
+                                attr("rpc.system"),
+                                attr("rpc.service"),
+                                attr("rpc.method"),
+                                attr("rpc.grpc.status_code"),
+                            ) {
+                                (
+                                    Some(Value::StringValue(system)),
+                                    Some(Value::StringValue(s)),
+                                    Some(Value::StringValue(m)),
+                                    Some(Value::IntValue(c)),
+                                ) if system == "grpc" => Some((s, m, c)),
                                 _ => None,
                             }
                         }));
@@ -171,8 +194,12 @@ async fn every_call_leaves_a_trace_and_no_account_number() {
         std::env::set_var("OTEL_METRIC_EXPORT_INTERVAL", "500");
     }
     let logs = Captured::default();
-    let telemetry =
-        partner_payouts::telemetry::init_with_writer("json", logs.clone()).expect("telemetry");
+    let telemetry = partner_payouts::telemetry::init_with_writer(
+        "json",
+        partner_payouts::telemetry::Exposition::default(),
+        logs.clone(),
+    )
+    .expect("telemetry");
 
     let bank_listener = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await
@@ -495,11 +522,32 @@ async fn every_call_leaves_a_trace_and_no_account_number() {
         let code = int_attr(span, "rpc.grpc.status_code").expect("status code");
         let failed = *parent_id == retry_span || name.ends_with("CancelDisbursement");
         assert_eq!(code != 0, failed, "{name} status {code}");
+        // Refused for the caller's reasons (FAILED_PRECONDITION): not the server's error.
         let status = span.status.as_ref().map_or(0, |s| s.code);
+        assert_ne!(status, StatusCode::Error as i32, "{name} span status");
         assert_eq!(
-            status == StatusCode::Error as i32,
-            failed,
-            "{name} span status"
+            string_attr(span, "server.address").as_deref(),
+            Some("127.0.0.1"),
+            "{name}"
+        );
+        assert_eq!(
+            int_attr(span, "server.port"),
+            Some(i64::from(app.addr.port())),
+            "{name}"
+        );
+        assert_eq!(
+            string_attr(span, "network.peer.address").as_deref(),
+            Some("127.0.0.1"),
+            "{name}"
+        );
+    }
+    let resources = collector.resources.lock().expect("lock").clone();
+    assert!(!resources.is_empty(), "spans come with their resource");
+    for attributes in &resources {
+        let instance = attributes.iter().find(|(k, _)| k == "service.instance.id");
+        assert!(
+            instance.is_some_and(|(_, v)| !v.is_empty()),
+            "service.instance.id in {attributes:?}"
         );
     }
     let submit_span = spans
@@ -514,11 +562,20 @@ async fn every_call_leaves_a_trace_and_no_account_number() {
         string_attr(submit_span, "payouts.disbursement_id").as_deref(),
         Some(approved.disbursement_id.as_str())
     );
-    assert!(
-        spans.iter().any(|s| s.trace_id == hex(TRACE_ID)
-            && string_attr(s, "db.system").as_deref() == Some("sqlite")),
-        "database work shows as spans"
-    );
+    let database_spans: Vec<&Span> = spans
+        .iter()
+        .filter(|s| s.trace_id == hex(TRACE_ID) && s.name.starts_with("store."))
+        .collect();
+    assert!(!database_spans.is_empty(), "database work shows as spans");
+    for span in database_spans {
+        let attr = |key: &str| string_attr(span, key);
+        assert_eq!(attr("db.system.name").as_deref(), Some("sqlite"));
+        assert_eq!(
+            attr("db.operation.name").as_deref(),
+            span.name.strip_prefix("store.")
+        );
+        assert_eq!(attr("db.namespace").as_deref(), Some("main"));
+    }
     for backend in ["VerifyAccountHolder", "SubmitInstruction"] {
         let name = format!("payments.v1.PaymentsBackend/{backend}");
         assert!(
@@ -540,16 +597,13 @@ async fn every_call_leaves_a_trace_and_no_account_number() {
             "account number prefix leaked"
         );
     }
-    assert!(
-        logged.lines().any(|l| l.contains(TRACE_ID)),
-        "log lines carry the trace id"
-    );
+    assert_logs_name_their_trace(&logged);
 
     let names = eventually(10, || {
         let collector = collector.clone();
         async move {
             let names = collector.metric_names.lock().expect("lock").clone();
-            names.contains("rpc.server.duration").then_some(names)
+            names.contains("rpc.server.call.duration").then_some(names)
         }
     })
     .await;
@@ -559,7 +613,11 @@ async fn every_call_leaves_a_trace_and_no_account_number() {
         let collector = collector.clone();
         async move {
             let durations = collector.durations.lock().expect("lock");
-            let deadline = ("payouts.v1.PartnerService/RegisterPartner".to_owned(), 4);
+            let deadline = (
+                "payouts.v1.PartnerService".to_owned(),
+                "RegisterPartner".to_owned(),
+                4,
+            );
             durations.contains(&deadline).then_some(())
         }
     })
@@ -621,6 +679,35 @@ async fn calls_that_fail_the_service_way(app: &TestApp) -> (&'static str, &'stat
     let info = status.get_details_request_info().expect("RequestInfo");
     assert_eq!(info.request_id, TRACE_ID, "INTERNAL names the call's trace");
     (DEADLINE_SPAN, INTERNAL_SPAN)
+}
+
+/// Every JSON line logged inside a span has the trace's `trace_id` and the span's `span_id`
+/// at its top level, and the calls traced under [`TRACE_ID`] logged lines with it.
+fn assert_logs_name_their_trace(logged: &str) {
+    let lines: Vec<serde_json::Value> = logged
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
+        .collect();
+    let in_spans: Vec<&serde_json::Value> =
+        lines.iter().filter(|l| l.get("span").is_some()).collect();
+    assert!(!in_spans.is_empty(), "lines logged inside spans");
+    for line in &in_spans {
+        let id = |key: &str, len: usize| {
+            let id = line[key]
+                .as_str()
+                .unwrap_or_else(|| panic!("{key} in {line}"));
+            assert!(
+                id.len() == len && id.bytes().all(|b| b.is_ascii_hexdigit()),
+                "{line}"
+            );
+        };
+        id("trace_id", 32);
+        id("span_id", 16);
+    }
+    assert!(
+        in_spans.iter().any(|l| l["trace_id"] == TRACE_ID),
+        "lines of the traced calls carry their trace id"
+    );
 }
 
 /// The SERVER span under each parent span id has the gRPC status code given, and an error

@@ -96,6 +96,8 @@ pub async fn spawn(
     service
         .arg("serve")
         .env("PAYOUTS_LISTEN_ADDR", &listen)
+        // No admin port: a service already running here may hold the default one.
+        .env("PAYOUTS_ADMIN_LISTEN_ADDR", "")
         .env("PAYOUTS_DATABASE_URL", database_url)
         .env("PAYOUTS_DATABASE_MAX_CONNECTIONS", "32")
         .env("PAYOUTS_PII_KEY_FILE", dir.join("pii.key"))

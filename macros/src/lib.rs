@@ -3,8 +3,10 @@
 use proc_macro::{Delimiter, Group, Punct, Spacing, TokenStream, TokenTree};
 
 /// `#[store_span]` on a store method: the method runs in its CLIENT span, named
-/// `store.<method>`, with the database system (`db.system = DB_SYSTEM`, the constant of the
-/// database the method is compiled for) and none of its arguments. Further fields go in the
+/// `store.<method>`, with OpenTelemetry's database attributes: the system
+/// (`db.system.name = DB_SYSTEM`, the constant of the database the method is compiled for),
+/// the operation (`db.operation.name`, the method's name) and the database
+/// (`db.namespace = self.db_namespace()`), and none of its arguments. Further fields go in the
 /// attribute: `#[store_span(rows = rows.len())]`.
 ///
 /// It stands for the `#[tracing::instrument(...)]` every store method would otherwise spell
@@ -15,7 +17,10 @@ pub fn store_span(fields: TokenStream, item: TokenStream) -> TokenStream {
     let Some(method) = method_name(item.clone()) else {
         return parse("compile_error!(\"#[store_span] goes on a method\");");
     };
-    let mut all_fields = parse("otel.kind = \"client\", db.system = DB_SYSTEM");
+    let mut all_fields = parse(&format!(
+        "otel.kind = \"client\", db.system.name = DB_SYSTEM, \
+         db.operation.name = \"{method}\", db.namespace = self.db_namespace()"
+    ));
     if !fields.is_empty() {
         all_fields.extend([TokenTree::Punct(Punct::new(',', Spacing::Alone))]);
         all_fields.extend(fields);

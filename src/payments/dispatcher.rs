@@ -42,6 +42,7 @@ use super::QuietHours;
 use super::backend::{Backend, CallError};
 use super::breaker::BreakerConfig;
 use super::flow::FlowConfig;
+use super::leases::Leases;
 use crate::domain::{
     AttemptOperation, AttemptOutcome, DisbursementId, DisbursementStatus, Krw, failure,
 };
@@ -119,7 +120,7 @@ const VERIFY: AttemptOperation = AttemptOperation::VerifyHolder;
 const SUBMIT: AttemptOperation = AttemptOperation::SubmitInstruction;
 const LOOKUP: AttemptOperation = AttemptOperation::GetInstruction;
 
-fn micros(d: Duration) -> i64 {
+pub(super) fn micros(d: Duration) -> i64 {
     i64::try_from(d.as_micros()).unwrap_or(i64::MAX)
 }
 
@@ -176,7 +177,9 @@ impl Dispatcher {
         }
     }
 
-    /// Runs until `shutdown` resolves; work already taken is finished first.
+    /// Runs until `shutdown` resolves. A round in progress then finishes its backend calls in
+    /// flight and records them, sends nothing more, and hands its leases back, so that
+    /// another replica takes the rest at once rather than after `lease`.
     pub async fn run(self, shutdown: impl Future<Output = ()>) {
         tokio::pin!(shutdown);
         let (stop, stopping) = watch::channel(false);
@@ -204,7 +207,7 @@ impl Dispatcher {
 
     /// One round; when it found nothing to do, a pause of `poll` (cut short by `stopping`).
     async fn round_then_rest(&self, mut stopping: watch::Receiver<bool>) {
-        let worked = match self.round().await {
+        let worked = match self.round(&stopping).await {
             Ok(n) => n,
             Err(e) => {
                 tracing::warn!(error = %e, "dispatch round failed");
@@ -220,7 +223,8 @@ impl Dispatcher {
     }
 
     /// Takes a batch of what is due and works on it; returns how many disbursements it took.
-    pub async fn round(&self) -> Result<usize, StoreError> {
+    /// Once `stopping`, it sends nothing more and hands back its leases.
+    async fn round(&self, stopping: &watch::Receiver<bool>) -> Result<usize, StoreError> {
         if let Some(quiet) = &self.config.quiet_hours
             && quiet.contains(jiff::Timestamp::now())
         {
@@ -234,26 +238,16 @@ impl Dispatcher {
         if n == 0 {
             return Ok(0);
         }
-        let ids: Vec<DisbursementId> = leased.iter().map(|d| d.disbursement_id).collect();
+        let leases = Leases::new(&*self.store, &leased, lease_until, self.config.lease);
         let rows = leased.into_iter().map(Self::leased).collect();
-        tokio::select! {
-            result = self.work(rows) => result?,
-            () = self.keep_leases(&ids, lease_until) => {}
+        let worked = tokio::select! {
+            result = self.work(rows, stopping) => result,
+            () = leases.keep() => Ok(()),
+        };
+        if *stopping.borrow() {
+            leases.hand_back().await;
         }
-        Ok(n)
-    }
-
-    /// Renews the round's leases every third of the lease, for as long as the round runs.
-    async fn keep_leases(&self, ids: &[DisbursementId], mut held_until: Micros) {
-        let every = (self.config.lease / 3).max(Duration::from_millis(10));
-        loop {
-            tokio::time::sleep(every).await;
-            let until = now_micros() + micros(self.config.lease);
-            match self.store.renew_leases(ids, held_until, until).await {
-                Ok(_) => held_until = until,
-                Err(e) => tracing::warn!(error = %e, "renewing dispatch leases"),
-            }
-        }
+        worked.map(|()| n)
     }
 
     /// A leased disbursement in a span that continues the trace of the approving call.
@@ -270,10 +264,16 @@ impl Dispatcher {
         Leased { d, span }
     }
 
-    /// Steps 2 to 5 of a round (see the module's documentation).
-    async fn work(&self, rows: Vec<Leased>) -> Result<(), StoreError> {
+    /// Steps 2 to 5 of a round (see the module's documentation). Once `stopping`, after the
+    /// checks in flight: records them, and neither stores keys nor sends.
+    async fn work(
+        &self,
+        rows: Vec<Leased>,
+        stopping: &watch::Receiver<bool>,
+    ) -> Result<(), StoreError> {
         // 2. Verify the holders not yet verified.
         let checks = self.verify_holders(&rows).await;
+        let stopped = *stopping.borrow();
 
         // 3. Record the checks and store the keys of what is to be sent, in one transaction.
         let mut record = DispatchRecord::default();
@@ -289,11 +289,14 @@ impl Dispatcher {
                     verified
                 }
             };
-            if to_send {
+            if to_send && !stopped {
                 record.assign_keys.push(id);
             }
         }
         let keys = self.store_record(&record).await?;
+        if stopped {
+            return Ok(());
+        }
         let key_of = record.assign_keys.iter().copied().zip(keys).collect();
 
         // 4. Send the instructions, or look up those sent before.

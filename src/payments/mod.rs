@@ -9,6 +9,7 @@ mod backend;
 mod breaker;
 pub mod dispatcher;
 mod flow;
+mod leases;
 mod pace;
 
 pub use breaker::BreakerConfig;

@@ -536,6 +536,7 @@ pub trait DispatchStore {
     ) -> Result<Vec<Disbursement>>;
     /// Extends to `lease_until` the leases among `disbursement_ids` that are still held until
     /// `held_until` (rows released or taken over meanwhile are left alone); returns how many.
+    /// A `lease_until` of 0 hands them back: due at once, for any replica.
     async fn renew_leases(
         &self,
         disbursement_ids: &[DisbursementId],

@@ -56,6 +56,11 @@ impl PgStore {
         super::schema::check_applied(&MIGRATOR, &mut *conn).await
     }
 
+    /// The database's name, as its spans give it (`db.namespace`).
+    fn db_namespace(&self) -> &str {
+        self.options.get_database().unwrap_or("postgres")
+    }
+
     async fn begin_transaction(&self) -> super::Result<sqlx::Transaction<'static, sqlx::Postgres>> {
         Ok(self.pool.begin().await?)
     }

@@ -44,6 +44,12 @@ impl SqliteStore {
         super::schema::check_applied(&MIGRATOR, &mut *conn).await
     }
 
+    /// The database as its spans give it (`db.namespace`): `main`, as SQLite names the file a
+    /// connection opened (never its path).
+    fn db_namespace(&self) -> &'static str {
+        "main"
+    }
+
     /// A fresh, migrated store in `dir`, its account numbers sealed under a fixed test key.
     #[cfg(test)]
     pub(crate) async fn migrated_in(dir: &tempfile::TempDir) -> Self {

@@ -274,16 +274,36 @@ async fn every_store_call_is_a_client_span_named_after_its_method() {
             fields.0.clone()
         };
         let system = if db == "postgres" { "postgresql" } else { db };
-        let client = |extra: &[(&str, &str)]| {
-            let mut expected = vec![("otel.kind", "client"), ("db.system", system)];
+        // The database's name: each test makes its own on PostgreSQL.
+        let namespace = if db == "postgres" {
+            let mut named = fields("store.get_partner").into_iter();
+            let namespace = named.find(|(k, _)| k == "db.namespace").map(|(_, v)| v);
+            let namespace = namespace.unwrap_or_default();
+            assert!(namespace.starts_with("payouts_test_"), "{namespace}");
+            namespace
+        } else {
+            "main".to_owned()
+        };
+        let namespace = namespace.as_str();
+        let client = |operation: &str, extra: &[(&str, &str)]| {
+            let mut expected = vec![
+                ("otel.kind", "client"),
+                ("db.system.name", system),
+                ("db.operation.name", operation),
+                ("db.namespace", namespace),
+            ];
             expected.extend(extra);
             let owned = |(k, v): &(&str, &str)| (k.to_string(), v.to_string());
             expected.iter().map(owned).collect::<Vec<_>>()
         };
-        assert_eq!(fields("store.get_partner"), client(&[]), "{db}");
+        assert_eq!(
+            fields("store.get_partner"),
+            client("get_partner", &[]),
+            "{db}"
+        );
         assert_eq!(
             fields("store.register_partners"),
-            client(&[("rows", "1")]),
+            client("register_partners", &[("rows", "1")]),
             "{db}: with the fields the method adds"
         );
     }

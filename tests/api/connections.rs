@@ -326,6 +326,7 @@ async fn under_tls_silence_is_cut_at_the_handshake_timeout_and_a_client_is_not()
     let (cert_file, key_file) = ca.server().write(dir.path(), "server");
     let settings = Settings {
         listen_addr: "127.0.0.1:0".parse().expect("addr"),
+        admin_listen_addr: None,
         database_url: format!("sqlite://{}", dir.path().join("payouts.db").display()),
         pii_key_file: dir.path().join("pii.key"),
         tls: Some(TlsSettings {

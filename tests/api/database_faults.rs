@@ -110,7 +110,13 @@ fn register_request(seed: u64) -> pb::RegisterPartnerRequest {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn health_follows_the_database_away_and_back() {
-    let (app, proxy) = spawn_behind_proxy(|_| {}).await;
+    let (app, proxy) = spawn_behind_proxy(|s| {
+        s.admin_listen_addr = Some("127.0.0.1:0".parse().expect("addr"));
+    })
+    .await;
+    let admin = app.admin_addr.expect("the admin port");
+    let readyz = || async move { http_get(admin, "/readyz").await.expect("/readyz answers") };
+    assert_eq!(readyz().await, (200, "ready\n".to_owned()));
     assert!(
         health(&app)
             .await
@@ -120,8 +126,16 @@ async fn health_follows_the_database_away_and_back() {
     for (seed, (what, fault)) in (1..).zip(FAULTS) {
         fault(&proxy);
         let down = until_health(&app, ServingStatus::NotServing).await;
+        // `/readyz` says the same as gRPC health, and why.
+        let not_ready = (503, "the database does not answer\n".to_owned());
+        assert_eq!(readyz().await, not_ready, "database {what}");
         proxy.restore();
         let up = until_health(&app, ServingStatus::Serving).await;
+        assert_eq!(
+            readyz().await,
+            (200, "ready\n".to_owned()),
+            "database {what}"
+        );
         eprintln!(
             "measured: database {what}: NOT_SERVING after {down:?}; SERVING {up:?} after restore"
         );

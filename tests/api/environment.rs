@@ -92,6 +92,8 @@ async fn auth_and_tls_come_from_the_environment(db: Db) {
         .arg("serve")
         .env("PAYOUTS_CONFIG", &config)
         .env("PAYOUTS_LISTEN_ADDR", format!("127.0.0.1:{port}"))
+        // Run on both databases at once: no admin port each.
+        .env("PAYOUTS_ADMIN_LISTEN_ADDR", "")
         .env("PAYOUTS_DATABASE_URL", &database_url)
         .env(
             "PAYOUTS_PII_KEY",

@@ -72,6 +72,8 @@ pub struct TestApp {
     pub channel: Channel,
     /// Where the service listens.
     pub addr: std::net::SocketAddr,
+    /// Where its admin HTTP port listens, when a test turned it on.
+    pub admin_addr: Option<std::net::SocketAddr>,
     pub db: Db,
     pub database_url: String,
     pub pii_key_file: std::path::PathBuf,
@@ -126,6 +128,25 @@ impl TestApp {
     }
 }
 
+/// `GET path` over HTTP/1.1 on a connection of its own: the status code and the body.
+pub async fn http_get(addr: std::net::SocketAddr, path: &str) -> std::io::Result<(u16, String)> {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let mut stream = tokio::net::TcpStream::connect(addr).await?;
+    let request = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
+    stream.write_all(request.as_bytes()).await?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response).await?;
+    let (head, body) = response
+        .split_once("\r\n\r\n")
+        .ok_or_else(|| std::io::Error::other(format!("no header end: {response:?}")))?;
+    let code = head
+        .split(' ')
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .ok_or_else(|| std::io::Error::other(format!("no status: {head:?}")))?;
+    Ok((code, body.to_owned()))
+}
+
 /// The PostgreSQL server tests use; it must be running (CI starts it).
 pub fn postgres_admin_url() -> String {
     std::env::var("PAYOUTS_TEST_POSTGRES_URL")
@@ -178,6 +199,9 @@ pub async fn spawn_app_in(
 ) -> TestApp {
     let mut settings = Settings {
         listen_addr: "127.0.0.1:0".parse().expect("addr"),
+        // Tests of the admin port and the drain run the binary (tests/operations.rs).
+        admin_listen_addr: None,
+        shutdown_grace_ms: 0,
         database_url: database_url.clone(),
         database_max_connections: 5,
         policy_file: Some(write_test_policy(dir.path())),
@@ -192,6 +216,7 @@ pub async fn spawn_app_in(
     let pii_key_file = settings.pii_key_file.clone();
     let application = Application::build(settings).await.expect("app builds");
     let addr = application.local_addr();
+    let admin_addr = application.admin_addr();
     let (tx, rx) = tokio::sync::oneshot::channel::<()>();
     let server = tokio::spawn(application.run_until(async {
         let _ = rx.await;
@@ -205,6 +230,7 @@ pub async fn spawn_app_in(
     TestApp {
         channel,
         addr,
+        admin_addr,
         db,
         database_url,
         pii_key_file,

@@ -1,0 +1,201 @@
+//! Tracing and OpenTelemetry: logs (text or JSON, with trace ids: `logs`), a SERVER span per
+//! RPC that continues the caller's W3C trace (`rpc`), metrics (`metrics`), OTLP export, and
+//! context propagation helpers.
+//!
+//! Export is configured by the standard variables (`OTEL_EXPORTER_OTLP_ENDPOINT`,
+//! `OTEL_SERVICE_NAME`, `OTEL_TRACES_SAMPLER`/`_ARG`, `OTEL_RESOURCE_ATTRIBUTES`). Without an
+//! endpoint nothing is exported, but spans still carry ids so traces propagate to the backend.
+
+mod logs;
+mod metrics;
+mod rpc;
+
+pub use metrics::{Metrics, metrics, prometheus_text};
+pub use rpc::{RpcTrace, RpcTraceLayer, is_server_error};
+
+use std::collections::HashMap;
+
+use opentelemetry::propagation::{Extractor, Injector, TextMapCompositePropagator};
+use opentelemetry::trace::{TraceContextExt as _, TracerProvider as _};
+use opentelemetry::{Key, KeyValue, global};
+use opentelemetry_sdk::Resource;
+use opentelemetry_sdk::metrics::SdkMeterProvider;
+use opentelemetry_sdk::propagation::{BaggagePropagator, TraceContextPropagator};
+use opentelemetry_sdk::trace::SdkTracerProvider;
+use tracing_opentelemetry::OpenTelemetrySpanExt as _;
+use tracing_subscriber::EnvFilter;
+use tracing_subscriber::fmt::MakeWriter;
+use tracing_subscriber::layer::SubscriberExt as _;
+use tracing_subscriber::util::SubscriberInitExt as _;
+
+/// The installed providers; [`Telemetry::shutdown`] flushes what is still buffered.
+pub struct Telemetry {
+    tracer_provider: SdkTracerProvider,
+    meter_provider: Option<SdkMeterProvider>,
+}
+
+impl Telemetry {
+    /// Exports everything still buffered (spans, metrics).
+    pub fn shutdown(&self) {
+        if let Err(e) = self.tracer_provider.force_flush() {
+            tracing::warn!(error = %e, "flushing spans");
+        }
+        if let Some(Err(e)) = self
+            .meter_provider
+            .as_ref()
+            .map(SdkMeterProvider::force_flush)
+        {
+            tracing::warn!(error = %e, "flushing metrics");
+        }
+    }
+}
+
+fn otlp_endpoint_configured() -> bool {
+    [
+        "OTEL_EXPORTER_OTLP_ENDPOINT",
+        "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT",
+    ]
+    .iter()
+    .any(|v| std::env::var(v).is_ok_and(|s| !s.trim().is_empty()))
+}
+
+/// The process as telemetry names it: `service.name` (`partner-payouts` unless
+/// `OTEL_SERVICE_NAME` says otherwise) and `service.instance.id` (new for every process unless
+/// `OTEL_RESOURCE_ATTRIBUTES` gives one), beside what the environment adds.
+fn resource() -> Resource {
+    const INSTANCE_ID: Key = Key::from_static_str("service.instance.id");
+    let detected = Resource::builder().build();
+    let mut builder = Resource::builder();
+    if std::env::var("OTEL_SERVICE_NAME").is_err() {
+        builder = builder.with_service_name("partner-payouts");
+    }
+    if detected.get(&INSTANCE_ID).is_none() {
+        builder =
+            builder.with_attribute(KeyValue::new(INSTANCE_ID, uuid::Uuid::now_v7().to_string()));
+    }
+    builder.build()
+}
+
+/// Where metrics go besides OTLP (which the `OTEL_*` variables configure).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Exposition {
+    /// Keep every instrument for `/metrics` ([`prometheus_text`]).
+    pub prometheus: bool,
+}
+
+/// Installs logging and OpenTelemetry, writing logs to stderr. `RUST_LOG` filters (default
+/// `info`); `log_format` is `text` or `json`.
+pub fn init(log_format: &str, exposition: Exposition) -> anyhow::Result<Telemetry> {
+    init_with_writer(log_format, exposition, std::io::stderr)
+}
+
+/// As [`init`], with logs going to `writer`.
+pub fn init_with_writer<W>(
+    log_format: &str,
+    exposition: Exposition,
+    writer: W,
+) -> anyhow::Result<Telemetry>
+where
+    W: for<'w> MakeWriter<'w> + Send + Sync + 'static,
+{
+    global::set_text_map_propagator(TextMapCompositePropagator::new(vec![
+        Box::new(TraceContextPropagator::new()),
+        Box::new(BaggagePropagator::new()),
+    ]));
+    let resource = resource();
+    let otlp = otlp_endpoint_configured();
+    let mut tracer_builder = SdkTracerProvider::builder().with_resource(resource.clone());
+    if otlp {
+        let spans = opentelemetry_otlp::SpanExporter::builder()
+            .with_tonic()
+            .build()?;
+        tracer_builder = tracer_builder.with_batch_exporter(spans);
+    }
+    let meter_provider = metrics::install(&resource, otlp, exposition.prometheus)?;
+    let tracer_provider = tracer_builder.build();
+    global::set_tracer_provider(tracer_provider.clone());
+    let otel = tracing_opentelemetry::layer()
+        .with_tracer(tracer_provider.tracer("partner-payouts"))
+        .with_tracked_inactivity(false);
+
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let registry = tracing_subscriber::registry().with(filter).with(otel);
+    // A second installation (several apps in one test process) keeps the first.
+    let _ = if log_format == "json" {
+        registry.with(logs::json_layer(writer)).try_init()
+    } else {
+        registry
+            .with(tracing_subscriber::fmt::layer().with_writer(writer))
+            .try_init()
+    };
+    Ok(Telemetry {
+        tracer_provider,
+        meter_provider,
+    })
+}
+
+pub(crate) struct HeaderExtractor<'a>(&'a http::HeaderMap);
+
+impl Extractor for HeaderExtractor<'_> {
+    fn get(&self, key: &str) -> Option<&str> {
+        self.0.get(key).and_then(|v| v.to_str().ok())
+    }
+    fn keys(&self) -> Vec<&str> {
+        self.0.keys().map(http::HeaderName::as_str).collect()
+    }
+}
+
+struct MetadataInjector<'a>(&'a mut tonic::metadata::MetadataMap);
+
+impl Injector for MetadataInjector<'_> {
+    fn set(&mut self, key: &str, value: String) {
+        if let (Ok(key), Ok(value)) = (
+            tonic::metadata::MetadataKey::from_bytes(key.as_bytes()),
+            tonic::metadata::MetadataValue::try_from(value.as_str()),
+        ) {
+            self.0.insert(key, value);
+        }
+    }
+}
+
+/// Puts the current span's trace context on an outgoing request (`traceparent`, baggage).
+pub fn inject_context<T>(request: &mut tonic::Request<T>) {
+    let cx = tracing::Span::current().context();
+    global::get_text_map_propagator(|p| {
+        p.inject_context(&cx, &mut MetadataInjector(request.metadata_mut()));
+    });
+}
+
+/// The current span's trace context as W3C headers, to be stored and continued later.
+pub fn current_context_headers() -> Option<String> {
+    let cx = tracing::Span::current().context();
+    if !cx.span().span_context().is_valid() {
+        return None;
+    }
+    let mut headers = HashMap::new();
+    global::get_text_map_propagator(|p| p.inject_context(&cx, &mut headers));
+    serde_json::to_string(&headers).ok()
+}
+
+/// Makes `span` a child of the context stored by [`current_context_headers`].
+pub fn continue_stored_context(span: &tracing::Span, stored: Option<&str>) {
+    let Some(headers) =
+        stored.and_then(|s| serde_json::from_str::<HashMap<String, String>>(s).ok())
+    else {
+        return;
+    };
+    let parent = global::get_text_map_propagator(|p| p.extract(&headers));
+    if parent.span().span_context().is_valid() {
+        let _ = span.set_parent(parent);
+    }
+}
+
+/// Names the resources a call touched on the current RPC span.
+pub fn record_resource(key: &'static str, id: impl ToString) {
+    tracing::Span::current().set_attribute(key, id.to_string());
+}
+
+/// The trace id of `span`, for log lines.
+pub fn trace_id_of(span: &tracing::Span) -> String {
+    span.context().span().span_context().trace_id().to_string()
+}
