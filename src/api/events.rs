@@ -36,15 +36,10 @@ impl EventService for Events {
         &self,
         request: Request<pb::ListEventsRequest>,
     ) -> Result<Response<pb::ListEventsResponse>, Status> {
-        let pb::ListEventsRequest {
-            after_sequence,
-            page_size,
-            types,
-            partner_id,
-        } = request.into_inner();
+        let r = request.into_inner();
         let mut v = Violations::default();
-        let after = cursor(&mut v, after_sequence);
-        let limit = match page_size {
+        let after = cursor(&mut v, r.after_sequence);
+        let limit = match r.page_size {
             0 => DEFAULT_PAGE_SIZE,
             n if n < 0 => {
                 v.add("page_size", "must not be negative");
@@ -52,7 +47,7 @@ impl EventService for Events {
             }
             n => n.unsigned_abs().min(MAX_PAGE_SIZE),
         };
-        let filter = filter(&mut v, &types, &partner_id);
+        let filter = filter(&mut v, &r.types, &r.partner_id);
         v.finish()?;
         let events = self.ctx.store.list_events(&filter, after, limit).await?;
         Ok(Response::new(pb::ListEventsResponse {
@@ -66,14 +61,10 @@ impl EventService for Events {
         &self,
         request: Request<pb::WatchEventsRequest>,
     ) -> Result<Response<WatchStream>, Status> {
-        let pb::WatchEventsRequest {
-            after_sequence,
-            types,
-            partner_id,
-        } = request.into_inner();
+        let r = request.into_inner();
         let mut v = Violations::default();
-        let after = cursor(&mut v, after_sequence);
-        let filter = filter(&mut v, &types, &partner_id);
+        let after = cursor(&mut v, r.after_sequence);
+        let filter = filter(&mut v, &r.types, &r.partner_id);
         v.finish()?;
         let mut watcher = self.feed.watch(filter, after);
         let (sender, receiver) = tokio::sync::mpsc::channel(STREAM_BUFFER);

@@ -100,109 +100,38 @@ const fn rule(path: &'static str, role: Role, mutating: bool) -> MethodRule {
 }
 
 /// Every `payouts.v1` method and the role it needs.
+#[rustfmt::skip]
 pub const METHOD_RULES: &[MethodRule] = &[
     // PartnerService
-    rule(
-        "/payouts.v1.PartnerService/RegisterPartner",
-        Role::Registrar,
-        true,
-    ),
-    rule(
-        "/payouts.v1.PartnerService/UpdatePartnerBankAccount",
-        Role::Registrar,
-        true,
-    ),
+    rule("/payouts.v1.PartnerService/RegisterPartner", Role::Registrar, true),
+    rule("/payouts.v1.PartnerService/UpdatePartnerBankAccount", Role::Registrar, true),
     // Bulk intake: each row is a RegisterPartner call, so it takes what that takes.
-    rule(
-        "/payouts.v1.PartnerService/ImportPartners",
-        Role::Registrar,
-        true,
-    ),
+    rule("/payouts.v1.PartnerService/ImportPartners", Role::Registrar, true),
     rule("/payouts.v1.PartnerService/GetPartner", Role::Viewer, false),
-    rule(
-        "/payouts.v1.PartnerService/ListPartners",
-        Role::Viewer,
-        false,
-    ),
+    rule("/payouts.v1.PartnerService/ListPartners", Role::Viewer, false),
     // ClaimService
-    rule(
-        "/payouts.v1.ClaimService/SubmitClaim",
-        Role::Registrar,
-        true,
-    ),
-    rule(
-        "/payouts.v1.ClaimService/AttachEvidence",
-        Role::Registrar,
-        true,
-    ),
+    rule("/payouts.v1.ClaimService/SubmitClaim", Role::Registrar, true),
+    rule("/payouts.v1.ClaimService/AttachEvidence", Role::Registrar, true),
     // Bulk intake: each row is a SubmitClaim call.
-    rule(
-        "/payouts.v1.ClaimService/ImportClaims",
-        Role::Registrar,
-        true,
-    ),
+    rule("/payouts.v1.ClaimService/ImportClaims", Role::Registrar, true),
     rule("/payouts.v1.ClaimService/ReviewClaim", Role::Reviewer, true),
-    rule(
-        "/payouts.v1.ClaimService/PreviewCompensation",
-        Role::Viewer,
-        false,
-    ),
+    rule("/payouts.v1.ClaimService/PreviewCompensation", Role::Viewer, false),
     rule("/payouts.v1.ClaimService/GetClaim", Role::Viewer, false),
     rule("/payouts.v1.ClaimService/ListClaims", Role::Viewer, false),
     rule("/payouts.v1.ClaimService/GetPolicy", Role::Viewer, false),
     // DisbursementService
-    rule(
-        "/payouts.v1.DisbursementService/RetryDisbursement",
-        Role::Payments,
-        true,
-    ),
-    rule(
-        "/payouts.v1.DisbursementService/CancelDisbursement",
-        Role::Payments,
-        true,
-    ),
-    rule(
-        "/payouts.v1.DisbursementService/PauseDispatch",
-        Role::Payments,
-        true,
-    ),
-    rule(
-        "/payouts.v1.DisbursementService/ResumeDispatch",
-        Role::Payments,
-        true,
-    ),
-    rule(
-        "/payouts.v1.DisbursementService/GetDisbursement",
-        Role::Viewer,
-        false,
-    ),
-    rule(
-        "/payouts.v1.DisbursementService/ListDisbursements",
-        Role::Viewer,
-        false,
-    ),
-    rule(
-        "/payouts.v1.DisbursementService/GetProgramSummary",
-        Role::Viewer,
-        false,
-    ),
+    rule("/payouts.v1.DisbursementService/RetryDisbursement", Role::Payments, true),
+    rule("/payouts.v1.DisbursementService/CancelDisbursement", Role::Payments, true),
+    rule("/payouts.v1.DisbursementService/PauseDispatch", Role::Payments, true),
+    rule("/payouts.v1.DisbursementService/ResumeDispatch", Role::Payments, true),
+    rule("/payouts.v1.DisbursementService/GetDisbursement", Role::Viewer, false),
+    rule("/payouts.v1.DisbursementService/ListDisbursements", Role::Viewer, false),
+    rule("/payouts.v1.DisbursementService/GetProgramSummary", Role::Viewer, false),
     // Finance reads every payout, but reconciling reopens returned ones (PAID -> FAILED).
-    rule(
-        "/payouts.v1.DisbursementService/ExportDisbursements",
-        Role::Viewer,
-        false,
-    ),
-    rule(
-        "/payouts.v1.DisbursementService/ReconcileSettlements",
-        Role::Payments,
-        true,
-    ),
+    rule("/payouts.v1.DisbursementService/ExportDisbursements", Role::Viewer, false),
+    rule("/payouts.v1.DisbursementService/ReconcileSettlements", Role::Payments, true),
     // AuditService
-    rule(
-        "/payouts.v1.AuditService/ListAuditEvents",
-        Role::Auditor,
-        false,
-    ),
+    rule("/payouts.v1.AuditService/ListAuditEvents", Role::Auditor, false),
     // EventService: the change feed, for automation that reacts to changes.
     rule("/payouts.v1.EventService/ListEvents", Role::Viewer, false),
     rule("/payouts.v1.EventService/WatchEvents", Role::Viewer, false),

@@ -45,17 +45,6 @@ impl PgStore {
         })
     }
 
-    pub async fn migrate(&self) -> super::Result<()> {
-        MIGRATOR.run(&self.pool).await?;
-        Ok(())
-    }
-
-    /// Fails unless this release's migrations were all applied (by `partner-payouts migrate`).
-    pub async fn check_migrated(&self) -> anyhow::Result<()> {
-        let mut conn = self.pool.acquire().await?;
-        super::schema::check_applied(&MIGRATOR, &mut *conn).await
-    }
-
     /// The database's name, as its spans give it (`db.namespace`).
     fn db_namespace(&self) -> &str {
         self.options.get_database().unwrap_or("postgres")

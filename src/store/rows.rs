@@ -149,6 +149,7 @@ stored!(PartnerRow, Partner, |row| {
 
 #[derive(sqlx::FromRow)]
 pub(crate) struct EvidenceRow {
+    pub(crate) claim_id: String,
     kind: String,
     uri: String,
     sha256: String,

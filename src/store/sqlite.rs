@@ -33,17 +33,6 @@ impl SqliteStore {
         })
     }
 
-    pub async fn migrate(&self) -> super::Result<()> {
-        MIGRATOR.run(&self.pool).await?;
-        Ok(())
-    }
-
-    /// Fails unless this release's migrations were all applied (by `partner-payouts migrate`).
-    pub async fn check_migrated(&self) -> anyhow::Result<()> {
-        let mut conn = self.pool.acquire().await?;
-        super::schema::check_applied(&MIGRATOR, &mut *conn).await
-    }
-
     /// The database as its spans give it (`db.namespace`): `main`, as SQLite names the file a
     /// connection opened (never its path).
     fn db_namespace(&self) -> &'static str {

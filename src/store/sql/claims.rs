@@ -5,7 +5,7 @@ use payouts_macros::store_span;
 
 use super::bulk::batch_or_row_by_row;
 use super::disbursements::create_disbursement;
-use super::{Conn, DB_SYSTEM, SqlStore, Tx, after_key, bulk_claims, dialect};
+use super::{Conn, DB_SYSTEM, Db, SqlStore, Tx, after_key, bulk_claims, dialect};
 use crate::domain::{
     Claim, ClaimId, ClaimOutcome, ClaimStatus, DisbursementId, Evidence, NewClaim, NewEvent,
     Reviewed, review,
@@ -36,6 +36,33 @@ async fn load_evidence(conn: &mut Conn, claim: &ClaimRow) -> Result<Vec<Evidence
         .bind(&claim.claim_id)
         .fetch_all(&mut *conn)
         .await?)
+}
+
+/// The evidence of every claim of a page, read in one statement, by claim id.
+async fn evidence_of_page(
+    conn: &mut Conn,
+    claims: &[ClaimRow],
+) -> Result<std::collections::HashMap<String, Vec<EvidenceRow>>> {
+    let mut by_claim = std::collections::HashMap::<String, Vec<EvidenceRow>>::new();
+    if claims.is_empty() {
+        return Ok(by_claim);
+    }
+    let mut qb = sqlx::QueryBuilder::<Db>::new("SELECT * FROM evidence WHERE claim_id IN (");
+    let mut ids = qb.separated(", ");
+    for claim in claims {
+        ids.push_bind(claim.claim_id.as_str());
+    }
+    qb.push(") ORDER BY claim_id, seq");
+    // One statement per page size: not kept prepared.
+    let rows: Vec<EvidenceRow> = qb
+        .build_query_as()
+        .persistent(false)
+        .fetch_all(&mut *conn)
+        .await?;
+    for row in rows {
+        by_claim.entry(row.claim_id.clone()).or_default().push(row);
+    }
+    Ok(by_claim)
 }
 
 /// The claim just written in `tx`, as it now stands.
@@ -256,12 +283,13 @@ impl ClaimStore for SqlStore {
         .bind(i64::from(page.limit))
         .fetch_all(&mut *conn)
         .await?;
-        let mut claims = Vec::with_capacity(rows.len());
-        for row in rows {
-            let evidence = load_evidence(&mut conn, &row).await?;
-            claims.push(row.with_evidence(evidence)?);
-        }
-        Ok(claims)
+        let mut evidence = evidence_of_page(&mut conn, &rows).await?;
+        rows.into_iter()
+            .map(|row| {
+                let attached = evidence.remove(&row.claim_id).unwrap_or_default();
+                row.with_evidence(attached)
+            })
+            .collect()
     }
 
     #[store_span(rows = rows.len())]

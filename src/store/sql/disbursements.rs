@@ -189,23 +189,6 @@ async fn require_disbursement(
         .ok_or(StoreError::NotFound("disbursement"))
 }
 
-/// The answer when a conditional move found its row changed: what `rule` says of the row as
-/// it is now, or (if it would allow the move still) an inconsistency.
-async fn changed_under(
-    tx: &mut Tx,
-    disbursement_id: DisbursementId,
-    rule: impl Fn(&Disbursement) -> std::result::Result<(), Refusal>,
-    what: &str,
-) -> StoreError {
-    match require_disbursement(tx, disbursement_id).await {
-        Err(e) => e,
-        Ok(current) => match rule(&current) {
-            Err(refusal) => refusal.into(),
-            Ok(()) => unexpected(what),
-        },
-    }
-}
-
 /// Ends a call on a disbursement with the disbursement as it now is.
 async fn reloaded(mut tx: Tx, disbursement_id: DisbursementId) -> Result<(Tx, Disbursement)> {
     let stored = load_disbursement(&mut tx, disbursement_id)
@@ -221,20 +204,33 @@ pub(super) async fn load_dispatch_state(conn: &mut Conn) -> Result<DispatchState
     Ok(row.into())
 }
 
-/// A status change by an operator, now.
-fn operator_change(
-    from: DisbursementStatus,
-    to: DisbursementStatus,
-    actor: &str,
-    reason: &str,
-) -> StatusChange {
-    StatusChange {
+/// Moves a disbursement `from` one status `to` another by an operator's hand, now, and returns
+/// the change. When the conditional move finds the row changed under it, the answer is what
+/// `rule` says of the row as it is now, or (if `rule` would allow the move still) that `what`
+/// could not be done: an inconsistency.
+async fn operator_move(
+    tx: &mut Tx,
+    disbursement_id: DisbursementId,
+    (from, to): (DisbursementStatus, DisbursementStatus),
+    (actor, reason): (&str, &str),
+    rule: impl Fn(&Disbursement) -> std::result::Result<(), Refusal>,
+    what: &str,
+) -> Result<StatusChange> {
+    let change = StatusChange {
         from_status: Some(from),
         to_status: to,
         actor: actor.to_owned(),
         reason: reason.to_owned(),
         time: now_micros(),
+    };
+    if transition(tx, disbursement_id, &change, None).await? {
+        return Ok(change);
     }
+    let current = require_disbursement(tx, disbursement_id).await?;
+    Err(match rule(&current) {
+        Err(refusal) => refusal.into(),
+        Ok(()) => unexpected(what),
+    })
 }
 
 #[async_trait]
@@ -310,17 +306,15 @@ impl DisbursementStore for SqlStore {
             .bind(disbursement_id.to_string())
             .execute(&mut *tx)
             .await?;
-            let change = operator_change(
-                DisbursementStatus::Failed,
-                DisbursementStatus::Queued,
-                actor,
-                "retry requested",
-            );
-            if !transition(&mut tx, disbursement_id, &change, None).await? {
-                let rule = |d: &Disbursement| may_retry(d.status, d.create_time, None, actor);
-                let what = "a FAILED disbursement could not be queued again";
-                return Err(changed_under(&mut tx, disbursement_id, rule, what).await);
-            }
+            let change = operator_move(
+                &mut tx,
+                disbursement_id,
+                (DisbursementStatus::Failed, DisbursementStatus::Queued),
+                (actor, "retry requested"),
+                |d: &Disbursement| may_retry(d.status, d.create_time, None, actor),
+                "a FAILED disbursement could not be queued again",
+            )
+            .await?;
             sqlx::query(
                 "INSERT INTO outbox (disbursement_id, due_time) VALUES ($1, $2) \
              ON CONFLICT (disbursement_id) DO UPDATE \
@@ -346,17 +340,15 @@ impl DisbursementStore for SqlStore {
         self.mutate("cancel_disbursement", call, move |mut tx| async move {
             let d = require_disbursement(&mut tx, disbursement_id).await?;
             may_cancel(d.status)?;
-            let change = operator_change(
-                DisbursementStatus::Queued,
-                DisbursementStatus::Cancelled,
-                actor,
-                reason,
-            );
-            if !transition(&mut tx, disbursement_id, &change, None).await? {
-                let rule = |d: &Disbursement| may_cancel(d.status);
-                let what = "a QUEUED disbursement could not be cancelled";
-                return Err(changed_under(&mut tx, disbursement_id, rule, what).await);
-            }
+            operator_move(
+                &mut tx,
+                disbursement_id,
+                (DisbursementStatus::Queued, DisbursementStatus::Cancelled),
+                (actor, reason),
+                |d: &Disbursement| may_cancel(d.status),
+                "a QUEUED disbursement could not be cancelled",
+            )
+            .await?;
             sqlx::query("DELETE FROM outbox WHERE disbursement_id = $1")
                 .bind(disbursement_id.to_string())
                 .execute(&mut *tx)

@@ -27,6 +27,20 @@ mod partners;
 mod sealed;
 mod settlement;
 
+impl SqlStore {
+    /// Applies this release's migrations.
+    pub async fn migrate(&self) -> crate::store::Result<()> {
+        super::MIGRATOR.run(&self.pool).await?;
+        Ok(())
+    }
+
+    /// Fails unless this release's migrations were all applied (by `partner-payouts migrate`).
+    pub async fn check_migrated(&self) -> anyhow::Result<()> {
+        let mut conn = self.pool.acquire().await?;
+        crate::store::schema::check_applied(&super::MIGRATOR, &mut *conn).await
+    }
+}
+
 type Conn = <Db as sqlx::Database>::Connection;
 pub(super) use events::Tx;
 type DbRow = <Db as sqlx::Database>::Row;
