@@ -976,3 +976,58 @@ on_both_databases!(
         );
     }
 );
+
+on_both_databases!(
+    a_listed_page_gives_each_claim_its_own_evidence_in_order,
+    |app: TestApp| async move {
+        // Three claims: two pieces of evidence, none, one; listed together on one page.
+        let first = pending_claim(&app, 1).await;
+        let bare = pending_claim(&app, 2).await;
+        let third = pending_claim(&app, 3).await;
+        attach(&app, &first.claim_id).await;
+        let second_uri = "s3://payouts-evidence/claims/bank-statement.pdf";
+        app.claims()
+            .attach_evidence(pb::AttachEvidenceRequest {
+                request_id: request_id(),
+                claim_id: first.claim_id.clone(),
+                evidence: Some(pb::Evidence {
+                    uri: second_uri.into(),
+                    ..evidence()
+                }),
+            })
+            .await
+            .expect("attach the second piece");
+        attach(&app, &third.claim_id).await;
+
+        let listed = list_claims(&app, pb::ListClaimsRequest::default()).await;
+        let uris = |id: &str| -> Vec<String> {
+            let claim = listed
+                .claims
+                .iter()
+                .find(|c| c.claim_id == id)
+                .expect("listed");
+            claim.evidence.iter().map(|e| e.uri.clone()).collect()
+        };
+        assert_eq!(listed.claims.len(), 3);
+        assert_eq!(
+            uris(&first.claim_id),
+            vec![evidence().uri, second_uri.to_owned()]
+        );
+        assert!(uris(&bare.claim_id).is_empty());
+        assert_eq!(uris(&third.claim_id), vec![evidence().uri]);
+        // The page says what each claim's own read says.
+        for claim in &listed.claims {
+            let read = app
+                .claims()
+                .get_claim(pb::GetClaimRequest {
+                    claim_id: claim.claim_id.clone(),
+                })
+                .await
+                .expect("get claim")
+                .into_inner()
+                .claim
+                .expect("claim in response");
+            assert_eq!(&read, claim);
+        }
+    }
+);
