@@ -135,8 +135,23 @@ impl Cluster {
         self.dir.path().join(name).display().to_string()
     }
 
-    /// A replica, ready (its `/readyz` answers 200), with `env` added to its settings.
+    /// A replica, ready (its `/readyz` answers 200), with `env` added to its settings. Its
+    /// ports are picked free; should another process take one before the replica binds it, the
+    /// replica is started again on others.
     async fn replica(&self, name: &str, env: &[(&str, String)]) -> Replica {
+        const TRIES: usize = 5;
+        for attempt in 1..=TRIES {
+            let mut replica = self.start_replica(name, env);
+            match replica.wait_ready().await {
+                Ok(()) => return replica,
+                Err(log) if attempt < TRIES && log.contains("Address already in use") => {}
+                Err(log) => panic!("{log}"),
+            }
+        }
+        unreachable!("the last try returns or panics")
+    }
+
+    fn start_replica(&self, name: &str, env: &[(&str, String)]) -> Replica {
         let grpc: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().expect("addr");
         let admin: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().expect("addr");
         let mut settings = vec![
@@ -153,13 +168,11 @@ impl Cluster {
         }
         settings.extend(env.iter().cloned());
         let log = self.dir.path().join(format!("{name}.log"));
-        let mut replica = Replica {
+        Replica {
             proc: Proc::spawn(&["serve"], &settings, log),
             grpc,
             admin,
-        };
-        replica.wait_ready().await;
-        replica
+        }
     }
 
     /// A sandbox bank of its own, answering every call after `latency_ms`.
@@ -173,20 +186,21 @@ impl Cluster {
 }
 
 impl Replica {
-    async fn wait_ready(&mut self) {
+    /// Waits until `/readyz` answers 200; `Err` with the log if the process exited first.
+    async fn wait_ready(&mut self) -> Result<(), String> {
         let deadline = Instant::now() + READY_TIMEOUT;
         loop {
             if let Some(status) = self.proc.child.try_wait().expect("poll child") {
-                panic!(
+                return Err(format!(
                     "exited during start-up: {status}; log:\n{}",
                     self.proc.log()
-                );
+                ));
             }
             if http_get(self.admin, "/readyz")
                 .await
                 .is_ok_and(|(code, _)| code == 200)
             {
-                return;
+                return Ok(());
             }
             assert!(
                 Instant::now() < deadline,
