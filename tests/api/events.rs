@@ -55,25 +55,28 @@ fn status_change(e: &pb::Event) -> &pb::DisbursementStatusChange {
     }
 }
 
+/// Moves `partner`'s payouts to another account (bank 090, ending 5678).
+async fn change_account(app: &TestApp, partner: &pb::Partner) {
+    app.partners()
+        .update_partner_bank_account(pb::UpdatePartnerBankAccountRequest {
+            request_id: request_id(),
+            partner_id: partner.partner_id.clone(),
+            bank_account: Some(pb::BankAccount {
+                bank_code: "090".into(),
+                account_number: "3333-01-2345678".into(),
+                holder_name: "Kim Minji".into(),
+            }),
+            etag: partner.etag.clone(),
+        })
+        .await
+        .expect("change account");
+}
+
 on_both_databases!(
     a_claims_whole_life_is_told_in_order,
     |app: TestApp| async move {
         let partner = register(&app, partner(7)).await;
-        let mut changed = partner.clone();
-        changed.bank_account = Some(pb::BankAccount {
-            bank_code: "090".into(),
-            account_number: "3333-01-2345678".into(),
-            holder_name: "Kim Minji".into(),
-        });
-        app.partners()
-            .update_partner_bank_account(pb::UpdatePartnerBankAccountRequest {
-                request_id: request_id(),
-                partner_id: partner.partner_id.clone(),
-                bank_account: changed.bank_account,
-                etag: partner.etag.clone(),
-            })
-            .await
-            .expect("change account");
+        change_account(&app, &partner).await;
         let claim = submit(&app, &partner.partner_id, vec![full_weight_item(200_000)]).await;
         wait_for(&app, &claim.disbursement_id, pb::DisbursementStatus::Paid).await;
 
@@ -218,21 +221,7 @@ on_both_databases!(
             }
         };
         assert_eq!(next().await, one[0]);
-        let mut changed = partners[3].clone();
-        changed.bank_account = Some(pb::BankAccount {
-            bank_code: "090".into(),
-            account_number: "3333-01-2345678".into(),
-            holder_name: "Kim Minji".into(),
-        });
-        app.partners()
-            .update_partner_bank_account(pb::UpdatePartnerBankAccountRequest {
-                request_id: request_id(),
-                partner_id: partners[3].partner_id.clone(),
-                bank_account: changed.bank_account,
-                etag: partners[3].etag.clone(),
-            })
-            .await
-            .expect("change account");
+        change_account(&app, &partners[3]).await;
         let account_changed = next().await;
         assert_eq!(
             account_changed.r#type(),
