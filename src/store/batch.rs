@@ -7,6 +7,8 @@
 
 use sqlx::QueryBuilder;
 
+use super::events::{FEED_CHANNEL, FEED_LOCK};
+
 /// Bind parameters per statement at most: SQLite's default limit (32766).
 const SQLITE_MAX_BINDS: usize = 32_766;
 
@@ -129,9 +131,13 @@ pub trait BatchSql: sqlx::Database + Sized {
 
     /// The inserts as one statement that stores either every row or nothing: it fails with
     /// [`NOT_WRITTEN_WHOLE`] unless each insert stored exactly its number of rows (an insert
-    /// whose tail is `ON CONFLICT .. DO NOTHING` may store fewer). `None` where the database
-    /// cannot do this in one statement, or when there is no row to insert.
-    fn insert_whole(inserts: Vec<Insert<'_>>) -> Option<QueryBuilder<Self>>;
+    /// whose tail is `ON CONFLICT .. DO NOTHING` may store fewer). `feed`, the insert of the
+    /// change's feed events, is taken last in the database's sense: under the feed's lock
+    /// (`store::events`), with a notification of the feed's channel. Run on its own (not in a
+    /// transaction), the statement is its own transaction: the batch costs one round trip.
+    /// `None` where the database cannot do this in one statement, or when there is no row to
+    /// insert (`feed` alone is a statement: the last of a transaction that writes events).
+    fn insert_whole(inserts: Vec<Insert<'_>>, feed: Insert<'_>) -> Option<QueryBuilder<Self>>;
 }
 
 /// The SQLSTATE of a statement from [`BatchSql::insert_whole`] that did not store every row.
@@ -249,13 +255,15 @@ impl BatchSql for sqlx::Postgres {
         vec![qb]
     }
 
-    fn insert_whole(inserts: Vec<Insert<'_>>) -> Option<QueryBuilder<Self>> {
+    fn insert_whole(inserts: Vec<Insert<'_>>, feed: Insert<'_>) -> Option<QueryBuilder<Self>> {
         let inserts: Vec<Insert<'_>> = inserts.into_iter().filter(|i| !i.is_empty()).collect();
-        if inserts.is_empty() {
+        let feed = (!feed.is_empty()).then_some(feed);
+        if inserts.is_empty() && feed.is_none() {
             return None;
         }
         let mut qb = QueryBuilder::new("WITH ");
-        let mut rows = Vec::with_capacity(inserts.len());
+        let mut rows = Vec::with_capacity(inserts.len() + 1);
+        let events = feed.as_ref().map(|f| rows_of(&f.columns));
         for (i, insert) in inserts.into_iter().enumerate() {
             if i > 0 {
                 qb.push(", ");
@@ -264,6 +272,22 @@ impl BatchSql for sqlx::Postgres {
             qb.push(format_args!("w{i} AS ("));
             push_unnest_insert(&mut qb, insert);
             qb.push(" RETURNING 1)");
+        }
+        if let (Some(feed), Some(n)) = (feed, events) {
+            // Each event's sequence is taken as its row is inserted, and every row comes
+            // through the join with the lock: the lock is held first, until the commit.
+            let i = rows.len();
+            rows.push(i64::try_from(n).unwrap_or(i64::MAX));
+            if i > 0 {
+                qb.push(", ");
+            }
+            qb.push(format_args!("w{i} AS ("))
+                .push(feed.head)
+                .push(" SELECT u.* FROM (SELECT pg_advisory_xact_lock(")
+                .push_bind(FEED_LOCK)
+                .push(")) AS feed_lock, ");
+            push_unnest(&mut qb, feed.columns);
+            qb.push(" AS u").push(feed.tail).push(" RETURNING 1)");
         }
         // The check is a function (migration 0003) so that a shortfall fails the statement,
         // and with it every insert of the statement.
@@ -276,6 +300,11 @@ impl BatchSql for sqlx::Postgres {
                 .push_bind(n);
         }
         qb.push(")");
+        if events.is_some() {
+            qb.push(", pg_notify(")
+                .push_bind(FEED_CHANNEL)
+                .push(", '')");
+        }
         Some(qb)
     }
 
@@ -344,7 +373,7 @@ impl BatchSql for sqlx::Postgres {
 impl BatchSql for sqlx::Sqlite {
     const PREPARED: bool = false;
 
-    fn insert_whole(_: Vec<Insert<'_>>) -> Option<QueryBuilder<Self>> {
+    fn insert_whole(_: Vec<Insert<'_>>, _: Insert<'_>) -> Option<QueryBuilder<Self>> {
         None
     }
 
@@ -486,19 +515,27 @@ mod tests {
 
     #[test]
     fn postgres_whole_insert_checks_every_count() {
-        let qb = <sqlx::Postgres as BatchSql>::insert_whole(vec![
-            Insert {
-                head: "INSERT INTO a (x)",
-                columns: vec![Column::Text(vec!["x".into(); 3])],
-                tail: " ON CONFLICT DO NOTHING",
-            },
-            Insert {
-                head: "INSERT INTO b (y)",
-                columns: vec![Column::BigInt(vec![7])],
-                tail: "",
-            },
-        ])
-        .expect("PostgreSQL writes a batch whole");
+        let inserts = || {
+            vec![
+                Insert {
+                    head: "INSERT INTO a (x)",
+                    columns: vec![Column::Text(vec!["x".into(); 3])],
+                    tail: " ON CONFLICT DO NOTHING",
+                },
+                Insert {
+                    head: "INSERT INTO b (y)",
+                    columns: vec![Column::BigInt(vec![7])],
+                    tail: "",
+                },
+            ]
+        };
+        let no_events = || Insert {
+            head: "INSERT INTO change_events (e)",
+            columns: vec![Column::Text(Vec::new())],
+            tail: "",
+        };
+        let qb = <sqlx::Postgres as BatchSql>::insert_whole(inserts(), no_events())
+            .expect("PostgreSQL writes a batch whole");
         assert_eq!(
             qb.sql().as_str(),
             "WITH w0 AS (INSERT INTO a (x) SELECT * FROM UNNEST($1::text[]) ON CONFLICT DO NOTHING \
@@ -506,7 +543,49 @@ mod tests {
              SELECT batch_written_whole((SELECT count(*) FROM w0) = $3 AND \
              (SELECT count(*) FROM w1) = $4)"
         );
-        assert!(<sqlx::Sqlite as BatchSql>::insert_whole(vec![]).is_none());
+        assert!(<sqlx::Sqlite as BatchSql>::insert_whole(inserts(), no_events()).is_none());
+    }
+
+    #[test]
+    fn postgres_whole_insert_takes_the_feed_lock_before_any_event_and_notifies() {
+        let qb = <sqlx::Postgres as BatchSql>::insert_whole(
+            vec![Insert {
+                head: "INSERT INTO a (x)",
+                columns: vec![Column::Text(vec!["x".into(); 2])],
+                tail: "",
+            }],
+            Insert {
+                head: "INSERT INTO change_events (e)",
+                columns: vec![Column::Text(vec!["e".into(); 2])],
+                tail: "",
+            },
+        )
+        .expect("PostgreSQL writes a batch whole");
+        assert_eq!(
+            qb.sql().as_str(),
+            "WITH w0 AS (INSERT INTO a (x) SELECT * FROM UNNEST($1::text[]) RETURNING 1), \
+             w1 AS (INSERT INTO change_events (e) SELECT u.* FROM \
+             (SELECT pg_advisory_xact_lock($2)) AS feed_lock, UNNEST($3::text[]) AS u \
+             RETURNING 1) \
+             SELECT batch_written_whole((SELECT count(*) FROM w0) = $4 AND \
+             (SELECT count(*) FROM w1) = $5), pg_notify($6, '')"
+        );
+        let events_alone = <sqlx::Postgres as BatchSql>::insert_whole(
+            Vec::new(),
+            Insert {
+                head: "INSERT INTO change_events (e)",
+                columns: vec![Column::Text(vec!["e".into()])],
+                tail: "",
+            },
+        )
+        .expect("the events of a transaction are a statement of their own");
+        assert_eq!(
+            events_alone.sql().as_str(),
+            "WITH w0 AS (INSERT INTO change_events (e) SELECT u.* FROM \
+             (SELECT pg_advisory_xact_lock($1)) AS feed_lock, UNNEST($2::text[]) AS u \
+             RETURNING 1) \
+             SELECT batch_written_whole((SELECT count(*) FROM w0) = $3), pg_notify($4, '')"
+        );
     }
 
     #[test]

@@ -162,8 +162,6 @@ store_sql! {
     system: "postgresql",
     for_update: " FOR UPDATE",
     skip_locked: " FOR UPDATE SKIP LOCKED",
-    /// Feed events are inserted under the feed's advisory lock, and notified.
-    pub const FEED_LOCKED: bool = true;
     /// The key id of every sealed value (`<key id>:<ciphertext>`), each once.
     pub const SEALED_KEY_IDS: &str = "SELECT DISTINCT split_part(account_sealed, ':', 1) \
          FROM (SELECT account_sealed FROM partners UNION ALL \

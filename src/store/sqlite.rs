@@ -113,8 +113,6 @@ store_sql! {
     system: "sqlite",
     for_update: "",
     skip_locked: "",
-    /// One writer at a time: feed events need no lock of their own.
-    pub const FEED_LOCKED: bool = false;
     /// The key id of every sealed value (`<key id>:<ciphertext>`), each once.
     pub const SEALED_KEY_IDS: &str = "SELECT DISTINCT \
          substr(account_sealed, 1, instr(account_sealed, ':') - 1) \

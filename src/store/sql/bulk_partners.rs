@@ -8,6 +8,7 @@ use super::bulk::{
 use super::{Db, SqlStore, Tx};
 use crate::domain::{NewEvent, NewPartner, Partner, PartnerId};
 use crate::store::batch::{BatchSql, Insert, Lookup, NOT_WRITTEN_WHOLE};
+use crate::store::events::events_insert;
 use crate::store::intake::{
     Answers, BulkResult, audit_insert, finish, partners_insert, request_ids_insert, request_key,
     waves,
@@ -195,21 +196,29 @@ async fn register_whole(
         .collect();
     let mut partners = partners_insert(rows, &created, now);
     partners.tail = " ON CONFLICT (business_registration_number) DO NOTHING";
-    let Some(mut statement) = <Db as BatchSql>::insert_whole(vec![
-        request_ids_insert(idems, now),
-        partners,
-        audit_insert(&audit.events(&answers)),
-    ]) else {
+    let events: Vec<NewEvent> = created
+        .iter()
+        .map(|(i, partner, _)| registered_event(&rows[*i].0, partner, now))
+        .collect();
+    let Some(mut statement) = <Db as BatchSql>::insert_whole(
+        vec![
+            request_ids_insert(idems, now),
+            partners,
+            audit_insert(&audit.events(&answers)),
+        ],
+        events_insert(&events),
+    ) else {
         return Ok(None);
     };
-    // In a transaction of its own: the partners' feed events follow the statement, last.
-    let mut tx = store.begin_write().await?;
-    match statement.build().persistent(true).execute(&mut *tx).await {
+    // The statement is its own transaction, its feed events included.
+    match statement
+        .build()
+        .persistent(true)
+        .execute(&store.pool)
+        .await
+    {
         Ok(_) => {
-            for (i, partner, _) in &created {
-                tx.emit(registered_event(&rows[*i].0, partner, now));
-            }
-            tx.commit().await?;
+            store.feed_committed();
             Ok(Some(answers))
         }
         Err(sqlx::Error::Database(e)) if e.code().as_deref() == Some(NOT_WRITTEN_WHOLE) => Ok(None),

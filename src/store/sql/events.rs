@@ -7,11 +7,11 @@ use async_trait::async_trait;
 use futures::stream::BoxStream;
 use payouts_macros::store_span;
 
-use super::{Conn, DB_SYSTEM, Db, SqlStore, dialect, execute_pieces};
+use super::{Conn, DB_SYSTEM, Db, SqlStore, execute_pieces};
 use crate::domain::{ChangeEvent, EventFilter, NewEvent};
 use crate::store::Result;
 use crate::store::batch::BatchSql;
-use crate::store::events::{EventRow, EventStore, FEED_CHANNEL, FEED_LOCK, events_insert};
+use crate::store::events::{EventRow, EventStore, events_insert};
 
 /// A writing transaction and the feed events of what it changes. Statements run on it as on
 /// the connection it derefs to; [`Tx::commit`] inserts the events last, then commits, so an
@@ -53,39 +53,49 @@ impl Tx {
     }
 
     /// Inserts the transaction's events (on PostgreSQL under the feed's lock, which commit
-    /// releases: the sequence is taken in commit order) and commits.
+    /// releases: the sequence is taken in commit order; see [`BatchSql::insert_whole`]) and
+    /// commits.
     pub(super) async fn commit(mut self) -> Result<()> {
         let events = std::mem::take(&mut self.events);
-        if !events.is_empty() {
-            if dialect::FEED_LOCKED {
-                sqlx::query("SELECT pg_advisory_xact_lock($1)")
-                    .bind(FEED_LOCK)
-                    .execute(&mut *self.inner)
-                    .await?;
-            }
-            for chunk in events.chunks(EVENTS_PER_STATEMENT) {
-                let pieces = <Db as BatchSql>::insert_all(vec![events_insert(chunk)]);
-                execute_pieces(&mut self, pieces).await?;
-            }
-            if dialect::FEED_LOCKED {
-                sqlx::query("SELECT pg_notify($1, '')")
-                    .bind(FEED_CHANNEL)
-                    .execute(&mut *self.inner)
-                    .await?;
+        for chunk in events.chunks(EVENTS_PER_STATEMENT) {
+            // PostgreSQL: one statement takes the lock, inserts and notifies.
+            match <Db as BatchSql>::insert_whole(Vec::new(), events_insert(chunk)) {
+                Some(mut statement) => {
+                    statement
+                        .build()
+                        .persistent(true)
+                        .execute(&mut *self.inner)
+                        .await?;
+                }
+                None => {
+                    let pieces = <Db as BatchSql>::insert_all(vec![events_insert(chunk)]);
+                    execute_pieces(&mut self, pieces).await?;
+                }
             }
         }
         self.inner.commit().await?;
         if let (false, Some(committed)) = (events.is_empty(), &self.committed) {
-            committed.send_modify(|n| *n = n.wrapping_add(1));
+            told(committed);
         }
         Ok(())
     }
+}
+
+/// Tells this replica's feed that a transaction with events has committed.
+fn told(committed: &tokio::sync::watch::Sender<u64>) {
+    committed.send_modify(|n| *n = n.wrapping_add(1));
 }
 
 /// Events one insert statement carries at most (a large import writes several).
 const EVENTS_PER_STATEMENT: usize = 2_000;
 
 impl SqlStore {
+    /// Tells this replica's feed of a commit with events made outside a [`Tx`] (a statement
+    /// that is its own transaction, from [`BatchSql::insert_whole`]).
+    pub(super) fn feed_committed(&self) {
+        told(&self.committed);
+    }
+
     /// Begins a writing transaction whose events this replica's feed hears of.
     pub(super) async fn begin_write(&self) -> Result<Tx> {
         Ok(Tx {
