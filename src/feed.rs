@@ -3,8 +3,10 @@
 //!
 //! The task reads `sequence > last read` in sequence order whenever a commit is signalled
 //! (PostgreSQL `LISTEN/NOTIFY` from any replica, or a local commit) and at least every
-//! [`POLL`] besides. Sequences are taken in commit order (see `store::events`), so once it has
-//! read N no lower sequence can appear: nothing is skipped. A watcher ([`Watcher`]) first
+//! [`POLL`] besides; while no watcher is connected it only reads the latest sequence at each
+//! poll, so a replica nobody watches spends next to nothing on the feed. Sequences are taken in commit
+//! order (see `store::events`), so once it has read N no lower sequence can appear: nothing
+//! is skipped. A watcher ([`Watcher`]) first
 //! catches up from the database in pages from its cursor, then follows the task's broadcast;
 //! one that falls behind the broadcast's buffer catches up from the database again. It skips
 //! whatever is not above its cursor, so it never sends an event twice.
@@ -73,17 +75,45 @@ impl Feed {
                 futures::stream::pending().boxed()
             }
         };
+        let mut polled = true;
         loop {
-            match self.broadcast_after(cursor).await {
-                Ok(last) => cursor = last,
-                Err(e) => tracing::warn!(error = %e, "the change feed cannot read the database"),
+            // Unwatched, a commit's signal is let pass; the poll moves the cursor along.
+            if polled || self.watched() {
+                match self.advance(cursor).await {
+                    Ok(last) => cursor = last,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "the change feed cannot read the database");
+                    }
+                }
             }
-            tokio::select! {
+            polled = tokio::select! {
                 _ = draining.wait_for(|d| *d) => return,
-                Some(()) = signals.next() => {}
-                () = tokio::time::sleep(POLL) => {}
-            }
+                Some(()) = signals.next() => false,
+                () = tokio::time::sleep(POLL) => true,
+            };
         }
+    }
+
+    fn watched(&self) -> bool {
+        self.events.receiver_count() > 0
+    }
+
+    /// Broadcasts every event after `cursor` to this replica's watchers; returns the cursor
+    /// to read after next time.
+    ///
+    /// With no watcher the events are not read, only the latest sequence, which becomes the
+    /// cursor. It is read before the watchers are counted, so a watcher that subscribes after
+    /// the count reads from the database everything up to it (see [`Feed::watch`]), and one
+    /// that subscribed before is counted.
+    async fn advance(&self, cursor: i64) -> Result<i64> {
+        if self.watched() {
+            return self.broadcast_after(cursor).await;
+        }
+        let latest = self.store.latest_sequence().await?;
+        if !self.watched() {
+            return Ok(latest.max(cursor));
+        }
+        self.broadcast_after(cursor).await
     }
 
     /// Broadcasts every event after `cursor`; returns the last sequence broadcast.
