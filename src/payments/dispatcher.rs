@@ -257,10 +257,8 @@ impl Dispatcher {
             otel.name = "dispatch disbursement",
             payouts.disbursement_id = %d.disbursement_id,
             status = d.status.key(),
-            trace_id = tracing::field::Empty,
         );
         crate::telemetry::continue_stored_context(&span, d.trace_context.as_deref());
-        span.record("trace_id", crate::telemetry::trace_id_of(&span));
         Leased { d, span }
     }
 

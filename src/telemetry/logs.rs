@@ -25,6 +25,62 @@ where
         .with_writer(writer)
 }
 
+/// The text log layer, writing to `writer`: the default format, each line logged inside a
+/// span starting with its trace's `trace_id`.
+pub(super) fn text_layer<S, W>(writer: W) -> impl Layer<S>
+where
+    S: Subscriber + for<'a> LookupSpan<'a>,
+    W: for<'w> MakeWriter<'w> + Send + Sync + 'static,
+{
+    tracing_subscriber::fmt::layer()
+        .event_format(TextLine(tracing_subscriber::fmt::format()))
+        .with_writer(writer)
+        // Colours only for a person at a terminal: a log file or collector gets plain
+        // text, and no call pays for escape codes nobody sees.
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+}
+
+/// A line in the default text format, led by `trace_id=…` inside a span. The id is read from
+/// the span's OpenTelemetry context when a line is logged, not kept on every span.
+struct TextLine(tracing_subscriber::fmt::format::Format);
+
+impl<S, N> FormatEvent<S, N> for TextLine
+where
+    S: Subscriber + for<'a> LookupSpan<'a>,
+    N: for<'a> FormatFields<'a> + 'static,
+{
+    fn format_event(
+        &self,
+        ctx: &FmtContext<'_, S, N>,
+        mut writer: Writer<'_>,
+        event: &Event<'_>,
+    ) -> fmt::Result {
+        if let Some((trace_id, _)) = trace_of(ctx) {
+            write!(writer, "trace_id={trace_id} ")?;
+        }
+        self.0.format_event(ctx, writer, event)
+    }
+}
+
+/// The trace and span ids of the span an event is logged in, if it has a valid context.
+fn trace_of<S, N>(ctx: &FmtContext<'_, S, N>) -> Option<(String, String)>
+where
+    S: Subscriber + for<'a> LookupSpan<'a>,
+    N: for<'a> FormatFields<'a> + 'static,
+{
+    let id = ctx.event_scope()?.next()?.id();
+    let cx = tracing::dispatcher::get_default(|dispatch| {
+        tracing_opentelemetry::get_otel_context(&id, dispatch)
+    })?;
+    let span_context = cx.span().span_context().clone();
+    span_context.is_valid().then(|| {
+        (
+            span_context.trace_id().to_string(),
+            span_context.span_id().to_string(),
+        )
+    })
+}
+
 /// `{"timestamp", "level", "target", "fields": {...}, "span": {"name", ...its fields},
 /// "trace_id", "span_id"}`; the last three only inside a span.
 struct JsonLine;
@@ -60,21 +116,11 @@ where
                 described.extend(span_fields);
             }
             line.insert("span".into(), Value::Object(described));
-            // The span's extensions are no longer borrowed: the OpenTelemetry layer takes them.
-            let id = span.id();
-            let cx = tracing::dispatcher::get_default(|dispatch| {
-                tracing_opentelemetry::get_otel_context(&id, dispatch)
-            });
-            if let Some(cx) = cx {
-                let span_context = cx.span().span_context().clone();
-                if span_context.is_valid() {
-                    line.insert(
-                        "trace_id".into(),
-                        span_context.trace_id().to_string().into(),
-                    );
-                    line.insert("span_id".into(), span_context.span_id().to_string().into());
-                }
-            }
+        }
+        // The span's extensions are no longer borrowed: the OpenTelemetry layer takes them.
+        if let Some((trace_id, span_id)) = trace_of(ctx) {
+            line.insert("trace_id".into(), trace_id.into());
+            line.insert("span_id".into(), span_id.into());
         }
         writeln!(writer, "{}", Value::Object(line))
     }

@@ -124,9 +124,7 @@ where
     let _ = if log_format == "json" {
         registry.with(logs::json_layer(writer)).try_init()
     } else {
-        registry
-            .with(tracing_subscriber::fmt::layer().with_writer(writer))
-            .try_init()
+        registry.with(logs::text_layer(writer)).try_init()
     };
     Ok(Telemetry {
         tracer_provider,
@@ -193,9 +191,4 @@ pub fn continue_stored_context(span: &tracing::Span, stored: Option<&str>) {
 /// Names the resources a call touched on the current RPC span.
 pub fn record_resource(key: &'static str, id: impl ToString) {
     tracing::Span::current().set_attribute(key, id.to_string());
-}
-
-/// The trace id of `span`, for log lines.
-pub fn trace_id_of(span: &tracing::Span) -> String {
-    span.context().span().span_context().trace_id().to_string()
 }

@@ -14,7 +14,7 @@ use prost::Message as _;
 use tracing::Instrument as _;
 use tracing_opentelemetry::OpenTelemetrySpanExt as _;
 
-use super::{HeaderExtractor, metrics, trace_id_of};
+use super::{HeaderExtractor, metrics};
 use crate::middleware::{Around, Middleware};
 
 /// gRPC status codes: 0 (`OK`) to 16 (`UNAUTHENTICATED`).
@@ -179,7 +179,6 @@ fn server_span<B>(
             .and_then(http::uri::Authority::port_u16)
             .map(i64::from),
         network.peer.address = peer.map(|p| tracing::field::display(p.ip())),
-        trace_id = tracing::field::Empty,
     )
 }
 
@@ -202,7 +201,6 @@ where
         let parent =
             global::get_text_map_propagator(|p| p.extract(&HeaderExtractor(request.headers())));
         let _ = span.set_parent(parent);
-        span.record("trace_id", trace_id_of(&span));
         let outcome = Outcome {
             span: span.clone(),
             started: Instant::now(),
