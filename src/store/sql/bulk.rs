@@ -42,7 +42,10 @@ pub(super) async fn select_in(
 ) -> BulkResult<Vec<DbRow>> {
     let mut rows = Vec::new();
     for mut qb in <Db as BatchSql>::matching(head, values, tail) {
-        rows.extend(qb.build().persistent(false).fetch_all(&mut **tx).await?);
+        // On PostgreSQL the text is the same for any number of values: kept prepared, the
+        // lookup keeps its plan instead of being parsed and planned for every batch.
+        let statement = qb.build().persistent(<Db as BatchSql>::PREPARED);
+        rows.extend(statement.fetch_all(&mut **tx).await?);
     }
     Ok(rows)
 }
@@ -194,7 +197,10 @@ pub(super) async fn release_request_ids(tx: &mut Tx, idems: &[&Idempotency]) -> 
         );
         for mut qb in statements {
             qb.push_bind(principal.to_owned());
-            qb.build().persistent(false).execute(&mut **tx).await?;
+            qb.build()
+                .persistent(<Db as BatchSql>::PREPARED)
+                .execute(&mut **tx)
+                .await?;
         }
     }
     Ok(())

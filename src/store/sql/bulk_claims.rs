@@ -1,6 +1,6 @@
 //! Claims filed in batches (see [`super::bulk`]).
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 
 use sqlx::FromRow as _;
 use uuid::Uuid;
@@ -54,37 +54,30 @@ impl OneRow<Claim> for ClaimSubmission {
     }
 }
 
-/// A partner found by id or registration number.
+/// A partner found by registration number.
 #[derive(sqlx::FromRow)]
 struct FoundRow {
     partner_id: String,
-    #[sqlx(default)]
     business_registration_number: String,
 }
 
-/// Resolves each row's partner to its id, if it exists. Partners are never deleted and
-/// their registration numbers never change, so this holds for the whole batch.
+/// Resolves each row's partner to its id: a registration number to the id it is registered
+/// under, if it is. An id is taken as given: whether its partner exists is read with its
+/// payout details, under its lock ([`partners_of`]), and a missing one answered there.
+/// Partners are never deleted and their registration numbers never change, so this holds
+/// for the whole batch.
 async fn resolve_partners(
     tx: &mut Tx,
     rows: &[ClaimSubmission],
 ) -> BulkResult<Vec<Option<PartnerId>>> {
-    let mut ids = Vec::new();
-    let mut brns = Vec::new();
-    for row in rows {
-        match &row.partner {
-            PartnerRef::Id(id) => ids.push(id.to_string()),
-            PartnerRef::RegistrationNumber(brn) => brns.push(brn.as_str().to_owned()),
-        }
-    }
-    let mut known_ids = HashSet::new();
+    let brns: Vec<String> = rows
+        .iter()
+        .filter_map(|row| match &row.partner {
+            PartnerRef::Id(_) => None,
+            PartnerRef::RegistrationNumber(brn) => Some(brn.as_str().to_owned()),
+        })
+        .collect();
     let mut by_brn = HashMap::new();
-    if !ids.is_empty() {
-        let head = "SELECT partner_id FROM partners WHERE partner_id";
-        for row in select_in(tx, head, ids, "").await? {
-            let found = FoundRow::from_row(&row)?;
-            known_ids.insert(uuid::<PartnerId>("partner_id", &found.partner_id)?);
-        }
-    }
     if !brns.is_empty() {
         let head = "SELECT partner_id, business_registration_number FROM partners \
                     WHERE business_registration_number";
@@ -97,7 +90,7 @@ async fn resolve_partners(
     Ok(rows
         .iter()
         .map(|row| match &row.partner {
-            PartnerRef::Id(id) => known_ids.contains(id).then_some(*id),
+            PartnerRef::Id(id) => Some(*id),
             PartnerRef::RegistrationNumber(brn) => by_brn.get(brn.as_str()).copied(),
         })
         .collect())
