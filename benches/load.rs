@@ -7,6 +7,7 @@
 //!                                     [--target http://HOST:PORT | --in-process]
 //!                                     [--bank-rate N] [--bank-latency-ms MS]
 //!                                     [--outage-after-ms A] [--outage-ms B]
+//!                                     [--pause-payouts]
 //! ```
 //! Scenarios: `register` (unary RegisterPartner), `claims` (unary SubmitClaim, partners
 //! registered first), `import` (N partners through one ImportPartners stream), `e2e` (N partners
@@ -31,6 +32,10 @@
 //! The `e2e` run has a watcher of the change feed attached from the start (`load/feed.rs`): it
 //! reports the events per second one watcher receives and each event's lag from its change;
 //! `--watchers N` adds N more watchers (one reader of the database serves them all).
+//!
+//! `claims --pause-payouts` pauses the dispatcher (PauseDispatch) while the claims are filed,
+//! so the figure is SubmitClaim's own, without the payouts each approved claim starts; they are
+//! resumed after the measured phase.
 //!
 //! `throttled-bank` and `outage` pay N claims into a bank that throttles or goes down for a
 //! while (see `load/bank.rs`); they run the service in process.
@@ -86,6 +91,8 @@ struct Options {
     outage_ms: Option<u64>,
     /// e2e: watchers of the change feed besides the one measured.
     watchers: u64,
+    /// claims: the dispatcher paused while the claims are filed.
+    pause_payouts: bool,
 }
 
 fn options() -> anyhow::Result<Options> {
@@ -105,6 +112,7 @@ fn options() -> anyhow::Result<Options> {
         outage_after_ms: None,
         outage_ms: None,
         watchers: 0,
+        pause_payouts: false,
     };
     while let Some(arg) = args.next() {
         let mut value = || {
@@ -125,6 +133,7 @@ fn options() -> anyhow::Result<Options> {
             "--outage-after-ms" => o.outage_after_ms = Some(value()?.parse()?),
             "--outage-ms" => o.outage_ms = Some(value()?.parse()?),
             "--watchers" => o.watchers = value()?.parse()?,
+            "--pause-payouts" => o.pause_payouts = true,
             s if !s.starts_with('-') && o.scenario.is_empty() => o.scenario = s.to_owned(),
             other => anyhow::bail!("unknown argument {other}"),
         }
@@ -702,16 +711,36 @@ async fn main() -> anyhow::Result<()> {
                 started.elapsed().as_secs_f64()
             );
             let ids = Arc::new(ids);
-            let clients = clients.clone();
+            let mut dispatch = DisbursementServiceClient::new(clients.pick(0));
+            if o.pause_payouts {
+                dispatch
+                    .pause_dispatch(pb::PauseDispatchRequest {
+                        request_id: uuid::Uuid::now_v7().to_string(),
+                        reason: "measuring SubmitClaim alone".into(),
+                    })
+                    .await?;
+            }
+            let calls = clients.clone();
             let before = sample();
             let report = drive(&o, move |i| {
-                let mut client = ClaimServiceClient::new(clients.pick(i));
+                let mut client = ClaimServiceClient::new(calls.pick(i));
                 let partner_id = ids[usize::try_from(i).expect("index")].clone();
                 async move { client.submit_claim(claim(partner_id)).await.map(drop) }
             })
             .await;
-            report.print("claims");
+            report.print(if o.pause_payouts {
+                "claims (payouts paused)"
+            } else {
+                "claims"
+            });
             before.report(&sample(), o.count, separate);
+            if o.pause_payouts {
+                dispatch
+                    .resume_dispatch(pb::ResumeDispatchRequest {
+                        request_id: uuid::Uuid::now_v7().to_string(),
+                    })
+                    .await?;
+            }
         }
         _ => unreachable!("checked in options()"),
     }
