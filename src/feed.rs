@@ -35,6 +35,9 @@ const BUFFER: usize = 8_192;
 pub struct Feed {
     store: Arc<dyn Store>,
     events: broadcast::Sender<Arc<ChangeEvent>>,
+    /// True once the reader task has read the sequence it broadcasts after: a watcher reads
+    /// the database only after that (see [`Watcher::catch_up`]).
+    started: watch::Sender<bool>,
     draining: watch::Receiver<bool>,
 }
 
@@ -49,6 +52,7 @@ impl Feed {
         let feed = Arc::new(Self {
             store,
             events,
+            started: watch::Sender::new(false),
             draining,
         });
         let task = tokio::spawn(feed.clone().read());
@@ -68,6 +72,7 @@ impl Feed {
                 () = tokio::time::sleep(POLL) => {}
             }
         };
+        self.started.send_replace(true);
         let mut signals = match self.store.commit_signals().await {
             Ok(signals) => signals,
             Err(e) => {
@@ -141,6 +146,7 @@ impl Feed {
             // Subscribed before the first read of the database: whatever the feed broadcasts
             // from now on reaches this watcher, and what it broadcast before is stored.
             events: self.events.subscribe(),
+            started: self.started.subscribe(),
             store: self.store.clone(),
             draining: self.draining.clone(),
             filter,
@@ -162,6 +168,7 @@ pub enum Watched {
 /// One reader of the feed, from a cursor: the stored events first, then each new one.
 pub struct Watcher {
     events: broadcast::Receiver<Arc<ChangeEvent>>,
+    started: watch::Receiver<bool>,
     store: Arc<dyn Store>,
     draining: watch::Receiver<bool>,
     filter: EventFilter,
@@ -181,12 +188,12 @@ impl Watcher {
             if let Some(event) = self.backlog.pop_front() {
                 return Ok(Some(Watched::Event(Arc::new(event))));
             }
+            if *self.draining.borrow() {
+                return Ok(None);
+            }
             if !self.caught_up {
                 self.catch_up().await?;
                 continue;
-            }
-            if *self.draining.borrow() {
-                return Ok(None);
             }
             let received = tokio::select! {
                 received = self.events.recv() => received,
@@ -213,7 +220,17 @@ impl Watcher {
 
     /// Reads the next page of stored events after the cursor that the filter keeps; caught
     /// up when the page is not full.
+    ///
+    /// Not before the feed's task has read the sequence it starts broadcasting after: the
+    /// page then holds every event up to it, and the broadcast the ones after. (A watcher of
+    /// a replica just started could otherwise read the database before an event commits,
+    /// and the task, starting after that commit, never broadcast it.)
     async fn catch_up(&mut self) -> Result<()> {
+        tokio::select! {
+            _ = self.started.wait_for(|s| *s) => {}
+            // Draining: `next` answers that.
+            _ = self.draining.wait_for(|d| *d) => return Ok(()),
+        }
         let page = self
             .store
             .list_events(&self.filter, self.cursor, PAGE)
