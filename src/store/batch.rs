@@ -114,6 +114,13 @@ pub trait BatchSql: sqlx::Database + Sized {
     /// (`SELECT a FROM t WHERE b`), `tail` follows the condition. No statement for no values.
     fn matching(head: &str, values: Vec<String>, tail: &str) -> Vec<QueryBuilder<Self>>;
 
+    /// As [`BatchSql::matching`] for a select, one lookup per value where the database
+    /// allows: on PostgreSQL each value is joined to its rows through the column's index
+    /// (`CROSS JOIN LATERAL`), a plan that stays right however large the table grows after it
+    /// was prepared, and `tail` (a lock clause) applies to each lookup, taken in the order of
+    /// `values`.
+    fn select_each(head: &str, values: Vec<String>, tail: &str) -> Vec<QueryBuilder<Self>>;
+
     /// Several inserts, in order, as few statements as the database allows: on PostgreSQL
     /// one (every insert but the last a `WITH` clause), so the batch costs one round trip.
     /// Inserts with no rows are left out.
@@ -368,6 +375,20 @@ impl BatchSql for sqlx::Postgres {
             .push(tail);
         vec![qb]
     }
+
+    fn select_each(head: &str, values: Vec<String>, tail: &str) -> Vec<QueryBuilder<Self>> {
+        if values.is_empty() {
+            return Vec::new();
+        }
+        let mut qb = QueryBuilder::new("SELECT m.* FROM unnest(");
+        qb.push_bind(values)
+            .push("::text[]) AS k(v) CROSS JOIN LATERAL (")
+            .push(head)
+            .push(" = k.v")
+            .push(tail)
+            .push(") AS m");
+        vec![qb]
+    }
 }
 
 impl BatchSql for sqlx::Sqlite {
@@ -382,6 +403,10 @@ impl BatchSql for sqlx::Sqlite {
             .into_iter()
             .flat_map(|i| Self::insert(i.head, i.columns, i.tail))
             .collect()
+    }
+
+    fn select_each(head: &str, values: Vec<String>, tail: &str) -> Vec<QueryBuilder<Self>> {
+        Self::matching(head, values, tail)
     }
 
     fn insert_and_lookup(
@@ -629,5 +654,22 @@ mod tests {
         assert!(<sqlx::Sqlite as BatchSql>::insert("I", vec![Column::Int(vec![])], "").is_empty());
         assert!(<sqlx::Postgres as BatchSql>::matching("S", vec![], "").is_empty());
         assert!(<sqlx::Sqlite as BatchSql>::matching("S", vec![], "").is_empty());
+        assert!(<sqlx::Postgres as BatchSql>::select_each("S", vec![], "").is_empty());
+        assert!(<sqlx::Sqlite as BatchSql>::select_each("S", vec![], "").is_empty());
+    }
+
+    #[test]
+    fn postgres_looks_up_each_value_through_the_index_in_the_given_order() {
+        let qb = <sqlx::Postgres as BatchSql>::select_each(
+            "SELECT a FROM t WHERE b",
+            vec!["x".into(), "y".into()],
+            " FOR UPDATE",
+        );
+        assert_eq!(qb.len(), 1);
+        assert_eq!(
+            qb[0].sql().as_str(),
+            "SELECT m.* FROM unnest($1::text[]) AS k(v) CROSS JOIN LATERAL \
+             (SELECT a FROM t WHERE b = k.v FOR UPDATE) AS m"
+        );
     }
 }

@@ -31,9 +31,9 @@ use crate::store::{
 /// The statements of a batch in this database's form.
 pub(super) type BatchStatements = super::Pieces;
 
-/// Rows whose column (the last word of `head`) is one of `values`. Planned afresh
-/// each time (not kept prepared): a plan made while a table was small (a sequential
-/// scan) would otherwise stay while a bulk load makes it large.
+/// Rows whose column (the last word of `head`) is one of `values`, each value looked up
+/// through the column's index ([`BatchSql::select_each`]): a plan of that shape stays right
+/// however large a bulk load makes the table, so it is kept prepared.
 pub(super) async fn select_in(
     tx: &mut Tx,
     head: &str,
@@ -41,9 +41,8 @@ pub(super) async fn select_in(
     tail: &str,
 ) -> BulkResult<Vec<DbRow>> {
     let mut rows = Vec::new();
-    for mut qb in <Db as BatchSql>::matching(head, values, tail) {
-        // On PostgreSQL the text is the same for any number of values: kept prepared, the
-        // lookup keeps its plan instead of being parsed and planned for every batch.
+    for mut qb in <Db as BatchSql>::select_each(head, values, tail) {
+        // On PostgreSQL the text is the same for any number of values.
         let statement = qb.build().persistent(<Db as BatchSql>::PREPARED);
         rows.extend(statement.fetch_all(&mut **tx).await?);
     }
@@ -197,10 +196,9 @@ pub(super) async fn release_request_ids(tx: &mut Tx, idems: &[&Idempotency]) -> 
         );
         for mut qb in statements {
             qb.push_bind(principal.to_owned());
-            qb.build()
-                .persistent(<Db as BatchSql>::PREPARED)
-                .execute(&mut **tx)
-                .await?;
+            // Planned afresh each time: a plan made while the table was small (a sequential
+            // scan) would otherwise stay while a bulk load makes it large.
+            qb.build().persistent(false).execute(&mut **tx).await?;
         }
     }
     Ok(())
