@@ -99,6 +99,9 @@ pub struct Lookup<'a> {
 pub trait BatchSql: sqlx::Database + Sized {
     /// Whether the statements' text is fixed, so the database may keep them prepared.
     const PREPARED: bool;
+    /// Whether [`BatchSql::insert_whole`] makes a statement (rows given); where it does not, a
+    /// caller need not build what it would write.
+    const WHOLE: bool;
 
     /// Inserts the rows `columns` hold. `head` names the table and columns
     /// (`INSERT INTO t (a, b)`); `tail` follows the rows (`ON CONFLICT .. RETURNING ..`).
@@ -237,6 +240,7 @@ fn sqlite_values(
 
 impl BatchSql for sqlx::Postgres {
     const PREPARED: bool = true;
+    const WHOLE: bool = true;
 
     fn insert(head: &str, columns: Vec<Column>, tail: &str) -> Vec<QueryBuilder<Self>> {
         Self::insert_all(vec![Insert {
@@ -393,6 +397,7 @@ impl BatchSql for sqlx::Postgres {
 
 impl BatchSql for sqlx::Sqlite {
     const PREPARED: bool = false;
+    const WHOLE: bool = false;
 
     fn insert_whole(_: Vec<Insert<'_>>, _: Insert<'_>) -> Option<QueryBuilder<Self>> {
         None
@@ -569,6 +574,15 @@ mod tests {
              (SELECT count(*) FROM w1) = $4)"
         );
         assert!(<sqlx::Sqlite as BatchSql>::insert_whole(inserts(), no_events()).is_none());
+        // WHOLE tells callers, before they build the rows, what insert_whole would answer.
+        assert_eq!(
+            <sqlx::Postgres as BatchSql>::insert_whole(inserts(), no_events()).is_some(),
+            <sqlx::Postgres as BatchSql>::WHOLE
+        );
+        assert_eq!(
+            <sqlx::Sqlite as BatchSql>::insert_whole(inserts(), no_events()).is_some(),
+            <sqlx::Sqlite as BatchSql>::WHOLE
+        );
     }
 
     #[test]

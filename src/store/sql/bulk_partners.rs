@@ -177,6 +177,9 @@ async fn register_whole(
     audit: BatchAudit<'_, Partner>,
     now: Micros,
 ) -> BulkResult<Option<Vec<Result<Stored<Partner>>>>> {
+    if !<Db as BatchSql>::WHOLE {
+        return Ok(None);
+    }
     let Some(created) = candidates
         .iter()
         .enumerate()

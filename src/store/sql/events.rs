@@ -58,19 +58,19 @@ impl Tx {
     pub(super) async fn commit(mut self) -> Result<()> {
         let events = std::mem::take(&mut self.events);
         for chunk in events.chunks(EVENTS_PER_STATEMENT) {
-            // PostgreSQL: one statement takes the lock, inserts and notifies.
-            match <Db as BatchSql>::insert_whole(Vec::new(), events_insert(chunk)) {
-                Some(mut statement) => {
+            let insert = events_insert(chunk);
+            if <Db as BatchSql>::WHOLE {
+                // One statement takes the lock, inserts and notifies.
+                if let Some(mut statement) = <Db as BatchSql>::insert_whole(Vec::new(), insert) {
                     statement
                         .build()
                         .persistent(true)
                         .execute(&mut *self.inner)
                         .await?;
                 }
-                None => {
-                    let pieces = <Db as BatchSql>::insert_all(vec![events_insert(chunk)]);
-                    execute_pieces(&mut self, pieces).await?;
-                }
+            } else {
+                let pieces = <Db as BatchSql>::insert_all(vec![insert]);
+                execute_pieces(&mut self, pieces).await?;
             }
         }
         self.inner.commit().await?;
