@@ -4,12 +4,12 @@
 //! The task reads `sequence > last read` in sequence order whenever a commit is signalled
 //! (PostgreSQL `LISTEN/NOTIFY` from any replica, or a local commit) and at least every
 //! [`POLL`] besides; while no watcher is connected it only reads the latest sequence at each
-//! poll, so a replica nobody watches spends next to nothing on the feed. Sequences are taken in commit
-//! order (see `store::events`), so once it has read N no lower sequence can appear: nothing
-//! is skipped. A watcher ([`Watcher`]) first
-//! catches up from the database in pages from its cursor, then follows the task's broadcast;
-//! one that falls behind the broadcast's buffer catches up from the database again. It skips
-//! whatever is not above its cursor, so it never sends an event twice.
+//! poll, so a replica nobody watches spends next to nothing on the feed. Sequences are taken
+//! in commit order (see `store::events`), so once it has read N no lower sequence can appear:
+//! nothing is skipped. A watcher ([`Watcher`]) first catches up from the database in pages
+//! from its cursor, then follows the task's broadcast; one that falls behind the broadcast's
+//! buffer catches up from the database again. It skips whatever is not above its cursor, so
+//! it never sends an event twice.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -111,12 +111,11 @@ impl Feed {
     /// the count reads from the database everything up to it (see [`Feed::watch`]), and one
     /// that subscribed before is counted.
     async fn advance(&self, cursor: i64) -> Result<i64> {
-        if self.watched() {
-            return self.broadcast_after(cursor).await;
-        }
-        let latest = self.store.latest_sequence().await?;
         if !self.watched() {
-            return Ok(latest.max(cursor));
+            let latest = self.store.latest_sequence().await?;
+            if !self.watched() {
+                return Ok(latest.max(cursor));
+            }
         }
         self.broadcast_after(cursor).await
     }
