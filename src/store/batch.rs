@@ -86,6 +86,17 @@ impl Insert<'_> {
     }
 }
 
+/// Rows a whole insert locks before it writes, as a `WITH` clause named `name`: for each of
+/// `values`, in their order, the rows `head = value tail` (`head` ends with an indexed
+/// column, `tail` is a lock clause), as [`BatchSql::select_each`] reads them. The inserts
+/// join to it by name, so that a row whose stored counterpart is missing is not written.
+pub struct Locked<'a> {
+    pub name: &'a str,
+    pub head: &'a str,
+    pub values: Vec<String>,
+    pub tail: &'a str,
+}
+
 /// A lookup by a unique key: for each of `values`, the `value` column of the `table` row
 /// whose `key` column equals it, if there is one.
 pub struct Lookup<'a> {
@@ -147,7 +158,17 @@ pub trait BatchSql: sqlx::Database + Sized {
     /// transaction), the statement is its own transaction: the batch costs one round trip.
     /// `None` where the database cannot do this in one statement, or when there is no row to
     /// insert (`feed` alone is a statement: the last of a transaction that writes events).
-    fn insert_whole(inserts: Vec<Insert<'_>>, feed: Insert<'_>) -> Option<QueryBuilder<Self>>;
+    fn insert_whole(inserts: Vec<Insert<'_>>, feed: Insert<'_>) -> Option<QueryBuilder<Self>> {
+        Self::insert_whole_locking(None, inserts, feed)
+    }
+
+    /// As [`BatchSql::insert_whole`], the statement first locking the rows of `locked`, which
+    /// its inserts may read (`JOIN name ..` in their tails).
+    fn insert_whole_locking(
+        locked: Option<Locked<'_>>,
+        inserts: Vec<Insert<'_>>,
+        feed: Insert<'_>,
+    ) -> Option<QueryBuilder<Self>>;
 }
 
 /// The SQLSTATE of a statement from [`BatchSql::insert_whole`] that did not store every row.
@@ -266,13 +287,22 @@ impl BatchSql for sqlx::Postgres {
         vec![qb]
     }
 
-    fn insert_whole(inserts: Vec<Insert<'_>>, feed: Insert<'_>) -> Option<QueryBuilder<Self>> {
+    fn insert_whole_locking(
+        locked: Option<Locked<'_>>,
+        inserts: Vec<Insert<'_>>,
+        feed: Insert<'_>,
+    ) -> Option<QueryBuilder<Self>> {
         let inserts: Vec<Insert<'_>> = inserts.into_iter().filter(|i| !i.is_empty()).collect();
         let feed = (!feed.is_empty()).then_some(feed);
         if inserts.is_empty() && feed.is_none() {
             return None;
         }
         let mut qb = QueryBuilder::new("WITH ");
+        if let Some(locked) = locked {
+            qb.push(locked.name).push(" AS (");
+            push_select_each(&mut qb, locked.head, locked.values, locked.tail);
+            qb.push("), ");
+        }
         let mut rows = Vec::with_capacity(inserts.len() + 1);
         let events = feed.as_ref().map(|f| rows_of(&f.columns));
         for (i, insert) in inserts.into_iter().enumerate() {
@@ -384,22 +414,37 @@ impl BatchSql for sqlx::Postgres {
         if values.is_empty() {
             return Vec::new();
         }
-        let mut qb = QueryBuilder::new("SELECT m.* FROM unnest(");
-        qb.push_bind(values)
-            .push("::text[]) AS k(v) CROSS JOIN LATERAL (")
-            .push(head)
-            .push(" = k.v")
-            .push(tail)
-            .push(") AS m");
+        let mut qb = QueryBuilder::new("");
+        push_select_each(&mut qb, head, values, tail);
         vec![qb]
     }
+}
+
+/// Appends the select of [`BatchSql::select_each`] to `qb`.
+fn push_select_each(
+    qb: &mut QueryBuilder<sqlx::Postgres>,
+    head: &str,
+    values: Vec<String>,
+    tail: &str,
+) {
+    qb.push("SELECT m.* FROM unnest(")
+        .push_bind(values)
+        .push("::text[]) AS k(v) CROSS JOIN LATERAL (")
+        .push(head)
+        .push(" = k.v")
+        .push(tail)
+        .push(") AS m");
 }
 
 impl BatchSql for sqlx::Sqlite {
     const PREPARED: bool = false;
     const WHOLE: bool = false;
 
-    fn insert_whole(_: Vec<Insert<'_>>, _: Insert<'_>) -> Option<QueryBuilder<Self>> {
+    fn insert_whole_locking(
+        _: Option<Locked<'_>>,
+        _: Vec<Insert<'_>>,
+        _: Insert<'_>,
+    ) -> Option<QueryBuilder<Self>> {
         None
     }
 
@@ -624,6 +669,43 @@ mod tests {
              (SELECT pg_advisory_xact_lock($1)) AS feed_lock, UNNEST($2::text[]) AS u \
              RETURNING 1) \
              SELECT batch_written_whole((SELECT count(*) FROM w0) = $3), pg_notify($4, '')"
+        );
+    }
+
+    #[test]
+    fn postgres_whole_insert_locks_first_and_its_inserts_join_the_locked_rows() {
+        let locked = Locked {
+            name: "payees",
+            head: "SELECT id, bank FROM p WHERE id",
+            values: vec!["a".into(), "b".into()],
+            tail: " FOR UPDATE",
+        };
+        let insert = Insert {
+            head: "INSERT INTO d (id, x, bank)",
+            columns: vec![
+                Column::Text(vec!["a".into(), "b".into()]),
+                Column::BigInt(vec![1, 2]),
+            ],
+            tail: " AS u(id) JOIN payees USING (id)",
+        };
+        let no_events = Insert {
+            head: "INSERT INTO change_events (e)",
+            columns: vec![Column::Text(Vec::new())],
+            tail: "",
+        };
+        let qb = <sqlx::Postgres as BatchSql>::insert_whole_locking(
+            Some(locked),
+            vec![insert],
+            no_events,
+        )
+        .expect("PostgreSQL writes a batch whole");
+        assert_eq!(
+            qb.sql().as_str(),
+            "WITH payees AS (SELECT m.* FROM unnest($1::text[]) AS k(v) CROSS JOIN LATERAL \
+             (SELECT id, bank FROM p WHERE id = k.v FOR UPDATE) AS m), \
+             w0 AS (INSERT INTO d (id, x, bank) SELECT * FROM UNNEST($2::text[], $3::int8[]) \
+             AS u(id) JOIN payees USING (id) RETURNING 1) \
+             SELECT batch_written_whole((SELECT count(*) FROM w0) = $4)"
         );
     }
 

@@ -194,6 +194,24 @@ pub(crate) struct Payee {
     pub holder_name: String,
 }
 
+/// Where the disbursements of a batch of claims take their payout details from.
+#[derive(Clone, Copy)]
+pub(crate) enum Payees<'a> {
+    /// Read (and locked) before, by partner id: a claim whose partner is missing has none.
+    Read(&'a HashMap<PartnerId, Payee>),
+    /// Locked by the statement that writes the claims, as its `WITH` clause
+    /// [`PAYEES_LOCKED`]: a claim whose partner is missing is not written.
+    Locked,
+}
+
+/// The `WITH` clause of [`Payees::Locked`]: each partner's payout details, the partners
+/// locked in the order of their ids, as `submit_claim` locks one. (The inserts' tails name it
+/// as written here.)
+pub(crate) const PAYEES_LOCKED: &str = "payees";
+/// The select of [`PAYEES_LOCKED`], up to its partner id (see [`super::batch::Locked`]).
+pub(crate) const PAYEES_SELECT: &str = "SELECT partner_id, bank_code, account_sealed, \
+     account_last4, holder_name FROM partners WHERE partner_id";
+
 /// One claim being filed by the batch.
 pub(crate) struct Filed {
     pub row: usize,
@@ -239,7 +257,7 @@ pub(crate) const CLAIM_APPROVED: &str = "claim approved";
 pub(crate) fn claims_inserts(
     rows: &[ClaimSubmission],
     filed: &[Filed],
-    payees: &HashMap<PartnerId, Payee>,
+    payees: Payees<'_>,
     now: Micros,
 ) -> BulkResult<Vec<Insert<'static>>> {
     if filed.is_empty() {
@@ -247,7 +265,15 @@ pub(crate) fn claims_inserts(
     }
     let claims: Vec<&Claim> = filed.iter().map(|f| &f.claim).collect();
     let mut inserts = Vec::with_capacity(5);
-    inserts.push(claim_insert(&claims, now)?);
+    let mut claims_insert = claim_insert(&claims, now)?;
+    if let Payees::Locked = payees {
+        // The partner is the claim's second column; a claim filed before for it makes the
+        // statement store fewer claims than it has, which fails it whole.
+        claims_insert.tail = " AS u(claim_id, partner_id) \
+            WHERE partner_id IN (SELECT partner_id FROM payees) \
+            ON CONFLICT (partner_id) DO NOTHING";
+    }
+    inserts.push(claims_insert);
     inserts.push(evidence_insert(&claims, now));
     inserts.extend(disbursement_inserts(rows, filed, payees, now));
     Ok(inserts)
@@ -312,50 +338,70 @@ fn evidence_insert(claims: &[&Claim], now: Micros) -> Insert<'static> {
 fn disbursement_inserts(
     rows: &[ClaimSubmission],
     filed: &[Filed],
-    payees: &HashMap<PartnerId, Payee>,
+    payees: Payees<'_>,
     now: Micros,
 ) -> [Insert<'static>; 3] {
-    let approved: Vec<(&Filed, String, &Payee)> = filed
+    let approved: Vec<(&Filed, String, Option<&Payee>)> = filed
         .iter()
         .filter_map(|f| {
-            let id = f.claim.disbursement_id?;
-            payees
-                .get(&f.claim.partner_id)
-                .map(|p| (f, id.to_string(), p))
+            let id = f.claim.disbursement_id?.to_string();
+            match payees {
+                Payees::Read(read) => read.get(&f.claim.partner_id).map(|p| (f, id, Some(p))),
+                Payees::Locked => Some((f, id, None)),
+            }
         })
         .collect();
     let na = approved.len();
     let ids = text_column(&approved, |(_, id, _)| id.clone());
     let queued = || Column::Text(vec![DisbursementStatus::Queued.key().to_owned(); na]);
+    // The partner first: where the payout details are joined (`USING (partner_id)`), they
+    // follow the columns given, in the order of the payees' select.
+    let mut columns = vec![
+        text_column(&approved, |(f, _, _)| f.claim.partner_id.to_string()),
+        ids.clone(),
+        text_column(&approved, |(f, _, _)| f.claim.claim_id.to_string()),
+        Column::BigInt(
+            approved
+                .iter()
+                .map(|(f, _, _)| f.claim.compensation_krw.won())
+                .collect(),
+        ),
+        queued(),
+        Column::NullableText(
+            approved
+                .iter()
+                .map(|(f, _, _)| rows[f.row].claim.trace_context.clone())
+                .collect(),
+        ),
+        Column::BigInt(vec![now; na]),
+        Column::BigInt(vec![now; na]),
+    ];
+    let tail = match payees {
+        Payees::Read(_) => {
+            let payee = |f: fn(&Payee) -> &String| {
+                Column::Text(
+                    approved
+                        .iter()
+                        .filter_map(|(_, _, p)| p.map(|p| f(p).clone()))
+                        .collect(),
+                )
+            };
+            columns.extend([
+                payee(|p| &p.bank_code),
+                payee(|p| &p.account_sealed),
+                payee(|p| &p.account_last4),
+                payee(|p| &p.holder_name),
+            ]);
+            ""
+        }
+        Payees::Locked => " AS u(partner_id) JOIN payees USING (partner_id)",
+    };
     let disbursements = Insert {
-        head: "INSERT INTO disbursements (disbursement_id, claim_id, partner_id, amount_krw, \
-         status, bank_code, account_sealed, account_last4, holder_name, trace_context, \
-         create_time, update_time)",
-        columns: vec![
-            ids.clone(),
-            text_column(&approved, |(f, _, _)| f.claim.claim_id.to_string()),
-            text_column(&approved, |(f, _, _)| f.claim.partner_id.to_string()),
-            Column::BigInt(
-                approved
-                    .iter()
-                    .map(|(f, _, _)| f.claim.compensation_krw.won())
-                    .collect(),
-            ),
-            queued(),
-            text_column(&approved, |(_, _, p)| p.bank_code.clone()),
-            text_column(&approved, |(_, _, p)| p.account_sealed.clone()),
-            text_column(&approved, |(_, _, p)| p.account_last4.clone()),
-            text_column(&approved, |(_, _, p)| p.holder_name.clone()),
-            Column::NullableText(
-                approved
-                    .iter()
-                    .map(|(f, _, _)| rows[f.row].claim.trace_context.clone())
-                    .collect(),
-            ),
-            Column::BigInt(vec![now; na]),
-            Column::BigInt(vec![now; na]),
-        ],
-        tail: "",
+        head: "INSERT INTO disbursements (partner_id, disbursement_id, claim_id, amount_krw, \
+         status, trace_context, create_time, update_time, \
+         bank_code, account_sealed, account_last4, holder_name)",
+        columns,
+        tail,
     };
     let history = Insert {
         head: "INSERT INTO disbursement_events (disbursement_id, from_status, to_status, \

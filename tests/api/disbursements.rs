@@ -590,3 +590,78 @@ on_both_databases!(
         assert_eq!(after, paid);
     }
 );
+
+on_both_databases!(
+    each_payout_is_made_out_to_its_own_partners_account_as_it_stands_at_filing,
+    |app: TestApp| async move {
+        set_paused(&app, true).await;
+        let banks = ["004", "088", "020", "011"];
+        let mut partners = Vec::new();
+        for seed in 0..8u64 {
+            let mut partner =
+                partner_with_account(700 + seed, &format!("110-123-45{}", 1000 + seed));
+            partner.bank_account.as_mut().expect("account").bank_code =
+                banks[usize::try_from(seed).expect("seed") % banks.len()].into();
+            partners.push(register(&app, partner).await);
+        }
+        // One partner moves to another bank before filing: its payout goes there.
+        let moved = app
+            .partners()
+            .update_partner_bank_account(pb::UpdatePartnerBankAccountRequest {
+                request_id: request_id(),
+                partner_id: partners[0].partner_id.clone(),
+                bank_account: Some(pb::BankAccount {
+                    bank_code: "088".into(),
+                    account_number: "110-123-452468".into(),
+                    holder_name: "Kim Minji".into(),
+                }),
+                etag: partners[0].etag.clone(),
+            })
+            .await
+            .expect("update account")
+            .into_inner()
+            .partner
+            .expect("partner");
+        partners[0] = moved;
+        // Filed together, so that they are written together.
+        let claims = futures::future::join_all(
+            partners
+                .iter()
+                .map(|p| submit(&app, &p.partner_id, vec![full_weight_item(100)])),
+        )
+        .await;
+        for (partner, claim) in partners.iter().zip(&claims) {
+            assert_eq!(claim.status(), pb::ClaimStatus::Approved, "{claim:?}");
+            let payout = get(&app, &claim.disbursement_id).await;
+            let account = partner.bank_account.clone().expect("account");
+            assert_eq!(
+                (
+                    payout.partner_id.as_str(),
+                    payout.claim_id.as_str(),
+                    payout.amount_krw,
+                    payout.status(),
+                ),
+                (
+                    partner.partner_id.as_str(),
+                    claim.claim_id.as_str(),
+                    30_000,
+                    Queued
+                )
+            );
+            assert_eq!(
+                (payout.bank_code, payout.account_number, payout.holder_name),
+                (
+                    account.bank_code,
+                    account.account_number,
+                    account.holder_name
+                ),
+                "the payout of {}",
+                partner.partner_id
+            );
+        }
+        assert_eq!(
+            get(&app, &claims[0].disbursement_id).await.account_number,
+            "****2468"
+        );
+    }
+);

@@ -17,7 +17,7 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use sqlx::{FromRow as _, Row as _};
 
 use super::audit::insert_audit;
-use super::{Db, DbRow, SqlStore, Tx, execute_pieces, fetch_pieces};
+use super::{Conn, Db, DbRow, SqlStore, Tx, execute_pieces, fetch_pieces};
 use crate::store::batch::{BatchSql, Lookup};
 use crate::store::idempotency::{KeyedEarlier, replay_of};
 use crate::store::intake::{
@@ -35,7 +35,7 @@ pub(super) type BatchStatements = super::Pieces;
 /// through the column's index ([`BatchSql::select_each`]): a plan of that shape stays right
 /// however large a bulk load makes the table, so it is kept prepared.
 pub(super) async fn select_in(
-    tx: &mut Tx,
+    conn: &mut Conn,
     head: &str,
     values: Vec<String>,
     tail: &str,
@@ -44,7 +44,7 @@ pub(super) async fn select_in(
     for mut qb in <Db as BatchSql>::select_each(head, values, tail) {
         // On PostgreSQL the text is the same for any number of values.
         let statement = qb.build().persistent(<Db as BatchSql>::PREPARED);
-        rows.extend(statement.fetch_all(&mut **tx).await?);
+        rows.extend(statement.fetch_all(&mut *conn).await?);
     }
     Ok(rows)
 }
