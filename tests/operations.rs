@@ -287,7 +287,29 @@ async fn metrics_are_the_prometheus_text_of_the_calls(db: Db) {
         .expect_err("a bad registration number");
     assert_eq!(refused.code(), tonic::Code::InvalidArgument);
 
-    let (scrape, text) = scrape(replica.admin).await;
+    // The gauges are refreshed by the dispatcher (at its start, then every 10 s): wait for
+    // its first refresh.
+    let gauges = [
+        "payouts_outbox_depth",
+        "payouts_outbox_oldest_due_age_seconds",
+        "payouts_disbursements",
+    ];
+    let has_gauges = |scrape: &prometheus_parse::Scrape| {
+        gauges.iter().all(|gauge| {
+            scrape
+                .samples
+                .iter()
+                .any(|s| s.metric == *gauge && matches!(s.value, prometheus_parse::Value::Gauge(_)))
+        })
+    };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let (scrape, text) = loop {
+        let (scrape, text) = scrape(replica.admin).await;
+        if has_gauges(&scrape) || Instant::now() > deadline {
+            break (scrape, text);
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
     assert_eq!(instance_id(&scrape).as_deref(), Some("replica-7"), "{text}");
     let calls = |status: &str| -> f64 {
         scrape
@@ -312,11 +334,7 @@ async fn metrics_are_the_prometheus_text_of_the_calls(db: Db) {
     };
     assert_eq!(calls("0"), 1.0, "the registration:\n{text}");
     assert_eq!(calls("3"), 1.0, "the refused registration:\n{text}");
-    for gauge in [
-        "payouts_outbox_depth",
-        "payouts_outbox_oldest_due_age_seconds",
-        "payouts_disbursements",
-    ] {
+    for gauge in gauges {
         assert!(
             scrape
                 .samples

@@ -402,14 +402,15 @@ impl Dispatcher {
         self.store.record_dispatch(record, &terms).await
     }
 
-    /// Records the outbox and disbursement gauges.
+    /// Records the outbox and disbursement gauges, all of them once both reads are done, so
+    /// that a scrape never finds some of them refreshed and others not yet there.
     pub async fn observe(&self) -> Result<(), StoreError> {
         let m = crate::telemetry::metrics();
         let (depth, oldest) = self.store.outbox_stats().await?;
+        let summary = self.store.program_summary().await?;
         m.outbox_depth.record(depth, &[]);
         let age = oldest.map_or(0.0, |due| ((now_micros() - due).max(0) as f64) / 1e6);
         m.outbox_oldest_due_age.record(age, &[]);
-        let summary = self.store.program_summary().await?;
         for (status, bucket) in [
             (DisbursementStatus::Queued, summary.queued),
             (DisbursementStatus::Submitted, summary.submitted),
