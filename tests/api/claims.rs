@@ -1031,3 +1031,77 @@ on_both_databases!(
         }
     }
 );
+
+/// Two replicas over one database, each writing its own batches: for every partner, calls
+/// through both at once (the same request id on each, and fresh ones) file one claim. The
+/// same request id answers the same claim on both; every other call is refused as a second
+/// claim; each claim has one payout.
+async fn two_replicas_racing_file_one_claim_per_partner(db: Db) {
+    let a = spawn_app(db, |_| {}).await;
+    let b = spawn_app_on(db, &a.database_url, &a.pii_key_file).await;
+    let mut partners = Vec::new();
+    for seed in 0..6 {
+        partners.push(new_partner(&a, 40 + seed).await);
+    }
+    let call = |app: &TestApp, partner_id: &str, request_id: String| {
+        let mut client = app.claims();
+        let request = pb::SubmitClaimRequest {
+            request_id,
+            partner_id: partner_id.to_owned(),
+            items: vec![full_weight_item(1_000)],
+            evidence: vec![],
+        };
+        async move { client.submit_claim(request).await }
+    };
+    let mut calls = Vec::new();
+    for partner_id in &partners {
+        let shared = request_id();
+        calls.push(call(&a, partner_id, shared.clone()));
+        calls.push(call(&b, partner_id, shared));
+        calls.push(call(&a, partner_id, request_id()));
+        calls.push(call(&b, partner_id, request_id()));
+    }
+    let answers = futures::future::join_all(calls).await;
+    for (partner_id, answers) in partners.iter().zip(answers.chunks(4)) {
+        let mut claims: Vec<pb::Claim> = Vec::new();
+        for answer in answers {
+            match answer {
+                Ok(r) => claims.push(r.get_ref().claim.clone().expect("claim")),
+                Err(status) => {
+                    assert_eq!(status.code(), Code::AlreadyExists, "{status:?}");
+                    assert_eq!(reason(status), "CLAIM_ALREADY_FILED");
+                }
+            }
+        }
+        let filed = all_claim_ids(
+            &a,
+            pb::ListClaimsRequest {
+                partner_id: partner_id.clone(),
+                ..Default::default()
+            },
+        )
+        .await;
+        assert_eq!(filed.len(), 1, "partner {partner_id}: {claims:?}");
+        assert!(
+            claims.iter().all(|c| c.claim_id == filed[0]),
+            "partner {partner_id}: {claims:?}"
+        );
+        // The two calls with one request id are one call: both refused, or both this claim.
+        assert_eq!(
+            answers[0].as_ref().ok().map(|r| r.get_ref().clone()),
+            answers[1].as_ref().ok().map(|r| r.get_ref().clone()),
+            "partner {partner_id}"
+        );
+        let claim = &claims[0];
+        assert_eq!(claim.status(), pb::ClaimStatus::Approved, "{claim:?}");
+        assert_eq!(
+            get(&a, &claim.disbursement_id).await.claim_id,
+            claim.claim_id
+        );
+    }
+}
+
+on_both_databases!(
+    two_replicas_racing,
+    db = two_replicas_racing_file_one_claim_per_partner
+);
