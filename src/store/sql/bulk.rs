@@ -14,11 +14,11 @@
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 
-use sqlx::{FromRow as _, Row as _};
+use sqlx::{FromRow as _, QueryBuilder, Row as _};
 
 use super::audit::insert_audit;
 use super::{Conn, Db, DbRow, SqlStore, Tx, execute_pieces, fetch_pieces};
-use crate::store::batch::{BatchSql, Lookup};
+use crate::store::batch::{BatchSql, Lookup, NOT_WRITTEN_WHOLE};
 use crate::store::idempotency::{KeyedEarlier, replay_of};
 use crate::store::intake::{
     Answers, BulkError, BulkResult, REQUEST_KEY, request_ids_insert, request_key,
@@ -47,6 +47,30 @@ pub(super) async fn select_in(
         rows.extend(statement.fetch_all(&mut *conn).await?);
     }
     Ok(rows)
+}
+
+/// Runs a statement of [`BatchSql::insert_whole`] on its own, as its own transaction (its feed
+/// events included): true if it stored every row, false if it stored none because a row was
+/// not new.
+pub(super) async fn written_whole(
+    store: &SqlStore,
+    mut statement: QueryBuilder<Db>,
+) -> BulkResult<bool> {
+    match statement
+        .build()
+        .persistent(true)
+        .execute(&store.pool)
+        .await
+    {
+        Ok(_) => {
+            store.feed_committed();
+            Ok(true)
+        }
+        Err(sqlx::Error::Database(e)) if e.code().as_deref() == Some(NOT_WRITTEN_WHOLE) => {
+            Ok(false)
+        }
+        Err(e) => Err(e.into()),
+    }
 }
 
 pub(super) async fn execute(tx: &mut Tx, statements: BatchStatements) -> BulkResult<()> {

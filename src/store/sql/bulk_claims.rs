@@ -6,11 +6,11 @@ use sqlx::FromRow as _;
 use uuid::Uuid;
 
 use super::bulk::{
-    OneRow, Wave, execute, release_request_ids, replays, select_in, take_request_ids,
+    OneRow, Wave, execute, release_request_ids, replays, select_in, take_request_ids, written_whole,
 };
 use super::{Conn, Db, SqlStore, Tx, dialect};
 use crate::domain::{Claim, ClaimId, ClaimOutcome, NewClaim, NewEvent, PartnerId};
-use crate::store::batch::{BatchSql, Insert, Locked, NOT_WRITTEN_WHOLE};
+use crate::store::batch::{BatchSql, Insert, Locked};
 use crate::store::events::events_insert;
 use crate::store::intake::{
     Answers, BulkResult, CLAIM_APPROVED, Filed, PAYEES_LOCKED, PAYEES_SELECT, Payee, Payees,
@@ -233,25 +233,12 @@ async fn submit_whole(
         values: locked_ids,
         tail: dialect::IN_PARTNER_ORDER_LOCKED,
     };
-    let Some(mut statement) =
+    let Some(statement) =
         <Db as BatchSql>::insert_whole_locking(Some(payees), inserts, events_insert(&events))
     else {
         return Ok(None);
     };
-    // The statement is its own transaction, its feed events included.
-    match statement
-        .build()
-        .persistent(true)
-        .execute(&store.pool)
-        .await
-    {
-        Ok(_) => {
-            store.feed_committed();
-            Ok(Some(answers))
-        }
-        Err(sqlx::Error::Database(e)) if e.code().as_deref() == Some(NOT_WRITTEN_WHOLE) => Ok(None),
-        Err(e) => Err(e.into()),
-    }
+    Ok(written_whole(store, statement).await?.then_some(answers))
 }
 
 /// A partner's payout details, by partner id.

@@ -4,10 +4,11 @@ use uuid::Uuid;
 
 use super::bulk::{
     OneRow, Wave, execute, release_request_ids, replays, take_request_ids_and_look_up,
+    written_whole,
 };
 use super::{Db, SqlStore, Tx};
 use crate::domain::{NewEvent, NewPartner, Partner, PartnerId};
-use crate::store::batch::{BatchSql, Insert, Lookup, NOT_WRITTEN_WHOLE};
+use crate::store::batch::{BatchSql, Insert, Lookup};
 use crate::store::events::events_insert;
 use crate::store::intake::{
     Answers, BulkResult, audit_insert, finish, partners_insert, request_ids_insert, request_key,
@@ -203,7 +204,7 @@ async fn register_whole(
         .iter()
         .map(|(i, partner, _)| registered_event(&rows[*i].0, partner, now))
         .collect();
-    let Some(mut statement) = <Db as BatchSql>::insert_whole(
+    let Some(statement) = <Db as BatchSql>::insert_whole(
         vec![
             request_ids_insert(idems, now),
             partners,
@@ -213,20 +214,7 @@ async fn register_whole(
     ) else {
         return Ok(None);
     };
-    // The statement is its own transaction, its feed events included.
-    match statement
-        .build()
-        .persistent(true)
-        .execute(&store.pool)
-        .await
-    {
-        Ok(_) => {
-            store.feed_committed();
-            Ok(Some(answers))
-        }
-        Err(sqlx::Error::Database(e)) if e.code().as_deref() == Some(NOT_WRITTEN_WHOLE) => Ok(None),
-        Err(e) => Err(e.into()),
-    }
+    Ok(written_whole(store, statement).await?.then_some(answers))
 }
 
 /// The feed event of `partner`, registered by the caller of `idem`.
