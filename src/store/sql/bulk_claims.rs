@@ -8,7 +8,7 @@ use uuid::Uuid;
 use super::bulk::{
     OneRow, Wave, execute, release_request_ids, replays, select_in, take_request_ids, written_whole,
 };
-use super::{Conn, Db, SqlStore, Tx, dialect};
+use super::{Db, SqlStore, Tx, dialect};
 use crate::domain::{Claim, ClaimId, ClaimOutcome, NewClaim, NewEvent, PartnerId};
 use crate::store::batch::{BatchSql, Insert, Locked};
 use crate::store::events::events_insert;
@@ -66,9 +66,9 @@ struct FoundRow {
 /// under, if it is. An id is taken as given: whether its partner exists is read with its
 /// payout details, under its lock ([`partners_of`]), and a missing one answered there.
 /// Partners are never deleted and their registration numbers never change, so this holds
-/// for the whole batch.
+/// for the whole batch, read before its transaction (a batch of ids reads nothing).
 async fn resolve_partners(
-    conn: &mut Conn,
+    store: &SqlStore,
     rows: &[ClaimSubmission],
 ) -> BulkResult<Vec<Option<PartnerId>>> {
     let brns: Vec<String> = rows
@@ -82,7 +82,8 @@ async fn resolve_partners(
     if !brns.is_empty() {
         let head = "SELECT partner_id, business_registration_number FROM partners \
                     WHERE business_registration_number";
-        for row in select_in(conn, head, brns, "").await? {
+        let mut conn = store.pool.acquire().await?;
+        for row in select_in(&mut conn, head, brns, "").await? {
             let found = FoundRow::from_row(&row)?;
             let id = uuid("partner_id", &found.partner_id)?;
             by_brn.insert(found.business_registration_number, id);
@@ -107,21 +108,21 @@ pub(super) async fn submit_claims(
 ) -> BulkResult<Vec<Result<Stored<Claim>>>> {
     let mut answers: Answers<Claim> = rows.iter().map(|_| None).collect();
     let now = now_micros();
-    if <Db as BatchSql>::WHOLE
-        && let Some(answers) = submit_whole(store, rows, render, audit, now).await?
+    let partners = resolve_partners(store, rows).await?;
+    let waves = waves(&keys_of(rows, &partners));
+    if waves.len() == 1
+        && let Some(answers) = submit_whole(store, rows, &partners, render, audit, now).await?
     {
         return Ok(answers);
     }
     let mut tx = store.begin_write().await?;
-    let partners = resolve_partners(&mut tx, rows).await?;
-    let keys = keys_of(rows, &partners);
     // The claim each row files if it is new, made before it is written so that its
     // request id is taken with its response at once.
     let mut candidates = candidates_of(rows, &partners, now);
     // A wave's rows are inserted with the next statement that may: before the next
     // wave looks at the partners' claims, or with the audit entries after the last.
     let mut pending: Vec<Insert<'static>> = Vec::new();
-    for wave in waves(&keys) {
+    for wave in waves {
         if !pending.is_empty() {
             let inserts = std::mem::take(&mut pending);
             execute(&mut tx, <Db as BatchSql>::insert_all(inserts)).await?;
@@ -167,43 +168,28 @@ fn candidates_of(
         .collect()
 }
 
-/// Writes a batch in one statement as if every row were new (its request id unused, its
-/// partner registered and without a claim), which is the common case: one round trip
-/// (two when partners are given by registration number) instead of a transaction of six.
-/// The statement locks the partners, as the step-by-step transaction does, and copies
-/// their payout details as it holds the locks. `None`, with nothing stored, if a row was not
-/// new or two rows share a key: the batch must then be written step by step, which answers
-/// such rows.
+/// Writes a batch whose rows share no key in one statement, as if every row were new (its
+/// request id unused, its partner registered and without a claim), which is the common
+/// case: one round trip instead of a transaction of six. `partners` are the rows' partners,
+/// resolved. The statement locks the partners, as the step-by-step transaction does, and
+/// copies their payout details as it holds the locks. `None`, with nothing stored, if a row
+/// was not new (or the database cannot): the batch must then be written step by step, which
+/// answers such rows.
 async fn submit_whole(
     store: &SqlStore,
     rows: &[ClaimSubmission],
+    partners: &[Option<PartnerId>],
     render: Render<'_, Claim>,
     audit: BatchAudit<'_, Claim>,
     now: Micros,
 ) -> BulkResult<Option<Vec<Result<Stored<Claim>>>>> {
-    let partners: Vec<Option<PartnerId>> = if rows
-        .iter()
-        .all(|row| matches!(row.partner, PartnerRef::Id(_)))
-    {
-        rows.iter()
-            .map(|row| match row.partner {
-                PartnerRef::Id(id) => Some(id),
-                PartnerRef::RegistrationNumber(_) => None,
-            })
-            .collect()
-    } else {
-        // Registration numbers never change and partners are never deleted: what is
-        // read now holds when the statement runs.
-        let mut conn = store.pool.acquire().await?;
-        resolve_partners(&mut conn, rows).await?
-    };
+    if !<Db as BatchSql>::WHOLE {
+        return Ok(None);
+    }
     let Some(partner_ids) = partners.iter().copied().collect::<Option<Vec<PartnerId>>>() else {
         return Ok(None);
     };
-    if waves(&keys_of(rows, &partners)).len() != 1 {
-        return Ok(None);
-    }
-    let filed: Vec<Filed> = candidates_of(rows, &partners, now)
+    let filed: Vec<Filed> = candidates_of(rows, partners, now)
         .into_iter()
         .enumerate()
         .map(|(row, claim)| claim.map(|claim| Filed { row, claim }))
