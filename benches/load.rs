@@ -489,14 +489,26 @@ fn peak_rss_mib_of(pid: &str) -> Option<f64> {
     Some(kib / 1024.0)
 }
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
+fn main() -> anyhow::Result<()> {
     // `cargo test --all-targets` runs bench binaries without `--bench`: nothing to measure then.
     if !std::env::args().any(|a| a == "--bench") {
         println!("load: run it with `cargo bench --bench load -- SCENARIO`");
         return Ok(());
     }
     let o = options()?;
+    // In process, the service runs on the runtime `serve` gives it; a client of its own keeps
+    // tokio's defaults, as a client of the service's would.
+    let runtime = if o.in_process {
+        partner_payouts::app::runtime()?
+    } else {
+        tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()?
+    };
+    runtime.block_on(run(o))
+}
+
+async fn run(o: Options) -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
     let mut bank_addr = None;
     let mut made_database = None;

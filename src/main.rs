@@ -112,8 +112,11 @@ impl SandboxArgs {
     }
 }
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
+fn main() -> anyhow::Result<()> {
+    app::runtime()?.block_on(run_command())
+}
+
+async fn run_command() -> anyhow::Result<()> {
     let cli = Cli::parse();
     let settings = Settings::load(cli.config.as_deref())?;
     let command = cli.command.unwrap_or(Command::Serve);
@@ -122,6 +125,12 @@ async fn main() -> anyhow::Result<()> {
         prometheus: matches!(command, Command::Serve) && settings.admin_listen_addr.is_some(),
     };
     let telemetry = telemetry::init(&settings.log_format, exposition)?;
+    if !app::LIFO_SLOT_OFF {
+        tracing::warn!(
+            "built without `--cfg tokio_unstable`: the runtime keeps its LIFO slot, and \
+             answers are written one call at a time (see `app::runtime`)"
+        );
+    }
     let result = run(command, settings).await;
     telemetry.shutdown();
     result
