@@ -116,7 +116,16 @@ where
     global::set_tracer_provider(tracer_provider.clone());
     let otel = tracing_opentelemetry::layer()
         .with_tracer(tracer_provider.tracer("partner-payouts"))
-        .with_tracked_inactivity(false);
+        .with_tracked_inactivity(false)
+        // Nothing reads the ambient OpenTelemetry context (`Context::current`): propagation
+        // and logs take a span's own context. Activating it on every poll of every call's
+        // future only cost time.
+        .with_context_activation(false)
+        // The thread, module and source line that opened a span: the same few values on
+        // every span, computed for each one. The RPC conventions' attributes stay.
+        .with_threads(false)
+        .with_location(false)
+        .with_target(false);
 
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
     let registry = tracing_subscriber::registry().with(filter).with(otel);
