@@ -25,9 +25,17 @@ use crate::store::{AuditEvent, ResealAudit, ResealPage, SealedKeys, SealedPlace,
 /// The method the audit log names for a re-sealing batch.
 pub const RESEAL_METHOD: &str = "partner-payouts reseal";
 
-/// Passes over everything before a run gives up on values that keep appearing under another
-/// key (a replica that still seals under it).
-const MAX_PASSES: u32 = 3;
+/// Passes over everything before a run gives up on values that stay under another key.
+///
+/// A pass leaves values behind for two reasons. A row another transaction held was passed
+/// over rather than waited for (a dispatch round settling payouts holds them until it commits;
+/// see `SKIP_LOCKED`): a later pass finds it free. Or a replica still seals under another key:
+/// every later pass finds new values, and the run gives up and says so.
+const MAX_PASSES: u32 = 8;
+/// The pause before the second pass, doubled before each one after it (50 ms to 3.2 s, 6.35 s
+/// over all eight): enough for the transactions that held rows to have ended. Passes right
+/// after each other ran inside one such transaction, and gave up on rows only held.
+const FIRST_PAUSE: std::time::Duration = std::time::Duration::from_millis(50);
 
 /// Whether `cipher` opens everything stored: every key id in use is loaded, and the loaded key
 /// of the probe's id opens it. Stores the probe first if there is none. The error names the
@@ -67,7 +75,8 @@ pub struct ResealReport {
     pub retired_key_ids: Vec<String>,
     /// Values re-sealed.
     pub resealed: u64,
-    /// Passes over everything: one, unless values under another key appeared meanwhile.
+    /// Passes over everything: one, unless values under another key appeared or were held
+    /// meanwhile.
     pub passes: u32,
 }
 
@@ -105,7 +114,12 @@ pub async fn reseal(
         key_id: current.clone(),
         ..ResealReport::default()
     };
+    let mut pause = FIRST_PAUSE;
     while report.passes < MAX_PASSES {
+        if report.passes > 0 {
+            tokio::time::sleep(pause).await;
+            pause *= 2;
+        }
         report.passes += 1;
         for place in SealedPlace::ALL {
             report.resealed += reseal_place(store, place, batch, &audit).await?;
@@ -124,9 +138,10 @@ pub async fn reseal(
     }
     let after = store.sealed_keys().await?;
     anyhow::bail!(
-        "after {MAX_PASSES} passes, stored account numbers are still sealed under key id {}: a \
-         replica still seals under it. Put key {current} first on every replica, then run \
-         reseal again",
+        "after {MAX_PASSES} passes, {:.2} s apart in all, stored account numbers are still sealed under \
+         key id {}: a replica still seals under it, or holds their rows for that long. Put key \
+         {current} first on every replica, then run reseal again",
+        (FIRST_PAUSE * (2u32.pow(MAX_PASSES - 1) - 1)).as_secs_f64(),
         after
             .key_ids
             .iter()

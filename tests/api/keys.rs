@@ -331,3 +331,99 @@ on_both_databases!(
     reseal_is_safe_while_a_replica_serves,
     db = reseal_while_a_replica_serves
 );
+
+/// Holds the payout `disbursement_id` in a transaction of its own, as a dispatch round settling
+/// it does, until the returned task ends it after `for_how_long`. On PostgreSQL a row lock; on
+/// SQLite, which locks the whole database, its write lock.
+async fn hold_payout(
+    db: Db,
+    database_url: &str,
+    disbursement_id: &str,
+    for_how_long: std::time::Duration,
+) -> tokio::task::JoinHandle<()> {
+    match db {
+        Db::Postgres => {
+            let pool = sqlx::PgPool::connect(database_url).await.expect("connect");
+            let mut tx = pool.begin().await.expect("begin");
+            sqlx::query("SELECT 1 FROM disbursements WHERE disbursement_id = $1 FOR UPDATE")
+                .bind(disbursement_id)
+                .fetch_one(&mut *tx)
+                .await
+                .expect("hold the payout");
+            tokio::spawn(async move {
+                tokio::time::sleep(for_how_long).await;
+                tx.rollback().await.expect("rollback");
+            })
+        }
+        Db::Sqlite => {
+            let pool = sqlx::SqlitePool::connect(database_url)
+                .await
+                .expect("connect");
+            let mut tx = pool.begin().await.expect("begin");
+            let held = sqlx::query(
+                "UPDATE disbursements SET update_time = update_time WHERE disbursement_id = ?1",
+            )
+            .bind(disbursement_id)
+            .execute(&mut *tx)
+            .await
+            .expect("hold the database");
+            assert_eq!(held.rows_affected(), 1);
+            tokio::spawn(async move {
+                tokio::time::sleep(for_how_long).await;
+                tx.rollback().await.expect("rollback");
+            })
+        }
+    }
+}
+
+/// A payout another transaction holds for a second, longer than passes right after each other
+/// take: re-sealing passes it over (PostgreSQL) or waits for the database (SQLite), goes over
+/// it again once it is free, and retires the old key.
+async fn reseal_outlasting_a_held_row(db: Db) {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let (old, new) = (new_key(), new_key());
+    let app = first_replica(db, dir.path(), key_file(dir.path(), "old.key", &[old])).await;
+    set_paused(&app, true).await;
+    let held = approved_claim(&app, 1, ACCOUNT, 100).await;
+    approved_claim(&app, 2, ACCOUNT, 100).await;
+    let database_url = app.database_url.clone();
+    app.stop().await;
+
+    let holder = hold_payout(
+        db,
+        &database_url,
+        &held.disbursement_id,
+        std::time::Duration::from_secs(1),
+    )
+    .await;
+    let settings = Settings {
+        database_url: database_url.clone(),
+        pii_key_file: key_file(dir.path(), "rotated.key", &[new, old]),
+        ..Settings::default()
+    };
+    let report = partner_payouts::app::reseal(&settings, 2)
+        .await
+        .expect("reseal past a held payout");
+    holder.await.expect("the holder");
+    assert_eq!(report.retired_key_ids, [key_id(&old)]);
+    // Two partners, two payouts and the probe.
+    assert_eq!(report.resealed, 5, "{report:?}");
+    if db == Db::Postgres {
+        assert!(
+            report.passes > 1,
+            "the held row was passed over: {report:?}"
+        );
+    }
+    // Nothing needs the old key any more.
+    let app = replica(db, &database_url, &key_file(dir.path(), "new.key", &[new])).await;
+    assert_eq!(
+        get(&app, &held.disbursement_id).await.account_number,
+        "****6789"
+    );
+    app.stop().await;
+}
+
+on_both_databases!(
+    reseal_goes_over_a_held_row_again_once_it_is_free,
+    db = reseal_outlasting_a_held_row
+);
