@@ -16,6 +16,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "proto/google/rpc/status.proto",
     ];
     println!("cargo:rerun-if-changed=proto");
+    // The store embeds its migrations; a new one must rebuild it.
+    println!("cargo:rerun-if-changed=migrations");
     let fds = protox::compile(files, ["proto"])?;
     let out = PathBuf::from(env::var("OUT_DIR")?);
     std::fs::write(out.join("descriptor.bin"), fds.encode_to_vec())?;

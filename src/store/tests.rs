@@ -25,8 +25,17 @@ fn cipher() -> Arc<PiiCipher> {
 
 /// A fresh, migrated store of each database (the SQLite one in `dir`).
 async fn stores(dir: &tempfile::TempDir) -> Vec<(&'static str, Arc<dyn Store>)> {
-    use sqlx::Connection as _;
     let sqlite = SqliteStore::migrated_in(dir).await;
+    let (postgres, _) = migrated_postgres().await;
+    vec![
+        ("sqlite", Arc::new(sqlite)),
+        ("postgres", Arc::new(postgres)),
+    ]
+}
+
+/// A migrated PostgreSQL store over a database of its own, and that database's URL.
+async fn migrated_postgres() -> (PgStore, String) {
+    use sqlx::Connection as _;
     let admin = std::env::var("PAYOUTS_TEST_POSTGRES_URL")
         .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into());
     let mut conn = sqlx::PgConnection::connect(&admin)
@@ -38,8 +47,9 @@ async fn stores(dir: &tempfile::TempDir) -> Vec<(&'static str, Arc<dyn Store>)> 
         .await
         .expect("create test database");
     let (base, _) = admin.rsplit_once('/').expect("URL has a database");
+    let url = format!("{base}/{name}");
     let postgres = PgStore::connect(
-        &format!("{base}/{name}"),
+        &url,
         &super::PoolSettings {
             max_connections: 4,
             ..Default::default()
@@ -49,10 +59,49 @@ async fn stores(dir: &tempfile::TempDir) -> Vec<(&'static str, Arc<dyn Store>)> 
     .await
     .expect("postgres");
     postgres.migrate().await.expect("migrate postgres");
-    vec![
-        ("sqlite", Arc::new(sqlite)),
-        ("postgres", Arc::new(postgres)),
-    ]
+    (postgres, url)
+}
+
+/// Every text column an index of PostgreSQL's holds compares byte by byte (collation "C",
+/// migration 0008), whatever the database's own collation: an index added later on a text
+/// column must say so too.
+#[tokio::test]
+async fn every_indexed_text_column_compares_byte_by_byte_on_postgres() {
+    use sqlx::Connection as _;
+    let (_store, url) = migrated_postgres().await;
+    let mut conn = sqlx::PgConnection::connect(&url).await.expect("connect");
+    let columns: Vec<(String, String)> = sqlx::query_as(
+        "SELECT DISTINCT c.relname || '.' || a.attname, co.collname \
+         FROM pg_index i JOIN pg_class c ON c.oid = i.indrelid \
+         JOIN pg_namespace n ON n.oid = c.relnamespace \
+         JOIN pg_attribute a ON a.attrelid = c.oid AND a.attnum = ANY (i.indkey) \
+         JOIN pg_collation co ON co.oid = a.attcollation \
+         WHERE n.nspname = current_schema() AND a.atttypid = 'text'::regtype \
+         ORDER BY 1",
+    )
+    .fetch_all(&mut conn)
+    .await
+    .expect("read the indexed text columns");
+    // The check would pass on an empty list: the keys the intake writes are among them.
+    for key in [
+        "partners.partner_id",
+        "partners.business_registration_number",
+        "idempotency.request_id",
+        "claims.claim_id",
+        "disbursements.disbursement_id",
+        "audit_events.audit_event_id",
+        "change_events.event_id",
+    ] {
+        assert!(
+            columns.iter().any(|(c, _)| c == key),
+            "{key} is not indexed"
+        );
+    }
+    let other: Vec<&(String, String)> = columns.iter().filter(|(_, co)| co != "C").collect();
+    assert!(
+        other.is_empty(),
+        "indexed text columns not in \"C\": {other:?}"
+    );
 }
 
 fn idem(method: &'static str) -> Idempotency {
