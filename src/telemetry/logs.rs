@@ -9,7 +9,8 @@ use serde_json::{Map, Value};
 use tracing::field::{Field, Visit};
 use tracing::{Event, Subscriber};
 use tracing_subscriber::Layer;
-use tracing_subscriber::fmt::format::{JsonFields, Writer};
+use tracing_subscriber::field::{RecordFields, VisitOutput as _};
+use tracing_subscriber::fmt::format::{DefaultFields, DefaultVisitor, JsonFields, Writer};
 use tracing_subscriber::fmt::{FmtContext, FormatEvent, FormatFields, FormattedFields, MakeWriter};
 use tracing_subscriber::registry::LookupSpan;
 
@@ -33,11 +34,161 @@ where
     W: for<'w> MakeWriter<'w> + Send + Sync + 'static,
 {
     tracing_subscriber::fmt::layer()
+        .fmt_fields(TextFields)
         .event_format(TextLine(tracing_subscriber::fmt::format()))
         .with_writer(writer)
         // Colours only for a person at a terminal: a log file or collector gets plain
         // text, and no call pays for escape codes nobody sees.
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+}
+
+/// The fields of a span or line in the text format, exactly as [`DefaultFields`] writes them,
+/// without its costs where they buy nothing. A span's fields are written when the span is
+/// made, whether or not a line is ever logged in it, so every call pays for its SERVER span's:
+/// the default writes each value through `{:?}` one character at a time, and each name
+/// through a colour style even when there are no colours. Here, without colours, a name is
+/// written as it is, a number as a number, and text that `{:?}` would leave as it is (printable
+/// ASCII but for `"` and `\`) between quotes as it is. Everything else, and everything when
+/// there are colours, goes to [`DefaultFields`]' own visitor.
+pub(super) struct TextFields;
+
+impl<'w> FormatFields<'w> for TextFields {
+    fn format_fields<R: RecordFields>(&self, writer: Writer<'w>, fields: R) -> fmt::Result {
+        if writer.has_ansi_escapes() {
+            return DefaultFields::new().format_fields(writer, fields);
+        }
+        let mut visitor = TextVisitor {
+            writer,
+            is_empty: true,
+            result: Ok(()),
+        };
+        fields.record(&mut visitor);
+        visitor.result
+    }
+}
+
+/// [`TextFields`]' visitor, for a writer without colours.
+struct TextVisitor<'w> {
+    writer: Writer<'w>,
+    /// Whether no field has been written yet (the next one takes no leading space).
+    is_empty: bool,
+    result: fmt::Result,
+}
+
+impl TextVisitor<'_> {
+    /// Whether the field is written `name=value` with its name as it is: not the message
+    /// (written bare, its escape codes guarded), nor a raw identifier (`r#type`, written
+    /// `type`), nor the `log` crate's metadata (not written).
+    fn plain_name(field: &Field) -> bool {
+        let name = field.name();
+        name != "message" && !name.starts_with("r#") && !name.starts_with("log.")
+    }
+
+    /// Writes `name=` after the space that separates fields.
+    fn name(&mut self, field: &Field) -> fmt::Result {
+        if std::mem::replace(&mut self.is_empty, false) {
+            self.writer.write_str(field.name())?;
+        } else {
+            self.writer.write_char(' ')?;
+            self.writer.write_str(field.name())?;
+        }
+        self.writer.write_char('=')
+    }
+
+    /// The field as the default visitor writes it.
+    fn default(&mut self, field: &Field, record: impl FnOnce(&mut DefaultVisitor<'_>)) {
+        let mut visitor = DefaultVisitor::new(self.writer.by_ref(), self.is_empty);
+        record(&mut visitor);
+        self.result = visitor.finish();
+        // It writes every field but the `log` crate's metadata.
+        if !field.name().starts_with("log.") {
+            self.is_empty = false;
+        }
+    }
+}
+
+/// Whether `{:?}` writes `s` between quotes as it is.
+fn debug_is_verbatim(s: &str) -> bool {
+    s.bytes()
+        .all(|b| (b' '..=b'~').contains(&b) && b != b'"' && b != b'\\')
+}
+
+impl Visit for TextVisitor<'_> {
+    fn record_str(&mut self, field: &Field, value: &str) {
+        if self.result.is_err() {
+            return;
+        }
+        if Self::plain_name(field) && debug_is_verbatim(value) {
+            self.result = self.name(field).and_then(|()| {
+                self.writer.write_char('"')?;
+                self.writer.write_str(value)?;
+                self.writer.write_char('"')
+            });
+        } else {
+            self.default(field, |v| v.record_str(field, value));
+        }
+    }
+
+    fn record_i64(&mut self, field: &Field, value: i64) {
+        self.record_integer(field, value, |v| v.record_i64(field, value));
+    }
+
+    fn record_u64(&mut self, field: &Field, value: u64) {
+        self.record_integer(field, value, |v| v.record_u64(field, value));
+    }
+
+    fn record_bool(&mut self, field: &Field, value: bool) {
+        if self.result.is_err() {
+            return;
+        }
+        if Self::plain_name(field) {
+            self.result = self
+                .name(field)
+                .and_then(|()| self.writer.write_str(if value { "true" } else { "false" }));
+        } else {
+            self.default(field, |v| v.record_bool(field, value));
+        }
+    }
+
+    fn record_error(&mut self, field: &Field, value: &(dyn std::error::Error + 'static)) {
+        if self.result.is_err() {
+            return;
+        }
+        self.default(field, |v| v.record_error(field, value));
+    }
+
+    fn record_debug(&mut self, field: &Field, value: &dyn fmt::Debug) {
+        if self.result.is_err() {
+            return;
+        }
+        if Self::plain_name(field) {
+            self.result = self
+                .name(field)
+                .and_then(|()| write!(self.writer, "{value:?}"));
+        } else {
+            self.default(field, |v| v.record_debug(field, value));
+        }
+    }
+}
+
+impl TextVisitor<'_> {
+    fn record_integer(
+        &mut self,
+        field: &Field,
+        value: impl fmt::Display,
+        default: impl FnOnce(&mut DefaultVisitor<'_>),
+    ) {
+        if self.result.is_err() {
+            return;
+        }
+        if Self::plain_name(field) {
+            self.result = self
+                .name(field)
+                .and_then(|()| write!(self.writer, "{value}"));
+        } else {
+            self.default(field, default);
+        }
+    }
 }
 
 /// A line in the default text format, led by `trace_id=…` inside a span. The id is read from
@@ -151,5 +302,141 @@ impl Visit for JsonVisitor<'_> {
     fn record_debug(&mut self, field: &Field, value: &dyn fmt::Debug) {
         self.0
             .insert(field.name().into(), format!("{value:?}").into());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io;
+    use std::sync::{Arc, Mutex, PoisonError};
+
+    use proptest::prelude::*;
+    use tracing_subscriber::layer::SubscriberExt as _;
+
+    use super::*;
+
+    /// Where a layer's lines go, to be read back.
+    #[derive(Clone, Default)]
+    struct Lines(Arc<Mutex<Vec<u8>>>);
+
+    impl Lines {
+        fn text(&self) -> String {
+            let bytes = self.0.lock().unwrap_or_else(PoisonError::into_inner);
+            String::from_utf8_lossy(&bytes).into_owned()
+        }
+    }
+
+    impl io::Write for Lines {
+        fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+            let mut bytes = self.0.lock().unwrap_or_else(PoisonError::into_inner);
+            bytes.extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
+    impl<'a> MakeWriter<'a> for Lines {
+        type Writer = Lines;
+        fn make_writer(&'a self) -> Lines {
+            self.clone()
+        }
+    }
+
+    /// What `log` logs in the text format without colours: through the default field
+    /// formatter, and through [`TextFields`].
+    fn both(log: impl FnOnce()) -> (String, String) {
+        let (default, ours) = (Lines::default(), Lines::default());
+        let subscriber = tracing_subscriber::registry()
+            .with(
+                tracing_subscriber::fmt::layer()
+                    .with_ansi(false)
+                    .without_time()
+                    .with_writer(default.clone()),
+            )
+            .with(
+                tracing_subscriber::fmt::layer()
+                    .fmt_fields(TextFields)
+                    .with_ansi(false)
+                    .without_time()
+                    .with_writer(ours.clone()),
+            );
+        tracing::subscriber::with_default(subscriber, log);
+        (default.text(), ours.text())
+    }
+
+    #[derive(Debug)]
+    struct Failed(Option<io::Error>);
+
+    impl fmt::Display for Failed {
+        fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            f.write_str("the write failed")
+        }
+    }
+
+    impl std::error::Error for Failed {
+        fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+            self.0.as_ref().map(|e| e as _)
+        }
+    }
+
+    #[test]
+    fn text_fields_are_written_as_the_default_writes_them() {
+        let (default, ours) = both(|| {
+            let peer: std::net::IpAddr = "127.0.0.1"
+                .parse()
+                .unwrap_or(std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST));
+            let span = tracing::info_span!(
+                "rpc",
+                otel.name = "payouts.v1.PartnerService/RegisterPartner",
+                plain = "a b-c_d.e:f/g",
+                quoted = "say \"hi\"",
+                backslash = "a\\b",
+                newline = "one\ntwo",
+                tab = "a\tb",
+                escape = "\u{1b}[31mred",
+                korean = "카카오",
+                empty = "",
+                negative = -42_i64,
+                unsigned = 7_u64,
+                yes = true,
+                no = false,
+                shown = tracing::field::display(peer),
+                debugged = ?vec!["x", "y\"z"],
+                r#type = "raw",
+                later = tracing::field::Empty,
+                absent = tracing::field::Empty,
+            );
+            let _entered = span.enter();
+            span.record("later", "set afterwards");
+            tracing::info!(count = 3_i64, text = "line \"one\"", "logged in the span");
+            let failed = Failed(Some(io::Error::other("disk full")));
+            let error: &(dyn std::error::Error + 'static) = &failed;
+            tracing::warn!(error, "with sources");
+            let alone: &(dyn std::error::Error + 'static) = &Failed(None);
+            tracing::warn!(error = alone, "without");
+            tracing::info!("message \"quoted\" and \u{1b}[31m escaped");
+        });
+        assert!(default.contains("카카오"), "{default}");
+        assert_eq!(default.lines().count(), 4, "{default}");
+        assert_eq!(ours, default);
+    }
+
+    proptest! {
+        #[test]
+        fn any_text_field_is_written_as_the_default_writes_it(
+            a in any::<String>(),
+            b in "[ -~]{0,12}",
+            n in any::<i64>(),
+            m in any::<u64>(),
+        ) {
+            let (default, ours) = both(|| {
+                let span = tracing::info_span!("s", a = a.as_str(), b = b.as_str(), n, m);
+                let _entered = span.enter();
+                tracing::info!(a = a.as_str(), "in the span");
+            });
+            prop_assert_eq!(ours, default);
+        }
     }
 }
