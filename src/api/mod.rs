@@ -271,7 +271,16 @@ pub fn stored_id<T: Changed, R: Message + Default>(
 
 /// A digest of the request without its `request_id`: the same id must come with the same body.
 pub fn fingerprint<M: Message>(request: &M) -> String {
-    hex::encode(Sha256::digest(request.encode_to_vec()))
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    // Lower-case hex, as stored fingerprints are, pushed into a string of its size
+    // (`hex::encode` builds its string through a character iterator, at several times the cost).
+    let digest = Sha256::digest(request.encode_to_vec());
+    let mut hex = String::with_capacity(2 * digest.len());
+    for byte in digest {
+        hex.push(char::from(DIGITS[usize::from(byte >> 4)]));
+        hex.push(char::from(DIGITS[usize::from(byte & 0x0f)]));
+    }
+    hex
 }
 
 /// The idempotency record of `principal`'s call: a request id is its sender's, so the same id
@@ -429,6 +438,36 @@ pub fn next_page_token(page: &Page, returned: usize, last: Option<impl Into<Uuid
 mod tests {
     use super::*;
     use crate::domain::{ClaimStatus, ReviewRefused};
+    use crate::proto::payouts::v1 as pb;
+
+    /// Fingerprints already stored with request ids are compared with new ones: the form
+    /// must not change.
+    #[test]
+    fn a_fingerprint_is_the_lower_case_hex_sha256_of_the_encoded_request() {
+        let request = pb::RegisterPartnerRequest {
+            request_id: String::new(),
+            partner: Some(pb::Partner {
+                legal_name: "카카오 가게".into(),
+                affected_services: vec![1, 2],
+                ..pb::Partner::default()
+            }),
+        };
+        let printed = fingerprint(&request);
+        assert_eq!(
+            printed,
+            hex::encode(Sha256::digest(request.encode_to_vec()))
+        );
+        assert_eq!(printed.len(), 64);
+        assert!(
+            printed
+                .bytes()
+                .all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase())
+        );
+        assert_eq!(
+            fingerprint(&pb::RegisterPartnerRequest::default()),
+            "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855"
+        );
+    }
 
     #[test]
     fn code_of_is_the_code_of_the_status_a_store_error_becomes() {

@@ -163,7 +163,9 @@ fn server_span<B>(
     request: &http::Request<B>,
 ) -> tracing::Span {
     let authority = request.uri().authority();
-    let peer = crate::net::peer_addr(request);
+    // Written once as text: both the log and the trace layer take it as it is, where a
+    // displayed value would be formatted by each.
+    let peer = crate::net::peer_addr(request).map(|p| p.ip().to_string());
     tracing::info_span!(
         "rpc",
         otel.name = path,
@@ -178,7 +180,7 @@ fn server_span<B>(
         server.port = authority
             .and_then(http::uri::Authority::port_u16)
             .map(i64::from),
-        network.peer.address = peer.map(|p| tracing::field::display(p.ip())),
+        network.peer.address = peer.as_deref(),
     )
 }
 
