@@ -37,7 +37,7 @@ fn parse_items(v: &mut Violations, items: &[pb::LossItem]) -> Option<Vec<LossIte
             outage_week_sales_krw,
         } = item;
         let Some(service) = v.check(
-            format!("items[{i}].service"),
+            format_args!("items[{i}].service"),
             convert::parse_affected_service(*service),
         ) else {
             ok = false;
@@ -64,7 +64,10 @@ fn parse_evidence(v: &mut Violations, field: &str, e: &pb::Evidence) -> Option<E
         sha256,
         attach_time: _,
     } = e;
-    let kind = v.check(format!("{field}.kind"), convert::parse_evidence_kind(*kind))?;
+    let kind = v.check(
+        format_args!("{field}.kind"),
+        convert::parse_evidence_kind(*kind),
+    )?;
     Evidence::parse(kind, uri, sha256)
         .map_err(|(f, why)| v.add(format!("{field}.{f}"), why.0))
         .ok()

@@ -111,7 +111,7 @@ fn filter(v: &mut Violations, types: &[i32], partner_id: &str) -> EventFilter {
         partner_id: v.optional_id("partner_id", partner_id),
     };
     for (i, &raw) in types.iter().enumerate() {
-        if let Some(t) = v.check(format!("types[{i}]"), parse_event_type(raw))
+        if let Some(t) = v.check(format_args!("types[{i}]"), parse_event_type(raw))
             && !filter.types.contains(&t)
         {
             filter.types.push(t);

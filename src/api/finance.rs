@@ -147,13 +147,13 @@ impl Report {
         for (i, line) in message.lines.iter().enumerate() {
             let number = self.line_count + i64::try_from(i).unwrap_or(i64::MAX) + 1;
             let status = v.check(
-                format!("lines[{i}].status"),
+                format_args!("lines[{i}].status"),
                 convert::parse_settlement_status(line.status),
             );
             let settled_time = match &line.settled_time {
                 None => Some(0),
                 Some(t) => v.check(
-                    format!("lines[{i}].settled_time"),
+                    format_args!("lines[{i}].settled_time"),
                     convert::parse_timestamp(t).map_err(|why| {
                         Invalid::new(format!("{why} (line {number} of the report)"))
                     }),

@@ -49,6 +49,30 @@ impl Context {
     }
 }
 
+/// The path of a request field (`partner.bank_account.bank_code`, `items[2].service`), as
+/// [`Violations::check`] takes it.
+pub trait FieldPath {
+    fn path(self) -> String;
+}
+
+impl FieldPath for &str {
+    fn path(self) -> String {
+        self.to_owned()
+    }
+}
+
+impl FieldPath for String {
+    fn path(self) -> String {
+        self
+    }
+}
+
+impl FieldPath for std::fmt::Arguments<'_> {
+    fn path(self) -> String {
+        self.to_string()
+    }
+}
+
 /// Collects every bad field of a request, so one error names them all.
 #[derive(Default)]
 pub struct Violations(Vec<(String, String)>);
@@ -58,9 +82,11 @@ impl Violations {
         self.0.push((field.into(), description.into()));
     }
 
-    /// Keeps a parsed value, or records why it was refused under `field`.
-    pub fn check<T>(&mut self, field: impl Into<String>, parsed: Result<T, Invalid>) -> Option<T> {
-        parsed.map_err(|e| self.add(field, e.0)).ok()
+    /// Keeps a parsed value, or records why it was refused under `field`. A field path
+    /// made of parts is best given as `format_args!`: it is then written out only for a
+    /// refused value, not for every good one.
+    pub fn check<T>(&mut self, field: impl FieldPath, parsed: Result<T, Invalid>) -> Option<T> {
+        parsed.map_err(|e| self.add(field.path(), e.0)).ok()
     }
 
     pub fn request_id(&mut self, raw: &str) -> Option<Uuid> {

@@ -43,13 +43,16 @@ pub fn parse_bank_account(
         account_number,
         holder_name,
     } = account;
-    let bank_code = v.check(format!("{prefix}.bank_code"), BankCode::parse(bank_code));
+    let bank_code = v.check(
+        format_args!("{prefix}.bank_code"),
+        BankCode::parse(bank_code),
+    );
     let account_number = v.check(
-        format!("{prefix}.account_number"),
+        format_args!("{prefix}.account_number"),
         AccountNumber::parse(account_number),
     );
     let holder_name = v.check(
-        format!("{prefix}.holder_name"),
+        format_args!("{prefix}.holder_name"),
         PersonOrBusinessName::parse(holder_name),
     );
     Some(BankAccount {
@@ -98,7 +101,7 @@ fn parse_new_partner(v: &mut Violations, partner: Option<&pb::Partner>) -> Optio
     }
     for (i, raw) in affected_services.iter().enumerate() {
         if let Some(s) = v.check(
-            format!("partner.affected_services[{i}]"),
+            format_args!("partner.affected_services[{i}]"),
             convert::parse_affected_service(*raw),
         ) {
             services.push(s);

@@ -59,20 +59,39 @@ pub(crate) fn finish<T>(answers: Answers<T>) -> Vec<Result<Stored<T>>> {
         .collect()
 }
 
+/// What rows of a batch may have in common, so that a later row must see what an earlier one
+/// wrote: compared as they are, with nothing formatted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub(crate) enum RowKey<'a> {
+    /// A request: its id and the principal that sent it (the idempotency record's key).
+    Request(uuid::Uuid, &'a str),
+    /// A business registration number.
+    Registration(&'a str),
+    /// A registered partner.
+    Partner(PartnerId),
+}
+
+impl<'a> RowKey<'a> {
+    pub(crate) fn request(idem: &'a Idempotency) -> Self {
+        Self::Request(idem.request_id, &idem.principal)
+    }
+}
+
 /// Splits rows into waves. A row goes one wave after the last earlier row that shares
 /// any of its keys, so the rows of one wave never interfere, and a later wave sees
 /// what the earlier ones wrote, in row order.
-pub(crate) fn waves(keys: &[Vec<String>]) -> Vec<Vec<usize>> {
-    let mut last_wave: HashMap<&str, usize> = std::collections::HashMap::new();
+pub(crate) fn waves<K: std::hash::Hash + Eq, R: AsRef<[K]>>(keys: &[R]) -> Vec<Vec<usize>> {
+    let mut last_wave: HashMap<&K, usize> = HashMap::with_capacity(2 * keys.len());
     let mut waves: Vec<Vec<usize>> = Vec::new();
     for (row, row_keys) in keys.iter().enumerate() {
+        let row_keys = row_keys.as_ref();
         let wave = row_keys
             .iter()
-            .filter_map(|k| last_wave.get(k.as_str()).map(|w| w + 1))
+            .filter_map(|k| last_wave.get(k).map(|w| w + 1))
             .max()
             .unwrap_or(0);
         for k in row_keys {
-            last_wave.insert(k.as_str(), wave);
+            last_wave.insert(k, wave);
         }
         if waves.len() == wave {
             waves.push(Vec::new());
@@ -422,4 +441,69 @@ fn disbursement_inserts(
         tail: "",
     };
     [disbursements, history, outbox]
+}
+
+#[cfg(test)]
+mod tests {
+    use proptest::prelude::*;
+
+    use super::*;
+
+    /// A row's keys from small numbers, so rows often share one.
+    fn keys_of(row: &[(u8, u8)]) -> Vec<RowKey<'static>> {
+        row.iter()
+            .map(|&(kind, n)| match kind % 3 {
+                0 => RowKey::Request(uuid::Uuid::from_u128(u128::from(n % 4)), "p"),
+                1 => RowKey::Registration(["1", "2", "3"][usize::from(n % 3)]),
+                _ => RowKey::Partner(PartnerId::from_uuid(uuid::Uuid::from_u128(u128::from(
+                    n % 3,
+                )))),
+            })
+            .collect()
+    }
+
+    proptest! {
+        /// Every row is in exactly one wave, in order; rows of a wave share no key; and a row
+        /// goes exactly one wave after the last earlier row it shares a key with.
+        #[test]
+        fn a_row_waits_exactly_for_the_earlier_rows_it_shares_a_key_with(
+            rows in proptest::collection::vec(
+                proptest::collection::vec((any::<u8>(), any::<u8>()), 0..3),
+                0..24,
+            ),
+        ) {
+            let keys: Vec<Vec<RowKey<'static>>> = rows.iter().map(|r| keys_of(r)).collect();
+            let waves = waves(&keys);
+            let mut wave_of = vec![None; keys.len()];
+            for (w, wave) in waves.iter().enumerate() {
+                prop_assert!(!wave.is_empty());
+                prop_assert!(wave.windows(2).all(|p| p[0] < p[1]));
+                for &row in wave {
+                    prop_assert_eq!(wave_of[row].replace(w), None);
+                }
+            }
+            for (row, row_keys) in keys.iter().enumerate() {
+                let expected = (0..row)
+                    .filter(|&earlier| keys[earlier].iter().any(|k| row_keys.contains(k)))
+                    .filter_map(|earlier| wave_of[earlier])
+                    .map(|w| w + 1)
+                    .max()
+                    .unwrap_or(0);
+                prop_assert_eq!(wave_of[row], Some(expected));
+            }
+        }
+    }
+
+    #[test]
+    fn keys_of_one_kind_only_match_their_own_kind() {
+        let id = uuid::Uuid::from_u128(7);
+        let keys = [
+            vec![RowKey::Request(id, "a")],
+            vec![RowKey::Request(id, "b")],
+            vec![RowKey::Partner(PartnerId::from_uuid(id))],
+            vec![RowKey::Registration("1234567891")],
+            vec![RowKey::Request(id, "a")],
+        ];
+        assert_eq!(waves(&keys), vec![vec![0, 1, 2, 3], vec![4]]);
+    }
 }

@@ -13,8 +13,8 @@ use crate::domain::{Claim, ClaimId, ClaimOutcome, NewClaim, NewEvent, PartnerId}
 use crate::store::batch::{BatchSql, Insert, Locked};
 use crate::store::events::events_insert;
 use crate::store::intake::{
-    Answers, BulkResult, CLAIM_APPROVED, Filed, PAYEES_LOCKED, PAYEES_SELECT, Payee, Payees,
-    audit_insert, claim_if_new, claims_inserts, finish, request_ids_insert, request_key, waves,
+    Answers, BulkResult, RowKey, CLAIM_APPROVED, Filed, PAYEES_LOCKED, PAYEES_SELECT, Payee, Payees,
+    audit_insert, claim_if_new, claims_inserts, finish, request_ids_insert, waves,
 };
 use crate::store::prelude::*;
 use crate::store::rows::{unexpected, uuid};
@@ -145,12 +145,15 @@ pub(super) async fn submit_claims(
 }
 
 /// What no two rows of a wave may share: their request, and their partner once resolved.
-fn keys_of(rows: &[ClaimSubmission], partners: &[Option<PartnerId>]) -> Vec<Vec<String>> {
+fn keys_of<'a>(
+    rows: &'a [ClaimSubmission],
+    partners: &[Option<PartnerId>],
+) -> Vec<Vec<RowKey<'a>>> {
     rows.iter()
         .zip(partners)
         .map(|(row, partner)| {
-            let mut keys = vec![format!("request:{}", request_key(&row.idem))];
-            keys.extend(partner.map(|p| format!("partner:{p}")));
+            let mut keys = vec![RowKey::request(&row.idem)];
+            keys.extend(partner.map(RowKey::Partner));
             keys
         })
         .collect()

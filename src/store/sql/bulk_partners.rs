@@ -11,7 +11,7 @@ use crate::domain::{NewEvent, NewPartner, Partner, PartnerId};
 use crate::store::batch::{BatchSql, Insert, Lookup};
 use crate::store::events::events_insert;
 use crate::store::intake::{
-    Answers, BulkResult, audit_insert, finish, partners_insert, request_ids_insert, request_key,
+    Answers, BulkResult, RowKey, audit_insert, finish, partners_insert, request_ids_insert,
     waves,
 };
 use crate::store::prelude::*;
@@ -47,12 +47,12 @@ pub(super) async fn register_partners(
     audit: BatchAudit<'_, Partner>,
 ) -> BulkResult<Vec<Result<Stored<Partner>>>> {
     let mut answers: Answers<Partner> = rows.iter().map(|_| None).collect();
-    let keys: Vec<Vec<String>> = rows
+    let keys: Vec<[RowKey<'_>; 2]> = rows
         .iter()
         .map(|(idem, p)| {
-            vec![
-                format!("request:{}", request_key(idem)),
-                format!("brn:{}", p.profile.business_registration_number.as_str()),
+            [
+                RowKey::request(idem),
+                RowKey::Registration(p.profile.business_registration_number.as_str()),
             ]
         })
         .collect();
