@@ -167,7 +167,7 @@ pub(crate) fn request_ids_insert(
 /// `register_partner`.
 pub(crate) fn partners_insert(
     rows: &[(Idempotency, NewPartner)],
-    created: &[(usize, Partner, String)],
+    created: &[(usize, &Partner, &str)],
     now: Micros,
 ) -> Insert<'static> {
     let n = created.len();
@@ -190,7 +190,7 @@ pub(crate) fn partners_insert(
             text_column(&profiles, |p| p.representative_name.as_str().to_owned()),
             text_column(&profiles, |p| services_key(&p.affected_services)),
             text_column(&accounts, |a| a.bank_code.as_str().to_owned()),
-            text_column(created, |(_, _, sealed)| sealed.clone()),
+            text_column(created, |(_, _, sealed)| (*sealed).to_owned()),
             text_column(&accounts, |a| a.account_number.last4().to_owned()),
             text_column(&accounts, |a| a.holder_name.as_str().to_owned()),
             Column::Text(vec![String::new(); n]),

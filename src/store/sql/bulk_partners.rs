@@ -154,7 +154,14 @@ impl Wave<'_, (Idempotency, NewPartner), Partner> {
             created.push((i, partner, sealed));
         }
         release_request_ids(tx, &released).await?;
-        let insert = partners_insert(rows, &created, now);
+        let insert = partners_insert(
+            rows,
+            &created
+                .iter()
+                .map(|(i, partner, sealed)| (*i, partner, sealed.as_str()))
+                .collect::<Vec<_>>(),
+            now,
+        );
         for (i, partner, _) in &created {
             tx.emit(registered_event(&rows[*i].0, partner, now));
         }
@@ -184,8 +191,8 @@ async fn register_whole(
     let Some(created) = candidates
         .iter()
         .enumerate()
-        .map(|(i, c)| c.as_ref().map(|(p, sealed)| (i, p.clone(), sealed.clone())))
-        .collect::<Option<Vec<(usize, Partner, String)>>>()
+        .map(|(i, c)| c.as_ref().map(|(p, sealed)| (i, p, sealed.as_str())))
+        .collect::<Option<Vec<(usize, &Partner, &str)>>>()
     else {
         return Ok(None);
     };
@@ -196,7 +203,7 @@ async fn register_whole(
         .collect();
     let answers: Vec<Result<Stored<Partner>>> = created
         .iter()
-        .map(|(_, partner, _)| Ok(Stored::Fresh(partner.clone())))
+        .map(|(_, partner, _)| Ok(Stored::Fresh((*partner).clone())))
         .collect();
     let mut partners = partners_insert(rows, &created, now);
     partners.tail = " ON CONFLICT (business_registration_number) DO NOTHING";
