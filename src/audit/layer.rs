@@ -64,7 +64,7 @@ where
             .map(|p| p.0.clone())
             .unwrap_or_default();
         let peer = crate::net::peer_addr(&request)
-            .map(|p| p.to_string())
+            .map(crate::net::peer_text)
             .unwrap_or_default();
         let call = CallRecord::new(
             AuditDraft::new(principal, method, peer),

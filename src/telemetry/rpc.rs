@@ -165,7 +165,7 @@ fn server_span<B>(
     let authority = request.uri().authority();
     // Written once as text: both the log and the trace layer take it as it is, where a
     // displayed value would be formatted by each.
-    let peer = crate::net::peer_addr(request).map(|p| p.ip().to_string());
+    let peer = crate::net::peer_addr(request).map(|p| crate::net::ip_text(p.ip()));
     tracing::info_span!(
         "rpc",
         otel.name = path,
