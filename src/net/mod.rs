@@ -256,7 +256,7 @@ pub fn peer_text(addr: SocketAddr) -> String {
             let mut text = String::with_capacity(21);
             push_ipv4(&mut text, *v4.ip());
             text.push(':');
-            push_decimal(&mut text, u32::from(v4.port()));
+            text.push_str(itoa::Buffer::new().format(v4.port()));
             text
         }
         SocketAddr::V6(_) => addr.to_string(),
@@ -280,26 +280,7 @@ fn push_ipv4(text: &mut String, ip: std::net::Ipv4Addr) {
         if i > 0 {
             text.push('.');
         }
-        push_decimal(text, u32::from(octet));
-    }
-}
-
-/// `n` in decimal, without leading zeros.
-fn push_decimal(text: &mut String, n: u32) {
-    let mut digits = [0_u8; 10];
-    let mut at = digits.len();
-    let mut rest = n;
-    loop {
-        at -= 1;
-        // A remainder below ten: a digit.
-        digits[at] = b'0' + (rest % 10) as u8;
-        rest /= 10;
-        if rest == 0 {
-            break;
-        }
-    }
-    for &digit in &digits[at..] {
-        text.push(char::from(digit));
+        text.push_str(itoa::Buffer::new().format(octet));
     }
 }
 
