@@ -86,12 +86,10 @@ impl TextVisitor<'_> {
 
     /// Writes `name=` after the space that separates fields.
     fn name(&mut self, field: &Field) -> fmt::Result {
-        if std::mem::replace(&mut self.is_empty, false) {
-            self.writer.write_str(field.name())?;
-        } else {
+        if !std::mem::replace(&mut self.is_empty, false) {
             self.writer.write_char(' ')?;
-            self.writer.write_str(field.name())?;
         }
+        self.writer.write_str(field.name())?;
         self.writer.write_char('=')
     }
 
@@ -130,24 +128,15 @@ impl Visit for TextVisitor<'_> {
     }
 
     fn record_i64(&mut self, field: &Field, value: i64) {
-        self.record_integer(field, value, |v| v.record_i64(field, value));
+        self.record_display(field, value, |v| v.record_i64(field, value));
     }
 
     fn record_u64(&mut self, field: &Field, value: u64) {
-        self.record_integer(field, value, |v| v.record_u64(field, value));
+        self.record_display(field, value, |v| v.record_u64(field, value));
     }
 
     fn record_bool(&mut self, field: &Field, value: bool) {
-        if self.result.is_err() {
-            return;
-        }
-        if Self::plain_name(field) {
-            self.result = self
-                .name(field)
-                .and_then(|()| self.writer.write_str(if value { "true" } else { "false" }));
-        } else {
-            self.default(field, |v| v.record_bool(field, value));
-        }
+        self.record_display(field, value, |v| v.record_bool(field, value));
     }
 
     fn record_error(&mut self, field: &Field, value: &(dyn std::error::Error + 'static)) {
@@ -172,7 +161,8 @@ impl Visit for TextVisitor<'_> {
 }
 
 impl TextVisitor<'_> {
-    fn record_integer(
+    /// A number or a boolean, whose `{:?}` is its `{}`.
+    fn record_display(
         &mut self,
         field: &Field,
         value: impl fmt::Display,
