@@ -72,7 +72,7 @@ use process::CpuSample;
 
 /// The service runs in this process: the same allocator as the `partner-payouts` binary.
 #[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+static ALLOCATOR: partner_payouts::allocator::MiMalloc = partner_payouts::allocator::MiMalloc;
 
 #[derive(Debug, Clone)]
 struct Options {

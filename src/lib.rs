@@ -19,12 +19,13 @@
 //! [`principal`] (the caller), [`status`] and [`status_body`] (gRPC statuses), [`deadline`]
 //! (every call ends by its deadline), [`sealing`] (account numbers at rest), [`secret`]
 //! (settings that never print), [`discovery`] (health and reflection), [`middleware`] (what
-//! the tower layers around every call share).
+//! the tower layers around every call share), [`allocator`] (the process's memory allocator).
 //!
 //! Imports run one way: `domain` <- `store` <- `api` and `payments`; `auth` stands beside
 //! `api`; everything may use the leaf modules; only `app` (and `main`) see all of it.
 
 pub mod admin;
+pub mod allocator;
 pub mod api;
 pub mod app;
 pub mod audit;

@@ -7,13 +7,9 @@ use clap::{Parser, Subcommand};
 use partner_payouts::sandbox;
 use partner_payouts::{app, config::Settings, telemetry};
 
-/// mimalloc: the service allocates many small, short-lived buffers per call, which glibc's
-/// allocator serves markedly slower under concurrency. Its version 2 (the `v2` feature): with
-/// version 3, the crate's default since 0.1.49, a RegisterPartner cost about 9% more of the
-/// service's CPU (BENCHMARKS.md), most of it in the allocation fast path, and the service's
-/// peak memory under SubmitClaim was 60-70 MiB against 43 MiB.
+/// mimalloc, version 2 (see `allocator`).
 #[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+static ALLOCATOR: partner_payouts::allocator::MiMalloc = partner_payouts::allocator::MiMalloc;
 
 #[derive(Parser)]
 #[command(
