@@ -93,6 +93,31 @@ impl TextVisitor<'_> {
         self.writer.write_char('=')
     }
 
+    /// Writes `name="value"` after the space that separates fields, for a `value` that `{:?}`
+    /// leaves as it is: in one write when it is short, as a span's fields nearly always are
+    /// (each write goes through the writer's `dyn Write`).
+    fn quoted(&mut self, field: &Field, value: &str) -> fmt::Result {
+        let space = !std::mem::replace(&mut self.is_empty, false);
+        let name = field.name();
+        let mut line = ShortLine::default();
+        if space {
+            line.push(" ");
+        }
+        let assembled = line.push(name) && line.push("=\"") && line.push(value) && line.push("\"");
+        match line.as_str() {
+            Some(text) if assembled => self.writer.write_str(text),
+            _ => {
+                if space {
+                    self.writer.write_char(' ')?;
+                }
+                self.writer.write_str(name)?;
+                self.writer.write_str("=\"")?;
+                self.writer.write_str(value)?;
+                self.writer.write_char('"')
+            }
+        }
+    }
+
     /// The field as the default visitor writes it.
     fn default(&mut self, field: &Field, record: impl FnOnce(&mut DefaultVisitor<'_>)) {
         let mut visitor = DefaultVisitor::new(self.writer.by_ref(), self.is_empty);
@@ -102,6 +127,41 @@ impl TextVisitor<'_> {
         if !field.name().starts_with("log.") {
             self.is_empty = false;
         }
+    }
+}
+
+/// Text put together on the stack, up to [`ShortLine::CAPACITY`] bytes.
+struct ShortLine {
+    bytes: [u8; ShortLine::CAPACITY],
+    len: usize,
+}
+
+impl Default for ShortLine {
+    fn default() -> Self {
+        ShortLine {
+            bytes: [0; ShortLine::CAPACITY],
+            len: 0,
+        }
+    }
+}
+
+impl ShortLine {
+    const CAPACITY: usize = 160;
+
+    /// Appends `s`; false, with nothing appended, if it does not fit.
+    fn push(&mut self, s: &str) -> bool {
+        let end = self.len + s.len();
+        let Some(room) = self.bytes.get_mut(self.len..end) else {
+            return false;
+        };
+        room.copy_from_slice(s.as_bytes());
+        self.len = end;
+        true
+    }
+
+    /// What was appended: whole strings, so always text.
+    fn as_str(&self) -> Option<&str> {
+        std::str::from_utf8(&self.bytes[..self.len]).ok()
     }
 }
 
@@ -117,11 +177,7 @@ impl Visit for TextVisitor<'_> {
             return;
         }
         if Self::plain_name(field) && debug_is_verbatim(value) {
-            self.result = self.name(field).and_then(|()| {
-                self.writer.write_char('"')?;
-                self.writer.write_str(value)?;
-                self.writer.write_char('"')
-            });
+            self.result = self.quoted(field, value);
         } else {
             self.default(field, |v| v.record_str(field, value));
         }
@@ -381,6 +437,7 @@ mod tests {
                 "rpc",
                 otel.name = "payouts.v1.PartnerService/RegisterPartner",
                 plain = "a b-c_d.e:f/g",
+                long = "abcdefghij".repeat(20).as_str(),
                 quoted = "say \"hi\"",
                 backslash = "a\\b",
                 newline = "one\ntwo",
@@ -417,7 +474,8 @@ mod tests {
         #[test]
         fn any_text_field_is_written_as_the_default_writes_it(
             a in any::<String>(),
-            b in "[ -~]{0,12}",
+            // Both sides of the length written in one piece (`ShortLine`).
+            b in "[ -~]{0,200}",
             n in any::<i64>(),
             m in any::<u64>(),
         ) {
