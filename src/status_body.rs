@@ -20,8 +20,11 @@ use crate::deadline::Deadline;
 
 /// The status in a header map (`grpc-status`), if there is one.
 pub fn status_in(headers: &http::HeaderMap) -> Option<Code> {
+    // A name made once: looking one up by `&str` first parses and checks the text, which
+    // every call paid three times over (once per layer that reads its status).
+    static GRPC_STATUS: http::HeaderName = http::HeaderName::from_static("grpc-status");
     headers
-        .get("grpc-status")
+        .get(&GRPC_STATUS)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<i32>().ok())
         .map(Code::from_i32)
