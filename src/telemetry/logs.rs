@@ -2,7 +2,7 @@
 //! `trace_id` and the span's `span_id` at the top level, where a log pipeline finds them to
 //! link a line to its trace.
 
-use std::fmt;
+use std::fmt::{self, Write as _};
 
 use opentelemetry::trace::TraceContextExt as _;
 use serde_json::{Map, Value};
@@ -61,18 +61,25 @@ impl<'w> FormatFields<'w> for TextFields {
             writer,
             is_empty: true,
             result: Ok(()),
+            pending: ShortLine::default(),
         };
         fields.record(&mut visitor);
-        visitor.result
+        let flushed = visitor.flush();
+        visitor.result.and(flushed)
     }
 }
 
-/// [`TextFields`]' visitor, for a writer without colours.
+/// [`TextFields`]' visitor, for a writer without colours. Plain fields are put together on
+/// the stack and written at once: each write goes through the writer's `dyn Write`, and into
+/// a string that grows as it is written, so a span's fields written one piece at a time
+/// cost a dozen calls and several reallocations.
 struct TextVisitor<'w> {
     writer: Writer<'w>,
     /// Whether no field has been written yet (the next one takes no leading space).
     is_empty: bool,
     result: fmt::Result,
+    /// What is yet to be written, in order before anything written directly.
+    pending: ShortLine,
 }
 
 impl TextVisitor<'_> {
@@ -84,42 +91,62 @@ impl TextVisitor<'_> {
         name != "message" && !name.starts_with("r#") && !name.starts_with("log.")
     }
 
-    /// Writes `name=` after the space that separates fields.
-    fn name(&mut self, field: &Field) -> fmt::Result {
-        if !std::mem::replace(&mut self.is_empty, false) {
-            self.writer.write_char(' ')?;
+    /// Writes what is pending.
+    fn flush(&mut self) -> fmt::Result {
+        if self.pending.len == 0 {
+            return Ok(());
         }
-        self.writer.write_str(field.name())?;
-        self.writer.write_char('=')
+        let written = match self.pending.as_str() {
+            Some(text) => self.writer.write_str(text),
+            None => Err(fmt::Error),
+        };
+        self.pending.len = 0;
+        written
     }
 
-    /// Writes `name="value"` after the space that separates fields, for a `value` that `{:?}`
-    /// leaves as it is: in one write when it is short, as a span's fields nearly always are
-    /// (each write goes through the writer's `dyn Write`).
+    /// The space that separates this field from the one before, if there was one.
+    fn separator(&mut self) -> &'static str {
+        if std::mem::replace(&mut self.is_empty, false) {
+            ""
+        } else {
+            " "
+        }
+    }
+
+    /// Writes `name="value"`, for a `value` that `{:?}` leaves as it is.
     fn quoted(&mut self, field: &Field, value: &str) -> fmt::Result {
-        let space = !std::mem::replace(&mut self.is_empty, false);
-        let name = field.name();
-        let mut line = ShortLine::default();
-        if space {
-            line.push(" ");
+        let pieces = [self.separator(), field.name(), "=\"", value, "\""];
+        if self.pending.push_all(&pieces) {
+            return Ok(());
         }
-        let assembled = line.push(name) && line.push("=\"") && line.push(value) && line.push("\"");
-        match line.as_str() {
-            Some(text) if assembled => self.writer.write_str(text),
-            _ => {
-                if space {
-                    self.writer.write_char(' ')?;
-                }
-                self.writer.write_str(name)?;
-                self.writer.write_str("=\"")?;
-                self.writer.write_str(value)?;
-                self.writer.write_char('"')
-            }
+        self.flush()?;
+        if self.pending.push_all(&pieces) {
+            return Ok(());
         }
+        pieces
+            .iter()
+            .try_for_each(|piece| self.writer.write_str(piece))
     }
 
-    /// The field as the default visitor writes it.
+    /// Writes `name=value` for a number or a boolean, whose `{:?}` is its `{}`.
+    fn displayed(&mut self, field: &Field, value: impl fmt::Display) -> fmt::Result {
+        let (separator, name) = (self.separator(), field.name());
+        let mark = self.pending.len;
+        if self.pending.push_all(&[separator, name, "="]) && write!(self.pending, "{value}").is_ok()
+        {
+            return Ok(());
+        }
+        self.pending.len = mark;
+        self.flush()?;
+        write!(self.writer, "{separator}{name}={value}")
+    }
+
+    /// The field as the default visitor writes it, after what is pending.
     fn default(&mut self, field: &Field, record: impl FnOnce(&mut DefaultVisitor<'_>)) {
+        if let Err(e) = self.flush() {
+            self.result = Err(e);
+            return;
+        }
         let mut visitor = DefaultVisitor::new(self.writer.by_ref(), self.is_empty);
         record(&mut visitor);
         self.result = visitor.finish();
@@ -146,22 +173,37 @@ impl Default for ShortLine {
 }
 
 impl ShortLine {
-    const CAPACITY: usize = 160;
+    /// Room for a SERVER span's fields (about 250 bytes).
+    const CAPACITY: usize = 512;
 
-    /// Appends `s`; false, with nothing appended, if it does not fit.
-    fn push(&mut self, s: &str) -> bool {
-        let end = self.len + s.len();
-        let Some(room) = self.bytes.get_mut(self.len..end) else {
+    /// Appends every piece; false, with nothing appended, if they do not all fit.
+    fn push_all(&mut self, pieces: &[&str]) -> bool {
+        let total: usize = pieces.iter().map(|p| p.len()).sum();
+        if self.len + total > Self::CAPACITY {
             return false;
-        };
-        room.copy_from_slice(s.as_bytes());
-        self.len = end;
+        }
+        for piece in pieces {
+            let end = self.len + piece.len();
+            self.bytes[self.len..end].copy_from_slice(piece.as_bytes());
+            self.len = end;
+        }
         true
     }
 
     /// What was appended: whole strings, so always text.
     fn as_str(&self) -> Option<&str> {
         std::str::from_utf8(&self.bytes[..self.len]).ok()
+    }
+}
+
+impl fmt::Write for ShortLine {
+    /// Fails, with nothing appended, when `s` does not fit.
+    fn write_str(&mut self, s: &str) -> fmt::Result {
+        if self.push_all(&[s]) {
+            Ok(())
+        } else {
+            Err(fmt::Error)
+        }
     }
 }
 
@@ -207,9 +249,10 @@ impl Visit for TextVisitor<'_> {
             return;
         }
         if Self::plain_name(field) {
-            self.result = self
-                .name(field)
-                .and_then(|()| write!(self.writer, "{value:?}"));
+            self.result = self.flush().and_then(|()| {
+                let separator = self.separator();
+                write!(self.writer, "{separator}{}={value:?}", field.name())
+            });
         } else {
             self.default(field, |v| v.record_debug(field, value));
         }
@@ -228,9 +271,7 @@ impl TextVisitor<'_> {
             return;
         }
         if Self::plain_name(field) {
-            self.result = self
-                .name(field)
-                .and_then(|()| write!(self.writer, "{value}"));
+            self.result = self.displayed(field, value);
         } else {
             self.default(field, default);
         }
@@ -470,17 +511,45 @@ mod tests {
         assert_eq!(ours, default);
     }
 
+    /// A number that fills the pending line up, to the byte and past it.
+    #[test]
+    fn a_number_at_the_end_of_the_pending_line_is_written_whole() {
+        for fill in 480..512 {
+            let text = "x".repeat(fill);
+            let (default, ours) = both(|| {
+                let span = tracing::info_span!("s", t = text.as_str(), m = u64::MAX, yes = true);
+                let _entered = span.enter();
+                tracing::info!("in the span");
+            });
+            assert_eq!(ours, default, "fill {fill}");
+        }
+    }
+
     proptest! {
         #[test]
         fn any_text_field_is_written_as_the_default_writes_it(
             a in any::<String>(),
-            // Both sides of the length written in one piece (`ShortLine`).
-            b in "[ -~]{0,200}",
+            // Fields that fill the pending line (`ShortLine`) to any point, then overflow
+            // it: with text, with a number, and after a field written the default way.
+            b in "[ -~]{0,300}",
             n in any::<i64>(),
+            c in "[ -~]{0,300}",
             m in any::<u64>(),
+            d in "[ -~]{0,600}",
+            yes: bool,
         ) {
             let (default, ours) = both(|| {
-                let span = tracing::info_span!("s", a = a.as_str(), b = b.as_str(), n, m);
+                let span = tracing::info_span!(
+                    "s",
+                    b = b.as_str(),
+                    n,
+                    c = c.as_str(),
+                    a = a.as_str(),
+                    m,
+                    d = d.as_str(),
+                    yes,
+                    listed = ?[n],
+                );
                 let _entered = span.enter();
                 tracing::info!(a = a.as_str(), "in the span");
             });
