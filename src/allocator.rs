@@ -25,6 +25,29 @@ use libmimalloc_sys as mi;
 /// alignment (mimalloc's `MI_MAX_ALIGN_SIZE`).
 const NATURAL_ALIGN: usize = 16;
 
+/// A block for `layout` from `plain` when that satisfies its alignment ([`natural`]), else
+/// from `aligned`.
+///
+/// # Safety
+/// `plain` and `aligned` must be mimalloc's functions of one kind (`mi_malloc` and
+/// `mi_malloc_aligned`, or `mi_zalloc` and `mi_zalloc_aligned`).
+#[inline]
+unsafe fn allocate(
+    layout: Layout,
+    plain: unsafe extern "C" fn(usize) -> *mut c_void,
+    aligned: unsafe extern "C" fn(usize, usize) -> *mut c_void,
+) -> *mut u8 {
+    let (size, align) = (layout.size(), layout.align());
+    // SAFETY: plain FFI calls; mimalloc returns null when out of memory.
+    unsafe {
+        if natural(size, align) {
+            plain(size).cast()
+        } else {
+            aligned(size, align).cast()
+        }
+    }
+}
+
 /// mimalloc as the global allocator: `#[global_allocator] static A: MiMalloc = MiMalloc;`.
 pub struct MiMalloc;
 
@@ -41,28 +64,14 @@ fn natural(size: usize, align: usize) -> bool {
 unsafe impl GlobalAlloc for MiMalloc {
     #[inline]
     unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        let (size, align) = (layout.size(), layout.align());
-        // SAFETY: plain FFI calls; mimalloc returns null when out of memory.
-        unsafe {
-            if natural(size, align) {
-                mi::mi_malloc(size).cast()
-            } else {
-                mi::mi_malloc_aligned(size, align).cast()
-            }
-        }
+        // SAFETY: both are mimalloc's allocation functions.
+        unsafe { allocate(layout, mi::mi_malloc, mi::mi_malloc_aligned) }
     }
 
     #[inline]
     unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
-        let (size, align) = (layout.size(), layout.align());
-        // SAFETY: as `alloc`.
-        unsafe {
-            if natural(size, align) {
-                mi::mi_zalloc(size).cast()
-            } else {
-                mi::mi_zalloc_aligned(size, align).cast()
-            }
-        }
+        // SAFETY: both are mimalloc's zeroing allocation functions.
+        unsafe { allocate(layout, mi::mi_zalloc, mi::mi_zalloc_aligned) }
     }
 
     #[inline]
