@@ -143,9 +143,21 @@ where
 
 pub(crate) struct HeaderExtractor<'a>(&'a http::HeaderMap);
 
+/// The headers the propagators read on every call, as names made once: looking a header up
+/// by a `&str` parses the name first.
+static TRACEPARENT: http::HeaderName = http::HeaderName::from_static("traceparent");
+static TRACESTATE: http::HeaderName = http::HeaderName::from_static("tracestate");
+static BAGGAGE: http::HeaderName = http::HeaderName::from_static("baggage");
+
 impl Extractor for HeaderExtractor<'_> {
     fn get(&self, key: &str) -> Option<&str> {
-        self.0.get(key).and_then(|v| v.to_str().ok())
+        let value = match key {
+            "traceparent" => self.0.get(&TRACEPARENT),
+            "tracestate" => self.0.get(&TRACESTATE),
+            "baggage" => self.0.get(&BAGGAGE),
+            other => self.0.get(other),
+        };
+        value.and_then(|v| v.to_str().ok())
     }
     fn keys(&self) -> Vec<&str> {
         self.0.keys().map(http::HeaderName::as_str).collect()
@@ -200,4 +212,49 @@ pub fn continue_stored_context(span: &tracing::Span, stored: Option<&str>) {
 /// Names the resources a call touched on the current RPC span.
 pub fn record_resource(key: &'static str, id: impl ToString) {
     tracing::Span::current().set_attribute(key, id.to_string());
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_extractor_reads_the_propagators_headers_and_any_other() {
+        let mut headers = http::HeaderMap::new();
+        let parent = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+        headers.insert("traceparent", parent.parse().expect("a header value"));
+        headers.insert("tracestate", "vendor=1".parse().expect("a header value"));
+        headers.insert("baggage", "tenant=kakao".parse().expect("a header value"));
+        headers.insert("x-other", "other".parse().expect("a header value"));
+        let extractor = HeaderExtractor(&headers);
+        assert_eq!(extractor.get("traceparent"), Some(parent));
+        assert_eq!(extractor.get("tracestate"), Some("vendor=1"));
+        assert_eq!(extractor.get("baggage"), Some("tenant=kakao"));
+        assert_eq!(extractor.get("x-other"), Some("other"));
+        assert_eq!(extractor.get("x-missing"), None);
+        assert_eq!(
+            HeaderExtractor(&http::HeaderMap::new()).get("traceparent"),
+            None
+        );
+    }
+
+    #[test]
+    fn the_w3c_propagator_continues_a_caller_trace_through_the_extractor() {
+        let mut headers = http::HeaderMap::new();
+        let parent = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+        headers.insert("traceparent", parent.parse().expect("a header value"));
+        let propagator = opentelemetry_sdk::propagation::TraceContextPropagator::new();
+        let cx = opentelemetry::propagation::TextMapPropagator::extract(
+            &propagator,
+            &HeaderExtractor(&headers),
+        );
+        let span = cx.span();
+        let sc = span.span_context();
+        assert!(sc.is_valid());
+        assert_eq!(
+            sc.trace_id().to_string(),
+            "4bf92f3577b34da6a3ce929d0e0e4736"
+        );
+        assert_eq!(sc.span_id().to_string(), "00f067aa0ba902b7");
+    }
 }
