@@ -48,6 +48,32 @@ impl Column {
         }
     }
 
+    /// About how many bytes the column takes bound as a PostgreSQL array: the array's header,
+    /// then each value's length and bytes.
+    fn pg_bound_size(&self) -> usize {
+        const HEADER: usize = 4 + 20;
+        let each = |fixed: usize| HEADER + self.len() * (4 + fixed);
+        match self {
+            Self::Text(v) => HEADER + v.iter().map(|s| 4 + s.len()).sum::<usize>(),
+            Self::NullableText(v) => {
+                HEADER
+                    + v.iter()
+                        .map(|s| 4 + s.as_ref().map_or(0, String::len))
+                        .sum::<usize>()
+            }
+            Self::BigInt(_) => each(8),
+            Self::Int(_) => each(4),
+            Self::Bool(_) => each(1),
+            Self::Bytes(v) => HEADER + v.iter().map(|b| 4 + b.len()).sum::<usize>(),
+            Self::NullableBytes(v) => {
+                HEADER
+                    + v.iter()
+                        .map(|b| 4 + b.as_ref().map_or(0, Vec::len))
+                        .sum::<usize>()
+            }
+        }
+    }
+
     fn into_values(self) -> Vec<Value> {
         match self {
             Self::Text(v) => v.into_iter().map(Value::Text).collect(),
@@ -180,6 +206,33 @@ fn rows_of(columns: &[Column]) -> usize {
     rows
 }
 
+/// A statement builder starting with `init`, its text and bind buffer sized up front for the
+/// columns of `inserts` (and `extra` more bytes of either), so that binding a batch's arrays
+/// does not grow them copy after copy.
+fn sized_builder<'a>(
+    init: &str,
+    inserts: impl IntoIterator<Item = &'a Insert<'a>>,
+    extra: usize,
+) -> QueryBuilder<sqlx::Postgres> {
+    use sqlx::Arguments as _;
+    let (mut binds, mut bytes, mut text) = (0, extra, init.len() + extra);
+    for insert in inserts {
+        binds += insert.columns.len();
+        bytes += insert
+            .columns
+            .iter()
+            .map(Column::pg_bound_size)
+            .sum::<usize>();
+        // The insert's own words, then `$n::type[]` for each column.
+        text += insert.head.len() + insert.tail.len() + 64 + 16 * insert.columns.len();
+    }
+    let mut arguments = sqlx::postgres::PgArguments::default();
+    arguments.reserve(binds, bytes);
+    let mut sql = String::with_capacity(text);
+    sql.push_str(init);
+    QueryBuilder::with_arguments(sql, arguments)
+}
+
 /// Appends `INSERT .. SELECT * FROM UNNEST($1::type[], ..) tail` to `qb`.
 fn push_unnest_insert(qb: &mut QueryBuilder<sqlx::Postgres>, insert: Insert<'_>) {
     qb.push(insert.head).push(" SELECT * FROM ");
@@ -276,7 +329,7 @@ impl BatchSql for sqlx::Postgres {
         let Some(last) = inserts.pop() else {
             return Vec::new();
         };
-        let mut qb = QueryBuilder::new("");
+        let mut qb = sized_builder("", inserts.iter().chain([&last]), 0);
         for (i, insert) in inserts.into_iter().enumerate() {
             qb.push(if i == 0 { "WITH " } else { ", " });
             qb.push(format_args!("w{i} AS ("));
@@ -297,7 +350,12 @@ impl BatchSql for sqlx::Postgres {
         if inserts.is_empty() && feed.is_none() {
             return None;
         }
-        let mut qb = QueryBuilder::new("WITH ");
+        let locked_bytes = locked.as_ref().map_or(0, |l| {
+            l.head.len() + l.tail.len() + l.values.iter().map(|v| 4 + v.len()).sum::<usize>()
+        });
+        // Besides the inserts: the lock, and the closing check with its counts.
+        let extra = locked_bytes + 128 + 64 * (inserts.len() + 1);
+        let mut qb = sized_builder("WITH ", inserts.iter().chain(feed.as_ref()), extra);
         if let Some(locked) = locked {
             qb.push(locked.name).push(" AS (");
             push_select_each(&mut qb, locked.head, locked.values, locked.tail);
@@ -515,6 +573,40 @@ impl BatchSql for sqlx::Sqlite {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// What binding `column` as an array writes to the bind buffer: its length, then sqlx's
+    /// array encoding.
+    fn bound_size(column: &Column) -> usize {
+        use sqlx::Encode as _;
+        let mut buf = sqlx::postgres::PgArgumentBuffer::default();
+        let _ = match column {
+            Column::Text(v) => v.encode_by_ref(&mut buf),
+            Column::NullableText(v) => v.encode_by_ref(&mut buf),
+            Column::BigInt(v) => v.encode_by_ref(&mut buf),
+            Column::Int(v) => v.encode_by_ref(&mut buf),
+            Column::Bool(v) => v.encode_by_ref(&mut buf),
+            Column::Bytes(v) => v.encode_by_ref(&mut buf),
+            Column::NullableBytes(v) => v.encode_by_ref(&mut buf),
+        }
+        .expect("an array encodes");
+        4 + buf.len()
+    }
+
+    #[test]
+    fn a_columns_bound_size_is_what_binding_it_writes() {
+        let columns = [
+            Column::Text(vec!["".into(), "파트너".into(), "x".repeat(300)]),
+            Column::NullableText(vec![Some("a".into()), None, Some("bc".into())]),
+            Column::BigInt(vec![1, i64::MAX, -3]),
+            Column::Int(vec![7; 5]),
+            Column::Bool(vec![true, false]),
+            Column::Bytes(vec![vec![0; 48], vec![]]),
+            Column::NullableBytes(vec![None, Some(vec![1, 2, 3])]),
+        ];
+        for column in &columns {
+            assert_eq!(column.pg_bound_size(), bound_size(column), "{column:?}");
+        }
+    }
 
     #[test]
     fn postgres_statement_text_does_not_depend_on_the_number_of_rows() {
