@@ -81,7 +81,9 @@ impl<'a> RowKey<'a> {
 /// any of its keys, so the rows of one wave never interfere, and a later wave sees
 /// what the earlier ones wrote, in row order.
 pub(crate) fn waves<K: std::hash::Hash + Eq, R: AsRef<[K]>>(keys: &[R]) -> Vec<Vec<usize>> {
-    let mut last_wave: HashMap<&K, usize> = HashMap::with_capacity(2 * keys.len());
+    // A batch's keys are few and short-lived, so a fast hasher (seeded per process) serves.
+    let mut last_wave: HashMap<&K, usize, foldhash::fast::RandomState> =
+        HashMap::with_capacity_and_hasher(2 * keys.len(), Default::default());
     let mut waves: Vec<Vec<usize>> = Vec::new();
     for (row, row_keys) in keys.iter().enumerate() {
         let row_keys = row_keys.as_ref();
