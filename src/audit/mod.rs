@@ -111,20 +111,56 @@ impl OpenEntry {
 
 /// A gRPC code as the audit log writes it: `PERMISSION_DENIED`.
 pub fn code_name(code: Code) -> String {
-    format!("{:?}", tonic::Status::new(code, "").code())
-        .chars()
-        .fold(String::new(), |mut out, c| {
-            if c.is_uppercase() && !out.is_empty() {
-                out.push('_');
-            }
-            out.push(c.to_ascii_uppercase());
-            out
-        })
+    code_str(code).to_owned()
+}
+
+fn code_str(code: Code) -> &'static str {
+    match code {
+        Code::Ok => "OK",
+        Code::Cancelled => "CANCELLED",
+        Code::Unknown => "UNKNOWN",
+        Code::InvalidArgument => "INVALID_ARGUMENT",
+        Code::DeadlineExceeded => "DEADLINE_EXCEEDED",
+        Code::NotFound => "NOT_FOUND",
+        Code::AlreadyExists => "ALREADY_EXISTS",
+        Code::PermissionDenied => "PERMISSION_DENIED",
+        Code::ResourceExhausted => "RESOURCE_EXHAUSTED",
+        Code::FailedPrecondition => "FAILED_PRECONDITION",
+        Code::Aborted => "ABORTED",
+        Code::OutOfRange => "OUT_OF_RANGE",
+        Code::Unimplemented => "UNIMPLEMENTED",
+        Code::Internal => "INTERNAL",
+        Code::Unavailable => "UNAVAILABLE",
+        Code::DataLoss => "DATA_LOSS",
+        Code::Unauthenticated => "UNAUTHENTICATED",
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn every_code_is_named_as_its_variant_in_upper_snake_case() {
+        for n in 0..=16 {
+            let code = Code::from_i32(n);
+            let snake = format!("{code:?}")
+                .chars()
+                .fold(String::new(), |mut out, c| {
+                    if c.is_uppercase() && !out.is_empty() {
+                        out.push('_');
+                    }
+                    out.push(c.to_ascii_uppercase());
+                    out
+                });
+            assert_eq!(code_name(code), snake, "code {n}");
+        }
+        assert_eq!(
+            Code::from_i32(17),
+            Code::Unknown,
+            "a code beyond 16 was added"
+        );
+    }
 
     #[test]
     fn outcome_codes_are_upper_snake_case() {

@@ -186,8 +186,27 @@ impl AccountNumber {
 
     /// `****1234`: what responses, logs and errors show.
     pub fn masked(&self) -> String {
-        format!("****{}", self.last4())
+        masked(self.last4())
     }
+}
+
+/// The version in quotes: `"3"`.
+fn etag_of(version: i64) -> String {
+    let mut digits = itoa::Buffer::new();
+    let digits = digits.format(version);
+    let mut etag = String::with_capacity(digits.len() + 2);
+    etag.push('"');
+    etag.push_str(digits);
+    etag.push('"');
+    etag
+}
+
+/// `****` and the last digits: an account number as it may be shown.
+fn masked(last4: &str) -> String {
+    let mut shown = String::with_capacity(4 + last4.len());
+    shown.push_str("****");
+    shown.push_str(last4);
+    shown
 }
 
 impl fmt::Debug for AccountNumber {
@@ -373,7 +392,7 @@ pub struct AccountOnFile {
 impl AccountOnFile {
     /// `****1234`.
     pub fn masked(&self) -> String {
-        format!("****{}", self.account_last4)
+        masked(&self.account_last4)
     }
 }
 
@@ -434,6 +453,19 @@ pub struct Partner {
 
 impl Partner {
     pub fn etag(&self) -> String {
-        format!("\"{}\"", self.version)
+        etag_of(self.version)
+    }
+}
+
+#[cfg(test)]
+mod shown {
+    use super::*;
+
+    #[test]
+    fn an_etag_is_the_version_in_quotes_and_a_mask_keeps_the_last_digits() {
+        for version in [0, 1, 9, 10, 12_345, -1, i64::MAX, i64::MIN] {
+            assert_eq!(etag_of(version), format!("\"{version}\""));
+        }
+        assert_eq!(masked("6789"), "****6789");
     }
 }
