@@ -104,6 +104,64 @@ async fn every_indexed_text_column_compares_byte_by_byte_on_postgres() {
     );
 }
 
+/// A disbursement's idempotency key is unique once given (migration 0009): two disbursements
+/// cannot share one, any number may have none yet, and a lookup by key goes through the index.
+#[tokio::test]
+async fn a_disbursement_key_is_unique_once_given_and_found_through_its_index_on_postgres() {
+    use sqlx::Connection as _;
+    let (_store, url) = migrated_postgres().await;
+    let mut conn = sqlx::PgConnection::connect(&url).await.expect("connect");
+    // Rows of this table alone: its references are not what is tested here.
+    sqlx::query("SET session_replication_role = replica")
+        .execute(&mut conn)
+        .await
+        .expect("set replication role");
+    let insert = |id: &'static str, key: Option<&'static str>| {
+        sqlx::query(
+            "INSERT INTO disbursements (disbursement_id, claim_id, partner_id, amount_krw, \
+             status, bank_code, account_sealed, account_last4, holder_name, idempotency_key, \
+             create_time, update_time) \
+             VALUES ($1, $1, 'p', 30000, 'QUEUED', '004', 's', '6789', 'Kim', $2, 1, 1)",
+        )
+        .bind(id)
+        .bind(key)
+    };
+    for (id, key) in [("d1", None), ("d2", None), ("d3", Some("k-1"))] {
+        insert(id, key)
+            .execute(&mut conn)
+            .await
+            .expect("a new key, or none");
+    }
+    let refused = insert("d4", Some("k-1"))
+        .execute(&mut conn)
+        .await
+        .expect_err("a key given twice");
+    assert_eq!(
+        refused
+            .as_database_error()
+            .and_then(|e| e.code())
+            .as_deref(),
+        Some("23505"),
+        "{refused}"
+    );
+    sqlx::query("SET enable_seqscan = off")
+        .execute(&mut conn)
+        .await
+        .expect("set enable_seqscan");
+    let plan: Vec<String> = sqlx::query_scalar(
+        "EXPLAIN SELECT disbursement_id FROM disbursements WHERE idempotency_key = $1",
+    )
+    .bind("k-1")
+    .fetch_all(&mut conn)
+    .await
+    .expect("explain");
+    assert!(
+        plan.iter()
+            .any(|line| line.contains("disbursements_by_idempotency_key")),
+        "{plan:?}"
+    );
+}
+
 fn idem(method: &'static str) -> Idempotency {
     Idempotency {
         principal: "ops".into(),
