@@ -5,6 +5,8 @@
 //! size costs a handful of bind parameters. On SQLite it is a multi-row `VALUES` (or `IN`)
 //! list, cut into pieces under the bind-parameter limit.
 
+use std::borrow::Cow;
+
 use sqlx::QueryBuilder;
 
 use super::events::{FEED_CHANNEL, FEED_LOCK};
@@ -12,11 +14,12 @@ use super::events::{FEED_CHANNEL, FEED_LOCK};
 /// Bind parameters per statement at most: SQLite's default limit (32766).
 const SQLITE_MAX_BINDS: usize = 32_766;
 
-/// One column of a batch of rows; every column of a batch has one value per row.
+/// One column of a batch of rows; every column of a batch has one value per row. Text is
+/// borrowed from the rows where it can be: it is copied once, into the statement's binds.
 #[derive(Debug, Clone)]
-pub enum Column {
-    Text(Vec<String>),
-    NullableText(Vec<Option<String>>),
+pub enum Column<'a> {
+    Text(Vec<Cow<'a, str>>),
+    NullableText(Vec<Option<Cow<'a, str>>>),
     BigInt(Vec<i64>),
     Int(Vec<i32>),
     Bool(Vec<bool>),
@@ -24,7 +27,28 @@ pub enum Column {
     NullableBytes(Vec<Option<Vec<u8>>>),
 }
 
-impl Column {
+impl<'a> Column<'a> {
+    /// The column with its text owned.
+    pub fn into_owned(self) -> Column<'static> {
+        let own = |v: Cow<'_, str>| Cow::Owned(v.into_owned());
+        match self {
+            Self::Text(v) => Column::Text(v.into_iter().map(own).collect()),
+            Self::NullableText(v) => {
+                Column::NullableText(v.into_iter().map(|v| v.map(own)).collect())
+            }
+            Self::BigInt(v) => Column::BigInt(v),
+            Self::Int(v) => Column::Int(v),
+            Self::Bool(v) => Column::Bool(v),
+            Self::Bytes(v) => Column::Bytes(v),
+            Self::NullableBytes(v) => Column::NullableBytes(v),
+        }
+    }
+
+    /// A text column of owned values.
+    pub fn owned_text(values: Vec<String>) -> Self {
+        Self::Text(values.into_iter().map(Cow::Owned).collect())
+    }
+
     fn len(&self) -> usize {
         match self {
             Self::Text(v) => v.len(),
@@ -58,7 +82,7 @@ impl Column {
             Self::NullableText(v) => {
                 HEADER
                     + v.iter()
-                        .map(|s| 4 + s.as_ref().map_or(0, String::len))
+                        .map(|s| 4 + s.as_ref().map_or(0, |s| s.len()))
                         .sum::<usize>()
             }
             Self::BigInt(_) => each(8),
@@ -74,7 +98,7 @@ impl Column {
         }
     }
 
-    fn into_values(self) -> Vec<Value> {
+    fn into_values(self) -> Vec<Value<'a>> {
         match self {
             Self::Text(v) => v.into_iter().map(Value::Text).collect(),
             Self::NullableText(v) => v.into_iter().map(Value::NullableText).collect(),
@@ -88,9 +112,9 @@ impl Column {
 }
 
 /// One value of a [`Column`], for databases that bind row by row.
-enum Value {
-    Text(String),
-    NullableText(Option<String>),
+enum Value<'a> {
+    Text(Cow<'a, str>),
+    NullableText(Option<Cow<'a, str>>),
     BigInt(i64),
     Int(i32),
     Bool(bool),
@@ -101,12 +125,21 @@ enum Value {
 /// One multi-row insert: `head` names the table and columns (`INSERT INTO t (a, b)`), `tail`
 /// follows the rows (`ON CONFLICT ..`).
 pub struct Insert<'a> {
-    pub head: &'a str,
-    pub columns: Vec<Column>,
-    pub tail: &'a str,
+    pub head: &'static str,
+    pub columns: Vec<Column<'a>>,
+    pub tail: &'static str,
 }
 
 impl Insert<'_> {
+    /// The insert with its text owned, to outlive the rows it was made of.
+    pub fn into_owned(self) -> Insert<'static> {
+        Insert {
+            head: self.head,
+            columns: self.columns.into_iter().map(Column::into_owned).collect(),
+            tail: self.tail,
+        }
+    }
+
     fn is_empty(&self) -> bool {
         rows_of(&self.columns) == 0
     }
@@ -143,12 +176,16 @@ pub trait BatchSql: sqlx::Database + Sized {
     /// Inserts the rows `columns` hold. `head` names the table and columns
     /// (`INSERT INTO t (a, b)`); `tail` follows the rows (`ON CONFLICT .. RETURNING ..`).
     /// Returns no statement for no rows.
-    fn insert(head: &str, columns: Vec<Column>, tail: &str) -> Vec<QueryBuilder<Self>>;
+    fn insert(
+        head: &'static str,
+        columns: Vec<Column<'_>>,
+        tail: &'static str,
+    ) -> Vec<QueryBuilder<Self>>;
 
     /// `head v tail`, with the rows `columns` hold as a table `v(column1, column2, ..)`, for
     /// statements that join a batch to stored rows (`UPDATE t SET .. FROM v WHERE ..`).
     /// No statement for no rows.
-    fn table(head: &str, columns: Vec<Column>, tail: &str) -> Vec<QueryBuilder<Self>>;
+    fn table(head: &str, columns: Vec<Column<'_>>, tail: &str) -> Vec<QueryBuilder<Self>>;
 
     /// Selects rows whose column is one of `values`: `head` ends with the column
     /// (`SELECT a FROM t WHERE b`), `tail` follows the condition. No statement for no values.
@@ -200,7 +237,7 @@ pub trait BatchSql: sqlx::Database + Sized {
 /// The SQLSTATE of a statement from [`BatchSql::insert_whole`] that did not store every row.
 pub const NOT_WRITTEN_WHOLE: &str = "PB001";
 
-fn rows_of(columns: &[Column]) -> usize {
+fn rows_of(columns: &[Column<'_>]) -> usize {
     let rows = columns.first().map_or(0, Column::len);
     debug_assert!(columns.iter().all(|c| c.len() == rows), "ragged batch");
     rows
@@ -241,7 +278,7 @@ fn push_unnest_insert(qb: &mut QueryBuilder<sqlx::Postgres>, insert: Insert<'_>)
 }
 
 /// Appends `UNNEST($1::type[], ..)`, one array per column, to `qb`.
-fn push_unnest(qb: &mut QueryBuilder<sqlx::Postgres>, columns: Vec<Column>) {
+fn push_unnest(qb: &mut QueryBuilder<sqlx::Postgres>, columns: Vec<Column<'_>>) {
     qb.push("UNNEST(");
     for (i, column) in columns.into_iter().enumerate() {
         if i > 0 {
@@ -266,7 +303,7 @@ fn push_unnest(qb: &mut QueryBuilder<sqlx::Postgres>, columns: Vec<Column>) {
 /// the bind-parameter limit. No statement for no rows.
 fn sqlite_values(
     before: &str,
-    columns: Vec<Column>,
+    columns: Vec<Column<'_>>,
     after: &str,
 ) -> Vec<QueryBuilder<sqlx::Sqlite>> {
     let rows = rows_of(&columns);
@@ -316,7 +353,11 @@ impl BatchSql for sqlx::Postgres {
     const PREPARED: bool = true;
     const WHOLE: bool = true;
 
-    fn insert(head: &str, columns: Vec<Column>, tail: &str) -> Vec<QueryBuilder<Self>> {
+    fn insert(
+        head: &'static str,
+        columns: Vec<Column<'_>>,
+        tail: &'static str,
+    ) -> Vec<QueryBuilder<Self>> {
         Self::insert_all(vec![Insert {
             head,
             columns,
@@ -435,7 +476,7 @@ impl BatchSql for sqlx::Postgres {
         vec![qb]
     }
 
-    fn table(head: &str, columns: Vec<Column>, tail: &str) -> Vec<QueryBuilder<Self>> {
+    fn table(head: &str, columns: Vec<Column<'_>>, tail: &str) -> Vec<QueryBuilder<Self>> {
         if rows_of(&columns) == 0 {
             return Vec::new();
         }
@@ -526,7 +567,8 @@ impl BatchSql for sqlx::Sqlite {
             "{} RETURNING 'inserted' AS part, {returning} AS a, NULL AS b",
             insert.tail
         );
-        let mut statements = Self::insert(insert.head, insert.columns, &tail);
+        let mut statements =
+            sqlite_values(&format!("{} VALUES ", insert.head), insert.columns, &tail);
         statements.extend(Self::matching(
             &format!(
                 "SELECT 'found' AS part, {key} AS a, {value} AS b FROM {table} WHERE {key}",
@@ -540,11 +582,15 @@ impl BatchSql for sqlx::Sqlite {
         statements
     }
 
-    fn insert(head: &str, columns: Vec<Column>, tail: &str) -> Vec<QueryBuilder<Self>> {
+    fn insert(
+        head: &'static str,
+        columns: Vec<Column<'_>>,
+        tail: &'static str,
+    ) -> Vec<QueryBuilder<Self>> {
         sqlite_values(&format!("{head} VALUES "), columns, tail)
     }
 
-    fn table(head: &str, columns: Vec<Column>, tail: &str) -> Vec<QueryBuilder<Self>> {
+    fn table(head: &str, columns: Vec<Column<'_>>, tail: &str) -> Vec<QueryBuilder<Self>> {
         sqlite_values(
             &format!("{head}(VALUES "),
             columns,
@@ -576,7 +622,7 @@ mod tests {
 
     /// What binding `column` as an array writes to the bind buffer: its length, then sqlx's
     /// array encoding.
-    fn bound_size(column: &Column) -> usize {
+    fn bound_size(column: &Column<'_>) -> usize {
         use sqlx::Encode as _;
         let mut buf = sqlx::postgres::PgArgumentBuffer::default();
         let _ = match column {
@@ -595,7 +641,7 @@ mod tests {
     #[test]
     fn a_columns_bound_size_is_what_binding_it_writes() {
         let columns = [
-            Column::Text(vec!["".into(), "파트너".into(), "x".repeat(300)]),
+            Column::Text(vec!["".into(), "파트너".into(), "x".repeat(300).into()]),
             Column::NullableText(vec![Some("a".into()), None, Some("bc".into())]),
             Column::BigInt(vec![1, i64::MAX, -3]),
             Column::Int(vec![7; 5]),

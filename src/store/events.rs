@@ -11,6 +11,8 @@
 use async_trait::async_trait;
 use futures::stream::BoxStream;
 
+use std::borrow::Cow;
+
 use super::batch::{Column, Insert};
 use super::rows::{parsed, unexpected};
 use super::{Micros, Result, StoreError};
@@ -43,19 +45,31 @@ pub trait EventStore {
 }
 
 /// The multi-row insert of `events`, each with a new event id.
-pub(crate) fn events_insert(events: &[NewEvent]) -> Insert<'static> {
-    let text = |f: &dyn Fn(&NewEvent) -> String| Column::Text(events.iter().map(f).collect());
+pub(crate) fn events_insert(events: &[NewEvent]) -> Insert<'_> {
+    let text = |f: &dyn Fn(&NewEvent) -> String| {
+        Column::Text(events.iter().map(|e| Cow::Owned(f(e))).collect())
+    };
     let optional = |f: &dyn Fn(&NewEvent) -> Option<String>| {
-        Column::NullableText(events.iter().map(f).collect())
+        Column::NullableText(events.iter().map(|e| f(e).map(Cow::Owned)).collect())
     };
     Insert {
         head: "INSERT INTO change_events (event_id, event_type, time, actor, partner_id, \
                claim_id, disbursement_id, detail)",
         columns: vec![
             text(&|_| uuid::Uuid::now_v7().to_string()),
-            text(&|e| e.event_type.key().to_owned()),
+            Column::Text(
+                events
+                    .iter()
+                    .map(|e| Cow::Borrowed(e.event_type.key()))
+                    .collect(),
+            ),
             Column::BigInt(events.iter().map(|e| e.time).collect()),
-            text(&|e| e.actor.clone()),
+            Column::Text(
+                events
+                    .iter()
+                    .map(|e| Cow::Borrowed(e.actor.as_str()))
+                    .collect(),
+            ),
             text(&|e| e.partner_id.to_string()),
             optional(&|e| e.claim_id.map(|c| c.to_string())),
             optional(&|e| e.disbursement_id.map(|d| d.to_string())),

@@ -8,6 +8,7 @@
 //! an earlier row of the batch wait for a later *wave* of the same transaction, so they see
 //! what that row did.
 
+use std::borrow::Cow;
 use std::collections::HashMap;
 
 use super::batch::{Column, Insert};
@@ -103,24 +104,29 @@ pub(crate) fn waves<K: std::hash::Hash + Eq, R: AsRef<[K]>>(keys: &[R]) -> Vec<V
     waves
 }
 
-pub(crate) fn text_column<T>(items: &[T], f: impl Fn(&T) -> String) -> Column {
-    Column::Text(items.iter().map(f).collect())
+/// A text column of `f` of each item: borrowed where `f` gives a `&str` that outlives the
+/// batch, owned where it makes a `String`.
+pub(crate) fn text_column<'a, T, S: Into<Cow<'a, str>>>(
+    items: impl IntoIterator<Item = T>,
+    f: impl Fn(T) -> S,
+) -> Column<'a> {
+    Column::Text(items.into_iter().map(|item| f(item).into()).collect())
 }
 
 /// The insert of audit log entries.
-pub(crate) fn audit_insert(events: &[AuditEvent]) -> Insert<'static> {
+pub(crate) fn audit_insert(events: &[AuditEvent]) -> Insert<'_> {
     Insert {
         head: "INSERT INTO audit_events (audit_event_id, time, principal, method, \
                resource_id, request_id, outcome_code, peer_address, count, replayed)",
         columns: vec![
             text_column(events, |e| e.audit_event_id.to_string()),
             Column::BigInt(events.iter().map(|e| e.time).collect()),
-            text_column(events, |e| e.principal.clone()),
-            text_column(events, |e| e.method.clone()),
-            text_column(events, |e| e.resource_id.clone()),
-            text_column(events, |e| e.request_id.clone()),
-            text_column(events, |e| e.outcome_code.clone()),
-            text_column(events, |e| e.peer_address.clone()),
+            text_column(events, |e| e.principal.as_str()),
+            text_column(events, |e| e.method.as_str()),
+            text_column(events, |e| e.resource_id.as_str()),
+            text_column(events, |e| e.request_id.as_str()),
+            text_column(events, |e| e.outcome_code.as_str()),
+            text_column(events, |e| e.peer_address.as_str()),
             Column::BigInt(events.iter().map(|e| e.count).collect()),
             Column::Bool(events.iter().map(|e| e.replayed).collect()),
         ],
@@ -141,10 +147,10 @@ pub(crate) const REQUEST_KEY: &str = "request_id || '/' || principal";
 /// The insert that takes request ids, each with the response its row will give if it
 /// is written; in a fixed order (by principal, then request id), so two batches
 /// sharing requests cannot deadlock on them.
-pub(crate) fn request_ids_insert(
-    idems: Vec<(&Idempotency, Option<Vec<u8>>)>,
+pub(crate) fn request_ids_insert<'a>(
+    idems: Vec<(&'a Idempotency, Option<Vec<u8>>)>,
     now: Micros,
-) -> Insert<'static> {
+) -> Insert<'a> {
     let mut sorted = idems;
     sorted
         .sort_by(|(a, _), (b, _)| (&a.principal, a.request_id).cmp(&(&b.principal, b.request_id)));
@@ -155,9 +161,9 @@ pub(crate) fn request_ids_insert(
                (request_id, principal, method, fingerprint, response, create_time)",
         columns: vec![
             text_column(&idems, |i| i.request_id.to_string()),
-            text_column(&idems, |i| i.principal.clone()),
-            text_column(&idems, |i| i.method.to_owned()),
-            text_column(&idems, |i| i.fingerprint.clone()),
+            text_column(idems.iter().copied(), |i| i.principal.as_str()),
+            text_column(idems.iter().copied(), |i| i.method),
+            text_column(idems.iter().copied(), |i| i.fingerprint.as_str()),
             Column::NullableBytes(responses),
             Column::BigInt(vec![now; n]),
         ],
@@ -167,11 +173,11 @@ pub(crate) fn request_ids_insert(
 
 /// The insert of a wave's new partners: the same columns and values as
 /// `register_partner`.
-pub(crate) fn partners_insert(
-    rows: &[(Idempotency, NewPartner)],
-    created: &[(usize, &Partner, &str)],
+pub(crate) fn partners_insert<'a>(
+    rows: &'a [(Idempotency, NewPartner)],
+    created: &[(usize, &'a Partner, &'a str)],
     now: Micros,
-) -> Insert<'static> {
+) -> Insert<'a> {
     let n = created.len();
     let profiles: Vec<&PartnerProfile> = created.iter().map(|(_, p, _)| &p.profile).collect();
     let accounts: Vec<&BankAccount> = created
@@ -185,19 +191,19 @@ pub(crate) fn partners_insert(
                contact_email, create_time, update_time, version)",
         columns: vec![
             text_column(created, |(_, p, _)| p.partner_id.to_string()),
-            text_column(&profiles, |p| {
-                p.business_registration_number.as_str().to_owned()
+            text_column(profiles.iter().copied(), |p| {
+                p.business_registration_number.as_str()
             }),
-            text_column(&profiles, |p| p.legal_name.as_str().to_owned()),
-            text_column(&profiles, |p| p.representative_name.as_str().to_owned()),
+            text_column(profiles.iter().copied(), |p| p.legal_name.as_str()),
+            text_column(profiles.iter().copied(), |p| p.representative_name.as_str()),
             text_column(&profiles, |p| services_key(&p.affected_services)),
-            text_column(&accounts, |a| a.bank_code.as_str().to_owned()),
-            text_column(created, |(_, _, sealed)| (*sealed).to_owned()),
-            text_column(&accounts, |a| a.account_number.last4().to_owned()),
-            text_column(&accounts, |a| a.holder_name.as_str().to_owned()),
-            Column::Text(vec![String::new(); n]),
+            text_column(accounts.iter().copied(), |a| a.bank_code.as_str()),
+            text_column(created, |(_, _, sealed)| *sealed),
+            text_column(accounts.iter().copied(), |a| a.account_number.last4()),
+            text_column(accounts.iter().copied(), |a| a.holder_name.as_str()),
+            Column::Text(vec![Cow::Borrowed(""); n]),
             Column::BigInt(vec![0; n]),
-            text_column(&profiles, |p| p.contact_email.as_str().to_owned()),
+            text_column(profiles.iter().copied(), |p| p.contact_email.as_str()),
             Column::BigInt(vec![now; n]),
             Column::BigInt(vec![now; n]),
             Column::BigInt(vec![1; n]),
@@ -323,8 +329,8 @@ fn claim_insert(claims: &[&Claim], now: Micros) -> BulkResult<Insert<'static>> {
             krw(|c| c.decision.recognized_loss_krw),
             krw(|c| c.decision.compensation_krw.won()),
             text_column(claims, |c| c.decision.policy_version.clone()),
-            Column::Text(items),
-            Column::Text(decisions),
+            Column::owned_text(items),
+            Column::owned_text(decisions),
             text_column(claims, |c| c.submitted_by.clone()),
             Column::BigInt(vec![now; n]),
             Column::BigInt(vec![now; n]),
@@ -374,7 +380,7 @@ fn disbursement_inserts(
         .collect();
     let na = approved.len();
     let ids = text_column(&approved, |(_, id, _)| id.clone());
-    let queued = || Column::Text(vec![DisbursementStatus::Queued.key().to_owned(); na]);
+    let queued = || Column::Text(vec![Cow::Borrowed(DisbursementStatus::Queued.key()); na]);
     // The partner first: where the payout details are joined (`USING (partner_id)`), they
     // follow the columns given, in the order of the payees' select.
     let mut columns = vec![
@@ -391,7 +397,7 @@ fn disbursement_inserts(
         Column::NullableText(
             approved
                 .iter()
-                .map(|(f, _, _)| rows[f.row].claim.trace_context.clone())
+                .map(|(f, _, _)| rows[f.row].claim.trace_context.clone().map(Cow::Owned))
                 .collect(),
         ),
         Column::BigInt(vec![now; na]),
@@ -403,7 +409,7 @@ fn disbursement_inserts(
                 Column::Text(
                     approved
                         .iter()
-                        .filter_map(|(_, _, p)| p.map(|p| f(p).clone()))
+                        .filter_map(|(_, _, p)| p.map(|p| Cow::Owned(f(p).clone())))
                         .collect(),
                 )
             };
@@ -432,7 +438,7 @@ fn disbursement_inserts(
             Column::NullableText(vec![None; na]),
             queued(),
             text_column(&approved, |(f, _, _)| f.claim.submitted_by.clone()),
-            Column::Text(vec![CLAIM_APPROVED.to_owned(); na]),
+            Column::Text(vec![Cow::Borrowed(CLAIM_APPROVED); na]),
             Column::BigInt(vec![now; na]),
         ],
         tail: "",

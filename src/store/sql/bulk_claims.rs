@@ -138,8 +138,10 @@ pub(super) async fn submit_claims(
             .await?;
     }
     let answers = finish(answers);
-    pending.push(audit_insert(&audit.events(&answers)));
-    execute(&mut tx, <Db as BatchSql>::insert_all(pending)).await?;
+    let entries = audit.events(&answers);
+    let mut inserts: Vec<Insert<'_>> = pending;
+    inserts.push(audit_insert(&entries));
+    execute(&mut tx, <Db as BatchSql>::insert_all(inserts)).await?;
     tx.commit().await?;
     Ok(answers)
 }
@@ -213,7 +215,8 @@ async fn submit_whole(
         .collect();
     let mut inserts = vec![request_ids_insert(idems, now)];
     inserts.extend(claims_inserts(rows, &filed, Payees::Locked, now)?);
-    inserts.push(audit_insert(&audit.events(&answers)));
+    let entries = audit.events(&answers);
+    inserts.push(audit_insert(&entries));
     let mut locked_ids: Vec<String> = partner_ids.iter().map(PartnerId::to_string).collect();
     locked_ids.sort();
     let payees = Locked {

@@ -96,8 +96,9 @@ pub(super) async fn register_partners(
         );
     }
     let answers = finish(answers);
+    let entries = audit.events(&answers);
     let mut inserts: Vec<Insert<'_>> = pending.into_iter().collect();
-    inserts.push(audit_insert(&audit.events(&answers)));
+    inserts.push(audit_insert(&entries));
     execute(&mut tx, <Db as BatchSql>::insert_all(inserts)).await?;
     tx.commit().await?;
     Ok(answers)
@@ -165,6 +166,8 @@ impl Wave<'_, (Idempotency, NewPartner), Partner> {
         for (i, partner, _) in &created {
             tx.emit(registered_event(&rows[*i].0, partner, now));
         }
+        // It is written with the next statement, after these partners are answered.
+        let insert = insert.into_owned();
         for (i, partner, _) in created {
             answers[i] = Some(Ok(Stored::Fresh(partner)));
         }

@@ -39,13 +39,13 @@ const DISPATCHER: &str = "dispatcher";
 
 /// Runs `head v tail` with the batch's rows as the table `v`, in as many statements as
 /// the database needs; returns the rows they answered.
-async fn rows(tx: &mut Tx, head: &str, columns: Vec<Col>, tail: &str) -> Result<Vec<DbRow>> {
+async fn rows(tx: &mut Tx, head: &str, columns: Vec<Col<'_>>, tail: &str) -> Result<Vec<DbRow>> {
     let statements = <Db as BatchSql>::table(head, columns, tail);
     Ok(fetch_pieces(tx, statements).await?)
 }
 
-fn ids<'a>(ids: impl IntoIterator<Item = &'a DisbursementId>) -> Col {
-    Col::Text(ids.into_iter().map(DisbursementId::to_string).collect())
+fn ids<'a>(ids: impl IntoIterator<Item = &'a DisbursementId>) -> Col<'static> {
+    Col::Text(ids.into_iter().map(|id| id.to_string().into()).collect())
 }
 
 /// A disbursement id a statement answered, with its status where it answers one.
@@ -86,7 +86,7 @@ async fn lease_in(
     let found = rows(
         tx,
         "SELECT * FROM disbursements WHERE disbursement_id IN (SELECT column1 FROM ",
-        vec![Col::Text(leased)],
+        vec![Col::owned_text(leased)],
         ") ORDER BY disbursement_id",
     )
     .await?;
@@ -98,7 +98,7 @@ async fn lease_in(
 
 async fn insert_attempts(tx: &mut Tx, attempts: &[(DisbursementId, Attempt)]) -> Result<()> {
     let text = |f: fn(&Attempt) -> &str| {
-        Col::Text(attempts.iter().map(|(_, a)| f(a).to_owned()).collect())
+        Col::Text(attempts.iter().map(|(_, a)| f(a).into()).collect())
     };
     // Rows go in in the order of the list, which is the order of their ids.
     rows(
@@ -181,7 +181,8 @@ async fn insert_events(
         }));
     }
     let events: Vec<&Move<'_>> = events.into_iter().map(|(m, _)| m).collect();
-    let text = |f: &dyn Fn(&Move<'_>) -> String| Col::Text(events.iter().map(|e| f(e)).collect());
+    let text =
+        |f: &dyn Fn(&Move<'_>) -> String| Col::Text(events.iter().map(|e| f(e).into()).collect());
     rows(
         tx,
         "INSERT INTO disbursement_events (disbursement_id, from_status, to_status, actor, \
@@ -212,8 +213,8 @@ async fn transition_all(
         "UPDATE disbursements SET status = v.column3, update_time = v.column4 FROM ",
         vec![
             ids(moves.iter().map(|m| &m.disbursement_id)),
-            Col::Text(moves.iter().map(|m| m.from.key().to_owned()).collect()),
-            Col::Text(moves.iter().map(|m| m.to.key().to_owned()).collect()),
+            Col::Text(moves.iter().map(|m| m.from.key().into()).collect()),
+            Col::Text(moves.iter().map(|m| m.to.key().into()).collect()),
             Col::BigInt(vec![now; moves.len()]),
         ],
         &format!(
@@ -230,7 +231,7 @@ async fn transition_all(
 /// The statuses of `disbursements` now.
 async fn statuses(
     tx: &mut Tx,
-    disbursements: Col,
+    disbursements: Col<'_>,
 ) -> Result<HashMap<DisbursementId, DisbursementStatus>> {
     let found = rows(
         tx,
@@ -300,13 +301,13 @@ async fn finish(
             Col::Text(
                 failures
                     .iter()
-                    .map(|(_, code, _)| (*code).clone())
+                    .map(|(_, code, _)| code.as_str().into())
                     .collect(),
             ),
             Col::Text(
                 failures
                     .iter()
-                    .map(|(_, _, message)| (*message).clone())
+                    .map(|(_, _, message)| message.as_str().into())
                     .collect(),
             ),
         ],
@@ -501,9 +502,9 @@ async fn assign_keys(
          status = v.column4, update_time = v.column5 FROM ",
         vec![
             ids(making.iter().map(|(id, _)| id)),
-            Col::Text(making.iter().map(|(_, key)| key.clone()).collect()),
-            Col::Text(vec![DisbursementStatus::Queued.key().to_owned(); n]),
-            Col::Text(vec![DisbursementStatus::Submitted.key().to_owned(); n]),
+            Col::Text(making.iter().map(|(_, key)| key.as_str().into()).collect()),
+            Col::Text(vec![DisbursementStatus::Queued.key().into(); n]),
+            Col::Text(vec![DisbursementStatus::Submitted.key().into(); n]),
             Col::BigInt(vec![now; n]),
         ],
         &format!(

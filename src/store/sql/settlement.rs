@@ -202,10 +202,10 @@ impl SettlementStore for SqlStore {
                 "INSERT INTO settlement_lines \
              (run_id, idempotency_key, amount_krw, status, settled_time)",
                 vec![
-                    Column::Text(vec![run_id.to_string(); lines.len()]),
-                    Column::Text(lines.iter().map(|l| l.idempotency_key.clone()).collect()),
+                    Column::owned_text(vec![run_id.to_string(); lines.len()]),
+                    Column::Text(lines.iter().map(|l| l.idempotency_key.as_str().into()).collect()),
                     Column::BigInt(lines.iter().map(|l| l.amount_krw.won()).collect()),
-                    Column::Text(lines.iter().map(|l| l.status.key().to_owned()).collect()),
+                    Column::Text(lines.iter().map(|l| l.status.key().into()).collect()),
                     Column::BigInt(lines.iter().map(|l| l.settled_time).collect()),
                 ],
                 " ON CONFLICT (run_id, idempotency_key) DO NOTHING RETURNING idempotency_key",
