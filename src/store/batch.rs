@@ -639,6 +639,36 @@ mod tests {
     }
 
     #[test]
+    fn an_insert_made_owned_keeps_its_values_and_borrows_nothing() {
+        let rows = [String::from("a"), String::from("파트너")];
+        let insert = Insert {
+            head: "INSERT INTO t (a, b, c)",
+            columns: vec![
+                Column::Text(rows.iter().map(|r| Cow::Borrowed(r.as_str())).collect()),
+                Column::NullableText(vec![Some(Cow::Borrowed(rows[0].as_str())), None]),
+                Column::BigInt(vec![1, 2]),
+            ],
+            tail: " ON CONFLICT DO NOTHING",
+        };
+        let owned: Insert<'static> = insert.into_owned();
+        drop(rows);
+        assert_eq!(
+            (owned.head, owned.tail),
+            ("INSERT INTO t (a, b, c)", " ON CONFLICT DO NOTHING")
+        );
+        match &owned.columns[..] {
+            [Column::Text(t), Column::NullableText(n), Column::BigInt(b)] => {
+                assert_eq!(t, &["a", "파트너"]);
+                assert!(t.iter().all(|v| matches!(v, Cow::Owned(_))));
+                assert_eq!(n, &[Some(Cow::Borrowed("a")), None]);
+                assert!(matches!(n[0], Some(Cow::Owned(_))));
+                assert_eq!(b, &[1, 2]);
+            }
+            other => panic!("columns changed: {other:?}"),
+        }
+    }
+
+    #[test]
     fn a_columns_bound_size_is_what_binding_it_writes() {
         let columns = [
             Column::Text(vec!["".into(), "파트너".into(), "x".repeat(300).into()]),
