@@ -27,7 +27,8 @@
 //! database on PAYOUTS_TEST_POSTGRES_URL's server; `sqlite` for a temporary SQLite file).
 //! Each measured phase ends with the CPU each side spent per call: the service, PostgreSQL
 //! (every `postgres` process), the generator, the bank, the rest, and the idle time of all
-//! cores.
+//! cores; and with the write-ahead log the PostgreSQL server wrote per call, which does not
+//! depend on the machine's speed.
 //!
 //! The `e2e` run has a watcher of the change feed attached from the start (`load/feed.rs`): it
 //! reports the events per second one watcher receives and each event's lag from its change;
@@ -411,6 +412,32 @@ fn admin_postgres_url() -> String {
         .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into())
 }
 
+/// Where the PostgreSQL server's write-ahead log stands, in bytes (None where it cannot be
+/// read). Between two readings: the WAL the whole server wrote, which depends on the rows and
+/// indexes written, not on the machine's speed, so runs can be compared when timings cannot.
+async fn wal_position() -> Option<u64> {
+    use sqlx::Connection as _;
+    let mut conn = sqlx::PgConnection::connect(&admin_postgres_url())
+        .await
+        .ok()?;
+    let bytes: i64 = sqlx::query_scalar("SELECT (pg_current_wal_lsn() - '0/0')::bigint")
+        .fetch_one(&mut conn)
+        .await
+        .ok()?;
+    u64::try_from(bytes).ok()
+}
+
+/// Prints the WAL written per call between two [`wal_position`]s.
+fn report_wal(before: Option<u64>, after: Option<u64>, calls: u64) {
+    if let (Some(before), Some(after)) = (before, after) {
+        let bytes = after.saturating_sub(before);
+        println!(
+            "postgres wal per call: {:.0} bytes (the whole server's, {bytes} bytes in all)",
+            bytes as f64 / calls.max(1) as f64
+        );
+    }
+}
+
 /// A new database on the admin URL's server: its URL and its name.
 async fn fresh_postgres_database() -> anyhow::Result<(String, String)> {
     use sqlx::Connection as _;
@@ -601,6 +628,7 @@ async fn run(o: Options) -> anyhow::Result<()> {
     match o.scenario.as_str() {
         "register" => {
             let clients = clients.clone();
+            let wal = wal_position().await;
             let before = sample();
             let report = drive(&o, move |i| {
                 let mut client = PartnerServiceClient::new(clients.pick(i));
@@ -617,8 +645,10 @@ async fn run(o: Options) -> anyhow::Result<()> {
             .await;
             report.print("register");
             before.report(&sample(), o.count, separate);
+            report_wal(wal, wal_position().await, o.count);
         }
         "import" | "e2e" => {
+            let wal = wal_position().await;
             let before = sample();
             // Per row: partner registered, claim decided, payout queued, submitted, paid.
             let watcher = (o.scenario == "e2e").then(|| feed::spawn(clients.pick(0), 5 * o.count));
@@ -639,6 +669,7 @@ async fn run(o: Options) -> anyhow::Result<()> {
             );
             if o.scenario == "import" {
                 before.report(&sample(), o.count, separate);
+                report_wal(wal, wal_position().await, o.count);
             }
             if o.scenario == "e2e" {
                 let claims_started = Instant::now();
@@ -664,6 +695,7 @@ async fn run(o: Options) -> anyhow::Result<()> {
                 );
                 print!("per claim paid: ");
                 before.report(&sample(), o.count, separate);
+                report_wal(wal, wal_position().await, o.count);
                 // Before the check below downloads the sandbox's whole ledger in one message.
                 if let Some(mib) = peak_rss_mib().filter(|_| !separate) {
                     println!(
@@ -733,6 +765,7 @@ async fn run(o: Options) -> anyhow::Result<()> {
                     .await?;
             }
             let calls = clients.clone();
+            let wal = wal_position().await;
             let before = sample();
             let report = drive(&o, move |i| {
                 let mut client = ClaimServiceClient::new(calls.pick(i));
@@ -746,6 +779,7 @@ async fn run(o: Options) -> anyhow::Result<()> {
                 "claims"
             });
             before.report(&sample(), o.count, separate);
+            report_wal(wal, wal_position().await, o.count);
             if o.pause_payouts {
                 dispatch
                     .resume_dispatch(pb::ResumeDispatchRequest {
