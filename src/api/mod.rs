@@ -251,16 +251,17 @@ impl From<StoreError> for Status {
 /// Names on the current RPC span, and in the call's audit entry, what the call touched: ids
 /// left empty (a claim not yet paid has no disbursement) are skipped.
 pub fn record_touched(call: &CallRecord, touched: &[(Resource, &str)]) {
+    let touched = touched.iter().filter(|(_, id)| !id.is_empty());
+    crate::telemetry::record_resources(touched.clone().map(|&(resource, id)| {
+        let key = match resource {
+            Resource::Partner => "payouts.partner_id",
+            Resource::Disbursement => "payouts.disbursement_id",
+            Resource::Claim => "payouts.claim_id",
+        };
+        (key, id)
+    }));
     for &(resource, id) in touched {
-        if !id.is_empty() {
-            let key = match resource {
-                Resource::Partner => "payouts.partner_id",
-                Resource::Disbursement => "payouts.disbursement_id",
-                Resource::Claim => "payouts.claim_id",
-            };
-            crate::telemetry::record_resource(key, id);
-            call.touched(resource, id);
-        }
+        call.touched(resource, id);
     }
 }
 

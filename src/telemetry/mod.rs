@@ -191,9 +191,42 @@ pub fn current_context_headers() -> Option<String> {
     if !cx.span().span_context().is_valid() {
         return None;
     }
-    let mut headers = HashMap::new();
+    let mut headers = JsonHeaders(Vec::with_capacity(128));
     global::get_text_map_propagator(|p| p.inject_context(&cx, &mut headers));
-    serde_json::to_string(&headers).ok()
+    headers.finish()
+}
+
+/// Headers written straight into one JSON object, as the propagators set them: what a map of
+/// them serializes to, without the map. A key set twice is read back as its last value, as
+/// the map would have kept it.
+struct JsonHeaders(Vec<u8>);
+
+impl Injector for JsonHeaders {
+    fn set(&mut self, key: &str, value: String) {
+        self.0.push(if self.0.is_empty() { b'{' } else { b',' });
+        // Strings serialize into a Vec without fail.
+        let _ = serde_json::to_writer(&mut self.0, key);
+        self.0.push(b':');
+        let _ = serde_json::to_writer(&mut self.0, &value);
+    }
+}
+
+impl JsonHeaders {
+    fn finish(mut self) -> Option<String> {
+        if self.0.is_empty() {
+            self.0.push(b'{');
+        }
+        self.0.push(b'}');
+        String::from_utf8(self.0).ok()
+    }
+}
+
+/// Names the resources a call touched on the current RPC span, looked up once.
+pub fn record_resources<'a>(resources: impl IntoIterator<Item = (&'static str, &'a str)>) {
+    let span = tracing::Span::current();
+    for (key, id) in resources {
+        span.set_attribute(key, id.to_owned());
+    }
 }
 
 /// Makes `span` a child of the context stored by [`current_context_headers`].
@@ -209,14 +242,32 @@ pub fn continue_stored_context(span: &tracing::Span, stored: Option<&str>) {
     }
 }
 
-/// Names the resources a call touched on the current RPC span.
-pub fn record_resource(key: &'static str, id: impl ToString) {
-    tracing::Span::current().set_attribute(key, id.to_string());
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn headers_written_as_json_read_back_as_the_map_they_were_set_into() {
+        let pairs = [
+            (
+                "traceparent",
+                "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+            ),
+            ("tracestate", ""),
+            ("baggage", "note=\"quoted\" \\ 파트너,\u{1}"),
+            ("tracestate", "vendor=2"),
+        ];
+        let mut headers = JsonHeaders(Vec::new());
+        let mut map = HashMap::new();
+        for (key, value) in pairs {
+            headers.set(key, value.to_owned());
+            map.insert(key.to_owned(), value.to_owned());
+        }
+        let json = headers.finish().expect("utf-8");
+        let read: HashMap<String, String> = serde_json::from_str(&json).expect("JSON");
+        assert_eq!(read, map);
+        assert_eq!(JsonHeaders(Vec::new()).finish().as_deref(), Some("{}"));
+    }
 
     #[test]
     fn the_extractor_reads_the_propagators_headers_and_any_other() {
