@@ -14,6 +14,7 @@ use futures::stream::BoxStream;
 use std::borrow::Cow;
 
 use super::batch::{Column, Insert};
+use super::intake::text_column;
 use super::rows::{parsed, unexpected};
 use super::{Micros, Result, StoreError};
 use crate::domain::{ChangeEvent, EventFilter, EventType, NewEvent};
@@ -46,9 +47,6 @@ pub trait EventStore {
 
 /// The multi-row insert of `events`, each with a new event id.
 pub(crate) fn events_insert(events: &[NewEvent]) -> Insert<'_> {
-    let text = |f: &dyn Fn(&NewEvent) -> String| {
-        Column::Text(events.iter().map(|e| Cow::Owned(f(e))).collect())
-    };
     let optional = |f: &dyn Fn(&NewEvent) -> Option<String>| {
         Column::NullableText(events.iter().map(|e| f(e).map(Cow::Owned)).collect())
     };
@@ -56,24 +54,16 @@ pub(crate) fn events_insert(events: &[NewEvent]) -> Insert<'_> {
         head: "INSERT INTO change_events (event_id, event_type, time, actor, partner_id, \
                claim_id, disbursement_id, detail)",
         columns: vec![
-            text(&|_| uuid::Uuid::now_v7().to_string()),
-            Column::Text(
-                events
-                    .iter()
-                    .map(|e| Cow::Borrowed(e.event_type.key()))
-                    .collect(),
-            ),
+            text_column(events, |_| uuid::Uuid::now_v7().to_string()),
+            text_column(events, |e| e.event_type.key()),
             Column::BigInt(events.iter().map(|e| e.time).collect()),
-            Column::Text(
-                events
-                    .iter()
-                    .map(|e| Cow::Borrowed(e.actor.as_str()))
-                    .collect(),
-            ),
-            text(&|e| e.partner_id.to_string()),
+            text_column(events, |e| e.actor.as_str()),
+            text_column(events, |e| e.partner_id.to_string()),
             optional(&|e| e.claim_id.map(|c| c.to_string())),
             optional(&|e| e.disbursement_id.map(|d| d.to_string())),
-            text(&|e| serde_json::to_string(&e.detail).expect("an event detail serializes")),
+            text_column(events, |e| {
+                serde_json::to_string(&e.detail).expect("an event detail serializes")
+            }),
         ],
         tail: "",
     }
