@@ -413,10 +413,17 @@ fn admin_postgres_url() -> String {
 }
 
 /// Where the PostgreSQL server's write-ahead log stands, in bytes (None where it cannot be
-/// read). Between two readings: the WAL the whole server wrote, which depends on the rows and
-/// indexes written, not on the machine's speed, so runs can be compared when timings cannot.
-async fn wal_position() -> Option<u64> {
+/// read, or the service writes to SQLite). Between two readings: the WAL the whole server
+/// wrote, which depends on the rows and indexes written, not on the machine's speed, so runs
+/// can be compared when timings cannot.
+async fn wal_position(o: &Options) -> Option<u64> {
     use sqlx::Connection as _;
+    if o.database_url
+        .as_deref()
+        .is_some_and(|url| url.starts_with("sqlite"))
+    {
+        return None;
+    }
     let mut conn = sqlx::PgConnection::connect(&admin_postgres_url())
         .await
         .ok()?;
@@ -628,7 +635,7 @@ async fn run(o: Options) -> anyhow::Result<()> {
     match o.scenario.as_str() {
         "register" => {
             let clients = clients.clone();
-            let wal = wal_position().await;
+            let wal = wal_position(&o).await;
             let before = sample();
             let report = drive(&o, move |i| {
                 let mut client = PartnerServiceClient::new(clients.pick(i));
@@ -645,10 +652,10 @@ async fn run(o: Options) -> anyhow::Result<()> {
             .await;
             report.print("register");
             before.report(&sample(), o.count, separate);
-            report_wal(wal, wal_position().await, o.count);
+            report_wal(wal, wal_position(&o).await, o.count);
         }
         "import" | "e2e" => {
-            let wal = wal_position().await;
+            let wal = wal_position(&o).await;
             let before = sample();
             // Per row: partner registered, claim decided, payout queued, submitted, paid.
             let watcher = (o.scenario == "e2e").then(|| feed::spawn(clients.pick(0), 5 * o.count));
@@ -669,7 +676,7 @@ async fn run(o: Options) -> anyhow::Result<()> {
             );
             if o.scenario == "import" {
                 before.report(&sample(), o.count, separate);
-                report_wal(wal, wal_position().await, o.count);
+                report_wal(wal, wal_position(&o).await, o.count);
             }
             if o.scenario == "e2e" {
                 let claims_started = Instant::now();
@@ -695,7 +702,7 @@ async fn run(o: Options) -> anyhow::Result<()> {
                 );
                 print!("per claim paid: ");
                 before.report(&sample(), o.count, separate);
-                report_wal(wal, wal_position().await, o.count);
+                report_wal(wal, wal_position(&o).await, o.count);
                 // Before the check below downloads the sandbox's whole ledger in one message.
                 if let Some(mib) = peak_rss_mib().filter(|_| !separate) {
                     println!(
@@ -765,7 +772,7 @@ async fn run(o: Options) -> anyhow::Result<()> {
                     .await?;
             }
             let calls = clients.clone();
-            let wal = wal_position().await;
+            let wal = wal_position(&o).await;
             let before = sample();
             let report = drive(&o, move |i| {
                 let mut client = ClaimServiceClient::new(calls.pick(i));
@@ -779,7 +786,7 @@ async fn run(o: Options) -> anyhow::Result<()> {
                 "claims"
             });
             before.report(&sample(), o.count, separate);
-            report_wal(wal, wal_position().await, o.count);
+            report_wal(wal, wal_position(&o).await, o.count);
             if o.pause_payouts {
                 dispatch
                     .resume_dispatch(pb::ResumeDispatchRequest {
