@@ -4,7 +4,9 @@
 //!
 //! Export is configured by the standard variables (`OTEL_EXPORTER_OTLP_ENDPOINT`,
 //! `OTEL_SERVICE_NAME`, `OTEL_TRACES_SAMPLER`/`_ARG`, `OTEL_RESOURCE_ATTRIBUTES`). Without an
-//! endpoint nothing is exported, but spans still carry ids so traces propagate to the backend.
+//! endpoint nothing is exported, but spans still carry ids so traces propagate to the backend;
+//! and unless `OTEL_TRACES_SAMPLER` says otherwise, only the traces a caller sampled are
+//! recorded ([`unexported_sampler`]): a trace that starts here would be recorded for no one.
 
 mod logs;
 mod metrics;
@@ -21,7 +23,7 @@ use opentelemetry::{Key, KeyValue, global};
 use opentelemetry_sdk::Resource;
 use opentelemetry_sdk::metrics::SdkMeterProvider;
 use opentelemetry_sdk::propagation::{BaggagePropagator, TraceContextPropagator};
-use opentelemetry_sdk::trace::SdkTracerProvider;
+use opentelemetry_sdk::trace::{Sampler, SdkTracerProvider};
 use tracing_opentelemetry::OpenTelemetrySpanExt as _;
 use tracing_subscriber::EnvFilter;
 use tracing_subscriber::fmt::MakeWriter;
@@ -110,6 +112,8 @@ where
             .with_tonic()
             .build()?;
         tracer_builder = tracer_builder.with_batch_exporter(spans);
+    } else if std::env::var_os("OTEL_TRACES_SAMPLER").is_none() {
+        tracer_builder = tracer_builder.with_sampler(unexported_sampler());
     }
     let meter_provider = metrics::install(&resource, otlp, exposition.prometheus)?;
     let tracer_provider = tracer_builder.build();
@@ -139,6 +143,14 @@ where
         tracer_provider,
         meter_provider,
     })
+}
+
+/// The sampler when no span is exported: a caller's sampled trace is continued as sampled (so
+/// the bank, and whatever else the call reaches, still sees the caller's decision), a trace
+/// that starts here is not sampled. Either way each span has its ids, for the logs and for
+/// propagation; an unsampled one records no attributes and is not assembled at its end.
+fn unexported_sampler() -> Sampler {
+    Sampler::ParentBased(Box::new(Sampler::AlwaysOff))
 }
 
 pub(crate) struct HeaderExtractor<'a>(&'a http::HeaderMap);
@@ -287,6 +299,43 @@ mod tests {
             HeaderExtractor(&http::HeaderMap::new()).get("traceparent"),
             None
         );
+    }
+
+    #[test]
+    fn without_export_only_a_caller_sampled_trace_is_recorded_and_every_span_has_ids() {
+        use opentelemetry::trace::{
+            Span as _, SpanContext, TraceFlags, TraceState, Tracer as _, TracerProvider as _,
+        };
+        let provider = SdkTracerProvider::builder()
+            .with_sampler(unexported_sampler())
+            .build();
+        let tracer = provider.tracer("test");
+
+        let root = tracer.start("root");
+        let sc = root.span_context();
+        assert!(sc.is_valid(), "a root span still has ids");
+        assert!(!sc.is_sampled());
+        assert!(!root.is_recording());
+
+        for (flags, sampled) in [(TraceFlags::SAMPLED, true), (TraceFlags::default(), false)] {
+            let caller = SpanContext::new(
+                opentelemetry::TraceId::from_hex("4bf92f3577b34da6a3ce929d0e0e4736")
+                    .expect("trace id"),
+                opentelemetry::SpanId::from_hex("00f067aa0ba902b7").expect("span id"),
+                flags,
+                true,
+                TraceState::default(),
+            );
+            let cx = opentelemetry::Context::new().with_remote_span_context(caller);
+            let child = tracer.start_with_context("child", &cx);
+            let sc = child.span_context();
+            assert_eq!(
+                sc.trace_id().to_string(),
+                "4bf92f3577b34da6a3ce929d0e0e4736"
+            );
+            assert_eq!(sc.is_sampled(), sampled, "the caller's decision is kept");
+            assert_eq!(child.is_recording(), sampled);
+        }
     }
 
     #[test]
