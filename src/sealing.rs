@@ -46,7 +46,13 @@ impl fmt::Debug for Sealed {
 impl Sealed {
     /// One text column's worth: `<key_id>:<base64 of nonce||ciphertext||tag>`.
     pub fn encode(&self) -> String {
-        format!("{}:{}", self.key_id, BASE64.encode(&self.ciphertext))
+        let mut s = String::with_capacity(
+            self.key_id.len() + 1 + base64::encoded_len(self.ciphertext.len(), true).unwrap_or(0),
+        );
+        s.push_str(&self.key_id);
+        s.push(':');
+        BASE64.encode_string(&self.ciphertext, &mut s);
+        s
     }
 
     /// The inverse of [`Sealed::encode`].
@@ -414,6 +420,23 @@ mod tests {
         );
         let decoded = Sealed::decode(&sealed.encode()).expect("decodes");
         assert_eq!(decoded, sealed);
+    }
+
+    #[test]
+    fn the_encoded_form_is_the_key_id_a_colon_and_padded_base64() {
+        for len in 0..40 {
+            let sealed = Sealed {
+                key_id: "k2026".into(),
+                ciphertext: (0..len).map(|b| (b * 37 % 256) as u8).collect(),
+            };
+            let encoded = sealed.encode();
+            assert_eq!(
+                encoded,
+                format!("k2026:{}", BASE64.encode(&sealed.ciphertext)),
+                "{len} bytes"
+            );
+            assert_eq!(Sealed::decode(&encoded).expect("decodes"), sealed);
+        }
     }
 
     #[test]
