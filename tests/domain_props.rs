@@ -24,7 +24,29 @@ fn valid_brn() -> impl Strategy<Value = String> {
     })
 }
 
+/// Names whose letters may differ from another's only in case: ASCII and Hangul, and the
+/// letters whose lowercase is another script's (the Kelvin sign is a `k`) or longer (`İ`).
+fn name_like() -> impl Strategy<Value = String> {
+    "[aAbBkK \u{212A}\u{130}i\u{307}\u{3A3}\u{3C3}\u{3C2}\u{DF}S\u{AC00}\u{D30C}]{1,12}"
+}
+
 proptest! {
+    #[test]
+    fn names_are_the_same_exactly_when_their_lowercased_characters_are(a in name_like(), b in name_like(), same in any::<bool>()) {
+        fn folded(s: &str) -> Vec<char> {
+            s.chars().flat_map(char::to_lowercase).collect()
+        }
+        // Often the same text, or the same but for case, so that both outcomes are tried.
+        let b = if same { a.to_uppercase() } else { b };
+        let (Ok(x), Ok(y)) = (PersonOrBusinessName::parse(&a), PersonOrBusinessName::parse(&b)) else {
+            return Ok(());
+        };
+        let expected = folded(x.as_str()) == folded(y.as_str());
+        prop_assert_eq!(x.same_as(&y), expected, "{:?} and {:?}", x.as_str(), y.as_str());
+        prop_assert_eq!(y.same_as(&x), expected);
+        prop_assert!(x.same_as(&x));
+    }
+
     #[test]
     fn valid_registration_numbers_round_trip(digits in valid_brn()) {
         let parsed = BusinessRegistrationNumber::parse(&digits).expect("valid");

@@ -263,10 +263,12 @@ impl PersonOrBusinessName {
 
     /// Names are compared with Latin letters case-folded ("ACME Shop" = "acme shop").
     pub fn same_as(&self, other: &Self) -> bool {
-        fn fold(s: &str) -> impl Iterator<Item = char> + '_ {
-            s.chars().flat_map(char::to_lowercase)
+        let (a, b) = (self.0.as_str(), other.0.as_str());
+        // The same text, or ASCII text equal but for case, without folding char by char.
+        if a == b || (a.is_ascii() && b.is_ascii()) {
+            return a.eq_ignore_ascii_case(b);
         }
-        fold(&self.0).eq(fold(&other.0))
+        folded_equal(a, b)
     }
 }
 
@@ -308,6 +310,14 @@ impl ContactEmail {
     pub fn as_str(&self) -> &str {
         &self.0
     }
+}
+
+/// `a` and `b` equal once every character is lowercased.
+fn folded_equal(a: &str, b: &str) -> bool {
+    fn fold(s: &str) -> impl Iterator<Item = char> + '_ {
+        s.chars().flat_map(char::to_lowercase)
+    }
+    fold(a).eq(fold(b))
 }
 
 /// A Kakao service through which sales were lost.
