@@ -100,10 +100,12 @@ pub fn init_with_writer<W>(
 where
     W: for<'w> MakeWriter<'w> + Send + Sync + 'static,
 {
-    global::set_text_map_propagator(TextMapCompositePropagator::new(vec![
+    let propagator = TextMapCompositePropagator::new(vec![
         Box::new(TraceContextPropagator::new()),
         Box::new(BaggagePropagator::new()),
-    ]));
+    ]);
+    let _ = PROPAGATED_HEADERS.set(propagated_headers(&propagator));
+    global::set_text_map_propagator(propagator);
     let resource = resource();
     let otlp = otlp_endpoint_configured();
     let mut tracer_builder = SdkTracerProvider::builder().with_resource(resource.clone());
@@ -154,6 +156,27 @@ fn unexported_sampler() -> Sampler {
 }
 
 pub(crate) struct HeaderExtractor<'a>(&'a http::HeaderMap);
+
+/// The headers the installed propagator reads, as [`init`] installed it.
+static PROPAGATED_HEADERS: std::sync::OnceLock<Vec<http::HeaderName>> = std::sync::OnceLock::new();
+
+fn propagated_headers(
+    propagator: &impl opentelemetry::propagation::TextMapPropagator,
+) -> Vec<http::HeaderName> {
+    propagator
+        .fields()
+        .filter_map(|name| http::HeaderName::from_bytes(name.as_bytes()).ok())
+        .collect()
+}
+
+/// Whether `headers` carry anything the propagator would read (a caller's trace, baggage):
+/// when they do not, extracting from them gives the empty context, and a call's span is a
+/// root without it. Before [`init`] (nothing known of the propagator), always.
+pub(crate) fn carries_context(headers: &http::HeaderMap) -> bool {
+    PROPAGATED_HEADERS
+        .get()
+        .is_none_or(|names| names.iter().any(|name| headers.contains_key(name)))
+}
 
 /// The headers the propagators read on every call, as names made once: looking a header up
 /// by a `&str` parses the name first.
@@ -336,6 +359,28 @@ mod tests {
             assert_eq!(sc.is_sampled(), sampled, "the caller's decision is kept");
             assert_eq!(child.is_recording(), sampled);
         }
+    }
+
+    #[test]
+    fn a_call_carries_context_when_it_has_a_header_the_propagators_read() {
+        let propagator = TextMapCompositePropagator::new(vec![
+            Box::new(TraceContextPropagator::new()),
+            Box::new(BaggagePropagator::new()),
+        ]);
+        let names = propagated_headers(&propagator);
+        for name in ["traceparent", "tracestate", "baggage"] {
+            assert!(names.iter().any(|n| n == name), "{name}");
+        }
+        let _ = PROPAGATED_HEADERS.set(names);
+        let with = |name: &'static str| {
+            let mut headers = http::HeaderMap::new();
+            headers.insert(name, "x".parse().expect("a header value"));
+            headers
+        };
+        assert!(carries_context(&with("traceparent")));
+        assert!(carries_context(&with("baggage")));
+        assert!(!carries_context(&with("x-other")));
+        assert!(!carries_context(&http::HeaderMap::new()));
     }
 
     #[test]

@@ -166,7 +166,9 @@ fn server_span<B>(
     // Written once as text: both the log and the trace layer take it as it is, where a
     // displayed value would be formatted by each.
     let peer = crate::net::peer_addr(request).map(|p| crate::net::ip_text(p.ip()));
+    // A root among the spans: its parent is the caller's trace, if it sent one.
     tracing::info_span!(
+        parent: None,
         "rpc",
         otel.name = path,
         otel.kind = "server",
@@ -200,9 +202,11 @@ where
         }
         let method = MethodTable::get().method(path);
         let span = server_span(method, path, &request);
-        let parent =
-            global::get_text_map_propagator(|p| p.extract(&HeaderExtractor(request.headers())));
-        let _ = span.set_parent(parent);
+        if super::carries_context(request.headers()) {
+            let parent =
+                global::get_text_map_propagator(|p| p.extract(&HeaderExtractor(request.headers())));
+            let _ = span.set_parent(parent);
+        }
         let outcome = Outcome {
             span: span.clone(),
             started: Instant::now(),
