@@ -100,10 +100,7 @@ pub fn init_with_writer<W>(
 where
     W: for<'w> MakeWriter<'w> + Send + Sync + 'static,
 {
-    let propagator = TextMapCompositePropagator::new(vec![
-        Box::new(TraceContextPropagator::new()),
-        Box::new(BaggagePropagator::new()),
-    ]);
+    let propagator = propagator();
     let _ = PROPAGATED_HEADERS.set(propagated_headers(&propagator));
     global::set_text_map_propagator(propagator);
     let resource = resource();
@@ -145,6 +142,14 @@ where
         tracer_provider,
         meter_provider,
     })
+}
+
+/// W3C trace context and baggage, read from and written to every call's headers.
+fn propagator() -> TextMapCompositePropagator {
+    TextMapCompositePropagator::new(vec![
+        Box::new(TraceContextPropagator::new()),
+        Box::new(BaggagePropagator::new()),
+    ])
 }
 
 /// The sampler when no span is exported: a caller's sampled trace is continued as sampled (so
@@ -363,11 +368,7 @@ mod tests {
 
     #[test]
     fn a_call_carries_context_when_it_has_a_header_the_propagators_read() {
-        let propagator = TextMapCompositePropagator::new(vec![
-            Box::new(TraceContextPropagator::new()),
-            Box::new(BaggagePropagator::new()),
-        ]);
-        let names = propagated_headers(&propagator);
+        let names = propagated_headers(&propagator());
         for name in ["traceparent", "tracestate", "baggage"] {
             assert!(names.iter().any(|n| n == name), "{name}");
         }
