@@ -27,6 +27,11 @@ macro_rules! id_type {
             pub const fn as_uuid(&self) -> Uuid {
                 self.0
             }
+
+            /// The id as text: what `to_string` gives, without the formatter.
+            pub fn text(&self) -> String {
+                uuid_text(self.0)
+            }
         }
 
         impl Default for $name {
@@ -63,6 +68,14 @@ macro_rules! id_type {
     };
 }
 
+/// `id` as its hyphenated lowercase text, as `Display` writes it, without the formatter (the
+/// batch inserts write several per row).
+pub fn uuid_text(id: Uuid) -> String {
+    id.hyphenated()
+        .encode_lower(&mut Uuid::encode_buffer())
+        .to_owned()
+}
+
 id_type!(
     /// A registered business partner.
     PartnerId
@@ -86,6 +99,8 @@ mod tests {
         fn an_id_reads_back_from_its_text(bits in any::<u128>()) {
             let id = ClaimId::from_uuid(Uuid::from_u128(bits));
             prop_assert_eq!(id.to_string().parse::<ClaimId>().unwrap(), id);
+            prop_assert_eq!(id.text(), id.to_string());
+            prop_assert_eq!(uuid_text(Uuid::from_u128(bits)), Uuid::from_u128(bits).to_string());
             prop_assert_eq!(Uuid::from(id), Uuid::from_u128(bits));
         }
     }

@@ -17,6 +17,7 @@ use super::batch::{Column, Insert};
 use super::intake::text_column;
 use super::rows::{parsed, unexpected};
 use super::{Micros, Result, StoreError};
+use crate::domain::ids::uuid_text;
 use crate::domain::{ChangeEvent, EventFilter, EventType, NewEvent};
 
 /// The key of the advisory lock a PostgreSQL transaction holds from its events' insert to its
@@ -54,13 +55,13 @@ pub(crate) fn events_insert(events: &[NewEvent]) -> Insert<'_> {
         head: "INSERT INTO change_events (event_id, event_type, time, actor, partner_id, \
                claim_id, disbursement_id, detail)",
         columns: vec![
-            text_column(events, |_| uuid::Uuid::now_v7().to_string()),
+            text_column(events, |_| uuid_text(uuid::Uuid::now_v7())),
             text_column(events, |e| e.event_type.key()),
             Column::BigInt(events.iter().map(|e| e.time).collect()),
             text_column(events, |e| e.actor.as_str()),
-            text_column(events, |e| e.partner_id.to_string()),
-            optional(&|e| e.claim_id.map(|c| c.to_string())),
-            optional(&|e| e.disbursement_id.map(|d| d.to_string())),
+            text_column(events, |e| e.partner_id.text()),
+            optional(&|e| e.claim_id.map(|c| c.text())),
+            optional(&|e| e.disbursement_id.map(|d| d.text())),
             text_column(events, |e| {
                 serde_json::to_string(&e.detail).expect("an event detail serializes")
             }),

@@ -14,6 +14,7 @@ use std::collections::HashMap;
 use super::batch::{Column, Insert};
 use super::rows::{services_key, unexpected};
 use super::{AuditEvent, ClaimSubmission, Idempotency, Micros, Result, StoreError, Stored};
+use crate::domain::ids::uuid_text;
 use crate::domain::{
     AttachedEvidence, BankAccount, Claim, ClaimId, ClaimStatus, DisbursementId, DisbursementStatus,
     NewPartner, Partner, PartnerId, PartnerProfile,
@@ -119,7 +120,7 @@ pub(crate) fn audit_insert(events: &[AuditEvent]) -> Insert<'_> {
         head: "INSERT INTO audit_events (audit_event_id, time, principal, method, \
                resource_id, request_id, outcome_code, peer_address, count, replayed)",
         columns: vec![
-            text_column(events, |e| e.audit_event_id.to_string()),
+            text_column(events, |e| uuid_text(e.audit_event_id)),
             Column::BigInt(events.iter().map(|e| e.time).collect()),
             text_column(events, |e| e.principal.as_str()),
             text_column(events, |e| e.method.as_str()),
@@ -160,7 +161,7 @@ pub(crate) fn request_ids_insert<'a>(
         head: "INSERT INTO idempotency \
                (request_id, principal, method, fingerprint, response, create_time)",
         columns: vec![
-            text_column(&idems, |i| i.request_id.to_string()),
+            text_column(&idems, |i| uuid_text(i.request_id)),
             text_column(idems.iter().copied(), |i| i.principal.as_str()),
             text_column(idems.iter().copied(), |i| i.method),
             text_column(idems.iter().copied(), |i| i.fingerprint.as_str()),
@@ -190,7 +191,7 @@ pub(crate) fn partners_insert<'a>(
                account_last4, holder_name, account_changed_by, account_change_time, \
                contact_email, create_time, update_time, version)",
         columns: vec![
-            text_column(created, |(_, p, _)| p.partner_id.to_string()),
+            text_column(created, |(_, p, _)| p.partner_id.text()),
             text_column(profiles.iter().copied(), |p| {
                 p.business_registration_number.as_str()
             }),
@@ -321,8 +322,8 @@ fn claim_insert(claims: &[&Claim], now: Micros) -> BulkResult<Insert<'static>> {
          recognized_loss_krw, compensation_krw, policy_version, items, decision, \
          submitted_by, create_time, update_time)",
         columns: vec![
-            text_column(claims, |c| c.claim_id.to_string()),
-            text_column(claims, |c| c.partner_id.to_string()),
+            text_column(claims, |c| c.claim_id.text()),
+            text_column(claims, |c| c.partner_id.text()),
             text_column(claims, |c| c.decision.status.key().to_owned()),
             text_column(claims, |c| c.decision.tier.key().to_owned()),
             krw(|c| c.decision.reported_loss_krw),
@@ -348,7 +349,7 @@ fn evidence_insert(claims: &[&Claim], now: Micros) -> Insert<'static> {
     Insert {
         head: "INSERT INTO evidence (claim_id, seq, kind, uri, sha256, attach_time, attached_by)",
         columns: vec![
-            text_column(&evidence, |(c, _, _)| c.claim_id.to_string()),
+            text_column(&evidence, |(c, _, _)| c.claim_id.text()),
             Column::Int(evidence.iter().map(|(_, seq, _)| *seq).collect()),
             text_column(&evidence, |(_, _, e)| e.evidence.kind.key().to_owned()),
             text_column(&evidence, |(_, _, e)| e.evidence.uri.clone()),
@@ -371,7 +372,7 @@ fn disbursement_inserts(
     let approved: Vec<(&Filed, String, Option<&Payee>)> = filed
         .iter()
         .filter_map(|f| {
-            let id = f.claim.disbursement_id?.to_string();
+            let id = f.claim.disbursement_id?.text();
             match payees {
                 Payees::Read(read) => read.get(&f.claim.partner_id).map(|p| (f, id, Some(p))),
                 Payees::Locked => Some((f, id, None)),
@@ -384,9 +385,9 @@ fn disbursement_inserts(
     // The partner first: where the payout details are joined (`USING (partner_id)`), they
     // follow the columns given, in the order of the payees' select.
     let mut columns = vec![
-        text_column(&approved, |(f, _, _)| f.claim.partner_id.to_string()),
+        text_column(&approved, |(f, _, _)| f.claim.partner_id.text()),
         ids.clone(),
-        text_column(&approved, |(f, _, _)| f.claim.claim_id.to_string()),
+        text_column(&approved, |(f, _, _)| f.claim.claim_id.text()),
         Column::BigInt(
             approved
                 .iter()
