@@ -324,8 +324,8 @@ fn claim_insert(claims: &[&Claim], now: Micros) -> BulkResult<Insert<'static>> {
         columns: vec![
             text_column(claims, |c| c.claim_id.text()),
             text_column(claims, |c| c.partner_id.text()),
-            text_column(claims, |c| c.decision.status.key().to_owned()),
-            text_column(claims, |c| c.decision.tier.key().to_owned()),
+            text_column(claims, |c| c.decision.status.key()),
+            text_column(claims, |c| c.decision.tier.key()),
             krw(|c| c.decision.reported_loss_krw),
             krw(|c| c.decision.recognized_loss_krw),
             krw(|c| c.decision.compensation_krw.won()),
@@ -351,7 +351,7 @@ fn evidence_insert(claims: &[&Claim], now: Micros) -> Insert<'static> {
         columns: vec![
             text_column(&evidence, |(c, _, _)| c.claim_id.text()),
             Column::Int(evidence.iter().map(|(_, seq, _)| *seq).collect()),
-            text_column(&evidence, |(_, _, e)| e.evidence.kind.key().to_owned()),
+            text_column(&evidence, |(_, _, e)| e.evidence.kind.key()),
             text_column(&evidence, |(_, _, e)| e.evidence.uri.clone()),
             text_column(&evidence, |(_, _, e)| e.evidence.sha256.clone()),
             Column::BigInt(vec![now; ne]),
