@@ -12,10 +12,12 @@
 //! Scenarios: `register` (unary RegisterPartner), `claims` (unary SubmitClaim, partners
 //! registered first), `import` (N partners through one ImportPartners stream), `e2e` (N partners
 //! and N claims through ImportPartners and ImportClaims, until every payout is PAID at the
-//! sandbox, then checks the sandbox applied exactly one instruction each). `--streams S`
-//! (default 1) splits the rows of an import over S streams sent at once, as a payments team
-//! loading one file from several workers would. Calls go over `--connections K` channels, each
-//! its own HTTP/2 connection (default 8), taking them in turn, as K client processes would.
+//! sandbox, then checks the sandbox applied exactly one instruction each), `floor`
+//! (RegisterPartner answered by a bare tonic server: the transport's own cost, `load/floor.rs`).
+//! `--streams S` (default 1) splits the rows of an import over S streams sent at once, as a
+//! payments team loading one file from several workers would. Calls go over `--connections K`
+//! channels, each its own HTTP/2 connection (default 8), taking them in turn, as K client
+//! processes would.
 //!
 //! Closed loop (`--concurrency`, default 64): C callers, each sending as soon as its last call
 //! returned. Open loop (`--rate`): calls start on a fixed schedule whatever the service does,
@@ -66,6 +68,8 @@ use tokio::sync::Mutex;
 mod bank;
 #[path = "load/feed.rs"]
 mod feed;
+#[path = "load/floor.rs"]
+mod floor;
 #[path = "load/process.rs"]
 mod process;
 
@@ -140,10 +144,15 @@ fn options() -> anyhow::Result<Options> {
         }
     }
     let scenario = o.scenario.as_str();
-    if !["register", "claims", "import", "e2e"].contains(&scenario)
+    if !["register", "claims", "import", "e2e", "floor"].contains(&scenario)
         && !bank::SCENARIOS.contains(&scenario)
     {
-        anyhow::bail!("scenario must be register, claims, import, e2e, throttled-bank or outage");
+        anyhow::bail!(
+            "scenario must be register, claims, import, e2e, floor, throttled-bank or outage"
+        );
+    }
+    if scenario == "floor" && (o.target.is_some() || o.in_process) {
+        anyhow::bail!("floor runs a bare server of its own: no --target or --in-process");
     }
     if bank::SCENARIOS.contains(&scenario) && o.target.is_some() {
         anyhow::bail!("{scenario} runs the service in process, with its own bank: no --target");
@@ -524,6 +533,10 @@ fn peak_rss_mib_of(pid: &str) -> Option<f64> {
 }
 
 fn main() -> anyhow::Result<()> {
+    // The `floor` scenario's bare server: this binary again, in a process of its own.
+    if let Some(listen) = floor::server_addr() {
+        return floor::serve(&listen);
+    }
     // `cargo test --all-targets` runs bench binaries without `--bench`: nothing to measure then.
     if !std::env::args().any(|a| a == "--bench") {
         println!("load: run it with `cargo bench --bench load -- SCENARIO`");
@@ -543,6 +556,10 @@ fn main() -> anyhow::Result<()> {
 }
 
 async fn run(o: Options) -> anyhow::Result<()> {
+    if o.scenario == "floor" {
+        println!("scenario floor with {} calls", o.count);
+        return floor::run(&o, 0).await;
+    }
     let dir = tempfile::tempdir()?;
     let mut bank_addr = None;
     let mut made_database = None;

@@ -154,6 +154,8 @@ async fn serving(target: &str, dir: &Path) -> anyhow::Result<()> {
 #[derive(Clone, Copy, Debug, Default)]
 pub struct CpuSample {
     service: u64,
+    /// The part of `service` spent in the kernel on the service's behalf (stime).
+    service_kernel: u64,
     bank: u64,
     client: u64,
     postgres: u64,
@@ -165,8 +167,10 @@ impl CpuSample {
     /// Now. `service` and `bank` are the child processes' ids (None: in this process).
     pub fn take(service: Option<u32>, bank: Option<u32>) -> Self {
         let (idle, all) = machine_ticks().unwrap_or_default();
+        let service = service.and_then(process_times).unwrap_or_default();
         Self {
-            service: service.and_then(process_ticks).unwrap_or(0),
+            service: service.user + service.kernel,
+            service_kernel: service.kernel,
             bank: bank.and_then(process_ticks).unwrap_or(0),
             client: process_ticks(std::process::id()).unwrap_or(0),
             postgres: postgres_ticks(),
@@ -186,6 +190,7 @@ impl CpuSample {
             micros as f64 / calls.max(1) as f64
         };
         let d = |a: u64, b: u64| b.saturating_sub(a);
+        let service_kernel = d(self.service_kernel, later.service_kernel);
         let (service, bank, client) = (
             d(self.service, later.service),
             d(self.bank, later.bank),
@@ -200,10 +205,11 @@ impl CpuSample {
         let busy = |ticks: u64| 100.0 * ticks as f64 / all.max(1) as f64;
         if separate {
             println!(
-                "cpu per call (µs, all cores): service={:.1} postgres={:.1} client={:.1} \
-                 bank={:.1} other={:.1} idle={:.1}; share of the machine: service={:.0}% \
-                 postgres={:.0}% client={:.0}% idle={:.0}%",
+                "cpu per call (µs, all cores): service={:.1} (of it in the kernel {:.1}) \
+                 postgres={:.1} client={:.1} bank={:.1} other={:.1} idle={:.1}; share of the \
+                 machine: service={:.0}% postgres={:.0}% client={:.0}% idle={:.0}%",
                 per_call(service),
+                per_call(service_kernel),
                 per_call(postgres),
                 per_call(client),
                 per_call(bank),
@@ -228,16 +234,29 @@ impl CpuSample {
     }
 }
 
-/// utime + stime of process `pid`, in clock ticks.
-fn process_ticks(pid: u32) -> Option<u64> {
+/// The CPU a process has taken, in clock ticks: in its own code and in the kernel for it.
+#[derive(Clone, Copy, Debug, Default)]
+struct ProcessTimes {
+    user: u64,
+    kernel: u64,
+}
+
+/// utime and stime of process `pid`.
+fn process_times(pid: u32) -> Option<ProcessTimes> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     // The command name may hold spaces; the fields that follow it do not.
     let rest = &stat[stat.rfind(')')? + 2..];
     let fields: Vec<&str> = rest.split_whitespace().collect();
     // Fields 14 and 15 of stat(5); `rest` starts at field 3.
-    let utime: u64 = fields.get(11)?.parse().ok()?;
-    let stime: u64 = fields.get(12)?.parse().ok()?;
-    Some(utime + stime)
+    Some(ProcessTimes {
+        user: fields.get(11)?.parse().ok()?,
+        kernel: fields.get(12)?.parse().ok()?,
+    })
+}
+
+/// utime + stime of process `pid`, in clock ticks.
+fn process_ticks(pid: u32) -> Option<u64> {
+    process_times(pid).map(|t| t.user + t.kernel)
 }
 
 /// The CPU of every PostgreSQL process on the machine (backends and its own workers).
