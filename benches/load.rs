@@ -7,13 +7,14 @@
 //!                                     [--target http://HOST:PORT | --in-process]
 //!                                     [--bank-rate N] [--bank-latency-ms MS]
 //!                                     [--outage-after-ms A] [--outage-ms B]
-//!                                     [--pause-payouts]
+//!                                     [--pause-payouts] [--hold-ms MS]
 //! ```
 //! Scenarios: `register` (unary RegisterPartner), `claims` (unary SubmitClaim, partners
 //! registered first), `import` (N partners through one ImportPartners stream), `e2e` (N partners
 //! and N claims through ImportPartners and ImportClaims, until every payout is PAID at the
 //! sandbox, then checks the sandbox applied exactly one instruction each), `floor`
-//! (RegisterPartner answered by a bare tonic server: the transport's own cost, `load/floor.rs`).
+//! (RegisterPartner answered by a bare tonic server: the transport's own cost, `load/floor.rs`;
+//! `--hold-ms MS` answers the calls held every MS ms together, as group commit does).
 //! `--streams S` (default 1) splits the rows of an import over S streams sent at once, as a
 //! payments team loading one file from several workers would. Calls go over `--connections K`
 //! channels, each its own HTTP/2 connection (default 8), taking them in turn, as K client
@@ -98,6 +99,8 @@ struct Options {
     watchers: u64,
     /// claims: the dispatcher paused while the claims are filed.
     pause_payouts: bool,
+    /// floor: calls held and answered together every this many ms (0: each at once).
+    hold_ms: u64,
 }
 
 fn options() -> anyhow::Result<Options> {
@@ -118,6 +121,7 @@ fn options() -> anyhow::Result<Options> {
         outage_ms: None,
         watchers: 0,
         pause_payouts: false,
+        hold_ms: 0,
     };
     while let Some(arg) = args.next() {
         let mut value = || {
@@ -139,6 +143,7 @@ fn options() -> anyhow::Result<Options> {
             "--outage-ms" => o.outage_ms = Some(value()?.parse()?),
             "--watchers" => o.watchers = value()?.parse()?,
             "--pause-payouts" => o.pause_payouts = true,
+            "--hold-ms" => o.hold_ms = value()?.parse()?,
             s if !s.starts_with('-') && o.scenario.is_empty() => o.scenario = s.to_owned(),
             other => anyhow::bail!("unknown argument {other}"),
         }
@@ -534,8 +539,8 @@ fn peak_rss_mib_of(pid: &str) -> Option<f64> {
 
 fn main() -> anyhow::Result<()> {
     // The `floor` scenario's bare server: this binary again, in a process of its own.
-    if let Some(listen) = floor::server_addr() {
-        return floor::serve(&listen);
+    if let Some((listen, hold_ms)) = floor::server_args() {
+        return floor::serve(&listen, hold_ms);
     }
     // `cargo test --all-targets` runs bench binaries without `--bench`: nothing to measure then.
     if !std::env::args().any(|a| a == "--bench") {

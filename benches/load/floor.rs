@@ -7,8 +7,15 @@
 //! The bare server decodes the request and answers with its partner as the service would
 //! (an id, the account masked, two timestamps, an etag), on the service's runtime
 //! (`app::runtime`), with no database, no layers and no spans.
+//!
+//! With `--hold-ms N` it holds every call until the next tick of an N ms clock and answers
+//! all the calls held at once, as group commit answers a batch when its commit returns: the
+//! transport's cost at the service's own pace and shape (many answers per wake-up and per
+//! write), where without it the bare server answers each call as it comes, as fast as the
+//! callers send.
 
 use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use partner_payouts::proto::payouts::v1::partner_service_client::PartnerServiceClient;
@@ -20,22 +27,41 @@ use tonic::{Request, Response, Status};
 
 use super::{CpuSample, Options, connect, drive, partner};
 
-/// The first argument that makes the generator the bare server: `load floor-server ADDR`.
+/// The first argument that makes the generator the bare server:
+/// `load floor-server ADDR HOLD_MS`.
 pub const SERVER_ARG: &str = "floor-server";
 
-/// The bare server's listening address, when this process was started as it.
-pub fn server_addr() -> Option<String> {
+/// The bare server's listening address and hold (0: none), when this process was started as
+/// it.
+pub fn server_args() -> Option<(String, u64)> {
     let mut args = std::env::args().skip(1);
-    (args.next().as_deref() == Some(SERVER_ARG)).then(|| args.next().unwrap_or_default())
+    if args.next().as_deref() != Some(SERVER_ARG) {
+        return None;
+    }
+    let listen = args.next().unwrap_or_default();
+    let hold_ms = args.next().and_then(|a| a.parse().ok()).unwrap_or(0);
+    Some((listen, hold_ms))
 }
 
 /// Runs the bare server on `listen` until the process is killed.
-pub fn serve(listen: &str) -> anyhow::Result<()> {
+pub fn serve(listen: &str, hold_ms: u64) -> anyhow::Result<()> {
     let addr = listen.parse()?;
     partner_payouts::app::runtime()?.block_on(async move {
+        let tick = (hold_ms > 0).then(|| {
+            let tick = Arc::new(tokio::sync::Notify::new());
+            let ticker = tick.clone();
+            tokio::spawn(async move {
+                let mut clock = tokio::time::interval(Duration::from_millis(hold_ms));
+                loop {
+                    clock.tick().await;
+                    ticker.notify_waiters();
+                }
+            });
+            tick
+        });
         tonic::transport::Server::builder()
             .tcp_nodelay(true)
-            .add_service(PartnerServiceServer::new(Bare))
+            .add_service(PartnerServiceServer::new(Bare { tick }))
             .serve(addr)
             .await?;
         Ok(())
@@ -45,12 +71,17 @@ pub fn serve(listen: &str) -> anyhow::Result<()> {
 /// Drives the bare server with `o.count` RegisterPartner calls and reports them as
 /// `register` does, with the server's CPU per call as the service's.
 pub async fn run(o: &Options, base: u64) -> anyhow::Result<()> {
-    let server = Server::spawn()?;
+    let server = Server::spawn(o.hold_ms)?;
     let clients = server.connect(o.connections).await?;
     println!(
-        "bare tonic server in a process of its own (pid {}) on {}",
+        "bare tonic server in a process of its own (pid {}) on {}, {}",
         server.child.id(),
-        server.target
+        server.target,
+        if o.hold_ms > 0 {
+            format!("answering the calls held every {} ms together", o.hold_ms)
+        } else {
+            "answering each call at once".to_owned()
+        }
     );
     let pid = server.child.id();
     let before = CpuSample::take(Some(pid), None);
@@ -79,13 +110,13 @@ struct Server {
 }
 
 impl Server {
-    fn spawn() -> anyhow::Result<Self> {
+    fn spawn(hold_ms: u64) -> anyhow::Result<Self> {
         let port = std::net::TcpListener::bind("127.0.0.1:0")?
             .local_addr()?
             .port();
         let listen = format!("127.0.0.1:{port}");
         let child = Command::new(std::env::current_exe()?)
-            .args([SERVER_ARG, &listen])
+            .args([SERVER_ARG, &listen, &hold_ms.to_string()])
             .stdout(Stdio::null())
             .spawn()?;
         Ok(Self {
@@ -116,8 +147,10 @@ impl Drop for Server {
     }
 }
 
-/// Answers RegisterPartner only.
-struct Bare;
+/// Answers RegisterPartner only: at once, or at the next `tick`.
+struct Bare {
+    tick: Option<Arc<tokio::sync::Notify>>,
+}
 
 #[tonic::async_trait]
 impl PartnerService for Bare {
@@ -128,6 +161,9 @@ impl PartnerService for Bare {
         request: Request<pb::RegisterPartnerRequest>,
     ) -> Result<Response<pb::RegisterPartnerResponse>, Status> {
         let mut partner = request.into_inner().partner.unwrap_or_default();
+        if let Some(tick) = &self.tick {
+            tick.notified().await;
+        }
         let now = prost_types::Timestamp::from(SystemTime::now());
         partner.partner_id = uuid::Uuid::now_v7().to_string();
         if let Some(account) = partner.bank_account.as_mut() {
