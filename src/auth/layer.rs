@@ -132,7 +132,10 @@ where
 
 impl Shared {
     fn admit<B>(&self, request: &mut http::Request<B>) -> Result<(), tonic::Status> {
-        let path = request.uri().path().to_owned();
+        // The path outlives the headers' changes below without a copy: a URI's clone shares
+        // its bytes.
+        let uri = request.uri().clone();
+        let path = uri.path();
         let peer = crate::net::peer_addr(request);
         let certs = request
             .extensions()
@@ -143,7 +146,7 @@ impl Shared {
         let identified = self.authenticator.authenticate(request.headers(), leaf);
         request.headers_mut().remove(AUTHORIZATION);
 
-        let required = required_role(&path);
+        let required = required_role(path);
         let caller = match (required, identified) {
             // Probes and `grpcurl describe` work without credentials; a caller that did
             // identify itself is still named.
@@ -156,7 +159,7 @@ impl Shared {
             (_, Err(e)) => {
                 return Err(self.deny(
                     None,
-                    &path,
+                    path,
                     peer,
                     status_with_reason(
                         Code::Unauthenticated,
@@ -170,7 +173,7 @@ impl Shared {
         };
         if let Err(wait) = self.authenticator.check_rate(&caller) {
             let status = rate_limited(Limited::Principal(caller.name()), wait);
-            return Err(self.deny(Some(&caller), &path, peer, status));
+            return Err(self.deny(Some(&caller), path, peer, status));
         }
         match required {
             Some(RequiredRole::Role(role)) if caller.has_role(role) => {
@@ -193,7 +196,7 @@ impl Shared {
                         ("method", path.trim_start_matches('/').to_owned()),
                     ],
                 );
-                Err(self.deny(Some(&caller), &path, peer, status))
+                Err(self.deny(Some(&caller), path, peer, status))
             }
             _ => {
                 let status = status_with_reason(
@@ -205,7 +208,7 @@ impl Shared {
                     ),
                     &[("method", path.trim_start_matches('/').to_owned())],
                 );
-                Err(self.deny(Some(&caller), &path, peer, status))
+                Err(self.deny(Some(&caller), path, peer, status))
             }
         }
     }
