@@ -10,7 +10,7 @@ use super::prelude::*;
 use super::sqlite::SqliteStore;
 use super::{
     AuditEvent, AuditFilter, BatchAudit, ClaimSubmission, Idempotency, Page, PartnerFilter,
-    PartnerRef, Result, Stored,
+    PartnerRef, Result, StoreError, Stored,
 };
 use crate::domain::{
     AffectedService, BankAccount, BankCode, BusinessRegistrationNumber, ContactEmail,
@@ -265,6 +265,59 @@ async fn rows_written_one_by_one_after_a_failed_batch_each_have_their_entry() {
         );
         assert_eq!(log.len(), 2, "{db}: and the refused row its own: {log:?}");
         assert_eq!(log[1].outcome_code, "INTERNAL", "{db}");
+    }
+}
+
+#[tokio::test]
+async fn a_batch_with_a_taken_number_answers_its_new_rows_as_stored() {
+    // The batch is first tried as one statement, as if every row were new; the taken number
+    // fails it, and the rows are written again step by step with the partners made for them.
+    let dir = tempfile::tempdir().expect("dir");
+    for (db, store) in stores(&dir).await {
+        let taken = store
+            .register_partner(
+                super::Recorded::unaudited(&idem("RegisterPartner"), &|_| Vec::new()),
+                &partner(7),
+            )
+            .await;
+        let Ok(Stored::Fresh(taken)) = taken else {
+            panic!("{db}: the first registration is stored: {taken:?}");
+        };
+        let rows = vec![
+            (idem("RegisterPartner"), partner(8)),
+            (idem("RegisterPartner"), partner(7)),
+            (idem("RegisterPartner"), partner(9)),
+        ];
+        let row = |_: usize, _: &Result<Stored<crate::domain::Partner>>| None;
+        let audit = BatchAudit {
+            row: &row,
+            refused: &[],
+        };
+        let answers = store
+            .register_partners(&rows, &|_| Vec::new(), audit)
+            .await
+            .unwrap_or_else(|e| panic!("{db}: the batch is answered: {e}"));
+        assert!(
+            matches!(
+                &answers[1],
+                Err(StoreError::PartnerAlreadyRegistered { partner_id })
+                    if *partner_id == taken.partner_id
+            ),
+            "{db}: {:?}",
+            answers[1]
+        );
+        for i in [0, 2] {
+            let Ok(Stored::Fresh(answered)) = &answers[i] else {
+                panic!("{db}: row {i} is stored: {:?}", answers[i]);
+            };
+            assert_eq!(answered.profile, rows[i].1.profile, "{db}: row {i}");
+            let stored = store
+                .get_partner(answered.partner_id)
+                .await
+                .expect("read")
+                .unwrap_or_else(|| panic!("{db}: row {i}'s partner is stored"));
+            assert_eq!(&stored, answered, "{db}: row {i} is answered as stored");
+        }
     }
 }
 

@@ -72,7 +72,7 @@ pub(super) async fn register_partners(
         .collect();
     let waves = waves(&keys);
     if waves.len() == 1
-        && let Some(answers) = register_whole(store, rows, &candidates, render, audit, now).await?
+        && let Some(answers) = register_whole(store, rows, &mut candidates, render, audit, now).await?
     {
         return Ok(answers);
     }
@@ -178,35 +178,66 @@ impl Wave<'_, (Idempotency, NewPartner), Partner> {
 /// Writes a batch whose rows share no key in one statement, as if every row were new
 /// (its request id unused, its registration number not yet registered), which is the
 /// common case: one round trip instead of a transaction of four. `None`, with nothing
-/// stored, if a row was not new (or the database cannot): the batch must then be
-/// written step by step, which answers such rows.
+/// stored and `candidates` as they were, if a row was not new (or the database cannot): the
+/// batch must then be written step by step, which answers such rows.
+///
+/// Each candidate partner moves into its answer for the statement and, if the statement
+/// is not written, back: a registration's partner is not copied to be answered.
 async fn register_whole(
     store: &SqlStore,
     rows: &[(Idempotency, NewPartner)],
-    candidates: &[Candidate],
+    candidates: &mut [Candidate],
     render: Render<'_, Partner>,
     audit: BatchAudit<'_, Partner>,
     now: Micros,
 ) -> BulkResult<Option<Vec<Result<Stored<Partner>>>>> {
-    if !<Db as BatchSql>::WHOLE {
+    if !<Db as BatchSql>::WHOLE || candidates.iter().any(Option::is_none) {
         return Ok(None);
     }
-    let Some(created) = candidates
+    let (mut answers, sealed): (Vec<Result<Stored<Partner>>>, Vec<String>) = candidates
+        .iter_mut()
+        .filter_map(Option::take)
+        .map(|(partner, sealed)| (Ok(Stored::Fresh(partner)), sealed))
+        .unzip();
+    let written = write_whole(store, rows, &answers, &sealed, render, audit, now).await?;
+    if written {
+        return Ok(Some(answers));
+    }
+    for ((candidate, answer), sealed) in candidates.iter_mut().zip(answers.drain(..)).zip(sealed) {
+        if let Ok(Stored::Fresh(partner)) = answer {
+            *candidate = Some((partner, sealed));
+        }
+    }
+    Ok(None)
+}
+
+/// [`register_whole`]'s statement, for `answers` (each a fresh partner, row by row) with
+/// their sealed account numbers: whether it was written.
+async fn write_whole(
+    store: &SqlStore,
+    rows: &[(Idempotency, NewPartner)],
+    answers: &[Result<Stored<Partner>>],
+    sealed: &[String],
+    render: Render<'_, Partner>,
+    audit: BatchAudit<'_, Partner>,
+    now: Micros,
+) -> BulkResult<bool> {
+    let Some(created) = answers
         .iter()
+        .zip(sealed)
         .enumerate()
-        .map(|(i, c)| c.as_ref().map(|(p, sealed)| (i, p, sealed.as_str())))
+        .map(|(i, (answer, sealed))| match answer {
+            Ok(Stored::Fresh(partner)) => Some((i, partner, sealed.as_str())),
+            _ => None,
+        })
         .collect::<Option<Vec<(usize, &Partner, &str)>>>()
     else {
-        return Ok(None);
+        return Err(unexpected("a row to register whole is not a fresh partner").into());
     };
     let idems = rows
         .iter()
         .zip(&created)
         .map(|((idem, _), (_, partner, _))| (idem, Some(render(partner))))
-        .collect();
-    let answers: Vec<Result<Stored<Partner>>> = created
-        .iter()
-        .map(|(_, partner, _)| Ok(Stored::Fresh((*partner).clone())))
         .collect();
     let mut partners = partners_insert(rows, &created, now);
     partners.tail = " ON CONFLICT (business_registration_number) DO NOTHING";
@@ -218,13 +249,13 @@ async fn register_whole(
         vec![
             request_ids_insert(idems, now),
             partners,
-            audit_insert(&audit.events(&answers)),
+            audit_insert(&audit.events(answers)),
         ],
         events_insert(&events),
     ) else {
-        return Ok(None);
+        return Ok(false);
     };
-    Ok(written_whole(store, statement).await?.then_some(answers))
+    written_whole(store, statement).await
 }
 
 /// The feed event of `partner`, registered by the caller of `idem`.
