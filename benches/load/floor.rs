@@ -167,9 +167,10 @@ impl PartnerService for Bare {
         let now = prost_types::Timestamp::from(SystemTime::now());
         partner.partner_id = uuid::Uuid::now_v7().to_string();
         if let Some(account) = partner.bank_account.as_mut() {
+            // As the service shows it: four stars and the last four digits.
             let digits = account.account_number.len();
             let last4 = account.account_number.split_off(digits.saturating_sub(4));
-            account.account_number = "*".repeat(digits.saturating_sub(4)) + &last4;
+            account.account_number = format!("****{last4}");
         }
         partner.create_time = Some(now);
         partner.update_time = Some(now);
