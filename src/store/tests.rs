@@ -9,8 +9,8 @@ use super::postgres::PgStore;
 use super::prelude::*;
 use super::sqlite::SqliteStore;
 use super::{
-    AuditEvent, AuditFilter, BatchAudit, ClaimSubmission, Idempotency, Page, PartnerFilter,
-    PartnerRef, Result, StoreError, Stored,
+    AuditEvent, AuditFilter, AuditRow, BatchAudit, ClaimSubmission, Idempotency, Page,
+    PartnerFilter, PartnerRef, Result, StoreError, Stored,
 };
 use crate::domain::{
     AffectedService, BankAccount, BankCode, BusinessRegistrationNumber, ContactEmail,
@@ -217,6 +217,21 @@ async fn audit_log(store: &Arc<dyn Store>) -> Vec<AuditEvent> {
         .expect("audit log")
 }
 
+/// `rows` registered as one batch, each row's audit entry made by `row` (`None`: none).
+async fn register_batch(
+    store: &Arc<dyn Store>,
+    rows: &[(Idempotency, NewPartner)],
+    row: AuditRow<'_, crate::domain::Partner>,
+) -> Result<Vec<Result<Stored<crate::domain::Partner>>>> {
+    let audit = BatchAudit { row, refused: &[] };
+    store.register_partners(rows, &|_| Vec::new(), audit).await
+}
+
+/// No audit entry for any row.
+fn unaudited(_: usize, _: &Result<Stored<crate::domain::Partner>>) -> Option<AuditEvent> {
+    None
+}
+
 #[tokio::test]
 async fn rows_written_one_by_one_after_a_failed_batch_each_have_their_entry() {
     let dir = tempfile::tempdir().expect("dir");
@@ -235,12 +250,7 @@ async fn rows_written_one_by_one_after_a_failed_batch_each_have_their_entry() {
                 _ => entry(Uuid::now_v7(), String::new(), "INTERNAL"),
             })
         };
-        let audit = BatchAudit {
-            row: &row,
-            refused: &[],
-        };
-        let answers = store
-            .register_partners(&rows, &|_| Vec::new(), audit)
+        let answers = register_batch(&store, &rows, &row)
             .await
             .unwrap_or_else(|e| panic!("{db}: the batch answers row by row: {e}"));
         let Ok(Stored::Fresh(first)) = &answers[0] else {
@@ -288,13 +298,7 @@ async fn a_batch_with_a_taken_number_answers_its_new_rows_as_stored() {
             (idem("RegisterPartner"), partner(7)),
             (idem("RegisterPartner"), partner(9)),
         ];
-        let row = |_: usize, _: &Result<Stored<crate::domain::Partner>>| None;
-        let audit = BatchAudit {
-            row: &row,
-            refused: &[],
-        };
-        let answers = store
-            .register_partners(&rows, &|_| Vec::new(), audit)
+        let answers = register_batch(&store, &rows, &unaudited)
             .await
             .unwrap_or_else(|e| panic!("{db}: the batch is answered: {e}"));
         assert!(
@@ -419,13 +423,9 @@ async fn every_store_call_is_a_client_span_named_after_its_method() {
         let _default =
             tracing::subscriber::set_default(tracing_subscriber::registry().with(opened.clone()));
         let rows = vec![(idem("RegisterPartner"), partner(5))];
-        let row = |_: usize, _: &Result<Stored<crate::domain::Partner>>| None;
-        let audit = BatchAudit {
-            row: &row,
-            refused: &[],
-        };
-        let answers = store.register_partners(&rows, &|_| Vec::new(), audit);
-        answers.await.expect("registered");
+        register_batch(&store, &rows, &unaudited)
+            .await
+            .expect("registered");
         store.get_partner(PartnerId::new()).await.expect("read");
         let opened = opened.0.lock().expect("lock");
         let fields = |name: &str| {
