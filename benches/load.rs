@@ -317,6 +317,23 @@ impl Report {
     }
 }
 
+/// `o.count` RegisterPartner calls over `clients`, each registering partner `base + i`.
+async fn drive_registrations(o: &Options, clients: Clients, base: u64) -> Report {
+    drive(o, move |i| {
+        let mut client = PartnerServiceClient::new(clients.pick(i));
+        async move {
+            client
+                .register_partner(pb::RegisterPartnerRequest {
+                    request_id: uuid::Uuid::now_v7().to_string(),
+                    partner: Some(partner(base + i)),
+                })
+                .await
+                .map(drop)
+        }
+    })
+    .await
+}
+
 /// Runs `call(i)` for i in 0..count, closed or open loop, and measures each call.
 async fn drive<F, Fut>(o: &Options, call: F) -> Report
 where
@@ -659,19 +676,7 @@ async fn run(o: Options) -> anyhow::Result<()> {
             let clients = clients.clone();
             let wal = wal_position(&o).await;
             let before = sample();
-            let report = drive(&o, move |i| {
-                let mut client = PartnerServiceClient::new(clients.pick(i));
-                async move {
-                    client
-                        .register_partner(pb::RegisterPartnerRequest {
-                            request_id: uuid::Uuid::now_v7().to_string(),
-                            partner: Some(partner(base + i)),
-                        })
-                        .await
-                        .map(drop)
-                }
-            })
-            .await;
+            let report = drive_registrations(&o, clients, base).await;
             report.print("register");
             before.report(&sample(), o.count, separate);
             report_wal(wal, wal_position(&o).await, o.count);

@@ -18,14 +18,13 @@ use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
-use partner_payouts::proto::payouts::v1::partner_service_client::PartnerServiceClient;
 use partner_payouts::proto::payouts::v1::partner_service_server::{
     PartnerService, PartnerServiceServer,
 };
 use partner_payouts::proto::payouts::v1::{self as pb};
 use tonic::{Request, Response, Status};
 
-use super::{CpuSample, Options, connect, drive, partner};
+use super::{CpuSample, Options, connect, drive_registrations};
 
 /// The first argument that makes the generator the bare server:
 /// `load floor-server ADDR HOLD_MS`.
@@ -85,19 +84,7 @@ pub async fn run(o: &Options, base: u64) -> anyhow::Result<()> {
     );
     let pid = server.child.id();
     let before = CpuSample::take(Some(pid), None);
-    let report = drive(o, move |i| {
-        let mut client = PartnerServiceClient::new(clients.pick(i));
-        async move {
-            client
-                .register_partner(pb::RegisterPartnerRequest {
-                    request_id: uuid::Uuid::now_v7().to_string(),
-                    partner: Some(partner(base + i)),
-                })
-                .await
-                .map(drop)
-        }
-    })
-    .await;
+    let report = drive_registrations(o, clients, base).await;
     report.print("floor");
     before.report(&CpuSample::take(Some(pid), None), o.count, true);
     Ok(())
