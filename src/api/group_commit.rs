@@ -138,14 +138,16 @@ async fn run<R: Send + Sync + 'static, T: Send + 'static>(
 ) {
     // When a batch last found the database out of reach.
     let mut unreachable: Option<Instant> = None;
-    let mut jobs = Vec::with_capacity(MAX_ROWS);
     // Each batch is written here, in this task, not in one spawned for it: when a batch is
     // answered, the rows that came meanwhile are taken and their statement sent in the same
     // turn, before the callers just answered run. A batch in a task of its own, and this
     // loop woken by its end, each waited behind those callers for a worker: between two claim
     // batches (6.4 ms each) the database waited 3.1 ms for the next, 2.3 ms since.
-    while rx.recv_many(&mut jobs, MAX_ROWS).await > 0 {
-        let mut batch = std::mem::replace(&mut jobs, Vec::with_capacity(MAX_ROWS));
+    loop {
+        let mut batch = Vec::with_capacity(MAX_ROWS);
+        if rx.recv_many(&mut batch, MAX_ROWS).await == 0 {
+            return;
+        }
         if let Some(at) = unreachable {
             batch = answer_waiting(batch, at);
             if batch.is_empty() {
