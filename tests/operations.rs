@@ -334,6 +334,26 @@ async fn metrics_are_the_prometheus_text_of_the_calls(db: Db) {
     };
     assert_eq!(calls("0"), 1.0, "the registration:\n{text}");
     assert_eq!(calls("3"), 1.0, "the refused registration:\n{text}");
+    // The accepted registration was written by one group-commit batch of one row; the refused
+    // one never reached a batch.
+    let batch_rows = batch_histogram(&scrape, "payouts_group_commit_rows", "RegisterPartner");
+    assert_eq!(
+        batch_rows.get("1"),
+        Some(&1.0),
+        "one batch of 1 row:\n{text}"
+    );
+    assert_eq!(batch_rows.get("+Inf"), Some(&1.0), "one batch:\n{text}");
+    for seconds in [
+        "payouts_group_commit_wait_seconds",
+        "payouts_group_commit_duration_seconds",
+    ] {
+        let batches = batch_histogram(&scrape, seconds, "RegisterPartner");
+        assert_eq!(
+            batches.get("+Inf"),
+            Some(&1.0),
+            "{seconds} of one batch:\n{text}"
+        );
+    }
     for gauge in gauges {
         assert!(
             scrape
@@ -345,6 +365,34 @@ async fn metrics_are_the_prometheus_text_of_the_calls(db: Db) {
     }
     let (code, body) = get_ok(replica.admin, "/healthz").await;
     assert_eq!((code, body.as_str()), (200, "ok\n"));
+}
+
+/// The cumulative bucket counts of the histogram `metric` for the group-commit batches of
+/// `method`, by upper bound as the text gives it (`1`, `+Inf`).
+fn batch_histogram(
+    scrape: &prometheus_parse::Scrape,
+    metric: &str,
+    method: &str,
+) -> std::collections::BTreeMap<String, f64> {
+    scrape
+        .samples
+        .iter()
+        .filter(|s| s.metric == metric && s.labels.get("rpc_method") == Some(method))
+        .flat_map(|s| match &s.value {
+            prometheus_parse::Value::Histogram(buckets) => buckets
+                .iter()
+                .map(|b| {
+                    let bound = if b.less_than.is_infinite() {
+                        "+Inf".to_owned()
+                    } else {
+                        b.less_than.to_string()
+                    };
+                    (bound, b.count)
+                })
+                .collect::<Vec<_>>(),
+            other => panic!("{metric} is not a histogram: {other:?}"),
+        })
+        .collect()
 }
 
 on_both_databases!(

@@ -23,6 +23,7 @@ use std::time::Instant;
 
 use futures::FutureExt as _;
 use futures::future::BoxFuture;
+use opentelemetry::KeyValue;
 use tokio::sync::{mpsc, oneshot};
 use tracing::Instrument as _;
 
@@ -197,6 +198,9 @@ async fn write_batch<R, T>(
         span.follows_from(&job.span);
     }
     let count = jobs.len();
+    let taken = Instant::now();
+    // Jobs are in queue order: the first waited longest.
+    let waited = taken.saturating_duration_since(jobs[0].queued);
     let mut rows = Vec::with_capacity(count);
     let mut drafts = Vec::with_capacity(count);
     let mut replies = Vec::with_capacity(count);
@@ -226,6 +230,15 @@ async fn write_batch<R, T>(
         // A caller that gave up no longer listens; its row is written all the same.
         let _ = reply.send(sent);
     }
+    let metrics = crate::telemetry::metrics();
+    let method = [KeyValue::new("rpc.method", name)];
+    metrics.group_commit_rows.record(count as u64, &method);
+    metrics
+        .group_commit_wait
+        .record(waited.as_secs_f64(), &method);
+    metrics
+        .group_commit_duration
+        .record(taken.elapsed().as_secs_f64(), &method);
     unreachable
 }
 

@@ -19,12 +19,30 @@ pub struct Metrics {
     pub disbursements: Gauge<i64>,
     pub outbox_depth: Gauge<i64>,
     pub outbox_oldest_due_age: Gauge<f64>,
+    /// `payouts.group_commit.rows`: the calls each group-commit batch wrote, by method.
+    pub group_commit_rows: Histogram<u64>,
+    /// `payouts.group_commit.wait`, in seconds: how long a batch's first call waited in the
+    /// queue before its batch was taken, by method.
+    pub group_commit_wait: Histogram<f64>,
+    /// `payouts.group_commit.duration`, in seconds: from a batch taken to its calls answered
+    /// (its statements and commit), by method.
+    pub group_commit_duration: Histogram<f64>,
 }
 
 /// The bucket boundaries OpenTelemetry's semantic conventions recommend for
 /// `rpc.server.call.duration`, in seconds.
 const RPC_DURATION_BOUNDARIES: [f64; 14] = [
     0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0,
+];
+
+/// Rows per group-commit batch: powers of two up to the batch's limit
+/// (`api::group_commit::MAX_ROWS`).
+const BATCH_ROWS_BOUNDARIES: [f64; 9] = [1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0];
+
+/// A batch's wait and its write, in seconds: finer than a call's, since a batch is a part of
+/// one call's time.
+const BATCH_SECONDS_BOUNDARIES: [f64; 12] = [
+    0.0005, 0.001, 0.002, 0.004, 0.008, 0.016, 0.032, 0.064, 0.128, 0.256, 0.512, 1.024,
 ];
 
 pub fn metrics() -> &'static Metrics {
@@ -58,6 +76,25 @@ pub fn metrics() -> &'static Metrics {
                 .f64_gauge("payouts.outbox.oldest_due_age")
                 .with_unit("s")
                 .with_description("How long the oldest due outbox row has waited")
+                .build(),
+            group_commit_rows: meter
+                .u64_histogram("payouts.group_commit.rows")
+                .with_description("Calls written by each group-commit batch, by method")
+                .with_boundaries(BATCH_ROWS_BOUNDARIES.to_vec())
+                .build(),
+            group_commit_wait: meter
+                .f64_histogram("payouts.group_commit.wait")
+                .with_unit("s")
+                .with_description(
+                    "How long each group-commit batch's first call waited for its batch",
+                )
+                .with_boundaries(BATCH_SECONDS_BOUNDARIES.to_vec())
+                .build(),
+            group_commit_duration: meter
+                .f64_histogram("payouts.group_commit.duration")
+                .with_unit("s")
+                .with_description("Time to write each group-commit batch and answer its calls")
+                .with_boundaries(BATCH_SECONDS_BOUNDARIES.to_vec())
                 .build(),
         }
     })
