@@ -312,31 +312,21 @@ async fn metrics_are_the_prometheus_text_of_the_calls(db: Db) {
     };
     assert_eq!(instance_id(&scrape).as_deref(), Some("replica-7"), "{text}");
     let calls = |status: &str| -> f64 {
-        scrape
-            .samples
-            .iter()
-            .filter(|s| s.metric == "rpc_server_call_duration_seconds")
-            .filter(|s| {
-                s.labels.get("rpc_system") == Some("grpc")
-                    && s.labels.get("rpc_service") == Some("payouts.v1.PartnerService")
-                    && s.labels.get("rpc_method") == Some("RegisterPartner")
-                    && s.labels.get("rpc_grpc_status_code") == Some(status)
-            })
-            .map(|s| match &s.value {
-                prometheus_parse::Value::Histogram(buckets) => buckets
-                    .iter()
-                    .filter(|b| b.less_than.is_infinite())
-                    .map(|b| b.count)
-                    .sum::<f64>(),
-                other => panic!("not a histogram: {other:?}"),
-            })
-            .sum()
+        let labels = [
+            ("rpc_system", "grpc"),
+            ("rpc_service", "payouts.v1.PartnerService"),
+            ("rpc_method", "RegisterPartner"),
+            ("rpc_grpc_status_code", status),
+        ];
+        let buckets = histogram(&scrape, "rpc_server_call_duration_seconds", &labels);
+        buckets.get("+Inf").copied().unwrap_or(0.0)
     };
     assert_eq!(calls("0"), 1.0, "the registration:\n{text}");
     assert_eq!(calls("3"), 1.0, "the refused registration:\n{text}");
     // The accepted registration was written by one group-commit batch of one row; the refused
     // one never reached a batch.
-    let batch_rows = batch_histogram(&scrape, "payouts_group_commit_rows", "RegisterPartner");
+    let batch = [("rpc_method", "RegisterPartner")];
+    let batch_rows = histogram(&scrape, "payouts_group_commit_rows", &batch);
     assert_eq!(
         batch_rows.get("1"),
         Some(&1.0),
@@ -347,7 +337,7 @@ async fn metrics_are_the_prometheus_text_of_the_calls(db: Db) {
         "payouts_group_commit_wait_seconds",
         "payouts_group_commit_duration_seconds",
     ] {
-        let batches = batch_histogram(&scrape, seconds, "RegisterPartner");
+        let batches = histogram(&scrape, seconds, &batch);
         assert_eq!(
             batches.get("+Inf"),
             Some(&1.0),
@@ -367,32 +357,34 @@ async fn metrics_are_the_prometheus_text_of_the_calls(db: Db) {
     assert_eq!((code, body.as_str()), (200, "ok\n"));
 }
 
-/// The cumulative bucket counts of the histogram `metric` for the group-commit batches of
-/// `method`, by upper bound as the text gives it (`1`, `+Inf`).
-fn batch_histogram(
+/// The cumulative bucket counts of the histogram `metric` over its samples that have every
+/// label of `labels`, by upper bound as the text gives it (`1`, `+Inf`).
+fn histogram(
     scrape: &prometheus_parse::Scrape,
     metric: &str,
-    method: &str,
+    labels: &[(&str, &str)],
 ) -> std::collections::BTreeMap<String, f64> {
-    scrape
-        .samples
-        .iter()
-        .filter(|s| s.metric == metric && s.labels.get("rpc_method") == Some(method))
-        .flat_map(|s| match &s.value {
-            prometheus_parse::Value::Histogram(buckets) => buckets
+    let mut counts = std::collections::BTreeMap::new();
+    let samples = scrape.samples.iter().filter(|s| {
+        s.metric == metric
+            && labels
                 .iter()
-                .map(|b| {
-                    let bound = if b.less_than.is_infinite() {
-                        "+Inf".to_owned()
-                    } else {
-                        b.less_than.to_string()
-                    };
-                    (bound, b.count)
-                })
-                .collect::<Vec<_>>(),
-            other => panic!("{metric} is not a histogram: {other:?}"),
-        })
-        .collect()
+                .all(|(name, value)| s.labels.get(name) == Some(*value))
+    });
+    for sample in samples {
+        let prometheus_parse::Value::Histogram(buckets) = &sample.value else {
+            panic!("{metric} is not a histogram: {:?}", sample.value);
+        };
+        for bucket in buckets {
+            let bound = if bucket.less_than.is_infinite() {
+                "+Inf".to_owned()
+            } else {
+                bucket.less_than.to_string()
+            };
+            *counts.entry(bound).or_insert(0.0) += bucket.count;
+        }
+    }
+    counts
 }
 
 on_both_databases!(
