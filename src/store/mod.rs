@@ -28,6 +28,7 @@ pub mod batch;
 mod dialect;
 mod error;
 pub mod events;
+mod held;
 mod idempotency;
 mod intake;
 pub mod isolate;

@@ -12,13 +12,14 @@ use sqlx::postgres::{PgConnectOptions, PgConnection, PgPoolOptions};
 
 use super::PoolSettings;
 
-/// A pooled connection idle this long is checked before it is used again.
-const IDLE_BEFORE_PING: Duration = Duration::from_secs(1);
+use super::held::{Held, IDLE_BEFORE_PING};
 
 /// PostgreSQL behind the [`Store`](super::Store) trait.
 #[derive(Clone)]
 pub struct PgStore {
     pool: sqlx::PgPool,
+    /// Connections kept between whole-batch statements (see [`Held`]).
+    held: Arc<Held<sqlx::Postgres>>,
     cipher: Arc<crate::sealing::PiiCipher>,
     /// The health probe's own connection, made again after a failed probe.
     probe: Arc<tokio::sync::Mutex<Option<PgConnection>>>,
@@ -38,6 +39,7 @@ impl PgStore {
         let (pool, options) = connect_pool(url, pool).await?;
         Ok(Self {
             pool,
+            held: Arc::default(),
             cipher,
             probe: Arc::default(),
             options,

@@ -11,6 +11,9 @@ use super::PoolSettings;
 #[derive(Clone)]
 pub struct SqliteStore {
     pool: sqlx::SqlitePool,
+    /// Connections kept between whole-batch statements (see [`Held`](super::held::Held));
+    /// SQLite writes no batch as one statement, so none is kept.
+    held: std::sync::Arc<super::held::Held<sqlx::Sqlite>>,
     cipher: std::sync::Arc<crate::sealing::PiiCipher>,
     /// Told of every commit with feed events (`sql/events.rs`), to wake the feed.
     committed: std::sync::Arc<tokio::sync::watch::Sender<u64>>,
@@ -28,6 +31,7 @@ impl SqliteStore {
         let pool = open_pool(url, pool).await?;
         Ok(Self {
             pool,
+            held: Default::default(),
             cipher,
             committed: std::sync::Arc::new(tokio::sync::watch::Sender::new(0)),
         })

@@ -187,6 +187,24 @@ async fn a_call_that_cannot_reach_the_database_fails_fast_and_retryable() {
     }
 }
 
+/// The service keeps the connection that wrote a batch for the next one. One that PostgreSQL
+/// closed while it waited is not written on again: the first registration and claim after
+/// a quiet second are answered `OK`, as when every batch took a connection from the pool.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_closed_while_the_service_was_quiet_fails_no_call() {
+    let (app, proxy) = spawn_behind_proxy(|_| {}).await;
+    for seed in 1..=3 {
+        let before = register(&app, partner(seed)).await;
+        submit(&app, &before.partner_id, vec![full_weight_item(100_000)]).await;
+        // Every connection to the database closed (as by a restart), new ones taken.
+        proxy.cut();
+        tokio::time::sleep(Duration::from_millis(1_500)).await;
+        let after = register(&app, partner(seed + 100)).await;
+        let claim = submit(&app, &after.partner_id, vec![full_weight_item(100_000)]).await;
+        assert_eq!(claim.partner_id, after.partner_id);
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_slow_database_answers_late_calls_deadline_exceeded_and_runs_each_once() {
     let (app, proxy) = spawn_behind_proxy(|_| {}).await;

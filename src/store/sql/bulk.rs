@@ -56,21 +56,23 @@ pub(super) async fn written_whole(
     store: &SqlStore,
     mut statement: QueryBuilder<Db>,
 ) -> BulkResult<bool> {
-    match statement
+    let mut lease = store.held.take(&store.pool).await?;
+    let written = match statement
         .build()
         .persistent(true)
-        .execute(&store.pool)
+        .execute(&mut *lease.conn)
         .await
     {
         Ok(_) => {
             store.feed_committed();
-            Ok(true)
+            true
         }
-        Err(sqlx::Error::Database(e)) if e.code().as_deref() == Some(NOT_WRITTEN_WHOLE) => {
-            Ok(false)
-        }
-        Err(e) => Err(e.into()),
-    }
+        Err(sqlx::Error::Database(e)) if e.code().as_deref() == Some(NOT_WRITTEN_WHOLE) => false,
+        // The connection goes back to the pool, which checks it before it is used again.
+        Err(e) => return Err(e.into()),
+    };
+    store.held.keep(lease);
+    Ok(written)
 }
 
 pub(super) async fn execute(tx: &mut Tx, statements: BatchStatements) -> BulkResult<()> {
