@@ -167,6 +167,22 @@ mod tests {
             .ok()
     }
 
+    /// Keeps `lease`, waits `quiet` and takes a connection again: it must be the second the
+    /// pool handed out, and `lease` must no longer be kept.
+    async fn second_from_the_pool_after(
+        held: &Held<Sqlite>,
+        pool: &SqlitePool,
+        lease: Lease<Sqlite>,
+        quiet: Duration,
+        handed: &AtomicUsize,
+    ) {
+        held.keep(lease);
+        tokio::time::sleep(quiet).await;
+        let _taken = held.take(pool).await.expect("take");
+        assert_eq!(handed.load(Ordering::SeqCst), 2, "taken through the pool");
+        assert_eq!(len(held), 0, "the one kept before is no longer");
+    }
+
     fn len<DB: Database>(held: &Held<DB>) -> usize {
         held.idle.lock().expect("lock").len()
     }
@@ -198,15 +214,8 @@ mod tests {
         let held = Held::<Sqlite>::new(Duration::from_millis(100), HELD_AT_MOST);
         let mut lease = held.take(&pool).await.expect("take");
         mark(&mut lease, "idle").await;
-        held.keep(lease);
-        tokio::time::sleep(Duration::from_millis(150)).await;
-        let _taken = held.take(&pool).await.expect("take");
-        assert_eq!(
-            handed.load(Ordering::SeqCst),
-            2,
-            "the next came through the pool"
-        );
-        assert_eq!(len(&held), 0, "the idle one was not kept");
+        let quiet = Duration::from_millis(150);
+        second_from_the_pool_after(&held, &pool, lease, quiet, &handed).await;
     }
 
     #[tokio::test]
@@ -227,15 +236,8 @@ mod tests {
             "the same so far"
         );
         assert_eq!(handed.load(Ordering::SeqCst), 1);
-        held.keep(lease);
-        tokio::time::sleep(Duration::from_millis(1_100)).await;
-        let _taken = held.take(&pool).await.expect("take");
-        assert_eq!(
-            handed.load(Ordering::SeqCst),
-            2,
-            "past its limit, from the pool again"
-        );
-        assert_eq!(len(&held), 0);
+        let quiet = Duration::from_millis(1_100);
+        second_from_the_pool_after(&held, &pool, lease, quiet, &handed).await;
     }
 
     #[tokio::test]
