@@ -5,8 +5,8 @@
 //! its own that pings it first. Consecutive batches then run on different backends, and a
 //! batcher that wants the connection it has just released waits for that round trip. A
 //! connection here goes back to this list as soon as its statement is answered, and the next
-//! batch takes the one used last. PostgreSQL's CPU per registration was 8-31% lower so, in
-//! five pairs of runs (BENCHMARKS.md).
+//! batch takes the one used last. PostgreSQL's CPU per registration was 8-31% lower so in
+//! six pairs of runs of seven (BENCHMARKS.md).
 //!
 //! What the pool guarantees still holds: a connection idle for [`IDLE_BEFORE_PING`] is not
 //! reused from here but given back to the pool, which checks it before anyone uses it again;
