@@ -126,9 +126,9 @@ mod tests {
 
     use super::*;
 
-    /// An in-memory SQLite pool (a mark in a temporary table tells its connections apart) that counts the
-    /// connections it hands out through itself: opened, or checked before reuse.
-    async fn pool() -> (SqlitePool, Arc<AtomicUsize>) {
+    /// An in-memory SQLite pool that counts the connections it hands out through itself:
+    /// opened, or checked before reuse. (A mark in a temporary table tells them apart.)
+    fn pool() -> (SqlitePool, Arc<AtomicUsize>) {
         let handed = Arc::new(AtomicUsize::new(0));
         let (opened, checked) = (handed.clone(), handed.clone());
         let pool = SqlitePoolOptions::new()
@@ -189,7 +189,7 @@ mod tests {
 
     #[tokio::test]
     async fn the_connection_used_last_is_taken_again_without_the_pool() {
-        let (pool, handed) = pool().await;
+        let (pool, handed) = pool();
         let held = Held::<Sqlite>::default();
         let mut first = held.take(&pool).await.expect("take");
         let mut second = held.take(&pool).await.expect("take");
@@ -210,7 +210,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_connection_idle_past_the_ping_goes_back_to_the_pool_which_checks_it() {
-        let (pool, handed) = pool().await;
+        let (pool, handed) = pool();
         let held = Held::<Sqlite>::new(Duration::from_millis(100), HELD_AT_MOST);
         let mut lease = held.take(&pool).await.expect("take");
         mark(&mut lease, "idle").await;
@@ -220,7 +220,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_connection_held_past_its_limit_goes_back_however_busy() {
-        let (pool, handed) = pool().await;
+        let (pool, handed) = pool();
         let held = Held::<Sqlite>::new(Duration::from_secs(60), Duration::from_secs(1));
         let mut lease = held.take(&pool).await.expect("take");
         mark(&mut lease, "busy").await;
@@ -242,7 +242,7 @@ mod tests {
 
     #[tokio::test]
     async fn no_more_connections_are_kept_than_writers_at_once() {
-        let (pool, _) = pool().await;
+        let (pool, _) = pool();
         let held = Held::<Sqlite>::default();
         let mut leases = Vec::new();
         for _ in 0..HOLD + 2 {
