@@ -28,7 +28,7 @@ pub struct PgStore {
     committed: Arc<tokio::sync::watch::Sender<u64>>,
 }
 
-static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/postgres");
+pub(super) static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/postgres");
 
 impl PgStore {
     pub async fn connect(
@@ -169,4 +169,12 @@ store_sql! {
          FROM (SELECT account_sealed FROM partners UNION ALL \
          SELECT account_sealed FROM disbursements UNION ALL \
          SELECT account_sealed FROM pii_key_probe) AS sealed";
+    /// Folds the rows of `program_totals` into one per status: the rows it deletes are exactly
+    /// those it sums, so a writer's rows committed meanwhile, or a fold running beside it,
+    /// change nothing of the totals.
+    pub const FOLD_PROGRAM_TOTALS: Option<&str> = Some(
+        "WITH folded AS (DELETE FROM program_totals RETURNING kind, status, n, krw) \
+         INSERT INTO program_totals (kind, status, n, krw) \
+         SELECT kind, status, SUM(n), SUM(krw) FROM folded GROUP BY kind, status",
+    );
 }

@@ -39,6 +39,9 @@ pub const APP_GRANTS: &[(&str, &[Privilege])] = {
         ("pii_key_probe", &[Select, Insert, Update]),
         // The change feed: appended to with each change, read by the watchers.
         ("change_events", &[Select, Insert]),
+        // The programme's figures: added to by the triggers of the statements that change
+        // claims and disbursements, folded (rows deleted, their sum inserted) by readers.
+        ("program_totals", &[Select, Insert, Delete]),
     ]
 };
 

@@ -313,15 +313,19 @@ impl From<DispatchStateRow> for DispatchState {
     }
 }
 
-/// Disbursements of one status: how many, and how much.
+/// The kept figures of one status (`program_totals`): for a disbursement status how many and
+/// how much, for a claim status how many; `parts` is the number of rows summed.
 #[derive(sqlx::FromRow)]
-pub(crate) struct StatusTotalRow {
-    status: String,
-    n: i64,
-    krw: i64,
+pub(crate) struct ProgramTotalRow {
+    pub kind: String,
+    pub status: String,
+    pub n: i64,
+    pub krw: i64,
+    pub parts: i64,
 }
 
-impl StatusTotalRow {
+impl ProgramTotalRow {
+    /// The disbursement status and its figures.
     pub(crate) fn bucket(&self) -> Result<(DisbursementStatus, CountKrw)> {
         Ok((
             disbursement_status("status", &self.status)?,
@@ -331,13 +335,6 @@ impl StatusTotalRow {
             },
         ))
     }
-}
-
-/// Claims of one status: how many.
-#[derive(sqlx::FromRow)]
-pub(crate) struct StatusCountRow {
-    pub status: String,
-    pub n: i64,
 }
 
 #[derive(sqlx::FromRow)]

@@ -19,7 +19,7 @@ pub struct SqliteStore {
     committed: std::sync::Arc<tokio::sync::watch::Sender<u64>>,
 }
 
-static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/sqlite");
+pub(super) static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/sqlite");
 
 impl SqliteStore {
     /// Opens (creating if missing) the database at `url`, e.g. `sqlite://./data/payouts.db`.
@@ -123,4 +123,6 @@ store_sql! {
          FROM (SELECT account_sealed FROM partners UNION ALL \
          SELECT account_sealed FROM disbursements UNION ALL \
          SELECT account_sealed FROM pii_key_probe)";
+    /// `program_totals` has one row per status already (its triggers add to it).
+    pub const FOLD_PROGRAM_TOTALS: Option<&str> = None;
 }

@@ -35,19 +35,7 @@ async fn stores(dir: &tempfile::TempDir) -> Vec<(&'static str, Arc<dyn Store>)> 
 
 /// A migrated PostgreSQL store over a database of its own, and that database's URL.
 async fn migrated_postgres() -> (PgStore, String) {
-    use sqlx::Connection as _;
-    let admin = std::env::var("PAYOUTS_TEST_POSTGRES_URL")
-        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into());
-    let mut conn = sqlx::PgConnection::connect(&admin)
-        .await
-        .unwrap_or_else(|e| panic!("PostgreSQL is required and not reachable at {admin}: {e}"));
-    let name = format!("payouts_test_{}", Uuid::now_v7().simple());
-    sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
-        .execute(&mut conn)
-        .await
-        .expect("create test database");
-    let (base, _) = admin.rsplit_once('/').expect("URL has a database");
-    let url = format!("{base}/{name}");
+    let url = fresh_postgres().await;
     let postgres = PgStore::connect(
         &url,
         &super::PoolSettings {
@@ -60,6 +48,23 @@ async fn migrated_postgres() -> (PgStore, String) {
     .expect("postgres");
     postgres.migrate().await.expect("migrate postgres");
     (postgres, url)
+}
+
+/// The URL of a new, empty PostgreSQL database of its own.
+async fn fresh_postgres() -> String {
+    use sqlx::Connection as _;
+    let admin = std::env::var("PAYOUTS_TEST_POSTGRES_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into());
+    let mut conn = sqlx::PgConnection::connect(&admin)
+        .await
+        .unwrap_or_else(|e| panic!("PostgreSQL is required and not reachable at {admin}: {e}"));
+    let name = format!("payouts_test_{}", Uuid::now_v7().simple());
+    sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
+        .execute(&mut conn)
+        .await
+        .expect("create test database");
+    let (base, _) = admin.rsplit_once('/').expect("URL has a database");
+    format!("{base}/{name}")
 }
 
 /// Every text column an index of PostgreSQL's holds compares byte by byte (collation "C",
@@ -467,4 +472,160 @@ async fn every_store_call_is_a_client_span_named_after_its_method() {
             "{db}: with the fields the method adds"
         );
     }
+}
+
+/// Rows as a release before the programme totals wrote them: three partners, their claims
+/// (approved, pending review, rejected) and the approved one's disbursement, paid.
+const ROWS_BEFORE_TOTALS: &str = "
+    INSERT INTO partners (partner_id, business_registration_number, legal_name,
+        representative_name, affected_services, bank_code, account_sealed, account_last4,
+        holder_name, account_changed_by, account_change_time, contact_email, create_time,
+        update_time, version)
+    VALUES ('p1', '1', 'A', 'A', '[]', '004', 'k:x', '0001', 'A', 'a', 0, 'a@example.com', 0, 0, 1),
+           ('p2', '2', 'B', 'B', '[]', '004', 'k:x', '0002', 'B', 'a', 0, 'b@example.com', 0, 0, 1),
+           ('p3', '3', 'C', 'C', '[]', '004', 'k:x', '0003', 'C', 'a', 0, 'c@example.com', 0, 0, 1);
+    INSERT INTO claims (claim_id, partner_id, status, tier, reported_loss_krw,
+        recognized_loss_krw, compensation_krw, policy_version, items, decision, submitted_by,
+        create_time, update_time)
+    VALUES ('c1', 'p1', 'approved', 'small', 100, 100, 30000, 'v', '[]', '{}', 'a', 0, 0),
+           ('c2', 'p2', 'pending_review', 'review', 600000, 600000, 0, 'v', '[]', '{}', 'a', 0, 0),
+           ('c3', 'p3', 'rejected', 'none', 0, 0, 0, 'v', '[]', '{}', 'a', 0, 0);
+    INSERT INTO disbursements (disbursement_id, claim_id, partner_id, amount_krw, status,
+        bank_code, account_sealed, account_last4, holder_name, create_time, update_time)
+    VALUES ('d1', 'c1', 'p1', 30000, 'paid', '004', 'k:x', '0001', 'A', 0, 0);
+";
+
+/// Writes after the totals were added, each with the summary's figures after it: approved
+/// (count, KRW), paid (count, KRW), failed (count, KRW), pending review, rejected.
+const WRITES_AND_FIGURES: &[(&str, [i64; 8])] = &[
+    ("", [1, 30_000, 1, 30_000, 0, 0, 1, 1]),
+    (
+        "UPDATE disbursements SET status = 'failed'",
+        [1, 30_000, 0, 0, 1, 30_000, 1, 1],
+    ),
+    (
+        "UPDATE claims SET status = 'approved' WHERE claim_id = 'c2';
+         INSERT INTO disbursements (disbursement_id, claim_id, partner_id, amount_krw, status,
+             bank_code, account_sealed, account_last4, holder_name, create_time, update_time)
+         VALUES ('d2', 'c2', 'p2', 50000, 'paid', '004', 'k:x', '0002', 'B', 1, 1)",
+        [2, 80_000, 1, 50_000, 1, 30_000, 0, 1],
+    ),
+    // Neither status nor amount moved.
+    (
+        "UPDATE disbursements SET update_time = 7; UPDATE claims SET update_time = 7",
+        [2, 80_000, 1, 50_000, 1, 30_000, 0, 1],
+    ),
+    (
+        "UPDATE disbursements SET amount_krw = 40000 WHERE disbursement_id = 'd2'",
+        [2, 70_000, 1, 40_000, 1, 30_000, 0, 1],
+    ),
+    (
+        "DELETE FROM disbursements WHERE disbursement_id = 'd2'",
+        [1, 30_000, 0, 0, 1, 30_000, 0, 1],
+    ),
+];
+
+fn figures(s: &super::ProgramSummary) -> [i64; 8] {
+    [
+        s.approved.count,
+        s.approved.krw.won(),
+        s.paid.count,
+        s.paid.krw.won(),
+        s.failed.count,
+        s.failed.krw.won(),
+        s.pending_review_count,
+        s.rejected_count,
+    ]
+}
+
+/// The summary's figures after each of [`WRITES_AND_FIGURES`], then after many statements
+/// that each move a status and back; `rows` counts `program_totals`' rows.
+async fn totals_follow_the_writes<F, R>(db: &str, store: &dyn Store, run: F, rows: R)
+where
+    F: AsyncFn(&str),
+    R: AsyncFn() -> i64,
+{
+    for (write, expected) in WRITES_AND_FIGURES {
+        if !write.is_empty() {
+            run(write).await;
+        }
+        let summary = store.program_summary().await.expect("summary");
+        assert_eq!(&figures(&summary), expected, "{db}: after {write:?}");
+    }
+    let expected = WRITES_AND_FIGURES.last().expect("figures").1;
+    for _ in 0..200 {
+        run("UPDATE disbursements SET status = 'paid' WHERE disbursement_id = 'd1'").await;
+        run("UPDATE disbursements SET status = 'failed' WHERE disbursement_id = 'd1'").await;
+    }
+    let summary = store.program_summary().await.expect("summary");
+    assert_eq!(figures(&summary), expected, "{db}: after 400 moves");
+    // That read found more rows than a summary sums before folding them: one per status now.
+    assert!(rows().await <= 5, "{db}: {} rows of totals", rows().await);
+    let summary = store.program_summary().await.expect("summary");
+    assert_eq!(figures(&summary), expected, "{db}: after the fold");
+}
+
+#[tokio::test]
+async fn the_programme_totals_start_from_the_rows_written_before_and_follow_every_write() {
+    use std::str::FromStr as _;
+    let dir = tempfile::tempdir().expect("dir");
+
+    let url = format!("sqlite://{}", dir.path().join("totals.db").display());
+    let options = sqlx::sqlite::SqliteConnectOptions::from_str(&url)
+        .expect("url")
+        .create_if_missing(true);
+    let pool = sqlx::SqlitePool::connect_with(options).await.expect("open");
+    super::sqlite::MIGRATOR
+        .run_to(7, &pool)
+        .await
+        .expect("the release before");
+    sqlx::raw_sql(ROWS_BEFORE_TOTALS)
+        .execute(&pool)
+        .await
+        .expect("rows");
+    super::sqlite::MIGRATOR.run(&pool).await.expect("migrate");
+    let store = SqliteStore::connect(&url, &Default::default(), cipher())
+        .await
+        .expect("open");
+    let run = async |sql: &str| {
+        sqlx::raw_sql(sqlx::AssertSqlSafe(sql.to_owned()))
+            .execute(&pool)
+            .await
+            .expect("write");
+    };
+    let rows = async || -> i64 {
+        sqlx::query_scalar("SELECT COUNT(*) FROM program_totals")
+            .fetch_one(&pool)
+            .await
+            .expect("count")
+    };
+    totals_follow_the_writes("sqlite", &store, run, rows).await;
+
+    let url = fresh_postgres().await;
+    let pool = sqlx::PgPool::connect(&url).await.expect("connect");
+    super::postgres::MIGRATOR
+        .run_to(9, &pool)
+        .await
+        .expect("the release before");
+    sqlx::raw_sql(ROWS_BEFORE_TOTALS)
+        .execute(&pool)
+        .await
+        .expect("rows");
+    super::postgres::MIGRATOR.run(&pool).await.expect("migrate");
+    let store = PgStore::connect(&url, &Default::default(), cipher())
+        .await
+        .expect("connect");
+    let run = async |sql: &str| {
+        sqlx::raw_sql(sqlx::AssertSqlSafe(sql.to_owned()))
+            .execute(&pool)
+            .await
+            .expect("write");
+    };
+    let rows = async || -> i64 {
+        sqlx::query_scalar("SELECT COUNT(*) FROM program_totals")
+            .fetch_one(&pool)
+            .await
+            .expect("count")
+    };
+    totals_follow_the_writes("postgres", &store, run, rows).await;
 }

@@ -235,6 +235,122 @@ on_both_databases!(
     }
 );
 
+/// The figures of [`summed`] as the disbursements listed and the claims read give them
+/// (nothing is `SUBMITTED` when they are read, so what is in flight is what is queued).
+async fn counted(app: &TestApp, claims: &[&str]) -> [i64; 8] {
+    let all = list(
+        app,
+        pb::ListDisbursementsRequest {
+            page_size: 100,
+            ..Default::default()
+        },
+    )
+    .await;
+    assert_eq!(all.next_page_token, "");
+    let of = |status: pb::DisbursementStatus| {
+        all.disbursements
+            .iter()
+            .filter(|d| d.status() == status)
+            .fold((0, 0), |(n, krw), d| (n + 1, krw + d.amount_krw))
+    };
+    let mut figures = [0; 8];
+    figures[0] = all.disbursements.len() as i64;
+    figures[1] = all.disbursements.iter().map(|d| d.amount_krw).sum();
+    (figures[2], figures[3]) = of(Paid);
+    (figures[4], figures[5]) = of(Queued);
+    for claim_id in claims {
+        match get_claim(app, claim_id).await.status() {
+            pb::ClaimStatus::PendingReview => figures[6] += 1,
+            pb::ClaimStatus::Rejected => figures[7] += 1,
+            _ => {}
+        }
+    }
+    figures
+}
+
+/// The summary's figures: approved and paid (count and KRW), queued, in flight (KRW),
+/// pending review, rejected.
+fn summed(s: &pb::GetProgramSummaryResponse) -> [i64; 8] {
+    [
+        s.approved_count,
+        s.approved_krw,
+        s.paid_count,
+        s.paid_krw,
+        s.queued_count,
+        s.in_flight_krw,
+        s.pending_review_count,
+        s.rejected_count,
+    ]
+}
+
+on_both_databases!(
+    the_summary_follows_each_review_and_payout_as_the_rows_read,
+    |app: TestApp| async move {
+        set_paused(&app, true).await;
+        let auto = approved_claim(&app, 1, ACCOUNT, 100).await;
+        let mut pending = Vec::new();
+        for seed in [2, 3] {
+            let partner = register(&app, partner(seed)).await;
+            pending.push(submit(&app, &partner.partner_id, vec![full_weight_item(600_000)]).await);
+        }
+        let partner = register(&app, partner(4)).await;
+        let refused = submit(&app, &partner.partner_id, vec![full_weight_item(0)]).await;
+        let claims = [
+            auto.claim_id.as_str(),
+            pending[0].claim_id.as_str(),
+            pending[1].claim_id.as_str(),
+            refused.claim_id.as_str(),
+        ];
+        let expected = [1, 30_000, 0, 0, 1, 30_000, 2, 1];
+        assert_eq!(summed(&summary(&app).await), expected);
+        assert_eq!(counted(&app, &claims).await, expected);
+
+        for (claim, decision) in [
+            (&pending[0], pb::ReviewDecision::Approve),
+            (&pending[1], pb::ReviewDecision::Reject),
+        ] {
+            let approve = decision == pb::ReviewDecision::Approve;
+            if approve {
+                app.claims()
+                    .attach_evidence(pb::AttachEvidenceRequest {
+                        request_id: request_id(),
+                        claim_id: claim.claim_id.clone(),
+                        evidence: Some(pb::Evidence {
+                            kind: pb::EvidenceKind::SalesLossProof as i32,
+                            uri: "s3://payouts-evidence/claims/sales-ledger.pdf".into(),
+                            sha256: "ab".repeat(32),
+                            attach_time: None,
+                        }),
+                    })
+                    .await
+                    .expect("attach evidence");
+            }
+            app.claims()
+                .review_claim(pb::ReviewClaimRequest {
+                    request_id: request_id(),
+                    claim_id: claim.claim_id.clone(),
+                    decision: decision as i32,
+                    compensation_krw: if approve { 50_000 } else { 0 },
+                    reason: "reviewed with the sales records".into(),
+                })
+                .await
+                .expect("review");
+        }
+        let expected = [2, 80_000, 0, 0, 2, 80_000, 0, 2];
+        assert_eq!(summed(&summary(&app).await), expected);
+        assert_eq!(counted(&app, &claims).await, expected);
+
+        set_paused(&app, false).await;
+        let reviewed = get_claim(&app, &pending[0].claim_id).await;
+        for id in [&auto.disbursement_id, &reviewed.disbursement_id] {
+            wait_for(&app, id, Paid).await;
+        }
+        let expected = [2, 80_000, 2, 80_000, 0, 0, 0, 2];
+        assert_eq!(summed(&summary(&app).await), expected);
+        assert_eq!(counted(&app, &claims).await, expected);
+    }
+);
+
 on_both_databases!(
     pause_holds_dispatch_back_and_a_queued_payout_can_be_cancelled,
     |app: TestApp| async move {
