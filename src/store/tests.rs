@@ -565,67 +565,58 @@ where
     assert_eq!(figures(&summary), expected, "{db}: after the fold");
 }
 
+/// Applies `migrator`'s migrations up to `before` to `pool`, writes [`ROWS_BEFORE_TOTALS`],
+/// applies the rest, and checks [`totals_follow_the_writes`] on the store `open` makes.
+macro_rules! totals_from_the_release_before {
+    ($db:literal, $pool:expr, $migrator:expr, $before:literal, $open:expr) => {{
+        let pool = $pool;
+        $migrator
+            .run_to($before, &pool)
+            .await
+            .expect("the release before");
+        sqlx::raw_sql(ROWS_BEFORE_TOTALS)
+            .execute(&pool)
+            .await
+            .expect("rows");
+        $migrator.run(&pool).await.expect("migrate");
+        let store = $open.await.expect("open");
+        let run = async |sql: &str| {
+            sqlx::raw_sql(sqlx::AssertSqlSafe(sql.to_owned()))
+                .execute(&pool)
+                .await
+                .expect("write");
+        };
+        let rows = async || -> i64 {
+            sqlx::query_scalar("SELECT COUNT(*) FROM program_totals")
+                .fetch_one(&pool)
+                .await
+                .expect("count")
+        };
+        totals_follow_the_writes($db, &store, run, rows).await;
+    }};
+}
+
 #[tokio::test]
 async fn the_programme_totals_start_from_the_rows_written_before_and_follow_every_write() {
     use std::str::FromStr as _;
     let dir = tempfile::tempdir().expect("dir");
-
     let url = format!("sqlite://{}", dir.path().join("totals.db").display());
     let options = sqlx::sqlite::SqliteConnectOptions::from_str(&url)
         .expect("url")
         .create_if_missing(true);
-    let pool = sqlx::SqlitePool::connect_with(options).await.expect("open");
-    super::sqlite::MIGRATOR
-        .run_to(7, &pool)
-        .await
-        .expect("the release before");
-    sqlx::raw_sql(ROWS_BEFORE_TOTALS)
-        .execute(&pool)
-        .await
-        .expect("rows");
-    super::sqlite::MIGRATOR.run(&pool).await.expect("migrate");
-    let store = SqliteStore::connect(&url, &Default::default(), cipher())
-        .await
-        .expect("open");
-    let run = async |sql: &str| {
-        sqlx::raw_sql(sqlx::AssertSqlSafe(sql.to_owned()))
-            .execute(&pool)
-            .await
-            .expect("write");
-    };
-    let rows = async || -> i64 {
-        sqlx::query_scalar("SELECT COUNT(*) FROM program_totals")
-            .fetch_one(&pool)
-            .await
-            .expect("count")
-    };
-    totals_follow_the_writes("sqlite", &store, run, rows).await;
-
+    totals_from_the_release_before!(
+        "sqlite",
+        sqlx::SqlitePool::connect_with(options).await.expect("open"),
+        super::sqlite::MIGRATOR,
+        7,
+        SqliteStore::connect(&url, &Default::default(), cipher())
+    );
     let url = fresh_postgres().await;
-    let pool = sqlx::PgPool::connect(&url).await.expect("connect");
-    super::postgres::MIGRATOR
-        .run_to(9, &pool)
-        .await
-        .expect("the release before");
-    sqlx::raw_sql(ROWS_BEFORE_TOTALS)
-        .execute(&pool)
-        .await
-        .expect("rows");
-    super::postgres::MIGRATOR.run(&pool).await.expect("migrate");
-    let store = PgStore::connect(&url, &Default::default(), cipher())
-        .await
-        .expect("connect");
-    let run = async |sql: &str| {
-        sqlx::raw_sql(sqlx::AssertSqlSafe(sql.to_owned()))
-            .execute(&pool)
-            .await
-            .expect("write");
-    };
-    let rows = async || -> i64 {
-        sqlx::query_scalar("SELECT COUNT(*) FROM program_totals")
-            .fetch_one(&pool)
-            .await
-            .expect("count")
-    };
-    totals_follow_the_writes("postgres", &store, run, rows).await;
+    totals_from_the_release_before!(
+        "postgres",
+        sqlx::PgPool::connect(&url).await.expect("connect"),
+        super::postgres::MIGRATOR,
+        9,
+        PgStore::connect(&url, &Default::default(), cipher())
+    );
 }

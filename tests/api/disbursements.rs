@@ -315,12 +315,7 @@ on_both_databases!(
                     .attach_evidence(pb::AttachEvidenceRequest {
                         request_id: request_id(),
                         claim_id: claim.claim_id.clone(),
-                        evidence: Some(pb::Evidence {
-                            kind: pb::EvidenceKind::SalesLossProof as i32,
-                            uri: "s3://payouts-evidence/claims/sales-ledger.pdf".into(),
-                            sha256: "ab".repeat(32),
-                            attach_time: None,
-                        }),
+                        evidence: Some(sales_ledger()),
                     })
                     .await
                     .expect("attach evidence");

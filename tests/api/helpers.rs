@@ -476,6 +476,16 @@ pub async fn approved_claim(
     claim
 }
 
+/// A sales ledger offered as proof, as a reviewer needs one to approve a claim.
+pub fn sales_ledger() -> pb::Evidence {
+    pb::Evidence {
+        kind: pb::EvidenceKind::SalesLossProof as i32,
+        uri: "s3://payouts-evidence/claims/sales-ledger.pdf".into(),
+        sha256: "ab".repeat(32),
+        attach_time: None,
+    }
+}
+
 /// Pauses or resumes dispatch, e.g. to queue payouts that then go out together.
 pub async fn set_paused(app: &TestApp, paused: bool) {
     let mut client = app.disbursements();

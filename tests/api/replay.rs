@@ -187,12 +187,7 @@ async fn a_request_id_is_scoped_to_its_principal(db: Db) {
             pb::AttachEvidenceRequest {
                 request_id: request_id(),
                 claim_id: claim.claim_id.clone(),
-                evidence: Some(pb::Evidence {
-                    kind: pb::EvidenceKind::SalesLossProof as i32,
-                    uri: "s3://payouts-evidence/claims/sales-ledger.pdf".into(),
-                    sha256: "ab".repeat(32),
-                    attach_time: None,
-                }),
+                evidence: Some(sales_ledger()),
             },
         ))
         .await
