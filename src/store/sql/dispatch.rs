@@ -463,9 +463,10 @@ async fn key_rows(
     }
     let mut committed = None;
     if budget_krw.is_some() {
+        // The kept figures (migration 0010), not a sum over every disbursement.
         let sum: i64 = sqlx::query_scalar(
-            "SELECT CAST(COALESCE(SUM(amount_krw), 0) AS BIGINT) FROM disbursements \
-             WHERE status IN ($1, $2)",
+            "SELECT CAST(COALESCE(SUM(krw), 0) AS BIGINT) FROM program_totals \
+             WHERE kind = 'disbursement' AND status IN ($1, $2)",
         )
         .bind(DisbursementStatus::Submitted.key())
         .bind(DisbursementStatus::Paid.key())
