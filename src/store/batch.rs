@@ -215,7 +215,7 @@ pub trait BatchSql: sqlx::Database + Sized {
 
     /// The inserts as one statement that stores either every row or nothing: it fails with
     /// [`NOT_WRITTEN_WHOLE`] unless each insert stored exactly its number of rows (an insert
-    /// whose tail is `ON CONFLICT .. DO NOTHING` may store fewer). `feed`, the insert of the
+    /// whose tail filters its rows may store fewer), or on a key of [`NOT_NEW`]. `feed`, the insert of the
     /// change's feed events, is taken last in the database's sense: under the feed's lock
     /// (`store::events`), with a notification of the feed's channel. Run on its own (not in a
     /// transaction), the statement is its own transaction: the batch costs one round trip.
@@ -236,6 +236,25 @@ pub trait BatchSql: sqlx::Database + Sized {
 
 /// The SQLSTATE of a statement from [`BatchSql::insert_whole`] that did not store every row.
 pub const NOT_WRITTEN_WHOLE: &str = "PB001";
+
+/// The keys whose unique violation means a row of a statement from
+/// [`BatchSql::insert_whole`] was not new: its request id used before, its registration
+/// number taken, or a claim filed before for its partner. Such a statement stored nothing,
+/// as one failing with [`NOT_WRITTEN_WHOLE`]. (Its inserts are plain: `ON CONFLICT .. DO
+/// NOTHING` would cost each row PostgreSQL's speculative insertion, for a case the step by
+/// step path answers anyway.)
+pub const NOT_NEW: [&str; 3] = [
+    "idempotency_pkey",
+    "partners_business_registration_number_key",
+    "claims_partner_id_key",
+];
+
+/// Whether `e` says a row of a statement from [`BatchSql::insert_whole`] was not new
+/// (see [`NOT_NEW`]): the statement stored nothing, and the batch is written step by step.
+pub fn not_written_whole(e: &dyn sqlx::error::DatabaseError) -> bool {
+    e.code().as_deref() == Some(NOT_WRITTEN_WHOLE)
+        || (e.is_unique_violation() && e.constraint().is_some_and(|c| NOT_NEW.contains(&c)))
+}
 
 fn rows_of(columns: &[Column<'_>]) -> usize {
     let rows = columns.first().map_or(0, Column::len);

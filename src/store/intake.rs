@@ -172,6 +172,21 @@ pub(crate) fn request_ids_insert<'a>(
     }
 }
 
+/// [`request_ids_insert`] for a statement that expects every request to be new
+/// ([`crate::store::batch::BatchSql::insert_whole`]): a plain insert, so that a request id
+/// used before fails the statement on its key ([`crate::store::batch::NOT_NEW`]) instead
+/// of being skipped. PostgreSQL inserts such rows without the speculative insertion that
+/// `ON CONFLICT` costs each row.
+pub(crate) fn new_request_ids_insert<'a>(
+    idems: Vec<(&'a Idempotency, Option<Vec<u8>>)>,
+    now: Micros,
+) -> Insert<'a> {
+    Insert {
+        tail: "",
+        ..request_ids_insert(idems, now)
+    }
+}
+
 /// The insert of a wave's new partners: the same columns and values as
 /// `register_partner`.
 pub(crate) fn partners_insert<'a>(
@@ -295,11 +310,11 @@ pub(crate) fn claims_inserts(
     let mut inserts = Vec::with_capacity(5);
     let mut claims_insert = claim_insert(&claims, now)?;
     if let Payees::Locked = payees {
-        // The partner is the claim's second column; a claim filed before for it makes the
-        // statement store fewer claims than it has, which fails it whole.
+        // The partner is the claim's second column. A partner not registered makes the
+        // statement store fewer claims than it has, which fails it whole; a claim filed
+        // before for it fails it on the partner's key ([`crate::store::batch::NOT_NEW`]).
         claims_insert.tail = " AS u(claim_id, partner_id) \
-            WHERE partner_id IN (SELECT partner_id FROM payees) \
-            ON CONFLICT (partner_id) DO NOTHING";
+            WHERE partner_id IN (SELECT partner_id FROM payees)";
     }
     inserts.push(claims_insert);
     inserts.push(evidence_insert(&claims, now));

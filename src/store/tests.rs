@@ -388,6 +388,94 @@ async fn a_batch_that_fails_stores_no_row_and_no_entry() {
     }
 }
 
+/// A batch written as one statement inserts every row as new, without `ON CONFLICT`: a row
+/// that is not new fails the statement on its key, which must read as "not written whole"
+/// (the batch then goes step by step, which answers such rows), while any other unique
+/// violation stays an error. Each case is made on PostgreSQL's own tables by copying a stored
+/// row with only the other keys changed.
+#[tokio::test]
+async fn a_row_not_new_fails_a_whole_statement_on_a_key_read_as_not_written_whole() {
+    use sqlx::Connection as _;
+    let (store, url) = migrated_postgres().await;
+    let policy = Policy::from_toml(DEFAULT_POLICY_TOML).expect("policy");
+    let one = idem("RegisterPartner");
+    let call = super::Recorded::unaudited(&one, &|_| Vec::new());
+    let Ok(Stored::Fresh(registered)) = store.register_partner(call, &partner(5)).await else {
+        panic!("the partner is registered");
+    };
+    let items = vec![LossItem::parse(AffectedService::KakaotalkChannel, 400_000, 0).expect("item")];
+    let submission = ClaimSubmission {
+        idem: idem("SubmitClaim"),
+        partner: PartnerRef::Id(registered.partner_id),
+        claim: NewClaim {
+            partner_id: registered.partner_id,
+            items: items.clone(),
+            evidence: Vec::new(),
+            decision: policy.decide(&items),
+            submitted_by: "ops".into(),
+            trace_context: None,
+        },
+    };
+    let row = |_: usize, _: &Result<Stored<crate::domain::Claim>>| {
+        Some(entry(Uuid::now_v7(), String::new(), "OK"))
+    };
+    let audit = BatchAudit {
+        row: &row,
+        refused: &[],
+    };
+    let filed = store
+        .submit_claims(&[submission], &|_| Vec::new(), audit)
+        .await
+        .expect("the claim is filed");
+    assert!(matches!(filed[..], [Ok(Stored::Fresh(_))]), "{filed:?}");
+
+    let mut conn = sqlx::PgConnection::connect(&url).await.expect("connect");
+    // (table, the change that leaves only the key under test shared, whether it is read as
+    // a row not new)
+    let cases = [
+        ("idempotency", "", true),
+        ("partners", "UPDATE copied SET partner_id = 'another'", true),
+        ("claims", "UPDATE copied SET claim_id = 'another'", true),
+        ("audit_events", "", false),
+        (
+            "partners",
+            "UPDATE copied SET business_registration_number = 'another'",
+            false,
+        ),
+    ];
+    for (table, change, not_new) in cases {
+        let mut tx = conn.begin().await.expect("begin");
+        let copy =
+            format!("CREATE TEMP TABLE copied ON COMMIT DROP AS SELECT * FROM {table} LIMIT 1");
+        sqlx::raw_sql(sqlx::AssertSqlSafe(copy))
+            .execute(&mut *tx)
+            .await
+            .expect("copy");
+        if !change.is_empty() {
+            sqlx::raw_sql(sqlx::AssertSqlSafe(change))
+                .execute(&mut *tx)
+                .await
+                .expect("change");
+        }
+        let insert = format!("INSERT INTO {table} SELECT * FROM copied");
+        let error = sqlx::raw_sql(sqlx::AssertSqlSafe(insert))
+            .execute(&mut *tx)
+            .await
+            .expect_err("the copy shares a key");
+        let sqlx::Error::Database(e) = &error else {
+            panic!("{table}: a database error: {error}");
+        };
+        assert!(e.is_unique_violation(), "{table} ({change}): {e}");
+        assert_eq!(
+            crate::store::batch::not_written_whole(&**e),
+            not_new,
+            "{table} ({change}): {e} on {:?}",
+            e.constraint()
+        );
+        tx.rollback().await.expect("rollback");
+    }
+}
+
 /// The spans opened while it is the default subscriber: each one's name and fields.
 #[derive(Clone, Default)]
 struct Opened(Arc<std::sync::Mutex<Vec<(String, Fields)>>>);

@@ -18,7 +18,7 @@ use sqlx::{FromRow as _, QueryBuilder, Row as _};
 
 use super::audit::insert_audit;
 use super::{Conn, Db, DbRow, SqlStore, Tx, execute_pieces, fetch_pieces};
-use crate::store::batch::{BatchSql, Lookup, NOT_WRITTEN_WHOLE};
+use crate::store::batch::{BatchSql, Lookup, not_written_whole};
 use crate::store::idempotency::{KeyedEarlier, replay_of};
 use crate::store::intake::{
     Answers, BulkError, BulkResult, REQUEST_KEY, request_ids_insert, request_key,
@@ -67,7 +67,7 @@ pub(super) async fn written_whole(
             store.feed_committed();
             true
         }
-        Err(sqlx::Error::Database(e)) if e.code().as_deref() == Some(NOT_WRITTEN_WHOLE) => false,
+        Err(sqlx::Error::Database(e)) if not_written_whole(&*e) => false,
         // The connection goes back to the pool, which checks it before it is used again.
         Err(e) => return Err(e.into()),
     };

@@ -14,7 +14,7 @@ use crate::store::batch::{BatchSql, Insert, Locked};
 use crate::store::events::events_insert;
 use crate::store::intake::{
     Answers, BulkResult, RowKey, CLAIM_APPROVED, Filed, PAYEES_LOCKED, PAYEES_SELECT, Payee, Payees,
-    audit_insert, claim_if_new, claims_inserts, finish, request_ids_insert, waves,
+    audit_insert, claim_if_new, claims_inserts, finish, new_request_ids_insert, waves,
 };
 use crate::store::prelude::*;
 use crate::store::rows::{unexpected, uuid};
@@ -213,7 +213,7 @@ async fn submit_whole(
         .iter()
         .flat_map(|f| ClaimOutcome::of(&f.claim).filed(&f.claim.submitted_by, CLAIM_APPROVED, now))
         .collect();
-    let mut inserts = vec![request_ids_insert(idems, now)];
+    let mut inserts = vec![new_request_ids_insert(idems, now)];
     inserts.extend(claims_inserts(rows, &filed, Payees::Locked, now)?);
     let entries = audit.events(&answers);
     inserts.push(audit_insert(&entries));

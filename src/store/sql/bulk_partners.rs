@@ -11,7 +11,7 @@ use crate::domain::{NewEvent, NewPartner, Partner, PartnerId};
 use crate::store::batch::{BatchSql, Insert, Lookup};
 use crate::store::events::events_insert;
 use crate::store::intake::{
-    Answers, BulkResult, RowKey, audit_insert, finish, partners_insert, request_ids_insert,
+    Answers, BulkResult, RowKey, audit_insert, finish, new_request_ids_insert, partners_insert,
     waves,
 };
 use crate::store::prelude::*;
@@ -239,15 +239,15 @@ async fn write_whole(
         .zip(&created)
         .map(|((idem, _), (_, partner, _))| (idem, Some(render(partner))))
         .collect();
-    let mut partners = partners_insert(rows, &created, now);
-    partners.tail = " ON CONFLICT (business_registration_number) DO NOTHING";
+    // A number registered before fails the statement on its key (`NOT_NEW`).
+    let partners = partners_insert(rows, &created, now);
     let events: Vec<NewEvent> = created
         .iter()
         .map(|(i, partner, _)| registered_event(&rows[*i].0, partner, now))
         .collect();
     let Some(statement) = <Db as BatchSql>::insert_whole(
         vec![
-            request_ids_insert(idems, now),
+            new_request_ids_insert(idems, now),
             partners,
             audit_insert(&audit.events(answers)),
         ],
