@@ -215,10 +215,11 @@ pub trait BatchSql: sqlx::Database + Sized {
 
     /// The inserts as one statement that stores either every row or nothing: it fails with
     /// [`NOT_WRITTEN_WHOLE`] unless each insert stored exactly its number of rows (an insert
-    /// whose tail filters its rows may store fewer), or on a key of [`NOT_NEW`]. `feed`, the insert of the
-    /// change's feed events, is taken last in the database's sense: under the feed's lock
-    /// (`store::events`), with a notification of the feed's channel. Run on its own (not in a
-    /// transaction), the statement is its own transaction: the batch costs one round trip.
+    /// whose tail filters its rows may store fewer), or on a key of [`NOT_NEW`]. `feed`, the
+    /// insert of the change's feed events, is taken last in the database's sense: under the
+    /// feed's lock (`store::events`), with a notification of the feed's channel. Run on its
+    /// own (not in a transaction), the statement is its own transaction: the batch costs one
+    /// round trip.
     /// `None` where the database cannot do this in one statement, or when there is no row to
     /// insert (`feed` alone is a statement: the last of a transaction that writes events).
     fn insert_whole(inserts: Vec<Insert<'_>>, feed: Insert<'_>) -> Option<QueryBuilder<Self>> {
