@@ -167,6 +167,115 @@ async fn a_disbursement_key_is_unique_once_given_and_found_through_its_index_on_
     );
 }
 
+/// A disbursement's events and attempts are keyed by their disbursement (migration 0011): one
+/// index each for its history (the primary key, `(disbursement_id, id)`), the history read
+/// through it in order, and the rows written before the migration kept.
+#[tokio::test]
+async fn a_disbursements_history_is_keyed_by_it_and_kept_across_the_migration_on_postgres() {
+    let url = fresh_postgres().await;
+    let pool = sqlx::PgPool::connect(&url).await.expect("connect");
+    super::postgres::MIGRATOR
+        .run_to(10, &pool)
+        .await
+        .expect("the release before");
+    let mut conn = pool.acquire().await.expect("connection");
+    // Rows of these tables alone: their references are not what is tested here.
+    sqlx::query("SET session_replication_role = replica")
+        .execute(&mut *conn)
+        .await
+        .expect("set replication role");
+    for (disbursement, to) in [
+        ("d2", "QUEUED"),
+        ("d1", "QUEUED"),
+        ("d2", "SENDING"),
+        ("d1", "SENDING"),
+        ("d1", "PAID"),
+    ] {
+        sqlx::query(
+            "INSERT INTO disbursement_events (disbursement_id, to_status, actor, reason, time) \
+             VALUES ($1, $2, 'dispatcher', 'r', 1)",
+        )
+        .bind(disbursement)
+        .bind(to)
+        .execute(&mut *conn)
+        .await
+        .expect("event");
+        sqlx::query(
+            "INSERT INTO disbursement_attempts (disbursement_id, operation, idempotency_key, \
+             outcome, code, message, time) VALUES ($1, 'SUBMIT', $2, 'ACCEPTED', '', '', 1)",
+        )
+        .bind(disbursement)
+        .bind(format!("{disbursement}-{to}"))
+        .execute(&mut *conn)
+        .await
+        .expect("attempt");
+    }
+    drop(conn);
+    super::postgres::MIGRATOR.run(&pool).await.expect("migrate");
+
+    let indexes = async |table: &str| -> Vec<(String, String)> {
+        sqlx::query_as(
+            "SELECT indexname::text, indexdef FROM pg_indexes \
+             WHERE schemaname = current_schema() AND tablename = $1 ORDER BY indexname",
+        )
+        .bind(table)
+        .fetch_all(&pool)
+        .await
+        .expect("indexes")
+    };
+    let events = indexes("disbursement_events").await;
+    assert_eq!(events.len(), 1, "{events:?}");
+    assert_eq!(events[0].0, "disbursement_events_pkey");
+    assert!(events[0].1.contains("(disbursement_id, id)"), "{events:?}");
+    let attempts = indexes("disbursement_attempts").await;
+    let names: Vec<&str> = attempts.iter().map(|(name, _)| name.as_str()).collect();
+    assert_eq!(
+        names,
+        ["disbursement_attempts_by_key", "disbursement_attempts_pkey"],
+        "{attempts:?}"
+    );
+    assert!(
+        attempts[1].1.contains("(disbursement_id, id)"),
+        "{attempts:?}"
+    );
+
+    for (table, column) in [
+        ("disbursement_events", "to_status"),
+        ("disbursement_attempts", "idempotency_key"),
+    ] {
+        let history: Vec<String> = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
+            "SELECT {column} FROM {table} WHERE disbursement_id = $1 ORDER BY id"
+        )))
+        .bind("d1")
+        .fetch_all(&pool)
+        .await
+        .expect("history");
+        let expected: Vec<String> = match table {
+            "disbursement_events" => vec!["QUEUED".into(), "SENDING".into(), "PAID".into()],
+            _ => vec!["d1-QUEUED".into(), "d1-SENDING".into(), "d1-PAID".into()],
+        };
+        assert_eq!(history, expected, "{table}");
+        let mut conn = pool.acquire().await.expect("connection");
+        sqlx::query("SET enable_seqscan = off")
+            .execute(&mut *conn)
+            .await
+            .expect("set enable_seqscan");
+        let plan: Vec<String> = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
+            "EXPLAIN SELECT * FROM {table} WHERE disbursement_id = $1 ORDER BY id"
+        )))
+        .bind("d1")
+        .fetch_all(&mut *conn)
+        .await
+        .expect("explain");
+        assert!(
+            plan.iter()
+                .any(|line| line.contains(&format!("{table}_pkey"))),
+            "{plan:?}"
+        );
+        assert!(!plan.iter().any(|line| line.contains("Sort")), "{plan:?}");
+    }
+}
+
 fn idem(method: &'static str) -> Idempotency {
     Idempotency {
         principal: "ops".into(),
