@@ -546,8 +546,9 @@ pub trait DispatchStore {
     ) -> Result<u64>;
     /// Writes `record` in one transaction under `terms`: attempts, verified holders, finished
     /// dispatches (with their history), released rows and instruction keys within the budget,
-    /// made one batch at a time across replicas (under the `dispatch_control` lock), the
-    /// batch's keys adding up as they are made.
+    /// the batch's keys adding up as they are made. With a budget, keys are made one batch at
+    /// a time across replicas (under the `dispatch_control` lock); without one, each key
+    /// depends on its own row alone and batches make theirs side by side.
     async fn record_dispatch(
         &self,
         record: &DispatchRecord,

@@ -71,3 +71,58 @@ async fn budget_is_never_exceeded(db: Db) {
 on_both_databases!(quiet_hours_hold_dispatch, db = quiet_hours_hold_dispatch);
 
 on_both_databases!(budget_is_never_exceeded, db = budget_is_never_exceeded);
+
+/// Waits until `disbursement_id` is PAID.
+async fn paid(app: &TestApp, disbursement_id: &str) {
+    eventually(10, || {
+        let id = disbursement_id.to_owned();
+        async move {
+            (get(app, &id).await.status == pb::DisbursementStatus::Paid as i32).then_some(())
+        }
+    })
+    .await;
+}
+
+/// A transaction holding the dispatch lock, as a budgeted key assignment elsewhere would.
+async fn hold_dispatch_lock(app: &TestApp) -> sqlx::Transaction<'static, sqlx::Postgres> {
+    let pool = sqlx::PgPool::connect(&app.database_url)
+        .await
+        .expect("connect");
+    let mut tx = pool.begin().await.expect("begin");
+    sqlx::query("SELECT id FROM dispatch_control WHERE id = 1 FOR UPDATE")
+        .fetch_one(&mut *tx)
+        .await
+        .expect("lock");
+    tx
+}
+
+/// The budget is checked one key assignment at a time across replicas, under the dispatch
+/// lock: with a budget, a payout waits while another holds it; without one, a payout's key
+/// depends on its own row alone and it is paid meanwhile.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_a_budget_makes_key_assignments_wait_for_each_other_on_postgres() {
+    let free = spawn_app(Db::Postgres, |_| {}).await;
+    let held = hold_dispatch_lock(&free).await;
+    let p = register(&free, partner(4)).await;
+    let claim = submit(&free, &p.partner_id, vec![full_weight_item(100)]).await;
+    paid(&free, &claim.disbursement_id).await;
+    held.rollback().await.expect("release");
+
+    let budgeted = spawn_app(Db::Postgres, |s| s.dispatch_budget_krw = Some(1_000_000)).await;
+    let held = hold_dispatch_lock(&budgeted).await;
+    let p = register(&budgeted, partner(5)).await;
+    let claim = submit(&budgeted, &p.partner_id, vec![full_weight_item(100)]).await;
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    let waiting = get(&budgeted, &claim.disbursement_id).await;
+    assert_eq!(waiting.status, pb::DisbursementStatus::Queued as i32);
+    assert!(
+        !waiting
+            .attempts
+            .iter()
+            .any(|a| a.operation == "SUBMIT_INSTRUCTION"),
+        "no instruction sent while the budget check waits: {:?}",
+        waiting.attempts
+    );
+    held.rollback().await.expect("release");
+    paid(&budgeted, &claim.disbursement_id).await;
+}

@@ -489,10 +489,14 @@ async fn assign_keys(
     if ids_to_key.is_empty() {
         return Ok((Vec::new(), HashSet::new()));
     }
-    // One key assignment at a time across replicas keeps the budget check exact.
-    sqlx::query(dialect::LOCK_DISPATCH_CONTROL)
-        .fetch_one(&mut **tx)
-        .await?;
+    // One key assignment at a time across replicas keeps the budget check exact. Without a
+    // budget each key depends on its own row alone (the rows were leased to this round), so
+    // rounds assign keys side by side.
+    if budget_krw.is_some() {
+        sqlx::query(dialect::LOCK_DISPATCH_CONTROL)
+            .fetch_one(&mut **tx)
+            .await?;
+    }
     let (found, committed) = key_rows(tx, ids_to_key, budget_krw).await?;
     let (answers, making) = decide_keys(ids_to_key, &found, budget_krw, committed)?;
     // Every row sent for has had its holder verified: the flag goes with the key.
