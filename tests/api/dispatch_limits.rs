@@ -32,32 +32,42 @@ async fn quiet_hours_hold_dispatch(db: Db) {
     assert!(d.attempts.is_empty(), "nothing was sent: {:?}", d.attempts);
 }
 
-/// A budget of 50,000 KRW pays a 30,000 claim and holds the next one back.
-async fn budget_is_never_exceeded(db: Db) {
-    let app = spawn_app(db, |s| s.dispatch_budget_krw = Some(50_000)).await;
-    let first = register(&app, partner(2)).await;
-    let first = submit(&app, &first.partner_id, vec![full_weight_item(100)]).await;
+/// Waits until `disbursement_id` is PAID.
+async fn paid(app: &TestApp, disbursement_id: &str) {
     eventually(10, || {
-        let app = &app;
-        let id = first.disbursement_id.clone();
+        let id = disbursement_id.to_owned();
         async move {
-            (get(app, &id).await.status == pb::DisbursementStatus::Paid as i32)
-                .then_some(())
+            (get(app, &id).await.status == pb::DisbursementStatus::Paid as i32).then_some(())
         }
     })
     .await;
-    let second = register(&app, partner(3)).await;
-    let second = submit(&app, &second.partner_id, vec![full_weight_item(100)]).await;
-    tokio::time::sleep(Duration::from_millis(600)).await;
-    let held = get(&app, &second.disbursement_id).await;
-    assert_eq!(held.status, pb::DisbursementStatus::Queued as i32);
+}
+
+/// After long enough for the dispatcher's rounds, `disbursement_id` is still QUEUED and no
+/// instruction was sent for it (`why`).
+async fn held_back(app: &TestApp, disbursement_id: &str, why: &str) {
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    let held = get(app, disbursement_id).await;
+    assert_eq!(held.status, pb::DisbursementStatus::Queued as i32, "{why}");
     assert!(
         !held
             .attempts
             .iter()
             .any(|a| a.operation == "SUBMIT_INSTRUCTION"),
-        "no instruction sent past the budget"
+        "no instruction sent {why}: {:?}",
+        held.attempts
     );
+}
+
+/// A budget of 50,000 KRW pays a 30,000 claim and holds the next one back.
+async fn budget_is_never_exceeded(db: Db) {
+    let app = spawn_app(db, |s| s.dispatch_budget_krw = Some(50_000)).await;
+    let first = register(&app, partner(2)).await;
+    let first = submit(&app, &first.partner_id, vec![full_weight_item(100)]).await;
+    paid(&app, &first.disbursement_id).await;
+    let second = register(&app, partner(3)).await;
+    let second = submit(&app, &second.partner_id, vec![full_weight_item(100)]).await;
+    held_back(&app, &second.disbursement_id, "past the budget").await;
     let summary = app
         .disbursements()
         .get_program_summary(pb::GetProgramSummaryRequest {})
@@ -71,17 +81,6 @@ async fn budget_is_never_exceeded(db: Db) {
 on_both_databases!(quiet_hours_hold_dispatch, db = quiet_hours_hold_dispatch);
 
 on_both_databases!(budget_is_never_exceeded, db = budget_is_never_exceeded);
-
-/// Waits until `disbursement_id` is PAID.
-async fn paid(app: &TestApp, disbursement_id: &str) {
-    eventually(10, || {
-        let id = disbursement_id.to_owned();
-        async move {
-            (get(app, &id).await.status == pb::DisbursementStatus::Paid as i32).then_some(())
-        }
-    })
-    .await;
-}
 
 /// A transaction holding the dispatch lock, as a budgeted key assignment elsewhere would.
 async fn hold_dispatch_lock(app: &TestApp) -> sqlx::Transaction<'static, sqlx::Postgres> {
@@ -112,17 +111,12 @@ async fn only_a_budget_makes_key_assignments_wait_for_each_other_on_postgres() {
     let held = hold_dispatch_lock(&budgeted).await;
     let p = register(&budgeted, partner(5)).await;
     let claim = submit(&budgeted, &p.partner_id, vec![full_weight_item(100)]).await;
-    tokio::time::sleep(Duration::from_millis(800)).await;
-    let waiting = get(&budgeted, &claim.disbursement_id).await;
-    assert_eq!(waiting.status, pb::DisbursementStatus::Queued as i32);
-    assert!(
-        !waiting
-            .attempts
-            .iter()
-            .any(|a| a.operation == "SUBMIT_INSTRUCTION"),
-        "no instruction sent while the budget check waits: {:?}",
-        waiting.attempts
-    );
+    held_back(
+        &budgeted,
+        &claim.disbursement_id,
+        "while the budget check waits",
+    )
+    .await;
     held.rollback().await.expect("release");
     paid(&budgeted, &claim.disbursement_id).await;
 }
