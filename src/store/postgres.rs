@@ -47,6 +47,12 @@ impl PgStore {
         })
     }
 
+    /// The pool, for tests that look at what a store's own connections did.
+    #[cfg(test)]
+    pub(crate) fn pool(&self) -> &sqlx::PgPool {
+        &self.pool
+    }
+
     /// The database's name, as its spans give it (`db.namespace`).
     fn db_namespace(&self) -> &str {
         self.options.get_database().unwrap_or("postgres")

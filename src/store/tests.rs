@@ -167,6 +167,94 @@ async fn a_disbursement_key_is_unique_once_given_and_found_through_its_index_on_
     );
 }
 
+/// The dispatcher's lease is planned for the outbox as it is at each lease. A plan kept from
+/// a connection's first leases, made while the outbox was empty, reads the whole outbox at
+/// every lease once a backlog has built up.
+#[tokio::test]
+async fn a_lease_reads_only_what_it_leases_after_a_backlog_builds_up_on_postgres() {
+    use sqlx::Connection as _;
+    let (_migrated, url) = migrated_postgres().await;
+    // One connection, so that every lease below runs on the same one.
+    let store = PgStore::connect(
+        &url,
+        &super::PoolSettings {
+            max_connections: 1,
+            ..Default::default()
+        },
+        cipher(),
+    )
+    .await
+    .expect("postgres");
+    let mut conn = sqlx::PgConnection::connect(&url).await.expect("connect");
+    // How the outbox was read so far: rows read by sequential scans, and scans of any kind.
+    async fn reads(conn: &mut sqlx::PgConnection) -> (i64, i64) {
+        sqlx::query_as(
+            "SELECT seq_tup_read, seq_scan + COALESCE(idx_scan, 0) \
+             FROM pg_stat_user_tables WHERE relname = 'outbox'",
+        )
+        .fetch_one(conn)
+        .await
+        .expect("outbox statistics")
+    }
+    // A connection's counts reach the statistics when it is next idle after this.
+    let flush = async |store: &PgStore| {
+        sqlx::query("SELECT pg_stat_force_next_flush()")
+            .execute(store.pool())
+            .await
+            .expect("flush");
+    };
+    async fn counted_beyond(conn: &mut sqlx::PgConnection, scans: i64) -> (i64, i64) {
+        for _ in 0..100 {
+            let now = reads(conn).await;
+            if now.1 > scans {
+                return now;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+        panic!("the outbox's scans were never counted beyond {scans}");
+    }
+
+    let now = super::now_micros();
+    let until = now + 60_000_000;
+    // More leases than PostgreSQL plans one by one before it settles on a generic plan for a
+    // statement kept prepared.
+    for _ in 0..8 {
+        let leased = store.lease_batch(now, until, 100).await.expect("lease");
+        assert!(leased.is_empty(), "{leased:?}");
+    }
+    flush(&store).await;
+    let before = counted_beyond(&mut conn, 0).await;
+
+    // A backlog of outbox rows alone (what they name is not what is tested here).
+    sqlx::query("SET session_replication_role = replica")
+        .execute(&mut conn)
+        .await
+        .expect("set replication role");
+    sqlx::query(
+        "INSERT INTO outbox (disbursement_id, due_time) \
+         SELECT 'd-' || g, $1 FROM generate_series(1, 50000) AS g",
+    )
+    .bind(now - 1)
+    .execute(&mut conn)
+    .await
+    .expect("a backlog");
+
+    store.lease_batch(now, until, 100).await.expect("lease");
+    flush(&store).await;
+    let after = counted_beyond(&mut conn, before.1).await;
+    let leased: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM outbox WHERE lease_until = $1")
+        .bind(until)
+        .fetch_one(&mut conn)
+        .await
+        .expect("leased rows");
+    assert_eq!(leased, 100);
+    assert_eq!(
+        after.0 - before.0,
+        0,
+        "the lease read the backlog by sequential scan: {before:?} -> {after:?}"
+    );
+}
+
 /// A disbursement's events and attempts are keyed by their disbursement (migration 0011): one
 /// index each for its history (the primary key, `(disbursement_id, id)`), the history read
 /// through it in order, and the rows written before the migration kept.

@@ -77,10 +77,15 @@ async fn lease_in(
     if load_dispatch_state(tx).await?.paused {
         return Ok(Vec::new());
     }
+    // Planned afresh at each lease, for the outbox as it is then. A plan kept prepared is the
+    // one made at the connection's first leases, while the outbox was small: it reads the
+    // whole outbox (a sequential scan, every due row sorted) at every lease once a backlog
+    // builds up, which is when the dispatcher most needs to keep up.
     let leased: Vec<String> = sqlx::query_scalar(dialect::LEASE_DUE)
         .bind(lease_until)
         .bind(now)
         .bind(i64::from(limit))
+        .persistent(false)
         .fetch_all(&mut **tx)
         .await?;
     let found = rows(
