@@ -36,18 +36,23 @@ async fn stores(dir: &tempfile::TempDir) -> Vec<(&'static str, Arc<dyn Store>)> 
 /// A migrated PostgreSQL store over a database of its own, and that database's URL.
 async fn migrated_postgres() -> (PgStore, String) {
     let url = fresh_postgres().await;
-    let postgres = PgStore::connect(
-        &url,
+    let postgres = postgres_store(&url, 4).await;
+    postgres.migrate().await.expect("migrate postgres");
+    (postgres, url)
+}
+
+/// A store over the PostgreSQL database at `url`, with at most `max_connections`.
+async fn postgres_store(url: &str, max_connections: u32) -> PgStore {
+    PgStore::connect(
+        url,
         &super::PoolSettings {
-            max_connections: 4,
+            max_connections,
             ..Default::default()
         },
         cipher(),
     )
     .await
-    .expect("postgres");
-    postgres.migrate().await.expect("migrate postgres");
-    (postgres, url)
+    .expect("postgres")
 }
 
 /// The URL of a new, empty PostgreSQL database of its own.
@@ -175,16 +180,7 @@ async fn a_lease_reads_only_what_it_leases_after_a_backlog_builds_up_on_postgres
     use sqlx::Connection as _;
     let (_migrated, url) = migrated_postgres().await;
     // One connection, so that every lease below runs on the same one.
-    let store = PgStore::connect(
-        &url,
-        &super::PoolSettings {
-            max_connections: 1,
-            ..Default::default()
-        },
-        cipher(),
-    )
-    .await
-    .expect("postgres");
+    let store = postgres_store(&url, 1).await;
     let mut conn = sqlx::PgConnection::connect(&url).await.expect("connect");
     // How the outbox was read so far: rows read by sequential scans, and scans of any kind.
     async fn reads(conn: &mut sqlx::PgConnection) -> (i64, i64) {
